@@ -1,0 +1,1 @@
+//! CPU reference engine (fp32, deterministic, multi-threaded).

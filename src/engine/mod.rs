@@ -1,0 +1,77 @@
+//! The engine contract: one model's parameters, gradients, AdamW state and activations on
+//! one device. The trainer, evaluator, sampler and benchmark talk only to [`Engine`], so the
+//! CPU reference engine and accelerator engines are interchangeable.
+
+pub mod cpu;
+
+use crate::model::{GptConfig, ParamLayout};
+use crate::optim::AdamWConfig;
+
+/// A batch of `b` rows of `t` tokens. `targets[i] == -1` means "no loss at this position".
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [i32],
+    pub b: usize,
+    pub t: usize,
+}
+
+/// AdamW moments and step count, on the host, in the parameter layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("batch shape: {0}")]
+    Shape(String),
+    #[error("token id {id} at position {pos} is outside the model's vocabulary of {vocab}; the data was prepared for a different vocabulary")]
+    TokenOutOfRange { id: u32, pos: usize, vocab: usize },
+    #[error("sequence of {t} tokens is longer than the model's block_size {block_size}")]
+    TooLong { t: usize, block_size: usize },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+pub trait Engine: Send {
+    fn config(&self) -> &GptConfig;
+    fn layout(&self) -> &ParamLayout;
+    /// Human-readable device name (e.g. "cpu (8 threads)").
+    fn device_name(&self) -> String;
+
+    /// Training forward + backward. Gradients are *accumulated* (scaled by `loss_scale`,
+    /// e.g. 1/grad_accum_steps); dropout is active. Returns the mean loss of the batch.
+    fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32>;
+    /// Evaluation loss: no dropout, no gradients.
+    fn loss(&mut self, batch: Batch) -> Result<f32>;
+    /// Logits over the real vocabulary for every position, `[b, t, vocab_size]` (evaluation mode).
+    fn logits(&mut self, batch: Batch) -> Result<Vec<f32>>;
+    fn zero_grad(&mut self);
+    /// Global-norm clip (if `grad_clip > 0`) then one AdamW step at `lr`.
+    /// Returns the gradient norm before clipping.
+    fn step(&mut self, hp: &AdamWConfig, lr: f32) -> f32;
+
+    fn params(&self) -> Vec<f32>;
+    fn set_params(&mut self, params: &[f32]);
+    fn grads(&self) -> Vec<f32>;
+    /// Gradient buffer, for all-reduce across ranks.
+    fn grads_mut(&mut self) -> &mut [f32];
+    fn optimizer_state(&self) -> OptimizerState;
+    fn set_optimizer_state(&mut self, state: OptimizerState);
+    /// State of the dropout generator (saved in checkpoints for exact resume).
+    fn rng_state(&self) -> [u64; 4];
+    fn set_rng_state(&mut self, state: [u64; 4]);
+
+    /// Start incremental decoding of `n_seq` independent sequences with an empty KV cache.
+    fn decode_reset(&mut self, n_seq: usize);
+    /// Append one token to each sequence (`tokens.len() == n_seq`) and return the logits of
+    /// the next token, `[n_seq, vocab_size]`. Each call costs O(current length).
+    fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Tokens currently held in the KV cache (per sequence).
+    fn decode_len(&self) -> usize;
+}

@@ -1,0 +1,18 @@
+//! nanogpt: a GPT-2 training system — data preparation, training (CPU fp32 reference
+//! engine), evaluation and sampling — in one binary.
+//!
+//! Module map: [`model`] (sizes, parameter layout, init, FLOPs), [`engine`] (the engine
+//! contract and the CPU engine), [`optim`] (AdamW settings, LR schedule), [`config`]
+//! (train/sample configuration), [`data`] (prepare and load token files), [`tokenizer`]
+//! (GPT-2 BPE and character vocabularies), [`train`] (training loop, checkpoints, metrics),
+//! [`sample`] (generation with a KV cache).
+pub mod config;
+pub mod data;
+pub mod engine;
+pub mod fsutil;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod sample;
+pub mod tokenizer;
+pub mod train;
