@@ -236,7 +236,7 @@ impl ParamLayout {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = format!("transformer.h.{l}.");
-            let mut bias = |push: &mut dyn FnMut(String, Vec<usize>, Init) -> usize,
+            let bias = |push: &mut dyn FnMut(String, Vec<usize>, Init) -> usize,
                             name: &str,
                             n: usize| {
                 cfg.bias

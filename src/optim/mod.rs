@@ -1,5 +1,7 @@
 //! AdamW hyper-parameters and nanoGPT's learning-rate schedule.
 
+pub mod adamw;
+
 use serde::{Deserialize, Serialize};
 
 /// torch.optim.AdamW settings plus global-norm clipping (`grad_clip <= 0` disables it).

@@ -1,1 +1,595 @@
-//! CPU reference engine (fp32, deterministic, multi-threaded).
+//! CPU reference engine: fp32, deterministic for a given thread count, multi-threaded
+//! (rayon + the `gemm` crate). Activations are allocated once per (B, T) shape and reused;
+//! dropout masks are recomputed from counter-based hashes instead of being stored.
+//!
+//! Layout per layer (N = B*T rows): ln1 (N,C) -> qkv (N,3C) -> att (B,NH,T,T) -> atty (N,C)
+//! -> res2 = x + proj(atty) -> ln2 (N,C) -> fch (N,4C) -> gelu (N,4C) -> res3 = res2 + proj.
+
+mod decode;
+pub mod kernels;
+pub mod matmul;
+
+use super::{Batch, Engine, EngineError, OptimizerState, Result};
+use crate::model::{BlockOffsets, GptConfig, ParamLayout};
+use crate::optim::{adamw, AdamWConfig};
+use crate::rng::Rng;
+use kernels::{AttnShape, Dropout, LnOut};
+use matmul::{matmul, Op};
+
+/// Saved activations of one transformer block.
+struct LayerActs {
+    ln1: Vec<f32>,
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    atty: Vec<f32>,
+    res2: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    fch: Vec<f32>,
+    fch_gelu: Vec<f32>,
+    res3: Vec<f32>,
+}
+
+/// All activation and backward scratch memory for one (B, T) shape.
+struct Activations {
+    b: usize,
+    t: usize,
+    encoded: Vec<f32>,
+    layers: Vec<LayerActs>,
+    lnf: Vec<f32>,
+    lnf_mean: Vec<f32>,
+    lnf_rstd: Vec<f32>,
+    logits: Vec<f32>,
+    row_loss: Vec<f64>,
+    // backward scratch
+    dres: Vec<f32>,
+    dtmp: Vec<f32>,
+    dln: Vec<f32>,
+    dfch: Vec<f32>,
+    dqkv: Vec<f32>,
+    datt: Vec<f32>,
+    ln_scratch: Vec<f32>,
+}
+
+impl Activations {
+    fn new(cfg: &GptConfig, b: usize, t: usize, threads: usize) -> Self {
+        let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
+        let z = |len: usize| vec![0f32; len];
+        let layers = (0..cfg.n_layer)
+            .map(|_| LayerActs {
+                ln1: z(n * c),
+                ln1_mean: z(n),
+                ln1_rstd: z(n),
+                qkv: z(n * 3 * c),
+                att: z(b * nh * t * t),
+                atty: z(n * c),
+                res2: z(n * c),
+                ln2: z(n * c),
+                ln2_mean: z(n),
+                ln2_rstd: z(n),
+                fch: z(n * 4 * c),
+                fch_gelu: z(n * 4 * c),
+                res3: z(n * c),
+            })
+            .collect();
+        Activations {
+            b,
+            t,
+            encoded: z(n * c),
+            layers,
+            lnf: z(n * c),
+            lnf_mean: z(n),
+            lnf_rstd: z(n),
+            logits: z(n * cfg.vocab_size),
+            row_loss: vec![0f64; n],
+            dres: z(n * c),
+            dtmp: z(n * c),
+            dln: z(n * c),
+            dfch: z(n * 4 * c),
+            dqkv: z(n * 3 * c),
+            datt: z(b * nh * t * t),
+            ln_scratch: z(threads.max(1) * 2 * c),
+        }
+    }
+}
+
+/// Dropout sites of one forward pass, derived from one draw of the engine's generator.
+#[derive(Clone, Copy)]
+struct DropoutSeeds {
+    base: u64,
+    p: f32,
+}
+
+impl DropoutSeeds {
+    fn site(&self, layer: usize, which: u64) -> Dropout {
+        if self.p <= 0.0 {
+            return Dropout::off();
+        }
+        let mut r = Rng::derive(self.base, (layer as u64) << 8 | which);
+        Dropout {
+            seed: r.next_u64(),
+            p: self.p,
+        }
+    }
+    fn embedding(&self) -> Dropout {
+        self.site(usize::MAX >> 9, 0)
+    }
+    fn attn_probs(&self, l: usize) -> Dropout {
+        self.site(l, 1)
+    }
+    fn attn_resid(&self, l: usize) -> Dropout {
+        self.site(l, 2)
+    }
+    fn mlp_resid(&self, l: usize) -> Dropout {
+        self.site(l, 3)
+    }
+}
+
+/// Everything the engine computes on (kept apart from the thread pool so that a pool
+/// borrow and a mutable state borrow can coexist).
+struct Core {
+    cfg: GptConfig,
+    layout: ParamLayout,
+    decay_runs: Vec<(usize, usize, bool)>,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: u64,
+    rng: Rng,
+    threads: usize,
+    acts: Option<Activations>,
+    kv: Option<decode::KvCache>,
+}
+
+/// The CPU engine. See the module docs.
+pub struct CpuEngine {
+    core: Core,
+    pool: rayon::ThreadPool,
+}
+
+fn slice(p: &[f32], off: usize, len: usize) -> &[f32] {
+    &p[off..off + len]
+}
+
+fn opt_slice(p: &[f32], off: Option<usize>, len: usize) -> Option<&[f32]> {
+    off.map(|o| &p[o..o + len])
+}
+
+impl CpuEngine {
+    /// An engine over `params` (flat, in [`ParamLayout`] order). `threads == 0` uses all cores.
+    pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, threads: usize) -> Result<Self> {
+        cfg.validate().map_err(|e| EngineError::Other(e.to_string()))?;
+        let layout = ParamLayout::new(&cfg);
+        if params.len() != layout.total {
+            return Err(EngineError::Other(format!(
+                "parameter buffer has {} values but the model needs {}",
+                params.len(),
+                layout.total
+            )));
+        }
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| EngineError::Other(format!("cannot start {threads} CPU threads: {e}")))?;
+        let total = layout.total;
+        Ok(CpuEngine {
+            core: Core {
+                decay_runs: layout.decay_runs(),
+                layout,
+                cfg,
+                params,
+                grads: vec![0.0; total],
+                m: vec![0.0; total],
+                v: vec![0.0; total],
+                step: 0,
+                rng: Rng::derive(seed, 0xD50F),
+                threads,
+                acts: None,
+                kv: None,
+            },
+            pool,
+        })
+    }
+
+    /// A freshly initialised model (nanoGPT's init) from `seed`.
+    pub fn from_seed(cfg: GptConfig, seed: u64, threads: usize) -> Result<Self> {
+        let params = ParamLayout::new(&cfg).init_params(&cfg, seed);
+        Self::new(cfg, params, seed, threads)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.core.threads
+    }
+}
+
+impl Core {
+    fn check_batch(&self, batch: &Batch, with_targets: bool) -> Result<()> {
+        let (b, t) = (batch.b, batch.t);
+        if b == 0 || t == 0 {
+            return Err(EngineError::Shape(format!("empty batch ({b} x {t})")));
+        }
+        if t > self.cfg.block_size {
+            return Err(EngineError::TooLong {
+                t,
+                block_size: self.cfg.block_size,
+            });
+        }
+        if batch.inputs.len() != b * t || (with_targets && batch.targets.len() != b * t) {
+            return Err(EngineError::Shape(format!(
+                "expected {} inputs and targets for a {b} x {t} batch, got {} and {}",
+                b * t,
+                batch.inputs.len(),
+                batch.targets.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some((pos, &id)) = batch.inputs.iter().enumerate().find(|(_, &x)| x as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id, pos, vocab });
+        }
+        if with_targets {
+            if let Some((pos, &id)) = batch
+                .targets
+                .iter()
+                .enumerate()
+                .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
+            {
+                return Err(EngineError::TokenOutOfRange { id: id as u32, pos, vocab });
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_acts(&mut self, b: usize, t: usize) {
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None; // free the old shape first
+            self.acts = Some(Activations::new(&self.cfg, b, t, self.threads));
+        }
+    }
+
+    /// Forward pass up to the logits (N, V). `drop` is None in evaluation.
+    fn forward(&mut self, inputs: &[u32], b: usize, t: usize, drop: Option<DropoutSeeds>) {
+        self.ensure_acts(b, t);
+        let cfg = &self.cfg;
+        let (c, n, th) = (cfg.n_embd, b * t, self.threads);
+        let p = &self.params;
+        let lay = &self.layout;
+        let acts = self.acts.as_mut().expect("activations allocated just above");
+        let shape = AttnShape { b, t, nh: cfg.n_head, c };
+        let off = |d: DropoutSeeds| d;
+        let drop = drop.map(off);
+        let wte = slice(p, lay.wte, cfg.padded_vocab_size * c);
+        kernels::embedding_forward(&mut acts.encoded, inputs, wte, slice(p, lay.wpe, cfg.block_size * c), t, c);
+        if let Some(d) = drop {
+            d.embedding().apply(&mut acts.encoded);
+        }
+        for l in 0..cfg.n_layer {
+            let o: &BlockOffsets = &lay.blocks[l];
+            let (prev, rest) = acts.layers.split_at_mut(l);
+            let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].res3 };
+            let la = &mut rest[0];
+            kernels::layernorm_forward(
+                LnOut { out: &mut la.ln1, mean: &mut la.ln1_mean, rstd: &mut la.ln1_rstd },
+                x,
+                slice(p, o.ln1_w, c),
+                opt_slice(p, o.ln1_b, c),
+                c,
+                th,
+            );
+            kernels::broadcast_rows(&mut la.qkv, opt_slice(p, o.qkv_b, 3 * c), 3 * c);
+            matmul(&mut la.qkv, &la.ln1, slice(p, o.qkv_w, 3 * c * c), n, c, 3 * c, Op::NN, true, th);
+            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
+            kernels::attention_forward(&mut la.atty, &mut la.att, &la.qkv, &shape, attn_drop);
+            // res2 = x + dropout(atty @ Wproj + b)
+            kernels::broadcast_rows(&mut la.res2, opt_slice(p, o.attn_proj_b, c), c);
+            matmul(&mut la.res2, &la.atty, slice(p, o.attn_proj_w, c * c), n, c, c, Op::NN, true, th);
+            if let Some(d) = drop {
+                d.attn_resid(l).apply(&mut la.res2);
+            }
+            add_inplace(&mut la.res2, x);
+            kernels::layernorm_forward(
+                LnOut { out: &mut la.ln2, mean: &mut la.ln2_mean, rstd: &mut la.ln2_rstd },
+                &la.res2,
+                slice(p, o.ln2_w, c),
+                opt_slice(p, o.ln2_b, c),
+                c,
+                th,
+            );
+            kernels::broadcast_rows(&mut la.fch, opt_slice(p, o.fc_b, 4 * c), 4 * c);
+            matmul(&mut la.fch, &la.ln2, slice(p, o.fc_w, 4 * c * c), n, c, 4 * c, Op::NN, true, th);
+            kernels::gelu_forward(&mut la.fch_gelu, &la.fch);
+            kernels::broadcast_rows(&mut la.res3, opt_slice(p, o.mlp_proj_b, c), c);
+            matmul(&mut la.res3, &la.fch_gelu, slice(p, o.mlp_proj_w, 4 * c * c), n, 4 * c, c, Op::NN, true, th);
+            if let Some(d) = drop {
+                d.mlp_resid(l).apply(&mut la.res3);
+            }
+            add_inplace(&mut la.res3, &la.res2);
+        }
+        let last: &[f32] = match acts.layers.last() {
+            Some(la) => &la.res3,
+            None => &acts.encoded,
+        };
+        kernels::layernorm_forward(
+            LnOut { out: &mut acts.lnf, mean: &mut acts.lnf_mean, rstd: &mut acts.lnf_rstd },
+            last,
+            slice(p, lay.lnf_w, c),
+            opt_slice(p, lay.lnf_b, c),
+            c,
+            th,
+        );
+        let v = cfg.vocab_size;
+        matmul(&mut acts.logits, &acts.lnf, &wte[..v * c], n, c, v, Op::NT, false, th);
+    }
+
+    /// Backward from dlogits (already in `acts.logits`) to all parameter gradients.
+    fn backward(&mut self, inputs: &[u32], drop: Option<DropoutSeeds>) {
+        let cfg = &self.cfg;
+        let acts = self.acts.as_mut().expect("backward runs after forward");
+        let (b, t) = (acts.b, acts.t);
+        let (c, n, v, th) = (cfg.n_embd, b * t, cfg.vocab_size, self.threads);
+        let p = &self.params;
+        let g = &mut self.grads;
+        let lay = &self.layout;
+        let shape = AttnShape { b, t, nh: cfg.n_head, c };
+        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf
+        matmul(&mut acts.dln, &acts.logits, slice(p, lay.wte, v * c), n, v, c, Op::NN, false, th);
+        matmul(&mut g[lay.wte..lay.wte + v * c], &acts.logits, &acts.lnf, v, n, c, Op::TN, true, th);
+        acts.dres.fill(0.0);
+        let last: &[f32] = match acts.layers.last() {
+            Some(la) => &la.res3,
+            None => &acts.encoded,
+        };
+        {
+            let (gw, gb) = grad_pair(g, lay.lnf_w, lay.lnf_b, c);
+            kernels::layernorm_backward(
+                &mut acts.dres,
+                gw,
+                gb,
+                &acts.dln,
+                last,
+                slice(p, lay.lnf_w, c),
+                &acts.lnf_mean,
+                &acts.lnf_rstd,
+                c,
+                &mut acts.ln_scratch,
+                th,
+            );
+        }
+        for l in (0..cfg.n_layer).rev() {
+            let o = &lay.blocks[l];
+            let (prev, rest) = acts.layers.split_at(l);
+            let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].res3 };
+            let la = &rest[0];
+            // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
+            let gbranch: &[f32] = match drop.map(|d| d.mlp_resid(l)) {
+                Some(d) if d.active() => {
+                    acts.dtmp.copy_from_slice(&acts.dres);
+                    d.apply(&mut acts.dtmp);
+                    &acts.dtmp
+                }
+                _ => &acts.dres,
+            };
+            matmul(gslice(g, o.mlp_proj_w, 4 * c * c), &la.fch_gelu, gbranch, 4 * c, n, c, Op::TN, true, th);
+            if let Some(bo) = o.mlp_proj_b {
+                kernels::bias_backward(gslice(g, bo, c), gbranch, c);
+            }
+            matmul(&mut acts.dfch, gbranch, slice(p, o.mlp_proj_w, 4 * c * c), n, c, 4 * c, Op::NT, false, th);
+            kernels::gelu_backward_inplace(&mut acts.dfch, &la.fch);
+            matmul(gslice(g, o.fc_w, 4 * c * c), &la.ln2, &acts.dfch, c, n, 4 * c, Op::TN, true, th);
+            if let Some(bo) = o.fc_b {
+                kernels::bias_backward(gslice(g, bo, 4 * c), &acts.dfch, 4 * c);
+            }
+            matmul(&mut acts.dln, &acts.dfch, slice(p, o.fc_w, 4 * c * c), n, 4 * c, c, Op::NT, false, th);
+            {
+                let (gw, gb) = grad_pair(g, o.ln2_w, o.ln2_b, c);
+                kernels::layernorm_backward(
+                    &mut acts.dres,
+                    gw,
+                    gb,
+                    &acts.dln,
+                    &la.res2,
+                    slice(p, o.ln2_w, c),
+                    &la.ln2_mean,
+                    &la.ln2_rstd,
+                    c,
+                    &mut acts.ln_scratch,
+                    th,
+                );
+            }
+            // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
+            let gbranch: &[f32] = match drop.map(|d| d.attn_resid(l)) {
+                Some(d) if d.active() => {
+                    acts.dtmp.copy_from_slice(&acts.dres);
+                    d.apply(&mut acts.dtmp);
+                    &acts.dtmp
+                }
+                _ => &acts.dres,
+            };
+            matmul(gslice(g, o.attn_proj_w, c * c), &la.atty, gbranch, c, n, c, Op::TN, true, th);
+            if let Some(bo) = o.attn_proj_b {
+                kernels::bias_backward(gslice(g, bo, c), gbranch, c);
+            }
+            matmul(&mut acts.dln, gbranch, slice(p, o.attn_proj_w, c * c), n, c, c, Op::NT, false, th);
+            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
+            kernels::attention_backward(&mut acts.dqkv, &mut acts.datt, &acts.dln, &la.att, &la.qkv, &shape, attn_drop);
+            matmul(gslice(g, o.qkv_w, 3 * c * c), &la.ln1, &acts.dqkv, c, n, 3 * c, Op::TN, true, th);
+            if let Some(bo) = o.qkv_b {
+                kernels::bias_backward(gslice(g, bo, 3 * c), &acts.dqkv, 3 * c);
+            }
+            matmul(&mut acts.dln, &acts.dqkv, slice(p, o.qkv_w, 3 * c * c), n, 3 * c, c, Op::NT, false, th);
+            let (gw, gb) = grad_pair(g, o.ln1_w, o.ln1_b, c);
+            kernels::layernorm_backward(
+                &mut acts.dres,
+                gw,
+                gb,
+                &acts.dln,
+                x,
+                slice(p, o.ln1_w, c),
+                &la.ln1_mean,
+                &la.ln1_rstd,
+                c,
+                &mut acts.ln_scratch,
+                th,
+            );
+        }
+        if let Some(d) = drop {
+            d.embedding().apply(&mut acts.dres);
+        }
+        let (wte_g, rest) = g[lay.wte..].split_at_mut(lay.wpe - lay.wte);
+        kernels::embedding_backward(wte_g, &mut rest[..cfg.block_size * c], &acts.dres, inputs, t, c);
+    }
+
+    fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
+        (self.cfg.dropout > 0.0).then(|| DropoutSeeds {
+            base: self.rng.next_u64(),
+            p: self.cfg.dropout,
+        })
+    }
+}
+
+fn gslice(g: &mut [f32], off: usize, len: usize) -> &mut [f32] {
+    &mut g[off..off + len]
+}
+
+/// Mutable (weight, bias) gradient slices of one LayerNorm.
+fn grad_pair(g: &mut [f32], w: usize, b: Option<usize>, c: usize) -> (&mut [f32], Option<&mut [f32]>) {
+    match b {
+        Some(bo) => {
+            debug_assert_eq!(bo, w + c, "LayerNorm bias follows its weight in the layout");
+            let (gw, gb) = g[w..w + 2 * c].split_at_mut(c);
+            (gw, Some(gb))
+        }
+        None => (&mut g[w..w + c], None),
+    }
+}
+
+fn add_inplace(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
+}
+
+impl Engine for CpuEngine {
+    fn config(&self) -> &GptConfig {
+        &self.core.cfg
+    }
+    fn layout(&self) -> &ParamLayout {
+        &self.core.layout
+    }
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads, fp32)", self.core.threads)
+    }
+
+    fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
+        self.core.check_batch(&batch, true)?;
+        let core = &mut self.core;
+        self.pool.install(|| {
+            let drop = core.dropout_seeds();
+            core.forward(batch.inputs, batch.b, batch.t, drop);
+            let acts = core.acts.as_mut().expect("forward allocated activations");
+            let v = core.cfg.vocab_size;
+            let (sum, count) =
+                kernels::cross_entropy(&mut acts.logits, batch.targets, v, Some(loss_scale), &mut acts.row_loss);
+            core.backward(batch.inputs, drop);
+            Ok(if count > 0 { (sum / count as f64) as f32 } else { 0.0 })
+        })
+    }
+
+    fn loss(&mut self, batch: Batch) -> Result<f32> {
+        self.core.check_batch(&batch, true)?;
+        let core = &mut self.core;
+        self.pool.install(|| {
+            core.forward(batch.inputs, batch.b, batch.t, None);
+            let acts = core.acts.as_mut().expect("forward allocated activations");
+            let (sum, count) =
+                kernels::cross_entropy(&mut acts.logits, batch.targets, core.cfg.vocab_size, None, &mut acts.row_loss);
+            Ok(if count > 0 { (sum / count as f64) as f32 } else { 0.0 })
+        })
+    }
+
+    fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
+        self.core.check_batch(&batch, false)?;
+        let core = &mut self.core;
+        self.pool.install(|| core.forward(batch.inputs, batch.b, batch.t, None));
+        Ok(core.acts.as_ref().expect("forward allocated activations").logits.clone())
+    }
+
+    fn zero_grad(&mut self) {
+        self.core.grads.fill(0.0);
+    }
+
+    fn step(&mut self, hp: &AdamWConfig, lr: f32) -> f32 {
+        let core = &mut self.core;
+        self.pool.install(|| {
+            let norm = adamw::clip_grad_norm(&mut core.grads, hp.grad_clip);
+            core.step += 1;
+            adamw::adamw_step(
+                &mut core.params,
+                &core.grads,
+                &mut core.m,
+                &mut core.v,
+                &core.decay_runs,
+                hp,
+                lr,
+                core.step,
+            );
+            norm
+        })
+    }
+
+    fn params(&self) -> Vec<f32> {
+        self.core.params.clone()
+    }
+    fn set_params(&mut self, params: &[f32]) {
+        assert_eq!(params.len(), self.core.params.len(), "set_params: layout size mismatch");
+        self.core.params.copy_from_slice(params);
+    }
+    fn grads(&self) -> Vec<f32> {
+        self.core.grads.clone()
+    }
+    fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.core.grads
+    }
+    fn optimizer_state(&self) -> OptimizerState {
+        OptimizerState {
+            m: self.core.m.clone(),
+            v: self.core.v.clone(),
+            step: self.core.step,
+        }
+    }
+    fn set_optimizer_state(&mut self, state: OptimizerState) {
+        assert_eq!(state.m.len(), self.core.params.len(), "optimizer state size mismatch");
+        assert_eq!(state.v.len(), self.core.params.len(), "optimizer state size mismatch");
+        self.core.m = state.m;
+        self.core.v = state.v;
+        self.core.step = state.step;
+    }
+    fn rng_state(&self) -> [u64; 4] {
+        self.core.rng.state
+    }
+    fn set_rng_state(&mut self, state: [u64; 4]) {
+        self.core.rng.state = state;
+    }
+
+    fn decode_reset(&mut self, n_seq: usize) {
+        self.core.kv = Some(decode::KvCache::new(&self.core.cfg, n_seq));
+    }
+    fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let core = &mut self.core;
+        self.pool.install(|| decode::step(core, tokens))
+    }
+    fn decode_len(&self) -> usize {
+        self.core.kv.as_ref().map_or(0, |k| k.len)
+    }
+}
