@@ -6,6 +6,7 @@
 //! (train/sample configuration), [`data`] (prepare and load token files), [`tokenizer`]
 //! (GPT-2 BPE and character vocabularies), [`train`] (training loop, checkpoints, metrics),
 //! [`sample`] (generation with a KV cache).
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod engine;
