@@ -64,7 +64,7 @@ impl fmt::Display for PrepareReport {
         if let Some(reason) = &self.fallback_reason {
             writeln!(
                 f,
-                "NOTE: built-in fallback corpus used because the download failed ({reason}); \
+                "NOTE: built-in fallback corpus used (download failed: {reason}); \
                  results will differ from tiny Shakespeare"
             )?;
         }
@@ -247,7 +247,7 @@ fn tiny_shakespeare(url: &str, sha256: &str, out_dir: &Path) -> Result<Corpus, D
         Err(reason) => {
             let text = fallback_corpus();
             eprintln!(
-                "WARNING: could not download tiny Shakespeare from {url}: {reason}\n\
+                "WARNING: could not download tiny Shakespeare: {reason}\n\
                  WARNING: using the built-in fallback corpus instead (this program's own source \
                  text, {} characters).\n\
                  WARNING: losses and samples will differ from tiny Shakespeare's. To prepare \
