@@ -1,1 +1,4 @@
 //! train (in progress)
+pub mod checkpoint;
+pub mod metrics;
+pub mod plot;
