@@ -45,14 +45,22 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 /// Runs `warmup + iters` training steps on random tokens and times the last `iters`.
-pub fn run(engine: &mut dyn Engine, spec: &BenchSpec) -> Result<BenchResult, crate::engine::EngineError> {
+pub fn run(
+    engine: &mut dyn Engine,
+    spec: &BenchSpec,
+) -> Result<BenchResult, crate::engine::EngineError> {
     let (b, t) = (spec.batch_size, spec.block_size);
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::new(spec.seed);
     let tokens: Vec<u32> = (0..b * t + 1).map(|_| rng.below(vocab) as u32).collect();
     let inputs = &tokens[..b * t];
     let targets: Vec<i32> = tokens[1..].iter().map(|&x| x as i32).collect();
-    let batch = Batch { inputs, targets: &targets, b, t };
+    let batch = Batch {
+        inputs,
+        targets: &targets,
+        b,
+        t,
+    };
     let scale = 1.0 / spec.grad_accum as f32;
     let mut times = Vec::with_capacity(spec.iters);
     let mut last_loss = 0.0;

@@ -7,6 +7,7 @@
 //! (GPT-2 BPE and character vocabularies), [`train`] (training loop, checkpoints, metrics),
 //! [`sample`] (generation with a KV cache).
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod engine;

@@ -23,7 +23,12 @@ fn micro(bias: bool, dropout: f32) -> (CpuEngine, Vec<u32>, Vec<i32>) {
 
 fn check(bias: bool, dropout: f32) {
     let (mut eng, inputs, targets) = micro(bias, dropout);
-    let batch = Batch { inputs: &inputs, targets: &targets, b: 2, t: 6 };
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t: 6,
+    };
     let rng0 = eng.rng_state();
     eng.zero_grad();
     let loss0 = eng.forward_backward(batch, 1.0).unwrap();
@@ -35,7 +40,10 @@ fn check(bias: bool, dropout: f32) {
         eng.set_rng_state(rng0);
         eng.forward_backward(batch, 1.0).unwrap() as f64
     };
-    assert!((loss_at(&params) - loss0 as f64).abs() < 1e-6, "same masks, same loss");
+    assert!(
+        (loss_at(&params) - loss0 as f64).abs() < 1e-6,
+        "same masks, same loss"
+    );
     let mut rng = Rng::new(1);
     let mut checked = 0;
     let mut worst = 0f64;
@@ -51,7 +59,10 @@ fn check(bias: bool, dropout: f32) {
         let an = grads[i] as f64;
         let err = (fd - an).abs() / (an.abs() + fd.abs()).max(2e-2);
         worst = worst.max(err);
-        assert!(err < 2e-2, "param {i}: analytic {an} vs finite difference {fd} (bias={bias}, dropout={dropout})");
+        assert!(
+            err < 2e-2,
+            "param {i}: analytic {an} vs finite difference {fd} (bias={bias}, dropout={dropout})"
+        );
         checked += 1;
     }
     assert_eq!(checked, 400);
@@ -73,9 +84,18 @@ fn gradients_match_finite_differences_with_dropout() {
 fn dropout_is_seeded_and_inactive_in_evaluation() {
     let (mut a, inputs, targets) = micro(true, 0.3);
     let (mut b, _, _) = micro(true, 0.3);
-    let batch = Batch { inputs: &inputs, targets: &targets, b: 2, t: 6 };
-    let la: Vec<f32> = (0..3).map(|_| a.forward_backward(batch, 1.0).unwrap()).collect();
-    let lb: Vec<f32> = (0..3).map(|_| b.forward_backward(batch, 1.0).unwrap()).collect();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t: 6,
+    };
+    let la: Vec<f32> = (0..3)
+        .map(|_| a.forward_backward(batch, 1.0).unwrap())
+        .collect();
+    let lb: Vec<f32> = (0..3)
+        .map(|_| b.forward_backward(batch, 1.0).unwrap())
+        .collect();
     assert_eq!(la, lb, "same seed, same dropout masks");
     assert_eq!(a.grads(), b.grads());
     assert_ne!(la[0], la[1], "masks change from step to step");
@@ -93,7 +113,12 @@ fn dropout_is_seeded_and_inactive_in_evaluation() {
 #[test]
 fn gradients_accumulate_across_micro_steps() {
     let (mut eng, inputs, targets) = micro(true, 0.0);
-    let batch = Batch { inputs: &inputs, targets: &targets, b: 2, t: 6 };
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t: 6,
+    };
     eng.zero_grad();
     eng.forward_backward(batch, 1.0).unwrap();
     let once = eng.grads();
@@ -112,7 +137,12 @@ fn kv_cache_decoding_matches_full_forward() {
         let t = 6;
         let no_targets = vec![0i32; 2 * t];
         let full = eng
-            .logits(Batch { inputs: &inputs, targets: &no_targets, b: 2, t })
+            .logits(Batch {
+                inputs: &inputs,
+                targets: &no_targets,
+                b: 2,
+                t,
+            })
             .unwrap();
         let v = eng.config().vocab_size;
         eng.decode_reset(2);
@@ -126,7 +156,10 @@ fn kv_cache_decoding_matches_full_forward() {
             }
         }
         assert_eq!(eng.decode_len(), t);
-        assert!(eng.decode_step(&[1, 1]).is_err(), "cache full at block_size");
+        assert!(
+            eng.decode_step(&[1, 1]).is_err(),
+            "cache full at block_size"
+        );
     }
 }
 
@@ -134,11 +167,32 @@ fn kv_cache_decoding_matches_full_forward() {
 fn bad_batches_are_errors_not_panics() {
     let (mut eng, inputs, targets) = micro(true, 0.0);
     let bad_tok: Vec<u32> = inputs.iter().map(|&x| x + 20).collect();
-    let e = eng.loss(Batch { inputs: &bad_tok, targets: &targets, b: 2, t: 6 }).unwrap_err();
+    let e = eng
+        .loss(Batch {
+            inputs: &bad_tok,
+            targets: &targets,
+            b: 2,
+            t: 6,
+        })
+        .unwrap_err();
     assert!(e.to_string().contains("vocabulary"), "{e}");
-    let e = eng.loss(Batch { inputs: &inputs, targets: &targets, b: 3, t: 6 }).unwrap_err();
+    let e = eng
+        .loss(Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b: 3,
+            t: 6,
+        })
+        .unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
     let long = vec![0u32; 14];
-    let e = eng.loss(Batch { inputs: &long, targets: &[0; 14], b: 1, t: 14 }).unwrap_err();
+    let e = eng
+        .loss(Batch {
+            inputs: &long,
+            targets: &[0; 14],
+            b: 1,
+            t: 14,
+        })
+        .unwrap_err();
     assert!(e.to_string().contains("block_size"), "{e}");
 }

@@ -29,21 +29,35 @@ impl Fixture {
     }
     fn f32s(&self, name: &str) -> Vec<f32> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
-        t.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        t.data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
     fn i32s(&self, name: &str) -> Vec<i32> {
         let st = self.st();
         let t = st.tensor(name).unwrap();
-        t.data().chunks(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 }
 
 /// max |a - b| / max |b| over a tensor (relative to the tensor's scale).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-30);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
     diff / scale
 }
 
@@ -85,11 +99,19 @@ fn setup(name: &str) -> (Fixture, CpuEngine, GptConfig, AdamWConfig, f32) {
 fn check_fixture(name: &str) {
     let (fx, mut eng, cfg, hp, lr) = setup(name);
     let c = fx.config();
-    let (b, t) = (c["B"].as_u64().unwrap() as usize, c["T"].as_u64().unwrap() as usize);
+    let (b, t) = (
+        c["B"].as_u64().unwrap() as usize,
+        c["T"].as_u64().unwrap() as usize,
+    );
     let inputs: Vec<u32> = fx.i32s("inputs").iter().map(|&x| x as u32).collect();
     let targets = fx.i32s("targets");
     assert!(targets.contains(&-1), "fixture exercises ignored targets");
-    let batch = Batch { inputs: &inputs, targets: &targets, b, t };
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
 
     let logits = eng.logits(batch).unwrap();
     let e = rel_err(&logits, &fx.f32s("logits"));
@@ -98,7 +120,10 @@ fn check_fixture(name: &str) {
     eng.zero_grad();
     let loss = eng.forward_backward(batch, 1.0).unwrap();
     let want = fx.f32s("loss")[0];
-    assert!((loss - want).abs() < 1e-5 * want.abs(), "{name}: loss {loss} vs {want}");
+    assert!(
+        (loss - want).abs() < 1e-5 * want.abs(),
+        "{name}: loss {loss} vs {want}"
+    );
     let grads = eng.grads();
     let layout = eng.layout().clone();
     let mut worst = (0f64, String::new());
@@ -106,13 +131,21 @@ fn check_fixture(name: &str) {
         let got = &grads[tspec.offset..tspec.offset + tspec.len];
         let want = fx.f32s(&format!("grad.{}", tspec.name));
         let e = rel_err(got, &want);
-        assert!(e < 1e-4, "{name}: gradient of {} relative error {e:.2e}", tspec.name);
+        assert!(
+            e < 1e-4,
+            "{name}: gradient of {} relative error {e:.2e}",
+            tspec.name
+        );
         if e > worst.0 {
             worst = (e, tspec.name.clone());
         }
     }
-    let pad = &grads[layout.wte + cfg.vocab_size * cfg.n_embd..layout.wte + cfg.padded_vocab_size * cfg.n_embd];
-    assert!(pad.iter().all(|&g| g == 0.0), "padded vocabulary rows get no gradient");
+    let pad = &grads
+        [layout.wte + cfg.vocab_size * cfg.n_embd..layout.wte + cfg.padded_vocab_size * cfg.n_embd];
+    assert!(
+        pad.iter().all(|&g| g == 0.0),
+        "padded vocabulary rows get no gradient"
+    );
     eprintln!("{name}: worst gradient error {:.2e} ({})", worst.0, worst.1);
 
     // 10 AdamW steps on the same batch, with clipping.
@@ -123,19 +156,41 @@ fn check_fixture(name: &str) {
         eng.zero_grad();
         eng.forward_backward(batch, 1.0).unwrap();
         let norm = eng.step(&hp, lr);
-        assert!((norm - norms[k]).abs() < 1e-4 * norms[k], "{name}: step {k} grad norm {norm} vs {}", norms[k]);
+        assert!(
+            (norm - norms[k]).abs() < 1e-4 * norms[k],
+            "{name}: step {k} grad norm {norm} vs {}",
+            norms[k]
+        );
         if norm > hp.grad_clip {
             clipped += 1;
         }
         let l = eng.loss(batch).unwrap();
-        assert!((l - losses[k]).abs() < 1e-4 * losses[k], "{name}: loss after step {} {l} vs {}", k + 1, losses[k]);
+        assert!(
+            (l - losses[k]).abs() < 1e-4 * losses[k],
+            "{name}: loss after step {} {l} vs {}",
+            k + 1,
+            losses[k]
+        );
     }
-    assert!(clipped > 0 && clipped < norms.len(), "clipping active on some steps only ({clipped})");
+    assert!(
+        clipped > 0 && clipped < norms.len(),
+        "clipping active on some steps only ({clipped})"
+    );
     let params = eng.params();
-    for tname in ["transformer.wte.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.weight"] {
+    for tname in [
+        "transformer.wte.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+    ] {
         let tspec = layout.get(tname).unwrap();
-        let e = rel_err(&params[tspec.offset..tspec.offset + tspec.len], &fx.f32s(&format!("final.{tname}")));
-        assert!(e < 1e-4, "{name}: {tname} after 10 steps, relative error {e:.2e}");
+        let e = rel_err(
+            &params[tspec.offset..tspec.offset + tspec.len],
+            &fx.f32s(&format!("final.{tname}")),
+        );
+        assert!(
+            e < 1e-4,
+            "{name}: {tname} after 10 steps, relative error {e:.2e}"
+        );
     }
 }
 

@@ -75,3 +75,21 @@ pub trait Engine: Send {
     /// Tokens currently held in the KV cache (per sequence).
     fn decode_len(&self) -> usize;
 }
+
+/// Builds the engine for `device` ("auto", "cpu", "cuda", "cuda:N"). This build has the CPU
+/// engine; `auto` resolves to it. `threads == 0` uses all cores.
+pub fn create(
+    device: crate::config::DeviceSpec,
+    cfg: GptConfig,
+    params: Vec<f32>,
+    seed: u64,
+    threads: usize,
+) -> Result<Box<dyn Engine>> {
+    use crate::config::DeviceSpec;
+    match device {
+        DeviceSpec::Auto | DeviceSpec::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?)),
+        DeviceSpec::Cuda(_) => Err(EngineError::Other(format!(
+            "device={device}: this build of nanogpt has no CUDA engine yet; use device=cpu (or device=auto)"
+        ))),
+    }
+}

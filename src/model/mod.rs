@@ -98,7 +98,7 @@ impl GptConfig {
                 return bad(key, v.to_string(), "must be at least 1");
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
                 "n_embd",
                 self.n_embd.to_string(),
@@ -236,12 +236,11 @@ impl ParamLayout {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = format!("transformer.h.{l}.");
-            let bias = |push: &mut dyn FnMut(String, Vec<usize>, Init) -> usize,
-                            name: &str,
-                            n: usize| {
-                cfg.bias
-                    .then(|| push(format!("{p}{name}"), vec![n], Init::Zeros))
-            };
+            let bias =
+                |push: &mut dyn FnMut(String, Vec<usize>, Init) -> usize, name: &str, n: usize| {
+                    cfg.bias
+                        .then(|| push(format!("{p}{name}"), vec![n], Init::Zeros))
+                };
             let ln1_w = push(format!("{p}ln_1.weight"), vec![c], Init::Ones);
             let ln1_b = bias(&mut push, "ln_1.bias", c);
             let qkv_w = push(

@@ -24,7 +24,9 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     if max_norm > 0.0 {
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
-            grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+            grads
+                .par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
         }
     }
     norm
@@ -49,7 +51,11 @@ pub fn adamw_step(
     let bc2_sqrt = bc2.sqrt() as f32;
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
     for &(off, len, decays) in runs {
-        let decay = if decays { 1.0 - lr * hp.weight_decay } else { 1.0 };
+        let decay = if decays {
+            1.0 - lr * hp.weight_decay
+        } else {
+            1.0
+        };
         let r = off..off + len;
         params[r.clone()]
             .par_chunks_mut(CHUNK)
@@ -88,11 +94,23 @@ mod tests {
     fn adamw_first_step_moves_by_lr_and_decays_matrices_only() {
         // After one step with bias correction, m_hat/sqrt(v_hat) = sign(g): each parameter
         // moves by lr (minus eps effects), and decay multiplies by (1 - lr*wd) first.
-        let hp = AdamWConfig { weight_decay: 0.5, ..Default::default() };
+        let hp = AdamWConfig {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut p = vec![1.0f32, 1.0, 1.0, 1.0];
         let g = vec![0.3f32, -2.0, 0.3, -2.0];
         let (mut m, mut v) = (vec![0f32; 4], vec![0f32; 4]);
-        adamw_step(&mut p, &g, &mut m, &mut v, &[(0, 2, true), (2, 2, false)], &hp, 0.1, 1);
+        adamw_step(
+            &mut p,
+            &g,
+            &mut m,
+            &mut v,
+            &[(0, 2, true), (2, 2, false)],
+            &hp,
+            0.1,
+            1,
+        );
         let want = [0.95 - 0.1, 0.95 + 0.1, 1.0 - 0.1, 1.0 + 0.1];
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{p:?}");

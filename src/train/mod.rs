@@ -1,4 +1,8 @@
-//! train (in progress)
+//! Training: the loop ([`trainer`]), checkpoints ([`checkpoint`]), metrics log
+//! ([`metrics`]) and the loss-curve plot ([`plot`]).
 pub mod checkpoint;
 pub mod metrics;
 pub mod plot;
+mod trainer;
+
+pub use trainer::{resume_path, train, TrainSummary};

@@ -30,7 +30,11 @@ pub(super) struct KvCache {
 impl KvCache {
     pub fn new(cfg: &GptConfig, n_seq: usize) -> Self {
         let (c, s) = (cfg.n_embd, n_seq);
-        let kv = || (0..cfg.n_layer).map(|_| vec![0f32; s * cfg.block_size * c]).collect();
+        let kv = || {
+            (0..cfg.n_layer)
+                .map(|_| vec![0f32; s * cfg.block_size * c])
+                .collect()
+        };
         KvCache {
             n_seq,
             len: 0,
@@ -54,17 +58,33 @@ impl KvCache {
 pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
     let cfg = &core.cfg;
     let Some(kv) = core.kv.as_mut() else {
-        return Err(EngineError::Other("decode_step called before decode_reset".into()));
+        return Err(EngineError::Other(
+            "decode_step called before decode_reset".into(),
+        ));
     };
     let (s, c, t_max, th) = (kv.n_seq, cfg.n_embd, cfg.block_size, core.threads);
     if tokens.len() != s {
-        return Err(EngineError::Shape(format!("decode_step needs {s} tokens (one per sequence), got {}", tokens.len())));
+        return Err(EngineError::Shape(format!(
+            "decode_step needs {s} tokens (one per sequence), got {}",
+            tokens.len()
+        )));
     }
     if kv.len >= t_max {
-        return Err(EngineError::TooLong { t: kv.len + 1, block_size: t_max });
+        return Err(EngineError::TooLong {
+            t: kv.len + 1,
+            block_size: t_max,
+        });
     }
-    if let Some((pos, &id)) = tokens.iter().enumerate().find(|(_, &x)| x as usize >= cfg.vocab_size) {
-        return Err(EngineError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
+    if let Some((pos, &id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= cfg.vocab_size)
+    {
+        return Err(EngineError::TokenOutOfRange {
+            id,
+            pos,
+            vocab: cfg.vocab_size,
+        });
     }
     let (p, lay, pos) = (&core.params, &core.layout, kv.len);
     let (nh, hs) = (cfg.n_head, cfg.head_size());
@@ -78,7 +98,11 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
     }
     for (l, o) in lay.blocks.iter().enumerate() {
         kernels::layernorm_forward(
-            LnOut { out: &mut kv.ln, mean: &mut kv.mean, rstd: &mut kv.rstd },
+            LnOut {
+                out: &mut kv.ln,
+                mean: &mut kv.mean,
+                rstd: &mut kv.rstd,
+            },
             &kv.x,
             slice(p, o.ln1_w, c),
             opt_slice(p, o.ln1_b, c),
@@ -86,7 +110,17 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
             th,
         );
         kernels::broadcast_rows(&mut kv.qkv, opt_slice(p, o.qkv_b, 3 * c), 3 * c);
-        matmul(&mut kv.qkv, &kv.ln, slice(p, o.qkv_w, 3 * c * c), s, c, 3 * c, Op::NN, true, th);
+        matmul(
+            &mut kv.qkv,
+            &kv.ln,
+            slice(p, o.qkv_w, 3 * c * c),
+            s,
+            c,
+            3 * c,
+            Op::NN,
+            true,
+            th,
+        );
         let (kc, vc) = (&mut kv.k[l], &mut kv.v[l]);
         for i in 0..s {
             let row = &kv.qkv[i * 3 * c..(i + 1) * 3 * c];
@@ -120,10 +154,24 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
             }
         });
         kernels::broadcast_rows(&mut kv.tmp, opt_slice(p, o.attn_proj_b, c), c);
-        matmul(&mut kv.tmp, &kv.atty, slice(p, o.attn_proj_w, c * c), s, c, c, Op::NN, true, th);
+        matmul(
+            &mut kv.tmp,
+            &kv.atty,
+            slice(p, o.attn_proj_w, c * c),
+            s,
+            c,
+            c,
+            Op::NN,
+            true,
+            th,
+        );
         super::add_inplace(&mut kv.x, &kv.tmp);
         kernels::layernorm_forward(
-            LnOut { out: &mut kv.ln, mean: &mut kv.mean, rstd: &mut kv.rstd },
+            LnOut {
+                out: &mut kv.ln,
+                mean: &mut kv.mean,
+                rstd: &mut kv.rstd,
+            },
             &kv.x,
             slice(p, o.ln2_w, c),
             opt_slice(p, o.ln2_b, c),
@@ -131,14 +179,38 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
             th,
         );
         kernels::broadcast_rows(&mut kv.fch, opt_slice(p, o.fc_b, 4 * c), 4 * c);
-        matmul(&mut kv.fch, &kv.ln, slice(p, o.fc_w, 4 * c * c), s, c, 4 * c, Op::NN, true, th);
+        matmul(
+            &mut kv.fch,
+            &kv.ln,
+            slice(p, o.fc_w, 4 * c * c),
+            s,
+            c,
+            4 * c,
+            Op::NN,
+            true,
+            th,
+        );
         kernels::gelu_forward(&mut kv.gelu, &kv.fch);
         kernels::broadcast_rows(&mut kv.tmp, opt_slice(p, o.mlp_proj_b, c), c);
-        matmul(&mut kv.tmp, &kv.gelu, slice(p, o.mlp_proj_w, 4 * c * c), s, 4 * c, c, Op::NN, true, th);
+        matmul(
+            &mut kv.tmp,
+            &kv.gelu,
+            slice(p, o.mlp_proj_w, 4 * c * c),
+            s,
+            4 * c,
+            c,
+            Op::NN,
+            true,
+            th,
+        );
         super::add_inplace(&mut kv.x, &kv.tmp);
     }
     kernels::layernorm_forward(
-        LnOut { out: &mut kv.ln, mean: &mut kv.mean, rstd: &mut kv.rstd },
+        LnOut {
+            out: &mut kv.ln,
+            mean: &mut kv.mean,
+            rstd: &mut kv.rstd,
+        },
         &kv.x,
         slice(p, lay.lnf_w, c),
         opt_slice(p, lay.lnf_b, c),
@@ -146,7 +218,17 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
         th,
     );
     let v = cfg.vocab_size;
-    matmul(&mut kv.logits, &kv.ln, slice(p, lay.wte, v * c), s, c, v, Op::NT, false, th);
+    matmul(
+        &mut kv.logits,
+        &kv.ln,
+        slice(p, lay.wte, v * c),
+        s,
+        c,
+        v,
+        Op::NT,
+        false,
+        th,
+    );
     kv.len += 1;
     Ok(kv.logits.clone())
 }

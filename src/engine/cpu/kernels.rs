@@ -17,7 +17,14 @@ fn row_chunk(rows: usize, threads: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // Embedding: x[n, :] = wte[tok[n], :] + wpe[n % T, :]          x: (N, C)
 
-pub fn embedding_forward(x: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
+pub fn embedding_forward(
+    x: &mut [f32],
+    tokens: &[u32],
+    wte: &[f32],
+    wpe: &[f32],
+    t: usize,
+    c: usize,
+) {
     x.par_chunks_mut(c).enumerate().for_each(|(n, row)| {
         let tok = tokens[n] as usize;
         let te = &wte[tok * c..(tok + 1) * c];
@@ -30,21 +37,31 @@ pub fn embedding_forward(x: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32]
 
 /// dwte[tok[n]] += dx[n]; dwpe[n % T] += dx[n]. Serial over rows so that repeated tokens
 /// accumulate in a fixed order (deterministic).
-pub fn embedding_backward(dwte: &mut [f32], dwpe: &mut [f32], dx: &[f32], tokens: &[u32], t: usize, c: usize) {
+pub fn embedding_backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dx: &[f32],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+) {
     for (n, drow) in dx.chunks(c).enumerate() {
         let tok = tokens[n] as usize;
         for (w, d) in dwte[tok * c..(tok + 1) * c].iter_mut().zip(drow) {
             *w += d;
         }
     }
-    dwpe[..t * c].par_chunks_mut(c).enumerate().for_each(|(pos, wrow)| {
-        for (n, drow) in dx.chunks(c).enumerate().skip(pos).step_by(t) {
-            debug_assert_eq!(n % t, pos);
-            for (w, d) in wrow.iter_mut().zip(drow) {
-                *w += d;
+    dwpe[..t * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(pos, wrow)| {
+            for (n, drow) in dx.chunks(c).enumerate().skip(pos).step_by(t) {
+                debug_assert_eq!(n % t, pos);
+                for (w, d) in wrow.iter_mut().zip(drow) {
+                    *w += d;
+                }
             }
-        }
-    });
+        });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -56,7 +73,14 @@ pub struct LnOut<'a> {
     pub rstd: &'a mut [f32],
 }
 
-pub fn layernorm_forward(o: LnOut, x: &[f32], w: &[f32], b: Option<&[f32]>, c: usize, threads: usize) {
+pub fn layernorm_forward(
+    o: LnOut,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    c: usize,
+    threads: usize,
+) {
     let rows = o.mean.len();
     let chunk = row_chunk(rows, threads);
     o.out
@@ -160,7 +184,9 @@ pub fn layernorm_backward(
 
 pub fn broadcast_rows(out: &mut [f32], bias: Option<&[f32]>, cols: usize) {
     match bias {
-        Some(b) => out.par_chunks_mut(cols).for_each(|row| row.copy_from_slice(b)),
+        Some(b) => out
+            .par_chunks_mut(cols)
+            .for_each(|row| row.copy_from_slice(b)),
         None => out.par_iter_mut().for_each(|v| *v = 0.0),
     }
 }
@@ -168,14 +194,17 @@ pub fn broadcast_rows(out: &mut [f32], bias: Option<&[f32]>, cols: usize) {
 /// dbias += sum over rows of dout (N, cols). Parallel over column blocks, fixed order.
 pub fn bias_backward(dbias: &mut [f32], dout: &[f32], cols: usize) {
     let block = 64;
-    dbias.par_chunks_mut(block).enumerate().for_each(|(bi, db)| {
-        let c0 = bi * block;
-        for row in dout.chunks(cols) {
-            for (j, d) in db.iter_mut().enumerate() {
-                *d += row[c0 + j];
+    dbias
+        .par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(bi, db)| {
+            let c0 = bi * block;
+            for row in dout.chunks(cols) {
+                for (j, d) in db.iter_mut().enumerate() {
+                    *d += row[c0 + j];
+                }
             }
-        }
-    });
+        });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -197,25 +226,30 @@ fn tanh_fast(x: f32) -> f32 {
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32]) {
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            let t = tanh_fast(GELU_K * (x + 0.044715 * x * x * x));
-            *o = 0.5 * x * (1.0 + t);
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                let t = tanh_fast(GELU_K * (x + 0.044715 * x * x * x));
+                *o = 0.5 * x * (1.0 + t);
+            }
+        });
 }
 
 /// dx = dout * gelu'(x), written in place over `dout`.
 pub fn gelu_backward_inplace(dout: &mut [f32], x: &[f32]) {
-    dout.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(d, x)| {
-        for (d, &x) in d.iter_mut().zip(x) {
-            let u = GELU_K * (x + 0.044715 * x * x * x);
-            let t = tanh_fast(u);
-            let sech2 = 1.0 - t * t;
-            let grad = 0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
-            *d *= grad;
-        }
-    });
+    dout.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(d, x)| {
+            for (d, &x) in d.iter_mut().zip(x) {
+                let u = GELU_K * (x + 0.044715 * x * x * x);
+                let t = tanh_fast(u);
+                let sech2 = 1.0 - t * t;
+                let grad =
+                    0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
+                *d *= grad;
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -261,7 +295,11 @@ impl Dropout {
         x.par_chunks_mut(4096).enumerate().for_each(|(ci, chunk)| {
             let base = (ci * 4096) as u64;
             for (j, v) in chunk.iter_mut().enumerate() {
-                *v = if keep(seed, base + j as u64, th) { *v * s } else { 0.0 };
+                *v = if keep(seed, base + j as u64, th) {
+                    *v * s
+                } else {
+                    0.0
+                };
             }
         });
     }
@@ -287,7 +325,13 @@ impl SendPtr {
     }
 }
 
-pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: &AttnShape, drop: Dropout) {
+pub fn attention_forward(
+    y: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    s: &AttnShape,
+    drop: Dropout,
+) {
     let (t, nh, c) = (s.t, s.nh, s.c);
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -297,8 +341,16 @@ pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: &AttnSh
     att.par_chunks_mut(t * t).enumerate().for_each(|(bh, a)| {
         let (bi, h) = (bh / nh, bh % nh);
         let base = bi * t * c3;
-        let q = View { ptr: qkv[base + h * hs..].as_ptr(), rs: c3 as isize, cs: 1 };
-        let kt = View { ptr: qkv[base + c + h * hs..].as_ptr(), rs: 1, cs: c3 as isize };
+        let q = View {
+            ptr: qkv[base + h * hs..].as_ptr(),
+            rs: c3 as isize,
+            cs: 1,
+        };
+        let kt = View {
+            ptr: qkv[base + c + h * hs..].as_ptr(),
+            rs: 1,
+            cs: c3 as isize,
+        };
         // SAFETY: q/k views stay inside qkv's (b, :, :) slab; `a` is this task's T x T block.
         unsafe { gemm_strided(t, t, hs, a.as_mut_ptr(), t as isize, false, q, kt, 1) };
         for i in 0..t {
@@ -319,7 +371,11 @@ pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: &AttnSh
             }
             row[i + 1..].fill(0.0);
         }
-        let v = View { ptr: qkv[base + 2 * c + h * hs..].as_ptr(), rs: c3 as isize, cs: 1 };
+        let v = View {
+            ptr: qkv[base + 2 * c + h * hs..].as_ptr(),
+            rs: c3 as isize,
+            cs: 1,
+        };
         // SAFETY: this task writes only the (b, :, h*hs..(h+1)*hs) block of y.
         let y_dst = unsafe { y_ptr.get().add(bi * t * c + h * hs) };
         if drop.active() {
@@ -362,67 +418,87 @@ pub fn attention_backward(
     let c3 = 3 * c;
     let dqkv_ptr = SendPtr(dqkv.as_mut_ptr());
     let (th, dscale) = (drop.threshold(), drop.scale());
-    scratch.par_chunks_mut(t * t).enumerate().for_each(|(bh, dp)| {
-        let (bi, h) = (bh / nh, bh % nh);
-        let base = bi * t * c3;
-        let a = &att[bh * t * t..(bh + 1) * t * t];
-        let site = (bh * t * t) as u64;
-        let dy_v = View { ptr: dy[bi * t * c + h * hs..].as_ptr(), rs: c as isize, cs: 1 };
-        let v_t = View { ptr: qkv[base + 2 * c + h * hs..].as_ptr(), rs: 1, cs: c3 as isize };
-        // dPd = dy @ v^T  (T x T)
-        unsafe { gemm_strided(t, t, hs, dp.as_mut_ptr(), t as isize, false, dy_v, v_t, 1) };
-        let dq = unsafe { dqkv_ptr.get().add(base + h * hs) };
-        let dk = unsafe { dqkv_ptr.get().add(base + c + h * hs) };
-        let dv = unsafe { dqkv_ptr.get().add(base + 2 * c + h * hs) };
-        // dv = Pd^T @ dy, with Pd the dropped probabilities; reuse nothing: build Pd^T on the fly.
-        if drop.active() {
-            for j in 0..t {
-                let dvrow = unsafe { std::slice::from_raw_parts_mut(dv.add(j * c3), hs) };
-                dvrow.fill(0.0);
-            }
-            for i in 0..t {
-                let dyrow = &dy[(bi * t + i) * c + h * hs..][..hs];
-                for j in 0..=i {
-                    if keep(drop.seed, site + (i * t + j) as u64, th) {
-                        let p = a[i * t + j] * dscale;
-                        let dvrow = unsafe { std::slice::from_raw_parts_mut(dv.add(j * c3), hs) };
-                        for d in 0..hs {
-                            dvrow[d] += p * dyrow[d];
+    scratch
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(bh, dp)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            let base = bi * t * c3;
+            let a = &att[bh * t * t..(bh + 1) * t * t];
+            let site = (bh * t * t) as u64;
+            let dy_v = View {
+                ptr: dy[bi * t * c + h * hs..].as_ptr(),
+                rs: c as isize,
+                cs: 1,
+            };
+            let v_t = View {
+                ptr: qkv[base + 2 * c + h * hs..].as_ptr(),
+                rs: 1,
+                cs: c3 as isize,
+            };
+            // dPd = dy @ v^T  (T x T)
+            unsafe { gemm_strided(t, t, hs, dp.as_mut_ptr(), t as isize, false, dy_v, v_t, 1) };
+            let dq = unsafe { dqkv_ptr.get().add(base + h * hs) };
+            let dk = unsafe { dqkv_ptr.get().add(base + c + h * hs) };
+            let dv = unsafe { dqkv_ptr.get().add(base + 2 * c + h * hs) };
+            // dv = Pd^T @ dy, with Pd the dropped probabilities; reuse nothing: build Pd^T on the fly.
+            if drop.active() {
+                for j in 0..t {
+                    let dvrow = unsafe { std::slice::from_raw_parts_mut(dv.add(j * c3), hs) };
+                    dvrow.fill(0.0);
+                }
+                for i in 0..t {
+                    let dyrow = &dy[(bi * t + i) * c + h * hs..][..hs];
+                    for j in 0..=i {
+                        if keep(drop.seed, site + (i * t + j) as u64, th) {
+                            let p = a[i * t + j] * dscale;
+                            let dvrow =
+                                unsafe { std::slice::from_raw_parts_mut(dv.add(j * c3), hs) };
+                            for d in 0..hs {
+                                dvrow[d] += p * dyrow[d];
+                            }
+                        } else {
+                            dp[i * t + j] = 0.0;
                         }
-                    } else {
-                        dp[i * t + j] = 0.0;
                     }
                 }
-            }
-            for i in 0..t {
-                for j in 0..=i {
-                    dp[i * t + j] *= dscale;
+                for i in 0..t {
+                    for j in 0..=i {
+                        dp[i * t + j] *= dscale;
+                    }
                 }
+            } else {
+                let pt = View::transposed(a, t);
+                unsafe { gemm_strided(t, hs, t, dv, c3 as isize, false, pt, dy_v, 1) };
             }
-        } else {
-            let pt = View::transposed(a, t);
-            unsafe { gemm_strided(t, hs, t, dv, c3 as isize, false, pt, dy_v, 1) };
-        }
-        // softmax backward in place: dS = P * (dP - sum_j P dP), then the 1/sqrt(hs) scale.
-        for i in 0..t {
-            let prow = &a[i * t..i * t + i + 1];
-            let drow = &mut dp[i * t..(i + 1) * t];
-            let dot: f32 = prow.iter().zip(&drow[..=i]).map(|(p, d)| p * d).sum();
-            for j in 0..=i {
-                drow[j] = prow[j] * (drow[j] - dot) * scale;
+            // softmax backward in place: dS = P * (dP - sum_j P dP), then the 1/sqrt(hs) scale.
+            for i in 0..t {
+                let prow = &a[i * t..i * t + i + 1];
+                let drow = &mut dp[i * t..(i + 1) * t];
+                let dot: f32 = prow.iter().zip(&drow[..=i]).map(|(p, d)| p * d).sum();
+                for j in 0..=i {
+                    drow[j] = prow[j] * (drow[j] - dot) * scale;
+                }
+                drow[i + 1..].fill(0.0);
             }
-            drow[i + 1..].fill(0.0);
-        }
-        let ds = View::rows(dp, t);
-        let k = View { ptr: qkv[base + c + h * hs..].as_ptr(), rs: c3 as isize, cs: 1 };
-        let q = View { ptr: qkv[base + h * hs..].as_ptr(), rs: c3 as isize, cs: 1 };
-        let ds_t = View::transposed(dp, t);
-        unsafe {
-            // dq = dS @ k ; dk = dS^T @ q
-            gemm_strided(t, hs, t, dq, c3 as isize, false, ds, k, 1);
-            gemm_strided(t, hs, t, dk, c3 as isize, false, ds_t, q, 1);
-        }
-    });
+            let ds = View::rows(dp, t);
+            let k = View {
+                ptr: qkv[base + c + h * hs..].as_ptr(),
+                rs: c3 as isize,
+                cs: 1,
+            };
+            let q = View {
+                ptr: qkv[base + h * hs..].as_ptr(),
+                rs: c3 as isize,
+                cs: 1,
+            };
+            let ds_t = View::transposed(dp, t);
+            unsafe {
+                // dq = dS @ k ; dk = dS^T @ q
+                gemm_strided(t, hs, t, dq, c3 as isize, false, ds, k, 1);
+                gemm_strided(t, hs, t, dk, c3 as isize, false, ds_t, q, 1);
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -103,14 +103,29 @@ pub fn matmul(
     threads: usize,
 ) {
     assert!(out.len() >= m * n, "matmul: output buffer too small");
-    assert!(a.len() >= m * k && b.len() >= k * n, "matmul: input too small");
+    assert!(
+        a.len() >= m * k && b.len() >= k * n,
+        "matmul: input too small"
+    );
     let (lhs, rhs) = match op {
         Op::NN => (View::rows(a, k), View::rows(b, n)),
         Op::NT => (View::rows(a, k), View::transposed(b, k)),
         Op::TN => (View::transposed(a, m), View::rows(b, n)),
     };
     // SAFETY: sizes were checked above; `out` is a distinct mutable borrow.
-    unsafe { gemm_strided(m, n, k, out.as_mut_ptr(), n as isize, accumulate, lhs, rhs, threads) }
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n as isize,
+            accumulate,
+            lhs,
+            rhs,
+            threads,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -162,7 +162,8 @@ fn opt_slice(p: &[f32], off: Option<usize>, len: usize) -> Option<&[f32]> {
 impl CpuEngine {
     /// An engine over `params` (flat, in [`ParamLayout`] order). `threads == 0` uses all cores.
     pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, threads: usize) -> Result<Self> {
-        cfg.validate().map_err(|e| EngineError::Other(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| EngineError::Other(e.to_string()))?;
         let layout = ParamLayout::new(&cfg);
         if params.len() != layout.total {
             return Err(EngineError::Other(format!(
@@ -232,7 +233,12 @@ impl Core {
             )));
         }
         let vocab = self.cfg.vocab_size;
-        if let Some((pos, &id)) = batch.inputs.iter().enumerate().find(|(_, &x)| x as usize >= vocab) {
+        if let Some((pos, &id)) = batch
+            .inputs
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as usize >= vocab)
+        {
             return Err(EngineError::TokenOutOfRange { id, pos, vocab });
         }
         if with_targets {
@@ -242,7 +248,11 @@ impl Core {
                 .enumerate()
                 .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
             {
-                return Err(EngineError::TokenOutOfRange { id: id as u32, pos, vocab });
+                return Err(EngineError::TokenOutOfRange {
+                    id: id as u32,
+                    pos,
+                    vocab,
+                });
             }
         }
         Ok(())
@@ -262,22 +272,45 @@ impl Core {
         let (c, n, th) = (cfg.n_embd, b * t, self.threads);
         let p = &self.params;
         let lay = &self.layout;
-        let acts = self.acts.as_mut().expect("activations allocated just above");
-        let shape = AttnShape { b, t, nh: cfg.n_head, c };
+        let acts = self
+            .acts
+            .as_mut()
+            .expect("activations allocated just above");
+        let shape = AttnShape {
+            b,
+            t,
+            nh: cfg.n_head,
+            c,
+        };
         let off = |d: DropoutSeeds| d;
         let drop = drop.map(off);
         let wte = slice(p, lay.wte, cfg.padded_vocab_size * c);
-        kernels::embedding_forward(&mut acts.encoded, inputs, wte, slice(p, lay.wpe, cfg.block_size * c), t, c);
+        kernels::embedding_forward(
+            &mut acts.encoded,
+            inputs,
+            wte,
+            slice(p, lay.wpe, cfg.block_size * c),
+            t,
+            c,
+        );
         if let Some(d) = drop {
             d.embedding().apply(&mut acts.encoded);
         }
         for l in 0..cfg.n_layer {
             let o: &BlockOffsets = &lay.blocks[l];
             let (prev, rest) = acts.layers.split_at_mut(l);
-            let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].res3 };
+            let x: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &prev[l - 1].res3
+            };
             let la = &mut rest[0];
             kernels::layernorm_forward(
-                LnOut { out: &mut la.ln1, mean: &mut la.ln1_mean, rstd: &mut la.ln1_rstd },
+                LnOut {
+                    out: &mut la.ln1,
+                    mean: &mut la.ln1_mean,
+                    rstd: &mut la.ln1_rstd,
+                },
                 x,
                 slice(p, o.ln1_w, c),
                 opt_slice(p, o.ln1_b, c),
@@ -285,18 +318,42 @@ impl Core {
                 th,
             );
             kernels::broadcast_rows(&mut la.qkv, opt_slice(p, o.qkv_b, 3 * c), 3 * c);
-            matmul(&mut la.qkv, &la.ln1, slice(p, o.qkv_w, 3 * c * c), n, c, 3 * c, Op::NN, true, th);
+            matmul(
+                &mut la.qkv,
+                &la.ln1,
+                slice(p, o.qkv_w, 3 * c * c),
+                n,
+                c,
+                3 * c,
+                Op::NN,
+                true,
+                th,
+            );
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             kernels::attention_forward(&mut la.atty, &mut la.att, &la.qkv, &shape, attn_drop);
             // res2 = x + dropout(atty @ Wproj + b)
             kernels::broadcast_rows(&mut la.res2, opt_slice(p, o.attn_proj_b, c), c);
-            matmul(&mut la.res2, &la.atty, slice(p, o.attn_proj_w, c * c), n, c, c, Op::NN, true, th);
+            matmul(
+                &mut la.res2,
+                &la.atty,
+                slice(p, o.attn_proj_w, c * c),
+                n,
+                c,
+                c,
+                Op::NN,
+                true,
+                th,
+            );
             if let Some(d) = drop {
                 d.attn_resid(l).apply(&mut la.res2);
             }
             add_inplace(&mut la.res2, x);
             kernels::layernorm_forward(
-                LnOut { out: &mut la.ln2, mean: &mut la.ln2_mean, rstd: &mut la.ln2_rstd },
+                LnOut {
+                    out: &mut la.ln2,
+                    mean: &mut la.ln2_mean,
+                    rstd: &mut la.ln2_rstd,
+                },
                 &la.res2,
                 slice(p, o.ln2_w, c),
                 opt_slice(p, o.ln2_b, c),
@@ -304,10 +361,30 @@ impl Core {
                 th,
             );
             kernels::broadcast_rows(&mut la.fch, opt_slice(p, o.fc_b, 4 * c), 4 * c);
-            matmul(&mut la.fch, &la.ln2, slice(p, o.fc_w, 4 * c * c), n, c, 4 * c, Op::NN, true, th);
+            matmul(
+                &mut la.fch,
+                &la.ln2,
+                slice(p, o.fc_w, 4 * c * c),
+                n,
+                c,
+                4 * c,
+                Op::NN,
+                true,
+                th,
+            );
             kernels::gelu_forward(&mut la.fch_gelu, &la.fch);
             kernels::broadcast_rows(&mut la.res3, opt_slice(p, o.mlp_proj_b, c), c);
-            matmul(&mut la.res3, &la.fch_gelu, slice(p, o.mlp_proj_w, 4 * c * c), n, 4 * c, c, Op::NN, true, th);
+            matmul(
+                &mut la.res3,
+                &la.fch_gelu,
+                slice(p, o.mlp_proj_w, 4 * c * c),
+                n,
+                4 * c,
+                c,
+                Op::NN,
+                true,
+                th,
+            );
             if let Some(d) = drop {
                 d.mlp_resid(l).apply(&mut la.res3);
             }
@@ -318,7 +395,11 @@ impl Core {
             None => &acts.encoded,
         };
         kernels::layernorm_forward(
-            LnOut { out: &mut acts.lnf, mean: &mut acts.lnf_mean, rstd: &mut acts.lnf_rstd },
+            LnOut {
+                out: &mut acts.lnf,
+                mean: &mut acts.lnf_mean,
+                rstd: &mut acts.lnf_rstd,
+            },
             last,
             slice(p, lay.lnf_w, c),
             opt_slice(p, lay.lnf_b, c),
@@ -326,7 +407,17 @@ impl Core {
             th,
         );
         let v = cfg.vocab_size;
-        matmul(&mut acts.logits, &acts.lnf, &wte[..v * c], n, c, v, Op::NT, false, th);
+        matmul(
+            &mut acts.logits,
+            &acts.lnf,
+            &wte[..v * c],
+            n,
+            c,
+            v,
+            Op::NT,
+            false,
+            th,
+        );
     }
 
     /// Backward from dlogits (already in `acts.logits`) to all parameter gradients.
@@ -338,10 +429,35 @@ impl Core {
         let p = &self.params;
         let g = &mut self.grads;
         let lay = &self.layout;
-        let shape = AttnShape { b, t, nh: cfg.n_head, c };
+        let shape = AttnShape {
+            b,
+            t,
+            nh: cfg.n_head,
+            c,
+        };
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf
-        matmul(&mut acts.dln, &acts.logits, slice(p, lay.wte, v * c), n, v, c, Op::NN, false, th);
-        matmul(&mut g[lay.wte..lay.wte + v * c], &acts.logits, &acts.lnf, v, n, c, Op::TN, true, th);
+        matmul(
+            &mut acts.dln,
+            &acts.logits,
+            slice(p, lay.wte, v * c),
+            n,
+            v,
+            c,
+            Op::NN,
+            false,
+            th,
+        );
+        matmul(
+            &mut g[lay.wte..lay.wte + v * c],
+            &acts.logits,
+            &acts.lnf,
+            v,
+            n,
+            c,
+            Op::TN,
+            true,
+            th,
+        );
         acts.dres.fill(0.0);
         let last: &[f32] = match acts.layers.last() {
             Some(la) => &la.res3,
@@ -366,7 +482,11 @@ impl Core {
         for l in (0..cfg.n_layer).rev() {
             let o = &lay.blocks[l];
             let (prev, rest) = acts.layers.split_at(l);
-            let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].res3 };
+            let x: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &prev[l - 1].res3
+            };
             let la = &rest[0];
             // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
             let gbranch: &[f32] = match drop.map(|d| d.mlp_resid(l)) {
@@ -377,17 +497,57 @@ impl Core {
                 }
                 _ => &acts.dres,
             };
-            matmul(gslice(g, o.mlp_proj_w, 4 * c * c), &la.fch_gelu, gbranch, 4 * c, n, c, Op::TN, true, th);
+            matmul(
+                gslice(g, o.mlp_proj_w, 4 * c * c),
+                &la.fch_gelu,
+                gbranch,
+                4 * c,
+                n,
+                c,
+                Op::TN,
+                true,
+                th,
+            );
             if let Some(bo) = o.mlp_proj_b {
                 kernels::bias_backward(gslice(g, bo, c), gbranch, c);
             }
-            matmul(&mut acts.dfch, gbranch, slice(p, o.mlp_proj_w, 4 * c * c), n, c, 4 * c, Op::NT, false, th);
+            matmul(
+                &mut acts.dfch,
+                gbranch,
+                slice(p, o.mlp_proj_w, 4 * c * c),
+                n,
+                c,
+                4 * c,
+                Op::NT,
+                false,
+                th,
+            );
             kernels::gelu_backward_inplace(&mut acts.dfch, &la.fch);
-            matmul(gslice(g, o.fc_w, 4 * c * c), &la.ln2, &acts.dfch, c, n, 4 * c, Op::TN, true, th);
+            matmul(
+                gslice(g, o.fc_w, 4 * c * c),
+                &la.ln2,
+                &acts.dfch,
+                c,
+                n,
+                4 * c,
+                Op::TN,
+                true,
+                th,
+            );
             if let Some(bo) = o.fc_b {
                 kernels::bias_backward(gslice(g, bo, 4 * c), &acts.dfch, 4 * c);
             }
-            matmul(&mut acts.dln, &acts.dfch, slice(p, o.fc_w, 4 * c * c), n, 4 * c, c, Op::NT, false, th);
+            matmul(
+                &mut acts.dln,
+                &acts.dfch,
+                slice(p, o.fc_w, 4 * c * c),
+                n,
+                4 * c,
+                c,
+                Op::NT,
+                false,
+                th,
+            );
             {
                 let (gw, gb) = grad_pair(g, o.ln2_w, o.ln2_b, c);
                 kernels::layernorm_backward(
@@ -413,18 +573,66 @@ impl Core {
                 }
                 _ => &acts.dres,
             };
-            matmul(gslice(g, o.attn_proj_w, c * c), &la.atty, gbranch, c, n, c, Op::TN, true, th);
+            matmul(
+                gslice(g, o.attn_proj_w, c * c),
+                &la.atty,
+                gbranch,
+                c,
+                n,
+                c,
+                Op::TN,
+                true,
+                th,
+            );
             if let Some(bo) = o.attn_proj_b {
                 kernels::bias_backward(gslice(g, bo, c), gbranch, c);
             }
-            matmul(&mut acts.dln, gbranch, slice(p, o.attn_proj_w, c * c), n, c, c, Op::NT, false, th);
+            matmul(
+                &mut acts.dln,
+                gbranch,
+                slice(p, o.attn_proj_w, c * c),
+                n,
+                c,
+                c,
+                Op::NT,
+                false,
+                th,
+            );
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
-            kernels::attention_backward(&mut acts.dqkv, &mut acts.datt, &acts.dln, &la.att, &la.qkv, &shape, attn_drop);
-            matmul(gslice(g, o.qkv_w, 3 * c * c), &la.ln1, &acts.dqkv, c, n, 3 * c, Op::TN, true, th);
+            kernels::attention_backward(
+                &mut acts.dqkv,
+                &mut acts.datt,
+                &acts.dln,
+                &la.att,
+                &la.qkv,
+                &shape,
+                attn_drop,
+            );
+            matmul(
+                gslice(g, o.qkv_w, 3 * c * c),
+                &la.ln1,
+                &acts.dqkv,
+                c,
+                n,
+                3 * c,
+                Op::TN,
+                true,
+                th,
+            );
             if let Some(bo) = o.qkv_b {
                 kernels::bias_backward(gslice(g, bo, 3 * c), &acts.dqkv, 3 * c);
             }
-            matmul(&mut acts.dln, &acts.dqkv, slice(p, o.qkv_w, 3 * c * c), n, 3 * c, c, Op::NT, false, th);
+            matmul(
+                &mut acts.dln,
+                &acts.dqkv,
+                slice(p, o.qkv_w, 3 * c * c),
+                n,
+                3 * c,
+                c,
+                Op::NT,
+                false,
+                th,
+            );
             let (gw, gb) = grad_pair(g, o.ln1_w, o.ln1_b, c);
             kernels::layernorm_backward(
                 &mut acts.dres,
@@ -444,7 +652,14 @@ impl Core {
             d.embedding().apply(&mut acts.dres);
         }
         let (wte_g, rest) = g[lay.wte..].split_at_mut(lay.wpe - lay.wte);
-        kernels::embedding_backward(wte_g, &mut rest[..cfg.block_size * c], &acts.dres, inputs, t, c);
+        kernels::embedding_backward(
+            wte_g,
+            &mut rest[..cfg.block_size * c],
+            &acts.dres,
+            inputs,
+            t,
+            c,
+        );
     }
 
     fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
@@ -460,7 +675,12 @@ fn gslice(g: &mut [f32], off: usize, len: usize) -> &mut [f32] {
 }
 
 /// Mutable (weight, bias) gradient slices of one LayerNorm.
-fn grad_pair(g: &mut [f32], w: usize, b: Option<usize>, c: usize) -> (&mut [f32], Option<&mut [f32]>) {
+fn grad_pair(
+    g: &mut [f32],
+    w: usize,
+    b: Option<usize>,
+    c: usize,
+) -> (&mut [f32], Option<&mut [f32]>) {
     match b {
         Some(bo) => {
             debug_assert_eq!(bo, w + c, "LayerNorm bias follows its weight in the layout");
@@ -473,11 +693,13 @@ fn grad_pair(g: &mut [f32], w: usize, b: Option<usize>, c: usize) -> (&mut [f32]
 
 fn add_inplace(dst: &mut [f32], src: &[f32]) {
     use rayon::prelude::*;
-    dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
-        for (d, s) in d.iter_mut().zip(s) {
-            *d += s;
-        }
-    });
+    dst.par_chunks_mut(4096)
+        .zip(src.par_chunks(4096))
+        .for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d += s;
+            }
+        });
 }
 
 impl Engine for CpuEngine {
@@ -499,10 +721,19 @@ impl Engine for CpuEngine {
             core.forward(batch.inputs, batch.b, batch.t, drop);
             let acts = core.acts.as_mut().expect("forward allocated activations");
             let v = core.cfg.vocab_size;
-            let (sum, count) =
-                kernels::cross_entropy(&mut acts.logits, batch.targets, v, Some(loss_scale), &mut acts.row_loss);
+            let (sum, count) = kernels::cross_entropy(
+                &mut acts.logits,
+                batch.targets,
+                v,
+                Some(loss_scale),
+                &mut acts.row_loss,
+            );
             core.backward(batch.inputs, drop);
-            Ok(if count > 0 { (sum / count as f64) as f32 } else { 0.0 })
+            Ok(if count > 0 {
+                (sum / count as f64) as f32
+            } else {
+                0.0
+            })
         })
     }
 
@@ -512,17 +743,32 @@ impl Engine for CpuEngine {
         self.pool.install(|| {
             core.forward(batch.inputs, batch.b, batch.t, None);
             let acts = core.acts.as_mut().expect("forward allocated activations");
-            let (sum, count) =
-                kernels::cross_entropy(&mut acts.logits, batch.targets, core.cfg.vocab_size, None, &mut acts.row_loss);
-            Ok(if count > 0 { (sum / count as f64) as f32 } else { 0.0 })
+            let (sum, count) = kernels::cross_entropy(
+                &mut acts.logits,
+                batch.targets,
+                core.cfg.vocab_size,
+                None,
+                &mut acts.row_loss,
+            );
+            Ok(if count > 0 {
+                (sum / count as f64) as f32
+            } else {
+                0.0
+            })
         })
     }
 
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
         self.core.check_batch(&batch, false)?;
         let core = &mut self.core;
-        self.pool.install(|| core.forward(batch.inputs, batch.b, batch.t, None));
-        Ok(core.acts.as_ref().expect("forward allocated activations").logits.clone())
+        self.pool
+            .install(|| core.forward(batch.inputs, batch.b, batch.t, None));
+        Ok(core
+            .acts
+            .as_ref()
+            .expect("forward allocated activations")
+            .logits
+            .clone())
     }
 
     fn zero_grad(&mut self) {
@@ -552,7 +798,11 @@ impl Engine for CpuEngine {
         self.core.params.clone()
     }
     fn set_params(&mut self, params: &[f32]) {
-        assert_eq!(params.len(), self.core.params.len(), "set_params: layout size mismatch");
+        assert_eq!(
+            params.len(),
+            self.core.params.len(),
+            "set_params: layout size mismatch"
+        );
         self.core.params.copy_from_slice(params);
     }
     fn grads(&self) -> Vec<f32> {
@@ -569,8 +819,16 @@ impl Engine for CpuEngine {
         }
     }
     fn set_optimizer_state(&mut self, state: OptimizerState) {
-        assert_eq!(state.m.len(), self.core.params.len(), "optimizer state size mismatch");
-        assert_eq!(state.v.len(), self.core.params.len(), "optimizer state size mismatch");
+        assert_eq!(
+            state.m.len(),
+            self.core.params.len(),
+            "optimizer state size mismatch"
+        );
+        assert_eq!(
+            state.v.len(),
+            self.core.params.len(),
+            "optimizer state size mismatch"
+        );
         self.core.m = state.m;
         self.core.v = state.v;
         self.core.step = state.step;
