@@ -5,6 +5,7 @@
 //! count (reductions over rows are done per row, never racing).
 
 use super::matmul::{gemm_strided, View};
+use super::simd::{self, dispatch};
 use rayon::prelude::*;
 
 pub const LN_EPS: f32 = 1e-5;
@@ -73,6 +74,40 @@ pub struct LnOut<'a> {
     pub rstd: &'a mut [f32],
 }
 
+dispatch! {
+    /// One LayerNorm row: writes the normalised, scaled row and returns (mean, rstd).
+    pub fn layernorm_row(out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>) -> (f32, f32) {
+        let c = x.len();
+        let m = simd::sum(x) / c as f32;
+        let mut acc = [0f32; 8];
+        let main = c / 8 * 8;
+        for ch in x[..main].chunks_exact(8) {
+            for i in 0..8 {
+                let d = ch[i] - m;
+                acc[i] += d * d;
+            }
+        }
+        let mut var = simd::sum(&acc);
+        for &v in &x[main..] {
+            var += (v - m) * (v - m);
+        }
+        let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
+        match b {
+            Some(b) => {
+                for i in 0..c {
+                    out[i] = (x[i] - m) * s * w[i] + b[i];
+                }
+            }
+            None => {
+                for i in 0..c {
+                    out[i] = (x[i] - m) * s * w[i];
+                }
+            }
+        }
+        (m, s)
+    }
+}
+
 pub fn layernorm_forward(
     o: LnOut,
     x: &[f32],
@@ -90,31 +125,62 @@ pub fn layernorm_forward(
         .zip(x.par_chunks(c * chunk))
         .for_each(|(((out, mean), rstd), x)| {
             for r in 0..mean.len() {
-                let xr = &x[r * c..(r + 1) * c];
-                let m = xr.iter().sum::<f32>() / c as f32;
-                let var = xr.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
-                let s = 1.0 / (var + LN_EPS).sqrt();
-                let orow = &mut out[r * c..(r + 1) * c];
-                match b {
-                    Some(b) => {
-                        for i in 0..c {
-                            orow[i] = (xr[i] - m) * s * w[i] + b[i];
-                        }
-                    }
-                    None => {
-                        for i in 0..c {
-                            orow[i] = (xr[i] - m) * s * w[i];
-                        }
-                    }
-                }
+                let (m, s) =
+                    layernorm_row(&mut out[r * c..(r + 1) * c], &x[r * c..(r + 1) * c], w, b);
                 mean[r] = m;
                 rstd[r] = s;
             }
         });
 }
 
-/// Adds the LayerNorm input gradient into `dx` and returns (dw, db) accumulated into the
-/// given gradient slices. `scratch` holds `threads`-many partial (dw, db) rows: 2*C each.
+dispatch! {
+    /// LayerNorm backward for one row: adds into `dx` and into the partial `pdw`, `pdb`.
+    pub fn layernorm_backward_row(
+        dx: &mut [f32],
+        pdw: &mut [f32],
+        pdb: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        m: f32,
+        s: f32,
+    ) {
+        let c = x.len();
+        let (mut a1, mut a2) = ([0f32; 8], [0f32; 8]);
+        let main = c / 8 * 8;
+        for i0 in (0..main).step_by(8) {
+            for j in 0..8 {
+                let i = i0 + j;
+                let norm = (x[i] - m) * s;
+                let dnorm = w[i] * dout[i];
+                a1[j] += dnorm;
+                a2[j] += dnorm * norm;
+                pdw[i] += norm * dout[i];
+                pdb[i] += dout[i];
+            }
+        }
+        let mut dnorm_mean = simd::sum(&a1);
+        let mut dnorm_norm_mean = simd::sum(&a2);
+        for i in main..c {
+            let norm = (x[i] - m) * s;
+            let dnorm = w[i] * dout[i];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+            pdw[i] += norm * dout[i];
+            pdb[i] += dout[i];
+        }
+        dnorm_mean /= c as f32;
+        dnorm_norm_mean /= c as f32;
+        for i in 0..c {
+            let norm = (x[i] - m) * s;
+            let dnorm = w[i] * dout[i];
+            dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+        }
+    }
+}
+
+/// Adds the LayerNorm input gradient into `dx` and (dw, db) into the given gradient slices.
+/// `scratch` holds `threads`-many partial (dw, db) rows of 2*C each, summed in fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dx: &mut [f32],
@@ -143,26 +209,17 @@ pub fn layernorm_backward(
             let r0 = p * per;
             for (r, dxr) in dxp.chunks_mut(c).enumerate() {
                 let row = r0 + r;
-                let xr = &x[row * c..(row + 1) * c];
-                let dr = &dout[row * c..(row + 1) * c];
-                let (m, s) = (mean[row], rstd[row]);
-                let mut dnorm_mean = 0f32;
-                let mut dnorm_norm_mean = 0f32;
-                for i in 0..c {
-                    let norm = (xr[i] - m) * s;
-                    let dnorm = w[i] * dr[i];
-                    dnorm_mean += dnorm;
-                    dnorm_norm_mean += dnorm * norm;
-                    pdw[i] += norm * dr[i];
-                    pdb[i] += dr[i];
-                }
-                dnorm_mean /= c as f32;
-                dnorm_norm_mean /= c as f32;
-                for i in 0..c {
-                    let norm = (xr[i] - m) * s;
-                    let dnorm = w[i] * dr[i];
-                    dxr[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
-                }
+                let span = row * c..(row + 1) * c;
+                layernorm_backward_row(
+                    dxr,
+                    pdw,
+                    pdb,
+                    &dout[span.clone()],
+                    &x[span],
+                    w,
+                    mean[row],
+                    rstd[row],
+                );
             }
         });
     for part in scratch.chunks(2 * c) {
@@ -212,44 +269,37 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], cols: usize) {
 
 const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
 
-#[inline]
-fn tanh_fast(x: f32) -> f32 {
-    // tanh via exp; exact to fp32 rounding for the range that matters and saturating beyond.
-    if x > 9.0 {
-        return 1.0;
+dispatch! {
+    pub fn gelu_chunk(out: &mut [f32], x: &[f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            let t = simd::tanh(GELU_K * (x + 0.044715 * x * x * x));
+            *o = 0.5 * x * (1.0 + t);
+        }
     }
-    if x < -9.0 {
-        return -1.0;
+}
+
+dispatch! {
+    pub fn gelu_backward_chunk(d: &mut [f32], x: &[f32]) {
+        for (d, &x) in d.iter_mut().zip(x) {
+            let t = simd::tanh(GELU_K * (x + 0.044715 * x * x * x));
+            let sech2 = 1.0 - t * t;
+            let grad = 0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
+            *d *= grad;
+        }
     }
-    let e = (2.0 * x).exp();
-    (e - 1.0) / (e + 1.0)
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32]) {
     out.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                let t = tanh_fast(GELU_K * (x + 0.044715 * x * x * x));
-                *o = 0.5 * x * (1.0 + t);
-            }
-        });
+        .for_each(|(o, x)| gelu_chunk(o, x));
 }
 
 /// dx = dout * gelu'(x), written in place over `dout`.
 pub fn gelu_backward_inplace(dout: &mut [f32], x: &[f32]) {
     dout.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
-        .for_each(|(d, x)| {
-            for (d, &x) in d.iter_mut().zip(x) {
-                let u = GELU_K * (x + 0.044715 * x * x * x);
-                let t = tanh_fast(u);
-                let sech2 = 1.0 - t * t;
-                let grad =
-                    0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
-                *d *= grad;
-            }
-        });
+        .for_each(|(d, x)| gelu_backward_chunk(d, x));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,6 +375,22 @@ impl SendPtr {
     }
 }
 
+dispatch! {
+    /// Softmax of `row[..len] * scale` in place; entries from `len` on are set to zero.
+    pub fn causal_softmax_row(row: &mut [f32], len: usize, scale: f32) {
+        let (live, masked) = row.split_at_mut(len);
+        let mx = simd::max(live) * scale;
+        for v in live.iter_mut() {
+            *v = simd::exp(*v * scale - mx);
+        }
+        let inv = 1.0 / simd::sum(live);
+        for v in live.iter_mut() {
+            *v *= inv;
+        }
+        masked.fill(0.0);
+    }
+}
+
 pub fn attention_forward(
     y: &mut [f32],
     att: &mut [f32],
@@ -354,22 +420,7 @@ pub fn attention_forward(
         // SAFETY: q/k views stay inside qkv's (b, :, :) slab; `a` is this task's T x T block.
         unsafe { gemm_strided(t, t, hs, a.as_mut_ptr(), t as isize, false, q, kt, 1) };
         for i in 0..t {
-            let row = &mut a[i * t..(i + 1) * t];
-            let mut mx = f32::NEG_INFINITY;
-            for v in row[..=i].iter_mut() {
-                *v *= scale;
-                mx = mx.max(*v);
-            }
-            let mut sum = 0f32;
-            for v in row[..=i].iter_mut() {
-                *v = (*v - mx).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            for v in row[..=i].iter_mut() {
-                *v *= inv;
-            }
-            row[i + 1..].fill(0.0);
+            causal_softmax_row(&mut a[i * t..(i + 1) * t], i + 1, scale);
         }
         let v = View {
             ptr: qkv[base + 2 * c + h * hs..].as_ptr(),
@@ -506,6 +557,41 @@ pub fn attention_backward(
 // skipped. With `grad_scale = Some(s)` the logits are overwritten in place by
 // d(loss * s)/d(logits), where loss is the mean over counted positions.
 
+dispatch! {
+    /// Loss of one row of logits for target `tgt`. With `grad = Some(k)` the row is
+    /// replaced by k * (softmax(row) - onehot(tgt)).
+    pub fn xent_row(row: &mut [f32], tgt: usize, grad: Option<f32>) -> f64 {
+        let mx = simd::max(row);
+        let target_logit = row[tgt];
+        let sum = match grad {
+            Some(_) => {
+                for x in row.iter_mut() {
+                    *x = simd::exp(*x - mx);
+                }
+                simd::sum(row)
+            }
+            None => {
+                let mut acc = [0f32; 8];
+                let main = row.len() / 8 * 8;
+                for ch in row[..main].chunks_exact(8) {
+                    for i in 0..8 {
+                        acc[i] += simd::exp(ch[i] - mx);
+                    }
+                }
+                simd::sum(&acc) + row[main..].iter().map(|&x| simd::exp(x - mx)).sum::<f32>()
+            }
+        };
+        if let Some(k) = grad {
+            let scale = k / sum;
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+            row[tgt] -= k;
+        }
+        (mx as f64 + (sum as f64).ln()) - target_logit as f64
+    }
+}
+
 /// Returns (sum of losses over counted rows, number of counted rows). `row_loss` is a
 /// scratch of N values (per-row losses, summed in order so the result is deterministic).
 pub fn cross_entropy(
@@ -522,37 +608,13 @@ pub fn cross_entropy(
         .zip(targets.par_iter())
         .zip(row_loss.par_iter_mut())
         .for_each(|((row, &tgt), out)| {
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let target_logit = if tgt >= 0 { row[tgt as usize] } else { 0.0 };
-            let mut sum = 0f32;
-            match grad_scale {
-                Some(_) => {
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                }
-                None => {
-                    for x in row.iter() {
-                        sum += (*x - mx).exp();
-                    }
-                }
-            }
-            *out = if tgt >= 0 {
-                (mx + sum.ln() - target_logit) as f64
-            } else {
-                0.0
-            };
-            if let Some(s) = grad_scale {
-                if tgt < 0 {
+            if tgt < 0 {
+                *out = 0.0;
+                if grad_scale.is_some() {
                     row.fill(0.0);
-                } else {
-                    let k = s * inv / sum;
-                    for x in row.iter_mut() {
-                        *x *= k;
-                    }
-                    row[tgt as usize] -= s * inv;
                 }
+            } else {
+                *out = xent_row(row, tgt as usize, grad_scale.map(|s| s * inv));
             }
         });
     (row_loss[..targets.len()].iter().sum(), count)

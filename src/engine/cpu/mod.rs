@@ -8,6 +8,7 @@
 mod decode;
 pub mod kernels;
 pub mod matmul;
+pub mod simd;
 
 use super::{Batch, Engine, EngineError, OptimizerState, Result};
 use crate::model::{BlockOffsets, GptConfig, ParamLayout};
