@@ -32,6 +32,7 @@ fn args(data: &Path, out: &Path, max_iters: u64, init_from: &str) -> Vec<String>
             "--lr_decay_iters=60",
             "--weight_decay=0.1",
             "--grad_clip=1.0",
+            "--log_interval=1",
         ],
     )
 }
@@ -45,6 +46,25 @@ fn losses_by_iter(losses: &[(u64, f32)]) -> BTreeMap<u64, f32> {
         );
     }
     m
+}
+
+/// (kind, iter, losses and lr as bit patterns) of every metrics.jsonl record.
+fn metric_records(out_dir: &Path) -> Vec<(String, u64, Vec<u64>)> {
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let nums = ["loss", "train_loss", "val_loss", "lr", "grad_norm"]
+                .iter()
+                .filter_map(|k| v.get(*k).and_then(|x| x.as_f64()).map(f64::to_bits))
+                .collect();
+            (
+                v["kind"].as_str().unwrap_or_default().to_string(),
+                v["iter"].as_u64().unwrap(),
+                nums,
+            )
+        })
+        .collect()
 }
 
 fn assert_bit_equal(what: &str, it: u64, a: f32, b: f32) {
@@ -127,6 +147,17 @@ fn resumed_run_matches_straight_run_bit_for_bit() {
         assert_bit_equal("eval val loss", it, sv, v);
     }
 
+    // metrics.jsonl of the resumed run was trimmed at the checkpoint, so it holds exactly
+    // the records of the straight run (timings aside).
+    let records = metric_records(&straight_dir);
+    let count = |kind: &str| records.iter().filter(|r| r.0 == kind).count() as u64;
+    assert_eq!((count("train"), count("eval")), (2 * K + 1, 3));
+    assert_eq!(
+        metric_records(&split_dir),
+        records,
+        "metrics.jsonl after resume"
+    );
+
     // The final checkpoints of both runs hold identical weights and optimizer state.
     let a = checkpoint::load(&straight_dir.join("ckpt.safetensors"), true).unwrap();
     let b = checkpoint::load(&split_dir.join("ckpt.safetensors"), true).unwrap();
@@ -187,6 +218,9 @@ fn resume_without_checkpoint_names_the_missing_file() {
     common::assert_contains_all(&msg, &["ckpt.safetensors", "init_from=scratch"]);
 }
 
+/// An edit of a checkpoint in memory.
+type Alteration = Box<dyn Fn(&mut checkpoint::Checkpoint)>;
+
 /// The exact-resume test above would be vacuous if the dropout generator or the data loader
 /// state had no effect: resuming from a checkpoint whose dropout state (or loader state)
 /// was altered must change the losses.
@@ -206,7 +240,7 @@ fn resume_depends_on_saved_dropout_and_loader_state() {
     assert_eq!(ckpt.state.iter_num, K);
     let layout = nanogpt::model::ParamLayout::new(&ckpt.state.model);
 
-    let variants: [(&str, Box<dyn Fn(&mut checkpoint::Checkpoint)>); 2] = [
+    let variants: [(&str, Alteration); 2] = [
         (
             "dropout generator",
             Box::new(|c| c.state.engine_rng[0] ^= 0x9e37_79b9_7f4a_7c15),
