@@ -475,3 +475,26 @@ fn bench_prints_a_json_line_with_positive_rates() {
         "{json}"
     );
 }
+
+/// Resuming with a smaller block_size trains on windows of the new size (as nanoGPT does
+/// after cropping the model); the note printed about it must not claim the opposite.
+#[test]
+#[ignore = "src/train/trainer.rs warn_model_overrides says 'block_size = 8 in the config, but \
+            the checkpoint's model has 16; using 16' while the data loader then uses 8-token \
+            windows (tokens per iteration 4 x 8 = 32)"]
+fn resume_with_smaller_block_size_reports_what_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = prepare_data(&dir.path().join("data"));
+    let out = dir.path().join("out");
+    expect_ok(&train_cli(dir.path(), &data, &out, &["--max_iters=10"]));
+    let o = train_cli(
+        dir.path(),
+        &data,
+        &out,
+        &["--init_from=resume", "--max_iters=12", "--block_size=8"],
+    );
+    expect_ok(&o);
+    let log = stderr(&o);
+    assert!(log.contains("tokens per iteration will be: 32"), "{log}");
+    assert!(!log.contains("using 16"), "{log}");
+}
