@@ -69,6 +69,10 @@ pub trait Engine: Send {
 
     /// Start incremental decoding of `n_seq` independent sequences with an empty KV cache.
     fn decode_reset(&mut self, n_seq: usize);
+    /// Start decoding from a context: `tokens` holds `n_seq` rows of equal length (at most
+    /// block_size), processed in one batched pass that fills a fresh KV cache. Returns the
+    /// logits after each row's last token, `[n_seq, vocab_size]`.
+    fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>>;
     /// Append one token to each sequence (`tokens.len() == n_seq`) and return the logits of
     /// the next token, `[n_seq, vocab_size]`. Each call costs O(current length).
     fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;

@@ -112,18 +112,16 @@ pub fn generate(
         .collect())
 }
 
-/// Resets the cache and feeds the last `keep` tokens of every sequence; returns the logits
-/// after the last one. Sequences always have equal lengths, so one batch suffices.
+/// Rebuilds the cache from the last `keep` tokens of every sequence in one batched pass;
+/// returns the logits after the last one. Sequences always have equal lengths.
 fn refill(engine: &mut dyn Engine, seqs: &[Vec<u32>], keep: usize) -> Result<Vec<f32>> {
     let len = seqs[0].len();
     let keep = keep.min(len).max(1);
-    engine.decode_reset(seqs.len());
-    let mut logits = Vec::new();
-    for pos in len - keep..len {
-        let toks: Vec<u32> = seqs.iter().map(|s| s[pos]).collect();
-        logits = engine.decode_step(&toks)?;
-    }
-    Ok(logits)
+    let tokens: Vec<u32> = seqs
+        .iter()
+        .flat_map(|s| s[len - keep..].iter().copied())
+        .collect();
+    Ok(engine.decode_prefill(&tokens, seqs.len())?)
 }
 
 /// The tokenizer for a run directory: out_dir/meta.json (written by `nanogpt train`), else
@@ -204,6 +202,7 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
             },
         };
         let mut rng = Rng::new(cfg.seed);
+        let started = std::time::Instant::now();
         let samples = generate(
             engine.as_mut(),
             &prompt,
@@ -212,6 +211,13 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
             &params,
             &mut rng,
         )?;
+        let secs = started.elapsed().as_secs_f64();
+        let produced: usize = samples.iter().map(|s| s.len()).sum();
+        eprintln!(
+            "generated {produced} tokens in {secs:.3} s ({:.0} tokens/s, {})",
+            produced as f64 / secs.max(1e-9),
+            engine.device_name()
+        );
         if targets.len() > 1 || label.is_some() {
             let iter = label.unwrap_or(ckpt.state.iter_num);
             writeln!(out, "=== iter {iter} ({}) ===", path.display())?;

@@ -1,9 +1,12 @@
 //! Incremental decoding with a KV cache: each new token runs the model on one position per
 //! sequence and attends over the cached keys and values, so a token costs O(current length)
 //! instead of a full forward pass over the context.
+//!
+//! Small models decode on the calling thread (thread hand-offs would cost more than the
+//! arithmetic); large ones split the weight-bound matrix-vector products across threads.
 
-use super::kernels::{self, LnOut};
-use super::matmul::{matmul, Op};
+use super::kernels::{causal_softmax_row, gelu_chunk, layernorm_row};
+use super::matmul::{small_m_matmul, Op};
 use super::{opt_slice, slice, Core};
 use crate::engine::{EngineError, Result};
 use crate::model::GptConfig;
@@ -17,10 +20,9 @@ pub(super) struct KvCache {
     v: Vec<Vec<f32>>,
     x: Vec<f32>,
     ln: Vec<f32>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
     qkv: Vec<f32>,
     atty: Vec<f32>,
+    scores: Vec<f32>,
     tmp: Vec<f32>,
     fch: Vec<f32>,
     gelu: Vec<f32>,
@@ -42,10 +44,9 @@ impl KvCache {
             v: kv(),
             x: vec![0.0; s * c],
             ln: vec![0.0; s * c],
-            mean: vec![0.0; s],
-            rstd: vec![0.0; s],
             qkv: vec![0.0; s * 3 * c],
             atty: vec![0.0; s * c],
+            scores: vec![0.0; s * cfg.n_head * cfg.block_size],
             tmp: vec![0.0; s * c],
             fch: vec![0.0; s * 4 * c],
             gelu: vec![0.0; s * 4 * c],
@@ -54,15 +55,80 @@ impl KvCache {
     }
 }
 
+/// Rebuilds the cache from the activations of a batched forward over `[n_seq, t]` tokens
+/// (reusing the cache's memory when the batch size matches); returns the logits after each
+/// row's last token.
+pub(super) fn fill_from_forward(core: &mut Core, n_seq: usize, t: usize) -> Vec<f32> {
+    let cfg = &core.cfg;
+    let (c, t_max, v) = (cfg.n_embd, cfg.block_size, cfg.vocab_size);
+    if !matches!(&core.kv, Some(kv) if kv.n_seq == n_seq) {
+        core.kv = None;
+        core.kv = Some(KvCache::new(cfg, n_seq));
+    }
+    let kv = core.kv.as_mut().expect("cache allocated just above");
+    let acts = core
+        .acts
+        .as_ref()
+        .expect("forward ran before fill_from_forward");
+    for (l, la) in acts.layers.iter().enumerate() {
+        for i in 0..n_seq {
+            for pos in 0..t {
+                let row = &la.qkv[(i * t + pos) * 3 * c..][..3 * c];
+                kv.k[l][(i * t_max + pos) * c..][..c].copy_from_slice(&row[c..2 * c]);
+                kv.v[l][(i * t_max + pos) * c..][..c].copy_from_slice(&row[2 * c..]);
+            }
+        }
+    }
+    kv.len = t;
+    (0..n_seq)
+        .flat_map(|i| {
+            acts.logits[(i * t + t - 1) * v..(i * t + t) * v]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// Whether a decode step is worth spreading over threads: only when the weights are large.
+pub(super) fn parallel_worth_it(cfg: &GptConfig, threads: usize) -> bool {
+    let weights = 12 * cfg.n_layer * cfg.n_embd * cfg.n_embd + cfg.vocab_size * cfg.n_embd;
+    threads > 1 && weights >= 1 << 21
+}
+
+fn layernorm_rows(out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, c: usize) {
+    for (o, xr) in out.chunks_mut(c).zip(x.chunks(c)) {
+        layernorm_row(o, xr, w, b);
+    }
+}
+
+/// out = broadcast(bias) + a @ w, for the few rows of a decode step.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    out: &mut [f32],
+    a: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    th: usize,
+) {
+    match bias {
+        Some(b) => out.chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
+        None => out.fill(0.0),
+    }
+    small_m_matmul(out, a, w, m, k, n, Op::NN, true, th);
+}
+
 /// Appends `tokens` (one per sequence) at position `len` and returns next-token logits.
-pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
+pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32>> {
     let cfg = &core.cfg;
     let Some(kv) = core.kv.as_mut() else {
         return Err(EngineError::Other(
             "decode_step called before decode_reset".into(),
         ));
     };
-    let (s, c, t_max, th) = (kv.n_seq, cfg.n_embd, cfg.block_size, core.threads);
+    let (s, c, t_max) = (kv.n_seq, cfg.n_embd, cfg.block_size);
     if tokens.len() != s {
         return Err(EngineError::Shape(format!(
             "decode_step needs {s} tokens (one per sequence), got {}",
@@ -97,28 +163,22 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
         }
     }
     for (l, o) in lay.blocks.iter().enumerate() {
-        kernels::layernorm_forward(
-            LnOut {
-                out: &mut kv.ln,
-                mean: &mut kv.mean,
-                rstd: &mut kv.rstd,
-            },
+        layernorm_rows(
+            &mut kv.ln,
             &kv.x,
             slice(p, o.ln1_w, c),
             opt_slice(p, o.ln1_b, c),
             c,
-            th,
         );
-        kernels::broadcast_rows(&mut kv.qkv, opt_slice(p, o.qkv_b, 3 * c), 3 * c);
-        matmul(
+        let w = slice(p, o.qkv_w, 3 * c * c);
+        linear(
             &mut kv.qkv,
             &kv.ln,
-            slice(p, o.qkv_w, 3 * c * c),
+            w,
+            opt_slice(p, o.qkv_b, 3 * c),
             s,
             c,
             3 * c,
-            Op::NN,
-            true,
             th,
         );
         let (kc, vc) = (&mut kv.k[l], &mut kv.v[l]);
@@ -128,97 +188,90 @@ pub(super) fn step(core: &mut Core, tokens: &[u32]) -> Result<Vec<f32>> {
             vc[(i * t_max + pos) * c..][..c].copy_from_slice(&row[2 * c..]);
         }
         let (kc, vc, qkv) = (&*kc, &*vc, &kv.qkv);
-        kv.atty.par_chunks_mut(hs).enumerate().for_each(|(ih, y)| {
+        let head = |ih: usize, y: &mut [f32], scores: &mut [f32]| {
             let (i, h) = (ih / nh, ih % nh);
             let q = &qkv[i * 3 * c + h * hs..][..hs];
-            let mut scores = Vec::with_capacity(pos + 1);
-            let mut mx = f32::NEG_INFINITY;
-            for j in 0..=pos {
-                let k = &kc[(i * t_max + j) * c + h * hs..][..hs];
-                let sc = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                mx = mx.max(sc);
-                scores.push(sc);
+            for (j, sc) in scores[..=pos].iter_mut().enumerate() {
+                *sc = super::simd::dot(q, &kc[(i * t_max + j) * c + h * hs..][..hs]);
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - mx).exp();
-                sum += *sc;
-            }
+            causal_softmax_row(&mut scores[..=pos], pos + 1, scale);
             y.fill(0.0);
-            for (j, w) in scores.iter().enumerate() {
+            for (j, &wgt) in scores[..=pos].iter().enumerate() {
                 let vrow = &vc[(i * t_max + j) * c + h * hs..][..hs];
-                let w = w / sum;
                 for d in 0..hs {
-                    y[d] += w * vrow[d];
+                    y[d] += wgt * vrow[d];
                 }
             }
-        });
-        kernels::broadcast_rows(&mut kv.tmp, opt_slice(p, o.attn_proj_b, c), c);
-        matmul(
+        };
+        if th > 1 {
+            kv.atty
+                .par_chunks_mut(hs)
+                .zip(kv.scores.par_chunks_mut(t_max))
+                .enumerate()
+                .for_each(|(ih, (y, sc))| head(ih, y, sc));
+        } else {
+            for (ih, (y, sc)) in kv
+                .atty
+                .chunks_mut(hs)
+                .zip(kv.scores.chunks_mut(t_max))
+                .enumerate()
+            {
+                head(ih, y, sc);
+            }
+        }
+        let w = slice(p, o.attn_proj_w, c * c);
+        linear(
             &mut kv.tmp,
             &kv.atty,
-            slice(p, o.attn_proj_w, c * c),
+            w,
+            opt_slice(p, o.attn_proj_b, c),
             s,
             c,
             c,
-            Op::NN,
-            true,
             th,
         );
-        super::add_inplace(&mut kv.x, &kv.tmp);
-        kernels::layernorm_forward(
-            LnOut {
-                out: &mut kv.ln,
-                mean: &mut kv.mean,
-                rstd: &mut kv.rstd,
-            },
+        kv.x.iter_mut().zip(&kv.tmp).for_each(|(x, t)| *x += t);
+        layernorm_rows(
+            &mut kv.ln,
             &kv.x,
             slice(p, o.ln2_w, c),
             opt_slice(p, o.ln2_b, c),
             c,
-            th,
         );
-        kernels::broadcast_rows(&mut kv.fch, opt_slice(p, o.fc_b, 4 * c), 4 * c);
-        matmul(
+        let w = slice(p, o.fc_w, 4 * c * c);
+        linear(
             &mut kv.fch,
             &kv.ln,
-            slice(p, o.fc_w, 4 * c * c),
+            w,
+            opt_slice(p, o.fc_b, 4 * c),
             s,
             c,
             4 * c,
-            Op::NN,
-            true,
             th,
         );
-        kernels::gelu_forward(&mut kv.gelu, &kv.fch);
-        kernels::broadcast_rows(&mut kv.tmp, opt_slice(p, o.mlp_proj_b, c), c);
-        matmul(
+        gelu_chunk(&mut kv.gelu, &kv.fch);
+        let w = slice(p, o.mlp_proj_w, 4 * c * c);
+        linear(
             &mut kv.tmp,
             &kv.gelu,
-            slice(p, o.mlp_proj_w, 4 * c * c),
+            w,
+            opt_slice(p, o.mlp_proj_b, c),
             s,
             4 * c,
             c,
-            Op::NN,
-            true,
             th,
         );
-        super::add_inplace(&mut kv.x, &kv.tmp);
+        kv.x.iter_mut().zip(&kv.tmp).for_each(|(x, t)| *x += t);
     }
-    kernels::layernorm_forward(
-        LnOut {
-            out: &mut kv.ln,
-            mean: &mut kv.mean,
-            rstd: &mut kv.rstd,
-        },
+    layernorm_rows(
+        &mut kv.ln,
         &kv.x,
         slice(p, lay.lnf_w, c),
         opt_slice(p, lay.lnf_b, c),
         c,
-        th,
     );
     let v = cfg.vocab_size;
-    matmul(
+    small_m_matmul(
         &mut kv.logits,
         &kv.ln,
         slice(p, lay.wte, v * c),

@@ -155,6 +155,25 @@ mod tests {
     }
 
     #[test]
+    fn few_row_products_match_naive_product() {
+        let mut rng = crate::rng::Rng::new(4);
+        for (m, k, n) in [(1, 64, 65), (3, 128, 4000), (8, 300, 1000)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+            for op in [Op::NN, Op::NT] {
+                for threads in [1, 2] {
+                    let want = naive(&a, &b, m, k, n, op);
+                    let mut out = vec![1f32; m * n];
+                    matmul(&mut out, &a, &b, m, k, n, op, false, threads);
+                    for (x, y) in out.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-3, "{op:?} m={m}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn all_ops_match_naive_product() {
         let mut rng = crate::rng::Rng::new(3);
         let (m, k, n) = (37, 70, 129);
@@ -175,4 +194,84 @@ mod tests {
             }
         }
     }
+}
+
+crate::engine::cpu::simd::dispatch! {
+    /// Rows `i` of `out (m x n) (+)= a (m x k) @ b` for columns `j0..j0+out_cols` of `out`,
+    /// with `b` either `k x n` (NN) or `n x k` (NT). Serial; the caller splits columns.
+    pub fn small_m_block(
+        out: &mut [f32],
+        ldo: usize,
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        out_cols: usize,
+        transposed_b: bool,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            let row = &mut out[i * ldo..i * ldo + out_cols];
+            if !accumulate {
+                row.fill(0.0);
+            }
+            let ai = &a[i * k..(i + 1) * k];
+            if transposed_b {
+                for (jj, o) in row.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    *o += crate::engine::cpu::simd::dot(ai, &b[j * k..(j + 1) * k]);
+                }
+            } else {
+                for (p, &s) in ai.iter().enumerate() {
+                    let brow = &b[p * n + j0..p * n + j0 + out_cols];
+                    for (o, &w) in row.iter_mut().zip(brow) {
+                        *o += s * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out (m x n) (+)= a @ op(b)` for a few rows `m` (decoding): matrix-vector products that
+/// read `b` once, split over column blocks across threads when `b` is large.
+#[allow(clippy::too_many_arguments)]
+pub fn small_m_matmul(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    op: Op,
+    accumulate: bool,
+    threads: usize,
+) {
+    use rayon::prelude::*;
+    assert!(op != Op::TN, "small_m_matmul handles NN and NT");
+    assert!(
+        out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "small_m_matmul: buffer too small"
+    );
+    let nt = op == Op::NT;
+    if threads <= 1 || k * n < (1 << 18) {
+        small_m_block(out, n, a, b, m, k, n, 0, n, nt, accumulate);
+        return;
+    }
+    // Column blocks: each task owns out[:, j0..j1]. Rows of `out` are strided, so hand out
+    // raw column offsets and write through a per-task view of each row.
+    let block = n.div_ceil(threads * 4).max(64);
+    let out_ptr = out.as_mut_ptr() as usize;
+    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+        let j0 = bi * block;
+        let cols = block.min(n - j0);
+        // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of each row of `out`,
+        // which is at least m x n (checked above).
+        let view = unsafe {
+            std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(j0), (m - 1) * n + cols)
+        };
+        small_m_block(view, n, a, b, m, k, n, j0, cols, nt, accumulate);
+    });
 }

@@ -844,9 +844,34 @@ impl Engine for CpuEngine {
     fn decode_reset(&mut self, n_seq: usize) {
         self.core.kv = Some(decode::KvCache::new(&self.core.cfg, n_seq));
     }
+    fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>> {
+        if n_seq == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(n_seq) {
+            return Err(EngineError::Shape(format!(
+                "decode_prefill needs {n_seq} rows of equal length, got {} tokens",
+                tokens.len()
+            )));
+        }
+        let t = tokens.len() / n_seq;
+        let batch = Batch {
+            inputs: tokens,
+            targets: &[],
+            b: n_seq,
+            t,
+        };
+        self.core.check_batch(&batch, false)?;
+        let core = &mut self.core;
+        self.pool.install(|| core.forward(tokens, n_seq, t, None));
+        Ok(decode::fill_from_forward(core, n_seq, t))
+    }
+
     fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let core = &mut self.core;
-        self.pool.install(|| decode::step(core, tokens))
+        if decode::parallel_worth_it(&core.cfg, core.threads) {
+            let th = core.threads;
+            self.pool.install(|| decode::step(core, tokens, th))
+        } else {
+            decode::step(core, tokens, 1)
+        }
     }
     fn decode_len(&self) -> usize {
         self.core.kv.as_ref().map_or(0, |k| k.len)
