@@ -285,9 +285,6 @@ fn sigkill_during_training_never_leaves_a_partial_checkpoint() {
 /// as large as a checkpoint. Runs that later save into the same out_dir should remove such
 /// leftovers of processes that no longer exist.
 #[test]
-#[ignore = "src/fsutil.rs / src/train/checkpoint.rs never remove temporary checkpoint files \
-            of killed processes; every crash during a save leaves a checkpoint-sized \
-            .ckpt.safetensors.tmp<pid> in out_dir for good"]
 fn stale_temporary_checkpoints_are_removed_by_later_runs() {
     let root = tempfile::tempdir().unwrap();
     let (data, out) = finished_run(root.path());

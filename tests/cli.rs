@@ -275,9 +275,6 @@ fn wrong_type_names_the_key() {
 }
 
 #[test]
-#[ignore = "error types in src/config/mod.rs (ConfigError::Io) and src/data/mod.rs \
-            (DataError::Io) print their io::Error in the message and also return it as \
-            source(), so main's `{e:#}` shows 'No such file or directory' twice"]
 fn io_errors_are_not_repeated() {
     let dir = tempfile::tempdir().unwrap();
     let err = expect_clean_failure(&run(dir.path(), &["train", "nosuch.toml"]));
@@ -479,9 +476,6 @@ fn bench_prints_a_json_line_with_positive_rates() {
 /// Resuming with a smaller block_size trains on windows of the new size (as nanoGPT does
 /// after cropping the model); the note printed about it must not claim the opposite.
 #[test]
-#[ignore = "src/train/trainer.rs warn_model_overrides says 'block_size = 8 in the config, but \
-            the checkpoint's model has 16; using 16' while the data loader then uses 8-token \
-            windows (tokens per iteration 4 x 8 = 32)"]
 fn resume_with_smaller_block_size_reports_what_it_does() {
     let dir = tempfile::tempdir().unwrap();
     let data = prepare_data(&dir.path().join("data"));

@@ -134,8 +134,6 @@ fn sample_missing_kept_iteration_is_a_clear_error() {
 /// The message for a missing kept iteration should speak about sampling: it names the
 /// iterations that do exist and does not tell the user to set a training option.
 #[test]
-#[ignore = "src/sample/mod.rs reports a missing kept checkpoint with the training hint \
-            'to start a new run set init_from=scratch' and does not list the kept iterations"]
 fn sample_missing_kept_iteration_lists_available_ones() {
     let root = tempfile::tempdir().unwrap();
     let out = kept_run(root.path());

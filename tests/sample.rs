@@ -199,8 +199,6 @@ fn bad_start_texts_are_clear_errors() {
 }
 
 #[test]
-#[ignore = "src/config/mod.rs ConfigError::StartFile prints its io::Error in the message and \
-            also returns it as source(), so `error: {e:#}` shows 'No such file or directory' twice"]
 fn missing_start_file_error_does_not_repeat_itself() {
     let root = tempfile::tempdir().unwrap();
     let out = trained_run(root.path(), 10, &[]);
@@ -213,9 +211,6 @@ fn missing_start_file_error_does_not_repeat_itself() {
 }
 
 #[test]
-#[ignore = "src/config/loader.rs parse_cli_value trims string values, so --start='the ' \
-            (unquoted, as nanoGPT's configurator takes it) loses its trailing space and \
-            --start=' ' becomes an empty prompt"]
 fn start_keeps_surrounding_whitespace_like_nanogpt() {
     let root = tempfile::tempdir().unwrap();
     let out = trained_run(root.path(), 10, &[]);

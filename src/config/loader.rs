@@ -227,7 +227,13 @@ fn parse_cli_value(key: &str, info: KeyInfo, raw: &str) -> Result<Value, ConfigE
                 Value::Float(f)
             }
         },
-        ValueKind::Str => Value::String(unquote(t)),
+        // Strings are kept exactly as typed (nanoGPT's configurator does the same), so
+        // `--start="ROMEO: "` and `--start=the ` both keep their spaces.
+        ValueKind::Str => Value::String(if t.starts_with(['"', '\'']) {
+            unquote(t)
+        } else {
+            raw.to_string()
+        }),
         ValueKind::List if t.starts_with('[') => {
             let mut table: Table = format!("v = {t}").parse().map_err(|_| err())?;
             table.remove("v").ok_or_else(err)?

@@ -167,10 +167,34 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
             }
             kept.into_iter().map(|(i, p)| (Some(i), p)).collect()
         }
-        CheckpointSelection::Iters(iters) => iters
-            .into_iter()
-            .map(|i| (Some(i), paths.kept(i)))
-            .collect(),
+        CheckpointSelection::Iters(iters) => {
+            let kept = paths.list_kept()?;
+            let mut chosen = Vec::new();
+            for i in iters {
+                match kept.iter().find(|(k, _)| *k == i) {
+                    Some((_, p)) => chosen.push((Some(i), p.clone())),
+                    None => {
+                        let have: Vec<String> = kept.iter().map(|(k, _)| k.to_string()).collect();
+                        bail!(
+                            "no checkpoint {} (iteration {i}) in {}; kept iterations: {}; \
+                             use one of those, checkpoints=all, or checkpoints=\"\" for the latest",
+                            paths
+                                .kept(i)
+                                .file_name()
+                                .unwrap_or_default()
+                                .to_string_lossy(),
+                            out_dir.display(),
+                            if have.is_empty() {
+                                "none".to_string()
+                            } else {
+                                have.join(", ")
+                            }
+                        );
+                    }
+                }
+            }
+            chosen
+        }
     };
     let device = cfg.device_spec()?;
     let text = cfg.start_text()?;

@@ -50,6 +50,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     for note in cfg.warnings() {
         eprintln!("note: {note}");
     }
+    remove_stale_temp_files(&out_dir);
     let mut run = Run::start(cfg)?;
     eprintln!("effective config:\n{}", cfg.to_toml_string());
     cfg.write_toml(&out_dir.join("config.toml"))?;
@@ -71,7 +72,8 @@ impl Run {
         let paths = CheckpointPaths::new(&out_dir);
         let device = cfg.device_spec()?;
         let meta = Meta::load_opt(&data_dir)?;
-        let (model, params, resume): (GptConfig, Vec<f32>, Option<Checkpoint>) = match cfg.init_from.as_str() {
+        // Parameters come from the checkpoint, or are initialised once the data is known good.
+        let (model, resume): (GptConfig, Option<Checkpoint>) = match cfg.init_from.as_str() {
             "scratch" => {
                 let vocab = match &meta {
                     Some(m) => {
@@ -83,10 +85,8 @@ impl Run {
                         50257
                     }
                 };
-                let model = cfg.model_config(vocab)?;
-                let params = crate::model::ParamLayout::new(&model).init_params(&model, cfg.seed);
                 eprintln!("initializing a new model from scratch");
-                (model, params, None)
+                (cfg.model_config(vocab)?, None)
             }
             "resume" => {
                 let path = paths.latest();
@@ -95,8 +95,7 @@ impl Run {
                 let mut model = ckpt.state.model.clone();
                 warn_model_overrides(cfg, &model);
                 model.dropout = cfg.dropout as f32;
-                let params = ckpt.params.clone();
-                (model, params, Some(ckpt))
+                (model, Some(ckpt))
             }
             other if other.starts_with("gpt2") => bail!(
                 "init_from={other}: starting from OpenAI GPT-2 weights is not available in this version; \
@@ -115,8 +114,6 @@ impl Run {
             "number of parameters: {:.2}M",
             model.num_params_non_embedding() as f64 / 1e6
         );
-        let mut engine = engine::create(device, model.clone(), params, cfg.seed, cfg.threads)?;
-        eprintln!("device: {}", engine.device_name());
         let mut loader = DataLoader::new(
             &data_dir,
             cfg.batch_size,
@@ -126,6 +123,13 @@ impl Run {
             0,
         )
         .with_context(|| format!("loading training data from {}", data_dir.display()))?;
+        let mut resume = resume;
+        let params = match resume.as_mut() {
+            Some(ckpt) => std::mem::take(&mut ckpt.params),
+            None => crate::model::ParamLayout::new(&model).init_params(&model, cfg.seed),
+        };
+        let mut engine = engine::create(device, model.clone(), params, cfg.seed, cfg.threads)?;
+        eprintln!("device: {}", engine.device_name());
         if let Some(m) = &meta {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints
         }
@@ -355,11 +359,35 @@ fn warn_model_overrides(cfg: &TrainConfig, model: &GptConfig) {
         ("n_layer", cfg.n_layer, model.n_layer),
         ("n_head", cfg.n_head, model.n_head),
         ("n_embd", cfg.n_embd, model.n_embd),
-        ("block_size", cfg.block_size, model.block_size),
     ];
     for (k, want, have) in pairs {
         if want != have {
             eprintln!("note: {k} = {want} in the config, but the checkpoint's model has {have}; using {have}");
+        }
+    }
+    if cfg.block_size < model.block_size {
+        eprintln!(
+            "note: training on windows of block_size = {} tokens; the checkpoint's model was built for {}",
+            cfg.block_size, model.block_size
+        );
+    }
+}
+
+/// Removes temporary files that a killed run left behind while writing into `out_dir`
+/// (`.<name>.tmp<pid>`); complete files are never touched.
+fn remove_stale_temp_files(out_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp") {
+            if std::fs::remove_file(entry.path()).is_ok() {
+                eprintln!(
+                    "removed {} (left by an interrupted write)",
+                    entry.path().display()
+                );
+            }
         }
     }
 }
