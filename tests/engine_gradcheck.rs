@@ -196,3 +196,35 @@ fn bad_batches_are_errors_not_panics() {
         .unwrap_err();
     assert!(e.to_string().contains("block_size"), "{e}");
 }
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    // Bigger than the micro model so that every kernel really splits work across threads.
+    let cfg = GptConfig::new(2, 4, 64, 32, 300, true, 0.1).unwrap();
+    let mut rng = Rng::new(11);
+    let (b, t) = (6, 32);
+    let inputs: Vec<u32> = (0..b * t).map(|_| rng.below(300) as u32).collect();
+    let targets: Vec<i32> = (0..b * t).map(|_| rng.below(300) as i32).collect();
+    let run = |threads: usize| {
+        let mut eng = CpuEngine::from_seed(cfg.clone(), 3, threads).unwrap();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b,
+            t,
+        };
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            eng.zero_grad();
+            losses.push(eng.forward_backward(batch, 1.0).unwrap());
+            eng.step(&Default::default(), 1e-3);
+        }
+        (losses, eng.params())
+    };
+    let (l1, p1) = run(1);
+    for threads in [2, 3] {
+        let (l, p) = run(threads);
+        assert_eq!(l1, l, "losses with {threads} threads");
+        assert!(p1 == p, "parameters with {threads} threads differ");
+    }
+}

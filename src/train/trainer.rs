@@ -381,8 +381,11 @@ fn remove_stale_temp_files(out_dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp") {
-            if std::fs::remove_file(entry.path()).is_ok() {
+        if name.starts_with('.')
+            && name.contains(".tmp")
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            {
                 eprintln!(
                     "removed {} (left by an interrupted write)",
                     entry.path().display()

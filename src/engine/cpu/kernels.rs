@@ -9,6 +9,8 @@ use super::simd::{self, dispatch};
 use rayon::prelude::*;
 
 pub const LN_EPS: f32 = 1e-5;
+/// Row groups whose LayerNorm weight gradients are summed separately, then in order.
+pub const LN_BACKWARD_PARTS: usize = 16;
 
 /// Rows per rayon task for row-wise kernels: large enough to amortise scheduling.
 fn row_chunk(rows: usize, threads: usize) -> usize {
@@ -180,7 +182,7 @@ dispatch! {
 }
 
 /// Adds the LayerNorm input gradient into `dx` and (dw, db) into the given gradient slices.
-/// `scratch` holds `threads`-many partial (dw, db) rows of 2*C each, summed in fixed order.
+/// `scratch` holds [`LN_BACKWARD_PARTS`] partial (dw, db) rows of 2*C each, summed in order.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dx: &mut [f32],
@@ -193,10 +195,11 @@ pub fn layernorm_backward(
     rstd: &[f32],
     c: usize,
     scratch: &mut [f32],
-    threads: usize,
 ) {
+    // A fixed number of partial sums (not one per thread) keeps results independent of the
+    // thread count.
     let rows = mean.len();
-    let parts = threads.max(1).min(rows);
+    let parts = LN_BACKWARD_PARTS.min(rows);
     let per = rows.div_ceil(parts);
     let scratch = &mut scratch[..parts * 2 * c];
     scratch.fill(0.0);

@@ -56,7 +56,7 @@ struct Activations {
 }
 
 impl Activations {
-    fn new(cfg: &GptConfig, b: usize, t: usize, threads: usize) -> Self {
+    fn new(cfg: &GptConfig, b: usize, t: usize) -> Self {
         let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let z = |len: usize| vec![0f32; len];
         let layers = (0..cfg.n_layer)
@@ -92,7 +92,7 @@ impl Activations {
             dfch: z(n * 4 * c),
             dqkv: z(n * 3 * c),
             datt: z(b * nh * t * t),
-            ln_scratch: z(threads.max(1) * 2 * c),
+            ln_scratch: z(kernels::LN_BACKWARD_PARTS * 2 * c),
         }
     }
 }
@@ -262,7 +262,7 @@ impl Core {
     fn ensure_acts(&mut self, b: usize, t: usize) {
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = None; // free the old shape first
-            self.acts = Some(Activations::new(&self.cfg, b, t, self.threads));
+            self.acts = Some(Activations::new(&self.cfg, b, t));
         }
     }
 
@@ -477,7 +477,6 @@ impl Core {
                 &acts.lnf_rstd,
                 c,
                 &mut acts.ln_scratch,
-                th,
             );
         }
         for l in (0..cfg.n_layer).rev() {
@@ -562,7 +561,6 @@ impl Core {
                     &la.ln2_rstd,
                     c,
                     &mut acts.ln_scratch,
-                    th,
                 );
             }
             // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
@@ -646,7 +644,6 @@ impl Core {
                 &la.ln1_rstd,
                 c,
                 &mut acts.ln_scratch,
-                th,
             );
         }
         if let Some(d) = drop {
