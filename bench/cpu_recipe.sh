@@ -17,6 +17,12 @@ start=$(date +%s.%N)
 "$bin" train "$root/configs/train_shakespeare_char.toml" --device=cpu --compile=False "${recipe[@]}" --threads="$threads" \
     --out_dir=out-rs 2>&1 | grep -E "^step|^done"
 rs_s=$(echo "$(date +%s.%N) - $start" | bc)
+python3 -c "
+import json
+for line in open('out-rs/metrics.jsonl'):
+    r = json.loads(line)
+    if r.get('kind') == 'train' and r['iter'] in (100, 1000, 2000):
+        print('resident memory at iter %d: %.1f MB' % (r['iter'], r['rss_mb']))"
 echo "== PyTorch eager train (threads=$threads)"
 start=$(date +%s.%N)
 python3 "$root/bench/torch_reference.py" train --data_dir=data/shakespeare_char --pad_vocab=True "${recipe[@]}" \

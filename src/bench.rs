@@ -92,3 +92,30 @@ pub fn run(
         last_loss,
     })
 }
+
+/// Times `out = a @ b` for n x n matrices with the CPU engine's matrix product on `threads`
+/// threads; returns (median ms, GFLOP/s) over `iters` runs after one warm-up.
+pub fn sgemm(n: usize, threads: usize, iters: usize) -> (f64, f64) {
+    use crate::engine::cpu::matmul::{matmul, Op};
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build();
+    let run = || {
+        let mut rng = Rng::new(1);
+        let a: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();
+        let b: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();
+        let mut out = vec![0f32; n * n];
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..=iters {
+            let start = Instant::now();
+            matmul(&mut out, &a, &b, n, n, n, Op::NN, false, threads.max(1));
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let ms = median(&times);
+        (ms, 2.0 * (n as f64).powi(3) / (ms / 1e3) / 1e9)
+    };
+    match pool {
+        Ok(pool) => pool.install(run),
+        Err(_) => run(),
+    }
+}

@@ -41,6 +41,15 @@ pub fn sample(args: &[String]) -> Result<()> {
 
 pub fn bench(args: &[String]) -> Result<()> {
     let cfg = BenchConfig::load(args)?;
+    if cfg.sgemm > 0 {
+        let threads = crate::config::resolve_threads(cfg.threads);
+        let (ms, gflops) = bench::sgemm(cfg.sgemm, threads, cfg.iters as usize);
+        println!(
+            "sgemm {n}x{n}x{n} on {threads} threads: median {ms:.2} ms, {gflops:.1} GFLOP/s",
+            n = cfg.sgemm
+        );
+        return Ok(());
+    }
     let model = cfg.model_config()?;
     let params = ParamLayout::new(&model).init_params(&model, cfg.seed);
     let mut eng = engine::create(

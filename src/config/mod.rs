@@ -735,6 +735,9 @@ pub struct BenchConfig {
     /// Peak FLOP/s of one device, the denominator of MFU (e.g. 989e12); none = not reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_flops: Option<f64>,
+    /// When > 0: instead of a training step, time an sgemm of this size (n x n x n) with the
+    /// CPU engine's matrix product, to show the machine's ceiling next to the model's rate.
+    pub sgemm: usize,
 }
 
 impl Default for BenchConfig {
@@ -761,6 +764,7 @@ impl Default for BenchConfig {
             beta2: 0.95,
             grad_clip: 1.0,
             peak_flops: None,
+            sgemm: 0,
         }
     }
 }
