@@ -149,7 +149,12 @@ pub enum HubError {
     },
 
     #[error("cannot reach {url}: {reason}; check the network connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files only")]
-    Network { url: String, reason: String },
+    Network {
+        url: String,
+        reason: String,
+        /// A dropped connection (worth another attempt), not a DNS or connect failure.
+        transient: bool,
+    },
 
     #[error(
         "download of {url} stopped after {got} of {} bytes ({reason}); run the command again to \
@@ -207,7 +212,11 @@ impl HubError {
     fn retryable(&self) -> bool {
         matches!(
             self,
-            HubError::Interrupted { .. } | HubError::Network { .. }
+            HubError::Interrupted { .. }
+                | HubError::Network {
+                    transient: true,
+                    ..
+                }
         ) || matches!(self, HubError::Http { status, .. } if *status >= 500 || *status == 429)
     }
 }
@@ -400,6 +409,7 @@ impl HubClient {
             let body = resp.into_string().map_err(|e| HubError::Network {
                 url: url.clone(),
                 reason: e.to_string(),
+                transient: true,
             })?;
             let entries: Vec<TreeEntry> =
                 serde_json::from_str(&body).map_err(|e| HubError::Protocol {
@@ -755,7 +765,8 @@ impl HubClient {
             }
             ureq::Error::Transport(t) => HubError::Network {
                 url: url.to_string(),
-                reason: t.to_string(),
+                transient: t.kind() == ureq::ErrorKind::Io,
+                reason: transport_reason(&t),
             },
         }
     }
@@ -776,6 +787,23 @@ struct TreeEntry {
     path: String,
     #[serde(default)]
     size: u64,
+}
+
+/// A transport error in words, without repeating the URL.
+fn transport_reason(t: &ureq::Transport) -> String {
+    let mut s = t.kind().to_string();
+    if let Some(m) = t.message() {
+        s.push_str(": ");
+        s.push_str(m);
+    }
+    if let Some(src) = std::error::Error::source(t) {
+        let src = src.to_string();
+        if !s.contains(&src) {
+            s.push_str(": ");
+            s.push_str(&src);
+        }
+    }
+    s
 }
 
 /// Refuses names that would escape the cache directory or cannot form a URL.

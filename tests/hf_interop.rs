@@ -361,7 +361,7 @@ fn bad_inputs_fail_naming_the_file_tensor_or_key() {
     let e = load_dir(&empty.path().join("nope"), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("nope") && e.contains("not a directory"), "{e}");
+    assert!(e.contains("nope") && e.contains("no such directory"), "{e}");
 
     let missing = variant(
         |t| {
@@ -602,4 +602,11 @@ fn export_is_the_file_transformers_loads_with_our_logits() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("nope") && e.contains("ckpt.safetensors"), "{e}");
+    let e = interop::export_run(&run, Some(Path::new("best.safetensors")), &to)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("best.safetensors") && e.contains("checkpoints there: ckpt.safetensors"),
+        "{e}"
+    );
 }

@@ -57,6 +57,22 @@ pub fn export_run(out_dir: &Path, checkpoint: Option<&Path>, to: &Path) -> Resul
         Some(c) => out_dir.join(c),
         None => CheckpointPaths::new(out_dir).latest(),
     };
+    if !ckpt.is_file() {
+        let mut available: Vec<String> = std::fs::read_dir(out_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".safetensors") && !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        available.sort();
+        return Err(InteropError::NoCheckpoint {
+            path: ckpt,
+            available,
+        });
+    }
     let meta = Meta::load_opt(out_dir)?;
     export_checkpoint(&ckpt, meta.as_ref(), to)
 }

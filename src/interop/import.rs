@@ -80,38 +80,46 @@ pub fn load_pretrained(
     block_size: Option<usize>,
     dropout: f32,
 ) -> Result<Pretrained> {
-    match src {
-        Source::Hub(_) => {
-            let hub = HubClient::from_env()?;
-            load_pretrained_with(src, Some(&hub), block_size, dropout)
-        }
-        Source::Dir(_) => load_pretrained_with(src, None, block_size, dropout),
-    }
+    load_checked(src, None, block_size, dropout, &|_| Ok(()))
 }
 
-/// [`load_pretrained`] with an explicit Hub client (required for `Source::Hub`).
+/// [`load_pretrained`] with an explicit Hub client for `Source::Hub`.
 pub fn load_pretrained_with(
     src: &Source,
     hub: Option<&HubClient>,
     block_size: Option<usize>,
     dropout: f32,
 ) -> Result<Pretrained> {
-    let (config_path, weight_paths, description) = match src {
+    load_checked(src, hub, block_size, dropout, &|_| Ok(()))
+}
+
+/// The loader: config.json first, then `check` on it (so that a model the caller cannot
+/// use is refused before its weights are downloaded), then the weights. `hub: None` builds
+/// a client from the environment when one is needed.
+fn load_checked(
+    src: &Source,
+    hub: Option<&HubClient>,
+    block_size: Option<usize>,
+    dropout: f32,
+    check: &dyn Fn(&HfConfig) -> Result<()>,
+) -> Result<Pretrained> {
+    let (config_path, hub_source, local_weights, description) = match src {
         Source::Hub(name) => {
             let hub = match hub {
-                Some(h) => h,
-                None => return load_pretrained(src, block_size, dropout),
+                Some(h) => h.clone(),
+                None => HubClient::from_env()?,
             };
-            let (c, w) = hub_files(hub, name)?;
             let repo = hub_repo(name).unwrap_or(name);
-            (c, w, format!("{name} ({repo})"))
+            let config = hub.download(repo, RepoType::Model, GPT2_REVISION, CONFIG_FILE)?;
+            (config, Some((hub, name)), None, format!("{name} ({repo})"))
         }
         Source::Dir(dir) => {
             let (c, w) = dir_files(dir)?;
-            (c, w, dir.display().to_string())
+            (c, None, Some(w), dir.display().to_string())
         }
     };
     let hf = HfConfig::load(&config_path)?;
+    check(&hf)?;
     let block = block_size.unwrap_or(hf.n_positions);
     if block > hf.n_positions {
         return Err(InteropError::BlockSize {
@@ -121,6 +129,11 @@ pub fn load_pretrained_with(
         });
     }
     let model = hf.model_config(block, dropout)?;
+    let weight_paths = match (local_weights, hub_source) {
+        (Some(w), _) => w,
+        (None, Some((hub, name))) => hub_weights(&hub, name)?,
+        (None, None) => unreachable!("invariant: a source is either a directory or the Hub"),
+    };
     let (params, dtypes) = read_weights(&weight_paths, &hf, &model)?;
     Ok(Pretrained {
         model,
@@ -133,11 +146,10 @@ pub fn load_pretrained_with(
     })
 }
 
-/// config.json and the weight file(s) of a GPT-2 on the Hub, downloaded into the cache.
-fn hub_files(hub: &HubClient, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+/// The weight file(s) of a GPT-2 on the Hub, downloaded into the cache.
+fn hub_weights(hub: &HubClient, name: &str) -> Result<Vec<PathBuf>> {
     let repo = hub_repo(name).unwrap_or(name);
     let get = |file: &str| hub.download(repo, RepoType::Model, GPT2_REVISION, file);
-    let config = get(CONFIG_FILE)?;
     let weights = match get(WEIGHTS_FILE) {
         Ok(p) => vec![p],
         Err(HubError::FileNotFound { .. }) => {
@@ -149,21 +161,15 @@ fn hub_files(hub: &HubClient, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
         }
         Err(e) => return Err(e.into()),
     };
-    Ok((config, weights))
+    Ok(weights)
 }
 
 /// config.json and the weight file(s) of a local directory, with errors that say what the
 /// directory holds instead.
 fn dir_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     if !dir.is_dir() {
-        return Err(InteropError::MissingFile {
+        return Err(InteropError::NotADirectory {
             dir: dir.to_path_buf(),
-            file: "directory".to_string(),
-            hint: format!(
-                "init_from={} is not a directory; give a directory that holds a Hugging Face \
-                 GPT-2 (config.json + model.safetensors), or gpt2, gpt2-medium, gpt2-large, gpt2-xl",
-                dir.display()
-            ),
         });
     }
     let run_dir_hint = if dir.join(crate::train::checkpoint::LATEST_NAME).exists() {
@@ -379,10 +385,8 @@ fn read_weights(
             return Err(InteropError::Shape {
                 path: path.clone(),
                 tensor: f.name,
-                expected,
                 found: f.view.shape().to_vec(),
-                sizes: hf.sizes(),
-                hint,
+                needs: format!("config.json ({}) needs {expected:?}{hint}", hf.sizes()),
             });
         }
         dtypes.insert(format!("{:?}", f.view.dtype()));
@@ -474,8 +478,10 @@ pub fn init_for_training(
         ),
     };
     eprintln!("initializing from weights: {init_from}");
-    let pre = load_pretrained(&src, Some(cfg.block_size), cfg.dropout as f32)?;
-    if data_vocab != pre.model.vocab_size {
+    let vocab_matches = |hf: &HfConfig| {
+        if data_vocab == hf.vocab_size {
+            return Ok(());
+        }
         let hint = match src {
             Source::Hub(_) => "GPT-2 weights need data tokenized with GPT-2 BPE (a data directory \
                                without meta.json, or with tokenizer \"gpt2\"); prepare the dataset \
@@ -485,15 +491,23 @@ pub fn init_for_training(
                                on, or start from scratch"
                 .to_string(),
         };
-        return Err(InteropError::VocabMismatch {
+        Err(InteropError::VocabMismatch {
             init_from: init_from.to_string(),
-            model_vocab: pre.model.vocab_size,
+            model_vocab: hf.vocab_size,
             data_vocab,
             data_dir: data_dir.to_path_buf(),
-            data_desc,
+            data_desc: data_desc.clone(),
             hint,
-        });
-    }
+        })
+    };
+    let pre = load_checked(
+        &src,
+        None,
+        Some(cfg.block_size),
+        cfg.dropout as f32,
+        &vocab_matches,
+    )
+    .map_err(|e| e.for_init_from(init_from))?;
     report(&pre);
     if (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias)
         != (pre.model.n_layer, pre.model.n_head, pre.model.n_embd, true)
@@ -546,7 +560,7 @@ pub fn load_for_sampling(init_from: &str) -> Result<(Pretrained, Tokenizer)> {
         reason: "expected resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a directory"
             .to_string(),
     })?;
-    let pre = load_pretrained(&src, None, 0.0)?;
+    let pre = load_pretrained(&src, None, 0.0).map_err(|e| e.for_init_from(init_from))?;
     report(&pre);
     let tok = match &src {
         Source::Hub(_) => Tokenizer::gpt2(),

@@ -65,6 +65,27 @@ pub enum InteropError {
         hint: String,
     },
 
+    #[error(
+        "init_from={}: no such directory; give a directory that holds a Hugging Face GPT-2 \
+         (config.json + model.safetensors), or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+        dir.display()
+    )]
+    NotADirectory { dir: PathBuf },
+
+    #[error(
+        "no checkpoint {} to export; {}",
+        path.display(),
+        if available.is_empty() {
+            "that run directory holds no checkpoints (train first, or set --out_dir to a run directory)".to_string()
+        } else {
+            format!("checkpoints there: {} (choose one with --checkpoint NAME)", available.join(", "))
+        }
+    )]
+    NoCheckpoint {
+        path: PathBuf,
+        available: Vec<String>,
+    },
+
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -99,16 +120,15 @@ pub enum InteropError {
     },
 
     #[error(
-        "{}: tensor '{tensor}' has shape {found:?} but config.json ({sizes}) needs {expected:?}{hint}",
+        "{}: tensor '{tensor}' has shape {found:?} but {needs}",
         path.display()
     )]
     Shape {
         path: PathBuf,
         tensor: String,
-        expected: Vec<usize>,
         found: Vec<usize>,
-        sizes: String,
-        hint: String,
+        /// What config.json implies, and what to do.
+        needs: String,
     },
 
     #[error(
@@ -179,6 +199,13 @@ pub enum InteropError {
     #[error("cannot write the export to {}: {reason}", path.display())]
     Export { path: PathBuf, reason: String },
 
+    #[error("init_from={init_from}: {source}")]
+    InitFrom {
+        init_from: String,
+        #[source]
+        source: Box<InteropError>,
+    },
+
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
 
@@ -196,6 +223,19 @@ pub enum InteropError {
 }
 
 pub type Result<T> = std::result::Result<T, InteropError>;
+
+impl InteropError {
+    /// This error, said to come from `init_from=<value>` (unless it already says so).
+    pub(crate) fn for_init_from(self, init_from: &str) -> InteropError {
+        if self.to_string().contains("init_from=") {
+            return self;
+        }
+        InteropError::InitFrom {
+            init_from: init_from.to_string(),
+            source: Box::new(self),
+        }
+    }
+}
 
 pub(crate) fn io_err(
     action: &'static str,
