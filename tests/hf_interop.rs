@@ -610,3 +610,53 @@ fn export_is_the_file_transformers_loads_with_our_logits() {
         "{e}"
     );
 }
+
+/// Load time and peak anonymous memory of `$NANOGPT_HF_DIR` (a measurement, not a check):
+/// `NANOGPT_HF_DIR=dir cargo test --release --test hf_interop -- --ignored --nocapture measure_load`
+#[test]
+#[ignore = "measurement; needs NANOGPT_HF_DIR"]
+fn measure_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = PathBuf::from(std::env::var("NANOGPT_HF_DIR").expect("NANOGPT_HF_DIR"));
+    let status_kb = |key: &str| -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let base = status_kb("RssAnon:");
+    let (stop, peak) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let (s2, p2) = (stop.clone(), peak.clone());
+    let watcher = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let kb: u64 = s
+                .lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            p2.fetch_max(kb, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let pre = load_dir(&dir, None).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let params_mb = pre.params.len() as f64 * 4.0 / 1e6;
+    println!(
+        "loaded {} ({} parameters, {:?}) in {secs:.2} s; f32 buffer {params_mb:.0} MB; peak anonymous memory above start {:.0} MB",
+        dir.display(),
+        pre.params.len(),
+        pre.dtypes,
+        (peak.load(Ordering::Relaxed).saturating_sub(base)) as f64 / 1e3
+    );
+}
