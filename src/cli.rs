@@ -39,6 +39,13 @@ pub fn sample(args: &[String]) -> Result<()> {
     crate::sample::run(&cfg)
 }
 
+/// `nanogpt export`: a checkpoint of `out_dir` as a Hugging Face GPT-2 directory `to`.
+pub fn export(out_dir: &Path, checkpoint: Option<&Path>, to: &Path) -> Result<()> {
+    let report = crate::interop::export_run(out_dir, checkpoint, to)?;
+    eprintln!("{report}");
+    Ok(())
+}
+
 pub fn bench(args: &[String]) -> Result<()> {
     let cfg = BenchConfig::load(args)?;
     if cfg.sgemm > 0 {

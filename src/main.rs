@@ -43,6 +43,18 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write a checkpoint as a Hugging Face GPT-2 directory (config.json + model.safetensors)
+    Export {
+        /// Run directory holding the checkpoint (and meta.json)
+        #[arg(long = "out_dir", alias = "out-dir")]
+        out_dir: PathBuf,
+        /// Directory to write (created if needed)
+        #[arg(long)]
+        to: PathBuf,
+        /// Checkpoint file inside out_dir, or a path (default ckpt.safetensors)
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
     /// Prepare character-level Shakespeare, train a small model on the CPU and sample from it
     Quickstart {
         /// Corpus file to use instead of downloading tiny Shakespeare
@@ -87,6 +99,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { args } => nanogpt::cli::train(&args),
         Command::Sample { args } => nanogpt::cli::sample(&args),
         Command::Bench { args } => nanogpt::cli::bench(&args),
+        Command::Export {
+            out_dir,
+            to,
+            checkpoint,
+        } => nanogpt::cli::export(&out_dir, checkpoint.as_deref(), &to),
         Command::Quickstart { input, args } => nanogpt::cli::quickstart(input, &args),
     }
 }

@@ -344,11 +344,14 @@ fn check_peak_flops(peak_flops: Option<f64>) -> Result<(), ConfigError> {
 
 fn check_init_from(value: &str, local: &[&str]) -> Result<(), ConfigError> {
     check(
-        local.contains(&value) || GPT2_NAMES.contains(&value),
+        local.contains(&value)
+            || GPT2_NAMES.contains(&value)
+            || crate::interop::is_local_dir_spec(value),
         "init_from",
         value,
         &format!(
-            "expected {}, gpt2, gpt2-medium, gpt2-large or gpt2-xl",
+            "expected {}, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a directory holding a \
+             Hugging Face GPT-2 (config.json + model.safetensors)",
             local.join(", ")
         ),
     )

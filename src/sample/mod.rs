@@ -146,11 +146,43 @@ fn tokenizer_for(out_dir: &Path, config: &serde_json::Value) -> Result<Tokenizer
 /// Runs `nanogpt sample`.
 pub fn run(cfg: &SampleConfig) -> Result<()> {
     if cfg.init_from != "resume" {
-        bail!(
-            "init_from={}: sampling from OpenAI GPT-2 weights is not available in this version; \
-             use init_from=resume with out_dir pointing at a training run",
-            cfg.init_from
-        );
+        // OpenAI GPT-2 weights (gpt2, gpt2-medium, ...) or a Hugging Face GPT-2 directory
+        let (pre, tok) = crate::interop::load_for_sampling(&cfg.init_from)?;
+        let mut engine = engine::create(
+            cfg.device_spec()?,
+            pre.model,
+            pre.params,
+            cfg.seed,
+            cfg.threads,
+        )?;
+        let prompt = tok.encode(&cfg.start_text()?)?;
+        let params = SamplingParams {
+            temperature: cfg.temperature,
+            top_k: cfg.top_k_opt(),
+            stop_token: if cfg.stop_at_eot {
+                tok.eot_token()
+            } else {
+                None
+            },
+        };
+        let mut rng = Rng::new(cfg.seed);
+        let samples = generate(
+            engine.as_mut(),
+            &prompt,
+            cfg.num_samples,
+            cfg.max_new_tokens,
+            &params,
+            &mut rng,
+        )?;
+        let mut out = std::io::stdout().lock();
+        for s in samples {
+            let mut all = prompt.clone();
+            all.extend(s);
+            writeln!(out, "{}", tok.decode(&all))?;
+            writeln!(out, "---------------")?;
+        }
+        out.flush()?;
+        return Ok(());
     }
     let out_dir = PathBuf::from(&cfg.out_dir);
     let paths = CheckpointPaths::new(&out_dir);

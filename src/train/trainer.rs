@@ -72,7 +72,9 @@ impl Run {
         let paths = CheckpointPaths::new(&out_dir);
         let device = cfg.device_spec()?;
         let meta = Meta::load_opt(&data_dir)?;
-        // Parameters come from the checkpoint, or are initialised once the data is known good.
+        // Parameters come from the checkpoint or pretrained weights, or are initialised once
+        // the data is known good.
+        let mut pretrained: Option<Vec<f32>> = None;
         let (model, resume): (GptConfig, Option<Checkpoint>) = match cfg.init_from.as_str() {
             "scratch" => {
                 let vocab = match &meta {
@@ -97,11 +99,15 @@ impl Run {
                 model.dropout = cfg.dropout as f32;
                 (model, Some(ckpt))
             }
-            other if other.starts_with("gpt2") => bail!(
-                "init_from={other}: starting from OpenAI GPT-2 weights is not available in this version; \
-                 use init_from=scratch or init_from=resume"
-            ),
-            other => bail!("init_from={other:?} is not one of: scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
+            // gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hub) or a Hugging Face GPT-2 directory;
+            // the optimizer starts fresh
+            other if crate::interop::Source::parse(other).is_some() => {
+                let (model, params) =
+                    crate::interop::init_for_training(other, cfg, meta.as_ref(), &data_dir)?;
+                pretrained = Some(params);
+                (model, None)
+            }
+            other => bail!("init_from={other:?} is not one of: scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory holding a Hugging Face GPT-2"),
         };
         if cfg.block_size > model.block_size {
             bail!(
@@ -124,9 +130,10 @@ impl Run {
         )
         .with_context(|| format!("loading training data from {}", data_dir.display()))?;
         let mut resume = resume;
-        let params = match resume.as_mut() {
-            Some(ckpt) => std::mem::take(&mut ckpt.params),
-            None => crate::model::ParamLayout::new(&model).init_params(&model, cfg.seed),
+        let params = match (resume.as_mut(), pretrained) {
+            (Some(ckpt), _) => std::mem::take(&mut ckpt.params),
+            (None, Some(p)) => p,
+            (None, None) => crate::model::ParamLayout::new(&model).init_params(&model, cfg.seed),
         };
         let mut engine = engine::create(device, model.clone(), params, cfg.seed, cfg.threads)?;
         eprintln!("device: {}", engine.device_name());
