@@ -97,7 +97,9 @@ pub fn run(
 /// threads; returns (median ms, GFLOP/s) over `iters` runs after one warm-up.
 pub fn sgemm(n: usize, threads: usize, iters: usize) -> (f64, f64) {
     use crate::engine::cpu::matmul::{matmul, Op};
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build();
     let run = || {
         let mut rng = Rng::new(1);
         let a: Vec<f32> = (0..n * n).map(|_| rng.next_f32() - 0.5).collect();

@@ -568,5 +568,5 @@ fn known_keys_lists_every_field() {
     assert!(keys.iter().any(|k| k == "peak_flops"));
     assert!(keys.iter().any(|k| k == "keep_checkpoints_at"));
     assert_eq!(SampleConfig::known_keys().len(), 14);
-    assert_eq!(BenchConfig::known_keys().len(), 21);
+    assert_eq!(BenchConfig::known_keys().len(), 22);
 }

@@ -104,7 +104,11 @@ pub fn trained_run(root: &Path, max_iters: u64, extra: &[&str]) -> PathBuf {
 /// A `nanogpt` command running in `cwd`.
 pub fn nanogpt(cwd: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanogpt"));
-    cmd.current_dir(cwd);
+    // Tests never touch the network: the Hugging Face Hub is offline with an empty cache.
+    cmd.current_dir(cwd)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cwd.join(".hf-cache"))
+        .env_remove("HF_ENDPOINT");
     cmd
 }
 
