@@ -29,25 +29,19 @@ pub enum DistError {
     #[error("rendezvous at {addr}: {reason}")]
     Rendezvous { addr: String, reason: String },
     #[error(
-        "rank {peer} ({addr}) stopped responding: nothing received or sent for {secs} s \
-         (dist_timeout = {secs}); it may have hung, been stopped, or its host is unreachable. \
-         Stopping rank {me}"
+        "rank {peer} ({addr}) stopped responding: nothing heard from it for {secs} s; it may \
+         have hung, been stopped, or its host is unreachable (the limit follows dist_timeout)"
     )]
     Stalled {
-        me: usize,
         peer: usize,
         addr: String,
         secs: u64,
     },
     #[error(
         "rank {peer} ({addr}) closed its connection: it exited or crashed (see its output for \
-         the cause). Stopping rank {me}"
+         the cause)"
     )]
-    PeerGone {
-        me: usize,
-        peer: usize,
-        addr: String,
-    },
+    PeerGone { peer: usize, addr: String },
     #[error("network error talking to rank {peer} ({addr}): {source}")]
     Io {
         peer: usize,

@@ -9,18 +9,39 @@
 //! connection stops the process at once when another rank exits without saying it
 //! finished (see [`super`]'s failure model).
 
-use super::rendezvous::{connect_retry, Rendezvous};
+use super::rendezvous::{connect_retry, read_frame, write_frame, Rendezvous};
 use super::{DistError, ProcessGroup};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Floats received (and reduced) per read.
 const PIECE: usize = 1 << 18;
 /// Byte a rank sends on its rendezvous connection when it finishes cleanly.
 const BYE: u8 = 0xB7;
+/// Byte that starts an abort notice (followed by a length-prefixed message): a rank that
+/// hit a communication error tells rank 0, which tells everyone, so that every rank names
+/// the rank that failed rather than the neighbour that stopped because of it.
+const ABORT: u8 = 0xAB;
+/// Byte every rank sends to rank 0, and rank 0 to every rank, several times per timeout.
+const HEARTBEAT: u8 = 0x48;
+
+/// Rendezvous connections shared by the collectives (to send abort notices) and the
+/// watcher threads (to relay them).
+type Store = Arc<Mutex<Vec<(usize, TcpStream)>>>;
+
+/// Sends an abort notice carrying `msg` on every store connection except `skip`'s.
+fn send_abort(store: &Store, msg: &str, skip: Option<usize>) {
+    let Ok(mut conns) = store.lock() else { return };
+    for (peer, s) in conns.iter_mut() {
+        if Some(*peer) != skip && s.write_all(&[ABORT]).is_ok() {
+            let _ = write_frame(s, msg.as_bytes());
+        }
+    }
+}
 
 /// Set once this process finished its job cleanly: peers closing their connections after
 /// that is expected.
@@ -37,7 +58,7 @@ pub struct TcpProcessGroup {
     /// Ring address of every rank (for messages).
     addrs: Vec<String>,
     timeout: Duration,
-    store: Vec<(usize, TcpStream)>,
+    store: Store,
     /// `host:port` of rank 0's rendezvous store.
     master: String,
     scratch: Vec<f32>,
@@ -97,10 +118,13 @@ impl TcpProcessGroup {
                 ),
             ));
         }
+        // The ring's own timeout is a backstop for a rank whose process is alive but whose
+        // training thread hangs; a frozen process is caught sooner by the heartbeats.
+        let ring_timeout = 2 * timeout;
         for s in [&next, &prev] {
             s.set_nodelay(true)
-                .and_then(|_| s.set_read_timeout(Some(timeout)))
-                .and_then(|_| s.set_write_timeout(Some(timeout)))
+                .and_then(|_| s.set_read_timeout(Some(ring_timeout)))
+                .and_then(|_| s.set_write_timeout(Some(ring_timeout)))
                 .map_err(|e| ring_err(next_rank, e.to_string()))?;
         }
         let next_ctl = next
@@ -114,7 +138,7 @@ impl TcpProcessGroup {
             prev,
             addrs: rdzv.ring.clone(),
             timeout,
-            store: rdzv.store,
+            store: Arc::new(Mutex::new(rdzv.store)),
             master: rdzv.master.clone(),
             scratch: vec![0f32; PIECE],
         };
@@ -126,52 +150,100 @@ impl TcpProcessGroup {
     /// message saying so. For processes that run one job; [`super::init`] calls it.
     pub fn watch_peers(&self) {
         let master = self.master.as_str();
-        for (peer, s) in &self.store {
+        let timeout = self.timeout;
+        // Heartbeats: a process that is stopped or frozen as a whole stops sending them,
+        // which names it exactly (a ring timeout would name whichever neighbour waits).
+        let beat = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let hb_store = Arc::clone(&self.store);
+        std::thread::spawn(move || {
+            while !FINISHED.load(Ordering::SeqCst) {
+                if let Ok(mut conns) = hb_store.lock() {
+                    for (_, s) in conns.iter_mut() {
+                        let _ = s.write_all(&[HEARTBEAT]);
+                    }
+                }
+                std::thread::sleep(beat);
+            }
+        });
+        let Ok(conns) = self.store.lock() else { return };
+        for (peer, s) in conns.iter() {
             let Ok(mut s) = s.try_clone() else { continue };
-            let _ = s.set_read_timeout(None);
+            let _ = s.set_read_timeout(Some(timeout));
             let (me, peer) = (self.rank, *peer);
             let addr = if peer == 0 {
                 master.to_string()
             } else {
                 s.peer_addr().map(|a| a.to_string()).unwrap_or_default()
             };
+            let store = Arc::clone(&self.store);
             std::thread::spawn(move || {
                 let mut b = [0u8; 1];
-                let finished = matches!(s.read(&mut b), Ok(1) if b[0] == BYE);
-                if !finished && !FINISHED.load(Ordering::SeqCst) {
-                    let whom = if me == 0 {
-                        "every rank".to_string()
-                    } else {
-                        format!("rank {me}")
-                    };
-                    eprintln!(
-                        "error: rank {peer} ({addr}) exited or lost its connection before the run \
-                         finished (see its output for the cause); stopping {whom}"
-                    );
-                    std::process::exit(1);
+                let (finished, report) = loop {
+                    match s.read(&mut b) {
+                        Ok(1) if b[0] == HEARTBEAT => continue,
+                        Ok(1) if b[0] == BYE => break (true, None),
+                        Ok(1) if b[0] == ABORT => {
+                            let msg = read_frame(&mut s)
+                                .map(|m| String::from_utf8_lossy(&m).into_owned())
+                                .unwrap_or_else(|_| format!("rank {peer} ({addr}) failed"));
+                            break (false, Some(msg));
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            let stalled = DistError::Stalled {
+                                peer,
+                                addr: addr.clone(),
+                                secs: timeout.as_secs(),
+                            };
+                            break (false, Some(stalled.to_string()));
+                        }
+                        _ => break (false, None),
+                    }
+                };
+                if finished || FINISHED.load(Ordering::SeqCst) {
+                    return;
                 }
+                let msg = report.unwrap_or_else(|| {
+                    format!(
+                        "rank {peer} ({addr}) exited or lost its connection before the run \
+                         finished (see its output for the cause)"
+                    )
+                });
+                if me == 0 {
+                    send_abort(&store, &msg, Some(peer));
+                }
+                eprintln!("error: {msg}; stopping rank {me}");
+                std::process::exit(1);
             });
         }
     }
 
+    /// The error for a failed transfer with `peer`; rank 0 (and through it every rank) is
+    /// told at once.
     fn err(&self, peer: usize, e: std::io::Error) -> DistError {
+        let err = self.classify(peer, e);
+        send_abort(
+            &self.store,
+            &format!("rank {} reports: {err}", self.rank),
+            None,
+        );
+        err
+    }
+
+    fn classify(&self, peer: usize, e: std::io::Error) -> DistError {
         let addr = self.addrs[peer].clone();
         match e.kind() {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => DistError::Stalled {
-                me: self.rank,
                 peer,
                 addr,
-                secs: self.timeout.as_secs(),
+                secs: 2 * self.timeout.as_secs(),
             },
             ErrorKind::UnexpectedEof
             | ErrorKind::ConnectionReset
             | ErrorKind::ConnectionAborted
             | ErrorKind::BrokenPipe
-            | ErrorKind::NotConnected => DistError::PeerGone {
-                me: self.rank,
-                peer,
-                addr,
-            },
+            | ErrorKind::NotConnected => DistError::PeerGone { peer, addr },
             _ => DistError::Io {
                 peer,
                 addr,
@@ -332,8 +404,10 @@ impl ProcessGroup for TcpProcessGroup {
     fn finish(&mut self) -> Result<(), DistError> {
         self.barrier()?;
         FINISHED.store(true, Ordering::SeqCst);
-        for (_, s) in &mut self.store {
-            let _ = s.write_all(&[BYE]);
+        if let Ok(mut conns) = self.store.lock() {
+            for (_, s) in conns.iter_mut() {
+                let _ = s.write_all(&[BYE]);
+            }
         }
         Ok(())
     }
