@@ -555,7 +555,8 @@ mod tests {
             (Launcher::Slurm, 0, 3)
         );
 
-        let cases: &[(EnvChoice, &[(&str, &str)], &[&str])] = &[
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(EnvChoice, Vars, &[&str])] = &[
             (
                 EnvChoice::Auto,
                 &[("RANK", "2"), ("WORLD_SIZE", "2")],
