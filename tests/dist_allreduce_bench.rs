@@ -46,7 +46,11 @@ fn ring(world: usize, reps: usize) -> Vec<f64> {
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).next().unwrap()
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .next()
+        .unwrap()
 }
 
 #[test]
