@@ -153,3 +153,13 @@ pub fn quickstart(input: Option<PathBuf>, overrides: &[String]) -> Result<()> {
     .into();
     sample(&sample_args)
 }
+
+/// `nanogpt launch`: runs this node's ranks and exits with the launcher's code (the first
+/// failing rank's, 130 after Ctrl-C).
+pub fn launch(spec: crate::dist::launch::LaunchSpec) -> Result<()> {
+    let code = crate::dist::launch::run(&spec)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}

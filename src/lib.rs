@@ -5,11 +5,12 @@
 //! contract and the CPU engine), [`optim`] (AdamW settings, LR schedule), [`config`]
 //! (train/sample configuration), [`data`] (prepare and load token files), [`tokenizer`]
 //! (GPT-2 BPE and character vocabularies), [`train`] (training loop, checkpoints, metrics),
-//! [`sample`] (generation with a KV cache).
+//! [`sample`] (generation with a KV cache), [`dist`] (multi-process data-parallel training).
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod fsutil;
 pub mod hub;

@@ -55,6 +55,28 @@ enum Command {
         #[arg(long)]
         checkpoint: Option<PathBuf>,
     },
+    /// Start this node's ranks of a distributed run (torchrun's job), e.g.
+    /// `nanogpt launch --nproc_per_node=4 -- train config.toml`
+    Launch {
+        /// Ranks (processes) to start on this node
+        #[arg(long = "nproc_per_node", alias = "nproc-per-node", default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Number of nodes taking part
+        #[arg(long = "nnodes", default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index, 0..nnodes
+        #[arg(long = "node_rank", alias = "node-rank", default_value_t = 0)]
+        node_rank: usize,
+        /// Host name or address of the node with node_rank 0 (required with nnodes > 1)
+        #[arg(long = "master_addr", alias = "master-addr")]
+        master_addr: Option<String>,
+        /// Port of rank 0's rendezvous (default: a free port on one node, 29500 on several)
+        #[arg(long = "master_port", alias = "master-port")]
+        master_port: Option<u16>,
+        /// The command every rank runs, after `--` (e.g. `-- train config.toml --max_iters=100`)
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Prepare character-level Shakespeare, train a small model on the CPU and sample from it
     Quickstart {
         /// Corpus file to use instead of downloading tiny Shakespeare
@@ -105,5 +127,20 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
         } => nanogpt::cli::export(&out_dir, checkpoint.as_deref(), &to),
         Command::Quickstart { input, args } => nanogpt::cli::quickstart(input, &args),
+        Command::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            command,
+        } => nanogpt::cli::launch(nanogpt::dist::launch::LaunchSpec {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            command,
+        }),
     }
 }

@@ -418,8 +418,14 @@ pub struct TrainConfig {
     /// Peak FLOP/s of one device, the denominator of MFU (e.g. 989e12); none = not reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_flops: Option<f64>,
-    /// CPU engine threads; 0 = all cores.
+    /// CPU engine threads; 0 = all cores (shared between the ranks on one node).
     pub threads: usize,
+    /// Seconds a rank waits on its peers (rendezvous, gradient all-reduce, barriers) before
+    /// it stops with an error naming the silent rank.
+    pub dist_timeout: u64,
+    /// Launch environment: `auto` (torchrun, then Slurm, then MPI variables), `torchrun`,
+    /// `slurm`, `mpi`, or `none` (one process, whatever the environment says).
+    pub dist_env: String,
 }
 
 impl Default for TrainConfig {
@@ -463,6 +469,8 @@ impl Default for TrainConfig {
             keep_checkpoints_at: KeepSchedule::default(),
             peak_flops: None,
             threads: 0,
+            dist_timeout: 60,
+            dist_env: "auto".into(),
         }
     }
 }
@@ -523,6 +531,21 @@ impl ConfigSchema for TrainConfig {
             "backend",
             &self.backend,
             "expected nccl (GPUs), gloo or tcp (CPU processes)",
+        )?;
+        check(
+            self.dist_timeout >= 1,
+            "dist_timeout",
+            self.dist_timeout,
+            "must be at least 1 (seconds)",
+        )?;
+        check(
+            matches!(
+                self.dist_env.as_str(),
+                "auto" | "torchrun" | "slurm" | "mpi" | "none"
+            ),
+            "dist_env",
+            &self.dist_env,
+            "expected auto, torchrun, slurm, mpi or none",
         )?;
         self.device_spec()?;
         self.dtype_kind()?;

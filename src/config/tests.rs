@@ -564,8 +564,10 @@ fn every_shipped_config_loads() {
 #[test]
 fn known_keys_lists_every_field() {
     let keys = TrainConfig::known_keys();
-    assert_eq!(keys.len(), 38);
+    assert_eq!(keys.len(), 40);
     assert!(keys.iter().any(|k| k == "peak_flops"));
+    assert!(keys.iter().any(|k| k == "dist_timeout"));
+    assert!(keys.iter().any(|k| k == "dist_env"));
     assert!(keys.iter().any(|k| k == "keep_checkpoints_at"));
     assert_eq!(SampleConfig::known_keys().len(), 14);
     assert_eq!(BenchConfig::known_keys().len(), 22);

@@ -1,6 +1,21 @@
 //! The training loop (nanoGPT's train.py): warmup + cosine LR, gradient accumulation,
 //! clipping, periodic evaluation, logging with throughput and MFU, checkpoints with exact
-//! resume. The loop talks only to the [`Engine`] trait and is independent of the device.
+//! resume, and data-parallel training over several ranks. The loop talks only to the
+//! [`Engine`] and [`ProcessGroup`] traits and is independent of the device.
+//!
+//! Data parallelism follows nanoGPT's DDP recipe: `gradient_accumulation_steps` counts
+//! micro-steps over all ranks and each of the W ranks runs `1/W` of them; gradients are
+//! summed across ranks once, after the last micro-step; rank 0 alone logs and writes
+//! files.
+//!
+//! Unlike nanoGPT, the data a run draws does not depend on its world size. Every rank
+//! holds the same base generators (the loader's train and val streams, the engine's
+//! dropout stream, all saved in checkpoints); each iteration draws one key from each, and
+//! global micro-step `j` reads its batch (and dropout masks) from a generator derived from
+//! `(key, j)`, whichever rank runs it; evaluation batch `k` likewise. So 1 rank and W
+//! ranks follow the same loss trajectory (up to float summation order), ranks never read
+//! the same windows, and a run resumes exactly on any world size that divides
+//! `gradient_accumulation_steps`.
 
 use super::checkpoint::{self, Checkpoint, CheckpointPaths, TrainingState};
 use super::metrics::MetricsLog;
@@ -9,8 +24,10 @@ use crate::config::TrainConfig;
 use crate::data::loader::{DataLoader, LoaderState};
 use crate::data::meta::Meta;
 use crate::data::Split;
+use crate::dist::{self, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
 use crate::engine::{self, Batch, Engine};
 use crate::model::GptConfig;
+use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -19,7 +36,8 @@ use std::time::Instant;
 /// What a finished run reports (also used by tests of exact resume).
 #[derive(Clone, Debug, Default)]
 pub struct TrainSummary {
-    /// (iteration, training loss of that iteration's last micro-step) for every step run.
+    /// (iteration, training loss) for every step run: the mean over the iteration's
+    /// micro-steps on all ranks.
     pub losses: Vec<(u64, f32)>,
     /// (iteration, train loss, val loss) for every evaluation run.
     pub evals: Vec<(u64, f32, f32)>,
@@ -39,22 +57,151 @@ struct Run {
     best_val_loss: f64,
     tokens_seen: u64,
     resumed_at: Option<u64>,
+    /// World size of the run that wrote the checkpoint this run resumed from.
+    resumed_world: Option<u64>,
+    pg: Box<dyn ProcessGroup>,
+}
+
+/// RNG stream labels of the evaluation batches (see the module documentation).
+const EVAL_TRAIN: u64 = 0x6576_616c_2e74_726e; // "eval.trn"
+const EVAL_VAL: u64 = 0x6576_616c_2e76_616c; // "eval.val"
+
+/// Draws this iteration's key from a base generator (advancing it by one step).
+fn next_key(base: &mut Rng) -> u64 {
+    base.next_u64()
+}
+
+/// Base generator states as bytes (for the broadcast from rank 0).
+fn rng_bytes(states: &[[u64; 4]]) -> Vec<u8> {
+    states
+        .iter()
+        .flat_map(|s| s.iter().flat_map(|w| w.to_le_bytes()))
+        .collect()
+}
+
+fn rng_from_bytes(bytes: &[u8], k: usize) -> [u64; 4] {
+    let mut s = [0u64; 4];
+    for (i, w) in s.iter_mut().enumerate() {
+        let o = 32 * k + 8 * i;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[o..o + 8]);
+        *w = u64::from_le_bytes(b);
+    }
+    s
+}
+
+/// Settings of this rank that differ from the shared config: the CPU cores are shared
+/// between the ranks of a node, and `device=cuda` means the local rank's GPU.
+fn rank_config(cfg: &TrainConfig, info: &LaunchInfo) -> TrainConfig {
+    let mut c = cfg.clone();
+    if c.threads == 0 && info.local_world_size > 1 {
+        c.threads = (crate::config::resolve_threads(0) / info.local_world_size).max(1);
+    }
+    if c.device == "cuda" && info.world_size > 1 {
+        c.device = format!("cuda:{}", info.local_rank);
+    }
+    c
+}
+
+/// What every rank must agree on: the config (less the per-rank keys `device` and
+/// `threads`) and the model shape, as key/value pairs.
+fn fingerprint(cfg: &TrainConfig, model: &GptConfig) -> Vec<(String, String)> {
+    let mut fp: Vec<(String, String)> = match serde_json::to_value(cfg) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter(|(k, _)| k != "device" && k != "threads")
+            .map(|(k, v)| (k, v.to_string()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    fp.push((
+        "model".into(),
+        serde_json::to_string(model).unwrap_or_default(),
+    ));
+    fp.sort();
+    fp
 }
 
 /// Runs `nanogpt train` with an effective configuration.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let started = Instant::now();
+    let info = dist::env::detect(cfg.dist_env.parse()?)?;
+    let world = info.world_size;
+    if !cfg.gradient_accumulation_steps.is_multiple_of(world) {
+        bail!(
+            "gradient_accumulation_steps = {} is not divisible by the world size {world}: it counts \
+             micro-steps over all ranks (as in nanoGPT), and each rank runs an equal share; set it \
+             to a multiple of {world}",
+            cfg.gradient_accumulation_steps
+        );
+    }
+    let master = info.is_master();
     let out_dir = PathBuf::from(&cfg.out_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create out_dir {}", out_dir.display()))?;
-    for note in cfg.warnings() {
-        eprintln!("note: {note}");
+    if master {
+        for note in cfg.warnings() {
+            eprintln!("note: {note}");
+        }
+        remove_stale_temp_files(&out_dir);
     }
-    remove_stale_temp_files(&out_dir);
-    let mut run = Run::start(cfg)?;
-    eprintln!("effective config:\n{}", cfg.to_toml_string());
-    cfg.write_toml(&out_dir.join("config.toml"))?;
+    let rank_cfg = rank_config(cfg, &info);
+    let mut run = Run::start(&rank_cfg, info.rank)?;
+    if info.launcher != dist::Launcher::None {
+        eprintln!(
+            "rank {} (local rank {}) of world {}: host {}, device {} [{}]",
+            info.rank,
+            info.local_rank,
+            world,
+            dist::env::hostname(),
+            run.engine.device_name(),
+            info.launcher
+        );
+    }
+    if world > 1 {
+        let opts = DistOptions {
+            timeout: std::time::Duration::from_secs(cfg.dist_timeout),
+            fingerprint: fingerprint(cfg, &run.model),
+        };
+        run.pg = dist::init(&info, &opts)?;
+        // Every rank starts from rank 0's parameters (as DDP does).
+        let mut params = run.engine.params();
+        run.pg.broadcast_f32(&mut params, 0)?;
+        run.engine.set_params(&params);
+        // ... and the same base generators (see the module documentation).
+        let ls = run.loader.state();
+        let mut rngs = rng_bytes(&[ls.train.state, ls.val.state, run.engine.rng_state()]);
+        run.pg.broadcast(&mut rngs, 0)?;
+        run.loader.set_state(&LoaderState {
+            train: Rng {
+                state: rng_from_bytes(&rngs, 0),
+            },
+            val: Rng {
+                state: rng_from_bytes(&rngs, 1),
+            },
+        });
+        run.engine.set_rng_state(rng_from_bytes(&rngs, 2));
+        if master {
+            eprintln!(
+                "data parallel over {world} ranks ({}): {} micro-steps per rank per iteration",
+                run.pg.describe(),
+                cfg.gradient_accumulation_steps / world
+            );
+        }
+    }
+    if let Some(w) = run.resumed_world.filter(|w| *w != world as u64 && master) {
+        eprintln!(
+            "note: the checkpoint was written by a run of world size {w}; continuing on {world}. \
+             Batches depend only on (seed, iteration, micro-step), so the run continues as it \
+             would have on {w} ranks (up to float rounding)"
+        );
+    }
+    if master {
+        eprintln!("effective config:\n{}", cfg.to_toml_string());
+        cfg.write_toml(&out_dir.join("config.toml"))?;
+    }
     let mut summary = run.train_loop()?;
+    run.pg.finish()?;
     summary.wall_seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -66,7 +213,7 @@ fn rss_mb() -> Option<f64> {
 }
 
 impl Run {
-    fn start(cfg: &TrainConfig) -> Result<Run> {
+    fn start(cfg: &TrainConfig, rank: usize) -> Result<Run> {
         let data_dir = cfg.data_dir_resolved();
         let out_dir = PathBuf::from(&cfg.out_dir);
         let paths = CheckpointPaths::new(&out_dir);
@@ -126,7 +273,7 @@ impl Run {
             cfg.block_size,
             model.vocab_size,
             cfg.seed,
-            0,
+            0, // every rank holds rank 0's base streams; ranks differ by micro-step index
         )
         .with_context(|| format!("loading training data from {}", data_dir.display()))?;
         let mut resume = resume;
@@ -137,10 +284,11 @@ impl Run {
         };
         let mut engine = engine::create(device, model.clone(), params, cfg.seed, cfg.threads)?;
         eprintln!("device: {}", engine.device_name());
-        if let Some(m) = &meta {
+        if let Some(m) = meta.as_ref().filter(|_| rank == 0) {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints
         }
         let (mut iter_num, mut best_val_loss, mut tokens_seen, mut resumed_at) = (0, 1e9, 0, None);
+        let mut resumed_world = None;
         if let Some(ckpt) = resume {
             let st = ckpt.state;
             let optimizer = ckpt.optimizer.context(
@@ -155,6 +303,7 @@ impl Run {
             best_val_loss = st.best_val_loss;
             tokens_seen = st.tokens_seen;
             resumed_at = Some(iter_num);
+            resumed_world = Some(st.world_size);
         }
         Ok(Run {
             cfg: cfg.clone(),
@@ -166,6 +315,8 @@ impl Run {
             best_val_loss,
             tokens_seen,
             resumed_at,
+            resumed_world,
+            pg: Box::new(SingleProcess),
         })
     }
 
@@ -174,11 +325,20 @@ impl Run {
         inputs: &mut Vec<u32>,
         targets: &mut Vec<i32>,
     ) -> Result<(f32, f32)> {
-        let mut out = [0f32; 2];
+        // The eval_iters batches of each split are shared out over the ranks; batch k of the
+        // evaluation at iteration i is the same whatever the world size.
+        let mut sums = [0f32; 2];
         let (b, t) = (self.cfg.batch_size, self.cfg.block_size);
+        let (rank, world) = (self.pg.rank() as u64, self.pg.world_size() as u64);
+        let mut base = self.loader.state();
+        let key = next_key(&mut base.val);
         for (k, split) in [Split::Train, Split::Val].into_iter().enumerate() {
             let mut sum = 0f64;
-            for _ in 0..self.cfg.eval_iters {
+            for j in (rank..self.cfg.eval_iters).step_by(world as usize) {
+                self.loader.set_state(&LoaderState {
+                    train: Rng::derive(key ^ EVAL_TRAIN, j),
+                    val: Rng::derive(key ^ EVAL_VAL, j),
+                });
                 self.loader.next_batch(split, inputs, targets)?;
                 sum += self.engine.loss(Batch {
                     inputs,
@@ -187,9 +347,12 @@ impl Run {
                     t,
                 })? as f64;
             }
-            out[k] = (sum / self.cfg.eval_iters.max(1) as f64) as f32;
+            sums[k] = sum as f32;
         }
-        Ok((out[0], out[1]))
+        self.loader.set_state(&base);
+        self.pg.all_reduce_sum(&mut sums)?;
+        let n = self.cfg.eval_iters.max(1) as f32;
+        Ok((sums[0] / n, sums[1] / n))
     }
 
     fn checkpoint(&self, loader: &LoaderState) -> Checkpoint {
@@ -205,13 +368,18 @@ impl Run {
                 loader: serde_json::to_value(loader).unwrap_or_default(),
                 optimizer_step: self.engine.optimizer_state().step,
                 tokens_seen: self.tokens_seen,
-                world_size: 1,
+                world_size: self.pg.world_size() as u64,
             },
         }
     }
 
-    fn save(&self, targets: &[PathBuf], loader: &LoaderState) -> Result<()> {
+    /// Rank 0 writes the checkpoint files; the other ranks wait for it at a barrier.
+    fn save(&mut self, targets: &[PathBuf], loader: &LoaderState) -> Result<()> {
         if targets.is_empty() {
+            return Ok(());
+        }
+        if self.pg.rank() != 0 {
+            self.pg.barrier()?;
             return Ok(());
         }
         let t0 = Instant::now();
@@ -231,6 +399,7 @@ impl Run {
             names.join(", "),
             t0.elapsed().as_millis()
         );
+        self.pg.barrier()?;
         Ok(())
     }
 
@@ -244,15 +413,32 @@ impl Run {
             cfg.block_size,
             cfg.gradient_accumulation_steps,
         );
+        let (rank, world) = (self.pg.rank(), self.pg.world_size());
+        let master = rank == 0;
+        let local_accum = accum / world;
+        // Tokens, FLOPs and throughput count all ranks; MFU divides by all ranks' peak.
         let tokens_per_iter = (b * t * accum) as u64;
-        eprintln!("tokens per iteration will be: {tokens_per_iter}");
+        if master {
+            eprintln!("tokens per iteration will be: {tokens_per_iter}");
+        }
         let flops_per_iter = self.model.flops_per_token(t) * tokens_per_iter as f64;
-        let peak = cfg.peak_flops;
+        let peak = cfg.peak_flops.map(|p| p * world as f64);
         // A resumed run starts by repeating the checkpoint iteration: drop its old records.
-        let mut metrics = MetricsLog::open(&out_dir, self.resumed_at.map(|n| n.saturating_sub(1)))?;
+        let mut metrics = if master {
+            Some(MetricsLog::open(
+                &out_dir,
+                self.resumed_at.map(|n| n.saturating_sub(1)),
+            )?)
+        } else {
+            None
+        };
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         let mut summary = TrainSummary::default();
-        let progress = progress_bar(self.iter_num, cfg.max_iters);
+        let progress = if master {
+            progress_bar(self.iter_num, cfg.max_iters)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         loop {
             let it = self.iter_num;
             let lr = schedule.lr_at(it) as f32;
@@ -264,11 +450,13 @@ impl Run {
                 // Eval draws from its own loader streams; the prefetched train batch is kept.
                 let (mut ei, mut et) = (Vec::new(), Vec::new());
                 let (tl, vl) = self.estimate_loss(&mut ei, &mut et)?;
-                say(
-                    &progress,
-                    format!("step {it}: train loss {tl:.4}, val loss {vl:.4}"),
-                );
-                metrics.log(&json!({"kind": "eval", "iter": it, "train_loss": tl, "val_loss": vl, "lr": lr}))?;
+                if let Some(metrics) = metrics.as_mut() {
+                    say(
+                        &progress,
+                        format!("step {it}: train loss {tl:.4}, val loss {vl:.4}"),
+                    );
+                    metrics.log(&json!({"kind": "eval", "iter": it, "train_loss": tl, "val_loss": vl, "lr": lr}))?;
+                }
                 summary.evals.push((it, tl, vl));
                 let improved = (vl as f64) < self.best_val_loss;
                 if improved {
@@ -280,8 +468,9 @@ impl Run {
                 if it > 0 && improved {
                     save_to.push(self.paths.best());
                 }
-                if let Err(e) =
-                    plot::plot_metrics(metrics.path(), &out_dir.join(plot::LOSS_PLOT_FILE))
+                if let Some(Err(e)) = metrics
+                    .as_ref()
+                    .map(|m| plot::plot_metrics(m.path(), &out_dir.join(plot::LOSS_PLOT_FILE)))
                 {
                     say(&progress, format!("warning: could not draw loss.png: {e}"));
                 }
@@ -293,16 +482,27 @@ impl Run {
             if it == 0 && cfg.eval_only {
                 break;
             }
-            // One optimisation step: accumulate over micro-steps, clip, AdamW. Batches are
-            // drawn here (not prefetched) so a checkpoint's loader state is exactly the state
-            // before this step's data.
+            // One optimisation step: this rank's share of the micro-steps (global indices
+            // rank*local_accum ..), each scaled by 1/accum so that the sum over ranks is the
+            // mean over all micro-steps; one all-reduce of the gradients; clip; AdamW.
             let step_start = Instant::now();
             self.engine.zero_grad();
-            let mut loss = 0f32;
-            for _ in 0..accum {
+            let mut loss_sum = [0f32];
+            let mut data_base = self.loader.state();
+            let mut drop_base = Rng {
+                state: self.engine.rng_state(),
+            };
+            let (data_key, drop_key) = (next_key(&mut data_base.train), next_key(&mut drop_base));
+            for j in 0..local_accum {
+                let g = (rank * local_accum + j) as u64;
+                self.loader.set_state(&LoaderState {
+                    train: Rng::derive(data_key, g),
+                    val: data_base.val.clone(),
+                });
+                self.engine.set_rng_state(Rng::derive(drop_key, g).state);
                 self.loader
                     .next_batch(Split::Train, &mut inputs, &mut targets)?;
-                loss = self.engine.forward_backward(
+                loss_sum[0] += self.engine.forward_backward(
                     Batch {
                         inputs: &inputs,
                         targets: &targets,
@@ -312,6 +512,13 @@ impl Run {
                     1.0 / accum as f32,
                 )?;
             }
+            self.loader.set_state(&data_base);
+            self.engine.set_rng_state(drop_base.state);
+            if world > 1 {
+                self.pg.all_reduce_sum(self.engine.grads_mut())?;
+                self.pg.all_reduce_sum(&mut loss_sum)?;
+            }
+            let loss = loss_sum[0] / accum as f32;
             let norm = self.engine.step(&hp, lr);
             if !loss.is_finite() {
                 bail!("loss became {loss} at iter {it}; lower learning_rate or check the data");
@@ -319,7 +526,10 @@ impl Run {
             self.tokens_seen += tokens_per_iter;
             summary.losses.push((it, loss));
             let dt = step_start.elapsed().as_secs_f64();
-            if it.is_multiple_of(cfg.log_interval.max(1)) {
+            if let Some(metrics) = metrics
+                .as_mut()
+                .filter(|_| it.is_multiple_of(cfg.log_interval.max(1)))
+            {
                 let tok_s = tokens_per_iter as f64 / dt;
                 let achieved = flops_per_iter / dt;
                 let perf = match peak {

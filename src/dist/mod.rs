@@ -1,0 +1,145 @@
+//! Distributed data-parallel training: the launch environment ([`env`], [`hostlist`]), the
+//! rendezvous of all ranks at rank 0 ([`rendezvous`]), the [`ProcessGroup`] collectives
+//! the trainer uses (a TCP ring on CPUs: [`tcp`]; one process: [`SingleProcess`]), and the
+//! local launcher behind `nanogpt launch` ([`launch`]).
+//!
+//! Failure model: every socket has read and write timeouts (`dist_timeout`), and each rank
+//! keeps its rendezvous connection to rank 0 open for the whole run. A rank that exits or
+//! crashes closes its connections, which every other rank notices at once (directly, or
+//! through rank 0) and stops with a message naming that rank; a rank that stalls makes its
+//! ring neighbours time out after `dist_timeout` seconds, and they stop the rest the same
+//! way. No rank ever waits forever.
+
+pub mod env;
+pub mod hostlist;
+pub mod launch;
+pub mod rendezvous;
+pub mod tcp;
+
+pub use env::{EnvChoice, LaunchInfo, Launcher};
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("{0}")]
+    Env(String),
+    #[error("hostlist {list:?} (from SLURM_JOB_NODELIST): {reason}")]
+    Hostlist { list: String, reason: String },
+    #[error("rendezvous at {addr}: {reason}")]
+    Rendezvous { addr: String, reason: String },
+    #[error(
+        "rank {peer} ({addr}) stopped responding: nothing heard from it for {secs} s; it may \
+         have hung, been stopped, or its host is unreachable (the limit follows dist_timeout)"
+    )]
+    Stalled {
+        peer: usize,
+        addr: String,
+        secs: u64,
+    },
+    #[error(
+        "rank {peer} ({addr}) closed its connection: it exited or crashed (see its output for \
+         the cause)"
+    )]
+    PeerGone { peer: usize, addr: String },
+    #[error("network error talking to rank {peer} ({addr}): {source}")]
+    Io {
+        peer: usize,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Collective operations over all ranks of a job. Every rank must call the same
+/// operations in the same order with buffers of the same length. An implementation must
+/// never block forever: a peer that is gone or silent for longer than its timeout is an
+/// error.
+///
+/// The CPU implementation is [`tcp::TcpProcessGroup`]; a GPU implementation (NCCL) can
+/// bootstrap from it by broadcasting its unique id with [`ProcessGroup::broadcast`].
+pub trait ProcessGroup: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum over all ranks; every rank ends with the same result.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError>;
+    /// Element-wise mean over all ranks.
+    fn all_reduce_avg(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
+        self.all_reduce_sum(buf)?;
+        let inv = 1.0 / self.world_size() as f32;
+        if self.world_size() > 1 {
+            buf.iter_mut().for_each(|x| *x *= inv);
+        }
+        Ok(())
+    }
+    /// Copies `root`'s bytes into every rank's `buf`.
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), DistError>;
+    /// [`ProcessGroup::broadcast`] of a float buffer.
+    fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
+        self.broadcast(bytemuck::cast_slice_mut(buf), root)
+    }
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), DistError>;
+    /// Ends the job cleanly: a last barrier, then peers are told that this rank's exit is
+    /// expected (after this, a closed connection is no longer an error).
+    fn finish(&mut self) -> Result<(), DistError>;
+    /// Short description for logs ("tcp ring, 4 ranks").
+    fn describe(&self) -> String;
+}
+
+/// The process group of a job with one process: every collective is the identity.
+#[derive(Debug, Default)]
+pub struct SingleProcess;
+
+impl ProcessGroup for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [u8], root: usize) -> Result<(), DistError> {
+        if root != 0 {
+            return Err(DistError::Other(format!(
+                "broadcast from rank {root} in a job of one rank"
+            )));
+        }
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "single process".into()
+    }
+}
+
+/// Settings of a process group.
+#[derive(Clone, Debug)]
+pub struct DistOptions {
+    /// How long a collective (or the rendezvous) may wait on a peer.
+    pub timeout: Duration,
+    /// What the ranks must agree on: the effective config and model shape, as key/value
+    /// pairs (compared through a hash; differing keys are named in the error).
+    pub fingerprint: Vec<(String, String)>,
+}
+
+/// The process group for `info`: [`SingleProcess`] for one rank, otherwise a rendezvous
+/// at `info.master_addr:master_port` followed by a TCP ring.
+pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGroup>, DistError> {
+    if info.world_size <= 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    let rdzv = rendezvous::rendezvous(info, opts)?;
+    let pg = tcp::TcpProcessGroup::connect(rdzv, opts.timeout)?;
+    pg.watch_peers();
+    Ok(Box::new(pg))
+}
