@@ -13,6 +13,7 @@
 pub mod loader;
 pub mod meta;
 pub mod prepare;
+pub mod shuffle;
 
 use std::path::PathBuf;
 
