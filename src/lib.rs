@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod fsutil;
+pub mod hub;
 pub mod model;
 pub mod optim;
 pub mod rng;
