@@ -158,6 +158,7 @@ pub fn prepare_with(a: &PrepareArgs) -> Result<()> {
         num_proc: a.num_proc,
         output,
         skip_space_check: a.skip_space_check,
+        interrupt: None,
     };
     let report = prepare_bpe::run(&job)?;
     eprintln!("{report}");

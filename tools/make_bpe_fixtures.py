@@ -3,6 +3,10 @@
 
 - tokenizer.json: tricky strings and their ids from Python tiktoken's GPT-2 encoding
   (encode_ordinary, so "<|endoftext|>" inside text is ordinary text).
+- corpus.jsonl + corpus_expected.json: a small synthetic corpus (generated here, no
+  third-party text) and the sha256 / token counts of the train.bin and val.bin that
+  nanoGPT's prepare.py steps (tools/nanogpt_prepare_reference.py, via Hugging Face
+  datasets) write for it.
 - permutation.json: numpy.random.default_rng(seed).permutation(n) for several n (full
   arrays for small n, sha256 of the little-endian uint32 array for large n, including
   OpenWebText's 8,013,769 documents), plus the train/test split that Hugging Face
@@ -158,6 +162,51 @@ def check_datasets_split():
     print(f"datasets {datasets.__version__}: train_test_split semantics confirmed", file=sys.stderr)
 
 
+def synthetic_corpus(n_docs=600):
+    rng = np.random.default_rng(7)
+    syll = ["ka", "to", "ri", "an", "the", "ing", "ed", "qu", "ix", "zo", "é", "ü", "日", "語", "Д", "ж"]
+    punct = [".", ",", "!", "?", ";", " -", " (", ")", "'s", "'ll", " 🦀", " <|endoftext|>", " 42", " 3.14", "\n", "\n\n", "  "]
+    docs = []
+    for _ in range(n_docs):
+        words = []
+        for _ in range(int(rng.integers(1, 40))):
+            w = "".join(syll[i] for i in rng.integers(0, len(syll), size=int(rng.integers(1, 4))))
+            if rng.random() < 0.1:
+                w = w.capitalize()
+            words.append(w)
+            if rng.random() < 0.2:
+                words[-1] += punct[int(rng.integers(0, len(punct)))]
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_corpus(out_dir):
+    import subprocess
+    import tempfile
+
+    path = os.path.join(out_dir, "corpus.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(synthetic_corpus()):
+            f.write(json.dumps({"id": i, "text": d}) + "\n")
+    expected = {}
+    for test_size in ["0.0005", "0.05"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, HF_DATASETS_CACHE=os.path.join(tmp, "cache"), HF_HUB_OFFLINE="1")
+            out = subprocess.run(
+                [sys.executable, os.path.join(os.path.dirname(__file__), "nanogpt_prepare_reference.py"),
+                 "json", path, os.path.join(tmp, "out"), "--test_size", test_size],
+                check=True, capture_output=True, text=True, env=env).stdout
+        res = {}
+        for line in out.splitlines():
+            name, tokens, _, _, digest = line.split()
+            res[name] = {"tokens": int(tokens), "sha256": digest}
+        expected[test_size] = res
+    with open(os.path.join(out_dir, "corpus_expected.json"), "w") as f:
+        json.dump({"source": "tools/nanogpt_prepare_reference.py (nanoGPT prepare.py steps via datasets)",
+                   "expected": expected}, f, indent=1)
+        f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks")
@@ -174,6 +223,7 @@ def main():
     with open(os.path.join(args.out, "permutation.json"), "w") as f:
         json.dump({"source": f"numpy {np.__version__} default_rng(seed).permutation(n)", **permutation_fixtures()}, f)
         f.write("\n")
+    write_corpus(args.out)
     print(f"wrote {len(cases)} tokenizer cases and permutation fixtures to {args.out}", file=sys.stderr)
 
 

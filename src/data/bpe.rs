@@ -95,6 +95,22 @@ pub struct BpeJob {
     pub output: OutputFormat,
     /// Skip the free-space check.
     pub skip_space_check: bool,
+    /// Stop with an error part-way, as a killed run would (for restart tests).
+    pub interrupt: Option<Interrupt>,
+}
+
+/// Where [`BpeJob::interrupt`] stops a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interrupt {
+    /// In the tokenize pass, half-way through the unit after this many units (its first
+    /// records already written).
+    AfterUnits(usize),
+    /// In the gather pass, after this many buckets.
+    AfterBuckets(usize),
+}
+
+fn interrupted() -> DataError {
+    DataError::Prepare("preparation interrupted".into())
 }
 
 /// What a preparation produced.
@@ -510,6 +526,7 @@ fn tokenize_pass(
     let shared = Mutex::new((state.clone(), Instant::now()));
     let dest_path = work.join(DEST_FILE);
     let tokens_seen = AtomicU64::new(0);
+    let units_started = AtomicU64::new(0);
 
     let commit = |force: bool| -> Result<(), DataError> {
         let mut guard = if force {
@@ -568,7 +585,16 @@ fn tokenize_pass(
             Ok(())
         };
         let mut unit_tokens = 0u64;
+        let started = units_started.fetch_add(1, Ordering::SeqCst) as usize;
+        let stop_at = match job.interrupt {
+            Some(Interrupt::AfterUnits(k)) if started >= k => Some(unit.first_doc + unit.docs / 2),
+            _ => None,
+        };
         job.source.read_unit(unit, &mut |doc, text| {
+            if Some(doc) == stop_at {
+                flush(&mut local)?;
+                return Err(interrupted());
+            }
             ids.clear();
             bpe.encode_into(text, &mut ids);
             ids.push(GPT2_EOT);
@@ -821,6 +847,9 @@ fn gather_pass(
         save_state(work, state)?;
         fs::remove_file(&path).map_err(|e| DataError::io("cannot remove", &path, e))?;
         bar.inc(state.bucket_lens[b]);
+        if job.interrupt == Some(Interrupt::AfterBuckets(b + 1)) {
+            return Err(interrupted());
+        }
     }
     bar.finish_and_clear();
     Ok((val.finish()?, train.finish()?))
