@@ -53,7 +53,11 @@ pub struct PrepareArgs {
     #[arg(long, default_value = "nanogpt")]
     pub format: String,
     /// llmc format: tokens per shard
-    #[arg(long = "shard_size", alias = "shard-size", default_value_t = 100_000_000)]
+    #[arg(
+        long = "shard_size",
+        alias = "shard-size",
+        default_value_t = 100_000_000
+    )]
     pub shard_size: u64,
     /// Do not refuse when the disk looks too small
     #[arg(long = "skip_space_check", alias = "skip-space-check")]
@@ -144,7 +148,9 @@ pub fn prepare_with(a: &PrepareArgs) -> Result<()> {
             hub_source::fetch(&client, ds, &out_dir, &cache_dir, 1.3, a.skip_space_check)?
         }
         (None, Some(glob)) => Source::local_files(glob)?,
-        (None, None) => bail!("{dataset}: give the corpus with --input GLOB or --dataset REPO --files GLOB"),
+        (None, None) => {
+            bail!("{dataset}: give the corpus with --input GLOB or --dataset REPO --files GLOB")
+        }
     };
     let job = prepare_bpe::BpeJob {
         source: Source {

@@ -83,8 +83,9 @@ impl HubClient {
                 .unwrap_or_else(|| PathBuf::from("."))
                 .join(".cache/huggingface/hub"),
         };
-        let offline = env_nonempty("HF_HUB_OFFLINE")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let offline = env_nonempty("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        });
         Ok(HubClient {
             endpoint,
             token: env_nonempty("HF_TOKEN"),
@@ -264,7 +265,8 @@ impl HubClient {
                     });
                 }
             };
-            file.write_all(&buf[..n]).map_err(io("cannot write", &partial))?;
+            file.write_all(&buf[..n])
+                .map_err(io("cannot write", &partial))?;
             got += n as u64;
             bar.inc(n as u64);
         }
@@ -291,7 +293,11 @@ impl HubClient {
 fn next_link(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
         let (url, rest) = part.split_once(';')?;
-        rest.contains("rel=\"next\"")
-            .then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+        rest.contains("rel=\"next\"").then(|| {
+            url.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
+        })
     })
 }

@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize a dataset into train.bin / val.bin (e.g. `nanogpt prepare openwebtext`)
-    Prepare(nanogpt::cli::PrepareArgs),
+    Prepare(Box<nanogpt::cli::PrepareArgs>),
     /// Train a model: config files (TOML) then --key=value overrides, as nanoGPT's train.py
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

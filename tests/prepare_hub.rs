@@ -4,7 +4,7 @@
 //! leave no output behind.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The fixture corpus as `parts` parquet files (bytes), written with the arrow writer.
@@ -30,7 +33,12 @@ fn parquet_shards(parts: usize) -> Vec<Vec<u8>> {
     let texts: Vec<String> = std::fs::read_to_string(fixtures().join("corpus.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     texts
         .chunks(texts.len().div_ceil(parts))
@@ -100,7 +108,10 @@ fn serve(mut stream: TcpStream, state: &Mutex<HubState>) {
         // Two pages: the first half of the files, then the rest behind a Link header.
         let half = st.files.len() / 2;
         let (items, link) = if target == tree {
-            (&st.files[..half], Some(format!("<{}&cursor=2>; rel=\"next\"", tree)))
+            (
+                &st.files[..half],
+                Some(format!("<{}&cursor=2>; rel=\"next\"", tree)),
+            )
         } else {
             (&st.files[half..], None)
         };
@@ -110,7 +121,10 @@ fn serve(mut stream: TcpStream, state: &Mutex<HubState>) {
             .chain(std::iter::once(serde_json::json!({"type": "directory", "path": "plain_text"})))
             .collect();
         let body = serde_json::to_vec(&json).unwrap();
-        let mut hs = vec![("Content-Type", "application/json".to_string()), ("Content-Length", body.len().to_string())];
+        let mut hs = vec![
+            ("Content-Type", "application/json".to_string()),
+            ("Content-Length", body.len().to_string()),
+        ];
         if let Some(l) = link {
             // Absolute URL, as the Hub sends it.
             let port_url = format!("http://{}", stream.local_addr().unwrap());
@@ -120,8 +134,18 @@ fn serve(mut stream: TcpStream, state: &Mutex<HubState>) {
         return;
     }
     if let Some(path) = target.strip_prefix(&resolve) {
-        let Some(bytes) = st.files.iter().find(|(p, _)| p == path).map(|f| f.1.clone()) else {
-            respond(&mut stream, "404 Not Found", &[("Content-Length", "0".into())], b"");
+        let Some(bytes) = st
+            .files
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|f| f.1.clone())
+        else {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                &[("Content-Length", "0".into())],
+                b"",
+            );
             return;
         };
         let start = range
@@ -130,7 +154,11 @@ fn serve(mut stream: TcpStream, state: &Mutex<HubState>) {
             .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
             .unwrap_or(0);
         let body = &bytes[start..];
-        let status = if start > 0 { "206 Partial Content" } else { "200 OK" };
+        let status = if start > 0 {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
         let hs = [("Content-Length", body.len().to_string())];
         if let Some((p, n)) = st.cut.clone() {
             if p == path {
@@ -145,7 +173,12 @@ fn serve(mut stream: TcpStream, state: &Mutex<HubState>) {
         respond(&mut stream, status, &hs, body);
         return;
     }
-    respond(&mut stream, "404 Not Found", &[("Content-Length", "0".into())], b"");
+    respond(
+        &mut stream,
+        "404 Not Found",
+        &[("Content-Length", "0".into())],
+        b"",
+    );
 }
 
 impl FakeHub {
@@ -190,8 +223,18 @@ fn prepare_to(
     extra: &[&str],
 ) -> (bool, String) {
     let mut args = vec![
-        "prepare", "parquet", "--dataset", repo, "--files", "plain_text/train-*.parquet",
-        "--out_dir", out, "--test_size", "0.05", "--num_proc", "2",
+        "prepare",
+        "parquet",
+        "--dataset",
+        repo,
+        "--files",
+        "plain_text/train-*.parquet",
+        "--out_dir",
+        out,
+        "--test_size",
+        "0.05",
+        "--num_proc",
+        "2",
     ];
     args.extend_from_slice(extra);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nanogpt"));
@@ -207,7 +250,10 @@ fn prepare_to(
         cmd.env_remove("HF_HUB_OFFLINE");
     }
     let o = cmd.output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn expected_train_sha() -> String {
@@ -215,7 +261,10 @@ fn expected_train_sha() -> String {
         &std::fs::read_to_string(fixtures().join("corpus_expected.json")).unwrap(),
     )
     .unwrap();
-    v["expected"]["0.05"]["train.bin"]["sha256"].as_str().unwrap().to_string()
+    v["expected"]["0.05"]["train.bin"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -254,25 +303,54 @@ fn download_resume_and_offline() {
         let resumed = st.log.iter().any(|(t, r)| {
             t.ends_with(&cut_path) && r.as_deref().is_some_and(|r| r.starts_with("bytes=3000-"))
         });
-        assert!(resumed, "no Range request resumed the cut download: {:?}", st.log);
+        assert!(
+            resumed,
+            "no Range request resumed the cut download: {:?}",
+            st.log
+        );
         // Only the matching shards were downloaded, README.md was not.
         assert!(!st.log.iter().any(|(t, _)| t.ends_with("README.md")));
     }
     // No partial downloads are left in the cache.
     let cached = files_under(&dir.path().join("hub-cache"));
-    assert_eq!(cached.iter().filter(|p| p.to_string_lossy().ends_with(".parquet")).count(), 3, "{cached:?}");
-    assert!(!cached.iter().any(|p| p.to_string_lossy().contains("incomplete")), "{cached:?}");
+    assert_eq!(
+        cached
+            .iter()
+            .filter(|p| p.to_string_lossy().ends_with(".parquet"))
+            .count(),
+        3,
+        "{cached:?}"
+    );
+    assert!(
+        !cached
+            .iter()
+            .any(|p| p.to_string_lossy().contains("incomplete")),
+        "{cached:?}"
+    );
 
     // Offline, with the server gone: prepared again from the cache.
     std::fs::remove_file(dir.path().join("out/train.bin")).unwrap();
     let (ok, err) = prepare(dir.path(), "http://127.0.0.1:1", true, &[]);
     assert!(ok, "{err}");
-    assert_eq!(sha256(&std::fs::read(dir.path().join("out/train.bin")).unwrap()), expected_train_sha());
+    assert_eq!(
+        sha256(&std::fs::read(dir.path().join("out/train.bin")).unwrap()),
+        expected_train_sha()
+    );
 
     // Offline and never downloaded: a clear error naming HF_HUB_OFFLINE.
-    let (ok, err) = prepare_to(dir.path(), "http://127.0.0.1:1", true, REPO, "other", &["--revision", "v2"]);
+    let (ok, err) = prepare_to(
+        dir.path(),
+        "http://127.0.0.1:1",
+        true,
+        REPO,
+        "other",
+        &["--revision", "v2"],
+    );
     assert!(!ok);
-    assert!(err.contains("HF_HUB_OFFLINE") || err.contains("offline"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") || err.contains("offline"),
+        "{err}"
+    );
     assert!(!dir.path().join("other/train.bin").exists());
 }
 
@@ -284,7 +362,10 @@ fn bad_answers_fail_clearly_and_leave_nothing() {
     let empty = FakeHub::start(vec![]);
     let (ok, err) = prepare_to(dir.path(), &empty.url, false, "nobody/nothing", "out", &[]);
     assert!(!ok);
-    assert!(err.contains("nobody/nothing") && err.contains("404"), "{err}");
+    assert!(
+        err.contains("nobody/nothing") && err.contains("404"),
+        "{err}"
+    );
     assert!(!dir.path().join("out/train.bin").exists());
 
     // Corrupt and truncated parquet files.
@@ -309,9 +390,18 @@ fn bad_answers_fail_clearly_and_leave_nothing() {
             err.contains("train-00001-of-00002.parquet") && err.contains("parquet"),
             "{name}: {err}"
         );
-        assert!(err.contains("corrupt") || err.contains("truncated"), "{name}: {err}");
+        assert!(
+            err.contains("corrupt") || err.contains("truncated"),
+            "{name}: {err}"
+        );
         let out = sub.join("out");
-        assert!(!out.join("train.bin").exists() && !out.join("val.bin").exists(), "{name}");
-        assert!(!out.join(".prepare-work").exists(), "{name}: work left behind");
+        assert!(
+            !out.join("train.bin").exists() && !out.join("val.bin").exists(),
+            "{name}"
+        );
+        assert!(
+            !out.join(".prepare-work").exists(),
+            "{name}: work left behind"
+        );
     }
 }

@@ -41,7 +41,12 @@ fn corpus_texts() -> Vec<String> {
     std::fs::read_to_string(fixtures().join("corpus.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -58,9 +63,12 @@ fn write_parquet_corpus(dir: &Path, parts: usize) -> Vec<PathBuf> {
         let props = WriterProperties::builder()
             .set_max_row_group_row_count(Some(37))
             .build();
-        let mut w =
-            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props))
-                .unwrap();
+        let mut w = ArrowWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            batch.schema(),
+            Some(props),
+        )
+        .unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
         files.push(path);
@@ -99,8 +107,13 @@ fn jsonl_and_parquet_match_nanogpt_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     for (ts, tss) in [(0.0005, "0.0005"), (0.05, "0.05")] {
         let out = dir.path().join(format!("jsonl-{tss}"));
-        let r = bpe::run(&job(Format::Jsonl, vec![fixtures().join("corpus.jsonl")], &out, ts))
-            .unwrap();
+        let r = bpe::run(&job(
+            Format::Jsonl,
+            vec![fixtures().join("corpus.jsonl")],
+            &out,
+            ts,
+        ))
+        .unwrap();
         assert_matches_nanogpt(&out, tss);
         assert_eq!(r.documents, 600);
         assert_eq!(r.val_tokens, expected(tss, "val.bin").0);
@@ -162,7 +175,12 @@ fn interrupted_runs_resume_to_the_same_bytes() {
 fn llmc_shards_hold_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("shards");
-    let mut j = job(Format::Jsonl, vec![fixtures().join("corpus.jsonl")], &out, 0.05);
+    let mut j = job(
+        Format::Jsonl,
+        vec![fixtures().join("corpus.jsonl")],
+        &out,
+        0.05,
+    );
     j.output = OutputFormat::Llmc {
         name: "synth".into(),
         shard_tokens: 10_000,
@@ -189,7 +207,13 @@ fn llmc_shards_hold_the_same_tokens() {
     );
     // Headers, and the concatenated tokens equal nanoGPT's train.bin.
     let raw = dir.path().join("raw");
-    bpe::run(&job(Format::Jsonl, vec![fixtures().join("corpus.jsonl")], &raw, 0.05)).unwrap();
+    bpe::run(&job(
+        Format::Jsonl,
+        vec![fixtures().join("corpus.jsonl")],
+        &raw,
+        0.05,
+    ))
+    .unwrap();
     let mut cat = Vec::new();
     for n in &names[..4] {
         let b = std::fs::read(out.join(n)).unwrap();
@@ -219,35 +243,86 @@ fn command_line_prepare_and_its_errors() {
     let corpus = fixtures().join("corpus.jsonl");
     let o = nanogpt(
         dir.path(),
-        &["prepare", "jsonl", "--input", corpus.to_str().unwrap(), "--out_dir", "d", "--num_proc", "2"],
+        &[
+            "prepare",
+            "jsonl",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out_dir",
+            "d",
+            "--num_proc",
+            "2",
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("train has 36,421 tokens") && err.contains("val has 106 tokens"), "{err}");
+    assert!(
+        err.contains("train has 36,421 tokens") && err.contains("val has 106 tokens"),
+        "{err}"
+    );
     assert!(err.contains("disk space: needs about"), "{err}");
-    assert_eq!(sha256_file(&dir.path().join("d/train.bin")), expected("0.0005", "train.bin").1);
+    assert_eq!(
+        sha256_file(&dir.path().join("d/train.bin")),
+        expected("0.0005", "train.bin").1
+    );
 
     let o = nanogpt(
         dir.path(),
-        &["prepare", "jsonl", "--input", corpus.to_str().unwrap(), "--column", "body", "--out_dir", "e"],
+        &[
+            "prepare",
+            "jsonl",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--column",
+            "body",
+            "--out_dir",
+            "e",
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("corpus.jsonl") && err.contains("\"body\"") && err.contains("--column"), "{err}");
+    assert!(
+        err.contains("corpus.jsonl") && err.contains("\"body\"") && err.contains("--column"),
+        "{err}"
+    );
     assert!(!dir.path().join("e/train.bin").exists());
 
-    let o = nanogpt(dir.path(), &["prepare", "parquet", "--input", "nothing/*.parquet"]);
+    let o = nanogpt(
+        dir.path(),
+        &["prepare", "parquet", "--input", "nothing/*.parquet"],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("nothing/*.parquet") && err.contains("no file matches"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("nothing/*.parquet") && err.contains("no file matches"),
+        "{err}"
+    );
 
     // One text file is one document: too few to split.
-    std::fs::write(dir.path().join("one.txt"), "just one document\nor two lines\n").unwrap();
-    let o = nanogpt(dir.path(), &["prepare", "text", "--input", "one.txt", "--out_dir", "t"]);
+    std::fs::write(
+        dir.path().join("one.txt"),
+        "just one document\nor two lines\n",
+    )
+    .unwrap();
+    let o = nanogpt(
+        dir.path(),
+        &["prepare", "text", "--input", "one.txt", "--out_dir", "t"],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--sample_by"), "{err}");
     let o = nanogpt(
         dir.path(),
-        &["prepare", "text", "--input", "one.txt", "--out_dir", "t", "--sample_by", "line", "--test_size", "0.5"],
+        &[
+            "prepare",
+            "text",
+            "--input",
+            "one.txt",
+            "--out_dir",
+            "t",
+            "--sample_by",
+            "line",
+            "--test_size",
+            "0.5",
+        ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -135,7 +135,10 @@ pub struct BpeReport {
 impl std::fmt::Display for BpeReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.already_done {
-            writeln!(f, "already prepared (same inputs and settings); nothing to do")?;
+            writeln!(
+                f,
+                "already prepared (same inputs and settings); nothing to do"
+            )?;
         }
         writeln!(
             f,
@@ -165,7 +168,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -262,7 +265,13 @@ pub fn run(job: &BpeJob) -> Result<BpeReport, DataError> {
             }
             remove_stale_outputs(out_dir, &job.output)?;
             fs::create_dir_all(&work).map_err(|e| DataError::io("cannot create", &work, e))?;
-            new_state(fingerprint.clone(), &units, documents, n_val as u64, text_bytes)
+            new_state(
+                fingerprint.clone(),
+                &units,
+                documents,
+                n_val as u64,
+                text_bytes,
+            )
         }
     };
     let resumed = state.units_done.iter().any(|d| *d) || state.gathered > 0;
@@ -342,7 +351,8 @@ fn fingerprint(job: &BpeJob, units: &[Unit]) -> Result<String, DataError> {
     let mut h = Sha256::new();
     h.update(format!("nanogpt-bpe-v{WORK_VERSION}\n"));
     for path in &job.source.files {
-        let m = fs::metadata(path).map_err(|e| DataError::io("cannot read metadata of", path, e))?;
+        let m =
+            fs::metadata(path).map_err(|e| DataError::io("cannot read metadata of", path, e))?;
         let mtime = m
             .modified()
             .ok()
@@ -351,9 +361,21 @@ fn fingerprint(job: &BpeJob, units: &[Unit]) -> Result<String, DataError> {
         let abs = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         h.update(format!("{}\t{}\t{mtime}\n", abs.display(), m.len()));
     }
-    h.update(serde_json::to_string(&(&job.source.format, &job.source.column, &job.output)).unwrap_or_default());
-    h.update(format!("{}\t{}\t{}\n", job.test_size, job.seed, units.len()));
-    Ok(h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
+    h.update(
+        serde_json::to_string(&(&job.source.format, &job.source.column, &job.output))
+            .unwrap_or_default(),
+    );
+    h.update(format!(
+        "{}\t{}\t{}\n",
+        job.test_size,
+        job.seed,
+        units.len()
+    ));
+    Ok(h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn load_summary(out_dir: &Path) -> Option<BpeReport> {
@@ -413,7 +435,13 @@ fn remove_stale_outputs(out_dir: &Path, output: &OutputFormat) -> Result<(), Dat
     Ok(())
 }
 
-fn new_state(fingerprint: String, units: &[Unit], documents: u64, n_val: u64, text_bytes: u64) -> State {
+fn new_state(
+    fingerprint: String,
+    units: &[Unit],
+    documents: u64,
+    n_val: u64,
+    text_bytes: u64,
+) -> State {
     // Bucket size in documents from the estimated tokens per document.
     let tokens_per_doc = (text_bytes / 4 / documents.max(1)).max(1) + 1;
     let mut bucket_docs = (BUCKET_TOKENS / tokens_per_doc).max(1024);
@@ -530,7 +558,9 @@ fn tokenize_pass(
 
     let commit = |force: bool| -> Result<(), DataError> {
         let mut guard = if force {
-            shared.lock().expect("commit lock is never poisoned by a panic-free commit")
+            shared
+                .lock()
+                .expect("commit lock is never poisoned by a panic-free commit")
         } else {
             match shared.try_lock() {
                 Ok(g) => g,
@@ -658,9 +688,9 @@ impl Sink {
     fn path(&self, shard: u64) -> PathBuf {
         match &self.format {
             OutputFormat::NanoGpt => self.work.join(format!("{}.bin", self.split)),
-            OutputFormat::Llmc { name, .. } => {
-                self.work.join(format!("{name}_{}_{shard:06}.bin", self.split))
-            }
+            OutputFormat::Llmc { name, .. } => self
+                .work
+                .join(format!("{name}_{}_{shard:06}.bin", self.split)),
         }
     }
 
@@ -672,7 +702,12 @@ impl Sink {
     }
 
     /// Opens the sink at its recorded state (cutting off anything written after it).
-    fn open(split: &'static str, work: &Path, format: &OutputFormat, state: SinkState) -> Result<Sink, DataError> {
+    fn open(
+        split: &'static str,
+        work: &Path,
+        format: &OutputFormat,
+        state: SinkState,
+    ) -> Result<Sink, DataError> {
         let mut sink = Sink {
             split,
             work: work.to_path_buf(),
@@ -697,8 +732,10 @@ impl Sink {
             .open(&path)
             .map_err(|e| DataError::io("cannot open", &path, e))?;
         let len = self.header_bytes() + 2 * self.state.shard_tokens;
-        f.set_len(len).map_err(|e| DataError::io("cannot truncate", &path, e))?;
-        f.seek(SeekFrom::Start(len)).map_err(|e| DataError::io("cannot seek in", &path, e))?;
+        f.set_len(len)
+            .map_err(|e| DataError::io("cannot truncate", &path, e))?;
+        f.seek(SeekFrom::Start(len))
+            .map_err(|e| DataError::io("cannot seek in", &path, e))?;
         self.file = Some(BufWriter::with_capacity(1 << 20, f));
         Ok(())
     }
@@ -712,8 +749,12 @@ impl Sink {
             };
             let take = (room.min(bytes.len() as u64 / 2) * 2) as usize;
             let path = self.path(self.state.shard);
-            let f = self.file.as_mut().expect("the sink file is open between calls");
-            f.write_all(&bytes[..take]).map_err(|e| DataError::io("cannot write", &path, e))?;
+            let f = self
+                .file
+                .as_mut()
+                .expect("the sink file is open between calls");
+            f.write_all(&bytes[..take])
+                .map_err(|e| DataError::io("cannot write", &path, e))?;
             self.state.tokens += take as u64 / 2;
             self.state.shard_tokens += take as u64 / 2;
             bytes = &bytes[take..];
@@ -745,7 +786,8 @@ impl Sink {
                 .and_then(|_| f.write_all(&header))
                 .map_err(|e| DataError::io("cannot write", &path, e))?;
         }
-        f.sync_all().map_err(|e| DataError::io("cannot sync", &path, e))?;
+        f.sync_all()
+            .map_err(|e| DataError::io("cannot sync", &path, e))?;
         self.finished.push(path);
         Ok(())
     }
@@ -753,7 +795,10 @@ impl Sink {
     /// Flushes and syncs what was appended; the returned state is safe to record.
     fn commit(&mut self) -> Result<SinkState, DataError> {
         let path = self.path(self.state.shard);
-        let f = self.file.as_mut().expect("the sink file is open between calls");
+        let f = self
+            .file
+            .as_mut()
+            .expect("the sink file is open between calls");
         f.flush()
             .and_then(|_| f.get_ref().sync_data())
             .map_err(|e| DataError::io("cannot write", &path, e))?;
@@ -791,7 +836,8 @@ fn corrupt_work(path: &Path, what: &str) -> DataError {
     DataError::Prepare(format!(
         "{}: {what}; the work directory is damaged: delete {} and run again",
         path.display(),
-        path.parent().map_or_else(|| path.display().to_string(), |p| p.display().to_string())
+        path.parent()
+            .map_or_else(|| path.display().to_string(), |p| p.display().to_string())
     ))
 }
 
@@ -812,7 +858,11 @@ fn gather_pass(
         let mut recs = index_records(&bytes, &path)?;
         recs.sort_unstable_by_key(|r| r.0);
         let (lo, hi) = state.buckets[b];
-        let sink = if lo < state.val_documents { &mut val } else { &mut train };
+        let sink = if lo < state.val_documents {
+            &mut val
+        } else {
+            &mut train
+        };
         let mut expected = lo;
         let mut prev: Option<(usize, usize)> = None;
         for &(pos, start, n) in &recs {

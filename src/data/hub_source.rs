@@ -51,7 +51,13 @@ struct Manifest {
 fn manifest_path(dir: &Path, ds: &HubDataset) -> PathBuf {
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     };
     dir.join(format!(
@@ -63,7 +69,10 @@ fn manifest_path(dir: &Path, ds: &HubDataset) -> PathBuf {
 }
 
 fn hub_err(ds: &HubDataset, e: impl std::fmt::Display) -> DataError {
-    DataError::Prepare(format!("Hugging Face Hub, dataset {}@{}: {e}", ds.repo, ds.revision))
+    DataError::Prepare(format!(
+        "Hugging Face Hub, dataset {}@{}: {e}",
+        ds.repo, ds.revision
+    ))
 }
 
 /// Lists, checks space for, and downloads the files of `ds`; returns local paths in
@@ -105,7 +114,11 @@ pub fn fetch(
         .build()
         .map_err(|e| hub_err(ds, format!("invalid --files glob {:?}: {e}", ds.files)))?
         .compile_matcher();
-    let mut files: Vec<HubFile> = all.iter().filter(|f| glob.is_match(&f.path)).cloned().collect();
+    let mut files: Vec<HubFile> = all
+        .iter()
+        .filter(|f| glob.is_match(&f.path))
+        .cloned()
+        .collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     if files.is_empty() {
         let some: Vec<&str> = all.iter().take(12).map(|f| f.path.as_str()).collect();
@@ -127,8 +140,11 @@ pub fn fetch(
     };
     std::fs::create_dir_all(manifest_dir)
         .map_err(|e| DataError::io("cannot create", manifest_dir, e))?;
-    fsutil::write_atomic(&manifest, &serde_json::to_vec_pretty(&m).expect("manifest serializes"))
-        .map_err(|e| DataError::io("cannot write", &manifest, e))?;
+    fsutil::write_atomic(
+        &manifest,
+        &serde_json::to_vec_pretty(&m).expect("manifest serializes"),
+    )
+    .map_err(|e| DataError::io("cannot write", &manifest, e))?;
 
     let total: u64 = files.iter().map(|f| f.size).sum();
     eprintln!(

@@ -589,8 +589,11 @@ mod tests {
             let toks: Vec<u16> = (0..40).map(|i| 1000 * k + i).collect();
             write_llmc_shard(&dir.path().join(format!("fw_train_{k:06}.bin")), &toks).unwrap();
         }
-        write_llmc_shard(&dir.path().join("fw_val_000000.bin"), &(0..20).collect::<Vec<_>>())
-            .unwrap();
+        write_llmc_shard(
+            &dir.path().join("fw_val_000000.bin"),
+            &(0..20).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let mut dl = DataLoader::new(dir.path(), 4, 8, 50257, 0, 0).unwrap();
         assert_eq!(dl.files(Split::Train).len(), 3);
         assert_eq!((dl.tokens(Split::Train), dl.tokens(Split::Val)), (120, 20));

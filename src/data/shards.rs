@@ -118,7 +118,10 @@ mod tests {
         write_llmc_shard(&p, &[1, 2, 50256]).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(bytes.len(), 1024 + 6);
-        assert_eq!(&bytes[0..12], &[0xd8, 0xa8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            &bytes[0..12],
+            &[0xd8, 0xa8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]
+        );
         assert_eq!(llmc_token_count(&bytes, 1030), Some(3));
         assert_eq!(llmc_token_count(&bytes, 1032), None);
         write_llmc_shard(&dir.path().join("fineweb_train_000002.bin"), &[4]).unwrap();

@@ -107,7 +107,10 @@ pub enum UnitRange {
     RowGroups { start: usize, end: usize },
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DataError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DataError + 'a {
     move |e| DataError::io(action, path, e)
 }
 
@@ -241,14 +244,9 @@ impl Source {
                 &self.column,
                 &mut emit,
             )?,
-            (Format::Jsonl, UnitRange::Bytes { start, end }) => read_lines(
-                path,
-                *start,
-                *end,
-                LineMode::Jsonl,
-                &self.column,
-                &mut emit,
-            )?,
+            (Format::Jsonl, UnitRange::Bytes { start, end }) => {
+                read_lines(path, *start, *end, LineMode::Jsonl, &self.column, &mut emit)?
+            }
             (format, range) => unreachable!("plan made a {range:?} unit for {format:?}"),
         }
         let read = doc - unit.first_doc;
@@ -487,15 +485,14 @@ fn read_lines(
             }
             LineMode::Jsonl => {
                 if !is_blank(content) {
-                    let text = json_field(content, column).map_err(|reason| {
-                        DataError::BadSource {
+                    let text =
+                        json_field(content, column).map_err(|reason| DataError::BadSource {
                             path: path.to_path_buf(),
                             reason: format!(
                                 "line at byte offset {}: {reason}",
                                 start as usize + offset
                             ),
-                        }
-                    })?;
+                        })?;
                     emit(&text)?;
                 }
             }
@@ -574,7 +571,11 @@ mod tests {
         assert_eq!(docs, vec![(0, "one\ntwo\n\n\nthree\nfour\n".to_string())]);
 
         let j = dir.path().join("b.jsonl");
-        std::fs::write(&j, "{\"text\": \"héllo\", \"id\": 1}\n\n{\"text\": \"x\\ny\"}").unwrap();
+        std::fs::write(
+            &j,
+            "{\"text\": \"héllo\", \"id\": 1}\n\n{\"text\": \"x\\ny\"}",
+        )
+        .unwrap();
         let s = Source {
             format: Format::Jsonl,
             files: vec![j.clone()],
@@ -589,7 +590,13 @@ mod tests {
             ..s
         };
         let u = &bad.plan().unwrap()[0];
-        let err = bad.read_unit(u, &mut |_, _| Ok(())).unwrap_err().to_string();
-        assert!(err.contains("b.jsonl") && err.contains("\"body\"") && err.contains("id, text"), "{err}");
+        let err = bad
+            .read_unit(u, &mut |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.jsonl") && err.contains("\"body\"") && err.contains("id, text"),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,11 @@ pub fn available_bytes(path: &Path) -> Option<u64> {
     while !p.exists() {
         p = p.parent()?;
     }
-    statvfs_available(if p.as_os_str().is_empty() { Path::new(".") } else { p })
+    statvfs_available(if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    })
 }
 
 #[cfg(unix)]
@@ -45,9 +49,13 @@ fn device_of(path: &Path) -> Option<u64> {
     while !p.exists() {
         p = p.parent()?;
     }
-    std::fs::metadata(if p.as_os_str().is_empty() { Path::new(".") } else { p })
-        .ok()
-        .map(|m| m.dev())
+    std::fs::metadata(if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    })
+    .ok()
+    .map(|m| m.dev())
 }
 
 #[cfg(not(unix))]

@@ -37,8 +37,11 @@ pub struct Gpt2Ranks {
 
 static RANKS: LazyLock<Gpt2Ranks> = LazyLock::new(Gpt2Ranks::load);
 
+/// Per-thread cache: piece bytes -> token ids.
+type PieceCache = FxHashMap<Box<[u8]>, Box<[u32]>>;
+
 thread_local! {
-    static CACHE: RefCell<FxHashMap<Box<[u8]>, Box<[u32]>>> = RefCell::new(FxHashMap::default());
+    static CACHE: RefCell<PieceCache> = RefCell::new(FxHashMap::default());
 }
 
 impl Gpt2Ranks {
