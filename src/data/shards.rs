@@ -120,7 +120,7 @@ mod tests {
         assert_eq!(bytes.len(), 1024 + 6);
         assert_eq!(
             &bytes[0..12],
-            &[0xd8, 0xa8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]
+            &[0x88, 0xd8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]
         );
         assert_eq!(llmc_token_count(&bytes, 1030), Some(3));
         assert_eq!(llmc_token_count(&bytes, 1032), None);
