@@ -3,24 +3,184 @@
 
 use crate::bench::{self, BenchSpec};
 use crate::config::{BenchConfig, SampleConfig, TrainConfig};
+use crate::data::bpe as prepare_bpe;
 use crate::data::prepare;
 use crate::engine;
 use crate::model::ParamLayout;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
-pub fn prepare(dataset: &str, input: Option<PathBuf>, out_dir: Option<PathBuf>) -> Result<()> {
-    let out_dir = out_dir.unwrap_or_else(|| Path::new("data").join(dataset));
-    match dataset {
-        "shakespeare_char" => {
-            let r = prepare::prepare_char(input.as_deref(), &out_dir)?;
-            eprintln!("{r}");
-            Ok(())
+/// Options of `nanogpt prepare`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrepareArgs {
+    /// What to prepare: shakespeare_char, openwebtext, or the format of your corpus (text,
+    /// jsonl, parquet) given with --input GLOB or --dataset REPO --files GLOB
+    pub dataset: String,
+    /// Corpus file(s): a path or a quoted glob (shakespeare_char: one text file)
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Where to write train.bin, val.bin (default data/<dataset>)
+    #[arg(long = "out_dir", alias = "out-dir")]
+    pub out_dir: Option<PathBuf>,
+    /// Hugging Face Hub dataset repository to read (e.g. HuggingFaceFW/fineweb)
+    #[arg(long = "dataset")]
+    pub hub_dataset: Option<String>,
+    /// With --dataset: glob of repository files (e.g. 'sample/10BT/*.parquet')
+    #[arg(long)]
+    pub files: Option<String>,
+    /// With --dataset or openwebtext: repository revision (branch, tag or commit)
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Hub download cache (default HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)
+    #[arg(long = "cache_dir", alias = "cache-dir")]
+    pub cache_dir: Option<PathBuf>,
+    /// Tokenizer threads (default: all cores)
+    #[arg(long = "num_proc", alias = "num-proc", default_value_t = 0)]
+    pub num_proc: usize,
+    /// jsonl / parquet: the field or column holding the text
+    #[arg(long, default_value = "text")]
+    pub column: String,
+    /// text: one document per file (document), per blank-line paragraph, or per line
+    #[arg(long = "sample_by", alias = "sample-by", default_value = "document")]
+    pub sample_by: String,
+    /// Fraction of documents in val.bin (nanoGPT: 0.0005)
+    #[arg(long = "test_size", alias = "test-size", default_value_t = prepare_bpe::NANOGPT_TEST_SIZE)]
+    pub test_size: f64,
+    /// Seed of the split's shuffle (nanoGPT: 2357)
+    #[arg(long, default_value_t = prepare_bpe::NANOGPT_SEED)]
+    pub seed: u64,
+    /// Output format: nanogpt (train.bin/val.bin) or llmc (headered shards)
+    #[arg(long, default_value = "nanogpt")]
+    pub format: String,
+    /// llmc format: tokens per shard
+    #[arg(
+        long = "shard_size",
+        alias = "shard-size",
+        default_value_t = 100_000_000
+    )]
+    pub shard_size: u64,
+    /// Do not refuse when the disk looks too small
+    #[arg(long = "skip_space_check", alias = "skip-space-check")]
+    pub skip_space_check: bool,
+}
+
+impl PrepareArgs {
+    /// Arguments for `dataset` with every option at its default.
+    pub fn for_dataset(dataset: &str) -> PrepareArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: PrepareArgs,
         }
+        Wrap::parse_from(["prepare", dataset]).args
+    }
+}
+
+pub fn prepare(dataset: &str, input: Option<PathBuf>, out_dir: Option<PathBuf>) -> Result<()> {
+    let mut args = PrepareArgs::for_dataset(dataset);
+    args.input = input.map(|p| p.display().to_string());
+    args.out_dir = out_dir;
+    prepare_with(&args)
+}
+
+/// `nanogpt prepare`: character-level Shakespeare, or GPT-2 BPE of OpenWebText / any corpus.
+pub fn prepare_with(a: &PrepareArgs) -> Result<()> {
+    use crate::data::hub_source;
+    use crate::data::sources::{Format, SampleBy, Source};
+    let dataset = a.dataset.as_str();
+    let out_dir = a.out_dir.clone().unwrap_or_else(|| {
+        let name = match (&a.hub_dataset, dataset) {
+            (Some(repo), "text" | "jsonl" | "parquet") => {
+                repo.rsplit('/').next().unwrap_or(repo).to_lowercase()
+            }
+            _ => dataset.to_string(),
+        };
+        Path::new("data").join(name)
+    });
+    let format = match dataset {
+        "shakespeare_char" => {
+            let r = prepare::prepare_char(a.input.as_deref().map(Path::new), &out_dir)?;
+            eprintln!("{r}");
+            return Ok(());
+        }
+        "openwebtext" | "parquet" => Format::Parquet,
+        "jsonl" => Format::Jsonl,
+        "text" => Format::Text(a.sample_by.parse::<SampleBy>().map_err(anyhow::Error::msg)?),
         other => bail!(
-            "unknown dataset '{other}'; this version prepares: shakespeare_char \
-             (use --input FILE for your own text)"
+            "unknown dataset '{other}'; this version prepares: shakespeare_char, openwebtext,              and text|jsonl|parquet corpora (--input GLOB, or --dataset REPO --files GLOB)"
         ),
+    };
+    let output = match a.format.as_str() {
+        "nanogpt" => prepare_bpe::OutputFormat::NanoGpt,
+        "llmc" => prepare_bpe::OutputFormat::Llmc {
+            name: out_dir
+                .file_name()
+                .map_or("data".into(), |n| n.to_string_lossy().into_owned()),
+            shard_tokens: a.shard_size.clamp(1, i32::MAX as u64),
+        },
+        other => bail!("--format {other:?} is not one of: nanogpt, llmc"),
+    };
+    let hub = match (dataset, &a.hub_dataset, &a.files) {
+        ("openwebtext", None, None) => Some(hub_source::openwebtext(a.revision.as_deref())),
+        ("openwebtext", _, _) => bail!("openwebtext reads Skylion007/openwebtext; use `nanogpt prepare parquet --dataset REPO --files GLOB` for other repositories"),
+        (_, Some(repo), Some(files)) => Some(hub_source::HubDataset {
+            repo: repo.clone(),
+            revision: a.revision.clone().unwrap_or_else(|| "main".into()),
+            files: files.clone(),
+        }),
+        (_, Some(repo), None) => bail!("--dataset {repo} needs --files GLOB (e.g. --files 'sample/10BT/*.parquet')"),
+        (_, None, Some(_)) => bail!("--files needs --dataset REPO"),
+        (_, None, None) => None,
+    };
+    let files = match (&hub, &a.input) {
+        (Some(_), Some(_)) => bail!("give either --input or --dataset, not both"),
+        (Some(ds), None) => {
+            let mut client = crate::hub::HubClient::from_env()
+                .map_err(|e| anyhow::anyhow!("Hugging Face Hub settings: {e}"))?;
+            let cache_dir = match &a.cache_dir {
+                Some(d) => {
+                    client = client.with_cache_dir(d.clone());
+                    d.clone()
+                }
+                None => default_hub_cache(),
+            };
+            hub_source::fetch(&client, ds, &out_dir, &cache_dir, 1.3, a.skip_space_check)?
+        }
+        (None, Some(glob)) => Source::local_files(glob)?,
+        (None, None) => {
+            bail!("{dataset}: give the corpus with --input GLOB or --dataset REPO --files GLOB")
+        }
+    };
+    let job = prepare_bpe::BpeJob {
+        source: Source {
+            format,
+            files,
+            column: a.column.clone(),
+        },
+        out_dir,
+        test_size: a.test_size,
+        seed: a.seed,
+        num_proc: a.num_proc,
+        output,
+        skip_space_check: a.skip_space_check,
+        interrupt: None,
+    };
+    let report = prepare_bpe::run(&job)?;
+    eprintln!("{report}");
+    Ok(())
+}
+
+/// The Hub cache the client uses without --cache_dir (for the space check).
+fn default_hub_cache() -> PathBuf {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("HF_HUB_CACHE"), var("HF_HOME")) {
+        (Some(c), _) => PathBuf::from(c),
+        (None, Some(h)) => PathBuf::from(h).join("hub"),
+        (None, None) => var("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join(".cache/huggingface/hub"),
     }
 }
 

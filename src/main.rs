@@ -17,17 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize a dataset into train.bin / val.bin (e.g. `nanogpt prepare shakespeare_char`)
-    Prepare {
-        /// Dataset to prepare: shakespeare_char
-        dataset: String,
-        /// Read the corpus from this file instead of downloading it
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// Where to write train.bin, val.bin and meta.json (default data/<dataset>)
-        #[arg(long = "out_dir", alias = "out-dir")]
-        out_dir: Option<PathBuf>,
-    },
+    /// Tokenize a dataset into train.bin / val.bin (e.g. `nanogpt prepare openwebtext`)
+    Prepare(Box<nanogpt::cli::PrepareArgs>),
     /// Train a model: config files (TOML) then --key=value overrides, as nanoGPT's train.py
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -113,11 +104,7 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Prepare {
-            dataset,
-            input,
-            out_dir,
-        } => nanogpt::cli::prepare(&dataset, input, out_dir),
+        Command::Prepare(args) => nanogpt::cli::prepare_with(&args),
         Command::Train { args } => nanogpt::cli::train(&args),
         Command::Sample { args } => nanogpt::cli::sample(&args),
         Command::Bench { args } => nanogpt::cli::bench(&args),

@@ -1,7 +1,12 @@
 //! Token files and the batch sampler.
 //!
 //! [`TokenFile`] memory-maps a flat little-endian uint16 token file (nanoGPT's `train.bin` /
-//! `val.bin`) and validates it on open; files are never read whole into memory.
+//! `val.bin`, or an llm.c shard with its 1024-byte header, see [`super::shards`]) and
+//! validates it on open; files are never read whole into memory.
+//!
+//! A split is one file or several shards (`DIR/train.bin`, or `DIR/*_train_*.bin`, or a
+//! glob). With shards, a window never crosses a shard boundary: the start is drawn uniformly
+//! over all valid starts of all shards (for one file this is nanoGPT's draw exactly).
 //!
 //! [`DataLoader`] samples batches exactly as nanoGPT's `get_batch` does: for each row a
 //! start `i` uniform in `[0, len - block_size)`, inputs `data[i..i+T]`, targets
@@ -33,6 +38,8 @@ const VAL_STREAM: u64 = 0x6461_7461_2e76_616c; // "data.val"
 pub struct TokenFile {
     path: PathBuf,
     mmap: Mmap,
+    /// Byte offset of the first token (1024 for llm.c shards, 0 for raw files).
+    offset: usize,
     len: usize,
 }
 
@@ -81,12 +88,27 @@ impl TokenFile {
             // is only a hint, so failure is harmless.
             let _ = mmap.advise(memmap2::Advice::Random);
         }
-        let len = mmap.len() / 2;
+        let (offset, len) = match super::shards::llmc_token_count(&mmap, bytes) {
+            Some(count) => (super::shards::LLMC_HEADER_BYTES, count as usize),
+            None => (0, mmap.len() / 2),
+        };
+        if len == 0 {
+            return Err(DataError::EmptyTokenFile {
+                path: path.to_path_buf(),
+            });
+        }
         Ok(TokenFile {
             path: path.to_path_buf(),
             mmap,
+            offset,
             len,
         })
+    }
+
+    /// The token bytes (after any header).
+    #[inline]
+    fn data(&self) -> &[u8] {
+        &self.mmap[self.offset..self.offset + 2 * self.len]
     }
 
     pub fn path(&self) -> &Path {
@@ -105,12 +127,13 @@ impl TokenFile {
     /// Token at index `i` (panics if `i >= len()`, like slice indexing).
     #[inline]
     pub fn get(&self, i: usize) -> u16 {
-        u16::from_le_bytes([self.mmap[2 * i], self.mmap[2 * i + 1]])
+        let d = self.data();
+        u16::from_le_bytes([d[2 * i], d[2 * i + 1]])
     }
 
     /// Tokens `start..end` (panics if the range is outside the file).
     pub fn tokens(&self, start: usize, end: usize) -> impl Iterator<Item = u16> + '_ {
-        self.mmap[2 * start..2 * end]
+        self.data()[2 * start..2 * end]
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
@@ -165,11 +188,41 @@ pub struct LoaderState {
     pub val: Rng,
 }
 
-/// Random-window batch sampler over `train.bin` and `val.bin` of a data directory.
+/// The files of one split, with the number of window starts each offers.
+#[derive(Debug)]
+struct SplitFiles {
+    files: Vec<TokenFile>,
+    /// `starts[k]`: valid window starts in files `0..k` (prefix sums; last = total).
+    starts: Vec<u64>,
+}
+
+impl SplitFiles {
+    fn new(files: Vec<TokenFile>, block_size: usize) -> SplitFiles {
+        let mut starts = vec![0u64];
+        for f in &files {
+            let s = (f.len() - block_size) as u64;
+            starts.push(starts.last().copied().unwrap_or(0) + s);
+        }
+        SplitFiles { files, starts }
+    }
+
+    /// The file and in-file start of global start `u`.
+    fn locate(&self, u: u64) -> (&TokenFile, usize) {
+        let k = self.starts.partition_point(|&s| s <= u) - 1;
+        (&self.files[k], (u - self.starts[k]) as usize)
+    }
+
+    fn total_starts(&self) -> u64 {
+        *self.starts.last().expect("prefix sums start with 0")
+    }
+}
+
+/// Random-window batch sampler over `train.bin` and `val.bin` of a data directory (or the
+/// llm.c shards of each split).
 #[derive(Debug)]
 pub struct DataLoader {
-    train: TokenFile,
-    val: TokenFile,
+    train: SplitFiles,
+    val: SplitFiles,
     batch_size: usize,
     block_size: usize,
     vocab_size: usize,
@@ -178,8 +231,9 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
-    /// Opens `data_dir/train.bin` and `data_dir/val.bin` for batches of `batch_size` rows of
-    /// `block_size` tokens. Each file must hold at least `block_size + 1` tokens. The RNG
+    /// Opens `data_dir/train.bin` and `data_dir/val.bin` (or each split's llm.c shards in
+    /// `data_dir`, or the shards a glob `data_dir` matches) for batches of `batch_size` rows
+    /// of `block_size` tokens. Each file must hold at least `block_size + 1` tokens. The RNG
     /// streams are derived from `seed + rank`.
     pub fn new(
         data_dir: &Path,
@@ -204,16 +258,20 @@ impl DataLoader {
                 "vocab_size is 0; it must be at least 1".to_string(),
             ));
         }
-        let open = |split: Split| -> Result<TokenFile, DataError> {
-            let file = TokenFile::open(&data_dir.join(split.file_name()), vocab_size)?;
-            if file.len() < block_size + 1 {
-                return Err(DataError::TooShort {
-                    path: file.path().to_path_buf(),
-                    tokens: file.len(),
-                    block_size,
-                });
+        let open = |split: Split| -> Result<SplitFiles, DataError> {
+            let mut files = Vec::new();
+            for path in super::shards::split_files(data_dir, split)? {
+                let file = TokenFile::open(&path, vocab_size)?;
+                if file.len() < block_size + 1 {
+                    return Err(DataError::TooShort {
+                        path: file.path().to_path_buf(),
+                        tokens: file.len(),
+                        block_size,
+                    });
+                }
+                files.push(file);
             }
-            Ok(file)
+            Ok(SplitFiles::new(files, block_size))
         };
         let train = open(Split::Train)?;
         let val = open(Split::Val)?;
@@ -241,12 +299,22 @@ impl DataLoader {
         self.vocab_size
     }
 
-    /// The token file of `split`.
+    /// The (first) token file of `split`.
     pub fn file(&self, split: Split) -> &TokenFile {
+        &self.files(split)[0]
+    }
+
+    /// All token files of `split` (one, or its shards in order).
+    pub fn files(&self, split: Split) -> &[TokenFile] {
         match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
+            Split::Train => &self.train.files,
+            Split::Val => &self.val.files,
         }
+    }
+
+    /// Tokens in `split`, over all its files.
+    pub fn tokens(&self, split: Split) -> u64 {
+        self.files(split).iter().map(|f| f.len() as u64).sum()
     }
 
     /// Fills `inputs` and `targets` with `batch_size * block_size` tokens (row-major
@@ -261,15 +329,15 @@ impl DataLoader {
         let (b, t) = (self.batch_size, self.block_size);
         inputs.resize(b * t, 0);
         targets.resize(b * t, 0);
-        let (file, rng) = match split {
+        let (split_files, rng) = match split {
             Split::Train => (&self.train, &mut self.train_rng),
             Split::Val => (&self.val, &mut self.val_rng),
         };
         let vocab = self.vocab_size;
-        let starts = (file.len() - t) as u64;
+        let starts = split_files.total_starts();
         for row in 0..b {
-            let i = rng.below(starts) as usize;
-            let window = &file.mmap[2 * i..2 * (i + t + 1)];
+            let (file, i) = split_files.locate(rng.below(starts));
+            let window = &file.data()[2 * i..2 * (i + t + 1)];
             let x = &mut inputs[row * t..(row + 1) * t];
             let y = &mut targets[row * t..(row + 1) * t];
             let mut prev = u16::from_le_bytes([window[0], window[1]]);
@@ -444,12 +512,15 @@ mod tests {
         let mut dl = DataLoader::new(dir.path(), 4, 4, 10, 0, 0).unwrap();
         // Replace the train file with one that holds an id the open-time check would have
         // caught, to exercise the per-batch check.
-        dl.train = TokenFile::open_unchecked(&{
-            let p = dir.path().join("bad.bin");
-            write_tokens(&p, [1, 2, 3, 4, 12]);
-            p
-        })
-        .unwrap();
+        dl.train = SplitFiles::new(
+            vec![TokenFile::open_unchecked(&{
+                let p = dir.path().join("bad.bin");
+                write_tokens(&p, [1, 2, 3, 4, 12]);
+                p
+            })
+            .unwrap()],
+            4,
+        );
         let (mut x, mut y) = (Vec::new(), Vec::new());
         let err = dl.next_batch(Split::Train, &mut x, &mut y).unwrap_err();
         assert!(
@@ -506,6 +577,42 @@ mod tests {
         let mut other = new(1);
         other.next_batch(Split::Train, &mut x, &mut y).unwrap();
         assert_ne!(x, a[0]);
+    }
+
+    #[test]
+    fn llmc_shards_load_and_windows_stay_inside_a_shard() {
+        use crate::data::shards::write_llmc_shard;
+        let dir = tempfile::tempdir().unwrap();
+        // Shard k holds tokens 1000*k .. 1000*k + 40 (counting), so a window's first token
+        // tells its shard and start.
+        for k in 1..=3u16 {
+            let toks: Vec<u16> = (0..40).map(|i| 1000 * k + i).collect();
+            write_llmc_shard(&dir.path().join(format!("fw_train_{k:06}.bin")), &toks).unwrap();
+        }
+        write_llmc_shard(
+            &dir.path().join("fw_val_000000.bin"),
+            &(0..20).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut dl = DataLoader::new(dir.path(), 4, 8, 50257, 0, 0).unwrap();
+        assert_eq!(dl.files(Split::Train).len(), 3);
+        assert_eq!((dl.tokens(Split::Train), dl.tokens(Split::Val)), (120, 20));
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            dl.next_batch(Split::Train, &mut x, &mut y).unwrap();
+            for row in 0..4 {
+                let first = x[row * 8];
+                let (k, i) = (first / 1000, first % 1000);
+                assert!((1..=3).contains(&k) && i < 32, "{first}");
+                assert_eq!(y[row * 8 + 7] as u32, first + 8);
+                seen.insert(k);
+            }
+        }
+        assert_eq!(seen.len(), 3);
+        // A single llm.c file opens as a plain token file of its count.
+        let f = TokenFile::open(&dir.path().join("fw_val_000000.bin"), 50257).unwrap();
+        assert_eq!((f.len(), f.get(19)), (20, 19));
     }
 
     #[test]

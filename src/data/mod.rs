@@ -6,13 +6,23 @@
 //! - [`loader`]: memory-mapped token files and the random-window batch sampler, with a
 //!   savable RNG state for exact resume.
 //! - [`meta`]: the `meta.json` file that describes a character vocabulary.
+//! - [`bpe`]: GPT-2 BPE preparation of any corpus (exact to nanoGPT's `prepare.py`,
+//!   parallel, bounded memory, restartable), reading [`sources`] (text, jsonl, parquet),
+//!   split by [`shuffle`] (numpy's permutation), from local files or the Hugging Face Hub
+//!   ([`hub_source`]), after a [`space`] check; [`shards`]: llm.c's token shard format.
 //!
 //! Every error here is a [`DataError`] that names the file or value at fault and says what
 //! to do next.
 
+pub mod bpe;
+pub mod hub_source;
 pub mod loader;
 pub mod meta;
 pub mod prepare;
+pub mod shards;
+pub mod shuffle;
+pub mod sources;
+pub mod space;
 
 use std::path::PathBuf;
 
@@ -112,6 +122,12 @@ pub enum DataError {
         tokens: usize,
         block_size: usize,
     },
+
+    #[error("{}: {reason}", path.display())]
+    BadSource { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Prepare(String),
 
     #[error("invalid data loader setting: {0}")]
     InvalidSetting(String),

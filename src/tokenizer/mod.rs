@@ -3,6 +3,10 @@
 //! [`Tokenizer::for_data_dir`] picks the one a data directory was prepared with: the
 //! character vocabulary in `meta.json` when present, GPT-2 BPE otherwise (nanoGPT's rule).
 //!
+//! GPT-2 BPE lives in [`gpt2`] (merges) and [`pretokenize`] (the pre-tokenizer split); it
+//! is checked against Python tiktoken by `tests/prepare_tokenizer.rs` and against
+//! `tiktoken-rs` on random text.
+//!
 //! GPT-2 encoding uses "ordinary" semantics: the text `<|endoftext|>` inside an input is
 //! encoded as ordinary characters, never as the special end-of-text token 50256, so user
 //! text cannot inject document boundaries. [`Tokenizer::eot_token`] gives the id for
@@ -13,6 +17,11 @@ use std::fmt;
 use std::path::Path;
 
 use crate::data::{DataError, Meta, GPT2_VOCAB_SIZE};
+
+pub mod gpt2;
+pub mod pretokenize;
+
+pub use gpt2::Gpt2Ranks;
 
 /// GPT-2's `<|endoftext|>` token id.
 pub const GPT2_EOT: u32 = 50256;
@@ -139,10 +148,10 @@ impl CharVocab {
     }
 }
 
-/// OpenAI's GPT-2 BPE (`gpt2` / `r50k_base` encoding).
+/// OpenAI's GPT-2 BPE (`gpt2` / `r50k_base` encoding), see [`gpt2`].
 #[derive(Clone, Copy)]
 pub struct Gpt2Bpe {
-    bpe: &'static tiktoken_rs::CoreBPE,
+    ranks: &'static Gpt2Ranks,
 }
 
 impl fmt::Debug for Gpt2Bpe {
@@ -155,27 +164,26 @@ impl Gpt2Bpe {
     /// The GPT-2 encoding (ranks are built into the binary; first use parses them once).
     pub fn new() -> Gpt2Bpe {
         Gpt2Bpe {
-            bpe: tiktoken_rs::r50k_base_singleton(),
+            ranks: Gpt2Ranks::get(),
         }
     }
 
     /// Ordinary encoding: special-token text is encoded as plain text.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.bpe.encode_ordinary(text)
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        self.ranks.encode_into(text, &mut out);
+        out
+    }
+
+    /// Appends the ordinary encoding of `text` to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        self.ranks.encode_into(text, out)
     }
 
     /// The bytes of `ids`; an id outside the vocabulary contributes the UTF-8 bytes of U+FFFD.
     pub fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
-        if let Ok(bytes) = self.bpe.decode_bytes(ids) {
-            return bytes;
-        }
         let mut out = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            match self.bpe.decode_bytes(&[id]) {
-                Ok(b) => out.extend_from_slice(&b),
-                Err(_) => out.extend_from_slice("\u{FFFD}".as_bytes()),
-            }
-        }
+        self.ranks.decode_into(ids, &mut out);
         out
     }
 }
