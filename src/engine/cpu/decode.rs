@@ -5,7 +5,7 @@
 //! Small models decode on the calling thread (thread hand-offs would cost more than the
 //! arithmetic); large ones split the weight-bound matrix-vector products across threads.
 
-use super::kernels::{causal_softmax_row, gelu_chunk, layernorm_row};
+use super::kernels::{causal_softmax_row, gelu_chunk, layernorm_row, linear_forward};
 use super::matmul::{small_m_matmul, Op};
 use super::{opt_slice, slice, Core};
 use crate::engine::{EngineError, Result};
@@ -101,25 +101,6 @@ fn layernorm_rows(out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, c: u
     }
 }
 
-/// out = broadcast(bias) + a @ w, for the few rows of a decode step.
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    out: &mut [f32],
-    a: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    m: usize,
-    k: usize,
-    n: usize,
-    th: usize,
-) {
-    match bias {
-        Some(b) => out.chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
-        None => out.fill(0.0),
-    }
-    small_m_matmul(out, a, w, m, k, n, Op::NN, true, th);
-}
-
 /// Appends `tokens` (one per sequence) at position `len` and returns next-token logits.
 pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32>> {
     let cfg = &core.cfg;
@@ -170,17 +151,8 @@ pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32
             opt_slice(p, o.ln1_b, c),
             c,
         );
-        let w = slice(p, o.qkv_w, 3 * c * c);
-        linear(
-            &mut kv.qkv,
-            &kv.ln,
-            w,
-            opt_slice(p, o.qkv_b, 3 * c),
-            s,
-            c,
-            3 * c,
-            th,
-        );
+        let layer = super::linear(p, o.qkv_w, o.qkv_b, c, 3 * c);
+        linear_forward(&mut kv.qkv, &kv.ln, &layer, s, th);
         let (kc, vc) = (&mut kv.k[l], &mut kv.v[l]);
         for i in 0..s {
             let row = &kv.qkv[i * 3 * c..(i + 1) * 3 * c];
@@ -219,17 +191,8 @@ pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32
                 head(ih, y, sc);
             }
         }
-        let w = slice(p, o.attn_proj_w, c * c);
-        linear(
-            &mut kv.tmp,
-            &kv.atty,
-            w,
-            opt_slice(p, o.attn_proj_b, c),
-            s,
-            c,
-            c,
-            th,
-        );
+        let layer = super::linear(p, o.attn_proj_w, o.attn_proj_b, c, c);
+        linear_forward(&mut kv.tmp, &kv.atty, &layer, s, th);
         kv.x.iter_mut().zip(&kv.tmp).for_each(|(x, t)| *x += t);
         layernorm_rows(
             &mut kv.ln,
@@ -238,29 +201,11 @@ pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32
             opt_slice(p, o.ln2_b, c),
             c,
         );
-        let w = slice(p, o.fc_w, 4 * c * c);
-        linear(
-            &mut kv.fch,
-            &kv.ln,
-            w,
-            opt_slice(p, o.fc_b, 4 * c),
-            s,
-            c,
-            4 * c,
-            th,
-        );
+        let layer = super::linear(p, o.fc_w, o.fc_b, c, 4 * c);
+        linear_forward(&mut kv.fch, &kv.ln, &layer, s, th);
         gelu_chunk(&mut kv.gelu, &kv.fch);
-        let w = slice(p, o.mlp_proj_w, 4 * c * c);
-        linear(
-            &mut kv.tmp,
-            &kv.gelu,
-            w,
-            opt_slice(p, o.mlp_proj_b, c),
-            s,
-            4 * c,
-            c,
-            th,
-        );
+        let layer = super::linear(p, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c);
+        linear_forward(&mut kv.tmp, &kv.gelu, &layer, s, th);
         kv.x.iter_mut().zip(&kv.tmp).for_each(|(x, t)| *x += t);
     }
     layernorm_rows(

@@ -4,7 +4,7 @@
 //! Row-parallel work uses rayon; everything is fp32 and deterministic for a given thread
 //! count (reductions over rows are done per row, never racing).
 
-use super::matmul::{gemm_strided, View};
+use super::matmul::{gemm_strided, matmul, Op, View};
 use super::simd::{self, dispatch};
 use rayon::prelude::*;
 
@@ -237,6 +237,53 @@ pub fn layernorm_backward(
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense layer (HF Conv1D layout): out (N, OC) = inp (N, IC) @ W [IC, OC] + b [OC]
+
+/// The weights of one dense layer.
+pub struct Linear<'a> {
+    pub w: &'a [f32],
+    pub b: Option<&'a [f32]>,
+    pub ic: usize,
+    pub oc: usize,
+}
+
+/// out (rows, OC) = inp (rows, IC) @ W + b.
+pub fn linear_forward(out: &mut [f32], inp: &[f32], l: &Linear, rows: usize, threads: usize) {
+    if rows * l.oc < 1 << 16 {
+        // few rows (decoding): stay on this thread
+        match l.b {
+            Some(b) => out[..rows * l.oc]
+                .chunks_mut(l.oc)
+                .for_each(|r| r.copy_from_slice(b)),
+            None => out[..rows * l.oc].fill(0.0),
+        }
+    } else {
+        broadcast_rows(&mut out[..rows * l.oc], l.b, l.oc);
+    }
+    matmul(out, inp, l.w, rows, l.ic, l.oc, Op::NN, true, threads);
+}
+
+/// Backward of [`linear_forward`]: dW += inp^T @ dout, db += column sums of dout, and
+/// dinp = dout @ W^T (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    l: &Linear,
+    rows: usize,
+    threads: usize,
+) {
+    matmul(dw, inp, dout, l.ic, rows, l.oc, Op::TN, true, threads);
+    if let Some(db) = db {
+        bias_backward(db, dout, l.oc);
+    }
+    matmul(dinp, dout, l.w, rows, l.oc, l.ic, Op::NT, false, threads);
 }
 
 // ---------------------------------------------------------------------------------------

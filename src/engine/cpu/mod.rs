@@ -318,31 +318,21 @@ impl Core {
                 c,
                 th,
             );
-            kernels::broadcast_rows(&mut la.qkv, opt_slice(p, o.qkv_b, 3 * c), 3 * c);
-            matmul(
+            kernels::linear_forward(
                 &mut la.qkv,
                 &la.ln1,
-                slice(p, o.qkv_w, 3 * c * c),
+                &linear(p, o.qkv_w, o.qkv_b, c, 3 * c),
                 n,
-                c,
-                3 * c,
-                Op::NN,
-                true,
                 th,
             );
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             kernels::attention_forward(&mut la.atty, &mut la.att, &la.qkv, &shape, attn_drop);
             // res2 = x + dropout(atty @ Wproj + b)
-            kernels::broadcast_rows(&mut la.res2, opt_slice(p, o.attn_proj_b, c), c);
-            matmul(
+            kernels::linear_forward(
                 &mut la.res2,
                 &la.atty,
-                slice(p, o.attn_proj_w, c * c),
+                &linear(p, o.attn_proj_w, o.attn_proj_b, c, c),
                 n,
-                c,
-                c,
-                Op::NN,
-                true,
                 th,
             );
             if let Some(d) = drop {
@@ -361,29 +351,19 @@ impl Core {
                 c,
                 th,
             );
-            kernels::broadcast_rows(&mut la.fch, opt_slice(p, o.fc_b, 4 * c), 4 * c);
-            matmul(
+            kernels::linear_forward(
                 &mut la.fch,
                 &la.ln2,
-                slice(p, o.fc_w, 4 * c * c),
+                &linear(p, o.fc_w, o.fc_b, c, 4 * c),
                 n,
-                c,
-                4 * c,
-                Op::NN,
-                true,
                 th,
             );
             kernels::gelu_forward(&mut la.fch_gelu, &la.fch);
-            kernels::broadcast_rows(&mut la.res3, opt_slice(p, o.mlp_proj_b, c), c);
-            matmul(
+            kernels::linear_forward(
                 &mut la.res3,
                 &la.fch_gelu,
-                slice(p, o.mlp_proj_w, 4 * c * c),
+                &linear(p, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c),
                 n,
-                4 * c,
-                c,
-                Op::NN,
-                true,
                 th,
             );
             if let Some(d) = drop {
@@ -497,55 +477,27 @@ impl Core {
                 }
                 _ => &acts.dres,
             };
-            matmul(
-                gslice(g, o.mlp_proj_w, 4 * c * c),
-                &la.fch_gelu,
-                gbranch,
-                4 * c,
-                n,
-                c,
-                Op::TN,
-                true,
-                th,
-            );
-            if let Some(bo) = o.mlp_proj_b {
-                kernels::bias_backward(gslice(g, bo, c), gbranch, c);
-            }
-            matmul(
+            let (gw, gb) = grad_wb(g, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c);
+            kernels::linear_backward(
                 &mut acts.dfch,
+                gw,
+                gb,
                 gbranch,
-                slice(p, o.mlp_proj_w, 4 * c * c),
+                &la.fch_gelu,
+                &linear(p, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c),
                 n,
-                c,
-                4 * c,
-                Op::NT,
-                false,
                 th,
             );
             kernels::gelu_backward_inplace(&mut acts.dfch, &la.fch);
-            matmul(
-                gslice(g, o.fc_w, 4 * c * c),
-                &la.ln2,
-                &acts.dfch,
-                c,
-                n,
-                4 * c,
-                Op::TN,
-                true,
-                th,
-            );
-            if let Some(bo) = o.fc_b {
-                kernels::bias_backward(gslice(g, bo, 4 * c), &acts.dfch, 4 * c);
-            }
-            matmul(
+            let (gw, gb) = grad_wb(g, o.fc_w, o.fc_b, c, 4 * c);
+            kernels::linear_backward(
                 &mut acts.dln,
+                gw,
+                gb,
                 &acts.dfch,
-                slice(p, o.fc_w, 4 * c * c),
+                &la.ln2,
+                &linear(p, o.fc_w, o.fc_b, c, 4 * c),
                 n,
-                4 * c,
-                c,
-                Op::NT,
-                false,
                 th,
             );
             {
@@ -572,29 +524,15 @@ impl Core {
                 }
                 _ => &acts.dres,
             };
-            matmul(
-                gslice(g, o.attn_proj_w, c * c),
-                &la.atty,
-                gbranch,
-                c,
-                n,
-                c,
-                Op::TN,
-                true,
-                th,
-            );
-            if let Some(bo) = o.attn_proj_b {
-                kernels::bias_backward(gslice(g, bo, c), gbranch, c);
-            }
-            matmul(
+            let (gw, gb) = grad_wb(g, o.attn_proj_w, o.attn_proj_b, c, c);
+            kernels::linear_backward(
                 &mut acts.dln,
+                gw,
+                gb,
                 gbranch,
-                slice(p, o.attn_proj_w, c * c),
+                &la.atty,
+                &linear(p, o.attn_proj_w, o.attn_proj_b, c, c),
                 n,
-                c,
-                c,
-                Op::NT,
-                false,
                 th,
             );
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
@@ -607,29 +545,15 @@ impl Core {
                 &shape,
                 attn_drop,
             );
-            matmul(
-                gslice(g, o.qkv_w, 3 * c * c),
-                &la.ln1,
-                &acts.dqkv,
-                c,
-                n,
-                3 * c,
-                Op::TN,
-                true,
-                th,
-            );
-            if let Some(bo) = o.qkv_b {
-                kernels::bias_backward(gslice(g, bo, 3 * c), &acts.dqkv, 3 * c);
-            }
-            matmul(
+            let (gw, gb) = grad_wb(g, o.qkv_w, o.qkv_b, c, 3 * c);
+            kernels::linear_backward(
                 &mut acts.dln,
+                gw,
+                gb,
                 &acts.dqkv,
-                slice(p, o.qkv_w, 3 * c * c),
+                &la.ln1,
+                &linear(p, o.qkv_w, o.qkv_b, c, 3 * c),
                 n,
-                3 * c,
-                c,
-                Op::NT,
-                false,
                 th,
             );
             let (gw, gb) = grad_pair(g, o.ln1_w, o.ln1_b, c);
@@ -668,24 +592,47 @@ impl Core {
     }
 }
 
-fn gslice(g: &mut [f32], off: usize, len: usize) -> &mut [f32] {
-    &mut g[off..off + len]
-}
-
-/// Mutable (weight, bias) gradient slices of one LayerNorm.
+/// Mutable (weight, bias) gradient slices of one LayerNorm (`c` values each).
 fn grad_pair(
     g: &mut [f32],
     w: usize,
     b: Option<usize>,
     c: usize,
 ) -> (&mut [f32], Option<&mut [f32]>) {
+    grad_wb(g, w, b, 1, c)
+}
+
+/// Mutable (weight `[ic, oc]`, bias `[oc]`) gradient slices of one layer; in the layout a
+/// bias directly follows its weight.
+fn grad_wb(
+    g: &mut [f32],
+    w: usize,
+    b: Option<usize>,
+    ic: usize,
+    oc: usize,
+) -> (&mut [f32], Option<&mut [f32]>) {
+    let wl = ic * oc;
     match b {
         Some(bo) => {
-            debug_assert_eq!(bo, w + c, "LayerNorm bias follows its weight in the layout");
-            let (gw, gb) = g[w..w + 2 * c].split_at_mut(c);
+            assert_eq!(
+                bo,
+                w + wl,
+                "a bias follows its weight in the parameter layout"
+            );
+            let (gw, gb) = g[w..w + wl + oc].split_at_mut(wl);
             (gw, Some(gb))
         }
-        None => (&mut g[w..w + c], None),
+        None => (&mut g[w..w + wl], None),
+    }
+}
+
+/// The weights of one dense layer inside the flat parameter buffer.
+fn linear(p: &[f32], w: usize, b: Option<usize>, ic: usize, oc: usize) -> kernels::Linear<'_> {
+    kernels::Linear {
+        w: slice(p, w, ic * oc),
+        b: opt_slice(p, b, oc),
+        ic,
+        oc,
     }
 }
 
