@@ -143,6 +143,57 @@ fn tokenizer_for(out_dir: &Path, config: &serde_json::Value) -> Result<Tokenizer
     Ok(Tokenizer::for_data_dir(&data_dir)?)
 }
 
+/// Generates `cfg.num_samples` continuations of the start text and prints them (after
+/// `header`, if any), each followed by a separator line as sample.py does; reports the
+/// generation speed on stderr.
+fn sample_and_print(
+    cfg: &SampleConfig,
+    engine: &mut dyn Engine,
+    tok: &Tokenizer,
+    text: &str,
+    header: Option<String>,
+    out: &mut impl Write,
+) -> Result<()> {
+    let prompt = tok.encode(text)?;
+    let params = SamplingParams {
+        temperature: cfg.temperature,
+        top_k: cfg.top_k_opt(),
+        stop_token: if cfg.stop_at_eot {
+            tok.eot_token()
+        } else {
+            None
+        },
+    };
+    let mut rng = Rng::new(cfg.seed);
+    let started = std::time::Instant::now();
+    let samples = generate(
+        engine,
+        &prompt,
+        cfg.num_samples,
+        cfg.max_new_tokens,
+        &params,
+        &mut rng,
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    let produced: usize = samples.iter().map(|s| s.len()).sum();
+    eprintln!(
+        "generated {produced} tokens in {secs:.3} s ({:.0} tokens/s, {})",
+        produced as f64 / secs.max(1e-9),
+        engine.device_name()
+    );
+    if let Some(h) = header {
+        writeln!(out, "{h}")?;
+    }
+    for s in samples {
+        let mut all = prompt.clone();
+        all.extend(s);
+        writeln!(out, "{}", tok.decode(&all))?;
+        writeln!(out, "---------------")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Runs `nanogpt sample`.
 pub fn run(cfg: &SampleConfig) -> Result<()> {
     if cfg.init_from != "resume" {
@@ -155,33 +206,15 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
             cfg.seed,
             cfg.threads,
         )?;
-        let prompt = tok.encode(&cfg.start_text()?)?;
-        let params = SamplingParams {
-            temperature: cfg.temperature,
-            top_k: cfg.top_k_opt(),
-            stop_token: if cfg.stop_at_eot {
-                tok.eot_token()
-            } else {
-                None
-            },
-        };
-        let mut rng = Rng::new(cfg.seed);
-        let samples = generate(
-            engine.as_mut(),
-            &prompt,
-            cfg.num_samples,
-            cfg.max_new_tokens,
-            &params,
-            &mut rng,
-        )?;
         let mut out = std::io::stdout().lock();
-        for s in samples {
-            let mut all = prompt.clone();
-            all.extend(s);
-            writeln!(out, "{}", tok.decode(&all))?;
-            writeln!(out, "---------------")?;
-        }
-        out.flush()?;
+        sample_and_print(
+            cfg,
+            engine.as_mut(),
+            &tok,
+            &cfg.start_text()?,
+            None,
+            &mut out,
+        )?;
         return Ok(());
     }
     let out_dir = PathBuf::from(&cfg.out_dir);
@@ -247,44 +280,11 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
             );
         }
         let mut engine = engine::create(device, model, ckpt.params, cfg.seed, cfg.threads)?;
-        let prompt = tok.encode(&text)?;
-        let params = SamplingParams {
-            temperature: cfg.temperature,
-            top_k: cfg.top_k_opt(),
-            stop_token: if cfg.stop_at_eot {
-                tok.eot_token()
-            } else {
-                None
-            },
-        };
-        let mut rng = Rng::new(cfg.seed);
-        let started = std::time::Instant::now();
-        let samples = generate(
-            engine.as_mut(),
-            &prompt,
-            cfg.num_samples,
-            cfg.max_new_tokens,
-            &params,
-            &mut rng,
-        )?;
-        let secs = started.elapsed().as_secs_f64();
-        let produced: usize = samples.iter().map(|s| s.len()).sum();
-        eprintln!(
-            "generated {produced} tokens in {secs:.3} s ({:.0} tokens/s, {})",
-            produced as f64 / secs.max(1e-9),
-            engine.device_name()
-        );
-        if targets.len() > 1 || label.is_some() {
+        let header = (targets.len() > 1 || label.is_some()).then(|| {
             let iter = label.unwrap_or(ckpt.state.iter_num);
-            writeln!(out, "=== iter {iter} ({}) ===", path.display())?;
-        }
-        for s in samples {
-            let mut all = prompt.clone();
-            all.extend(s);
-            writeln!(out, "{}", tok.decode(&all))?;
-            writeln!(out, "---------------")?;
-        }
-        out.flush()?;
+            format!("=== iter {iter} ({}) ===", path.display())
+        });
+        sample_and_print(cfg, engine.as_mut(), &tok, &text, header, &mut out)?;
     }
     Ok(())
 }
