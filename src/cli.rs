@@ -168,7 +168,7 @@ pub fn launch(spec: crate::dist::launch::LaunchSpec) -> Result<()> {
 /// did not pass.
 pub fn doctor(cpu_only: bool, require_gpu: bool, json: bool, gemm_size: usize) -> Result<()> {
     use crate::doctor::{Mode, Options};
-    if gemm_size == 0 || gemm_size % 8 != 0 {
+    if gemm_size == 0 || !gemm_size.is_multiple_of(8) {
         bail!("--gemm-size={gemm_size}: use a positive multiple of 8 (e.g. 4096)");
     }
     let opts = Options {

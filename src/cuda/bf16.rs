@@ -88,7 +88,10 @@ mod tests {
         let s = warp_butterfly_sum(&lanes);
         assert_eq!(s, 1.0);
         let seq: f32 = lanes.iter().sum();
-        assert_eq!(seq, 0.0, "sequential order loses the 1.0; the butterfly does not");
+        assert_eq!(
+            seq, 0.0,
+            "sequential order loses the 1.0; the butterfly does not"
+        );
         let ones = [1.0f32; 32];
         assert_eq!(warp_butterfly_sum(&ones), 32.0);
     }

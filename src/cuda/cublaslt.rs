@@ -3,7 +3,7 @@
 //! takes row-major operands the way the engine stores them.
 
 use super::dl::{api, c_str};
-use super::driver::{CuDevicePtr, CuStream};
+use super::driver::{CuDevicePtr, CuStream, Stream};
 use super::CudaError;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::Path;
@@ -147,11 +147,21 @@ impl CublasLt {
             // Column-major view: D^T (n x m) = op_T(W^T as k x n) * (X^T as k x m).
             let (ta, tb) = (CUBLAS_OP_T, CUBLAS_OP_N);
             self.check(
-                (api.cublasLtMatmulDescSetAttribute)(p.op, DESC_TRANSA, &ta as *const i32 as *const c_void, 4),
+                (api.cublasLtMatmulDescSetAttribute)(
+                    p.op,
+                    DESC_TRANSA,
+                    &ta as *const i32 as *const c_void,
+                    4,
+                ),
                 "cublasLtMatmulDescSetAttribute(TRANSA)",
             )?;
             self.check(
-                (api.cublasLtMatmulDescSetAttribute)(p.op, DESC_TRANSB, &tb as *const i32 as *const c_void, 4),
+                (api.cublasLtMatmulDescSetAttribute)(
+                    p.op,
+                    DESC_TRANSB,
+                    &tb as *const i32 as *const c_void,
+                    4,
+                ),
                 "cublasLtMatmulDescSetAttribute(TRANSB)",
             )?;
             let (m, n, k) = (m as u64, n as u64, k as u64);
@@ -167,7 +177,10 @@ impl CublasLt {
                 (api.cublasLtMatrixLayoutCreate)(&mut p.d, d_type, n, m, n as i64),
                 "cublasLtMatrixLayoutCreate(D)",
             )?;
-            self.check((api.cublasLtMatmulPreferenceCreate)(&mut p.pref), "cublasLtMatmulPreferenceCreate")?;
+            self.check(
+                (api.cublasLtMatmulPreferenceCreate)(&mut p.pref),
+                "cublasLtMatmulPreferenceCreate",
+            )?;
             let ws = workspace_bytes as u64;
             self.check(
                 (api.cublasLtMatmulPreferenceSetAttribute)(
@@ -181,7 +194,16 @@ impl CublasLt {
             let mut returned = 0;
             self.check(
                 (api.cublasLtMatmulAlgoGetHeuristic)(
-                    p.handle, p.op, p.a, p.b, p.d, p.d, p.pref, 1, &mut p.algo, &mut returned,
+                    p.handle,
+                    p.op,
+                    p.a,
+                    p.b,
+                    p.d,
+                    p.d,
+                    p.pref,
+                    1,
+                    &mut p.algo,
+                    &mut returned,
                 ),
                 "cublasLtMatmulAlgoGetHeuristic",
             )?;
@@ -203,7 +225,7 @@ impl MatmulTn<'_> {
         w: CuDevicePtr,
         d: CuDevicePtr,
         workspace: CuDevicePtr,
-        stream: CuStream,
+        stream: &Stream,
     ) -> Result<(), CudaError> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the pointers cover the planned shapes (the caller allocated them).
@@ -224,7 +246,7 @@ impl MatmulTn<'_> {
                 self.algo.algo.as_ptr() as *const c_void,
                 workspace as *mut c_void,
                 self.workspace_bytes,
-                stream,
+                stream.s,
             )
         };
         self.lt.check(s, "cublasLtMatmul")

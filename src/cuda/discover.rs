@@ -37,8 +37,8 @@ impl LibKind {
     pub const ALL: [LibKind; 5] = [
         LibKind::Driver,
         LibKind::Nvrtc,
-        LibKind::Cublas,
         LibKind::CublasLt,
+        LibKind::Cublas,
         LibKind::Nccl,
     ];
 
@@ -262,7 +262,9 @@ impl SearchPlan {
             vec![
                 root.join("lib64"),
                 root.join("lib"),
-                root.join("targets").join(format!("{}-linux", arch())).join("lib"),
+                root.join("targets")
+                    .join(format!("{}-linux", arch()))
+                    .join("lib"),
             ]
         };
         for (name, value) in [("CUDA_HOME", &env.cuda_home), ("CUDA_PATH", &env.cuda_path)] {

@@ -126,7 +126,10 @@ impl Driver {
     pub fn version(&self) -> Result<i32, CudaError> {
         let mut v = 0;
         // SAFETY: writes one int.
-        self.check(unsafe { (self.api.cuDriverGetVersion)(&mut v) }, "cuDriverGetVersion")?;
+        self.check(
+            unsafe { (self.api.cuDriverGetVersion)(&mut v) },
+            "cuDriverGetVersion",
+        )?;
         Ok(v)
     }
 
@@ -139,7 +142,10 @@ impl Driver {
     pub fn device_count(&self) -> Result<usize, CudaError> {
         let mut n = 0;
         // SAFETY: writes one int.
-        self.check(unsafe { (self.api.cuDeviceGetCount)(&mut n) }, "cuDeviceGetCount")?;
+        self.check(
+            unsafe { (self.api.cuDeviceGetCount)(&mut n) },
+            "cuDeviceGetCount",
+        )?;
         Ok(n.max(0) as usize)
     }
 
@@ -218,14 +224,18 @@ pub struct Context<'a> {
 impl<'a> Context<'a> {
     pub fn make_current(&self) -> Result<(), CudaError> {
         // SAFETY: ctx is a live primary context.
-        self.drv
-            .check(unsafe { (self.drv.api.cuCtxSetCurrent)(self.ctx) }, "cuCtxSetCurrent")
+        self.drv.check(
+            unsafe { (self.drv.api.cuCtxSetCurrent)(self.ctx) },
+            "cuCtxSetCurrent",
+        )
     }
 
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: a context is current.
-        self.drv
-            .check(unsafe { (self.drv.api.cuCtxSynchronize)() }, "cuCtxSynchronize")
+        self.drv.check(
+            unsafe { (self.drv.api.cuCtxSynchronize)() },
+            "cuCtxSynchronize",
+        )
     }
 
     /// Allocates `bytes` of device memory in this context.
@@ -254,8 +264,10 @@ impl<'a> Context<'a> {
     pub fn stream(&self) -> Result<Stream<'a>, CudaError> {
         let mut s: CuStream = std::ptr::null_mut();
         // SAFETY: writes one handle; flags 0 = ordered with the legacy default stream.
-        self.drv
-            .check(unsafe { (self.drv.api.cuStreamCreate)(&mut s, 0) }, "cuStreamCreate")?;
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamCreate)(&mut s, 0) },
+            "cuStreamCreate",
+        )?;
         Ok(Stream { drv: self.drv, s })
     }
 
@@ -296,7 +308,9 @@ impl DeviceBuffer<'_> {
         }
         // SAFETY: `bytes` fit both the host slice and the device buffer.
         self.drv.check(
-            unsafe { (self.drv.api.cuMemcpyHtoD_v2)(self.ptr, data.as_ptr() as *const c_void, bytes) },
+            unsafe {
+                (self.drv.api.cuMemcpyHtoD_v2)(self.ptr, data.as_ptr() as *const c_void, bytes)
+            },
             "cuMemcpyHtoD",
         )
     }
@@ -312,7 +326,9 @@ impl DeviceBuffer<'_> {
         }
         // SAFETY: `bytes` fit both buffers.
         self.drv.check(
-            unsafe { (self.drv.api.cuMemcpyDtoH_v2)(out.as_mut_ptr() as *mut c_void, self.ptr, bytes) },
+            unsafe {
+                (self.drv.api.cuMemcpyDtoH_v2)(out.as_mut_ptr() as *mut c_void, self.ptr, bytes)
+            },
             "cuMemcpyDtoH",
         )
     }
@@ -342,8 +358,10 @@ pub struct Stream<'a> {
 impl Stream<'_> {
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: live stream.
-        self.drv
-            .check(unsafe { (self.drv.api.cuStreamSynchronize)(self.s) }, "cuStreamSynchronize")
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamSynchronize)(self.s) },
+            "cuStreamSynchronize",
+        )
     }
 
     /// Device-to-device copy of `bytes` on this stream.
@@ -407,19 +425,25 @@ impl Stream<'_> {
         let mut start: CuEvent = std::ptr::null_mut();
         let mut end: CuEvent = std::ptr::null_mut();
         // SAFETY: each call writes one handle.
-        self.drv
-            .check(unsafe { (api.cuEventCreate)(&mut start, 0) }, "cuEventCreate")?;
+        self.drv.check(
+            unsafe { (api.cuEventCreate)(&mut start, 0) },
+            "cuEventCreate",
+        )?;
         let result = (|| {
             self.drv
                 .check(unsafe { (api.cuEventCreate)(&mut end, 0) }, "cuEventCreate")?;
             // SAFETY: live events and stream.
-            self.drv
-                .check(unsafe { (api.cuEventRecord)(start, self.s) }, "cuEventRecord")?;
+            self.drv.check(
+                unsafe { (api.cuEventRecord)(start, self.s) },
+                "cuEventRecord",
+            )?;
             work()?;
             self.drv
                 .check(unsafe { (api.cuEventRecord)(end, self.s) }, "cuEventRecord")?;
-            self.drv
-                .check(unsafe { (api.cuEventSynchronize)(end) }, "cuEventSynchronize")?;
+            self.drv.check(
+                unsafe { (api.cuEventSynchronize)(end) },
+                "cuEventSynchronize",
+            )?;
             let mut ms = 0f32;
             self.drv.check(
                 unsafe { (api.cuEventElapsedTime)(&mut ms, start, end) },

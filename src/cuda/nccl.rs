@@ -2,13 +2,13 @@
 //! one across all local GPUs; the engine's data-parallel training uses the same calls.
 
 use super::dl::{api, c_str};
-use super::driver::{CuDevicePtr, CuStream};
+use super::driver::{CuDevicePtr, CuStream, Stream};
 use super::CudaError;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::Path;
 
 type NcclResult = c_int;
-pub type Comm = *mut c_void;
+type Comm = *mut c_void;
 pub const NCCL_FLOAT32: c_int = 7;
 pub const NCCL_SUM: c_int = 0;
 
@@ -65,34 +65,47 @@ impl Nccl {
     pub fn version(&self) -> Result<i32, CudaError> {
         let mut v = 0;
         // SAFETY: writes one int.
-        self.check(unsafe { (self.api.ncclGetVersion)(&mut v) }, "ncclGetVersion")?;
+        self.check(
+            unsafe { (self.api.ncclGetVersion)(&mut v) },
+            "ncclGetVersion",
+        )?;
         Ok(v)
     }
 
     /// A 1-rank communicator on the device whose context is current.
-    pub fn comm_single(&self) -> Result<Comm, CudaError> {
+    pub fn comm_single(&self) -> Result<Communicator<'_>, CudaError> {
         let mut id = UniqueId { internal: [0; 128] };
         // SAFETY: writes the id; then the comm handle.
-        self.check(unsafe { (self.api.ncclGetUniqueId)(&mut id) }, "ncclGetUniqueId")?;
+        self.check(
+            unsafe { (self.api.ncclGetUniqueId)(&mut id) },
+            "ncclGetUniqueId",
+        )?;
         let mut comm: Comm = std::ptr::null_mut();
         self.check(
             unsafe { (self.api.ncclCommInitRank)(&mut comm, 1, id, 0) },
             "ncclCommInitRank",
         )?;
-        Ok(comm)
+        Ok(Communicator { nccl: self, comm })
     }
 
     /// One communicator per listed device, all in this process.
-    pub fn comm_all(&self, devices: &[c_int]) -> Result<Vec<Comm>, CudaError> {
+    pub fn comm_all(&self, devices: &[c_int]) -> Result<Vec<Communicator<'_>>, CudaError> {
         let mut comms: Vec<Comm> = vec![std::ptr::null_mut(); devices.len()];
         // SAFETY: `comms` has one slot per device.
         self.check(
             unsafe {
-                (self.api.ncclCommInitAll)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr())
+                (self.api.ncclCommInitAll)(
+                    comms.as_mut_ptr(),
+                    devices.len() as c_int,
+                    devices.as_ptr(),
+                )
             },
             "ncclCommInitAll",
         )?;
-        Ok(comms)
+        Ok(comms
+            .into_iter()
+            .map(|comm| Communicator { nccl: self, comm })
+            .collect())
     }
 
     /// Enqueues a sum all-reduce of `count` f32 values.
@@ -101,8 +114,8 @@ impl Nccl {
         send: CuDevicePtr,
         recv: CuDevicePtr,
         count: usize,
-        comm: Comm,
-        stream: CuStream,
+        comm: &Communicator,
+        stream: &Stream,
     ) -> Result<(), CudaError> {
         // SAFETY: the buffers hold `count` floats on the communicator's device.
         self.check(
@@ -113,8 +126,8 @@ impl Nccl {
                     count,
                     NCCL_FLOAT32,
                     NCCL_SUM,
-                    comm,
-                    stream,
+                    comm.comm,
+                    stream.s,
                 )
             },
             "ncclAllReduce",
@@ -128,11 +141,19 @@ impl Nccl {
         let end = self.check(unsafe { (self.api.ncclGroupEnd)() }, "ncclGroupEnd");
         r.and(end)
     }
+}
 
-    pub fn destroy(&self, comm: Comm) {
-        if !comm.is_null() {
+/// A communicator; destroyed on drop.
+pub struct Communicator<'a> {
+    nccl: &'a Nccl,
+    comm: Comm,
+}
+
+impl Drop for Communicator<'_> {
+    fn drop(&mut self) {
+        if !self.comm.is_null() {
             // SAFETY: comm came from an init call and is destroyed once.
-            unsafe { (self.api.ncclCommDestroy)(comm) };
+            unsafe { (self.nccl.api.ncclCommDestroy)(self.comm) };
         }
     }
 }

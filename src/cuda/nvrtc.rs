@@ -97,7 +97,10 @@ impl Nvrtc {
     pub fn version(&self) -> Result<(i32, i32), CudaError> {
         let (mut a, mut b) = (0, 0);
         // SAFETY: writes two ints.
-        self.check(unsafe { (self.api.nvrtcVersion)(&mut a, &mut b) }, "nvrtcVersion")?;
+        self.check(
+            unsafe { (self.api.nvrtcVersion)(&mut a, &mut b) },
+            "nvrtcVersion",
+        )?;
         Ok((a, b))
     }
 
@@ -161,9 +164,7 @@ impl Nvrtc {
         }
         let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         // SAFETY: `ptrs` points at live NUL-terminated strings.
-        let r = unsafe {
-            (self.api.nvrtcCompileProgram)(prog, ptrs.len() as c_int, ptrs.as_ptr())
-        };
+        let r = unsafe { (self.api.nvrtcCompileProgram)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
         let log = self.log(prog)?;
         if r != 0 {
             // SAFETY: returns a static string.
@@ -177,7 +178,10 @@ impl Nvrtc {
             Target::Ptx { .. } => {
                 let mut size = 0;
                 // SAFETY: size query, then a buffer of that size (includes the NUL).
-                self.check(unsafe { (self.api.nvrtcGetPTXSize)(prog, &mut size) }, "nvrtcGetPTXSize")?;
+                self.check(
+                    unsafe { (self.api.nvrtcGetPTXSize)(prog, &mut size) },
+                    "nvrtcGetPTXSize",
+                )?;
                 let mut buf = vec![0u8; size];
                 self.check(
                     unsafe { (self.api.nvrtcGetPTX)(prog, buf.as_mut_ptr() as *mut c_char) },

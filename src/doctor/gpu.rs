@@ -70,6 +70,11 @@ pub fn run_all(loaded: &Loaded, gpus: &[DeviceInfo], opts: &Options) -> Vec<Chec
     out
 }
 
+/// The first differing element: (index, got, expected).
+type Mismatch<T> = Option<(usize, T, T)>;
+/// The first differing element on some GPU: (rank, index, got, expected).
+type RankMismatch = Option<(usize, usize, f32, f32)>;
+
 fn fail(name: &str, e: CudaError) -> Check {
     Check::new(name, Status::Failed, e.to_string())
 }
@@ -88,15 +93,14 @@ fn kernel_check(nvrtc: &Nvrtc, ctx: &Context, stream: &Stream, g: &DeviceInfo) -
             ))
         }
     };
-    let module = match ctx.load_module(&compiled.image) {
-        Ok(m) => m,
-        Err(e) => {
-            return fail(name, e).advice(
+    let module =
+        match ctx.load_module(&compiled.image) {
+            Ok(m) => m,
+            Err(e) => return fail(name, e).advice(
                 "the driver cannot load code from this NVRTC: update the NVIDIA driver, or use \
                  an NVRTC no newer than the driver's CUDA version",
-            )
-        }
-    };
+            ),
+        };
     let run = || -> Result<Result<(), String>, CudaError> {
         let f = module.function("doctor_selftest")?;
         let x = check::selftest_inputs(KERNEL_N, 0x5eed);
@@ -156,7 +160,7 @@ fn gemm_check(lt: &CublasLt, ctx: &Context, stream: &Stream, size: usize) -> Che
         let ws = ctx.alloc(WORKSPACE_BYTES)?;
         dd.zero()?;
         let plan = lt.plan_tn(m, n, k, CUDA_R_32F, WORKSPACE_BYTES)?;
-        plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream.s)?;
+        plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream)?;
         stream.synchronize()?;
         let mut d = vec![0f32; m * n];
         dd.copy_to_host(&mut d)?;
@@ -164,12 +168,12 @@ fn gemm_check(lt: &CublasLt, ctx: &Context, stream: &Stream, size: usize) -> Che
         let c = check::check_gemm(&x, &w, &d, (m, n, k), &pts);
         // Warm-up, then the timed run.
         for _ in 0..3 {
-            plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream.s)?;
+            plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream)?;
         }
         let iters = check::gemm_iters(m, n, k);
         let ms = stream.time(|| {
             for _ in 0..iters {
-                plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream.s)?;
+                plan.run(dx.ptr, dw.ptr, dd.ptr, ws.ptr, stream)?;
             }
             Ok(())
         })?;
@@ -212,7 +216,7 @@ fn gemm_check(lt: &CublasLt, ctx: &Context, stream: &Stream, size: usize) -> Che
 fn copy_check(ctx: &Context, stream: &Stream, bytes: usize) -> Check {
     let name = "copy";
     let words = bytes / 4;
-    let run = || -> Result<(Option<(usize, u32, u32)>, f64), CudaError> {
+    let run = || -> Result<(Mismatch<u32>, f64), CudaError> {
         let pattern = check::copy_pattern(words, 0x9e37_79b9);
         let src = ctx.upload(&pattern)?;
         let dst = ctx.alloc(words * 4)?;
@@ -256,7 +260,7 @@ fn copy_check(ctx: &Context, stream: &Stream, bytes: usize) -> Check {
 /// A 1-rank all-reduce on the current GPU (the result must equal the input).
 fn nccl_single_check(nccl: &Nccl, ctx: &Context, stream: &Stream) -> Check {
     let name = "nccl 1-rank";
-    let run = || -> Result<(Option<(usize, f32, f32)>, f64), CudaError> {
+    let run = || -> Result<(Mismatch<f32>, f64), CudaError> {
         let input = check::allreduce_input(ALLREDUCE_COUNT, 0);
         let send = ctx.upload(&input)?;
         let recv = ctx.alloc(ALLREDUCE_COUNT * 4)?;
@@ -265,13 +269,13 @@ fn nccl_single_check(nccl: &Nccl, ctx: &Context, stream: &Stream) -> Check {
         let comm = nccl.comm_single()?;
         let init_ms = t.elapsed().as_secs_f64() * 1e3;
         let r = (|| {
-            nccl.all_reduce_sum_f32(send.ptr, recv.ptr, ALLREDUCE_COUNT, comm, stream.s)?;
+            nccl.all_reduce_sum_f32(send.ptr, recv.ptr, ALLREDUCE_COUNT, &comm, stream)?;
             stream.synchronize()?;
             let mut out = vec![0f32; ALLREDUCE_COUNT];
             recv.copy_to_host(&mut out)?;
             Ok(check::first_difference(&out, &input))
         })();
-        nccl.destroy(comm);
+        drop(comm);
         Ok((r?, init_ms))
     };
     match run() {
@@ -299,7 +303,7 @@ fn nccl_single_check(nccl: &Nccl, ctx: &Context, stream: &Stream) -> Check {
 fn nccl_all_check(drv: &Driver, nccl: &Nccl, gpus: &[DeviceInfo]) -> Check {
     let name = "nccl all GPUs";
     let ranks = gpus.len();
-    let run = || -> Result<(Option<(usize, usize, f32, f32)>, f64), CudaError> {
+    let run = || -> Result<(RankMismatch, f64), CudaError> {
         let mut ctxs = Vec::new();
         let mut streams = Vec::new();
         let mut sends = Vec::new();
@@ -323,8 +327,8 @@ fn nccl_all_check(drv: &Driver, nccl: &Nccl, gpus: &[DeviceInfo]) -> Check {
                         sends[r].ptr,
                         recvs[r].ptr,
                         ALLREDUCE_COUNT,
-                        comms[r],
-                        streams[r].s,
+                        &comms[r],
+                        &streams[r],
                     )?;
                 }
                 Ok(())
@@ -356,9 +360,7 @@ fn nccl_all_check(drv: &Driver, nccl: &Nccl, gpus: &[DeviceInfo]) -> Check {
             let busbw = bytes * 2.0 * (ranks - 1) as f64 / ranks as f64 / s / 1e9;
             Ok((None, busbw))
         })();
-        for c in comms {
-            nccl.destroy(c);
-        }
+        drop(comms);
         result
     };
     match run() {

@@ -273,15 +273,7 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
         |n: &Nvrtc| n.api.lib.resolved_path("nvrtcVersion"),
     );
     libraries.push(rep);
-    let (_cublas, rep) = load_lib(
-        &disc(LibKind::Cublas),
-        |p| {
-            let (api, (a, b, c)) = crate::cuda::cublas::version(p)?;
-            Ok((api, format!("{a}.{b}.{c}")))
-        },
-        |c| c.lib.resolved_path("cublasGetProperty"),
-    );
-    libraries.push(rep);
+    // cuBLASLt before cuBLAS: libcublas needs libcublasLt by soname and must get this one.
     let (cublaslt, rep) = load_lib(
         &disc(LibKind::CublasLt),
         |p| {
@@ -290,6 +282,15 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
             Ok((l, v))
         },
         |l: &CublasLt| l.api.lib.resolved_path("cublasLtGetVersion"),
+    );
+    libraries.push(rep);
+    let (_cublas, rep) = load_lib(
+        &disc(LibKind::Cublas),
+        |p| {
+            let (api, (a, b, c)) = crate::cuda::cublas::version(p)?;
+            Ok((api, format!("{a}.{b}.{c}")))
+        },
+        |c| c.lib.resolved_path("cublasGetProperty"),
     );
     libraries.push(rep);
     let (nccl, rep) = load_lib(
@@ -320,7 +321,13 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
                 Err(e) => gpu_error = Some(e.to_string()),
             },
             CUDA_ERROR_NO_DEVICE => {}
-            code => gpu_error = Some(d.check(code, "cuInit").err().map_or_else(String::new, |e| e.to_string())),
+            code => {
+                gpu_error = Some(
+                    d.check(code, "cuInit")
+                        .err()
+                        .map_or_else(String::new, |e| e.to_string()),
+                )
+            }
         }
     }
     let gpu_present = !gpus.is_empty();
@@ -374,12 +381,16 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
     // The GPU list itself.
     if let Some(e) = &gpu_error {
         checks.push(
-            Check::new("gpus", Status::Failed, format!("the driver loaded but cannot list GPUs: {e}"))
-                .required(broken_required)
-                .advice(
-                    "check that the kernel module matches the driver library (nvidia-smi), that \
+            Check::new(
+                "gpus",
+                Status::Failed,
+                format!("the driver loaded but cannot list GPUs: {e}"),
+            )
+            .required(broken_required)
+            .advice(
+                "check that the kernel module matches the driver library (nvidia-smi), that \
                      /dev/nvidia* are accessible, and that CUDA_VISIBLE_DEVICES is not empty",
-                ),
+            ),
         );
     } else if driver.is_some() && !gpu_present {
         checks.push(
@@ -389,9 +400,13 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
         );
     } else if driver.is_none() {
         checks.push(
-            Check::new("gpus", Status::Missing, "no GPU: no CUDA driver on this machine")
-                .required(mode == Mode::RequireGpu)
-                .advice(LibKind::Driver.advice()),
+            Check::new(
+                "gpus",
+                Status::Missing,
+                "no GPU: no CUDA driver on this machine",
+            )
+            .required(mode == Mode::RequireGpu)
+            .advice(LibKind::Driver.advice()),
         );
     } else {
         checks.push(Check::new(
@@ -451,7 +466,10 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
                 index: g.index,
                 name: g.name.clone(),
                 memory_bytes: g.memory_bytes,
-                compute_capability: format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                compute_capability: format!(
+                    "{}.{}",
+                    g.compute_capability.0, g.compute_capability.1
+                ),
                 sm_count: g.sm_count,
                 clock_mhz: g.clock_mhz,
                 bf16_peak_tflops: p.map(|p| p.bf16_tflops),
@@ -465,7 +483,10 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
                 Check::new(
                     "mfu peak",
                     Status::Skipped,
-                    format!("'{}' is not in the bf16 peak table: MFU is not reported", g.name),
+                    format!(
+                        "'{}' is not in the bf16 peak table: MFU is not reported",
+                        g.name
+                    ),
                 )
                 .on_gpu(g.index)
                 .advice("pass --peak_flops=<dense bf16 FLOP/s of this GPU> to train and bench"),
@@ -483,7 +504,11 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
                 None => c.name.clone(),
             })
             .collect();
-        format!("{} required check(s) did not pass: {}", failures.len(), names.join(", "))
+        format!(
+            "{} required check(s) did not pass: {}",
+            failures.len(),
+            names.join(", ")
+        )
     } else if gpu_present && mode != Mode::CpuOnly {
         format!("all checks passed on {} GPU(s)", gpus.len())
     } else if gpu_present {
@@ -493,7 +518,11 @@ pub fn run(opts: &Options, env: &SearchEnv) -> Report {
             "no GPU found: training runs on the CPU engine (searched {} directories{}; \
              --require-gpu makes this an error)",
             plan.dirs.len(),
-            if plan.loader_fallback { " and the system loader" } else { "" }
+            if plan.loader_fallback {
+                " and the system loader"
+            } else {
+                ""
+            }
         )
     };
     Report {
@@ -536,7 +565,10 @@ pub fn nvrtc_compile_check(n: &Nvrtc, cc: u32) -> Check {
                 Check::new(
                     "nvrtc compile",
                     Status::Failed,
-                    format!("the {} image has no doctor_selftest kernel", target.describe()),
+                    format!(
+                        "the {} image has no doctor_selftest kernel",
+                        target.describe()
+                    ),
                 )
             }
         }

@@ -55,7 +55,10 @@ pub fn text(r: &Report) -> String {
                     "  {:<9} {} {}  [{}]",
                     l.name,
                     l.version.as_deref().unwrap_or(""),
-                    l.path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    l.path
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     l.source.as_deref().unwrap_or("")
                 );
                 for sh in &l.shadowed {
@@ -67,7 +70,10 @@ pub fn text(r: &Report) -> String {
                     s,
                     "  {:<9} FAILED to load {}",
                     l.name,
-                    l.path.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+                    l.path
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
                 );
             }
             _ => {
@@ -121,11 +127,6 @@ pub fn text(r: &Report) -> String {
         }
         let _ = writeln!(s, "  {name:<22} {line}");
     }
-    let _ = writeln!(
-        s,
-        "\n{}: {}",
-        if r.ok { "OK" } else { "NOT OK" },
-        r.summary
-    );
+    let _ = writeln!(s, "\n{}: {}", if r.ok { "OK" } else { "NOT OK" }, r.summary);
     s
 }
