@@ -323,3 +323,33 @@ pub fn launch(spec: crate::dist::launch::LaunchSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// `nanogpt doctor`: prints the report (text or JSON) and exits 1 when a requested check
+/// did not pass.
+pub fn doctor(cpu_only: bool, require_gpu: bool, json: bool, gemm_size: usize) -> Result<()> {
+    use crate::doctor::{Mode, Options};
+    if gemm_size == 0 || !gemm_size.is_multiple_of(8) {
+        bail!("--gemm-size={gemm_size}: use a positive multiple of 8 (e.g. 4096)");
+    }
+    let opts = Options {
+        mode: if cpu_only {
+            Mode::CpuOnly
+        } else if require_gpu {
+            Mode::RequireGpu
+        } else {
+            Mode::Auto
+        },
+        gemm_size,
+        ..Options::default()
+    };
+    let report = crate::doctor::run(&opts, &crate::cuda::discover::SearchEnv::from_process());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::doctor::render::text(&report));
+    }
+    if report.exit_code != 0 {
+        std::process::exit(report.exit_code);
+    }
+    Ok(())
+}

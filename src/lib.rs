@@ -9,8 +9,10 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod dist;
+pub mod doctor;
 pub mod engine;
 pub mod fsutil;
 pub mod hub;

@@ -68,6 +68,22 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Find the GPU stack (driver, NVRTC, cuBLASLt, NCCL), show where it looked, and test
+    /// each GPU; exit code 0 only when every requested check passes
+    Doctor {
+        /// Check the CPU only: a missing GPU stack is reported but is not an error
+        #[arg(long = "cpu-only", alias = "cpu_only", conflicts_with = "require_gpu")]
+        cpu_only: bool,
+        /// Fail unless a GPU and every CUDA library are found and pass their self-tests
+        #[arg(long = "require-gpu", alias = "require_gpu")]
+        require_gpu: bool,
+        /// Print one JSON object instead of the text report
+        #[arg(long)]
+        json: bool,
+        /// Side of the square bf16 GEMM self-test
+        #[arg(long = "gemm-size", alias = "gemm_size", default_value_t = 4096)]
+        gemm_size: usize,
+    },
     /// Prepare character-level Shakespeare, train a small model on the CPU and sample from it
     Quickstart {
         /// Corpus file to use instead of downloading tiny Shakespeare
@@ -113,6 +129,12 @@ fn run(cli: Cli) -> Result<()> {
             to,
             checkpoint,
         } => nanogpt::cli::export(&out_dir, checkpoint.as_deref(), &to),
+        Command::Doctor {
+            cpu_only,
+            require_gpu,
+            json,
+            gemm_size,
+        } => nanogpt::cli::doctor(cpu_only, require_gpu, json, gemm_size),
         Command::Quickstart { input, args } => nanogpt::cli::quickstart(input, &args),
         Command::Launch {
             nproc_per_node,

@@ -1,0 +1,496 @@
+//! The CUDA driver API (`libcuda.so.1`): devices, primary contexts, memory, modules,
+//! kernel launches, streams and events. Only what the doctor and the engine need, with the
+//! `_v2` entry points the CUDA headers map the plain names to.
+
+use super::dl::{api, c_str};
+use super::CudaError;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::path::Path;
+
+pub type CuResult = c_int;
+pub type CuDevice = c_int;
+pub type CuDevicePtr = u64;
+pub type CuContext = *mut c_void;
+pub type CuModule = *mut c_void;
+pub type CuFunction = *mut c_void;
+pub type CuStream = *mut c_void;
+pub type CuEvent = *mut c_void;
+
+pub const CUDA_ERROR_NO_DEVICE: CuResult = 100;
+const ATTR_CLOCK_RATE: c_int = 13;
+const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+const ATTR_PCI_BUS_ID: c_int = 33;
+const ATTR_CC_MAJOR: c_int = 75;
+const ATTR_CC_MINOR: c_int = 76;
+
+api! {
+    /// Entry points of `libcuda.so.1`.
+    pub struct DriverApi {
+        fn cuGetErrorName(e: CuResult, s: *mut *const c_char) -> CuResult;
+        fn cuGetErrorString(e: CuResult, s: *mut *const c_char) -> CuResult;
+        fn cuDriverGetVersion(v: *mut c_int) -> CuResult;
+        fn cuInit(flags: c_uint) -> CuResult;
+        fn cuDeviceGetCount(n: *mut c_int) -> CuResult;
+        fn cuDeviceGet(d: *mut CuDevice, ordinal: c_int) -> CuResult;
+        fn cuDeviceGetName(name: *mut c_char, len: c_int, d: CuDevice) -> CuResult;
+        fn cuDeviceTotalMem_v2(bytes: *mut usize, d: CuDevice) -> CuResult;
+        fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, d: CuDevice) -> CuResult;
+        fn cuDevicePrimaryCtxRetain(ctx: *mut CuContext, d: CuDevice) -> CuResult;
+        fn cuDevicePrimaryCtxRelease_v2(d: CuDevice) -> CuResult;
+        fn cuCtxSetCurrent(ctx: CuContext) -> CuResult;
+        fn cuCtxSynchronize() -> CuResult;
+        fn cuMemAlloc_v2(p: *mut CuDevicePtr, bytes: usize) -> CuResult;
+        fn cuMemFree_v2(p: CuDevicePtr) -> CuResult;
+        fn cuMemcpyHtoD_v2(dst: CuDevicePtr, src: *const c_void, bytes: usize) -> CuResult;
+        fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CuDevicePtr, bytes: usize) -> CuResult;
+        fn cuMemcpyDtoDAsync_v2(dst: CuDevicePtr, src: CuDevicePtr, bytes: usize, s: CuStream) -> CuResult;
+        fn cuMemsetD8_v2(dst: CuDevicePtr, value: u8, n: usize) -> CuResult;
+        fn cuModuleLoadData(m: *mut CuModule, image: *const c_void) -> CuResult;
+        fn cuModuleUnload(m: CuModule) -> CuResult;
+        fn cuModuleGetFunction(f: *mut CuFunction, m: CuModule, name: *const c_char) -> CuResult;
+        fn cuLaunchKernel(
+            f: CuFunction,
+            gx: c_uint, gy: c_uint, gz: c_uint,
+            bx: c_uint, by: c_uint, bz: c_uint,
+            shared: c_uint,
+            s: CuStream,
+            params: *mut *mut c_void,
+            extra: *mut *mut c_void,
+        ) -> CuResult;
+        fn cuStreamCreate(s: *mut CuStream, flags: c_uint) -> CuResult;
+        fn cuStreamSynchronize(s: CuStream) -> CuResult;
+        fn cuStreamDestroy_v2(s: CuStream) -> CuResult;
+        fn cuEventCreate(e: *mut CuEvent, flags: c_uint) -> CuResult;
+        fn cuEventRecord(e: CuEvent, s: CuStream) -> CuResult;
+        fn cuEventSynchronize(e: CuEvent) -> CuResult;
+        fn cuEventElapsedTime(ms: *mut f32, start: CuEvent, end: CuEvent) -> CuResult;
+        fn cuEventDestroy_v2(e: CuEvent) -> CuResult;
+    }
+}
+
+/// A loaded driver.
+pub struct Driver {
+    pub api: DriverApi,
+}
+
+/// What the doctor reports about one GPU.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceInfo {
+    pub index: usize,
+    pub name: String,
+    pub memory_bytes: u64,
+    pub compute_capability: (u32, u32),
+    pub sm_count: u32,
+    pub clock_mhz: u32,
+    pub pci_bus: u32,
+}
+
+impl DeviceInfo {
+    /// `sm_90` for compute capability 9.0.
+    pub fn sm_arch(&self) -> String {
+        format!(
+            "sm_{}{}",
+            self.compute_capability.0, self.compute_capability.1
+        )
+    }
+}
+
+impl Driver {
+    pub fn load(path: &Path) -> Result<Driver, CudaError> {
+        Ok(Driver {
+            api: DriverApi::load(path)?,
+        })
+    }
+
+    /// Turns a `CUresult` into a typed error naming the call.
+    pub fn check(&self, r: CuResult, call: &'static str) -> Result<(), CudaError> {
+        if r == 0 {
+            return Ok(());
+        }
+        let mut name: *const c_char = std::ptr::null();
+        let mut msg: *const c_char = std::ptr::null();
+        // SAFETY: both calls only write a pointer to a static string.
+        unsafe {
+            (self.api.cuGetErrorName)(r, &mut name);
+            (self.api.cuGetErrorString)(r, &mut msg);
+        }
+        Err(CudaError::Driver {
+            call,
+            code: r,
+            name: c_str(name),
+            message: c_str(msg),
+        })
+    }
+
+    /// The CUDA version the driver supports, e.g. 13000 for 13.0 (needs no `cuInit`).
+    pub fn version(&self) -> Result<i32, CudaError> {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        self.check(
+            unsafe { (self.api.cuDriverGetVersion)(&mut v) },
+            "cuDriverGetVersion",
+        )?;
+        Ok(v)
+    }
+
+    /// `cuInit`; returns the raw code so callers can tell "no device" from real failures.
+    pub fn init(&self) -> CuResult {
+        // SAFETY: no preconditions.
+        unsafe { (self.api.cuInit)(0) }
+    }
+
+    pub fn device_count(&self) -> Result<usize, CudaError> {
+        let mut n = 0;
+        // SAFETY: writes one int.
+        self.check(
+            unsafe { (self.api.cuDeviceGetCount)(&mut n) },
+            "cuDeviceGetCount",
+        )?;
+        Ok(n.max(0) as usize)
+    }
+
+    fn device(&self, index: usize) -> Result<CuDevice, CudaError> {
+        let mut d = 0;
+        // SAFETY: writes one int.
+        self.check(
+            unsafe { (self.api.cuDeviceGet)(&mut d, index as c_int) },
+            "cuDeviceGet",
+        )?;
+        Ok(d)
+    }
+
+    fn attr(&self, d: CuDevice, attr: c_int) -> Result<u32, CudaError> {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        self.check(
+            unsafe { (self.api.cuDeviceGetAttribute)(&mut v, attr, d) },
+            "cuDeviceGetAttribute",
+        )?;
+        Ok(v.max(0) as u32)
+    }
+
+    pub fn device_info(&self, index: usize) -> Result<DeviceInfo, CudaError> {
+        let d = self.device(index)?;
+        let mut name = [0 as c_char; 256];
+        // SAFETY: the buffer holds `len` bytes; the driver NUL-terminates.
+        self.check(
+            unsafe { (self.api.cuDeviceGetName)(name.as_mut_ptr(), name.len() as c_int, d) },
+            "cuDeviceGetName",
+        )?;
+        let mut mem = 0usize;
+        // SAFETY: writes one size_t.
+        self.check(
+            unsafe { (self.api.cuDeviceTotalMem_v2)(&mut mem, d) },
+            "cuDeviceTotalMem",
+        )?;
+        Ok(DeviceInfo {
+            index,
+            name: c_str(name.as_ptr()),
+            memory_bytes: mem as u64,
+            compute_capability: (self.attr(d, ATTR_CC_MAJOR)?, self.attr(d, ATTR_CC_MINOR)?),
+            sm_count: self.attr(d, ATTR_MULTIPROCESSOR_COUNT)?,
+            clock_mhz: self.attr(d, ATTR_CLOCK_RATE)? / 1000,
+            pci_bus: self.attr(d, ATTR_PCI_BUS_ID)?,
+        })
+    }
+
+    /// Retains device `index`'s primary context (the one the CUDA runtime inside cuBLASLt
+    /// and NCCL also uses) and makes it current on this thread.
+    pub fn context(&self, index: usize) -> Result<Context<'_>, CudaError> {
+        let dev = self.device(index)?;
+        let mut ctx: CuContext = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        self.check(
+            unsafe { (self.api.cuDevicePrimaryCtxRetain)(&mut ctx, dev) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        let c = Context {
+            drv: self,
+            dev,
+            ctx,
+        };
+        c.make_current()?;
+        Ok(c)
+    }
+}
+
+/// A retained primary context; released on drop.
+pub struct Context<'a> {
+    pub drv: &'a Driver,
+    dev: CuDevice,
+    ctx: CuContext,
+}
+
+impl<'a> Context<'a> {
+    pub fn make_current(&self) -> Result<(), CudaError> {
+        // SAFETY: ctx is a live primary context.
+        self.drv.check(
+            unsafe { (self.drv.api.cuCtxSetCurrent)(self.ctx) },
+            "cuCtxSetCurrent",
+        )
+    }
+
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: a context is current.
+        self.drv.check(
+            unsafe { (self.drv.api.cuCtxSynchronize)() },
+            "cuCtxSynchronize",
+        )
+    }
+
+    /// Allocates `bytes` of device memory in this context.
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer<'a>, CudaError> {
+        self.make_current()?;
+        let mut ptr = 0;
+        // SAFETY: writes one device pointer.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemAlloc_v2)(&mut ptr, bytes.max(1)) },
+            "cuMemAlloc",
+        )?;
+        Ok(DeviceBuffer {
+            drv: self.drv,
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Allocates a buffer holding a copy of `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'a>, CudaError> {
+        let buf = self.alloc(std::mem::size_of_val(data))?;
+        buf.copy_from_host(data)?;
+        Ok(buf)
+    }
+
+    pub fn stream(&self) -> Result<Stream<'a>, CudaError> {
+        let mut s: CuStream = std::ptr::null_mut();
+        // SAFETY: writes one handle; flags 0 = ordered with the legacy default stream.
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamCreate)(&mut s, 0) },
+            "cuStreamCreate",
+        )?;
+        Ok(Stream { drv: self.drv, s })
+    }
+
+    /// Loads a cubin or NUL-terminated PTX image.
+    pub fn load_module(&self, image: &[u8]) -> Result<Module<'a>, CudaError> {
+        let mut m: CuModule = std::ptr::null_mut();
+        // SAFETY: the image outlives the call; the driver copies what it needs.
+        self.drv.check(
+            unsafe { (self.drv.api.cuModuleLoadData)(&mut m, image.as_ptr() as *const c_void) },
+            "cuModuleLoadData",
+        )?;
+        Ok(Module { drv: self.drv, m })
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: balances the retain in `Driver::context`.
+        unsafe { (self.drv.api.cuDevicePrimaryCtxRelease_v2)(self.dev) };
+    }
+}
+
+/// Device memory; freed on drop.
+pub struct DeviceBuffer<'a> {
+    drv: &'a Driver,
+    pub ptr: CuDevicePtr,
+    pub bytes: usize,
+}
+
+impl DeviceBuffer<'_> {
+    pub fn copy_from_host<T: bytemuck::Pod>(&self, data: &[T]) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > self.bytes {
+            return Err(CudaError::Invalid(format!(
+                "host data of {bytes} bytes does not fit a {}-byte device buffer",
+                self.bytes
+            )));
+        }
+        // SAFETY: `bytes` fit both the host slice and the device buffer.
+        self.drv.check(
+            unsafe {
+                (self.drv.api.cuMemcpyHtoD_v2)(self.ptr, data.as_ptr() as *const c_void, bytes)
+            },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    /// Copies the first `out.len()` elements back to the host.
+    pub fn copy_to_host<T: bytemuck::Pod>(&self, out: &mut [T]) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes > self.bytes {
+            return Err(CudaError::Invalid(format!(
+                "a host buffer of {bytes} bytes is larger than the {}-byte device buffer",
+                self.bytes
+            )));
+        }
+        // SAFETY: `bytes` fit both buffers.
+        self.drv.check(
+            unsafe {
+                (self.drv.api.cuMemcpyDtoH_v2)(out.as_mut_ptr() as *mut c_void, self.ptr, bytes)
+            },
+            "cuMemcpyDtoH",
+        )
+    }
+
+    pub fn zero(&self) -> Result<(), CudaError> {
+        // SAFETY: writes exactly the buffer.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemsetD8_v2)(self.ptr, 0, self.bytes) },
+            "cuMemsetD8",
+        )
+    }
+}
+
+impl Drop for DeviceBuffer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemAlloc and is freed once.
+        unsafe { (self.drv.api.cuMemFree_v2)(self.ptr) };
+    }
+}
+
+/// A stream; destroyed on drop.
+pub struct Stream<'a> {
+    drv: &'a Driver,
+    pub s: CuStream,
+}
+
+impl Stream<'_> {
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: live stream.
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamSynchronize)(self.s) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    /// Device-to-device copy of `bytes` on this stream.
+    pub fn copy_d2d(
+        &self,
+        dst: &DeviceBuffer,
+        src: &DeviceBuffer,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if bytes > dst.bytes || bytes > src.bytes {
+            return Err(CudaError::Invalid(format!(
+                "copy of {bytes} bytes exceeds a buffer ({} / {} bytes)",
+                src.bytes, dst.bytes
+            )));
+        }
+        // SAFETY: both ranges lie inside live allocations.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemcpyDtoDAsync_v2)(dst.ptr, src.ptr, bytes, self.s) },
+            "cuMemcpyDtoDAsync",
+        )
+    }
+
+    /// Launches `f` on this stream. `params` points at each kernel argument in order.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature and every device pointer among them
+    /// must cover what the kernel reads and writes for this geometry.
+    pub unsafe fn launch(
+        &self,
+        f: CuFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        self.drv.check(
+            (self.drv.api.cuLaunchKernel)(
+                f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block.0,
+                block.1,
+                block.2,
+                shared_bytes,
+                self.s,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
+            "cuLaunchKernel",
+        )
+    }
+
+    /// Runs `work` (which enqueues on this stream) between two events and returns the
+    /// elapsed GPU time in milliseconds.
+    pub fn time<F>(&self, work: F) -> Result<f64, CudaError>
+    where
+        F: FnOnce() -> Result<(), CudaError>,
+    {
+        let api = &self.drv.api;
+        let mut start: CuEvent = std::ptr::null_mut();
+        let mut end: CuEvent = std::ptr::null_mut();
+        // SAFETY: each call writes one handle.
+        self.drv.check(
+            unsafe { (api.cuEventCreate)(&mut start, 0) },
+            "cuEventCreate",
+        )?;
+        let result = (|| {
+            self.drv
+                .check(unsafe { (api.cuEventCreate)(&mut end, 0) }, "cuEventCreate")?;
+            // SAFETY: live events and stream.
+            self.drv.check(
+                unsafe { (api.cuEventRecord)(start, self.s) },
+                "cuEventRecord",
+            )?;
+            work()?;
+            self.drv
+                .check(unsafe { (api.cuEventRecord)(end, self.s) }, "cuEventRecord")?;
+            self.drv.check(
+                unsafe { (api.cuEventSynchronize)(end) },
+                "cuEventSynchronize",
+            )?;
+            let mut ms = 0f32;
+            self.drv.check(
+                unsafe { (api.cuEventElapsedTime)(&mut ms, start, end) },
+                "cuEventElapsedTime",
+            )?;
+            Ok(ms as f64)
+        })();
+        // SAFETY: destroying events created above (null ones are skipped).
+        unsafe {
+            (api.cuEventDestroy_v2)(start);
+            if !end.is_null() {
+                (api.cuEventDestroy_v2)(end);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        // SAFETY: live stream, destroyed once.
+        unsafe { (self.drv.api.cuStreamDestroy_v2)(self.s) };
+    }
+}
+
+/// A loaded module; unloaded on drop.
+pub struct Module<'a> {
+    drv: &'a Driver,
+    m: CuModule,
+}
+
+impl Module<'_> {
+    pub fn function(&self, name: &str) -> Result<CuFunction, CudaError> {
+        let c = super::dl::cstring(name)?;
+        let mut f: CuFunction = std::ptr::null_mut();
+        // SAFETY: live module, NUL-terminated name.
+        self.drv.check(
+            unsafe { (self.drv.api.cuModuleGetFunction)(&mut f, self.m, c.as_ptr()) },
+            "cuModuleGetFunction",
+        )?;
+        Ok(f)
+    }
+}
+
+impl Drop for Module<'_> {
+    fn drop(&mut self) {
+        // SAFETY: live module, unloaded once.
+        unsafe { (self.drv.api.cuModuleUnload)(self.m) };
+    }
+}
