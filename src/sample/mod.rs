@@ -220,7 +220,17 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
     let out_dir = PathBuf::from(&cfg.out_dir);
     let paths = CheckpointPaths::new(&out_dir);
     let targets: Vec<(Option<u64>, PathBuf)> = match cfg.checkpoint_selection()? {
-        CheckpointSelection::Latest => vec![(None, paths.latest())],
+        CheckpointSelection::Latest => {
+            let latest = paths.latest();
+            if !latest.exists() {
+                bail!(
+                    "no checkpoint at {}: set out_dir to a training run's directory (one that \
+                     `nanogpt train` wrote), or sample OpenAI's weights with init_from=gpt2",
+                    latest.display()
+                );
+            }
+            vec![(None, latest)]
+        }
         CheckpointSelection::All => {
             let kept = paths.list_kept()?;
             if kept.is_empty() {
