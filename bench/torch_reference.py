@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
-"""PyTorch eager float32 reference for side-by-side CPU benchmarks of nanogpt-rs.
+"""PyTorch reference for side-by-side benchmarks of nanogpt-rs, on the CPU or a CUDA GPU.
 
 The model follows nanoGPT's model.py (nn.Linear layers, tied LM head, nanoGPT's init and
 optimizer groups) with GPT-2's tanh-approximated GELU, the activation nanogpt-rs uses.
 Three subcommands, each taking nanoGPT-style `--key=value` options:
 
   bench   forward + backward + clip_grad_norm_ + AdamW step on random tokens: ms/iter,
-          tokens/s and GFLOP/s by nanoGPT's FLOPs estimate
-  train   nanoGPT's train.py loop on CPU (fp32, eager) over DIR/train.bin and DIR/val.bin
+          tokens/s, GFLOP/s by nanoGPT's FLOPs estimate, and on a GPU MFU and peak memory
+  train   nanoGPT's train.py loop over DIR/train.bin and DIR/val.bin
   sample  nanoGPT's generate() on a randomly initialised model: tokens/s
+
+The defaults are eager float32 on the CPU. `--device=cuda`, `--dtype=bfloat16` (autocast
+over fp32 master weights, as nanoGPT does), `--compile=True`, `--sdpa=True|False` and
+`--fused_adamw=True|False` turn it into the GPU reference (nanoGPT's own fast settings).
 
 Progress goes to stderr; a human summary line and then a JSON line go to stdout.
 Run `python3 bench/torch_reference.py <command> --help` for the keys and defaults.
 """
 
+import contextlib
+import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -43,20 +50,35 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """With cfg["sdpa"] (the default) attention is one scaled_dot_product_attention call
+    (flash attention on a GPU); without it, nanoGPT's explicit masked softmax."""
+
     def __init__(self, cfg):
         super().__init__()
         c = cfg["n_embd"]
         self.n_head, self.n_embd, self.dropout = cfg["n_head"], c, cfg["dropout"]
+        self.sdpa = cfg.get("sdpa", True)
         self.c_attn = nn.Linear(c, 3 * c, bias=cfg["bias"])
         self.c_proj = nn.Linear(c, c, bias=cfg["bias"])
+        self.attn_dropout = nn.Dropout(cfg["dropout"])
         self.resid_dropout = nn.Dropout(cfg["dropout"])
+        if not self.sdpa:
+            bs = cfg["block_size"]
+            mask = torch.tril(torch.ones(bs, bs, dtype=torch.bool)).view(1, 1, bs, bs)
+            self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x):
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(~self.mask[:, :, :t, :t], float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_dropout(self.c_proj(y))
 
@@ -87,7 +109,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """cfg keys: n_layer, n_head, n_embd, block_size, vocab_size, bias, dropout, pad_vocab.
+    """cfg keys: n_layer, n_head, n_embd, block_size, vocab_size, bias, dropout, pad_vocab,
+    and optionally sdpa (default True).
 
     With pad_vocab the embedding table has vocab_size rounded up to a multiple of 64 rows
     (as nanogpt-rs builds it); the padded logits are cut off before the loss and sampling."""
@@ -150,14 +173,16 @@ class GPT(nn.Module):
             return logits, loss
         return self.lm_head(x[:, [-1], :])[..., :self.vocab_size], None
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas):
-        """nanoGPT's groups: weight decay on tensors of two or more dimensions only."""
+    def configure_optimizer(self, weight_decay, learning_rate, betas, fused=False):
+        """nanoGPT's groups: weight decay on tensors of two or more dimensions only.
+        fused=True asks for PyTorch's fused AdamW kernel (as nanoGPT does on CUDA)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -183,23 +208,44 @@ class GPT(nn.Module):
 MODEL_KEYS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304,
                   bias=False, dropout=0.0, pad_vocab=False)
 
+# where and how the model runs; "auto" means: decided by the device (True on cuda)
+RUN_KEYS = dict(device="cpu", dtype="float32", sdpa=True, tf32=True)
+TRAINING_RUN_KEYS = dict(RUN_KEYS, compile=False, fused_adamw="auto")
+AUTO_BOOL_KEYS = ("fused_adamw",)
+
 DEFAULTS = {
     "bench": dict(MODEL_KEYS, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                   dropout=0.0, iters=20, warmup=3, learning_rate=6e-4, beta1=0.9, beta2=0.95,
-                  weight_decay=0.1, grad_clip=1.0, seed=1337, threads=0),
+                  weight_decay=0.1, grad_clip=1.0, seed=1337, threads=0, **TRAINING_RUN_KEYS,
+                  peak_flops=0.0),
     # nanoGPT's config/train_shakespeare_char.py on top of train.py's defaults
     "train": dict(MODEL_KEYS, data_dir="", vocab_size=0, dropout=0.2,
                   batch_size=64, gradient_accumulation_steps=1, max_iters=5000,
                   learning_rate=1e-3, min_lr=1e-4, decay_lr=True, warmup_iters=100,
                   lr_decay_iters=5000, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
                   eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
-                  seed=1337, threads=0),
+                  seed=1337, threads=0, **TRAINING_RUN_KEYS),
     "sample": dict(MODEL_KEYS, block_size=64, vocab_size=65, max_new_tokens=500, num_samples=1,
-                   temperature=0.8, top_k=200, start_token=0, seed=1337, threads=0),
+                   temperature=0.8, top_k=200, start_token=0, seed=1337, threads=0, **RUN_KEYS),
 }
 
+# dense bf16 tensor-core peak FLOP/s by torch.cuda.get_device_name(), first match wins;
+# MFU is measured against it whatever --dtype is (as nanoGPT's estimate_mfu does)
+PEAK_FLOPS = [
+    (r"H200", 989e12),
+    (r"H100.*PCIe", 756e12),
+    (r"H100.*NVL", 835e12),
+    (r"H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"A100", 312e12),
+    (r"\bL4\b", 121e12),
+    (r"RTX 4090", 165e12),
+]
+
+AUTO_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
 HELP = {
-    "bench": "forward + backward + clip + AdamW step on random tokens",
+    "bench": "forward + backward + clip + AdamW step on random tokens "
+             "(--batch_size=auto on cuda)",
     "train": "nanoGPT's training loop on DIR/train.bin, DIR/val.bin (uint16) and DIR/meta.json",
     "sample": "nanoGPT's generate() on a randomly initialised model",
 }
@@ -210,12 +256,17 @@ class UsageError(Exception):
 
 
 def parse_value(key, text, default):
+    if key in AUTO_BOOL_KEYS:
+        if text in ("auto", "Auto"):
+            return "auto"
+        default = False
     if isinstance(default, bool):
         if text in ("True", "true", "1"):
             return True
         if text in ("False", "false", "0"):
             return False
-        raise UsageError(f"--{key}={text}: expected True or False")
+        extra = " or auto" if key in AUTO_BOOL_KEYS else ""
+        raise UsageError(f"--{key}={text}: expected True or False{extra}")
     try:
         if isinstance(default, int):
             return int(text)
@@ -247,7 +298,10 @@ def parse_args(argv):
         key, text = arg[2:].split("=", 1)
         if key not in cfg:
             raise UsageError(f"unknown key '{key}' for {cmd}; known keys: {', '.join(cfg)}")
-        cfg[key] = parse_value(key, text, DEFAULTS[cmd][key])
+        if cmd == "bench" and key == "batch_size" and text == "auto":
+            cfg[key] = "auto"
+        else:
+            cfg[key] = parse_value(key, text, DEFAULTS[cmd][key])
     return cmd, cfg
 
 
@@ -271,6 +325,99 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+class Runtime:
+    """Where and how the model runs: device, autocast dtype, torch.compile, fused AdamW."""
+
+    def __init__(self, cfg):
+        dev = cfg["device"]
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", dev):
+            raise UsageError(f"--device={dev}: expected cpu, cuda or cuda:N")
+        if cfg["dtype"] not in ("float32", "bfloat16"):
+            raise UsageError(f"--dtype={cfg['dtype']}: expected float32 or bfloat16")
+        self.cuda = dev.startswith("cuda")
+        self.device = torch.device(dev)
+        self.device_type = "cuda" if self.cuda else "cpu"
+        self.bf16 = cfg["dtype"] == "bfloat16"
+        self.training = "compile" in cfg  # bench and train; sample has no optimizer
+        self.compile = cfg.get("compile", False)
+        fused = cfg.get("fused_adamw", False)
+        self.fused_adamw = self.cuda if fused == "auto" else fused
+        self.device_name = "cpu"
+        if self.cuda:
+            if not torch.cuda.is_available():
+                raise UsageError(
+                    f"--device={dev}: PyTorch sees no CUDA GPU (torch {torch.__version__}, "
+                    f"CUDA build {torch.version.cuda or 'none'}); run on a machine with an "
+                    "NVIDIA GPU and a CUDA build of PyTorch, or use --device=cpu")
+            n = torch.cuda.device_count()
+            if self.device.index is not None and self.device.index >= n:
+                raise UsageError(f"--device={dev}: only {n} CUDA device(s) visible "
+                                 f"(cuda:0 to cuda:{n - 1})")
+            torch.cuda.set_device(self.device)
+            # nanoGPT's setting: TF32 tensor cores for fp32 matmuls and convolutions
+            torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
+            torch.backends.cudnn.allow_tf32 = cfg["tf32"]
+            self.device_name = torch.cuda.get_device_name(self.device)
+            if self.bf16 and not torch.cuda.is_bf16_supported():
+                raise UsageError(f"--dtype=bfloat16: {self.device_name} has no bfloat16 "
+                                 "support; use --dtype=float32")
+        if self.compile and not hasattr(torch, "compile"):
+            raise UsageError(f"--compile=True: torch {torch.__version__} has no torch.compile "
+                             "(needs PyTorch 2.0 or newer); use --compile=False")
+
+    def autocast(self):
+        """Mixed precision as nanoGPT runs it: bf16 autocast, fp32 master weights."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, model):
+        """The callable that runs the model: torch.compile(model) or the model itself."""
+        return torch.compile(model) if self.compile else model
+
+    def label(self):
+        """'torch eager fp32' on the CPU (as before), plus the GPU's name on cuda."""
+        text = (f"torch {'compiled' if self.compile else 'eager'} "
+                f"{'bf16 autocast' if self.bf16 else 'fp32'}")
+        return f"{text} on {self.device_name}" if self.cuda else text
+
+    def record(self):
+        rec = {"device": str(self.device), "device_name": self.device_name,
+               "dtype": "bfloat16" if self.bf16 else "float32"}
+        if self.training:
+            rec.update(compile=self.compile, fused_adamw=self.fused_adamw)
+        return rec
+
+
+def peak_flops_for(rt, cfg):
+    """--peak_flops if given, else the table entry for the GPU's name, else None."""
+    if cfg["peak_flops"] > 0:
+        return cfg["peak_flops"]
+    if not rt.cuda:
+        return None
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, rt.device_name):
+            return flops
+    log(f"no peak FLOP/s known for '{rt.device_name}': pass --peak_flops=F (dense bf16 "
+        "FLOP/s) to get MFU")
+    return None
+
+
+def is_compile_error(e):
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "Compile" in type(e).__name__
+
+
+def first_line(e, limit=400):
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def model_desc(cfg):
     return (f"{cfg['n_layer']}L/{cfg['n_head']}H/{cfg['n_embd']}C, block {cfg['block_size']}, "
             f"vocab {cfg['vocab_size']}{' (padded)' if cfg['pad_vocab'] else ''}, "
@@ -286,45 +433,124 @@ def report(human, record):
 # bench
 
 
-def cmd_bench(cfg):
-    check_model_cfg(cfg)
-    if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch_size"] < 1:
-        raise UsageError("--iters and --batch_size must be at least 1, --warmup at least 0")
-    threads = set_threads(cfg)
+def bench_run(cfg, rt, b, iters, warmup, compiled=True, quiet=False):
+    """Builds the model and optimizer for batch size b and times iters steps after warmup.
+    Returns (model, median seconds, first-step seconds, final loss, peak bytes or None)."""
     torch.manual_seed(cfg["seed"])
-    model = GPT(cfg)
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    model = GPT(cfg).to(rt.device)
     model.train()
+    run = rt.wrap(model) if compiled else model
     opt = model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
-                                    (cfg["beta1"], cfg["beta2"]))
-    b, t = cfg["batch_size"], cfg["block_size"]
+                                    (cfg["beta1"], cfg["beta2"]), fused=rt.fused_adamw)
+    t = cfg["block_size"]
     data = torch.randint(cfg["vocab_size"], (b, t + 1))
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    log(f"bench: {model_desc(cfg)}, batch {b}, {model.num_params() / 1e6:.2f}M params "
-        f"(no wpe), {threads} threads")
-    times, loss = [], None
-    for i in range(cfg["warmup"] + cfg["iters"]):
+    x, y = data[:, :-1].contiguous().to(rt.device), data[:, 1:].contiguous().to(rt.device)
+    times, first, lossf = [], None, None
+    for i in range(warmup + iters):
+        rt.sync()
         t0 = time.perf_counter()
-        _, loss = model(x, y)
+        with rt.autocast():
+            _, loss = run(x, y)
         loss.backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        rt.sync()
         lossf = loss.item()
         dt = time.perf_counter() - t0
-        if i >= cfg["warmup"]:
+        first = dt if first is None else first
+        if i >= warmup:
             times.append(dt)
-        log(f"  iter {i}{' (warmup)' if i < cfg['warmup'] else ''}: loss {lossf:.4f}, "
-            f"{dt * 1e3:.1f} ms")
-    ms = statistics.median(times) * 1e3
-    tps = b * t / (ms / 1e3)
+        if not quiet:
+            log(f"  iter {i}{' (warmup)' if i < warmup else ''}: loss {lossf:.4f}, "
+                f"{dt * 1e3:.1f} ms")
+    peak = torch.cuda.max_memory_allocated(rt.device) if rt.cuda else None
+    median = statistics.median(times) if times else None
+    return model, median, first, lossf, peak
+
+
+def release_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def auto_batch_size(cfg, rt):
+    """Largest of AUTO_BATCH_SIZES for which two eager steps fit in GPU memory."""
+    best = None
+    for b in AUTO_BATCH_SIZES:
+        try:
+            _, _, _, _, peak = bench_run(cfg, rt, b, iters=0, warmup=2, compiled=False,
+                                         quiet=True)
+            log(f"batch_size=auto: batch {b} x {cfg['block_size']} fits "
+                f"(peak {peak / 2**30:.2f} GiB allocated)")
+            best = b
+        except torch.OutOfMemoryError:
+            log(f"batch_size=auto: batch {b} x {cfg['block_size']} is out of GPU memory")
+            break
+        finally:
+            release_memory()
+    if best is None:
+        raise UsageError(f"--batch_size=auto: even batch size 1 at block_size "
+                         f"{cfg['block_size']} does not fit in GPU memory; use a smaller model "
+                         "or --block_size")
+    log(f"batch_size=auto: using batch size {best}")
+    return best
+
+
+def cmd_bench(cfg):
+    check_model_cfg(cfg)
+    auto = cfg["batch_size"] == "auto"
+    if cfg["iters"] < 1 or cfg["warmup"] < 0 or (not auto and cfg["batch_size"] < 1):
+        raise UsageError("--iters and --batch_size must be at least 1, --warmup at least 0")
+    if cfg["peak_flops"] < 0:
+        raise UsageError(f"--peak_flops={cfg['peak_flops']}: must be positive (FLOP/s)")
+    rt = Runtime(cfg)
+    if auto and not rt.cuda:
+        raise UsageError("--batch_size=auto searches GPU memory and needs --device=cuda; "
+                         "give a number on the CPU")
+    threads = set_threads(cfg)
+    warmup = cfg["warmup"]
+    if rt.compile and warmup == 0:
+        warmup = 1
+        log("--compile=True: the first step compiles, so it is run as a warmup step")
+    peak_flops = peak_flops_for(rt, cfg)
+    b = auto_batch_size(cfg, rt) if auto else cfg["batch_size"]
+    t = cfg["block_size"]
+    while True:
+        log(f"bench: {model_desc(cfg)}, batch {b}, {rt.label()}, "
+            f"sdpa {cfg['sdpa']}, fused AdamW {rt.fused_adamw}, {threads} threads")
+        try:
+            model, median, first, lossf, peak = bench_run(cfg, rt, b, cfg["iters"], warmup)
+            break
+        except torch.OutOfMemoryError as e:
+            msg = first_line(e)
+        release_memory()
+        if auto and b > 1:
+            log(f"batch {b} is out of GPU memory in the timed configuration; halving it")
+            b //= 2
+            continue
+        raise UsageError(f"--batch_size={b}: out of GPU memory at block_size {t} ({msg}); "
+                         "use a smaller --batch_size or --batch_size=auto")
+    ms = median * 1e3
+    tps = b * t / median
     fpt = model.flops_per_token()
     gflops = fpt * tps / 1e9
-    report(f"torch eager fp32 bench: {model_desc(cfg)}, batch {b}, {threads} threads: "
-           f"median {ms:.2f} ms/iter, {tps:.0f} tokens/s, {gflops:.2f} GFLOP/s",
+    mfu = fpt * tps / peak_flops if peak_flops else None
+    extra = ""
+    if mfu is not None:
+        extra += f", MFU {mfu * 100:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s"
+    if peak is not None:
+        extra += f", peak memory {peak / 2**30:.2f} GiB"
+    report(f"{rt.label()} bench: {model_desc(cfg)}, batch {b}, {threads} threads: "
+           f"median {ms:.2f} ms/iter, {tps:.0f} tokens/s, {gflops:.2f} GFLOP/s{extra}",
            {"ms_per_iter": ms, "tokens_per_s": tps, "gflops": gflops,
             "flops_per_token": fpt, "params": model.num_params(), "threads": threads,
-            "iters": cfg["iters"], "final_loss": lossf})
+            "iters": cfg["iters"], "final_loss": lossf, "batch_size": b, "block_size": t,
+            **rt.record(), "sdpa": cfg["sdpa"], "mfu": mfu, "peak_flops": peak_flops,
+            "peak_memory_bytes": peak, "first_iter_ms": first * 1e3})
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,6 +601,7 @@ def lr_at(it, cfg):
 def cmd_train(cfg):
     if not cfg["data_dir"]:
         raise UsageError("train needs --data_dir=DIR holding train.bin, val.bin and meta.json")
+    rt = Runtime(cfg)
     if cfg["vocab_size"] == 0:
         cfg["vocab_size"] = read_vocab_size(cfg["data_dir"])
     check_model_cfg(cfg)
@@ -393,15 +620,20 @@ def cmd_train(cfg):
         ix = torch.randint(len(data) - bs, (b,))
         x = torch.stack([torch.from_numpy(data[i:i + bs].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + bs].astype(np.int64)) for i in ix])
+        if rt.cuda:  # pinned memory and an asynchronous copy, as nanoGPT does
+            return (x.pin_memory().to(rt.device, non_blocking=True),
+                    y.pin_memory().to(rt.device, non_blocking=True))
         return x, y
 
-    model = GPT(cfg)
+    model = GPT(cfg).to(rt.device)
+    run = rt.wrap(model)
     opt = model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
-                                    (cfg["beta1"], cfg["beta2"]))
+                                    (cfg["beta1"], cfg["beta2"]), fused=rt.fused_adamw)
     gas = cfg["gradient_accumulation_steps"]
     tokens_per_iter = gas * b * bs
     log(f"train: {model_desc(cfg)}, {model.num_params() / 1e6:.2f}M params (no wpe), "
-        f"{tokens_per_iter} tokens/iter, {threads} threads")
+        f"{tokens_per_iter} tokens/iter, {rt.label()}, sdpa {cfg['sdpa']}, "
+        f"fused AdamW {rt.fused_adamw}, {threads} threads")
 
     @torch.no_grad()
     def estimate_loss():
@@ -411,7 +643,8 @@ def cmd_train(cfg):
             losses = torch.zeros(cfg["eval_iters"])
             for k in range(cfg["eval_iters"]):
                 x, y = get_batch(split)
-                losses[k] = model(x, y)[1].item()
+                with rt.autocast():
+                    losses[k] = run(x, y)[1].item()
             out[split] = losses.mean().item()
         model.train()
         return out
@@ -432,14 +665,16 @@ def cmd_train(cfg):
         if iter_num == 0 and cfg["eval_only"]:
             break
         for _ in range(gas):
-            _, loss = model(x, y)
-            loss = loss / gas
+            with rt.autocast():
+                _, loss = run(x, y)
+                loss = loss / gas
             x, y = get_batch("train")  # prefetch, as nanoGPT does
             loss.backward()
         if cfg["grad_clip"] != 0.0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        rt.sync()
         t1 = time.perf_counter()
         dt, t0 = t1 - t0, t1
         if not evaluated:
@@ -460,12 +695,13 @@ def cmd_train(cfg):
     wall = time.perf_counter() - start
     ms = statistics.median(step_times) * 1e3 if step_times else float("nan")
     tps = tokens_per_iter / (ms / 1e3)
-    report(f"torch eager fp32 train: {model_desc(cfg)}, {iter_num} steps, train loss "
+    report(f"{rt.label()} train: {model_desc(cfg)}, {iter_num} steps, train loss "
            f"{losses['train']:.4f}, val loss {losses['val']:.4f}, {wall:.1f} s wall, "
            f"median {ms:.1f} ms/iter ({tps:.0f} tokens/s), {threads} threads",
            {"train_loss": losses["train"], "val_loss": losses["val"], "wall_s": wall,
             "steps": iter_num, "ms_per_iter": ms, "tokens_per_s": tps,
-            "gflops": model.flops_per_token() * tps / 1e9, "threads": threads, "evals": evals})
+            "gflops": model.flops_per_token() * tps / 1e9, "threads": threads, "evals": evals,
+            **rt.record(), "sdpa": cfg["sdpa"]})
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,32 +715,50 @@ def cmd_sample(cfg):
                          "--temperature above 0")
     if not 0 <= cfg["start_token"] < cfg["vocab_size"]:
         raise UsageError(f"--start_token={cfg['start_token']}: must be below vocab_size")
+    rt = Runtime(cfg)
     threads = set_threads(cfg)
     torch.manual_seed(cfg["seed"])
-    model = GPT(cfg)
+    model = GPT(cfg).to(rt.device)
     model.eval()
-    log(f"sample: {model_desc(cfg)}, random weights, {threads} threads")
+    log(f"sample: {model_desc(cfg)}, random weights, {rt.label()}, sdpa {cfg['sdpa']}, "
+        f"{threads} threads")
     total, n = 0.0, 0
     for k in range(cfg["num_samples"]):
-        idx = torch.tensor([[cfg["start_token"]]], dtype=torch.long)
+        idx = torch.tensor([[cfg["start_token"]]], dtype=torch.long, device=rt.device)
+        rt.sync()
         t0 = time.perf_counter()
-        out = model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"])
+        with rt.autocast():
+            out = model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"])
+        rt.sync()
         total += time.perf_counter() - t0
         n += cfg["max_new_tokens"]
         log(f"sample {k}: {out[0, 1:].tolist()[:32]}{' ...' if cfg['max_new_tokens'] > 32 else ''}")
     tps = n / total
-    report(f"torch eager fp32 sample: {model_desc(cfg)}, {n} tokens in {total:.2f} s: "
+    report(f"{rt.label()} sample: {model_desc(cfg)}, {n} tokens in {total:.2f} s: "
            f"{tps:.1f} tokens/s, {threads} threads",
-           {"tokens_per_s": tps, "ms_per_token": 1e3 / tps, "tokens": n, "threads": threads})
+           {"tokens_per_s": tps, "ms_per_token": 1e3 / tps, "tokens": n, "threads": threads,
+            **rt.record(), "sdpa": cfg["sdpa"]})
 
 
 def main(argv):
+    cfg = {}
     try:
         cmd, cfg = parse_args(argv)
         {"bench": cmd_bench, "train": cmd_train, "sample": cmd_sample}[cmd](cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({first_line(e)}); use a smaller --batch_size, "
+              "--block_size or model", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - only compiler failures get a one-line message
+        if not (cfg.get("compile") and is_compile_error(e)):
+            raise
+        print(f"error: --compile=True: torch.compile failed ({type(e).__name__}: "
+              f"{first_line(e)}); check that a working C++ compiler is on PATH (CPU) or that "
+              "Triton matches this PyTorch (GPU), or use --compile=False", file=sys.stderr)
+        return 1
     return 0
 
 
