@@ -82,7 +82,14 @@ struct Fixture {
 
 impl Fixture {
     fn open(name: &str) -> Self {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        // The source tree this binary was built from, else tests/fixtures under the working
+        // directory (a test binary carried to another machine runs from the repository copy).
+        let built = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = if std::path::Path::new(&built).exists() {
+            built
+        } else {
+            format!("tests/fixtures/{name}")
+        };
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"));
         Fixture { bytes }
     }

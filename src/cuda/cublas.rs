@@ -116,7 +116,7 @@ fn to_int(v: usize, what: &str) -> Result<c_int, CudaError> {
 impl Sgemm {
     /// Loads the GEMM entry points from `path` and creates a handle on `stream` (the
     /// device's context must be current).
-    pub fn new(path: &Path, stream: crate::cuda::driver::CuStream) -> Result<Sgemm, CudaError> {
+    pub fn new(path: &Path, stream: &crate::cuda::driver::Stream) -> Result<Sgemm, CudaError> {
         let api = CublasGemmApi::load(path)?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: writes one handle.
@@ -124,7 +124,7 @@ impl Sgemm {
         let g = Sgemm { api, handle };
         g.check(s, "cublasCreate")?;
         // SAFETY: live handle and stream.
-        let s = unsafe { (g.api.cublasSetStream_v2)(g.handle, stream) };
+        let s = unsafe { (g.api.cublasSetStream_v2)(g.handle, stream.s) };
         g.check(s, "cublasSetStream")?;
         let s = unsafe { (g.api.cublasSetMathMode)(g.handle, CUBLAS_DEFAULT_MATH) };
         g.check(s, "cublasSetMathMode")?;

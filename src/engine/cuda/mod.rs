@@ -255,7 +255,7 @@ impl CudaEngine {
         let (ma, mi) = info.compute_capability;
         let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
         let k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
-        let blas = Sgemm::new(&stack.cublas, stream.s).map_err(|e| {
+        let blas = Sgemm::new(&stack.cublas, &stream).map_err(|e| {
             EngineError::Other(format!(
                 "CUDA: {e}; {} (run `nanogpt doctor` for details)",
                 crate::cuda::discover::LibKind::Cublas.advice()
@@ -265,7 +265,7 @@ impl CudaEngine {
         let oom = |what: &str, e: CudaError| {
             EngineError::Other(format!(
                 "CUDA: cannot allocate the {what} ({} MiB) on cuda:{device} ({}): {e}",
-                total * 4 >> 20,
+                (total * 4) >> 20,
                 info.name
             ))
         };
