@@ -221,6 +221,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let params = ParamLayout::new(&model).init_params(&model, cfg.seed);
     let mut eng = engine::create(
         cfg.device_spec()?,
+        cfg.dtype_kind()?,
         model.clone(),
         params,
         cfg.seed,

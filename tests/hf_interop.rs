@@ -112,7 +112,15 @@ fn load_dir(dir: &Path, block: Option<usize>) -> interop::Result<interop::Pretra
 }
 
 fn cpu(model: GptConfig, params: Vec<f32>) -> Box<dyn Engine> {
-    engine::create(DeviceSpec::Cpu, model, params, 1, 2).unwrap()
+    engine::create(
+        DeviceSpec::Cpu,
+        nanogpt::config::Dtype::Float32,
+        model,
+        params,
+        1,
+        2,
+    )
+    .unwrap()
 }
 
 /// max |a - b| / max |b|

@@ -236,7 +236,15 @@ fn generate_refills_the_cache_window() {
     let mut model = ckpt.state.model.clone();
     model.dropout = 0.0;
     let (block, vocab) = (model.block_size, model.vocab_size);
-    let mut engine = nanogpt::engine::create(DeviceSpec::Cpu, model, ckpt.params, 1, 1).unwrap();
+    let mut engine = nanogpt::engine::create(
+        DeviceSpec::Cpu,
+        nanogpt::config::Dtype::Float32,
+        model,
+        ckpt.params,
+        1,
+        1,
+    )
+    .unwrap();
     let params = SamplingParams {
         temperature: 0.8,
         top_k: Some(5),

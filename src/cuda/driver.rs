@@ -333,6 +333,32 @@ impl DeviceBuffer<'_> {
         )
     }
 
+    /// Copies `out.len()` elements starting `offset_bytes` into the buffer to the host.
+    pub fn copy_to_host_at<T: bytemuck::Pod>(
+        &self,
+        offset_bytes: usize,
+        out: &mut [T],
+    ) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(out);
+        if offset_bytes + bytes > self.bytes {
+            return Err(CudaError::Invalid(format!(
+                "a read of {bytes} bytes at offset {offset_bytes} runs past the {}-byte device buffer",
+                self.bytes
+            )));
+        }
+        // SAFETY: the range lies inside the device buffer and the host slice.
+        self.drv.check(
+            unsafe {
+                (self.drv.api.cuMemcpyDtoH_v2)(
+                    out.as_mut_ptr() as *mut c_void,
+                    self.ptr + offset_bytes as u64,
+                    bytes,
+                )
+            },
+            "cuMemcpyDtoH",
+        )
+    }
+
     pub fn zero(&self) -> Result<(), CudaError> {
         // SAFETY: writes exactly the buffer.
         self.drv.check(

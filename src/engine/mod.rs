@@ -3,6 +3,7 @@
 //! CPU reference engine and accelerator engines are interchangeable.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
@@ -80,20 +81,65 @@ pub trait Engine: Send {
     fn decode_len(&self) -> usize;
 }
 
-/// Builds the engine for `device` ("auto", "cpu", "cuda", "cuda:N"). This build has the CPU
-/// engine; `auto` resolves to it. `threads == 0` uses all cores.
+/// Builds the engine for `device` ("auto", "cpu", "cuda", "cuda:N") computing in `dtype`.
+///
+/// `cpu` always computes in float32. `cuda:N` runs the CUDA engine on GPU N (`cuda` alone:
+/// GPU 0); this build's CUDA engine computes in float32 only, so `dtype=bfloat16` or
+/// `float16` there is an error that says so. `auto` picks the CUDA engine when the driver
+/// loads and a GPU exists (in float32, saying so when another dtype was asked for), else the
+/// CPU engine, and prints which it chose and why. `threads == 0` uses all cores (CPU only).
 pub fn create(
     device: crate::config::DeviceSpec,
+    dtype: crate::config::Dtype,
     cfg: GptConfig,
     params: Vec<f32>,
     seed: u64,
     threads: usize,
 ) -> Result<Box<dyn Engine>> {
-    use crate::config::DeviceSpec;
+    use crate::config::{DeviceSpec, Dtype};
     match device {
-        DeviceSpec::Auto | DeviceSpec::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?)),
-        DeviceSpec::Cuda(_) => Err(EngineError::Other(format!(
-            "device={device}: this build of nanogpt has no CUDA engine yet; use device=cpu (or device=auto)"
-        ))),
+        DeviceSpec::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?)),
+        DeviceSpec::Cuda(n) => {
+            if dtype != Dtype::Float32 {
+                return Err(EngineError::Other(format!(
+                    "device={device} dtype={dtype}: {} is not available yet in this build; use \
+                     dtype=float32",
+                    if dtype == Dtype::BFloat16 {
+                        "bf16"
+                    } else {
+                        "fp16"
+                    }
+                )));
+            }
+            let index = n.unwrap_or(0);
+            match cuda::stack::available_gpus() {
+                Ok(_) => Ok(Box::new(cuda::CudaEngine::new(cfg, params, seed, index)?)),
+                Err(why) => Err(EngineError::Other(format!(
+                    "device={device}: no usable GPU: {why}; or use device=cpu"
+                ))),
+            }
+        }
+        DeviceSpec::Auto => match cuda::stack::available_gpus() {
+            Ok(gpus) => {
+                let note = if dtype == Dtype::Float32 {
+                    String::new()
+                } else {
+                    format!(
+                        "; dtype={dtype} is not available yet on CUDA in this build, computing \
+                         in float32"
+                    )
+                };
+                eprintln!(
+                    "device=auto: using cuda:0 ({}){note}",
+                    gpus.first().map_or("GPU", |g| g.name.as_str())
+                );
+                Ok(Box::new(cuda::CudaEngine::new(cfg, params, seed, 0)?))
+            }
+            Err(why) => {
+                let short = why.split(';').next().unwrap_or(&why);
+                eprintln!("device=auto: using the CPU (no usable GPU: {short})");
+                Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?))
+            }
+        },
     }
 }

@@ -201,6 +201,7 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
         let (pre, tok) = crate::interop::load_for_sampling(&cfg.init_from)?;
         let mut engine = engine::create(
             cfg.device_spec()?,
+            cfg.dtype_kind()?,
             pre.model,
             pre.params,
             cfg.seed,
@@ -289,7 +290,14 @@ pub fn run(cfg: &SampleConfig) -> Result<()> {
                 model.vocab_size
             );
         }
-        let mut engine = engine::create(device, model, ckpt.params, cfg.seed, cfg.threads)?;
+        let mut engine = engine::create(
+            device,
+            cfg.dtype_kind()?,
+            model,
+            ckpt.params,
+            cfg.seed,
+            cfg.threads,
+        )?;
         let header = (targets.len() > 1 || label.is_some()).then(|| {
             let iter = label.unwrap_or(ckpt.state.iter_num);
             format!("=== iter {iter} ({}) ===", path.display())

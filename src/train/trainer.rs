@@ -282,7 +282,14 @@ impl Run {
             (None, Some(p)) => p,
             (None, None) => crate::model::ParamLayout::new(&model).init_params(&model, cfg.seed),
         };
-        let mut engine = engine::create(device, model.clone(), params, cfg.seed, cfg.threads)?;
+        let mut engine = engine::create(
+            device,
+            cfg.dtype_kind()?,
+            model.clone(),
+            params,
+            cfg.seed,
+            cfg.threads,
+        )?;
         eprintln!("device: {}", engine.device_name());
         if let Some(m) = meta.as_ref().filter(|_| rank == 0) {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints

@@ -1,0 +1,108 @@
+// layernorm.cu: LayerNorm over rows of C channels, eps = 1e-5 (fp32), forward and backward.
+//
+// Shapes: x, out, dout, dx [N, C]; w, b, dw, db [C]; mean, rstd [N];
+//         parts [P, 2C] (per row group: partial dw in [0, C), partial db in [C, 2C)).
+//
+// layernorm_forward(out, mean, rstd, x, w, b_or_null, N, C)
+//   out = (x - mean) * rstd * w (+ b), rstd = 1 / sqrt(var + eps), biased variance.
+//   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
+//
+// layernorm_backward_dx(dx, dout, x, w, mean, rstd, N, C)
+//   dx += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = w * dout.
+//   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
+//
+// layernorm_backward_parts(parts, dout, x, mean, rstd, N, C, rows_per_part)
+//   parts[p, c] = sum over the rows of group p of norm * dout; parts[p, C + c] = sum of dout.
+//   Row group p holds rows [p * rows_per_part, min(N, (p + 1) * rows_per_part)).
+//   Launch: 2-D; block 256, grid (ceil(C / 256), P). Deterministic. The groups are then
+//   summed in order into dw and db by reduce_parts_add (elementwise.cu).
+
+#define LN_EPS 1e-5f
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void layernorm_forward(float* __restrict__ out,
+                                             float* __restrict__ mean,
+                                             float* __restrict__ rstd,
+                                             const float* __restrict__ x,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ b,
+                                             int n_rows, int c) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;  // whole warps exit together
+    const float* xr = x + (long long)row * c;
+    float s = 0.0f;
+    for (int i = lane; i < c; i += 32) s += xr[i];
+    float m = warp_sum(s) / (float)c;
+    float v = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float d = xr[i] - m;
+        v += d * d;
+    }
+    v = warp_sum(v);
+    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
+    float* o = out + (long long)row * c;
+    for (int i = lane; i < c; i += 32) {
+        float y = (xr[i] - m) * r * w[i];
+        if (b != nullptr) y += b[i];
+        o[i] = y;
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
+                                                 const float* __restrict__ dout,
+                                                 const float* __restrict__ x,
+                                                 const float* __restrict__ w,
+                                                 const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd,
+                                                 int n_rows, int c) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    long long base = (long long)row * c;
+    float m = mean[row], s = rstd[row];
+    float a1 = 0.0f, a2 = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float norm = (x[base + i] - m) * s;
+        float dnorm = w[i] * dout[base + i];
+        a1 += dnorm;
+        a2 += dnorm * norm;
+    }
+    a1 = warp_sum(a1) / (float)c;
+    a2 = warp_sum(a2) / (float)c;
+    for (int i = lane; i < c; i += 32) {
+        float norm = (x[base + i] - m) * s;
+        float dnorm = w[i] * dout[base + i];
+        dx[base + i] += (dnorm - a1 - norm * a2) * s;
+    }
+}
+
+extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
+                                                    const float* __restrict__ dout,
+                                                    const float* __restrict__ x,
+                                                    const float* __restrict__ mean,
+                                                    const float* __restrict__ rstd,
+                                                    int n_rows, int c, int rows_per_part) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    int p = blockIdx.y;
+    if (col >= c) return;
+    int r0 = p * rows_per_part;
+    int r1 = min(n_rows, r0 + rows_per_part);
+    float dw = 0.0f, db = 0.0f;
+    for (int r = r0; r < r1; r++) {
+        long long i = (long long)r * c + col;
+        float d = dout[i];
+        dw += (x[i] - mean[r]) * rstd[r] * d;
+        db += d;
+    }
+    parts[(long long)p * 2 * c + col] = dw;
+    parts[(long long)p * 2 * c + c + col] = db;
+}

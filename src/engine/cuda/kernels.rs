@@ -1,0 +1,247 @@
+//! The engine's CUDA C sources (`kernels/*.cu`, embedded in the binary), compiled by NVRTC
+//! for the GPU's architecture when the engine starts, cached on disk, and launched with
+//! typed arguments.
+//!
+//! Cache: `$XDG_CACHE_HOME/nanogpt/kernels` (else `~/.cache/nanogpt/kernels`), one file per
+//! source named `<file>-<key>.cubin`, the key a SHA-256 of (source, NVRTC options, target,
+//! NVRTC version). A cache that cannot be read or written only costs a recompile.
+
+use super::stack::Stack;
+use crate::cuda::driver::{Context, CuFunction, Module, Stream};
+use crate::cuda::nvrtc::Target;
+use crate::cuda::CudaError;
+use sha2::{Digest, Sha256};
+use std::ffi::c_void;
+use std::path::PathBuf;
+
+/// (file name, source) of every kernel family the engine uses.
+pub const SOURCES: [(&str, &str); 6] = [
+    (
+        "embedding.cu",
+        include_str!("../../../kernels/embedding.cu"),
+    ),
+    (
+        "layernorm.cu",
+        include_str!("../../../kernels/layernorm.cu"),
+    ),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+    ),
+    (
+        "cross_entropy.cu",
+        include_str!("../../../kernels/cross_entropy.cu"),
+    ),
+    ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
+];
+
+/// NVRTC options for every engine kernel.
+pub const OPTIONS: [&str; 1] = ["--std=c++17"];
+
+/// Threads per block of the 1-D and warp-per-row kernels (see each `.cu` header).
+pub const BLOCK: u32 = 256;
+
+/// Where compiled kernels are cached.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("nanogpt").join("kernels"))
+}
+
+/// The cache key of one source for one target.
+pub fn cache_key(source: &str, target: Target, nvrtc_version: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    for o in OPTIONS {
+        h.update([0u8]);
+        h.update(o.as_bytes());
+    }
+    h.update([0u8]);
+    h.update(target.arch_flag().as_bytes());
+    h.update(format!("nvrtc {}.{}", nvrtc_version.0, nvrtc_version.1).as_bytes());
+    let d = h.finalize();
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The target for a GPU of compute capability `cc` (e.g. 90): a cubin when this NVRTC
+/// knows the architecture, else PTX for the newest one it knows (JIT-compiled by the driver).
+pub fn target_for(stack: &Stack, cc: u32) -> Result<Target, CudaError> {
+    let archs = stack.nvrtc.supported_archs()?;
+    if archs.contains(&cc) {
+        return Ok(Target::Cubin { cc });
+    }
+    archs
+        .iter()
+        .copied()
+        .filter(|&a| a <= cc)
+        .max()
+        .map(|a| Target::Ptx { cc: a })
+        .ok_or_else(|| {
+            CudaError::Invalid(format!(
+                "this NVRTC cannot compile for sm_{cc} or any older architecture (it supports \
+                 {archs:?}); install an NVRTC that supports this GPU (pip install -U \
+                 nvidia-cuda-nvrtc)"
+            ))
+        })
+}
+
+/// Compiles one source (or reads it from the cache).
+fn compiled_image(
+    stack: &Stack,
+    name: &str,
+    source: &str,
+    target: Target,
+) -> Result<Vec<u8>, CudaError> {
+    let version = stack.nvrtc.version()?;
+    let key = cache_key(source, target, version);
+    let file = cache_dir().map(|d| {
+        let stem = name.trim_end_matches(".cu");
+        let ext = match target {
+            Target::Cubin { .. } => "cubin",
+            Target::Ptx { .. } => "ptx",
+        };
+        d.join(format!("{stem}-{key}.{ext}"))
+    });
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let c = stack
+        .nvrtc
+        .compile(source, &format!("kernels/{name}"), target, &OPTIONS)?;
+    if let Some(f) = &file {
+        let saved = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| crate::fsutil::write_atomic(f, &c.image));
+        if let Err(e) = saved {
+            eprintln!(
+                "note: could not cache compiled kernels in {}: {e} (they will be recompiled next time)",
+                f.display()
+            );
+        }
+    }
+    Ok(c.image)
+}
+
+/// Declares the kernel table: every entry point, looked up by name after loading.
+macro_rules! kernel_table {
+    ($($f:ident),* $(,)?) => {
+        /// The names of every entry point the engine launches.
+        pub const KERNEL_NAMES: &[&str] = &[$(stringify!($f)),*];
+
+        /// Every entry point of the engine's kernels, resolved in the loaded modules.
+        pub struct Kernels {
+            $(pub $f: CuFunction,)*
+            _modules: Vec<Module<'static>>,
+        }
+        impl Kernels {
+            /// Compiles (or reads from the cache) and loads every source for `target`.
+            pub fn load(stack: &Stack, ctx: &Context<'static>, target: Target) -> Result<Kernels, CudaError> {
+                let mut modules = Vec::new();
+                for (name, src) in SOURCES {
+                    let image = compiled_image(stack, name, src, target)?;
+                    modules.push(ctx.load_module(&image)?);
+                }
+                let find = |f: &str| -> Result<CuFunction, CudaError> {
+                    for m in &modules {
+                        if let Ok(func) = m.function(f) {
+                            return Ok(func);
+                        }
+                    }
+                    Err(CudaError::Invalid(format!("kernel {f} is in none of kernels/*.cu")))
+                };
+                $(let $f = find(stringify!($f))?;)*
+                Ok(Kernels { $($f,)* _modules: modules })
+            }
+        }
+    };
+}
+
+kernel_table!(
+    embedding_forward,
+    embedding_backward_wte,
+    embedding_backward_wpe,
+    layernorm_forward,
+    layernorm_backward_dx,
+    layernorm_backward_parts,
+    gelu_forward,
+    gelu_backward_inplace,
+    bias_broadcast,
+    add_inplace,
+    dropout_apply,
+    colsum_parts,
+    reduce_parts_add,
+    causal_softmax_forward,
+    causal_softmax_backward,
+    cross_entropy_forward_backward,
+    sumsq_parts,
+    scale_inplace,
+    adamw_update,
+);
+
+/// One kernel argument, with the exact C type of the parameter it fills.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer (`float*`, `const int*`, ...); 0 is `nullptr`.
+    Ptr(u64),
+    /// `int`
+    I32(i32),
+    /// `long long`
+    I64(i64),
+    /// `unsigned int`
+    U32(u32),
+    /// `unsigned long long`
+    U64(u64),
+    /// `float`
+    F32(f32),
+}
+
+/// Launches `f` with `args` on `stream`.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list in order and type, and every pointer must
+/// cover what the kernel touches for this geometry (see the `.cu` headers).
+pub unsafe fn launch(
+    stream: &Stream,
+    f: CuFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) -> Result<(), CudaError> {
+    let mut vals: Vec<Arg> = args.to_vec();
+    let mut ptrs: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::I64(v) => v as *mut i64 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::U64(v) => v as *mut u64 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+        })
+        .collect();
+    stream.launch(f, grid, (block, 1, 1), 0, &mut ptrs)
+}
+
+/// Blocks for a 1-D launch over `n` elements.
+pub fn grid_1d(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1)
+}
+
+/// Blocks for a warp-per-row launch over `rows` rows.
+pub fn grid_rows(rows: usize) -> (u32, u32, u32) {
+    (rows.div_ceil((BLOCK / 32) as usize).max(1) as u32, 1, 1)
+}

@@ -1,0 +1,1398 @@
+//! CUDA engine, float32: parameters, gradients, AdamW moments and activations in fp32 on one
+//! GPU, mirroring the CPU reference engine (`engine::cpu`) operation for operation: the same
+//! flat [`ParamLayout`] (HF Conv1D `[in, out]` weights, a bias right after its weight), tied
+//! LM head over the real vocabulary only (padded rows never reach softmax or the loss),
+//! targets of -1 skipped, tanh GELU, LayerNorm eps 1e-5, causal attention scaled by
+//! 1/sqrt(hs), dropout masks from the CPU engine's counter-based hash (bit-identical masks
+//! for the same seed), AdamW with torch's arithmetic and global-norm clipping.
+//!
+//! GEMMs run through cuBLAS sgemm (`CUBLAS_DEFAULT_MATH`: no TF32), on row-major operands
+//! (see [`crate::cuda::cublas::Sgemm`]). Attention is the plain form: per batch row, one
+//! strided-batched GEMM over heads for `q k^T`, a masked-softmax kernel, one for `P v`; the
+//! backward pass mirrors it. The other kernels (`kernels/*.cu`) are compiled by NVRTC for
+//! the GPU when the engine starts and cached on disk ([`kernels`]).
+//!
+//! Activation layout per layer (N = B*T rows) is the CPU engine's: ln1 (N,C) -> qkv (N,3C)
+//! -> att (B,NH,T,T) -> atty (N,C) -> res2 -> ln2 -> fch (N,4C) -> gelu -> res3. Activation
+//! buffers are sized for a (B, T capacity) and reused for any shorter T.
+//!
+//! Differences from the CPU engine that tests must allow for: fp32 sums run in a different
+//! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
+//! accumulated with atomics (order not fixed), and kernels may contract `a*b+c` into FMAs.
+//!
+//! Decoding (`decode_*`) runs the plain forward pass over the whole cached context at each
+//! step (correct, O(T^2) per token rather than a KV cache's O(T)); the context is kept on
+//! the host.
+//!
+//! Trait methods without a `Result` (`step`, `params`, `grads`, ...) panic with the CUDA
+//! error if the GPU fails underneath them (a lost device cannot be recovered from).
+
+pub mod kernels;
+pub mod stack;
+
+use super::cpu::kernels::Dropout;
+use super::{Batch, Engine, EngineError, OptimizerState, Result};
+use crate::cuda::cublas::{Operand, Sgemm};
+use crate::cuda::driver::{Context, DeviceBuffer, Stream};
+use crate::cuda::CudaError;
+use crate::model::{GptConfig, ParamLayout};
+use crate::optim::AdamWConfig;
+use crate::rng::Rng;
+use kernels::{grid_1d, grid_rows, launch, Arg, Kernels, BLOCK};
+use stack::Stack;
+
+type Buf = DeviceBuffer<'static>;
+type CResult<T> = std::result::Result<T, CudaError>;
+
+/// Row groups for deterministic column sums (bias and LayerNorm weight gradients).
+const PARTS: usize = 64;
+/// Blocks of the gradient-norm reduction (fixed, so the sum order does not depend on the GPU).
+const NORM_PARTS: usize = 1024;
+
+fn cuda_err(e: CudaError) -> EngineError {
+    EngineError::Other(format!("CUDA: {e}"))
+}
+
+/// Address of element `elems` of an f32 buffer starting at `ptr`.
+fn at(ptr: u64, elems: usize) -> u64 {
+    ptr + 4 * elems as u64
+}
+
+/// Saved activations of one transformer block.
+struct LayerActs {
+    ln1: Buf,
+    ln1_mean: Buf,
+    ln1_rstd: Buf,
+    qkv: Buf,
+    att: Buf,
+    atty: Buf,
+    res2: Buf,
+    ln2: Buf,
+    ln2_mean: Buf,
+    ln2_rstd: Buf,
+    fch: Buf,
+    fch_gelu: Buf,
+    res3: Buf,
+}
+
+/// Activation and backward scratch memory for `b` rows of up to `t_cap` tokens.
+struct Acts {
+    b: usize,
+    t_cap: usize,
+    inputs: Buf,
+    targets: Buf,
+    encoded: Buf,
+    layers: Vec<LayerActs>,
+    lnf: Buf,
+    lnf_mean: Buf,
+    lnf_rstd: Buf,
+    logits: Buf,
+    row_loss: Buf,
+    dres: Buf,
+    dtmp: Buf,
+    dln: Buf,
+    dfch: Buf,
+    dqkv: Buf,
+    datt: Buf,
+    patt: Buf,
+    ln_parts: Buf,
+    bias_parts: Buf,
+}
+
+impl Acts {
+    fn new(ctx: &Context<'static>, cfg: &GptConfig, b: usize, t_cap: usize) -> CResult<Acts> {
+        let (n, c, nh) = (b * t_cap, cfg.n_embd, cfg.n_head);
+        let z = |len: usize| ctx.alloc(4 * len);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for _ in 0..cfg.n_layer {
+            layers.push(LayerActs {
+                ln1: z(n * c)?,
+                ln1_mean: z(n)?,
+                ln1_rstd: z(n)?,
+                qkv: z(n * 3 * c)?,
+                att: z(b * nh * t_cap * t_cap)?,
+                atty: z(n * c)?,
+                res2: z(n * c)?,
+                ln2: z(n * c)?,
+                ln2_mean: z(n)?,
+                ln2_rstd: z(n)?,
+                fch: z(n * 4 * c)?,
+                fch_gelu: z(n * 4 * c)?,
+                res3: z(n * c)?,
+            });
+        }
+        Ok(Acts {
+            b,
+            t_cap,
+            inputs: z(n)?,
+            targets: z(n)?,
+            encoded: z(n * c)?,
+            layers,
+            lnf: z(n * c)?,
+            lnf_mean: z(n)?,
+            lnf_rstd: z(n)?,
+            logits: z(n * cfg.vocab_size)?,
+            row_loss: ctx.alloc(8 * n)?,
+            dres: z(n * c)?,
+            dtmp: z(n * c)?,
+            dln: z(n * c)?,
+            dfch: z(n * 4 * c)?,
+            dqkv: z(n * 3 * c)?,
+            datt: z(b * nh * t_cap * t_cap)?,
+            patt: z(b * nh * t_cap * t_cap)?,
+            ln_parts: z(PARTS * 2 * c)?,
+            bias_parts: z(PARTS * 4 * c)?,
+        })
+    }
+}
+
+/// Dropout sites of one forward pass, derived from one draw of the engine's generator
+/// exactly as the CPU engine derives them (same seeds, hence the same masks).
+#[derive(Clone, Copy)]
+struct DropoutSeeds {
+    base: u64,
+    p: f32,
+}
+
+impl DropoutSeeds {
+    fn site(&self, layer: usize, which: u64) -> Dropout {
+        if self.p <= 0.0 {
+            return Dropout::off();
+        }
+        let mut r = Rng::derive(self.base, (layer as u64) << 8 | which);
+        Dropout {
+            seed: r.next_u64(),
+            p: self.p,
+        }
+    }
+    fn embedding(&self) -> Dropout {
+        self.site(usize::MAX >> 9, 0)
+    }
+    fn attn_probs(&self, l: usize) -> Dropout {
+        self.site(l, 1)
+    }
+    fn attn_resid(&self, l: usize) -> Dropout {
+        self.site(l, 2)
+    }
+    fn mlp_resid(&self, l: usize) -> Dropout {
+        self.site(l, 3)
+    }
+}
+
+/// Token history of incremental decoding (see the module docs).
+struct DecodeState {
+    n_seq: usize,
+    tokens: Vec<Vec<u32>>,
+}
+
+/// The float32 CUDA engine. See the module docs.
+pub struct CudaEngine {
+    // Device memory and handles first: fields drop in order, and all of these must go
+    // while the context (last) is still alive.
+    acts: Option<Acts>,
+    params: Buf,
+    grads: Buf,
+    m: Buf,
+    v: Buf,
+    norm_parts: Buf,
+    blas: Sgemm,
+    k: Kernels,
+    stream: Stream<'static>,
+    ctx: Context<'static>,
+    cfg: GptConfig,
+    layout: ParamLayout,
+    /// (offset, len, decays) with adjacent tensors of the same decay merged.
+    runs: Vec<(usize, usize, bool)>,
+    host_grads: Vec<f32>,
+    /// `host_grads` was handed out by `grads_mut` and may differ from the device copy.
+    host_grads_dirty: bool,
+    step: u64,
+    rng: Rng,
+    decode: Option<DecodeState>,
+    name: String,
+}
+
+// SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
+// handles may be used from any thread once the context is current, and every method that
+// touches the GPU makes it current first.
+unsafe impl Send for CudaEngine {}
+
+fn merge_runs(runs: Vec<(usize, usize, bool)>) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (off, len, d) in runs {
+        match out.last_mut() {
+            Some(last) if last.2 == d && last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len, d)),
+        }
+    }
+    out
+}
+
+impl CudaEngine {
+    /// An engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
+    pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, device: usize) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| EngineError::Other(e.to_string()))?;
+        let layout = ParamLayout::new(&cfg);
+        if params.len() != layout.total {
+            return Err(EngineError::Other(format!(
+                "parameter buffer has {} values but the model needs {}",
+                params.len(),
+                layout.total
+            )));
+        }
+        let stack: &'static Stack = stack::stack().map_err(EngineError::Other)?;
+        let Some(info) = stack.gpus.get(device) else {
+            return Err(EngineError::Other(format!(
+                "device=cuda:{device}: this machine has {} GPU(s) (cuda:0 to cuda:{}); pick one \
+                 of those or check CUDA_VISIBLE_DEVICES",
+                stack.gpus.len(),
+                stack.gpus.len().saturating_sub(1)
+            )));
+        };
+        let ctx = stack.driver.context(device).map_err(cuda_err)?;
+        let stream = ctx.stream().map_err(cuda_err)?;
+        let (ma, mi) = info.compute_capability;
+        let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
+        let k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
+        let blas = Sgemm::new(&stack.cublas, &stream).map_err(|e| {
+            EngineError::Other(format!(
+                "CUDA: {e}; {} (run `nanogpt doctor` for details)",
+                crate::cuda::discover::LibKind::Cublas.advice()
+            ))
+        })?;
+        let total = layout.total;
+        let oom = |what: &str, e: CudaError| {
+            EngineError::Other(format!(
+                "CUDA: cannot allocate the {what} ({} MiB) on cuda:{device} ({}): {e}",
+                (total * 4) >> 20,
+                info.name
+            ))
+        };
+        let p = ctx.upload(&params).map_err(|e| oom("parameters", e))?;
+        let zeros = |what: &str| -> Result<Buf> {
+            let b = ctx.alloc(4 * total).map_err(|e| oom(what, e))?;
+            b.zero().map_err(cuda_err)?;
+            Ok(b)
+        };
+        let grads = zeros("gradients")?;
+        let m = zeros("AdamW first moments")?;
+        let v = zeros("AdamW second moments")?;
+        let norm_parts = ctx.alloc(8 * NORM_PARTS).map_err(cuda_err)?;
+        let name = format!("cuda:{device} ({}, sm_{ma}{mi}, fp32)", info.name.trim());
+        Ok(CudaEngine {
+            acts: None,
+            params: p,
+            grads,
+            m,
+            v,
+            norm_parts,
+            blas,
+            k,
+            stream,
+            ctx,
+            runs: merge_runs(layout.decay_runs()),
+            layout,
+            cfg,
+            host_grads: Vec::new(),
+            host_grads_dirty: false,
+            step: 0,
+            rng: Rng::derive(seed, 0xD50F),
+            decode: None,
+            name,
+        })
+    }
+
+    // ---------------------------------------------------------------- small helpers
+
+    fn p(&self, off: usize) -> u64 {
+        at(self.params.ptr, off)
+    }
+    fn g(&self, off: usize) -> u64 {
+        at(self.grads.ptr, off)
+    }
+    fn p_opt(&self, off: Option<usize>) -> u64 {
+        off.map_or(0, |o| self.p(o))
+    }
+
+    fn run(
+        &self,
+        f: crate::cuda::driver::CuFunction,
+        grid: (u32, u32, u32),
+        args: &[Arg],
+    ) -> CResult<()> {
+        // SAFETY: every call site passes the kernel's documented parameter list (see
+        // kernels/*.cu) with buffers sized for the launch.
+        unsafe { launch(&self.stream, f, grid, BLOCK, args) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+        batch: usize,
+    ) -> CResult<()> {
+        self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch)
+    }
+
+    fn dropout(&self, out: u64, inp: u64, n: usize, d: Dropout) -> CResult<()> {
+        if !d.active() {
+            return Ok(());
+        }
+        self.run(
+            self.k.dropout_apply,
+            grid_1d(n),
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(inp),
+                Arg::I64(n as i64),
+                Arg::U64(d.seed),
+                Arg::U32(d.threshold()),
+                Arg::F32(d.scale()),
+            ],
+        )
+    }
+
+    fn add(&self, dst: u64, src: u64, n: usize) -> CResult<()> {
+        self.run(
+            self.k.add_inplace,
+            grid_1d(n),
+            &[Arg::Ptr(dst), Arg::Ptr(src), Arg::I64(n as i64)],
+        )
+    }
+
+    /// Row groups for column sums over `rows` rows: (groups, rows per group).
+    fn parts(rows: usize) -> (usize, usize) {
+        let rpp = rows.div_ceil(PARTS.min(rows).max(1)).max(1);
+        (rows.div_ceil(rpp), rpp)
+    }
+
+    /// dst[c] += sum over rows of m[r, c] (deterministic two-pass column sum).
+    fn colsum_add(&self, dst: u64, m: u64, rows: usize, cols: usize, scratch: u64) -> CResult<()> {
+        let (np, rpp) = Self::parts(rows);
+        self.run(
+            self.k.colsum_parts,
+            (cols.div_ceil(BLOCK as usize) as u32, np as u32, 1),
+            &[
+                Arg::Ptr(scratch),
+                Arg::Ptr(m),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(rpp as i32),
+            ],
+        )?;
+        self.run(
+            self.k.reduce_parts_add,
+            grid_1d(cols),
+            &[
+                Arg::Ptr(dst),
+                Arg::Ptr(scratch),
+                Arg::I32(np as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(cols as i32),
+            ],
+        )
+    }
+
+    /// out (rows, oc) = inp (rows, ic) @ W [ic, oc] + b.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(
+        &self,
+        out: u64,
+        inp: u64,
+        w: usize,
+        b: Option<usize>,
+        ic: usize,
+        oc: usize,
+        rows: usize,
+    ) -> CResult<()> {
+        self.run(
+            self.k.bias_broadcast,
+            grid_1d(rows * oc),
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(self.p_opt(b)),
+                Arg::I32(rows as i32),
+                Arg::I32(oc as i32),
+            ],
+        )?;
+        self.gemm(
+            rows,
+            oc,
+            ic,
+            Operand::n(inp, ic),
+            Operand::n(self.p(w), oc),
+            1.0,
+            Operand::n(out, oc),
+            1,
+        )
+    }
+
+    /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        dinp: u64,
+        dout: u64,
+        inp: u64,
+        w: usize,
+        b: Option<usize>,
+        ic: usize,
+        oc: usize,
+        rows: usize,
+        scratch: u64,
+    ) -> CResult<()> {
+        self.gemm(
+            ic,
+            oc,
+            rows,
+            Operand::t(inp, ic),
+            Operand::n(dout, oc),
+            1.0,
+            Operand::n(self.g(w), oc),
+            1,
+        )?;
+        if let Some(bo) = b {
+            self.colsum_add(self.g(bo), dout, rows, oc, scratch)?;
+        }
+        self.gemm(
+            rows,
+            ic,
+            oc,
+            Operand::n(dout, oc),
+            Operand::t(self.p(w), oc),
+            0.0,
+            Operand::n(dinp, ic),
+            1,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &self,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        x: u64,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+    ) -> CResult<()> {
+        self.run(
+            self.k.layernorm_forward,
+            grid_rows(rows),
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(mean),
+                Arg::Ptr(rstd),
+                Arg::Ptr(x),
+                Arg::Ptr(self.p(w)),
+                Arg::Ptr(self.p_opt(b)),
+                Arg::I32(rows as i32),
+                Arg::I32(self.cfg.n_embd as i32),
+            ],
+        )
+    }
+
+    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self,
+        dx: u64,
+        dout: u64,
+        x: u64,
+        mean: u64,
+        rstd: u64,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+        scratch: u64,
+    ) -> CResult<()> {
+        let c = self.cfg.n_embd;
+        self.run(
+            self.k.layernorm_backward_dx,
+            grid_rows(rows),
+            &[
+                Arg::Ptr(dx),
+                Arg::Ptr(dout),
+                Arg::Ptr(x),
+                Arg::Ptr(self.p(w)),
+                Arg::Ptr(mean),
+                Arg::Ptr(rstd),
+                Arg::I32(rows as i32),
+                Arg::I32(c as i32),
+            ],
+        )?;
+        let (np, rpp) = Self::parts(rows);
+        self.run(
+            self.k.layernorm_backward_parts,
+            (c.div_ceil(BLOCK as usize) as u32, np as u32, 1),
+            &[
+                Arg::Ptr(scratch),
+                Arg::Ptr(dout),
+                Arg::Ptr(x),
+                Arg::Ptr(mean),
+                Arg::Ptr(rstd),
+                Arg::I32(rows as i32),
+                Arg::I32(c as i32),
+                Arg::I32(rpp as i32),
+            ],
+        )?;
+        let mut targets = vec![(self.g(w), scratch)];
+        if let Some(bo) = b {
+            targets.push((self.g(bo), at(scratch, c)));
+        }
+        for (dst, src) in targets {
+            self.run(
+                self.k.reduce_parts_add,
+                grid_1d(c),
+                &[
+                    Arg::Ptr(dst),
+                    Arg::Ptr(src),
+                    Arg::I32(np as i32),
+                    Arg::I32(c as i32),
+                    Arg::I32(2 * c as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- attention
+
+    /// y (N, C) and att = P (B, NH, T, T) from qkv (N, 3C).
+    fn attention_fwd(
+        &self,
+        a: &Acts,
+        la: &LayerActs,
+        b: usize,
+        t: usize,
+        drop: Dropout,
+    ) -> CResult<()> {
+        let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
+        let hs = c / nh;
+        let c3 = 3 * c;
+        let scale = 1.0 / (hs as f32).sqrt();
+        for bi in 0..b {
+            let qkv = at(la.qkv.ptr, bi * t * c3);
+            self.gemm(
+                t,
+                t,
+                hs,
+                Operand::n(qkv, c3).batched(hs),
+                Operand::t(at(qkv, c), c3).batched(hs),
+                0.0,
+                Operand::n(at(la.att.ptr, bi * nh * t * t), t).batched(t * t),
+                nh,
+            )?;
+        }
+        let rows = b * nh * t;
+        self.run(
+            self.k.causal_softmax_forward,
+            grid_rows(rows),
+            &[
+                Arg::Ptr(la.att.ptr),
+                Arg::I64(rows as i64),
+                Arg::I32(t as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        let probs = if drop.active() {
+            self.dropout(a.patt.ptr, la.att.ptr, rows * t, drop)?;
+            a.patt.ptr
+        } else {
+            la.att.ptr
+        };
+        for bi in 0..b {
+            let qkv = at(la.qkv.ptr, bi * t * c3);
+            self.gemm(
+                t,
+                hs,
+                t,
+                Operand::n(at(probs, bi * nh * t * t), t).batched(t * t),
+                Operand::n(at(qkv, 2 * c), c3).batched(hs),
+                0.0,
+                Operand::n(at(la.atty.ptr, bi * t * c), c).batched(hs),
+                nh,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// dqkv (N, 3C, overwritten) from dy (N, C).
+    fn attention_bwd(
+        &self,
+        a: &Acts,
+        la: &LayerActs,
+        dy: u64,
+        b: usize,
+        t: usize,
+        drop: Dropout,
+    ) -> CResult<()> {
+        let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
+        let hs = c / nh;
+        let c3 = 3 * c;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let rows = b * nh * t;
+        let probs = if drop.active() {
+            self.dropout(a.patt.ptr, la.att.ptr, rows * t, drop)?;
+            a.patt.ptr
+        } else {
+            la.att.ptr
+        };
+        for bi in 0..b {
+            let qkv = at(la.qkv.ptr, bi * t * c3);
+            let dqkv = at(a.dqkv.ptr, bi * t * c3);
+            let dyb = at(dy, bi * t * c);
+            let datt = at(a.datt.ptr, bi * nh * t * t);
+            // dPd = dy v^T
+            self.gemm(
+                t,
+                t,
+                hs,
+                Operand::n(dyb, c).batched(hs),
+                Operand::t(at(qkv, 2 * c), c3).batched(hs),
+                0.0,
+                Operand::n(datt, t).batched(t * t),
+                nh,
+            )?;
+            // dv = Pd^T dy
+            self.gemm(
+                t,
+                hs,
+                t,
+                Operand::t(at(probs, bi * nh * t * t), t).batched(t * t),
+                Operand::n(dyb, c).batched(hs),
+                0.0,
+                Operand::n(at(dqkv, 2 * c), c3).batched(hs),
+                nh,
+            )?;
+        }
+        self.dropout(a.datt.ptr, a.datt.ptr, rows * t, drop)?;
+        self.run(
+            self.k.causal_softmax_backward,
+            grid_rows(rows),
+            &[
+                Arg::Ptr(a.datt.ptr),
+                Arg::Ptr(la.att.ptr),
+                Arg::I64(rows as i64),
+                Arg::I32(t as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        for bi in 0..b {
+            let qkv = at(la.qkv.ptr, bi * t * c3);
+            let dqkv = at(a.dqkv.ptr, bi * t * c3);
+            let datt = at(a.datt.ptr, bi * nh * t * t);
+            // dq = dS k ; dk = dS^T q
+            self.gemm(
+                t,
+                hs,
+                t,
+                Operand::n(datt, t).batched(t * t),
+                Operand::n(at(qkv, c), c3).batched(hs),
+                0.0,
+                Operand::n(dqkv, c3).batched(hs),
+                nh,
+            )?;
+            self.gemm(
+                t,
+                hs,
+                t,
+                Operand::t(datt, t).batched(t * t),
+                Operand::n(qkv, c3).batched(hs),
+                0.0,
+                Operand::n(at(dqkv, c), c3).batched(hs),
+                nh,
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- passes
+
+    fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t_cap >= t) {
+            self.acts = None; // free the old shape first
+            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t))?);
+        }
+        Ok(())
+    }
+
+    /// Forward pass up to the logits (N, V). `drop` is None in evaluation. `t_cap` is the
+    /// sequence capacity to allocate if the activations must be (re)allocated.
+    fn forward(
+        &mut self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+        drop: Option<DropoutSeeds>,
+        t_cap: usize,
+    ) -> CResult<()> {
+        self.ctx.make_current()?;
+        self.ensure_acts(b, t, t_cap)?;
+        let a = self
+            .acts
+            .as_ref()
+            .expect("activations allocated just above");
+        let cfg = &self.cfg;
+        let lay = &self.layout;
+        let (c, n) = (cfg.n_embd, b * t);
+        a.inputs.copy_from_host(inputs)?;
+        self.run(
+            self.k.embedding_forward,
+            grid_1d(n * c),
+            &[
+                Arg::Ptr(a.encoded.ptr),
+                Arg::Ptr(a.inputs.ptr),
+                Arg::Ptr(self.p(lay.wte)),
+                Arg::Ptr(self.p(lay.wpe)),
+                Arg::I32(n as i32),
+                Arg::I32(t as i32),
+                Arg::I32(c as i32),
+            ],
+        )?;
+        if let Some(d) = drop {
+            self.dropout(a.encoded.ptr, a.encoded.ptr, n * c, d.embedding())?;
+        }
+        for (l, o) in lay.blocks.iter().enumerate() {
+            let x = if l == 0 {
+                a.encoded.ptr
+            } else {
+                a.layers[l - 1].res3.ptr
+            };
+            let la = &a.layers[l];
+            self.layernorm_fwd(
+                la.ln1.ptr,
+                la.ln1_mean.ptr,
+                la.ln1_rstd.ptr,
+                x,
+                o.ln1_w,
+                o.ln1_b,
+                n,
+            )?;
+            self.linear_fwd(la.qkv.ptr, la.ln1.ptr, o.qkv_w, o.qkv_b, c, 3 * c, n)?;
+            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
+            self.attention_fwd(a, la, b, t, attn_drop)?;
+            self.linear_fwd(
+                la.res2.ptr,
+                la.atty.ptr,
+                o.attn_proj_w,
+                o.attn_proj_b,
+                c,
+                c,
+                n,
+            )?;
+            if let Some(d) = drop {
+                self.dropout(la.res2.ptr, la.res2.ptr, n * c, d.attn_resid(l))?;
+            }
+            self.add(la.res2.ptr, x, n * c)?;
+            self.layernorm_fwd(
+                la.ln2.ptr,
+                la.ln2_mean.ptr,
+                la.ln2_rstd.ptr,
+                la.res2.ptr,
+                o.ln2_w,
+                o.ln2_b,
+                n,
+            )?;
+            self.linear_fwd(la.fch.ptr, la.ln2.ptr, o.fc_w, o.fc_b, c, 4 * c, n)?;
+            self.run(
+                self.k.gelu_forward,
+                grid_1d(n * 4 * c),
+                &[
+                    Arg::Ptr(la.fch_gelu.ptr),
+                    Arg::Ptr(la.fch.ptr),
+                    Arg::I64((n * 4 * c) as i64),
+                ],
+            )?;
+            self.linear_fwd(
+                la.res3.ptr,
+                la.fch_gelu.ptr,
+                o.mlp_proj_w,
+                o.mlp_proj_b,
+                4 * c,
+                c,
+                n,
+            )?;
+            if let Some(d) = drop {
+                self.dropout(la.res3.ptr, la.res3.ptr, n * c, d.mlp_resid(l))?;
+            }
+            self.add(la.res3.ptr, la.res2.ptr, n * c)?;
+        }
+        let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
+        self.layernorm_fwd(
+            a.lnf.ptr,
+            a.lnf_mean.ptr,
+            a.lnf_rstd.ptr,
+            last,
+            lay.lnf_w,
+            lay.lnf_b,
+            n,
+        )?;
+        let v = cfg.vocab_size;
+        self.gemm(
+            n,
+            v,
+            c,
+            Operand::n(a.lnf.ptr, c),
+            Operand::t(self.p(lay.wte), c),
+            0.0,
+            Operand::n(a.logits.ptr, v),
+            1,
+        )
+    }
+
+    /// Backward from dlogits (already in `logits`) to all parameter gradients (accumulated).
+    fn backward(&self, b: usize, t: usize, drop: Option<DropoutSeeds>) -> CResult<()> {
+        let a = self.acts.as_ref().expect("backward runs after forward");
+        let cfg = &self.cfg;
+        let lay = &self.layout;
+        let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
+        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf
+        self.gemm(
+            n,
+            c,
+            v,
+            Operand::n(a.logits.ptr, v),
+            Operand::n(self.p(lay.wte), c),
+            0.0,
+            Operand::n(a.dln.ptr, c),
+            1,
+        )?;
+        self.gemm(
+            v,
+            c,
+            n,
+            Operand::t(a.logits.ptr, v),
+            Operand::n(a.lnf.ptr, c),
+            1.0,
+            Operand::n(self.g(lay.wte), c),
+            1,
+        )?;
+        a.dres.zero()?;
+        let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
+        self.layernorm_bwd(
+            a.dres.ptr,
+            a.dln.ptr,
+            last,
+            a.lnf_mean.ptr,
+            a.lnf_rstd.ptr,
+            lay.lnf_w,
+            lay.lnf_b,
+            n,
+            a.ln_parts.ptr,
+        )?;
+        let bias_scratch = a.bias_parts.ptr;
+        for l in (0..cfg.n_layer).rev() {
+            let o = &lay.blocks[l];
+            let x = if l == 0 {
+                a.encoded.ptr
+            } else {
+                a.layers[l - 1].res3.ptr
+            };
+            let la = &a.layers[l];
+            // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
+            let gbranch = match drop.map(|d| d.mlp_resid(l)) {
+                Some(d) if d.active() => {
+                    self.dropout(a.dtmp.ptr, a.dres.ptr, n * c, d)?;
+                    a.dtmp.ptr
+                }
+                _ => a.dres.ptr,
+            };
+            self.linear_bwd(
+                a.dfch.ptr,
+                gbranch,
+                la.fch_gelu.ptr,
+                o.mlp_proj_w,
+                o.mlp_proj_b,
+                4 * c,
+                c,
+                n,
+                bias_scratch,
+            )?;
+            self.run(
+                self.k.gelu_backward_inplace,
+                grid_1d(n * 4 * c),
+                &[
+                    Arg::Ptr(a.dfch.ptr),
+                    Arg::Ptr(la.fch.ptr),
+                    Arg::I64((n * 4 * c) as i64),
+                ],
+            )?;
+            self.linear_bwd(
+                a.dln.ptr,
+                a.dfch.ptr,
+                la.ln2.ptr,
+                o.fc_w,
+                o.fc_b,
+                c,
+                4 * c,
+                n,
+                bias_scratch,
+            )?;
+            self.layernorm_bwd(
+                a.dres.ptr,
+                a.dln.ptr,
+                la.res2.ptr,
+                la.ln2_mean.ptr,
+                la.ln2_rstd.ptr,
+                o.ln2_w,
+                o.ln2_b,
+                n,
+                a.ln_parts.ptr,
+            )?;
+            // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
+            let gbranch = match drop.map(|d| d.attn_resid(l)) {
+                Some(d) if d.active() => {
+                    self.dropout(a.dtmp.ptr, a.dres.ptr, n * c, d)?;
+                    a.dtmp.ptr
+                }
+                _ => a.dres.ptr,
+            };
+            self.linear_bwd(
+                a.dln.ptr,
+                gbranch,
+                la.atty.ptr,
+                o.attn_proj_w,
+                o.attn_proj_b,
+                c,
+                c,
+                n,
+                bias_scratch,
+            )?;
+            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
+            self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
+            self.linear_bwd(
+                a.dln.ptr,
+                a.dqkv.ptr,
+                la.ln1.ptr,
+                o.qkv_w,
+                o.qkv_b,
+                c,
+                3 * c,
+                n,
+                bias_scratch,
+            )?;
+            self.layernorm_bwd(
+                a.dres.ptr,
+                a.dln.ptr,
+                x,
+                la.ln1_mean.ptr,
+                la.ln1_rstd.ptr,
+                o.ln1_w,
+                o.ln1_b,
+                n,
+                a.ln_parts.ptr,
+            )?;
+        }
+        if let Some(d) = drop {
+            self.dropout(a.dres.ptr, a.dres.ptr, n * c, d.embedding())?;
+        }
+        self.run(
+            self.k.embedding_backward_wte,
+            grid_1d(n * c),
+            &[
+                Arg::Ptr(self.g(lay.wte)),
+                Arg::Ptr(a.dres.ptr),
+                Arg::Ptr(a.inputs.ptr),
+                Arg::I32(n as i32),
+                Arg::I32(c as i32),
+            ],
+        )?;
+        self.run(
+            self.k.embedding_backward_wpe,
+            grid_1d(t * c),
+            &[
+                Arg::Ptr(self.g(lay.wpe)),
+                Arg::Ptr(a.dres.ptr),
+                Arg::I32(b as i32),
+                Arg::I32(t as i32),
+                Arg::I32(c as i32),
+            ],
+        )
+    }
+
+    /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
+    /// become d(mean loss * scale)/d(logits). Returns the mean loss over counted positions.
+    fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<f32> {
+        let a = self
+            .acts
+            .as_ref()
+            .expect("cross-entropy runs after forward");
+        let n = targets.len();
+        let count = targets.iter().filter(|&&t| t >= 0).count();
+        let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
+        a.targets.copy_from_host(targets)?;
+        self.run(
+            self.k.cross_entropy_forward_backward,
+            (n as u32, 1, 1),
+            &[
+                Arg::Ptr(a.logits.ptr),
+                Arg::Ptr(a.row_loss.ptr),
+                Arg::Ptr(a.targets.ptr),
+                Arg::I32(n as i32),
+                Arg::I32(self.cfg.vocab_size as i32),
+                Arg::F32(grad_scale.map_or(0.0, |s| s * inv)),
+                Arg::I32(grad_scale.is_some() as i32),
+            ],
+        )?;
+        let mut losses = vec![0f64; n];
+        a.row_loss.copy_to_host(&mut losses)?;
+        let sum: f64 = losses.iter().sum();
+        Ok(if count > 0 {
+            (sum / count as f64) as f32
+        } else {
+            0.0
+        })
+    }
+
+    fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
+        (self.cfg.dropout > 0.0).then(|| DropoutSeeds {
+            base: self.rng.next_u64(),
+            p: self.cfg.dropout,
+        })
+    }
+
+    /// Uploads gradients edited on the host through `grads_mut`.
+    fn sync_grads(&mut self) -> CResult<()> {
+        self.ctx.make_current()?;
+        if self.host_grads_dirty {
+            self.grads.copy_from_host(&self.host_grads)?;
+            self.host_grads_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn step_inner(&mut self, hp: &AdamWConfig, lr: f32) -> CResult<f32> {
+        self.sync_grads()?;
+        let total = self.layout.total;
+        self.run(
+            self.k.sumsq_parts,
+            (NORM_PARTS as u32, 1, 1),
+            &[
+                Arg::Ptr(self.norm_parts.ptr),
+                Arg::Ptr(self.grads.ptr),
+                Arg::I64(total as i64),
+            ],
+        )?;
+        let mut parts = vec![0f64; NORM_PARTS];
+        self.norm_parts.copy_to_host(&mut parts)?;
+        let norm = parts.iter().sum::<f64>().sqrt() as f32;
+        if hp.grad_clip > 0.0 {
+            let coef = (hp.grad_clip / (norm + 1e-6)).min(1.0);
+            if coef < 1.0 {
+                self.run(
+                    self.k.scale_inplace,
+                    grid_1d(total),
+                    &[
+                        Arg::Ptr(self.grads.ptr),
+                        Arg::I64(total as i64),
+                        Arg::F32(coef),
+                    ],
+                )?;
+            }
+        }
+        self.step += 1;
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(self.step as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        for &(off, len, decays) in &self.runs {
+            let decay = if decays {
+                1.0 - lr * hp.weight_decay
+            } else {
+                1.0
+            };
+            self.run(
+                self.k.adamw_update,
+                grid_1d(len),
+                &[
+                    Arg::Ptr(at(self.params.ptr, off)),
+                    Arg::Ptr(at(self.grads.ptr, off)),
+                    Arg::Ptr(at(self.m.ptr, off)),
+                    Arg::Ptr(at(self.v.ptr, off)),
+                    Arg::I64(len as i64),
+                    Arg::F32(decay),
+                    Arg::F32(hp.beta1),
+                    Arg::F32(hp.beta2),
+                    Arg::F32(hp.eps),
+                    Arg::F32(step_size),
+                    Arg::F32(bc2_sqrt),
+                ],
+            )?;
+        }
+        self.stream.synchronize()?;
+        Ok(norm)
+    }
+
+    fn download(&self, buf: &Buf) -> CResult<Vec<f32>> {
+        self.ctx.make_current()?;
+        self.stream.synchronize()?;
+        let mut out = vec![0f32; self.layout.total];
+        buf.copy_to_host(&mut out)?;
+        Ok(out)
+    }
+
+    fn upload(&self, buf: &Buf, data: &[f32], what: &str) {
+        assert_eq!(
+            data.len(),
+            self.layout.total,
+            "{what}: layout size mismatch"
+        );
+        let r = self
+            .ctx
+            .make_current()
+            .and_then(|_| self.stream.synchronize())
+            .and_then(|_| buf.copy_from_host(data));
+        if let Err(e) = r {
+            panic!("CUDA error while uploading the {what}: {e}");
+        }
+    }
+
+    /// Logits of each row's last position after a forward over `[n_seq, t]`.
+    fn last_logits(&self, n_seq: usize, t: usize) -> CResult<Vec<f32>> {
+        let a = self.acts.as_ref().expect("forward ran before last_logits");
+        let v = self.cfg.vocab_size;
+        let mut out = vec![0f32; n_seq * v];
+        for (i, row) in out.chunks_mut(v).enumerate() {
+            a.logits.copy_to_host_at(4 * (i * t + t - 1) * v, row)?;
+        }
+        Ok(out)
+    }
+
+    /// Forward over the whole decoding context; returns next-token logits.
+    fn decode_forward(&mut self) -> Result<Vec<f32>> {
+        let st = self.decode.as_ref().expect("decode state present");
+        let (n_seq, t) = (st.n_seq, st.tokens[0].len());
+        let flat: Vec<u32> = st.tokens.iter().flatten().copied().collect();
+        // Capacity grows by doubling so that decoding reallocates O(log T) times.
+        let cap = t.next_power_of_two().min(self.cfg.block_size);
+        self.forward(&flat, n_seq, t, None, cap).map_err(cuda_err)?;
+        self.last_logits(n_seq, t).map_err(cuda_err)
+    }
+}
+
+fn check_batch(cfg: &GptConfig, batch: &Batch, with_targets: bool) -> Result<()> {
+    let (b, t) = (batch.b, batch.t);
+    if b == 0 || t == 0 {
+        return Err(EngineError::Shape(format!("empty batch ({b} x {t})")));
+    }
+    if t > cfg.block_size {
+        return Err(EngineError::TooLong {
+            t,
+            block_size: cfg.block_size,
+        });
+    }
+    if batch.inputs.len() != b * t || (with_targets && batch.targets.len() != b * t) {
+        return Err(EngineError::Shape(format!(
+            "expected {} inputs and targets for a {b} x {t} batch, got {} and {}",
+            b * t,
+            batch.inputs.len(),
+            batch.targets.len()
+        )));
+    }
+    let vocab = cfg.vocab_size;
+    if let Some((pos, &id)) = batch
+        .inputs
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= vocab)
+    {
+        return Err(EngineError::TokenOutOfRange { id, pos, vocab });
+    }
+    if with_targets {
+        if let Some((pos, &id)) = batch
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                id: id as u32,
+                pos,
+                vocab,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Engine for CudaEngine {
+    fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    fn device_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
+        check_batch(&self.cfg, &batch, true)?;
+        self.sync_grads().map_err(cuda_err)?;
+        let drop = self.dropout_seeds();
+        self.forward(batch.inputs, batch.b, batch.t, drop, batch.t)
+            .map_err(cuda_err)?;
+        let loss = self
+            .cross_entropy(batch.targets, Some(loss_scale))
+            .map_err(cuda_err)?;
+        self.backward(batch.b, batch.t, drop).map_err(cuda_err)?;
+        Ok(loss)
+    }
+
+    fn loss(&mut self, batch: Batch) -> Result<f32> {
+        check_batch(&self.cfg, &batch, true)?;
+        self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
+            .map_err(cuda_err)?;
+        self.cross_entropy(batch.targets, None).map_err(cuda_err)
+    }
+
+    fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
+        check_batch(&self.cfg, &batch, false)?;
+        self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
+            .map_err(cuda_err)?;
+        let a = self.acts.as_ref().expect("forward allocated activations");
+        let mut out = vec![0f32; batch.b * batch.t * self.cfg.vocab_size];
+        a.logits.copy_to_host(&mut out).map_err(cuda_err)?;
+        Ok(out)
+    }
+
+    fn zero_grad(&mut self) {
+        self.host_grads_dirty = false;
+        let r = self.ctx.make_current().and_then(|_| self.grads.zero());
+        if let Err(e) = r {
+            panic!("CUDA error while zeroing the gradients: {e}");
+        }
+    }
+
+    fn step(&mut self, hp: &AdamWConfig, lr: f32) -> f32 {
+        match self.step_inner(hp, lr) {
+            Ok(n) => n,
+            Err(e) => panic!("CUDA error in the optimizer step: {e}"),
+        }
+    }
+
+    fn params(&self) -> Vec<f32> {
+        self.download(&self.params)
+            .unwrap_or_else(|e| panic!("CUDA error while reading the parameters: {e}"))
+    }
+    fn set_params(&mut self, params: &[f32]) {
+        self.upload(&self.params, params, "parameters");
+    }
+    fn grads(&self) -> Vec<f32> {
+        if self.host_grads_dirty {
+            return self.host_grads.clone();
+        }
+        self.download(&self.grads)
+            .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}"))
+    }
+    fn grads_mut(&mut self) -> &mut [f32] {
+        if !self.host_grads_dirty {
+            self.host_grads = self
+                .download(&self.grads)
+                .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}"));
+            self.host_grads_dirty = true;
+        }
+        &mut self.host_grads
+    }
+    fn optimizer_state(&self) -> OptimizerState {
+        let get = |b: &Buf| {
+            self.download(b)
+                .unwrap_or_else(|e| panic!("CUDA error while reading the AdamW state: {e}"))
+        };
+        OptimizerState {
+            m: get(&self.m),
+            v: get(&self.v),
+            step: self.step,
+        }
+    }
+    fn set_optimizer_state(&mut self, state: OptimizerState) {
+        self.upload(&self.m, &state.m, "AdamW first moments");
+        self.upload(&self.v, &state.v, "AdamW second moments");
+        self.step = state.step;
+    }
+    fn rng_state(&self) -> [u64; 4] {
+        self.rng.state
+    }
+    fn set_rng_state(&mut self, state: [u64; 4]) {
+        self.rng.state = state;
+    }
+
+    fn decode_reset(&mut self, n_seq: usize) {
+        self.decode = Some(DecodeState {
+            n_seq,
+            tokens: vec![Vec::new(); n_seq],
+        });
+    }
+
+    fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>> {
+        if n_seq == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(n_seq) {
+            return Err(EngineError::Shape(format!(
+                "decode_prefill needs {n_seq} rows of equal length, got {} tokens",
+                tokens.len()
+            )));
+        }
+        let t = tokens.len() / n_seq;
+        let batch = Batch {
+            inputs: tokens,
+            targets: &[],
+            b: n_seq,
+            t,
+        };
+        check_batch(&self.cfg, &batch, false)?;
+        self.decode = Some(DecodeState {
+            n_seq,
+            tokens: tokens.chunks(t).map(|r| r.to_vec()).collect(),
+        });
+        self.decode_forward()
+    }
+
+    fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (block, vocab) = (self.cfg.block_size, self.cfg.vocab_size);
+        let Some(st) = self.decode.as_mut() else {
+            return Err(EngineError::Other(
+                "decode_step called before decode_reset".into(),
+            ));
+        };
+        if st.n_seq == 0 || tokens.len() != st.n_seq {
+            return Err(EngineError::Shape(format!(
+                "decode_step needs {} tokens (one per sequence), got {}",
+                st.n_seq,
+                tokens.len()
+            )));
+        }
+        let len = st.tokens.first().map_or(0, |r| r.len());
+        if len >= block {
+            return Err(EngineError::TooLong {
+                t: len + 1,
+                block_size: block,
+            });
+        }
+        if let Some((pos, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as usize >= vocab)
+        {
+            return Err(EngineError::TokenOutOfRange { id, pos, vocab });
+        }
+        for (row, &tok) in st.tokens.iter_mut().zip(tokens) {
+            row.push(tok);
+        }
+        self.decode_forward()
+    }
+
+    fn decode_len(&self) -> usize {
+        self.decode
+            .as_ref()
+            .and_then(|s| s.tokens.first())
+            .map_or(0, |r| r.len())
+    }
+}

@@ -1,0 +1,501 @@
+//! The CUDA engine (float32) against the CPU reference engine and the float64 PyTorch
+//! fixtures of tools/make_reference.py: logits, loss, every parameter gradient, 10 AdamW
+//! steps with clipping, dropout (identical masks), gradients edited through `grads_mut`,
+//! and decoding.
+//!
+//! Tolerances: errors are measured per tensor as max |a - b| / max |b| (relative to the
+//! tensor's scale). Both engines compute in fp32 (unit roundoff 6e-8) but sum in different
+//! orders (warp/block reductions, cuBLAS blocking, atomics for the token-embedding
+//! gradient, FMA contraction), so results differ in the last bits; through a few layers and
+//! reductions of at most a few thousand terms that stays below ~1e-6 of scale. 1e-4 leaves
+//! two orders of magnitude of headroom and still catches any indexing, masking or formula
+//! mistake, which shows up as an O(1) error. The same bound is what the CPU engine meets
+//! against the float64 reference (tests/engine_reference.rs).
+//!
+//! Without a GPU (or driver, NVRTC, cuBLAS) every GPU test prints "skipped: no GPU (why)"
+//! and passes; NANOGPT_REQUIRE_GPU=1 makes that a failure. The tests that need only NVRTC
+//! (kernel entry points) run wherever NVRTC is installed.
+
+use nanogpt::config::{DeviceSpec, Dtype};
+use nanogpt::engine::cpu::CpuEngine;
+use nanogpt::engine::cuda::{kernels, stack, CudaEngine};
+use nanogpt::engine::{Batch, Engine};
+use nanogpt::model::{GptConfig, ParamLayout};
+use nanogpt::optim::AdamWConfig;
+use nanogpt::rng::Rng;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+const TOL: f64 = 1e-4;
+
+/// `Some(())` when a GPU is usable; otherwise says why (or fails under NANOGPT_REQUIRE_GPU=1).
+fn gpu(test: &str) -> Option<()> {
+    match stack::available_gpus() {
+        Ok(g) => {
+            eprintln!("{test}: running on {} ({})", g[0].name, g[0].sm_arch());
+            Some(())
+        }
+        Err(why) => {
+            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
+            }
+            eprintln!("{test}: skipped: no GPU ({why})");
+            None
+        }
+    }
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-30);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    assert!(diff.is_finite(), "non-finite values");
+    diff / scale
+}
+
+/// Every tensor of `got` within TOL of `want` (both in the layout).
+fn check_tensors(what: &str, layout: &ParamLayout, got: &[f32], want: &[f32]) {
+    let mut worst = (0f64, String::new());
+    for t in &layout.tensors {
+        let r = t.offset..t.offset + t.len;
+        let e = rel_err(&got[r.clone()], &want[r]);
+        assert!(e < TOL, "{what}: {} relative error {e:.2e}", t.name);
+        if e > worst.0 {
+            worst = (e, t.name.clone());
+        }
+    }
+    eprintln!("{what}: worst relative error {:.2e} ({})", worst.0, worst.1);
+}
+
+// ------------------------------------------------------------------ PyTorch fixtures
+
+struct Fixture {
+    bytes: Vec<u8>,
+}
+
+impl Fixture {
+    fn open(name: &str) -> Self {
+        // The source tree this binary was built from, else tests/fixtures under the working
+        // directory (a test binary carried to another machine runs from the repository copy).
+        let built = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = if std::path::Path::new(&built).exists() {
+            built
+        } else {
+            format!("tests/fixtures/{name}")
+        };
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"));
+        Fixture { bytes }
+    }
+    fn config(&self) -> Value {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).unwrap();
+        let text = meta.metadata().as_ref().unwrap()["config"].clone();
+        serde_json::from_str(&text).unwrap()
+    }
+    fn raw(&self, name: &str) -> Vec<[u8; 4]> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        t.data().chunks(4).map(|b| b.try_into().unwrap()).collect()
+    }
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.raw(name).into_iter().map(f32::from_le_bytes).collect()
+    }
+    fn i32s(&self, name: &str) -> Vec<i32> {
+        self.raw(name).into_iter().map(i32::from_le_bytes).collect()
+    }
+}
+
+fn check_fixture(name: &str) {
+    let fx = Fixture::open(name);
+    let c = fx.config();
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let f = |k: &str| c[k].as_f64().unwrap() as f32;
+    let mut cfg = GptConfig::new(
+        u("n_layer"),
+        u("n_head"),
+        u("n_embd"),
+        u("block_size"),
+        u("vocab_size"),
+        c["bias"].as_bool().unwrap(),
+        0.0,
+    )
+    .unwrap();
+    cfg.padded_vocab_size = u("padded_vocab_size");
+    let layout = ParamLayout::new(&cfg);
+    let mut params = vec![0f32; layout.total];
+    for t in &layout.tensors {
+        let v = fx.f32s(&format!("param.{}", t.name));
+        params[t.offset..t.offset + t.len].copy_from_slice(&v);
+    }
+    let hp = AdamWConfig {
+        beta1: f("beta1"),
+        beta2: f("beta2"),
+        eps: f("eps"),
+        weight_decay: f("weight_decay"),
+        grad_clip: f("grad_clip"),
+    };
+    let lr = f("lr");
+    let mut eng = CudaEngine::new(cfg.clone(), params, 1, 0).unwrap();
+    let (b, t) = (u("B"), u("T"));
+    let inputs: Vec<u32> = fx.i32s("inputs").iter().map(|&x| x as u32).collect();
+    let targets = fx.i32s("targets");
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let e = rel_err(&eng.logits(batch).unwrap(), &fx.f32s("logits"));
+    assert!(e < TOL, "{name}: logits relative error {e:.2e}");
+    eng.zero_grad();
+    let loss = eng.forward_backward(batch, 1.0).unwrap();
+    let want = fx.f32s("loss")[0];
+    assert!(
+        ((loss - want) / want).abs() < 1e-5,
+        "{name}: loss {loss} vs {want}"
+    );
+    let mut want_grads = vec![0f32; layout.total];
+    for t in &layout.tensors {
+        let v = fx.f32s(&format!("grad.{}", t.name));
+        want_grads[t.offset..t.offset + t.len].copy_from_slice(&v);
+    }
+    let grads = eng.grads();
+    check_tensors(&format!("{name} gradients"), &layout, &grads, &want_grads);
+    let pad = &grads
+        [layout.wte + cfg.vocab_size * cfg.n_embd..layout.wte + cfg.padded_vocab_size * cfg.n_embd];
+    assert!(pad.iter().all(|&g| g == 0.0), "padded rows get no gradient");
+    let norms = fx.f32s("adamw_grad_norms");
+    let losses = fx.f32s("adamw_losses");
+    for k in 0..norms.len() {
+        eng.zero_grad();
+        eng.forward_backward(batch, 1.0).unwrap();
+        let norm = eng.step(&hp, lr);
+        assert!(
+            ((norm - norms[k]) / norms[k]).abs() < TOL as f32,
+            "{name}: step {k} grad norm {norm} vs {}",
+            norms[k]
+        );
+        let l = eng.loss(batch).unwrap();
+        assert!(
+            ((l - losses[k]) / losses[k]).abs() < TOL as f32,
+            "{name}: loss after step {} {l} vs {}",
+            k + 1,
+            losses[k]
+        );
+    }
+    let params = eng.params();
+    for tname in [
+        "transformer.wte.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+    ] {
+        let ts = layout.get(tname).unwrap();
+        let e = rel_err(
+            &params[ts.offset..ts.offset + ts.len],
+            &fx.f32s(&format!("final.{tname}")),
+        );
+        assert!(e < TOL, "{name}: {tname} after 10 steps, error {e:.2e}");
+    }
+    assert_eq!(eng.optimizer_state().step, norms.len() as u64);
+}
+
+#[test]
+fn matches_pytorch_fixtures() {
+    if gpu("matches_pytorch_fixtures").is_none() {
+        return;
+    }
+    for name in [
+        "ref_bias.safetensors",
+        "ref_nobias.safetensors",
+        "ref_short.safetensors",
+    ] {
+        check_fixture(name);
+    }
+}
+
+// ------------------------------------------------------------------ CPU vs CUDA
+
+/// Both engines over the same perturbed parameters, plus a batch with ignored targets.
+fn pair(cfg: &GptConfig, seed: u64) -> (CpuEngine, CudaEngine, Vec<u32>, Vec<i32>, usize, usize) {
+    let layout = ParamLayout::new(cfg);
+    let mut params = layout.init_params(cfg, seed);
+    let mut rng = Rng::new(seed + 1);
+    for x in params.iter_mut() {
+        *x += (rng.normal() * 0.1) as f32;
+    }
+    let cpu = CpuEngine::new(cfg.clone(), params.clone(), seed, 2).unwrap();
+    let gpu = CudaEngine::new(cfg.clone(), params, seed, 0).unwrap();
+    let (b, t) = (3, cfg.block_size);
+    let mut rng = Rng::new(seed + 2);
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let mut targets: Vec<i32> = (0..b * t)
+        .map(|_| rng.below(cfg.vocab_size as u64) as i32)
+        .collect();
+    targets[1] = -1;
+    targets[b * t - 1] = -1;
+    (cpu, gpu, inputs, targets, b, t)
+}
+
+fn compare_training(cfg: GptConfig, label: &str) {
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 7);
+    let layout = ParamLayout::new(&cfg);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let e = rel_err(&gpu.logits(batch).unwrap(), &cpu.logits(batch).unwrap());
+    assert!(e < TOL, "{label}: logits error {e:.2e}");
+    let (lc, lg) = (cpu.loss(batch).unwrap(), gpu.loss(batch).unwrap());
+    assert!(
+        ((lg - lc) / lc).abs() < 1e-5,
+        "{label}: eval loss {lg} vs {lc}"
+    );
+
+    // One accumulation of two micro-batches (loss_scale 0.5), then compare every gradient.
+    for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
+        e.zero_grad();
+    }
+    for _ in 0..2 {
+        let lc = cpu.forward_backward(batch, 0.5).unwrap();
+        let lg = gpu.forward_backward(batch, 0.5).unwrap();
+        assert!(
+            ((lg - lc) / lc).abs() < 1e-5,
+            "{label}: train loss {lg} vs {lc}"
+        );
+    }
+    check_tensors(
+        &format!("{label} gradients"),
+        &layout,
+        &gpu.grads(),
+        &cpu.grads(),
+    );
+    assert_eq!(gpu.rng_state(), cpu.rng_state(), "same dropout draws");
+
+    // 10 AdamW steps with clipping active.
+    let hp = AdamWConfig {
+        weight_decay: 0.1,
+        grad_clip: 0.5,
+        ..Default::default()
+    };
+    for k in 0..10 {
+        cpu.zero_grad();
+        gpu.zero_grad();
+        let lc = cpu.forward_backward(batch, 1.0).unwrap();
+        let lg = gpu.forward_backward(batch, 1.0).unwrap();
+        assert!(
+            ((lg - lc) / lc).abs() < TOL as f32,
+            "{label} step {k}: loss {lg} vs {lc}"
+        );
+        let nc = cpu.step(&hp, 1e-3);
+        let ng = gpu.step(&hp, 1e-3);
+        assert!(
+            ((ng - nc) / nc).abs() < TOL as f32,
+            "{label} step {k}: norm {ng} vs {nc}"
+        );
+    }
+    check_tensors(
+        &format!("{label} params after 10 steps"),
+        &layout,
+        &gpu.params(),
+        &cpu.params(),
+    );
+    let (sc, sg) = (cpu.optimizer_state(), gpu.optimizer_state());
+    assert_eq!(sc.step, sg.step);
+    check_tensors(&format!("{label} AdamW m"), &layout, &sg.m, &sc.m);
+}
+
+#[test]
+fn training_matches_the_cpu_engine() {
+    if gpu("training_matches_the_cpu_engine").is_none() {
+        return;
+    }
+    // n_embd 48 over 3 heads (hs 16), vocab 67 padded to 128, T 12.
+    compare_training(GptConfig::new(2, 3, 48, 12, 67, true, 0.0).unwrap(), "bias");
+    compare_training(
+        GptConfig::new(2, 3, 48, 12, 67, false, 0.0).unwrap(),
+        "no bias",
+    );
+}
+
+#[test]
+fn dropout_matches_the_cpu_engine() {
+    if gpu("dropout_matches_the_cpu_engine").is_none() {
+        return;
+    }
+    compare_training(
+        GptConfig::new(2, 2, 32, 10, 50, true, 0.2).unwrap(),
+        "dropout 0.2",
+    );
+}
+
+#[test]
+fn gradients_edited_on_the_host_are_used_by_step() {
+    if gpu("gradients_edited_on_the_host_are_used_by_step").is_none() {
+        return;
+    }
+    let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 3);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let hp = AdamWConfig::default();
+    for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
+        e.zero_grad();
+        e.forward_backward(batch, 1.0).unwrap();
+        // What an all-reduce over two identical ranks followed by averaging would do.
+        e.grads_mut().iter_mut().for_each(|g| *g *= 3.0);
+    }
+    let e = rel_err(&gpu.grads(), &cpu.grads());
+    assert!(e < TOL, "grads after host edit: {e:.2e}");
+    let (nc, ng) = (cpu.step(&hp, 1e-3), gpu.step(&hp, 1e-3));
+    assert!(((ng - nc) / nc).abs() < TOL as f32, "norm {ng} vs {nc}");
+    check_tensors(
+        "params after host-edited step",
+        cpu.layout(),
+        &gpu.params(),
+        &cpu.params(),
+    );
+}
+
+#[test]
+fn decoding_matches_the_cpu_engine() {
+    if gpu("decoding_matches_the_cpu_engine").is_none() {
+        return;
+    }
+    let cfg = GptConfig::new(2, 2, 32, 16, 40, true, 0.0).unwrap();
+    let (mut cpu, mut gpu, _, _, _, _) = pair(&cfg, 11);
+    let prompt: Vec<u32> = vec![1, 5, 9, 2, 7, 7];
+    let lc = cpu.decode_prefill(&prompt, 2).unwrap();
+    let lg = gpu.decode_prefill(&prompt, 2).unwrap();
+    assert_eq!(lg.len(), 2 * cfg.vocab_size);
+    assert!(rel_err(&lg, &lc) < TOL, "prefill logits");
+    for k in 0..8u32 {
+        let toks = [k % 40, (3 * k + 1) % 40];
+        let lc = cpu.decode_step(&toks).unwrap();
+        let lg = gpu.decode_step(&toks).unwrap();
+        let e = rel_err(&lg, &lc);
+        assert!(e < TOL, "decode step {k}: error {e:.2e}");
+        assert_eq!(gpu.decode_len(), cpu.decode_len());
+    }
+    assert_eq!(gpu.decode_len(), 11);
+    // From an empty cache, and running into block_size.
+    gpu.decode_reset(1);
+    cpu.decode_reset(1);
+    for k in 0..16u32 {
+        let e = rel_err(
+            &gpu.decode_step(&[k]).unwrap(),
+            &cpu.decode_step(&[k]).unwrap(),
+        );
+        assert!(e < TOL, "decode from empty, step {k}: {e:.2e}");
+    }
+    assert!(gpu.decode_step(&[0]).is_err(), "past block_size");
+    assert!(gpu.decode_step(&[0, 1]).is_err(), "wrong number of tokens");
+}
+
+// ------------------------------------------------------------------ no GPU needed
+
+#[test]
+fn every_engine_kernel_is_an_entry_point_of_its_sources() {
+    use nanogpt::cuda::discover::{LibKind, SearchEnv, SearchPlan};
+    use nanogpt::cuda::nvrtc::{Nvrtc, Target};
+    let plan = SearchPlan::new(&SearchEnv::from_process());
+    let Some(n) = plan
+        .find(LibKind::Nvrtc)
+        .found
+        .and_then(|f| Nvrtc::load(&f.path).ok())
+    else {
+        eprintln!("skipped: NVRTC not found, kernel entry points not checked");
+        return;
+    };
+    let mut ptx_all = String::new();
+    for (name, src) in kernels::SOURCES {
+        for target in [Target::Cubin { cc: 80 }, Target::Cubin { cc: 90 }] {
+            n.compile(src, name, target, &kernels::OPTIONS)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let ptx = n
+            .compile(src, name, Target::Ptx { cc: 80 }, &kernels::OPTIONS)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        ptx_all.push_str(&String::from_utf8_lossy(&ptx.image));
+    }
+    for k in kernels::KERNEL_NAMES {
+        assert!(
+            ptx_all.contains(&format!(".entry {k}(")),
+            "kernel {k} launched by the engine is not defined in kernels/*.cu"
+        );
+    }
+    assert_eq!(kernels::KERNEL_NAMES.len(), 19);
+    let a = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 90 }, (13, 0));
+    let b = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 80 }, (13, 0));
+    let c = kernels::cache_key(kernels::SOURCES[1].1, Target::Cubin { cc: 90 }, (13, 0));
+    assert!(a != b && a != c && a.len() == 16, "{a} {b} {c}");
+}
+
+#[test]
+fn create_reports_dtype_and_missing_gpu_clearly() {
+    let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
+    let params = ParamLayout::new(&cfg).init_params(&cfg, 1);
+    let err = nanogpt::engine::create(
+        DeviceSpec::Cuda(Some(0)),
+        Dtype::BFloat16,
+        cfg.clone(),
+        params.clone(),
+        1,
+        1,
+    )
+    .err()
+    .expect("bf16 on CUDA is refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bf16 is not available yet") && msg.contains("dtype=float32"),
+        "{msg}"
+    );
+    let auto = nanogpt::engine::create(
+        DeviceSpec::Auto,
+        Dtype::Float32,
+        cfg.clone(),
+        params.clone(),
+        1,
+        1,
+    )
+    .unwrap();
+    match stack::available_gpus() {
+        Ok(_) => assert!(
+            auto.device_name().starts_with("cuda:0"),
+            "{}",
+            auto.device_name()
+        ),
+        Err(why) => {
+            assert!(
+                auto.device_name().starts_with("cpu"),
+                "{}",
+                auto.device_name()
+            );
+            let err =
+                nanogpt::engine::create(DeviceSpec::Cuda(None), Dtype::Float32, cfg, params, 1, 1)
+                    .err()
+                    .expect("no GPU: cuda is refused");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("no usable GPU") && msg.contains("device=cpu"),
+                "{msg}"
+            );
+            eprintln!("no GPU here ({why}); device=cuda says: {msg}");
+        }
+    }
+}
