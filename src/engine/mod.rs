@@ -119,27 +119,18 @@ pub fn create(
                 ))),
             }
         }
-        DeviceSpec::Auto => match cuda::stack::available_gpus() {
-            Ok(gpus) => {
-                let note = if dtype == Dtype::Float32 {
-                    String::new()
-                } else {
-                    format!(
-                        "; dtype={dtype} is not available yet on CUDA in this build, computing \
-                         in float32"
-                    )
-                };
+        // `auto` stays on the CPU until the CUDA engine has been checked against the CPU
+        // engine on real hardware; `device=cuda dtype=float32` opts in.
+        DeviceSpec::Auto => {
+            if let Ok(gpus) = cuda::stack::available_gpus() {
                 eprintln!(
-                    "device=auto: using cuda:0 ({}){note}",
+                    "device=auto: a GPU is present ({}), but this build's CUDA engine has not \
+                     yet been verified on hardware; using the CPU. Pass device=cuda \
+                     dtype=float32 to use it anyway",
                     gpus.first().map_or("GPU", |g| g.name.as_str())
                 );
-                Ok(Box::new(cuda::CudaEngine::new(cfg, params, seed, 0)?))
             }
-            Err(why) => {
-                let short = why.split(';').next().unwrap_or(&why);
-                eprintln!("device=auto: using the CPU (no usable GPU: {short})");
-                Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?))
-            }
-        },
+            Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?))
+        }
     }
 }
