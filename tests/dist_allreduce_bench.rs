@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 const N: usize = 124_475_904;
 
 fn ring(world: usize, reps: usize) -> Vec<f64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = nanogpt::dist::test_port();
     let handles: Vec<_> = (0..world)
         .map(|r| {
             std::thread::spawn(move || {

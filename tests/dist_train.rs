@@ -29,11 +29,7 @@ const LAUNCHER_VARS: [&str; 12] = [
 ];
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    nanogpt::dist::test_port()
 }
 
 fn clean(cmd: &mut Command) -> &mut Command {

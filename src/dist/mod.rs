@@ -143,3 +143,20 @@ pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGrou
     pg.watch_peers();
     Ok(Box::new(pg))
 }
+
+/// A port for a test's rendezvous. Ports handed out by the kernel for `bind(:0)` come from the
+/// ephemeral range, where every outgoing connection of a parallel test can take them again
+/// before the test binds; these come from below that range (20000-31999), distinct per
+/// process and per call, and are checked to be free.
+#[doc(hidden)]
+pub fn test_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 1000) as u16 * 12;
+    loop {
+        let port = 20_000 + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

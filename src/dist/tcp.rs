@@ -427,11 +427,7 @@ mod tests {
         world: usize,
         f: impl Fn(&mut TcpProcessGroup) -> T + Send + Sync + Clone + 'static,
     ) -> Vec<T> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::dist::test_port();
         let handles: Vec<_> = (0..world)
             .map(|r| {
                 let f = f.clone();
@@ -488,11 +484,7 @@ mod tests {
 
     #[test]
     fn a_silent_peer_is_an_error_naming_it_within_the_timeout() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::dist::test_port();
         let mk = move |r: usize| {
             std::thread::spawn(move || {
                 let info = LaunchInfo {
