@@ -12,7 +12,7 @@
 // dropout_apply(out, in, n, seed, threshold, scale)
 //                                    out[i] = keep(seed, i) ? in[i] * scale : 0, with i the
 //                                    flat element index; out may equal in. keep() is the
-//                                    splitmix64-style hash of src/engine/cpu/kernels.rs, so
+//                                    splitmix64-style hash of src/engine/dropout.rs, so
 //                                    masks match the CPU engine bit for bit.
 // colsum_parts(parts, m, rows, cols, rows_per_part)
 //                                    parts[p, c] = sum over rows [p*rpp, min(rows,(p+1)*rpp))

@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dropout;
 
 use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
@@ -79,6 +80,100 @@ pub trait Engine: Send {
     fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
     /// Tokens currently held in the KV cache (per sequence).
     fn decode_len(&self) -> usize;
+}
+
+/// Checks a batch against the model: shape, block size, and every token (and target, -1
+/// allowed) inside the vocabulary. Engines call it before touching their buffers.
+pub fn check_batch(cfg: &GptConfig, batch: &Batch, with_targets: bool) -> Result<()> {
+    let (b, t) = (batch.b, batch.t);
+    if b == 0 || t == 0 {
+        return Err(EngineError::Shape(format!("empty batch ({b} x {t})")));
+    }
+    if t > cfg.block_size {
+        return Err(EngineError::TooLong {
+            t,
+            block_size: cfg.block_size,
+        });
+    }
+    if batch.inputs.len() != b * t || (with_targets && batch.targets.len() != b * t) {
+        return Err(EngineError::Shape(format!(
+            "expected {} inputs and targets for a {b} x {t} batch, got {} and {}",
+            b * t,
+            batch.inputs.len(),
+            batch.targets.len()
+        )));
+    }
+    check_tokens(batch.inputs, cfg.vocab_size)?;
+    if with_targets {
+        let vocab = cfg.vocab_size;
+        if let Some((pos, &id)) = batch
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                id: id as u32,
+                pos,
+                vocab,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= vocab)
+    {
+        Some((pos, &id)) => Err(EngineError::TokenOutOfRange { id, pos, vocab }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a `decode_prefill` context (`n_seq` rows of equal length) and returns its length.
+pub fn check_prefill(cfg: &GptConfig, tokens: &[u32], n_seq: usize) -> Result<usize> {
+    if n_seq == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(n_seq) {
+        return Err(EngineError::Shape(format!(
+            "decode_prefill needs {n_seq} rows of equal length, got {} tokens",
+            tokens.len()
+        )));
+    }
+    let t = tokens.len() / n_seq;
+    let batch = Batch {
+        inputs: tokens,
+        targets: &[],
+        b: n_seq,
+        t,
+    };
+    check_batch(cfg, &batch, false)?;
+    Ok(t)
+}
+
+/// Checks one `decode_step`: one token per sequence, room in the context (`len` tokens held
+/// of `block_size`), tokens inside the vocabulary.
+pub fn check_decode_step(
+    block_size: usize,
+    vocab: usize,
+    tokens: &[u32],
+    n_seq: usize,
+    len: usize,
+) -> Result<()> {
+    if n_seq == 0 || tokens.len() != n_seq {
+        return Err(EngineError::Shape(format!(
+            "decode_step needs {n_seq} tokens (one per sequence), got {}",
+            tokens.len()
+        )));
+    }
+    if len >= block_size {
+        return Err(EngineError::TooLong {
+            t: len + 1,
+            block_size,
+        });
+    }
+    check_tokens(tokens, vocab)
 }
 
 /// Builds the engine for `device` ("auto", "cpu", "cuda", "cuda:N") computing in `dtype`.

@@ -110,29 +110,7 @@ pub(super) fn step(core: &mut Core, tokens: &[u32], th: usize) -> Result<Vec<f32
         ));
     };
     let (s, c, t_max) = (kv.n_seq, cfg.n_embd, cfg.block_size);
-    if tokens.len() != s {
-        return Err(EngineError::Shape(format!(
-            "decode_step needs {s} tokens (one per sequence), got {}",
-            tokens.len()
-        )));
-    }
-    if kv.len >= t_max {
-        return Err(EngineError::TooLong {
-            t: kv.len + 1,
-            block_size: t_max,
-        });
-    }
-    if let Some((pos, &id)) = tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &x)| x as usize >= cfg.vocab_size)
-    {
-        return Err(EngineError::TokenOutOfRange {
-            id,
-            pos,
-            vocab: cfg.vocab_size,
-        });
-    }
+    crate::engine::check_decode_step(t_max, cfg.vocab_size, tokens, s, kv.len)?;
     let (p, lay, pos) = (&core.params, &core.layout, kv.len);
     let (nh, hs) = (cfg.n_head, cfg.head_size());
     let scale = 1.0 / (hs as f32).sqrt();

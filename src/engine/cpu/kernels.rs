@@ -6,6 +6,7 @@
 
 use super::matmul::{gemm_strided, matmul, Op, View};
 use super::simd::{self, dispatch};
+use crate::engine::dropout::{keep, Dropout};
 use rayon::prelude::*;
 
 pub const LN_EPS: f32 = 1e-5;
@@ -350,59 +351,6 @@ pub fn gelu_backward_inplace(dout: &mut [f32], x: &[f32]) {
     dout.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(d, x)| gelu_backward_chunk(d, x));
-}
-
-// ---------------------------------------------------------------------------------------
-// Dropout with a counter-based mask: element i of a site is kept when
-// hash(seed, i) >= p * 2^32. Masks are recomputed in the backward pass, never stored, and do
-// not depend on the thread count.
-
-#[inline]
-pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
-    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 32) as u32 >= threshold
-}
-
-/// Dropout parameters for one site: `seed` and probability `p` (p = 0 disables).
-#[derive(Clone, Copy, Debug)]
-pub struct Dropout {
-    pub seed: u64,
-    pub p: f32,
-}
-
-impl Dropout {
-    pub fn off() -> Self {
-        Dropout { seed: 0, p: 0.0 }
-    }
-    pub fn active(&self) -> bool {
-        self.p > 0.0
-    }
-    pub fn threshold(&self) -> u32 {
-        (self.p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32
-    }
-    pub fn scale(&self) -> f32 {
-        1.0 / (1.0 - self.p)
-    }
-    /// Applies the mask and 1/(1-p) scale in place (forward and backward are the same map).
-    pub fn apply(&self, x: &mut [f32]) {
-        if !self.active() {
-            return;
-        }
-        let (th, s, seed) = (self.threshold(), self.scale(), self.seed);
-        x.par_chunks_mut(4096).enumerate().for_each(|(ci, chunk)| {
-            let base = (ci * 4096) as u64;
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = if keep(seed, base + j as u64, th) {
-                    *v * s
-                } else {
-                    0.0
-                };
-            }
-        });
-    }
 }
 
 // ---------------------------------------------------------------------------------------

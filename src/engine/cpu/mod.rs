@@ -10,11 +10,12 @@ pub mod kernels;
 pub mod matmul;
 pub mod simd;
 
+use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Result};
 use crate::model::{BlockOffsets, GptConfig, ParamLayout};
 use crate::optim::{adamw, AdamWConfig};
 use crate::rng::Rng;
-use kernels::{AttnShape, Dropout, LnOut};
+use kernels::{AttnShape, LnOut};
 use matmul::{matmul, Op};
 
 /// Saved activations of one transformer block.
@@ -94,38 +95,6 @@ impl Activations {
             datt: z(b * nh * t * t),
             ln_scratch: z(kernels::LN_BACKWARD_PARTS * 2 * c),
         }
-    }
-}
-
-/// Dropout sites of one forward pass, derived from one draw of the engine's generator.
-#[derive(Clone, Copy)]
-struct DropoutSeeds {
-    base: u64,
-    p: f32,
-}
-
-impl DropoutSeeds {
-    fn site(&self, layer: usize, which: u64) -> Dropout {
-        if self.p <= 0.0 {
-            return Dropout::off();
-        }
-        let mut r = Rng::derive(self.base, (layer as u64) << 8 | which);
-        Dropout {
-            seed: r.next_u64(),
-            p: self.p,
-        }
-    }
-    fn embedding(&self) -> Dropout {
-        self.site(usize::MAX >> 9, 0)
-    }
-    fn attn_probs(&self, l: usize) -> Dropout {
-        self.site(l, 1)
-    }
-    fn attn_resid(&self, l: usize) -> Dropout {
-        self.site(l, 2)
-    }
-    fn mlp_resid(&self, l: usize) -> Dropout {
-        self.site(l, 3)
     }
 }
 
@@ -214,51 +183,6 @@ impl CpuEngine {
 }
 
 impl Core {
-    fn check_batch(&self, batch: &Batch, with_targets: bool) -> Result<()> {
-        let (b, t) = (batch.b, batch.t);
-        if b == 0 || t == 0 {
-            return Err(EngineError::Shape(format!("empty batch ({b} x {t})")));
-        }
-        if t > self.cfg.block_size {
-            return Err(EngineError::TooLong {
-                t,
-                block_size: self.cfg.block_size,
-            });
-        }
-        if batch.inputs.len() != b * t || (with_targets && batch.targets.len() != b * t) {
-            return Err(EngineError::Shape(format!(
-                "expected {} inputs and targets for a {b} x {t} batch, got {} and {}",
-                b * t,
-                batch.inputs.len(),
-                batch.targets.len()
-            )));
-        }
-        let vocab = self.cfg.vocab_size;
-        if let Some((pos, &id)) = batch
-            .inputs
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= vocab)
-        {
-            return Err(EngineError::TokenOutOfRange { id, pos, vocab });
-        }
-        if with_targets {
-            if let Some((pos, &id)) = batch
-                .targets
-                .iter()
-                .enumerate()
-                .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
-            {
-                return Err(EngineError::TokenOutOfRange {
-                    id: id as u32,
-                    pos,
-                    vocab,
-                });
-            }
-        }
-        Ok(())
-    }
-
     fn ensure_acts(&mut self, b: usize, t: usize) {
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = None; // free the old shape first
@@ -283,8 +207,6 @@ impl Core {
             nh: cfg.n_head,
             c,
         };
-        let off = |d: DropoutSeeds| d;
-        let drop = drop.map(off);
         let wte = slice(p, lay.wte, cfg.padded_vocab_size * c);
         kernels::embedding_forward(
             &mut acts.encoded,
@@ -585,10 +507,7 @@ impl Core {
     }
 
     fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
-        (self.cfg.dropout > 0.0).then(|| DropoutSeeds {
-            base: self.rng.next_u64(),
-            p: self.cfg.dropout,
-        })
+        DropoutSeeds::draw(&mut self.rng, self.cfg.dropout)
     }
 }
 
@@ -659,7 +578,7 @@ impl Engine for CpuEngine {
     }
 
     fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
-        self.core.check_batch(&batch, true)?;
+        super::check_batch(&self.core.cfg, &batch, true)?;
         let core = &mut self.core;
         self.pool.install(|| {
             let drop = core.dropout_seeds();
@@ -683,7 +602,7 @@ impl Engine for CpuEngine {
     }
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {
-        self.core.check_batch(&batch, true)?;
+        super::check_batch(&self.core.cfg, &batch, true)?;
         let core = &mut self.core;
         self.pool.install(|| {
             core.forward(batch.inputs, batch.b, batch.t, None);
@@ -704,7 +623,7 @@ impl Engine for CpuEngine {
     }
 
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
-        self.core.check_batch(&batch, false)?;
+        super::check_batch(&self.core.cfg, &batch, false)?;
         let core = &mut self.core;
         self.pool
             .install(|| core.forward(batch.inputs, batch.b, batch.t, None));
@@ -789,20 +708,7 @@ impl Engine for CpuEngine {
         self.core.kv = Some(decode::KvCache::new(&self.core.cfg, n_seq));
     }
     fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>> {
-        if n_seq == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(n_seq) {
-            return Err(EngineError::Shape(format!(
-                "decode_prefill needs {n_seq} rows of equal length, got {} tokens",
-                tokens.len()
-            )));
-        }
-        let t = tokens.len() / n_seq;
-        let batch = Batch {
-            inputs: tokens,
-            targets: &[],
-            b: n_seq,
-            t,
-        };
-        self.core.check_batch(&batch, false)?;
+        let t = super::check_prefill(&self.core.cfg, tokens, n_seq)?;
         let core = &mut self.core;
         self.pool.install(|| core.forward(tokens, n_seq, t, None));
         Ok(decode::fill_from_forward(core, n_seq, t))

@@ -30,7 +30,7 @@
 pub mod kernels;
 pub mod stack;
 
-use super::cpu::kernels::Dropout;
+use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Result};
 use crate::cuda::cublas::{Operand, Sgemm};
 use crate::cuda::driver::{Context, DeviceBuffer, Stream};
@@ -143,39 +143,6 @@ impl Acts {
             ln_parts: z(PARTS * 2 * c)?,
             bias_parts: z(PARTS * 4 * c)?,
         })
-    }
-}
-
-/// Dropout sites of one forward pass, derived from one draw of the engine's generator
-/// exactly as the CPU engine derives them (same seeds, hence the same masks).
-#[derive(Clone, Copy)]
-struct DropoutSeeds {
-    base: u64,
-    p: f32,
-}
-
-impl DropoutSeeds {
-    fn site(&self, layer: usize, which: u64) -> Dropout {
-        if self.p <= 0.0 {
-            return Dropout::off();
-        }
-        let mut r = Rng::derive(self.base, (layer as u64) << 8 | which);
-        Dropout {
-            seed: r.next_u64(),
-            p: self.p,
-        }
-    }
-    fn embedding(&self) -> Dropout {
-        self.site(usize::MAX >> 9, 0)
-    }
-    fn attn_probs(&self, l: usize) -> Dropout {
-        self.site(l, 1)
-    }
-    fn attn_resid(&self, l: usize) -> Dropout {
-        self.site(l, 2)
-    }
-    fn mlp_resid(&self, l: usize) -> Dropout {
-        self.site(l, 3)
     }
 }
 
@@ -1054,10 +1021,7 @@ impl CudaEngine {
     }
 
     fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
-        (self.cfg.dropout > 0.0).then(|| DropoutSeeds {
-            base: self.rng.next_u64(),
-            p: self.cfg.dropout,
-        })
+        DropoutSeeds::draw(&mut self.rng, self.cfg.dropout)
     }
 
     /// Uploads gradients edited on the host through `grads_mut`.
@@ -1179,51 +1143,6 @@ impl CudaEngine {
     }
 }
 
-fn check_batch(cfg: &GptConfig, batch: &Batch, with_targets: bool) -> Result<()> {
-    let (b, t) = (batch.b, batch.t);
-    if b == 0 || t == 0 {
-        return Err(EngineError::Shape(format!("empty batch ({b} x {t})")));
-    }
-    if t > cfg.block_size {
-        return Err(EngineError::TooLong {
-            t,
-            block_size: cfg.block_size,
-        });
-    }
-    if batch.inputs.len() != b * t || (with_targets && batch.targets.len() != b * t) {
-        return Err(EngineError::Shape(format!(
-            "expected {} inputs and targets for a {b} x {t} batch, got {} and {}",
-            b * t,
-            batch.inputs.len(),
-            batch.targets.len()
-        )));
-    }
-    let vocab = cfg.vocab_size;
-    if let Some((pos, &id)) = batch
-        .inputs
-        .iter()
-        .enumerate()
-        .find(|(_, &x)| x as usize >= vocab)
-    {
-        return Err(EngineError::TokenOutOfRange { id, pos, vocab });
-    }
-    if with_targets {
-        if let Some((pos, &id)) = batch
-            .targets
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x < -1 || x as i64 >= vocab as i64)
-        {
-            return Err(EngineError::TokenOutOfRange {
-                id: id as u32,
-                pos,
-                vocab,
-            });
-        }
-    }
-    Ok(())
-}
-
 impl Engine for CudaEngine {
     fn config(&self) -> &GptConfig {
         &self.cfg
@@ -1236,7 +1155,7 @@ impl Engine for CudaEngine {
     }
 
     fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
-        check_batch(&self.cfg, &batch, true)?;
+        super::check_batch(&self.cfg, &batch, true)?;
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
         self.forward(batch.inputs, batch.b, batch.t, drop, batch.t)
@@ -1249,14 +1168,14 @@ impl Engine for CudaEngine {
     }
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {
-        check_batch(&self.cfg, &batch, true)?;
+        super::check_batch(&self.cfg, &batch, true)?;
         self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
             .map_err(cuda_err)?;
         self.cross_entropy(batch.targets, None).map_err(cuda_err)
     }
 
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
-        check_batch(&self.cfg, &batch, false)?;
+        super::check_batch(&self.cfg, &batch, false)?;
         self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
             .map_err(cuda_err)?;
         let a = self.acts.as_ref().expect("forward allocated activations");
@@ -1334,20 +1253,7 @@ impl Engine for CudaEngine {
     }
 
     fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>> {
-        if n_seq == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(n_seq) {
-            return Err(EngineError::Shape(format!(
-                "decode_prefill needs {n_seq} rows of equal length, got {} tokens",
-                tokens.len()
-            )));
-        }
-        let t = tokens.len() / n_seq;
-        let batch = Batch {
-            inputs: tokens,
-            targets: &[],
-            b: n_seq,
-            t,
-        };
-        check_batch(&self.cfg, &batch, false)?;
+        let t = super::check_prefill(&self.cfg, tokens, n_seq)?;
         self.decode = Some(DecodeState {
             n_seq,
             tokens: tokens.chunks(t).map(|r| r.to_vec()).collect(),
@@ -1362,27 +1268,8 @@ impl Engine for CudaEngine {
                 "decode_step called before decode_reset".into(),
             ));
         };
-        if st.n_seq == 0 || tokens.len() != st.n_seq {
-            return Err(EngineError::Shape(format!(
-                "decode_step needs {} tokens (one per sequence), got {}",
-                st.n_seq,
-                tokens.len()
-            )));
-        }
         let len = st.tokens.first().map_or(0, |r| r.len());
-        if len >= block {
-            return Err(EngineError::TooLong {
-                t: len + 1,
-                block_size: block,
-            });
-        }
-        if let Some((pos, &id)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= vocab)
-        {
-            return Err(EngineError::TokenOutOfRange { id, pos, vocab });
-        }
+        super::check_decode_step(block, vocab, tokens, st.n_seq, len)?;
         for (row, &tok) in st.tokens.iter_mut().zip(tokens) {
             row.push(tok);
         }
