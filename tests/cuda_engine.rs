@@ -16,6 +16,8 @@
 //! and passes; NANOGPT_REQUIRE_GPU=1 makes that a failure. The tests that need only NVRTC
 //! (kernel entry points) run wherever NVRTC is installed.
 
+mod reference;
+
 use nanogpt::config::{DeviceSpec, Dtype};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{kernels, stack, CudaEngine};
@@ -23,8 +25,7 @@ use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
 use nanogpt::rng::Rng;
-use safetensors::SafeTensors;
-use serde_json::Value;
+use reference::{check_engine, rel_err, Reference, Tolerances};
 
 const TOL: f64 = 1e-4;
 
@@ -45,21 +46,6 @@ fn gpu(test: &str) -> Option<()> {
     }
 }
 
-/// max |a - b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b
-        .iter()
-        .fold(0f64, |m, &x| m.max(x.abs() as f64))
-        .max(1e-30);
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    assert!(diff.is_finite(), "non-finite values");
-    diff / scale
-}
-
 /// Every tensor of `got` within TOL of `want` (both in the layout).
 fn check_tensors(what: &str, layout: &ParamLayout, got: &[f32], want: &[f32]) {
     let mut worst = (0f64, String::new());
@@ -76,135 +62,16 @@ fn check_tensors(what: &str, layout: &ParamLayout, got: &[f32], want: &[f32]) {
 
 // ------------------------------------------------------------------ PyTorch fixtures
 
-struct Fixture {
-    bytes: Vec<u8>,
-}
-
-impl Fixture {
-    fn open(name: &str) -> Self {
-        // The source tree this binary was built from, else tests/fixtures under the working
-        // directory (a test binary carried to another machine runs from the repository copy).
-        let built = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let path = if std::path::Path::new(&built).exists() {
-            built
-        } else {
-            format!("tests/fixtures/{name}")
-        };
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"));
-        Fixture { bytes }
-    }
-    fn config(&self) -> Value {
-        let (_, meta) = SafeTensors::read_metadata(&self.bytes).unwrap();
-        let text = meta.metadata().as_ref().unwrap()["config"].clone();
-        serde_json::from_str(&text).unwrap()
-    }
-    fn raw(&self, name: &str) -> Vec<[u8; 4]> {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
-        t.data().chunks(4).map(|b| b.try_into().unwrap()).collect()
-    }
-    fn f32s(&self, name: &str) -> Vec<f32> {
-        self.raw(name).into_iter().map(f32::from_le_bytes).collect()
-    }
-    fn i32s(&self, name: &str) -> Vec<i32> {
-        self.raw(name).into_iter().map(i32::from_le_bytes).collect()
-    }
-}
+/// fp32 against fp32 and float64 alike (see the module docs).
+const CUDA: Tolerances = Tolerances {
+    logits: TOL,
+    grads: TOL,
+};
 
 fn check_fixture(name: &str) {
-    let fx = Fixture::open(name);
-    let c = fx.config();
-    let u = |k: &str| c[k].as_u64().unwrap() as usize;
-    let f = |k: &str| c[k].as_f64().unwrap() as f32;
-    let mut cfg = GptConfig::new(
-        u("n_layer"),
-        u("n_head"),
-        u("n_embd"),
-        u("block_size"),
-        u("vocab_size"),
-        c["bias"].as_bool().unwrap(),
-        0.0,
-    )
-    .unwrap();
-    cfg.padded_vocab_size = u("padded_vocab_size");
-    let layout = ParamLayout::new(&cfg);
-    let mut params = vec![0f32; layout.total];
-    for t in &layout.tensors {
-        let v = fx.f32s(&format!("param.{}", t.name));
-        params[t.offset..t.offset + t.len].copy_from_slice(&v);
-    }
-    let hp = AdamWConfig {
-        beta1: f("beta1"),
-        beta2: f("beta2"),
-        eps: f("eps"),
-        weight_decay: f("weight_decay"),
-        grad_clip: f("grad_clip"),
-    };
-    let lr = f("lr");
-    let mut eng = CudaEngine::new(cfg.clone(), params, 1, 0).unwrap();
-    let (b, t) = (u("B"), u("T"));
-    let inputs: Vec<u32> = fx.i32s("inputs").iter().map(|&x| x as u32).collect();
-    let targets = fx.i32s("targets");
-    let batch = Batch {
-        inputs: &inputs,
-        targets: &targets,
-        b,
-        t,
-    };
-    let e = rel_err(&eng.logits(batch).unwrap(), &fx.f32s("logits"));
-    assert!(e < TOL, "{name}: logits relative error {e:.2e}");
-    eng.zero_grad();
-    let loss = eng.forward_backward(batch, 1.0).unwrap();
-    let want = fx.f32s("loss")[0];
-    assert!(
-        ((loss - want) / want).abs() < 1e-5,
-        "{name}: loss {loss} vs {want}"
-    );
-    let mut want_grads = vec![0f32; layout.total];
-    for t in &layout.tensors {
-        let v = fx.f32s(&format!("grad.{}", t.name));
-        want_grads[t.offset..t.offset + t.len].copy_from_slice(&v);
-    }
-    let grads = eng.grads();
-    check_tensors(&format!("{name} gradients"), &layout, &grads, &want_grads);
-    let pad = &grads
-        [layout.wte + cfg.vocab_size * cfg.n_embd..layout.wte + cfg.padded_vocab_size * cfg.n_embd];
-    assert!(pad.iter().all(|&g| g == 0.0), "padded rows get no gradient");
-    let norms = fx.f32s("adamw_grad_norms");
-    let losses = fx.f32s("adamw_losses");
-    for k in 0..norms.len() {
-        eng.zero_grad();
-        eng.forward_backward(batch, 1.0).unwrap();
-        let norm = eng.step(&hp, lr);
-        assert!(
-            ((norm - norms[k]) / norms[k]).abs() < TOL as f32,
-            "{name}: step {k} grad norm {norm} vs {}",
-            norms[k]
-        );
-        let l = eng.loss(batch).unwrap();
-        assert!(
-            ((l - losses[k]) / losses[k]).abs() < TOL as f32,
-            "{name}: loss after step {} {l} vs {}",
-            k + 1,
-            losses[k]
-        );
-    }
-    let params = eng.params();
-    for tname in [
-        "transformer.wte.weight",
-        "transformer.h.1.mlp.c_proj.weight",
-        "transformer.ln_f.weight",
-    ] {
-        let ts = layout.get(tname).unwrap();
-        let e = rel_err(
-            &params[ts.offset..ts.offset + ts.len],
-            &fx.f32s(&format!("final.{tname}")),
-        );
-        assert!(e < TOL, "{name}: {tname} after 10 steps, error {e:.2e}");
-    }
-    assert_eq!(eng.optimizer_state().step, norms.len() as u64);
+    let r = Reference::load(name);
+    let mut eng = CudaEngine::new(r.cfg.clone(), r.params.clone(), 1, 0).unwrap();
+    check_engine(name, &r, &mut eng, &CUDA);
 }
 
 #[test]
