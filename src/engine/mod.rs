@@ -82,6 +82,21 @@ pub trait Engine: Send {
     fn decode_len(&self) -> usize;
 }
 
+/// The parameter layout of a valid `cfg`, checked against a parameter buffer of `len` values
+/// (every engine's constructor starts here).
+pub fn layout_for(cfg: &GptConfig, len: usize) -> Result<ParamLayout> {
+    cfg.validate()
+        .map_err(|e| EngineError::Other(e.to_string()))?;
+    let layout = ParamLayout::new(cfg);
+    if len != layout.total {
+        return Err(EngineError::Other(format!(
+            "parameter buffer has {len} values but the model needs {}",
+            layout.total
+        )));
+    }
+    Ok(layout)
+}
+
 /// Checks a batch against the model: shape, block size, and every token (and target, -1
 /// allowed) inside the vocabulary. Engines call it before touching their buffers.
 pub fn check_batch(cfg: &GptConfig, batch: &Batch, with_targets: bool) -> Result<()> {

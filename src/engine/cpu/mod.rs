@@ -132,16 +132,7 @@ fn opt_slice(p: &[f32], off: Option<usize>, len: usize) -> Option<&[f32]> {
 impl CpuEngine {
     /// An engine over `params` (flat, in [`ParamLayout`] order). `threads == 0` uses all cores.
     pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, threads: usize) -> Result<Self> {
-        cfg.validate()
-            .map_err(|e| EngineError::Other(e.to_string()))?;
-        let layout = ParamLayout::new(&cfg);
-        if params.len() != layout.total {
-            return Err(EngineError::Other(format!(
-                "parameter buffer has {} values but the model needs {}",
-                params.len(),
-                layout.total
-            )));
-        }
+        let layout = super::layout_for(&cfg, params.len())?;
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {

@@ -198,16 +198,7 @@ fn merge_runs(runs: Vec<(usize, usize, bool)>) -> Vec<(usize, usize, bool)> {
 impl CudaEngine {
     /// An engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
     pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, device: usize) -> Result<Self> {
-        cfg.validate()
-            .map_err(|e| EngineError::Other(e.to_string()))?;
-        let layout = ParamLayout::new(&cfg);
-        if params.len() != layout.total {
-            return Err(EngineError::Other(format!(
-                "parameter buffer has {} values but the model needs {}",
-                params.len(),
-                layout.total
-            )));
-        }
+        let layout = super::layout_for(&cfg, params.len())?;
         let stack: &'static Stack = stack::stack().map_err(EngineError::Other)?;
         let Some(info) = stack.gpus.get(device) else {
             return Err(EngineError::Other(format!(
