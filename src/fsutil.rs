@@ -44,6 +44,27 @@ where
     result
 }
 
+/// Removes the temporary files ([`temp_path`] names, `.<name>.tmp<pid>`) that a killed
+/// process left in `dir`, and returns their paths. Complete files are never touched; only one
+/// process should write into `dir` at a time.
+pub fn remove_stale_temp_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let is_temp = |name: &str| {
+        name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+    };
+    entries
+        .flatten()
+        .filter(|e| is_temp(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .filter(|p| fs::remove_file(p).is_ok())
+        .collect()
+}
+
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
@@ -64,5 +85,9 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        let stale = temp_path(&p);
+        fs::write(&stale, b"half").unwrap();
+        assert_eq!(remove_stale_temp_files(p.parent().unwrap()), vec![stale]);
+        assert_eq!(fs::read(&p).unwrap(), b"two");
     }
 }

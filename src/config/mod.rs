@@ -128,7 +128,8 @@ macro_rules! config_api {
     };
 }
 
-/// Where to run: `auto` (CUDA when a GPU is usable, else CPU), `cpu`, `cuda` or `cuda:N`.
+/// Where to run: `auto` (the CPU engine until the CUDA engine is verified on hardware; see
+/// `engine::create`), `cpu`, `cuda` or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     Auto,

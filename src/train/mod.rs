@@ -5,4 +5,4 @@ pub mod metrics;
 pub mod plot;
 mod trainer;
 
-pub use trainer::{resume_path, train, TrainSummary};
+pub use trainer::{train, TrainSummary};

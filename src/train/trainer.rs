@@ -143,7 +143,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         for note in cfg.warnings() {
             eprintln!("note: {note}");
         }
-        remove_stale_temp_files(&out_dir);
+        for path in crate::fsutil::remove_stale_temp_files(&out_dir) {
+            eprintln!("removed {} (left by an interrupted write)", path.display());
+        }
     }
     let rank_cfg = rank_config(cfg, &info);
     let mut run = Run::start(&rank_cfg, info.rank)?;
@@ -363,9 +365,9 @@ impl Run {
     }
 
     fn checkpoint(&self, loader: &LoaderState) -> Checkpoint {
+        let optimizer = self.engine.optimizer_state();
         Checkpoint {
             params: self.engine.params(),
-            optimizer: Some(self.engine.optimizer_state()),
             state: TrainingState {
                 iter_num: self.iter_num,
                 best_val_loss: self.best_val_loss,
@@ -373,10 +375,11 @@ impl Run {
                 config: serde_json::to_value(&self.cfg).unwrap_or_default(),
                 engine_rng: self.engine.rng_state(),
                 loader: serde_json::to_value(loader).unwrap_or_default(),
-                optimizer_step: self.engine.optimizer_state().step,
+                optimizer_step: optimizer.step,
                 tokens_seen: self.tokens_seen,
                 world_size: self.pg.world_size() as u64,
             },
+            optimizer: Some(optimizer),
         }
     }
 
@@ -595,33 +598,6 @@ fn warn_model_overrides(cfg: &TrainConfig, model: &GptConfig) {
             cfg.block_size, model.block_size
         );
     }
-}
-
-/// Removes temporary files that a killed run left behind while writing into `out_dir`
-/// (`.<name>.tmp<pid>`); complete files are never touched.
-fn remove_stale_temp_files(out_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(out_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.')
-            && name.contains(".tmp")
-            && std::fs::remove_file(entry.path()).is_ok()
-        {
-            {
-                eprintln!(
-                    "removed {} (left by an interrupted write)",
-                    entry.path().display()
-                );
-            }
-        }
-    }
-}
-
-/// Path of the checkpoint a resumed run reads.
-pub fn resume_path(out_dir: &Path) -> PathBuf {
-    CheckpointPaths::new(out_dir).latest()
 }
 
 /// Prints a log line above the progress bar, or plainly when there is no terminal.
