@@ -30,7 +30,7 @@ use crate::model::GptConfig;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What a finished run reports (also used by tests of exact resume).
