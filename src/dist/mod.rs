@@ -5,12 +5,13 @@
 //!
 //! Failure model: every socket has read and write timeouts (`dist_timeout`), and each rank
 //! keeps its rendezvous connection to rank 0 open for the whole run. A rank that exits or
-//! crashes closes its connections, which every other rank notices at once (directly, or
-//! through rank 0) and stops with a message naming that rank; a rank that stalls makes its
-//! ring neighbours time out after `dist_timeout` seconds, and they stop the rest the same
-//! way. No rank ever waits forever.
+//! crashes closes its connections, and a rank that stalls stops sending heartbeats; rank 0
+//! weighs what every rank saw ([`failure`]) and stops all ranks with a message naming the
+//! rank that failed first, within a second of the evidence. The ring's own timeouts are a
+//! backstop. No rank ever waits forever.
 
 pub mod env;
+mod failure;
 pub mod hostlist;
 pub mod launch;
 pub mod rendezvous;
@@ -139,7 +140,7 @@ pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGrou
         return Ok(Box::new(SingleProcess));
     }
     let rdzv = rendezvous::rendezvous(info, opts)?;
-    let pg = tcp::TcpProcessGroup::connect(rdzv, opts.timeout)?;
+    let mut pg = tcp::TcpProcessGroup::connect(rdzv, opts.timeout)?;
     pg.watch_peers();
     Ok(Box::new(pg))
 }

@@ -9,6 +9,7 @@
 //! connection stops the process at once when another rank exits without saying it
 //! finished (see [`super`]'s failure model).
 
+use super::failure::{self, Evidence};
 use super::rendezvous::{connect_retry, read_frame, write_frame, Rendezvous};
 use super::{DistError, ProcessGroup};
 use std::io::{ErrorKind, Read, Write};
@@ -23,8 +24,9 @@ const PIECE: usize = 1 << 18;
 /// Byte a rank sends on its rendezvous connection when it finishes cleanly.
 const BYE: u8 = 0xB7;
 /// Byte that starts an abort notice (followed by a length-prefixed message): a rank that
-/// hit a communication error tells rank 0, which tells everyone, so that every rank names
-/// the rank that failed rather than the neighbour that stopped because of it.
+/// hit a communication error tells rank 0, and rank 0 tells everyone its verdict, so that
+/// every rank names the rank that failed rather than the neighbour that stopped because of
+/// it (see [`failure`]).
 const ABORT: u8 = 0xAB;
 /// Byte every rank sends to rank 0, and rank 0 to every rank, several times per timeout.
 const HEARTBEAT: u8 = 0x48;
@@ -33,14 +35,24 @@ const HEARTBEAT: u8 = 0x48;
 /// watcher threads (to relay them).
 type Store = Arc<Mutex<Vec<(usize, TcpStream)>>>;
 
-/// Sends an abort notice carrying `msg` on every store connection except `skip`'s.
-fn send_abort(store: &Store, msg: &str, skip: Option<usize>) {
+/// Sends an abort notice carrying `msg` on every store connection.
+fn send_abort(store: &Store, msg: &str) {
     let Ok(mut conns) = store.lock() else { return };
-    for (peer, s) in conns.iter_mut() {
-        if Some(*peer) != skip && s.write_all(&[ABORT]).is_ok() {
+    for (_, s) in conns.iter_mut() {
+        if s.write_all(&[ABORT]).is_ok() {
             let _ = write_frame(s, msg.as_bytes());
         }
     }
+}
+
+/// Rank 0, after the grace period that follows the first failure: tells every rank the
+/// verdict (the most direct evidence gathered, see [`failure`]) and stops this process.
+fn conclude(store: &Store, timeout: Duration) -> ! {
+    std::thread::sleep(failure::grace(timeout));
+    let msg = failure::verdict().unwrap_or_else(|| "a rank failed".into());
+    send_abort(store, &msg);
+    eprintln!("error: {msg}; stopping rank 0");
+    std::process::exit(1);
 }
 
 /// Set once this process finished its job cleanly: peers closing their connections after
@@ -62,6 +74,8 @@ pub struct TcpProcessGroup {
     /// `host:port` of rank 0's rendezvous store.
     master: String,
     scratch: Vec<f32>,
+    /// Set by [`TcpProcessGroup::watch_peers`]: failures go to rank 0's arbitration.
+    watching: bool,
 }
 
 impl TcpProcessGroup {
@@ -141,14 +155,19 @@ impl TcpProcessGroup {
             store: Arc::new(Mutex::new(rdzv.store)),
             master: rdzv.master.clone(),
             scratch: vec![0f32; PIECE],
+            watching: false,
         };
         Ok(pg)
     }
 
-    /// Starts one thread per rendezvous connection: a connection closed without the
-    /// "finished" byte means that rank is gone, and this process stops (exit code 1) with a
-    /// message saying so. For processes that run one job; [`super::init`] calls it.
-    pub fn watch_peers(&self) {
+    /// Starts the heartbeat thread and one watcher thread per rendezvous connection. A
+    /// connection closed without the "finished" byte means that rank is gone; heartbeats
+    /// that stop mean it hangs. Rank 0 weighs such evidence ([`failure`]) and stops every
+    /// rank with a message naming the one that failed; the other ranks stop when rank 0
+    /// tells them to, or at once when rank 0 itself is gone. For processes that run one
+    /// job; [`super::init`] calls it.
+    pub fn watch_peers(&mut self) {
+        self.watching = true;
         let master = self.master.as_str();
         let timeout = self.timeout;
         // Heartbeats: a process that is stopped or frozen as a whole stops sending them,
@@ -178,15 +197,15 @@ impl TcpProcessGroup {
             let store = Arc::clone(&self.store);
             std::thread::spawn(move || {
                 let mut b = [0u8; 1];
-                let (finished, report) = loop {
+                let (evidence, msg) = loop {
                     match s.read(&mut b) {
                         Ok(1) if b[0] == HEARTBEAT => continue,
-                        Ok(1) if b[0] == BYE => break (true, None),
+                        Ok(1) if b[0] == BYE => return,
                         Ok(1) if b[0] == ABORT => {
                             let msg = read_frame(&mut s)
                                 .map(|m| String::from_utf8_lossy(&m).into_owned())
                                 .unwrap_or_else(|_| format!("rank {peer} ({addr}) failed"));
-                            break (false, Some(msg));
+                            break (Evidence::Report, msg);
                         }
                         Err(e)
                             if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
@@ -196,38 +215,50 @@ impl TcpProcessGroup {
                                 addr: addr.clone(),
                                 secs: timeout.as_secs(),
                             };
-                            break (false, Some(stalled.to_string()));
+                            break (Evidence::Stalled, stalled.to_string());
                         }
-                        _ => break (false, None),
+                        _ => {
+                            let msg = format!(
+                                "rank {peer} ({addr}) exited or lost its connection before the \
+                                 run finished (see its output for the cause)"
+                            );
+                            break (Evidence::Gone, msg);
+                        }
                     }
                 };
-                if finished || FINISHED.load(Ordering::SeqCst) {
+                if FINISHED.load(Ordering::SeqCst) {
                     return;
                 }
-                let msg = report.unwrap_or_else(|| {
-                    format!(
-                        "rank {peer} ({addr}) exited or lost its connection before the run \
-                         finished (see its output for the cause)"
-                    )
-                });
-                if me == 0 {
-                    send_abort(&store, &msg, Some(peer));
+                if me != 0 {
+                    // Rank 0's verdict, or rank 0 itself failing: either way, stop now.
+                    eprintln!("error: {msg}; stopping rank {me}");
+                    std::process::exit(1);
                 }
-                eprintln!("error: {msg}; stopping rank {me}");
-                std::process::exit(1);
+                if failure::record(evidence, msg) {
+                    conclude(&store, timeout);
+                }
             });
         }
     }
 
-    /// The error for a failed transfer with `peer`; rank 0 (and through it every rank) is
-    /// told at once.
+    /// The error for a failed transfer with `peer`. Outside a watched job it is returned
+    /// as is. In a watched job it goes to rank 0 as evidence, and this rank waits for rank
+    /// 0's verdict, which stops the process naming the rank that failed first; the error is
+    /// returned only if no verdict comes.
     fn err(&self, peer: usize, e: std::io::Error) -> DistError {
         let err = self.classify(peer, e);
-        send_abort(
-            &self.store,
-            &format!("rank {} reports: {err}", self.rank),
-            None,
-        );
+        if !self.watching {
+            return err;
+        }
+        let grace = failure::grace(self.timeout);
+        if self.rank == 0 {
+            if failure::record(Evidence::RingError, err.to_string()) {
+                conclude(&self.store, self.timeout);
+            }
+        } else {
+            send_abort(&self.store, &format!("rank {} reports: {err}", self.rank));
+        }
+        std::thread::sleep(2 * grace + Duration::from_secs(1));
         err
     }
 
