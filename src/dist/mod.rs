@@ -147,16 +147,41 @@ pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGrou
 
 /// A port for a test's rendezvous. Ports handed out by the kernel for `bind(:0)` come from the
 /// ephemeral range, where every outgoing connection of a parallel test can take them again
-/// before the test binds; these come from below that range (20000-31999), distinct per
-/// process and per call, and are checked to be free.
+/// before the test binds; these come from below that range (20000-31999), distinct per call,
+/// checked to be free, and claimed for the life of the process with an advisory lock on a
+/// file named after the port (in the temp directory), so that test processes running side by
+/// side never pick the same port between the check and the bind.
 #[doc(hidden)]
 pub fn test_port() -> u16 {
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::Mutex;
     static NEXT: AtomicU16 = AtomicU16::new(0);
+    static CLAIMED: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("nanogpt-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
     let start = (std::process::id() % 1000) as u16 * 12;
     loop {
         let port = 20_000 + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // The lock is released when the process exits, however it exits. Without a usable
+        // temp directory the bind check alone has to do.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .ok();
+        if let Some(f) = &file {
+            // SAFETY: flock on a file descriptor this process owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                continue;
+            }
+        }
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            CLAIMED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(file);
             return port;
         }
     }
