@@ -20,7 +20,7 @@
 //! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
 //! accumulated with atomics (order not fixed), and kernels may contract `a*b+c` into FMAs.
 //!
-//! Decoding (`decode_*`) keeps a KV cache on the GPU ([`decode`]): the prompt goes through
+//! Decoding (`decode_*`) keeps a KV cache on the GPU (`decode.rs`): the prompt goes through
 //! the layers once, then each new token runs one position per sequence and attends over
 //! the cached keys and values (O(current length) per token), with the CPU engine's
 //! semantics (a full cache refuses further steps; the sampler re-prefills a cropped window).
