@@ -22,6 +22,12 @@
 #                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure)
 #      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
 #      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
+#      tests-decode cuda_decode (KV-cache decoding vs the CPU engine), like tests
+#                                                               -> cuda_decode.log
+#      sample-*    `nanogpt sample` speed with the KV cache: a gpt2-sized model (12 x 768,
+#                  block_size 1024, character vocabulary) trained for 2 iterations on this
+#                  repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
+#                  1 x 200 on the CPU -> sample_*.log ("generated N tokens in S s (R tokens/s")
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
 #    The script exits 0 only when every step exited 0.
 #
@@ -37,6 +43,8 @@ if [ "${1:-}" = "--stage" ]; then
     test_bin=$(ls -t target/release/deps/cuda_engine-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/nanogpt" target/release/nanogpt
     strip --strip-debug -o "$dest/cuda_engine" "$test_bin"
+    decode_bin=$(ls -t target/release/deps/cuda_decode-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_decode" "$decode_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -53,7 +61,7 @@ bin=${NANOGPT_BIN_DIR:-target/gpu-check}
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
-for f in "$bin/nanogpt" "$bin/cuda_engine"; do
+for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -87,10 +95,29 @@ step bench-small "$out/bench_small.log" "$bin/nanogpt" bench --device=cuda --dty
 step bench-124m "$out/bench_124m.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
     --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
     --iters=10 --warmup=2
+step tests-decode "$out/cuda_decode.log" env NANOGPT_REQUIRE_GPU=1 "$bin/cuda_decode" --test-threads=1 --nocapture
+cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"
+step sample-prepare "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
+    --input "$out/sample_corpus.txt" --out_dir "$out/sample-data"
+step sample-train "$out/sample_train.log" "$bin/nanogpt" train --data_dir="$out/sample-data" \
+    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --n_layer=12 --n_head=12 \
+    --n_embd=768 --block_size=1024 --batch_size=2 --gradient_accumulation_steps=1 --max_iters=2 \
+    --eval_interval=2 --eval_iters=1 --log_interval=1 --always_save_checkpoint=True --dropout=0.0 \
+    --warmup_iters=1 --lr_decay_iters=2
+step sample-cuda-1x2000 "$out/sample_cuda_1x2000.log" "$bin/nanogpt" sample \
+    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=1 \
+    --max_new_tokens=2000 --seed=1
+step sample-cuda-8x1000 "$out/sample_cuda_8x1000.log" "$bin/nanogpt" sample \
+    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=8 \
+    --max_new_tokens=1000 --seed=1
+step sample-cpu-1x200 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
+    --out_dir="$out/sample-run" --device=cpu --num_samples=1 --max_new_tokens=200 --seed=1
+grep -h "tokens/s" "$out"/sample_c*.log >> "$summary" 2>/dev/null
+rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 GB checkpoint
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log bench_small.log bench_124m.log; do
+for f in cuda_engine.log bench_small.log bench_124m.log cuda_decode.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -20,13 +20,15 @@
 //! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
 //! accumulated with atomics (order not fixed), and kernels may contract `a*b+c` into FMAs.
 //!
-//! Decoding (`decode_*`) runs the plain forward pass over the whole cached context at each
-//! step (correct, O(T^2) per token rather than a KV cache's O(T)); the context is kept on
-//! the host.
+//! Decoding (`decode_*`) keeps a KV cache on the GPU (`decode.rs`): the prompt goes through
+//! the layers once, then each new token runs one position per sequence and attends over
+//! the cached keys and values (O(current length) per token), with the CPU engine's
+//! semantics (a full cache refuses further steps; the sampler re-prefills a cropped window).
 //!
 //! Trait methods without a `Result` (`step`, `params`, `grads`, ...) panic with the CUDA
 //! error if the GPU fails underneath them (a lost device cannot be recovered from).
 
+mod decode;
 pub mod kernels;
 pub mod stack;
 
@@ -38,6 +40,7 @@ use crate::cuda::CudaError;
 use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
+use decode::DecodeState;
 use kernels::{grid_1d, grid_rows, launch, Arg, Kernels, BLOCK};
 use stack::Stack;
 
@@ -146,16 +149,11 @@ impl Acts {
     }
 }
 
-/// Token history of incremental decoding (see the module docs).
-struct DecodeState {
-    n_seq: usize,
-    tokens: Vec<Vec<u32>>,
-}
-
 /// The float32 CUDA engine. See the module docs.
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
+    decode: Option<DecodeState>,
     acts: Option<Acts>,
     params: Buf,
     grads: Buf,
@@ -175,7 +173,6 @@ pub struct CudaEngine {
     host_grads_dirty: bool,
     step: u64,
     rng: Rng,
-    decode: Option<DecodeState>,
     name: String,
 }
 
@@ -1110,28 +1107,6 @@ impl CudaEngine {
             panic!("CUDA error while uploading the {what}: {e}");
         }
     }
-
-    /// Logits of each row's last position after a forward over `[n_seq, t]`.
-    fn last_logits(&self, n_seq: usize, t: usize) -> CResult<Vec<f32>> {
-        let a = self.acts.as_ref().expect("forward ran before last_logits");
-        let v = self.cfg.vocab_size;
-        let mut out = vec![0f32; n_seq * v];
-        for (i, row) in out.chunks_mut(v).enumerate() {
-            a.logits.copy_to_host_at(4 * (i * t + t - 1) * v, row)?;
-        }
-        Ok(out)
-    }
-
-    /// Forward over the whole decoding context; returns next-token logits.
-    fn decode_forward(&mut self) -> Result<Vec<f32>> {
-        let st = self.decode.as_ref().expect("decode state present");
-        let (n_seq, t) = (st.n_seq, st.tokens[0].len());
-        let flat: Vec<u32> = st.tokens.iter().flatten().copied().collect();
-        // Capacity grows by doubling so that decoding reallocates O(log T) times.
-        let cap = t.next_power_of_two().min(self.cfg.block_size);
-        self.forward(&flat, n_seq, t, None, cap).map_err(cuda_err)?;
-        self.last_logits(n_seq, t).map_err(cuda_err)
-    }
 }
 
 impl Engine for CudaEngine {
@@ -1237,40 +1212,18 @@ impl Engine for CudaEngine {
     }
 
     fn decode_reset(&mut self, n_seq: usize) {
-        self.decode = Some(DecodeState {
-            n_seq,
-            tokens: vec![Vec::new(); n_seq],
-        });
+        DecodeState::reset(&mut self.decode, n_seq);
     }
 
     fn decode_prefill(&mut self, tokens: &[u32], n_seq: usize) -> Result<Vec<f32>> {
-        let t = super::check_prefill(&self.cfg, tokens, n_seq)?;
-        self.decode = Some(DecodeState {
-            n_seq,
-            tokens: tokens.chunks(t).map(|r| r.to_vec()).collect(),
-        });
-        self.decode_forward()
+        self.kv_prefill(tokens, n_seq)
     }
 
     fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (block, vocab) = (self.cfg.block_size, self.cfg.vocab_size);
-        let Some(st) = self.decode.as_mut() else {
-            return Err(EngineError::Other(
-                "decode_step called before decode_reset".into(),
-            ));
-        };
-        let len = st.tokens.first().map_or(0, |r| r.len());
-        super::check_decode_step(block, vocab, tokens, st.n_seq, len)?;
-        for (row, &tok) in st.tokens.iter_mut().zip(tokens) {
-            row.push(tok);
-        }
-        self.decode_forward()
+        self.kv_step(tokens)
     }
 
     fn decode_len(&self) -> usize {
-        self.decode
-            .as_ref()
-            .and_then(|s| s.tokens.first())
-            .map_or(0, |r| r.len())
+        self.decode.as_ref().map_or(0, |s| s.len())
     }
 }
