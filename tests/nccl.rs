@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{nanogpt, prepare_data, stderr, tiny_train_args};
+use common::{prepare_data, stderr, tiny_train_args};
 use nanogpt::cuda::discover::{SearchEnv, SearchPlan};
 use nanogpt::dist::nccl::{self, NcclProcessGroup};
 use nanogpt::dist::{rendezvous, tcp, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
@@ -21,8 +21,26 @@ use nanogpt::engine::cuda::{stack, CudaEngine};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::Duration;
+
+/// `nanogpt` in `cwd`: the binary named by NANOGPT_BIN when set (scripts/gpu_check.sh runs
+/// these tests on a machine where the build directory does not exist), else this build's.
+fn nanogpt(cwd: &Path) -> Command {
+    let ours = common::nanogpt(cwd);
+    let Some(bin) = std::env::var_os("NANOGPT_BIN").filter(|b| !b.is_empty()) else {
+        return ours;
+    };
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(cwd);
+    for (k, v) in ours.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd
+}
 
 /// The number of GPUs when one is usable; otherwise says why (or fails under
 /// NANOGPT_REQUIRE_GPU=1).
