@@ -20,6 +20,9 @@
 #      doctor      nanogpt doctor --require-gpu --json      -> doctor.json, doctor.stderr
 #      tests       cuda_engine --test-threads=1 --nocapture -> cuda_engine.log
 #                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure)
+#      nccl        nccl --test-threads=1 --nocapture        -> nccl.log
+#                  NCCL process group (1 rank; 2 ranks when 2+ GPUs), NANOGPT_REQUIRE_GPU=1,
+#                  NANOGPT_BIN=<bin>/nanogpt for the tests that start processes
 #      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
 #      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
 #      tests-decode cuda_decode (KV-cache decoding vs the CPU engine), like tests
@@ -45,6 +48,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_engine" "$test_bin"
     decode_bin=$(ls -t target/release/deps/cuda_decode-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/cuda_decode" "$decode_bin"
+    nccl_bin=$(ls -t target/release/deps/nccl-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/nccl" "$nccl_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -61,7 +66,7 @@ bin=${NANOGPT_BIN_DIR:-target/gpu-check}
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
-for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode"; do
+for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -89,6 +94,8 @@ step() { # name, logfile, command...
 
 step doctor "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
 step tests "$out/cuda_engine.log" env NANOGPT_REQUIRE_GPU=1 "$bin/cuda_engine" --test-threads=1 --nocapture
+step nccl "$out/nccl.log" env NANOGPT_REQUIRE_GPU=1 NANOGPT_BIN="$(cd "$bin" && pwd)/nanogpt" \
+    "$bin/nccl" --test-threads=1 --nocapture
 step bench-small "$out/bench_small.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
     --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=32 --vocab_size=65 \
     --iters=10 --warmup=2
@@ -117,7 +124,7 @@ rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 G
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log bench_small.log bench_124m.log cuda_decode.log; do
+for f in cuda_engine.log cuda_decode.log nccl.log bench_small.log bench_124m.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

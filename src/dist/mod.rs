@@ -1,7 +1,8 @@
 //! Distributed data-parallel training: the launch environment ([`env`], [`hostlist`]), the
 //! rendezvous of all ranks at rank 0 ([`rendezvous`]), the [`ProcessGroup`] collectives
-//! the trainer uses (a TCP ring on CPUs: [`tcp`]; one process: [`SingleProcess`]), and the
-//! local launcher behind `nanogpt launch` ([`launch`]).
+//! the trainer uses (a TCP ring on CPUs: [`tcp`]; NCCL for the gradients on GPUs: [`nccl`];
+//! one process: [`SingleProcess`]), and the local launcher behind `nanogpt launch`
+//! ([`launch`]).
 //!
 //! Failure model: every socket has read and write timeouts (`dist_timeout`), and each rank
 //! keeps its rendezvous connection to rank 0 open for the whole run. A rank that exits or
@@ -14,6 +15,7 @@ pub mod env;
 mod failure;
 pub mod hostlist;
 pub mod launch;
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 
@@ -88,6 +90,18 @@ pub trait ProcessGroup: Send {
     fn finish(&mut self) -> Result<(), DistError>;
     /// Short description for logs ("tcp ring, 4 ranks").
     fn describe(&self) -> String;
+    /// Element-wise sum over all ranks of `len` f32 values in GPU memory at `ptr`, in
+    /// place, ordered on CUDA stream `stream` (a `CUstream`); returns once the sum is
+    /// complete. `None`: this group cannot reduce device memory, and the caller uses
+    /// [`ProcessGroup::all_reduce_sum`] on a host copy instead. See [`nccl`].
+    fn all_reduce_sum_device(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        None
+    }
 }
 
 /// The process group of a job with one process: every collective is the identity.
@@ -143,6 +157,26 @@ pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGrou
     let mut pg = tcp::TcpProcessGroup::connect(rdzv, opts.timeout)?;
     pg.watch_peers();
     Ok(Box::new(pg))
+}
+
+/// The process group for `info` given config key `backend` and whether the engine keeps
+/// its gradients on a GPU (see [`nccl::select`]): one rank: [`SingleProcess`]; `nccl` on
+/// GPUs: [`nccl::NcclProcessGroup`] (the engine's context must be current on this thread);
+/// otherwise the TCP ring of [`init`]. Rank 0 prints a note when `nccl` falls back to TCP.
+pub fn init_for_backend(
+    info: &LaunchInfo,
+    opts: &DistOptions,
+    backend: &str,
+    engine_on_gpu: bool,
+) -> Result<Box<dyn ProcessGroup>, DistError> {
+    let sel = nccl::select(backend, engine_on_gpu, info.world_size)?;
+    if let Some(note) = sel.note.as_ref().filter(|_| info.is_master()) {
+        eprintln!("note: {note}");
+    }
+    match sel.backend {
+        nccl::Backend::Single | nccl::Backend::Tcp => init(info, opts),
+        nccl::Backend::Nccl => nccl::init(info, opts),
+    }
 }
 
 /// A port for a test's rendezvous. Ports handed out by the kernel for `bind(:0)` come from the

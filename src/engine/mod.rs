@@ -40,6 +40,18 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+/// Where an engine keeps its gradient buffer on a GPU, for collectives that reduce it in
+/// place there (NCCL) instead of through [`Engine::grads_mut`]'s host copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceGrads {
+    /// Device address of the first of `len` contiguous f32 gradients (layout order).
+    pub ptr: u64,
+    pub len: usize,
+    /// The `CUstream` the engine computes on: work enqueued there runs after the
+    /// backward pass and before the next optimizer step.
+    pub stream: u64,
+}
+
 pub trait Engine: Send {
     fn config(&self) -> &GptConfig;
     fn layout(&self) -> &ParamLayout;
@@ -63,6 +75,12 @@ pub trait Engine: Send {
     fn grads(&self) -> Vec<f32>;
     /// Gradient buffer, for all-reduce across ranks.
     fn grads_mut(&mut self) -> &mut [f32];
+    /// The gradient buffer on the GPU, current (host edits through `grads_mut` uploaded)
+    /// and with the device's context current on this thread; `None` for engines that keep
+    /// gradients on the host.
+    fn device_grads(&mut self) -> Option<DeviceGrads> {
+        None
+    }
     fn optimizer_state(&self) -> OptimizerState;
     fn set_optimizer_state(&mut self, state: OptimizerState);
     /// State of the dropout generator (saved in checkpoints for exact resume).

@@ -165,7 +165,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             timeout: std::time::Duration::from_secs(cfg.dist_timeout),
             fingerprint: fingerprint(cfg, &run.model),
         };
-        run.pg = dist::init(&info, &opts)?;
+        // Asking the engine for its device gradients also makes its GPU context current,
+        // which NCCL's communicator setup needs.
+        let on_gpu = run.engine.device_grads().is_some();
+        run.pg = dist::init_for_backend(&info, &opts, &cfg.backend, on_gpu)?;
         // Every rank starts from rank 0's parameters (as DDP does).
         let mut params = run.engine.params();
         run.pg.broadcast_f32(&mut params, 0)?;
@@ -525,7 +528,15 @@ impl Run {
             self.loader.set_state(&data_base);
             self.engine.set_rng_state(drop_base.state);
             if world > 1 {
-                self.pg.all_reduce_sum(self.engine.grads_mut())?;
+                // On the GPU when both the engine and the group can (NCCL), else on the host.
+                let on_device = self
+                    .engine
+                    .device_grads()
+                    .and_then(|g| self.pg.all_reduce_sum_device(g.ptr, g.len, g.stream));
+                match on_device {
+                    Some(r) => r?,
+                    None => self.pg.all_reduce_sum(self.engine.grads_mut())?,
+                }
                 self.pg.all_reduce_sum(&mut loss_sum)?;
             }
             let loss = loss_sum[0] / accum as f32;

@@ -1188,6 +1188,16 @@ impl Engine for CudaEngine {
         }
         &mut self.host_grads
     }
+    fn device_grads(&mut self) -> Option<super::DeviceGrads> {
+        if let Err(e) = self.sync_grads() {
+            panic!("CUDA error while uploading the gradients: {e}");
+        }
+        Some(super::DeviceGrads {
+            ptr: self.grads.ptr,
+            len: self.layout.total,
+            stream: self.stream.s as u64,
+        })
+    }
     fn optimizer_state(&self) -> OptimizerState {
         let get = |b: &Buf| {
             self.download(b)

@@ -1,0 +1,639 @@
+//! The GPU process group: gradients are summed on the GPUs by NCCL, everything else goes
+//! through the TCP process group of [`super::tcp`], which this group wraps.
+//!
+//! Setup: the usual rendezvous and TCP ring come first (launch environment, config
+//! fingerprint check, heartbeats and rank 0's failure arbitration all work as with
+//! `backend=gloo`); rank 0 then makes an NCCL unique id and broadcasts it over the ring, and
+//! every rank creates its communicator on the GPU of its engine (`ncclCommInitRank`, with
+//! the engine's primary context current). The host-side collectives of the trainer (loss
+//! sums, the initial parameter broadcast, barriers, `finish`) stay on the TCP group; only
+//! the gradient all-reduce, reached through [`ProcessGroup::all_reduce_sum_device`], runs
+//! on NCCL, in place on the engine's stream.
+//!
+//! Which group a run gets ([`select`]): one rank: none at all (the single-process group;
+//! the gradients never leave the GPU); `backend=nccl` with an engine whose gradients live on
+//! a GPU: this group; `backend=nccl` with the CPU engine: the TCP ring, with a note;
+//! `backend=gloo` (or `tcp`): the TCP ring. A missing or unloadable libnccl with
+//! `backend=nccl` on GPUs is an error saying what to install and that `backend=gloo`
+//! works without it.
+//!
+//! Failures. An NCCL call must never hang the run:
+//! - A peer that exits or crashes closes its TCP connections; the TCP group's watcher
+//!   threads (which run beside NCCL) let rank 0 name it and stop every rank within about
+//!   a second, whatever NCCL is doing. When NCCL notices first (`ncclCommGetAsyncError`
+//!   reports a remote or system error), this group aborts the communicator and waits a
+//!   moment for that verdict, so that the message names the rank that failed; only if none
+//!   comes does it return NCCL's error.
+//! - A peer that is alive but never reaches the all-reduce (its training thread hangs)
+//!   keeps sending heartbeats, so only a timeout can catch it: after enqueuing the
+//!   all-reduce, this group polls the stream and the communicator's error state and, once
+//!   `dist_timeout` has passed, aborts the communicator (`ncclCommAbort`, which stops its
+//!   kernels) and returns an error saying so.
+//! - The calls that block on the host until every rank joins (`ncclCommInitRank`, and the
+//!   first all-reduce, which connects the ranks) run under a watchdog thread: if one of
+//!   them has not returned after `dist_timeout`, the watchdog prints what was waited for
+//!   and ends the process (a blocked C call cannot be interrupted); the other ranks then
+//!   see its connection close and stop as usual.
+
+use super::{DistError, DistOptions, LaunchInfo, ProcessGroup};
+use crate::cuda::discover::{LibKind, SearchEnv, SearchPlan};
+use crate::cuda::driver::{Context, CuStream, Driver};
+use crate::cuda::nccl::{
+    self as api, Communicator, Nccl, RedOp, StreamQuery, UniqueId, CUDA_ERROR_NOT_READY,
+    NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_UNIQUE_ID_BYTES,
+};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+// ------------------------------------------------------------------ selection
+
+/// The kind of process group a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One rank: every collective is the identity ([`super::SingleProcess`]).
+    Single,
+    /// The TCP ring ([`super::tcp`]): gradients are summed on the host.
+    Tcp,
+    /// NCCL for the gradients, the TCP ring for the rest ([`NcclProcessGroup`]).
+    Nccl,
+}
+
+/// A [`Backend`] and a note for rank 0 to print about the choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub backend: Backend,
+    pub note: Option<String>,
+}
+
+/// The process group for config key `backend` (`nccl`, `gloo` or `tcp`), an engine whose
+/// gradients live on a GPU (`engine_on_gpu`) or on the host, and `world` ranks.
+pub fn select(backend: &str, engine_on_gpu: bool, world: usize) -> Result<Selection, DistError> {
+    let plain = |backend| Selection {
+        backend,
+        note: None,
+    };
+    match backend {
+        "nccl" | "gloo" | "tcp" if world <= 1 => Ok(plain(Backend::Single)),
+        "gloo" | "tcp" => Ok(plain(Backend::Tcp)),
+        "nccl" if engine_on_gpu => Ok(plain(Backend::Nccl)),
+        "nccl" => Ok(Selection {
+            backend: Backend::Tcp,
+            note: Some(
+                "backend=nccl needs GPUs, and this run's engine is on the CPU: the ranks sum \
+                 their gradients over the TCP ring instead (gloo's role); set backend=gloo to \
+                 say so explicitly"
+                    .into(),
+            ),
+        }),
+        other => Err(DistError::Env(format!(
+            "backend={other:?} is not one of: nccl (GPUs), gloo or tcp (CPU processes)"
+        ))),
+    }
+}
+
+// ------------------------------------------------------------------ loading NCCL
+
+/// Loads NCCL from the first place `plan` finds it, with an error that says what to do
+/// when it is missing or broken.
+pub fn load_nccl(plan: &SearchPlan) -> Result<Nccl, DistError> {
+    let missing = |what: String| {
+        DistError::Other(format!(
+            "backend=nccl on GPUs needs NCCL (libnccl.so.2), which {what}. Install it: {}; \
+             or set backend=gloo, which sums the gradients through the host over TCP and \
+             needs no NCCL (slower). `nanogpt doctor` shows where it was looked for",
+            LibKind::Nccl.advice()
+        ))
+    };
+    let found = plan.find(LibKind::Nccl).found.ok_or_else(|| {
+        missing(format!(
+            "was not found in any of the {} library directories searched",
+            plan.dirs.len()
+        ))
+    })?;
+    let nccl =
+        Nccl::load(&found.path).map_err(|e| missing(format!("could not be loaded ({e})")))?;
+    nccl.version()
+        .map_err(|e| missing(format!("does not work ({e})")))?;
+    Ok(nccl)
+}
+
+/// This process's NCCL, found like `nanogpt doctor` finds it; loaded once.
+pub fn nccl() -> Result<&'static Nccl, DistError> {
+    static NCCL: OnceLock<Result<Nccl, String>> = OnceLock::new();
+    NCCL.get_or_init(|| {
+        load_nccl(&SearchPlan::new(&SearchEnv::from_process())).map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| DistError::Other(e.clone()))
+}
+
+/// `2.27.3` for NCCL's version code 22703 (codes before 2.9 were `major*1000 + minor*100`).
+pub fn version_string(code: i32) -> String {
+    if code >= 20900 {
+        format!("{}.{}.{}", code / 10000, code / 100 % 100, code % 100)
+    } else {
+        format!("{}.{}.{}", code / 1000, code / 100 % 10, code % 100)
+    }
+}
+
+/// The process group of a multi-rank job whose engine computes on the GPU whose primary
+/// context is current on this thread: NCCL is loaded first (so that a missing library is
+/// reported before any network setup), then the TCP group is built as by [`super::init`]
+/// and the communicator on top of it.
+pub fn init(info: &LaunchInfo, opts: &DistOptions) -> Result<Box<dyn ProcessGroup>, DistError> {
+    let nccl = nccl()?;
+    let stack = crate::engine::cuda::stack::stack()
+        .map_err(|e| DistError::Other(format!("backend=nccl: {e}")))?;
+    let host = super::init(info, opts)?;
+    let pg = NcclProcessGroup::new(host, nccl, &stack.driver, opts.timeout)?;
+    Ok(Box::new(pg))
+}
+
+// ------------------------------------------------------------------ watchdog
+
+type OnFire = Box<dyn Fn(&str) + Send>;
+
+#[derive(Default)]
+struct WatchState {
+    /// Deadline and message of the call being watched.
+    armed: Option<(Instant, String)>,
+    stop: bool,
+}
+
+/// A thread that calls `on_fire` with a message when a watched call runs past its
+/// deadline (in a run: prints it and ends the process).
+pub struct Watchdog {
+    shared: Arc<(Mutex<WatchState>, Condvar)>,
+}
+
+impl Watchdog {
+    pub fn new(on_fire: OnFire) -> Watchdog {
+        let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
+        let s = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let (lock, cv) = &*s;
+            let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if st.stop {
+                    return;
+                }
+                match st.armed.clone() {
+                    None => st = cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                    Some((deadline, msg)) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            st.armed = None;
+                            on_fire(&msg);
+                        } else {
+                            st = cv
+                                .wait_timeout(st, deadline - now)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                        }
+                    }
+                }
+            }
+        });
+        Watchdog { shared }
+    }
+
+    /// The watchdog of a run: on a missed deadline, prints the message and ends the process.
+    pub fn exiting() -> Watchdog {
+        Watchdog::new(Box::new(|msg: &str| {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }))
+    }
+
+    /// Runs `f`, firing with `msg` if it has not returned after `limit`.
+    pub fn guard<T>(&self, limit: Duration, msg: String, f: impl FnOnce() -> T) -> T {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).armed = Some((Instant::now() + limit, msg));
+        cv.notify_all();
+        let out = f();
+        lock.lock().unwrap_or_else(|p| p.into_inner()).armed = None;
+        cv.notify_all();
+        out
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        cv.notify_all();
+    }
+}
+
+// ------------------------------------------------------------------ waiting on the GPU
+
+/// One look at an operation in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Poll {
+    Done,
+    Pending,
+    /// The operation failed; the message says how.
+    Failed(String),
+}
+
+/// Why [`wait_until_done`] gave up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitEnd {
+    TimedOut,
+    Failed(String),
+}
+
+/// Polls until `poll` says done or failed, or `timeout` has passed, pausing `pause`
+/// between looks (a short spin first, so fast operations are not delayed).
+pub fn wait_until_done(
+    timeout: Duration,
+    pause: Duration,
+    mut poll: impl FnMut() -> Poll,
+) -> Result<(), WaitEnd> {
+    let start = Instant::now();
+    let mut looks = 0u32;
+    loop {
+        match poll() {
+            Poll::Done => return Ok(()),
+            Poll::Failed(msg) => return Err(WaitEnd::Failed(msg)),
+            Poll::Pending => {}
+        }
+        if start.elapsed() >= timeout {
+            return Err(WaitEnd::TimedOut);
+        }
+        looks += 1;
+        if looks < 100 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the process group
+
+/// NCCL for device buffers, a host process group (the TCP ring) for everything else.
+/// See the module documentation.
+pub struct NcclProcessGroup {
+    // The communicator first: fields drop in order, and it must go while the context
+    // (retained here, so it outlives the engine's own handle) is alive.
+    comm: Option<Communicator<'static>>,
+    ctx: Context<'static>,
+    host: Box<dyn ProcessGroup>,
+    nccl: &'static Nccl,
+    driver: &'static Driver,
+    query: StreamQuery,
+    device: usize,
+    timeout: Duration,
+    watchdog: Watchdog,
+    /// The first device all-reduce connects the ranks and may block on the host.
+    connected: bool,
+    /// Why the communicator was aborted, once it was.
+    broken: Option<String>,
+    version: String,
+}
+
+// SAFETY: the group owns its communicator and context handle exclusively and is used from
+// one thread at a time (`&mut self`); NCCL communicators and CUDA contexts may move between
+// threads, and every call that touches the GPU makes the context current first.
+unsafe impl Send for NcclProcessGroup {}
+
+impl NcclProcessGroup {
+    /// Creates this rank's communicator on the GPU whose context is current on this thread
+    /// (the engine's: [`crate::engine::Engine::device_grads`] makes it current). `host`
+    /// carries rank 0's unique id to the others and every host-side collective. Blocks until
+    /// all ranks have joined, at most `timeout` (see the module docs).
+    pub fn new(
+        mut host: Box<dyn ProcessGroup>,
+        nccl: &'static Nccl,
+        driver: &'static Driver,
+        timeout: Duration,
+    ) -> Result<NcclProcessGroup, DistError> {
+        let (rank, world) = (host.rank(), host.world_size());
+        let cuda = |what: &str, e: crate::cuda::CudaError| {
+            DistError::Other(format!("rank {rank}: NCCL setup: {what}: {e}"))
+        };
+        let device = api::current_device(driver)
+            .map_err(|e| cuda("no CUDA context is current (create the engine first)", e))?;
+        let ctx = driver
+            .context(device)
+            .map_err(|e| cuda(&format!("cannot use cuda:{device}"), e))?;
+        let query = api::stream_query_fn(driver).map_err(|e| cuda("the driver", e))?;
+        let version = version_string(nccl.version().map_err(|e| cuda("ncclGetVersion", e))?);
+        let mut id_bytes = [0u8; NCCL_UNIQUE_ID_BYTES];
+        if rank == 0 {
+            id_bytes = nccl
+                .unique_id()
+                .map_err(|e| cuda("ncclGetUniqueId", e))?
+                .to_bytes();
+        }
+        host.broadcast(&mut id_bytes, 0)?;
+        let id = UniqueId::from_bytes(&id_bytes);
+        let watchdog = Watchdog::exiting();
+        let comm = watchdog
+            .guard(
+                timeout,
+                format!(
+                    "rank {rank}: NCCL communicator setup (ncclCommInitRank, {world} ranks, \
+                     cuda:{device}) did not finish within {} s (dist_timeout): another rank did \
+                     not join, or the ranks cannot reach each other over NCCL's network (set \
+                     NCCL_DEBUG=INFO, and NCCL_SOCKET_IFNAME to the interface the ranks share)",
+                    timeout.as_secs()
+                ),
+                || nccl.comm_init_rank(world, &id, rank),
+            )
+            .map_err(|e| {
+                cuda(
+                    &format!("ncclCommInitRank ({world} ranks, cuda:{device})"),
+                    e,
+                )
+            })?;
+        let (n, d) = (
+            comm.count().map_err(|e| cuda("ncclCommCount", e))?,
+            comm.device().map_err(|e| cuda("ncclCommCuDevice", e))?,
+        );
+        if n != world || d != device {
+            return Err(DistError::Other(format!(
+                "rank {rank}: the NCCL communicator has {n} ranks on cuda:{d}, expected {world} \
+                 on cuda:{device}; each rank needs its own GPU"
+            )));
+        }
+        Ok(NcclProcessGroup {
+            comm: Some(comm),
+            ctx,
+            host,
+            nccl,
+            driver,
+            query,
+            device,
+            timeout,
+            watchdog,
+            connected: world == 1,
+            broken: None,
+            version,
+        })
+    }
+
+    /// The CUDA device the communicator runs on.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+
+    /// Aborts the communicator (never waits on a peer) and remembers why.
+    fn abort(&mut self, why: &str) {
+        if let Some(comm) = self.comm.take() {
+            let _ = comm.abort();
+        }
+        self.broken = Some(why.to_string());
+    }
+
+    fn all_reduce_device(&mut self, ptr: u64, len: usize, stream: u64) -> Result<(), DistError> {
+        let (rank, device, secs) = (self.rank(), self.device, self.timeout.as_secs());
+        if let Some(why) = &self.broken {
+            return Err(DistError::Other(format!(
+                "rank {rank}: the NCCL communicator was aborted earlier ({why})"
+            )));
+        }
+        let Some(comm) = self.comm.as_ref() else {
+            return Err(DistError::Other(format!(
+                "rank {rank}: NCCL all-reduce after finish()"
+            )));
+        };
+        let mib = (len * 4) as f64 / (1 << 20) as f64;
+        let stream = stream as usize as CuStream;
+        let nccl = self.nccl;
+        self.ctx
+            .make_current()
+            .map_err(|e| DistError::Other(format!("rank {rank}: cuda:{device}: {e}")))?;
+        let enqueue = || {
+            // SAFETY: the engine hands out its own gradient buffer of `len` floats on this
+            // device and its own live stream (Engine::device_grads); in place is allowed.
+            unsafe { nccl.all_reduce_f32_raw(ptr, ptr, len, RedOp::Sum, comm, stream) }
+        };
+        let enqueued = if self.connected {
+            enqueue()
+        } else {
+            self.watchdog.guard(
+                self.timeout,
+                format!(
+                    "rank {rank}: the first NCCL all-reduce (which connects the ranks) did not \
+                     return within {secs} s (dist_timeout): another rank did not reach it, or \
+                     the ranks cannot reach each other over NCCL's network (set NCCL_DEBUG=INFO)"
+                ),
+                enqueue,
+            )
+        };
+        if let Err(e) = enqueued {
+            let msg = format!("rank {rank}: NCCL gradient all-reduce on cuda:{device}: {e}");
+            self.abort(&msg);
+            return Err(DistError::Other(msg));
+        }
+        self.connected = true;
+        let (query, driver) = (self.query, self.driver);
+        let waited = wait_until_done(self.timeout, Duration::from_micros(50), || {
+            match comm.async_error() {
+                Ok(NCCL_SUCCESS | NCCL_IN_PROGRESS) => {}
+                Ok(code) => return Poll::Failed(format!("{} ({code})", nccl.error_string(code))),
+                Err(e) => return Poll::Failed(e.to_string()),
+            }
+            // SAFETY: a live stream of the current context.
+            match unsafe { query(stream) } {
+                0 => Poll::Done,
+                CUDA_ERROR_NOT_READY => Poll::Pending,
+                code => Poll::Failed(
+                    driver
+                        .check(code, "cuStreamQuery")
+                        .err()
+                        .map_or_else(|| format!("CUDA error {code}"), |e| e.to_string()),
+                ),
+            }
+        });
+        match waited {
+            Ok(()) => Ok(()),
+            Err(WaitEnd::TimedOut) => {
+                let msg = format!(
+                    "rank {rank}: the NCCL gradient all-reduce ({mib:.1} MiB on cuda:{device}) \
+                     did not complete within {secs} s (dist_timeout): another rank did not \
+                     reach it (its training step hangs, or runs much slower than this one) or \
+                     the GPUs stopped reaching each other; the NCCL communicator was aborted. \
+                     Set NCCL_DEBUG=WARN to see NCCL's view; if steps are just slow, raise \
+                     dist_timeout"
+                );
+                self.abort(&msg);
+                Err(DistError::Other(msg))
+            }
+            Err(WaitEnd::Failed(e)) => {
+                let msg = format!(
+                    "rank {rank}: NCCL failed during the gradient all-reduce on cuda:{device}: \
+                     {e}; a peer has probably exited or its connection broke (see the other \
+                     ranks' output; NCCL_DEBUG=WARN shows more); the NCCL communicator was \
+                     aborted"
+                );
+                self.abort(&msg);
+                // The TCP group's watchers usually name the rank that failed within a
+                // moment and stop this process; give them that moment first.
+                if self.world_size() > 1 {
+                    std::thread::sleep(
+                        2 * super::failure::grace(self.timeout) + Duration::from_secs(1),
+                    );
+                }
+                Err(DistError::Other(msg))
+            }
+        }
+    }
+}
+
+impl ProcessGroup for NcclProcessGroup {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.host.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
+        self.host.all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        Some(self.all_reduce_device(ptr, len, stream))
+    }
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), DistError> {
+        self.host.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<(), DistError> {
+        self.host.barrier()
+    }
+    fn finish(&mut self) -> Result<(), DistError> {
+        // Every rank is here and alive before the communicator goes; the host group says
+        // goodbye last, so that a rank dying during the teardown is still named.
+        self.host.barrier()?;
+        if let Some(comm) = self.comm.take() {
+            let (rank, secs) = (self.rank(), self.timeout.as_secs());
+            let _ = self.ctx.make_current();
+            let r = self.watchdog.guard(
+                self.timeout,
+                format!("rank {rank}: NCCL communicator teardown did not finish within {secs} s"),
+                || comm.destroy(),
+            );
+            if let Err(e) = r {
+                eprintln!("warning: rank {rank}: NCCL teardown: {e}");
+            }
+        }
+        self.host.finish()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "nccl {} on cuda:{}, {} ranks; host collectives over the {}",
+            self.version,
+            self.device,
+            self.world_size(),
+            self.host.describe()
+        )
+    }
+}
+
+impl Drop for NcclProcessGroup {
+    fn drop(&mut self) {
+        // Not finished cleanly (an error ended the run): abort, which never waits on peers
+        // that may be gone, where a destroy could.
+        if let Some(comm) = self.comm.take() {
+            let _ = self.ctx.make_current();
+            let _ = comm.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn selection_by_backend_engine_and_world() {
+        let pick = |b, gpu, w| select(b, gpu, w).unwrap().backend;
+        for b in ["nccl", "gloo", "tcp"] {
+            for gpu in [false, true] {
+                assert_eq!(pick(b, gpu, 1), Backend::Single, "{b} gpu={gpu}");
+            }
+        }
+        assert_eq!(pick("nccl", true, 2), Backend::Nccl);
+        assert_eq!(pick("nccl", true, 8), Backend::Nccl);
+        assert_eq!(pick("nccl", false, 2), Backend::Tcp);
+        for b in ["gloo", "tcp"] {
+            assert_eq!(pick(b, true, 4), Backend::Tcp);
+            assert_eq!(pick(b, false, 4), Backend::Tcp);
+        }
+        let cpu = select("nccl", false, 3).unwrap().note.unwrap();
+        assert!(cpu.contains("CPU") && cpu.contains("backend=gloo"), "{cpu}");
+        for (b, gpu, w) in [("nccl", true, 2), ("gloo", false, 2), ("nccl", false, 1)] {
+            assert_eq!(select(b, gpu, w).unwrap().note, None, "{b} {gpu} {w}");
+        }
+        let err = select("mpi", true, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("backend=\"mpi\"") && err.contains("gloo"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn version_codes() {
+        assert_eq!(version_string(22703), "2.27.3");
+        assert_eq!(version_string(21005), "2.10.5");
+        assert_eq!(version_string(2804), "2.8.4");
+    }
+
+    #[test]
+    fn waiting_ends_on_done_failure_or_timeout() {
+        let mut n = 0;
+        let r = wait_until_done(Duration::from_secs(5), Duration::from_micros(10), || {
+            n += 1;
+            if n < 150 {
+                Poll::Pending
+            } else {
+                Poll::Done
+            }
+        });
+        assert_eq!((r, n), (Ok(()), 150));
+        let r = wait_until_done(Duration::from_secs(5), Duration::ZERO, || {
+            Poll::Failed("remote error".into())
+        });
+        assert_eq!(r, Err(WaitEnd::Failed("remote error".into())));
+        let t0 = Instant::now();
+        let r = wait_until_done(Duration::from_millis(80), Duration::from_millis(1), || {
+            Poll::Pending
+        });
+        let dt = t0.elapsed();
+        assert_eq!(r, Err(WaitEnd::TimedOut));
+        assert!(
+            dt >= Duration::from_millis(80) && dt < Duration::from_secs(2),
+            "{dt:?}"
+        );
+    }
+
+    #[test]
+    fn the_watchdog_fires_once_for_a_late_call_and_never_for_a_prompt_one() {
+        let fired = Arc::new(Mutex::new(Vec::<String>::new()));
+        let f = Arc::clone(&fired);
+        let dog = Watchdog::new(Box::new(move |m: &str| {
+            f.lock().unwrap().push(m.to_string())
+        }));
+        let calls = AtomicUsize::new(0);
+        let v = dog.guard(Duration::from_millis(300), "prompt".into(), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            7
+        });
+        assert_eq!(v, 7);
+        dog.guard(Duration::from_millis(30), "late call".into(), || {
+            std::thread::sleep(Duration::from_millis(250))
+        });
+        // A later prompt call after the late one: nothing more fires.
+        dog.guard(Duration::from_millis(300), "prompt again".into(), || ());
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(*fired.lock().unwrap(), vec!["late call".to_string()]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
