@@ -19,9 +19,11 @@
 #    Steps (each one runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt):
 #      doctor      nanogpt doctor --require-gpu --json      -> doctor.json, doctor.stderr
 #      tests       cuda_engine --test-threads=1 --nocapture -> cuda_engine.log
-#                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure)
+#                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure); covers
+#                  float32 and bf16 (bf16_* tests: the bf16 engine against the CPU engine)
 #      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
 #      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
+#      bench-124m-bf16  the same in bf16 mixed precision            -> bench_124m_bf16.log
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
 #    The script exits 0 only when every step exited 0.
 #
@@ -87,10 +89,13 @@ step bench-small "$out/bench_small.log" "$bin/nanogpt" bench --device=cuda --dty
 step bench-124m "$out/bench_124m.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
     --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
     --iters=10 --warmup=2
+step bench-124m-bf16 "$out/bench_124m_bf16.log" "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 \
+    --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
+    --iters=10 --warmup=2
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log bench_small.log bench_124m.log; do
+for f in cuda_engine.log bench_small.log bench_124m.log bench_124m_bf16.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 
 /// (file name, source) of every kernel family the engine uses.
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     (
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
@@ -37,6 +37,7 @@ pub const SOURCES: [(&str, &str); 6] = [
         include_str!("../../../kernels/cross_entropy.cu"),
     ),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
+    ("cast.cu", include_str!("../../../kernels/cast.cu")),
 ];
 
 /// NVRTC options for every engine kernel.
@@ -190,6 +191,7 @@ kernel_table!(
     sumsq_parts,
     scale_inplace,
     adamw_update,
+    cast_f32_to_bf16,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.
