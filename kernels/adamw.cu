@@ -8,13 +8,25 @@
 //
 // scale_inplace(x, n, s)        x *= s. 1-D: block 256, grid ceil(n / 256).
 //
-// adamw_update(p, g, m, v, n, decay, b1, b2, eps, step_size, bc2_sqrt)
+// adamw_update(p, g, m, v, n, decay, b1, b2, eps, step_size, bc2_sqrt, p_bf16)
 //   p *= decay (1 - lr*wd for decayed tensors, 1 otherwise);
 //   m += (g - m) (1 - b1); v = v b2 + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps), step_size = lr / (1 - b1^step),
 //   bc2_sqrt = sqrt(1 - b2^step). 1-D: block 256, grid ceil(n / 256).
+//   p_bf16: nullptr, or (bf16 engine) the bf16 copy of p (unsigned short[n]), refreshed with
+//   the new p rounded to nearest even (the recipe of cast.cu and src/cuda/bf16.rs).
 
 #define SUMSQ_THREADS 256
+
+__device__ __forceinline__ unsigned short adamw_bf16_rne(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((u >> 16) | 0x0040u);  // NaN: keep sign and payload, quiet
+    }
+    unsigned int lsb = (u >> 16) & 1u;
+    u += 0x7fffu + lsb;                                 // ties go to the even neighbour
+    return (unsigned short)(u >> 16);
+}
 
 extern "C" __global__ void sumsq_parts(double* __restrict__ parts, const float* __restrict__ g,
                                        long long n) {
@@ -43,7 +55,8 @@ extern "C" __global__ void scale_inplace(float* __restrict__ x, long long n, flo
 extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __restrict__ g,
                                         float* __restrict__ m, float* __restrict__ v,
                                         long long n, float decay, float b1, float b2,
-                                        float eps, float step_size, float bc2_sqrt) {
+                                        float eps, float step_size, float bc2_sqrt,
+                                        unsigned short* __restrict__ p_bf16) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gi = g[i];
@@ -51,7 +64,9 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
     float mi = m[i] + (gi - m[i]) * (1.0f - b1);
     float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
     float denom = sqrtf(vi) / bc2_sqrt + eps;
-    p[i] = pi - step_size * mi / denom;
+    float pn = pi - step_size * mi / denom;
+    p[i] = pn;
     m[i] = mi;
     v[i] = vi;
+    if (p_bf16 != nullptr) p_bf16[i] = adamw_bf16_rne(pn);
 }

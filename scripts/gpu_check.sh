@@ -19,12 +19,14 @@
 #    Steps (each one runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt):
 #      doctor      nanogpt doctor --require-gpu --json      -> doctor.json, doctor.stderr
 #      tests       cuda_engine --test-threads=1 --nocapture -> cuda_engine.log
-#                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure)
+#                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure); covers
+#                  float32 and bf16 (bf16_* tests: the bf16 engine against the CPU engine)
 #      nccl        nccl --test-threads=1 --nocapture        -> nccl.log
 #                  NCCL process group (1 rank; 2 ranks when 2+ GPUs), NANOGPT_REQUIRE_GPU=1,
 #                  NANOGPT_BIN=<bin>/nanogpt for the tests that start processes
 #      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
 #      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
+#      bench-124m-bf16  the same in bf16 mixed precision            -> bench_124m_bf16.log
 #      tests-decode cuda_decode (KV-cache decoding vs the CPU engine), like tests
 #                                                               -> cuda_decode.log
 #      sample-*    `nanogpt sample` speed with the KV cache: a gpt2-sized model (12 x 768,
@@ -102,6 +104,10 @@ step bench-small "$out/bench_small.log" "$bin/nanogpt" bench --device=cuda --dty
 step bench-124m "$out/bench_124m.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
     --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
     --iters=10 --warmup=2
+step bench-124m-bf16 "$out/bench_124m_bf16.log" "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 \
+    --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
+    --iters=10 --warmup=2
+
 step tests-decode "$out/cuda_decode.log" env NANOGPT_REQUIRE_GPU=1 "$bin/cuda_decode" --test-threads=1 --nocapture
 cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"
 step sample-prepare "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
@@ -124,7 +130,7 @@ rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 G
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_decode.log nccl.log bench_small.log bench_124m.log; do
+for f in cuda_engine.log cuda_decode.log nccl.log bench_small.log bench_124m.log bench_124m_bf16.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -1,10 +1,22 @@
-//! cuBLASLt (`libcublasLt.so.*`): the bf16 matrix multiply with fp32 accumulation behind
-//! every linear layer of the CUDA engine. cuBLASLt is column-major; [`CublasLt::matmul_tn`]
-//! takes row-major operands the way the engine stores them.
+//! cuBLASLt (`libcublasLt.so.*`): the bf16 matrix products with fp32 accumulation behind the
+//! CUDA engine's bf16 mode and the GEMM check of `nanogpt doctor`.
+//!
+//! cuBLASLt is column-major; [`MatmulShape`] describes a product on row-major operands (the
+//! way the engine stores them) and [`col_major`] turns it into the column-major problem
+//! cuBLASLt solves: row-major `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so the
+//! operands swap places, `m` and `n` exchange, and each leading dimension is the row stride.
+//! A [`Matmul`] is one planned product (operation and layout descriptors plus the algorithm
+//! the heuristic chose); [`MatmulCache`] owns a handle and keeps one plan per shape.
+//!
+//! Constants are the values of the enums in `cublasLt.h`, `cublas_api.h` and
+//! `library_types.h` (CUDA 11 to 13; none of them changed in that range).
 
 use super::dl::{api, c_str};
 use super::driver::{CuDevicePtr, CuStream, Stream};
 use super::CudaError;
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::Path;
 
@@ -12,16 +24,34 @@ type Status = c_int;
 type Handle = *mut c_void;
 type Desc = *mut c_void;
 
+/// `cudaDataType_t` (library_types.h): `CUDA_R_32F = 0`.
 pub const CUDA_R_32F: c_int = 0;
+/// `cudaDataType_t` (library_types.h): `CUDA_R_16BF = 14`.
 pub const CUDA_R_16BF: c_int = 14;
+/// `cublasComputeType_t` (cublas_api.h): `CUBLAS_COMPUTE_32F = 68` (fp32 accumulation, no
+/// TF32 or reduced-precision shortcuts).
 const CUBLAS_COMPUTE_32F: c_int = 68;
+/// `cublasOperation_t` (cublas_api.h).
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
+/// `cublasLtMatmulDescAttributes_t`: `CUBLASLT_MATMUL_DESC_TRANSA = 3`, `TRANSB = 4`
+/// (values of type `int32_t`, a `cublasOperation_t`).
 const DESC_TRANSA: c_int = 3;
 const DESC_TRANSB: c_int = 4;
+/// `cublasLtMatmulPreferenceAttributes_t`: `CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1`
+/// (`uint64_t`), `MIN_ALIGNMENT_A_BYTES = 5`, `B = 6`, `C = 7`, `D = 8` (`uint32_t`).
 const PREF_MAX_WORKSPACE_BYTES: c_int = 1;
+const PREF_MIN_ALIGNMENT_A_BYTES: c_int = 5;
+const PREF_MIN_ALIGNMENT_B_BYTES: c_int = 6;
+const PREF_MIN_ALIGNMENT_C_BYTES: c_int = 7;
+const PREF_MIN_ALIGNMENT_D_BYTES: c_int = 8;
+/// `cublasStatus_t` (cublas_api.h): `CUBLAS_STATUS_NOT_SUPPORTED = 15`, what the heuristic
+/// may answer when it has no algorithm for a configuration.
+const CUBLAS_STATUS_NOT_SUPPORTED: Status = 15;
 
-/// `cublasLtMatmulHeuristicResult_t` (opaque to callers).
+/// `cublasLtMatmulHeuristicResult_t`: `cublasLtMatmulAlgo_t algo` (`uint64_t data[8]`),
+/// `size_t workspaceSize`, `cublasStatus_t state`, `float wavesCount`, `int reserved[4]`
+/// (96 bytes).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct HeuristicResult {
@@ -30,6 +60,18 @@ pub struct HeuristicResult {
     state: Status,
     waves_count: f32,
     reserved: [c_int; 4],
+}
+
+impl HeuristicResult {
+    fn zeroed() -> HeuristicResult {
+        HeuristicResult {
+            algo: [0; 8],
+            workspace_size: 0,
+            state: 0,
+            waves_count: 0.0,
+            reserved: [0; 4],
+        }
+    }
 }
 
 api! {
@@ -67,20 +109,158 @@ pub struct CublasLt {
     pub api: CublasLtApi,
 }
 
-/// `D[m, n] = sum_k X[m, k] * W[n, k]` with row-major bf16 X (m x k) and W (n x k), fp32
-/// accumulation, D stored row-major with element type `d_type` (fp32 or bf16): the
-/// linear-layer forward `y = x W^T`. Descriptors and the chosen algorithm are kept so the
-/// same product can be run repeatedly.
-pub struct MatmulTn<'a> {
+/// Element type of a matrix in a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ElemType {
+    F32,
+    Bf16,
+}
+
+impl ElemType {
+    /// The `cudaDataType_t` value.
+    pub fn cuda(self) -> c_int {
+        match self {
+            ElemType::F32 => CUDA_R_32F,
+            ElemType::Bf16 => CUDA_R_16BF,
+        }
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::Bf16 => 2,
+        }
+    }
+    fn from_cuda(t: c_int) -> Result<ElemType, CudaError> {
+        match t {
+            CUDA_R_32F => Ok(ElemType::F32),
+            CUDA_R_16BF => Ok(ElemType::Bf16),
+            _ => Err(CudaError::Invalid(format!(
+                "cuBLASLt output type {t} is neither CUDA_R_32F (0) nor CUDA_R_16BF (14)"
+            ))),
+        }
+    }
+}
+
+/// The largest power of two (at most 256) dividing a device address: what the heuristic is
+/// told about an operand's alignment (it assumes 256 bytes unless told otherwise).
+pub fn alignment(ptr: CuDevicePtr) -> u32 {
+    if ptr == 0 {
+        return 256;
+    }
+    (1u64 << ptr.trailing_zeros().min(8)) as u32
+}
+
+/// A product on row-major operands: `C (m x n) = alpha op(A) op(B) + beta C`, with `op(A)`
+/// `m x k` (stored `k x m` when `trans_a`), `op(B)` `k x n` (stored `n x k` when `trans_b`),
+/// leading dimensions the row strides as stored, `A` and `B` of type `ab`, `C` of type `c`,
+/// accumulation in fp32. The alignments (bytes, from [`alignment`]) are part of the shape:
+/// a plan chosen for 256-byte-aligned operands may not run on less aligned ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatmulShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub ab: ElemType,
+    pub c: ElemType,
+    /// Alignment of A, B and C (= D) in bytes.
+    pub align: [u32; 3],
+}
+
+/// One matrix as cuBLASLt sees it: column-major `rows x cols` with leading dimension `ld`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColLayout {
+    pub rows: u64,
+    pub cols: u64,
+    pub ld: i64,
+}
+
+/// The column-major problem of a [`MatmulShape`]: cuBLASLt's A is the row-major B and its B
+/// the row-major A (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColMajor {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub a: ColLayout,
+    pub b: ColLayout,
+    pub c: ColLayout,
+}
+
+impl MatmulShape {
+    /// (rows, cols) of A, B and C as stored row-major.
+    pub fn stored(&self) -> [(usize, usize); 3] {
+        let a = if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let b = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        [a, b, (self.m, self.n)]
+    }
+
+    /// Elements an operand spans in memory (rows, cols, ld as stored): `(rows - 1) ld + cols`.
+    pub fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * ld + cols
+        }
+    }
+}
+
+/// The column-major problem for `s`, after checking its sizes and strides.
+pub fn col_major(s: &MatmulShape) -> Result<ColMajor, CudaError> {
+    if s.m == 0 || s.n == 0 || s.k == 0 {
+        return Err(CudaError::Invalid(format!(
+            "empty product {}x{}x{} (every dimension must be at least 1)",
+            s.m, s.n, s.k
+        )));
+    }
+    let [a, b, c] = s.stored();
+    for (name, (_, cols), ld) in [("A", a, s.lda), ("B", b, s.ldb), ("C", c, s.ldc)] {
+        if ld < cols {
+            return Err(CudaError::Invalid(format!(
+                "matrix {name} of a {}x{}x{} product has {cols} columns but row stride {ld}",
+                s.m, s.n, s.k
+            )));
+        }
+    }
+    // A row-major (rows x cols, ld) matrix is the column-major (cols x rows, ld) matrix of
+    // its transpose.
+    let view = |(rows, cols): (usize, usize), ld: usize| ColLayout {
+        rows: cols as u64,
+        cols: rows as u64,
+        ld: ld as i64,
+    };
+    Ok(ColMajor {
+        trans_a: s.trans_b,
+        trans_b: s.trans_a,
+        a: view(b, s.ldb),
+        b: view(a, s.lda),
+        c: view(c, s.ldc),
+    })
+}
+
+/// One planned product: descriptors and the algorithm the heuristic chose for a shape.
+pub struct Matmul<'a> {
     lt: &'a CublasLt,
-    handle: Handle,
+    pub shape: MatmulShape,
     op: Desc,
     a: Desc,
     b: Desc,
-    d: Desc,
+    c: Desc,
     pref: Desc,
     algo: HeuristicResult,
-    pub workspace_bytes: usize,
+    workspace_bytes: usize,
 }
 
 impl CublasLt {
@@ -109,74 +289,71 @@ impl CublasLt {
         })
     }
 
-    /// Plans the product for these sizes (a CUDA context must be current).
-    pub fn plan_tn(
+    /// A new handle (a CUDA context must be current); the caller destroys it.
+    fn create_handle(&self) -> Result<Handle, CudaError> {
+        let mut h: Handle = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        self.check(
+            unsafe { (self.api.cublasLtCreate)(&mut h) },
+            "cublasLtCreate",
+        )?;
+        Ok(h)
+    }
+
+    /// Plans `shape` on `handle` for a workspace of `workspace_bytes`. Fails with
+    /// [`CudaError::Invalid`] naming the shape when the heuristic has no algorithm for it.
+    fn plan(
         &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        d_type: c_int,
+        handle: *mut c_void,
+        shape: MatmulShape,
         workspace_bytes: usize,
-    ) -> Result<MatmulTn<'_>, CudaError> {
-        let mut p = MatmulTn {
+    ) -> Result<Matmul<'_>, CudaError> {
+        let cm = col_major(&shape)?;
+        let mut p = Matmul {
             lt: self,
-            handle: std::ptr::null_mut(),
+            shape,
             op: std::ptr::null_mut(),
             a: std::ptr::null_mut(),
             b: std::ptr::null_mut(),
-            d: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
             pref: std::ptr::null_mut(),
-            algo: HeuristicResult {
-                algo: [0; 8],
-                workspace_size: 0,
-                state: 0,
-                waves_count: 0.0,
-                reserved: [0; 4],
-            },
+            algo: HeuristicResult::zeroed(),
             workspace_bytes,
         };
         let api = &self.api;
-        // SAFETY (all calls below): each writes one handle or reads the given buffer of
-        // the stated size; handles are destroyed by MatmulTn's Drop.
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let (ta, tb) = (op(cm.trans_a), op(cm.trans_b));
+        // SAFETY (all calls below): each writes one handle or reads the given buffer of the
+        // stated size; the handles are destroyed by Matmul's Drop, also on early return.
         unsafe {
-            self.check((api.cublasLtCreate)(&mut p.handle), "cublasLtCreate")?;
             self.check(
                 (api.cublasLtMatmulDescCreate)(&mut p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F),
                 "cublasLtMatmulDescCreate",
             )?;
-            // Column-major view: D^T (n x m) = op_T(W^T as k x n) * (X^T as k x m).
-            let (ta, tb) = (CUBLAS_OP_T, CUBLAS_OP_N);
-            self.check(
-                (api.cublasLtMatmulDescSetAttribute)(
-                    p.op,
-                    DESC_TRANSA,
-                    &ta as *const i32 as *const c_void,
-                    4,
-                ),
-                "cublasLtMatmulDescSetAttribute(TRANSA)",
-            )?;
-            self.check(
-                (api.cublasLtMatmulDescSetAttribute)(
-                    p.op,
-                    DESC_TRANSB,
-                    &tb as *const i32 as *const c_void,
-                    4,
-                ),
-                "cublasLtMatmulDescSetAttribute(TRANSB)",
-            )?;
-            let (m, n, k) = (m as u64, n as u64, k as u64);
-            self.check(
-                (api.cublasLtMatrixLayoutCreate)(&mut p.a, CUDA_R_16BF, k, n, k as i64),
-                "cublasLtMatrixLayoutCreate(A)",
-            )?;
-            self.check(
-                (api.cublasLtMatrixLayoutCreate)(&mut p.b, CUDA_R_16BF, k, m, k as i64),
-                "cublasLtMatrixLayoutCreate(B)",
-            )?;
-            self.check(
-                (api.cublasLtMatrixLayoutCreate)(&mut p.d, d_type, n, m, n as i64),
-                "cublasLtMatrixLayoutCreate(D)",
-            )?;
+            for (attr, v, call) in [
+                (DESC_TRANSA, &ta, "cublasLtMatmulDescSetAttribute(TRANSA)"),
+                (DESC_TRANSB, &tb, "cublasLtMatmulDescSetAttribute(TRANSB)"),
+            ] {
+                self.check(
+                    (api.cublasLtMatmulDescSetAttribute)(
+                        p.op,
+                        attr,
+                        v as *const i32 as *const c_void,
+                        std::mem::size_of::<i32>(),
+                    ),
+                    call,
+                )?;
+            }
+            for (slot, l, ty, call) in [
+                (&mut p.a, cm.a, shape.ab, "cublasLtMatrixLayoutCreate(A)"),
+                (&mut p.b, cm.b, shape.ab, "cublasLtMatrixLayoutCreate(B)"),
+                (&mut p.c, cm.c, shape.c, "cublasLtMatrixLayoutCreate(C)"),
+            ] {
+                self.check(
+                    (api.cublasLtMatrixLayoutCreate)(slot, ty.cuda(), l.rows, l.cols, l.ld),
+                    call,
+                )?;
+            }
             self.check(
                 (api.cublasLtMatmulPreferenceCreate)(&mut p.pref),
                 "cublasLtMatmulPreferenceCreate",
@@ -187,34 +364,182 @@ impl CublasLt {
                     p.pref,
                     PREF_MAX_WORKSPACE_BYTES,
                     &ws as *const u64 as *const c_void,
-                    8,
+                    std::mem::size_of::<u64>(),
                 ),
-                "cublasLtMatmulPreferenceSetAttribute",
+                "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)",
             )?;
+            // cuBLASLt's A is the row-major B (see col_major); C and D are the same matrix.
+            let [al_a, al_b, al_c] = shape.align;
+            for (attr, v) in [
+                (PREF_MIN_ALIGNMENT_A_BYTES, al_b),
+                (PREF_MIN_ALIGNMENT_B_BYTES, al_a),
+                (PREF_MIN_ALIGNMENT_C_BYTES, al_c),
+                (PREF_MIN_ALIGNMENT_D_BYTES, al_c),
+            ] {
+                self.check(
+                    (api.cublasLtMatmulPreferenceSetAttribute)(
+                        p.pref,
+                        attr,
+                        &v as *const u32 as *const c_void,
+                        std::mem::size_of::<u32>(),
+                    ),
+                    "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
+                )?;
+            }
             let mut returned = 0;
-            self.check(
-                (api.cublasLtMatmulAlgoGetHeuristic)(
-                    p.handle,
-                    p.op,
-                    p.a,
-                    p.b,
-                    p.d,
-                    p.d,
-                    p.pref,
-                    1,
-                    &mut p.algo,
-                    &mut returned,
-                ),
-                "cublasLtMatmulAlgoGetHeuristic",
-            )?;
-            if returned < 1 || p.algo.state != 0 {
+            let status = (api.cublasLtMatmulAlgoGetHeuristic)(
+                handle,
+                p.op,
+                p.a,
+                p.b,
+                p.c,
+                p.c,
+                p.pref,
+                1,
+                &mut p.algo,
+                &mut returned,
+            );
+            if status != CUBLAS_STATUS_NOT_SUPPORTED {
+                self.check(status, "cublasLtMatmulAlgoGetHeuristic")?;
+            }
+            if status == CUBLAS_STATUS_NOT_SUPPORTED || returned < 1 || p.algo.state != 0 {
                 return Err(CudaError::Invalid(format!(
-                    "cuBLASLt has no algorithm for a bf16 {m}x{n}x{k} product on this GPU"
+                    "cuBLASLt has no algorithm for {}",
+                    describe(&shape)
                 )));
             }
         }
         Ok(p)
     }
+
+    /// Plans `D[m, n] = X[m, k] W[n, k]^T` (row-major bf16 X and W, D of type `d_type`,
+    /// `CUDA_R_32F` or `CUDA_R_16BF`) on a handle of its own: the linear-layer forward that
+    /// `nanogpt doctor` checks and times.
+    pub fn plan_tn(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        d_type: c_int,
+        workspace_bytes: usize,
+    ) -> Result<MatmulTn<'_>, CudaError> {
+        let shape = MatmulShape {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            lda: k,
+            ldb: k,
+            ldc: n,
+            ab: ElemType::Bf16,
+            c: ElemType::from_cuda(d_type)?,
+            align: [256; 3],
+        };
+        let handle = self.create_handle()?;
+        let plan = match self.plan(handle, shape, workspace_bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: destroys the handle created above, once.
+                unsafe { (self.api.cublasLtDestroy)(handle) };
+                return Err(e);
+            }
+        };
+        Ok(MatmulTn {
+            lt: self,
+            plan: Some(plan),
+            handle,
+            workspace_bytes,
+        })
+    }
+}
+
+/// A shape in words, for error messages.
+pub fn describe(s: &MatmulShape) -> String {
+    format!(
+        "a {:?} {}x{}x{} product (A{} ld {}, B{} ld {}, C {:?} ld {}, alignments {:?} bytes)",
+        s.ab,
+        s.m,
+        s.n,
+        s.k,
+        if s.trans_a { "^T" } else { "" },
+        s.lda,
+        if s.trans_b { "^T" } else { "" },
+        s.ldb,
+        s.c,
+        s.ldc,
+        s.align
+    )
+}
+
+impl Matmul<'_> {
+    /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` (row-major, as planned).
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must cover the planned shape (see [`MatmulShape::extent`]) with at
+    /// least the planned alignments, `workspace` must hold the planned workspace bytes, and
+    /// `handle` must be a live handle of the current context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run(
+        &self,
+        handle: *mut c_void,
+        alpha: f32,
+        a: CuDevicePtr,
+        b: CuDevicePtr,
+        beta: f32,
+        c: CuDevicePtr,
+        workspace: CuDevicePtr,
+        stream: &Stream,
+    ) -> Result<(), CudaError> {
+        // cuBLASLt's A is the row-major B (see col_major); D is C, in place.
+        let s = (self.lt.api.cublasLtMatmul)(
+            handle,
+            self.op,
+            &alpha as *const f32 as *const c_void,
+            b as *const c_void,
+            self.a,
+            a as *const c_void,
+            self.b,
+            &beta as *const f32 as *const c_void,
+            c as *const c_void,
+            self.c,
+            c as *mut c_void,
+            self.c,
+            self.algo.algo.as_ptr() as *const c_void,
+            workspace as *mut c_void,
+            self.workspace_bytes,
+            stream.s,
+        );
+        self.lt.check(s, "cublasLtMatmul")
+    }
+}
+
+impl Drop for Matmul<'_> {
+    fn drop(&mut self) {
+        let api = &self.lt.api;
+        // SAFETY: destroys the descriptors created in `plan` (null ones skipped), once.
+        unsafe {
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    (api.cublasLtMatrixLayoutDestroy)(l);
+                }
+            }
+            if !self.pref.is_null() {
+                (api.cublasLtMatmulPreferenceDestroy)(self.pref);
+            }
+            if !self.op.is_null() {
+                (api.cublasLtMatmulDescDestroy)(self.op);
+            }
+        }
+    }
+}
+
+/// The doctor's product `D = X W^T` with its own handle (see [`CublasLt::plan_tn`]).
+pub struct MatmulTn<'a> {
+    lt: &'a CublasLt,
+    plan: Option<Matmul<'a>>,
+    handle: Handle,
+    pub workspace_bytes: usize,
 }
 
 impl MatmulTn<'_> {
@@ -227,51 +552,293 @@ impl MatmulTn<'_> {
         workspace: CuDevicePtr,
         stream: &Stream,
     ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the pointers cover the planned shapes (the caller allocated them).
-        let s = unsafe {
-            (self.lt.api.cublasLtMatmul)(
-                self.handle,
-                self.op,
-                &alpha as *const f32 as *const c_void,
-                w as *const c_void,
-                self.a,
-                x as *const c_void,
-                self.b,
-                &beta as *const f32 as *const c_void,
-                d as *const c_void,
-                self.d,
-                d as *mut c_void,
-                self.d,
-                self.algo.algo.as_ptr() as *const c_void,
-                workspace as *mut c_void,
-                self.workspace_bytes,
-                stream.s,
-            )
-        };
-        self.lt.check(s, "cublasLtMatmul")
+        let plan = self
+            .plan
+            .as_ref()
+            .expect("a MatmulTn holds its plan until dropped");
+        // SAFETY: the caller allocated x, w, d and the workspace for the planned shape.
+        unsafe { plan.run(self.handle, 1.0, x, w, 0.0, d, workspace, stream) }
     }
 }
 
 impl Drop for MatmulTn<'_> {
     fn drop(&mut self) {
-        let api = &self.lt.api;
-        // SAFETY: destroys the handles created in plan_tn (null ones skipped).
-        unsafe {
-            for l in [self.a, self.b, self.d] {
-                if !l.is_null() {
-                    (api.cublasLtMatrixLayoutDestroy)(l);
+        self.plan = None;
+        // SAFETY: destroys the handle created in plan_tn, once, after its plan.
+        unsafe { (self.lt.api.cublasLtDestroy)(self.handle) };
+    }
+}
+
+/// What [`MatmulCache::matmul`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// The product ran on cuBLASLt.
+    Lt,
+    /// cuBLASLt has no algorithm for this shape (remembered; the caller computes it another
+    /// way). Nothing was enqueued.
+    Unsupported,
+}
+
+/// A cuBLASLt handle and one plan per [`MatmulShape`], planned on first use. A CUDA context
+/// must be current when it is created and whenever it is used.
+pub struct MatmulCache<'a> {
+    lt: &'a CublasLt,
+    handle: Handle,
+    workspace_bytes: usize,
+    plans: RefCell<HashMap<MatmulShape, Option<Matmul<'a>>>>,
+}
+
+impl<'a> MatmulCache<'a> {
+    /// A new handle with an empty cache; products may use up to `workspace_bytes` of the
+    /// workspace passed to [`MatmulCache::matmul`].
+    pub fn new(lt: &'a CublasLt, workspace_bytes: usize) -> Result<MatmulCache<'a>, CudaError> {
+        Ok(MatmulCache {
+            lt,
+            handle: lt.create_handle()?,
+            workspace_bytes,
+            plans: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` for the row-major product
+    /// `shape` (its `align` is filled in from the pointers), planning it on first use.
+    /// Returns [`Ran::Unsupported`] without enqueuing anything when cuBLASLt has no
+    /// algorithm for the shape.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must cover the shape (see [`MatmulShape::extent`]) and `workspace`
+    /// must hold the cache's workspace bytes, all in the current context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul(
+        &self,
+        mut shape: MatmulShape,
+        alpha: f32,
+        a: CuDevicePtr,
+        b: CuDevicePtr,
+        beta: f32,
+        c: CuDevicePtr,
+        workspace: CuDevicePtr,
+        stream: &Stream,
+    ) -> Result<Ran, CudaError> {
+        shape.align = [alignment(a), alignment(b), alignment(c)];
+        // Shape errors are the caller's; after this check `plan`'s Invalid means "no
+        // algorithm".
+        col_major(&shape)?;
+        let mut plans = self.plans.borrow_mut();
+        let plan = match plans.entry(shape) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(
+                match self.lt.plan(self.handle, shape, self.workspace_bytes) {
+                    Ok(p) => Some(p),
+                    Err(CudaError::Invalid(_)) => None,
+                    Err(e) => return Err(e),
+                },
+            ),
+        };
+        match plan {
+            Some(p) => {
+                p.run(self.handle, alpha, a, b, beta, c, workspace, stream)?;
+                Ok(Ran::Lt)
+            }
+            None => Ok(Ran::Unsupported),
+        }
+    }
+
+    /// (planned shapes, shapes cuBLASLt has no algorithm for).
+    pub fn counts(&self) -> (usize, usize) {
+        let plans = self.plans.borrow();
+        let bad = plans.values().filter(|p| p.is_none()).count();
+        (plans.len() - bad, bad)
+    }
+
+    /// The shapes cuBLASLt has no algorithm for, in words.
+    pub fn unsupported(&self) -> Vec<String> {
+        let plans = self.plans.borrow();
+        let mut v: Vec<String> = plans
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(s, _)| describe(s))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for MatmulCache<'_> {
+    fn drop(&mut self) {
+        self.plans.get_mut().clear();
+        if !self.handle.is_null() {
+            // SAFETY: destroys the handle created in `new`, once, after every plan.
+            unsafe { (self.lt.api.cublasLtDestroy)(self.handle) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(m: usize, n: usize, k: usize, ta: bool, tb: bool, pad: usize) -> MatmulShape {
+        let ac = if ta { m } else { k };
+        let bc = if tb { k } else { n };
+        MatmulShape {
+            m,
+            n,
+            k,
+            trans_a: ta,
+            trans_b: tb,
+            lda: ac + pad,
+            ldb: bc + pad,
+            ldc: n + pad,
+            ab: ElemType::Bf16,
+            c: ElemType::F32,
+            align: [256; 3],
+        }
+    }
+
+    /// Column-major `C = alpha op(A) op(B) + beta C` exactly as cuBLASLt defines it, over
+    /// flat buffers and the layouts of a [`ColMajor`].
+    fn col_major_gemm(cm: &ColMajor, a: &[f64], b: &[f64], beta: f64, c: &mut [f64]) {
+        let el = |buf: &[f64], l: &ColLayout, trans: bool, i: u64, j: u64| {
+            let (r, col) = if trans { (j, i) } else { (i, j) };
+            assert!(r < l.rows && col < l.cols, "index outside the layout");
+            buf[(col as i64 * l.ld + r as i64) as usize]
+        };
+        let (m, k) = if cm.trans_a {
+            (cm.a.cols, cm.a.rows)
+        } else {
+            (cm.a.rows, cm.a.cols)
+        };
+        let n = if cm.trans_b { cm.b.rows } else { cm.b.cols };
+        let kb = if cm.trans_b { cm.b.cols } else { cm.b.rows };
+        assert_eq!(k, kb, "inner dimensions agree");
+        assert_eq!((cm.c.rows, cm.c.cols), (m, n), "C is m x n");
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    acc += el(a, &cm.a, cm.trans_a, i, p) * el(b, &cm.b, cm.trans_b, p, j);
                 }
-            }
-            if !self.pref.is_null() {
-                (api.cublasLtMatmulPreferenceDestroy)(self.pref);
-            }
-            if !self.op.is_null() {
-                (api.cublasLtMatmulDescDestroy)(self.op);
-            }
-            if !self.handle.is_null() {
-                (api.cublasLtDestroy)(self.handle);
+                let idx = (j as i64 * cm.c.ld + i as i64) as usize;
+                c[idx] = acc + beta * c[idx];
             }
         }
+    }
+
+    #[test]
+    fn column_major_problem_computes_the_row_major_product() {
+        let mut rng = crate::rng::Rng::new(5);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for pad in [0, 3] {
+                let (m, n, k) = (5, 7, 4);
+                let s = shape(m, n, k, ta, tb, pad);
+                let [(ar, _), (br, _), _] = s.stored();
+                let a: Vec<f64> = (0..ar * s.lda).map(|_| rng.normal()).collect();
+                let b: Vec<f64> = (0..br * s.ldb).map(|_| rng.normal()).collect();
+                let c0: Vec<f64> = (0..m * s.ldc).map(|_| rng.normal()).collect();
+                // Row-major reference: C = op(A) op(B) + 0.5 C.
+                let ea = |i: usize, p: usize| {
+                    if ta {
+                        a[p * s.lda + i]
+                    } else {
+                        a[i * s.lda + p]
+                    }
+                };
+                let eb = |p: usize, j: usize| {
+                    if tb {
+                        b[j * s.ldb + p]
+                    } else {
+                        b[p * s.ldb + j]
+                    }
+                };
+                let mut want = c0.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k).map(|p| ea(i, p) * eb(p, j)).sum();
+                        want[i * s.ldc + j] = dot + 0.5 * c0[i * s.ldc + j];
+                    }
+                }
+                let cm = col_major(&s).unwrap();
+                let mut got = c0.clone();
+                // cuBLASLt's A is the row-major B and its B the row-major A.
+                col_major_gemm(&cm, &b, &a, 0.5, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-12,
+                        "ta {ta} tb {tb} pad {pad}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn doctor_product_keeps_its_layouts() {
+        // D = X W^T with X (m x k), W (n x k): W as k x n transposed, X as k x m, D as n x m.
+        let s = MatmulShape {
+            trans_a: false,
+            trans_b: true,
+            lda: 64,
+            ldb: 64,
+            ldc: 32,
+            ..shape(16, 32, 64, false, true, 0)
+        };
+        let cm = col_major(&s).unwrap();
+        assert!(cm.trans_a && !cm.trans_b);
+        assert_eq!(
+            cm.a,
+            ColLayout {
+                rows: 64,
+                cols: 32,
+                ld: 64
+            }
+        );
+        assert_eq!(
+            cm.b,
+            ColLayout {
+                rows: 64,
+                cols: 16,
+                ld: 64
+            }
+        );
+        assert_eq!(
+            cm.c,
+            ColLayout {
+                rows: 32,
+                cols: 16,
+                ld: 32
+            }
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_the_matrix_named() {
+        let mut s = shape(4, 4, 4, false, false, 0);
+        s.ldb = 3;
+        let e = col_major(&s).unwrap_err().to_string();
+        assert!(e.contains("matrix B") && e.contains("row stride 3"), "{e}");
+        let e = col_major(&shape(0, 4, 4, false, false, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty product"), "{e}");
+        assert_eq!(MatmulShape::extent(3, 5, 8), 21);
+        assert_eq!(MatmulShape::extent(0, 5, 8), 0);
+    }
+
+    #[test]
+    fn constants_and_alignment() {
+        assert_eq!(std::mem::size_of::<HeuristicResult>(), 96);
+        assert_eq!((CUDA_R_32F, CUDA_R_16BF, CUBLAS_COMPUTE_32F), (0, 14, 68));
+        assert_eq!(
+            (DESC_TRANSA, DESC_TRANSB, PREF_MAX_WORKSPACE_BYTES),
+            (3, 4, 1)
+        );
+        assert_eq!(ElemType::Bf16.cuda(), 14);
+        assert_eq!(ElemType::from_cuda(0).unwrap(), ElemType::F32);
+        assert!(ElemType::from_cuda(2).is_err());
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0100 + 96), 32);
+        assert_eq!(alignment(0x7f00_0000_0002), 2);
+        assert_eq!(alignment(0x7f00_0000_0604), 4);
     }
 }

@@ -212,10 +212,10 @@ pub fn check_decode_step(
 /// Builds the engine for `device` ("auto", "cpu", "cuda", "cuda:N") computing in `dtype`.
 ///
 /// `cpu` always computes in float32. `cuda:N` runs the CUDA engine on GPU N (`cuda` alone:
-/// GPU 0); this build's CUDA engine computes in float32 only, so `dtype=bfloat16` or
-/// `float16` there is an error that says so. `auto` picks the CUDA engine when the driver
-/// loads and a GPU exists (in float32, saying so when another dtype was asked for), else the
-/// CPU engine, and prints which it chose and why. `threads == 0` uses all cores (CPU only).
+/// GPU 0) in float32, or with `dtype=bfloat16` in bf16 mixed precision (fp32 master weights,
+/// bf16 linear-layer products; GPUs of compute capability 8.0 or newer); `float16` there is
+/// an error that says so. `auto` stays on the CPU engine (see below) and says so when a GPU
+/// is present. `threads == 0` uses all cores (CPU only).
 pub fn create(
     device: crate::config::DeviceSpec,
     dtype: crate::config::Dtype,
@@ -228,20 +228,22 @@ pub fn create(
     match device {
         DeviceSpec::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?)),
         DeviceSpec::Cuda(n) => {
-            if dtype != Dtype::Float32 {
-                return Err(EngineError::Other(format!(
-                    "device={device} dtype={dtype}: {} is not available yet in this build; use \
-                     dtype=float32",
-                    if dtype == Dtype::BFloat16 {
-                        "bf16"
-                    } else {
-                        "fp16"
-                    }
-                )));
-            }
+            let precision = match dtype {
+                Dtype::Float32 => cuda::Precision::F32,
+                Dtype::BFloat16 => cuda::Precision::Bf16,
+                Dtype::Float16 => {
+                    return Err(EngineError::Other(format!(
+                        "device={device} dtype={dtype}: fp16 is not available in this build; \
+                         use dtype=bfloat16 (GPUs of compute capability 8.0 or newer) or \
+                         dtype=float32"
+                    )))
+                }
+            };
             let index = n.unwrap_or(0);
             match cuda::stack::available_gpus() {
-                Ok(_) => Ok(Box::new(cuda::CudaEngine::new(cfg, params, seed, index)?)),
+                Ok(_) => Ok(Box::new(cuda::CudaEngine::with_precision(
+                    cfg, params, seed, index, precision,
+                )?)),
                 Err(why) => Err(EngineError::Other(format!(
                     "device={device}: no usable GPU: {why}; or use device=cpu"
                 ))),

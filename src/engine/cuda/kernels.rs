@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 
 /// (file name, source) of every kernel family the engine uses.
-pub const SOURCES: [(&str, &str); 7] = [
+pub const SOURCES: [(&str, &str); 8] = [
     (
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
@@ -38,6 +38,7 @@ pub const SOURCES: [(&str, &str); 7] = [
     ),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
     ("decode.cu", include_str!("../../../kernels/decode.cu")),
+    ("cast.cu", include_str!("../../../kernels/cast.cu")),
 ];
 
 /// NVRTC options for every engine kernel.
@@ -193,6 +194,7 @@ kernel_table!(
     adamw_update,
     decode_kv_append,
     decode_attention,
+    cast_f32_to_bf16,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.

@@ -1,5 +1,5 @@
-//! CUDA engine, float32: parameters, gradients, AdamW moments and activations in fp32 on one
-//! GPU, mirroring the CPU reference engine (`engine::cpu`) operation for operation: the same
+//! CUDA engine, float32 or bf16 mixed precision: parameters, gradients, AdamW moments and
+//! activations in fp32 on one GPU, mirroring the CPU reference engine (`engine::cpu`) operation for operation: the same
 //! flat [`ParamLayout`] (HF Conv1D `[in, out]` weights, a bias right after its weight), tied
 //! LM head over the real vocabulary only (padded rows never reach softmax or the loss),
 //! targets of -1 skipped, tanh GELU, LayerNorm eps 1e-5, causal attention scaled by
@@ -7,7 +7,23 @@
 //! for the same seed), AdamW with torch's arithmetic and global-norm clipping.
 //!
 //! GEMMs run through cuBLAS sgemm (`CUBLAS_DEFAULT_MATH`: no TF32), on row-major operands
-//! (see [`crate::cuda::cublas::Sgemm`]). Attention is the plain form: per batch row, one
+//! (see [`crate::cuda::cublas::Sgemm`]).
+//!
+//! bf16 mixed precision ([`Precision::Bf16`], `dtype=bfloat16`) is what torch autocast does
+//! to GPT-2: the master parameters, gradients and AdamW moments stay fp32, and a bf16 copy
+//! of the parameters is refreshed by every optimizer step (fused into `adamw_update`) and
+//! every `set_params`. Every linear layer (qkv, attention projection, fc, MLP projection)
+//! and the tied LM head runs its products through cuBLASLt with bf16 operands and fp32
+//! accumulation (`CUBLAS_COMPUTE_32F`), forward and backward (dX, and dW accumulated into the
+//! fp32 gradients with beta = 1); the fp32 activations that feed those products are rounded
+//! into bf16 scratch buffers (`kernels/cast.cu`) right before each one. LayerNorm, softmax,
+//! GELU, residuals, cross-entropy and AdamW stay fp32, and in this version so do attention's
+//! `q k^T` and `P v` products (cuBLAS sgemm). Both precisions share one code path: the
+//! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
+//! A product shape cuBLASLt has no bf16 algorithm for runs in fp32 instead (said once on
+//! stderr; [`CudaEngine::gemm_fallbacks`] lists them).
+//!
+//! Attention is the plain form: per batch row, one
 //! strided-batched GEMM over heads for `q k^T`, a masked-softmax kernel, one for `P v`; the
 //! backward pass mirrors it. The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
@@ -35,6 +51,7 @@ pub mod stack;
 use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Result};
 use crate::cuda::cublas::{Operand, Sgemm};
+use crate::cuda::cublaslt::{ElemType, MatmulCache, MatmulShape, Ran};
 use crate::cuda::driver::{Context, DeviceBuffer, Stream};
 use crate::cuda::CudaError;
 use crate::model::{GptConfig, ParamLayout};
@@ -43,6 +60,7 @@ use crate::rng::Rng;
 use decode::DecodeState;
 use kernels::{grid_1d, grid_rows, launch, Arg, Kernels, BLOCK};
 use stack::Stack;
+use std::cell::{Cell, RefCell};
 
 type Buf = DeviceBuffer<'static>;
 type CResult<T> = std::result::Result<T, CudaError>;
@@ -51,6 +69,65 @@ type CResult<T> = std::result::Result<T, CudaError>;
 const PARTS: usize = 64;
 /// Blocks of the gradient-norm reduction (fixed, so the sum order does not depend on the GPU).
 const NORM_PARTS: usize = 1024;
+/// cuBLASLt workspace of the bf16 mode (NVIDIA's recommendation for Hopper).
+const LT_WORKSPACE: usize = 32 << 20;
+/// bf16 scratch slots: the activation operand of a product, and a gradient rounded once for
+/// the two products of a backward step.
+const SLOT_ACT: usize = 0;
+const SLOT_GRAD: usize = 1;
+
+/// The arithmetic of the linear layers and the LM head (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// The bf16 mode's state: cuBLASLt plans, their workspace, the bf16 parameter copy and the
+/// scratch the activations are rounded into.
+struct Bf16State {
+    lt: MatmulCache<'static>,
+    workspace: Buf,
+    params: Buf,
+    scratch: [RefCell<Option<Buf>>; 2],
+    warned: Cell<bool>,
+}
+
+/// Where an operand of a linear-layer product comes from (see [`CudaEngine::mm`]).
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    /// An fp32 activation; the bf16 mode rounds it into scratch first.
+    Act(u64),
+    /// The parameter tensor at this offset of the layout (bf16 mode: its bf16 copy).
+    Param(usize),
+    /// An fp32 tensor (first) already rounded to bf16 (second) by [`CudaEngine::rounded`].
+    Rounded(u64, u64),
+}
+
+/// A linear-layer product operand: source, used transposed or not, row stride.
+#[derive(Clone, Copy, Debug)]
+struct Lin {
+    src: Src,
+    trans: bool,
+    ld: usize,
+}
+
+impl Lin {
+    fn n(src: Src, ld: usize) -> Lin {
+        Lin {
+            src,
+            trans: false,
+            ld,
+        }
+    }
+    fn t(src: Src, ld: usize) -> Lin {
+        Lin {
+            src,
+            trans: true,
+            ld,
+        }
+    }
+}
 
 fn cuda_err(e: CudaError) -> EngineError {
     EngineError::Other(format!("CUDA: {e}"))
@@ -149,11 +226,12 @@ impl Acts {
     }
 }
 
-/// The float32 CUDA engine. See the module docs.
+/// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
     decode: Option<DecodeState>,
+    bf: Option<Bf16State>,
     acts: Option<Acts>,
     params: Buf,
     grads: Buf,
@@ -193,8 +271,20 @@ fn merge_runs(runs: Vec<(usize, usize, bool)>) -> Vec<(usize, usize, bool)> {
 }
 
 impl CudaEngine {
-    /// An engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
+    /// A float32 engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
     pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, device: usize) -> Result<Self> {
+        Self::with_precision(cfg, params, seed, device, Precision::F32)
+    }
+
+    /// An engine on GPU `device` over `params` computing its linear layers in `precision`.
+    /// bf16 needs a GPU of compute capability 8.0 or newer.
+    pub fn with_precision(
+        cfg: GptConfig,
+        params: Vec<f32>,
+        seed: u64,
+        device: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         let layout = super::layout_for(&cfg, params.len())?;
         let stack: &'static Stack = stack::stack().map_err(EngineError::Other)?;
         let Some(info) = stack.gpus.get(device) else {
@@ -205,9 +295,17 @@ impl CudaEngine {
                 stack.gpus.len().saturating_sub(1)
             )));
         };
+        let (ma, mi) = info.compute_capability;
+        if precision == Precision::Bf16 && ma < 8 {
+            return Err(EngineError::Other(format!(
+                "device=cuda:{device} dtype=bfloat16: {} is sm_{ma}{mi}, and bf16 matrix \
+                 products need sm_80 or newer (A100, RTX 30xx, H100 and later); use \
+                 dtype=float32 on this GPU",
+                info.name.trim()
+            )));
+        }
         let ctx = stack.driver.context(device).map_err(cuda_err)?;
         let stream = ctx.stream().map_err(cuda_err)?;
-        let (ma, mi) = info.compute_capability;
         let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
         let k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
         let blas = Sgemm::new(&stack.cublas, &stream).map_err(|e| {
@@ -234,8 +332,35 @@ impl CudaEngine {
         let m = zeros("AdamW first moments")?;
         let v = zeros("AdamW second moments")?;
         let norm_parts = ctx.alloc(8 * NORM_PARTS).map_err(cuda_err)?;
-        let name = format!("cuda:{device} ({}, sm_{ma}{mi}, fp32)", info.name.trim());
-        Ok(CudaEngine {
+        let bf = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let lt = MatmulCache::new(&stack.cublaslt, LT_WORKSPACE).map_err(|e| {
+                    EngineError::Other(format!(
+                        "CUDA: {e}; {} (run `nanogpt doctor` for details)",
+                        crate::cuda::discover::LibKind::CublasLt.advice()
+                    ))
+                })?;
+                Some(Bf16State {
+                    lt,
+                    workspace: ctx
+                        .alloc(LT_WORKSPACE)
+                        .map_err(|e| oom("cuBLASLt workspace", e))?,
+                    params: ctx
+                        .alloc(2 * total)
+                        .map_err(|e| oom("bf16 parameter copy", e))?,
+                    scratch: [RefCell::new(None), RefCell::new(None)],
+                    warned: Cell::new(false),
+                })
+            }
+        };
+        let tag = match precision {
+            Precision::F32 => "fp32",
+            Precision::Bf16 => "bf16",
+        };
+        let name = format!("cuda:{device} ({}, sm_{ma}{mi}, {tag})", info.name.trim());
+        let engine = CudaEngine {
+            bf,
             acts: None,
             params: p,
             grads,
@@ -255,7 +380,158 @@ impl CudaEngine {
             rng: Rng::derive(seed, 0xD50F),
             decode: None,
             name,
+        };
+        engine.refresh_bf16_params().map_err(cuda_err)?;
+        Ok(engine)
+    }
+
+    /// The arithmetic of the linear layers and the LM head.
+    pub fn precision(&self) -> Precision {
+        if self.bf.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// The product shapes the bf16 mode computed in fp32 because cuBLASLt has no bf16
+    /// algorithm for them (empty in fp32 mode).
+    pub fn gemm_fallbacks(&self) -> Vec<String> {
+        self.bf
+            .as_ref()
+            .map_or_else(Vec::new, |bf| bf.lt.unsupported())
+    }
+
+    /// (shapes planned on cuBLASLt, shapes computed in fp32 instead); (0, 0) in fp32 mode.
+    pub fn lt_plan_counts(&self) -> (usize, usize) {
+        self.bf.as_ref().map_or((0, 0), |bf| bf.lt.counts())
+    }
+
+    /// bf16 mode: rounds the fp32 parameters into their bf16 copy (no-op in fp32).
+    fn refresh_bf16_params(&self) -> CResult<()> {
+        let Some(bf) = &self.bf else {
+            return Ok(());
+        };
+        self.ctx.make_current()?;
+        self.cast_bf16(bf.params.ptr, self.params.ptr, self.layout.total)?;
+        self.stream.synchronize()
+    }
+
+    fn cast_bf16(&self, out: u64, inp: u64, n: usize) -> CResult<()> {
+        self.run(
+            self.k.cast_f32_to_bf16,
+            grid_1d(n),
+            &[Arg::Ptr(out), Arg::Ptr(inp), Arg::I64(n as i64)],
+        )
+    }
+
+    /// bf16 scratch `slot` with room for `elems` values, grown (after the stream has
+    /// finished with the old buffer) when too small.
+    fn scratch(&self, bf: &Bf16State, slot: usize, elems: usize) -> CResult<u64> {
+        let mut cell = bf.scratch[slot].borrow_mut();
+        if cell.as_ref().is_none_or(|b| b.bytes < 2 * elems) {
+            self.stream.synchronize()?;
+            *cell = None;
+            *cell = Some(self.ctx.alloc(2 * elems)?);
+        }
+        Ok(cell.as_ref().expect("scratch allocated just above").ptr)
+    }
+
+    /// The fp32 tensor at `ptr` (`elems` values) as a product operand; the bf16 mode rounds
+    /// it once into the gradient scratch, for use by several products.
+    fn rounded(&self, ptr: u64, elems: usize) -> CResult<Src> {
+        let Some(bf) = &self.bf else {
+            return Ok(Src::Act(ptr));
+        };
+        let q = self.scratch(bf, SLOT_GRAD, elems)?;
+        self.cast_bf16(q, ptr, elems)?;
+        Ok(Src::Rounded(ptr, q))
+    }
+
+    /// The bf16 address of operand `o`, stored `rows x cols` with row stride `o.ld`.
+    fn bf16_operand(&self, bf: &Bf16State, o: Lin, (rows, cols): (usize, usize)) -> CResult<u64> {
+        Ok(match o.src {
+            Src::Param(off) => bf.params.ptr + 2 * off as u64,
+            Src::Rounded(_, q) => q,
+            Src::Act(p) => {
+                let n = MatmulShape::extent(rows, cols, o.ld);
+                let q = self.scratch(bf, SLOT_ACT, n)?;
+                self.cast_bf16(q, p, n)?;
+                q
+            }
         })
+    }
+
+    /// The one GEMM entry point of the linear layers and the LM head: row-major
+    /// `C (m x n, fp32, row stride ldc) = op(A) op(B) + beta C`. fp32: cuBLAS sgemm on the
+    /// fp32 tensors. bf16: cuBLASLt on bf16 copies (parameters: the bf16 copy; activations:
+    /// rounded into scratch) with fp32 accumulation and fp32 C. At most one operand may be
+    /// an [`Src::Act`] (one activation scratch slot).
+    #[allow(clippy::too_many_arguments)]
+    fn mm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Lin,
+        b: Lin,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> CResult<()> {
+        let fp32 = |o: Lin| Operand {
+            ptr: match o.src {
+                Src::Act(p) | Src::Rounded(p, _) => p,
+                Src::Param(off) => self.p(off),
+            },
+            trans: o.trans,
+            ld: o.ld,
+            stride: 0,
+        };
+        let sgemm = || self.gemm(m, n, k, fp32(a), fp32(b), beta, Operand::n(c, ldc), 1);
+        let Some(bf) = &self.bf else {
+            return sgemm();
+        };
+        debug_assert!(
+            !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
+            "one activation scratch slot: at most one Src::Act operand per product"
+        );
+        let shape = MatmulShape {
+            m,
+            n,
+            k,
+            trans_a: a.trans,
+            trans_b: b.trans,
+            lda: a.ld,
+            ldb: b.ld,
+            ldc,
+            ab: ElemType::Bf16,
+            c: ElemType::F32,
+            align: [0; 3],
+        };
+        crate::cuda::cublaslt::col_major(&shape)?;
+        let [sa, sb, _] = shape.stored();
+        let pa = self.bf16_operand(bf, a, sa)?;
+        let pb = self.bf16_operand(bf, b, sb)?;
+        // SAFETY: pa, pb and c cover the shape (bf16 copies of the fp32 operands the caller
+        // passed, and the caller's fp32 C); the workspace holds LT_WORKSPACE bytes.
+        let ran = unsafe {
+            bf.lt
+                .matmul(shape, 1.0, pa, pb, beta, c, bf.workspace.ptr, &self.stream)?
+        };
+        match ran {
+            Ran::Lt => Ok(()),
+            Ran::Unsupported => {
+                if !bf.warned.replace(true) {
+                    eprintln!(
+                        "note: cuBLASLt has no bf16 algorithm for {}; such products run in \
+                         fp32",
+                        crate::cuda::cublaslt::describe(&shape)
+                    );
+                }
+                sgemm()
+            }
+        }
     }
 
     // ---------------------------------------------------------------- small helpers
@@ -377,15 +653,15 @@ impl CudaEngine {
                 Arg::I32(oc as i32),
             ],
         )?;
-        self.gemm(
+        self.mm(
             rows,
             oc,
             ic,
-            Operand::n(inp, ic),
-            Operand::n(self.p(w), oc),
+            Lin::n(Src::Act(inp), ic),
+            Lin::n(Src::Param(w), oc),
             1.0,
-            Operand::n(out, oc),
-            1,
+            out,
+            oc,
         )
     }
 
@@ -403,28 +679,29 @@ impl CudaEngine {
         rows: usize,
         scratch: u64,
     ) -> CResult<()> {
-        self.gemm(
+        let d = self.rounded(dout, rows * oc)?;
+        self.mm(
             ic,
             oc,
             rows,
-            Operand::t(inp, ic),
-            Operand::n(dout, oc),
+            Lin::t(Src::Act(inp), ic),
+            Lin::n(d, oc),
             1.0,
-            Operand::n(self.g(w), oc),
-            1,
+            self.g(w),
+            oc,
         )?;
         if let Some(bo) = b {
             self.colsum_add(self.g(bo), dout, rows, oc, scratch)?;
         }
-        self.gemm(
+        self.mm(
             rows,
             ic,
             oc,
-            Operand::n(dout, oc),
-            Operand::t(self.p(w), oc),
+            Lin::n(d, oc),
+            Lin::t(Src::Param(w), oc),
             0.0,
-            Operand::n(dinp, ic),
-            1,
+            dinp,
+            ic,
         )
     }
 
@@ -792,15 +1069,15 @@ impl CudaEngine {
             n,
         )?;
         let v = cfg.vocab_size;
-        self.gemm(
+        self.mm(
             n,
             v,
             c,
-            Operand::n(a.lnf.ptr, c),
-            Operand::t(self.p(lay.wte), c),
+            Lin::n(Src::Act(a.lnf.ptr), c),
+            Lin::t(Src::Param(lay.wte), c),
             0.0,
-            Operand::n(a.logits.ptr, v),
-            1,
+            a.logits.ptr,
+            v,
         )
     }
 
@@ -811,25 +1088,26 @@ impl CudaEngine {
         let lay = &self.layout;
         let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf
-        self.gemm(
+        let dlogits = self.rounded(a.logits.ptr, n * v)?;
+        self.mm(
             n,
             c,
             v,
-            Operand::n(a.logits.ptr, v),
-            Operand::n(self.p(lay.wte), c),
+            Lin::n(dlogits, v),
+            Lin::n(Src::Param(lay.wte), c),
             0.0,
-            Operand::n(a.dln.ptr, c),
-            1,
+            a.dln.ptr,
+            c,
         )?;
-        self.gemm(
+        self.mm(
             v,
             c,
             n,
-            Operand::t(a.logits.ptr, v),
-            Operand::n(a.lnf.ptr, c),
+            Lin::t(dlogits, v),
+            Lin::n(Src::Act(a.lnf.ptr), c),
             1.0,
-            Operand::n(self.g(lay.wte), c),
-            1,
+            self.g(lay.wte),
+            c,
         )?;
         a.dres.zero()?;
         let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
@@ -1077,6 +1355,11 @@ impl CudaEngine {
                     Arg::F32(hp.eps),
                     Arg::F32(step_size),
                     Arg::F32(bc2_sqrt),
+                    Arg::Ptr(
+                        self.bf
+                            .as_ref()
+                            .map_or(0, |bf| bf.params.ptr + 2 * off as u64),
+                    ),
                 ],
             )?;
         }
@@ -1171,6 +1454,9 @@ impl Engine for CudaEngine {
     }
     fn set_params(&mut self, params: &[f32]) {
         self.upload(&self.params, params, "parameters");
+        if let Err(e) = self.refresh_bf16_params() {
+            panic!("CUDA error while refreshing the bf16 parameter copy: {e}");
+        }
     }
     fn grads(&self) -> Vec<f32> {
         if self.host_grads_dirty {
