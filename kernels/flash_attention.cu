@@ -391,3 +391,209 @@ flash_attn_bwd_dq_f32(const float* __restrict__ qkv, const float* __restrict__ d
         }
     }
 }
+
+// --------------------------------------------------------------------------- forward bf16
+//
+// Tensor-core forward: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA,
+// "Warp-level matrix multiply-accumulate instructions", sm_80+): D (16x8, f32) =
+// A (16x16, bf16, row) * B (16x8, bf16, col) + C. Fragment layouts, from the ISA's
+// "Matrix fragments for mma.m16n8k16 with floating point type", with
+// g = laneid >> 2 (groupID) and q = laneid & 3 (threadID_in_group):
+//   A: four .b32 registers of two bf16 each (element with the lower column in the low
+//      16 bits): a0 = A[g][2q, 2q+1], a1 = A[g+8][2q, 2q+1], a2 = A[g][2q+8, 2q+9],
+//      a3 = A[g+8][2q+8, 2q+9].
+//   B: two .b32 registers: b0 = B[2q, 2q+1][g] (rows k = 2q and 2q+1 of column n = g),
+//      b1 = B[2q+8, 2q+9][g].
+//   C, D: four f32: c0 = C[g][2q], c1 = C[g][2q+1], c2 = C[g+8][2q], c3 = C[g+8][2q+1].
+//
+// S = Q K^T: A = a 16-row slice of Q (k along the head dimension), B[k][n] = K[n][k], so
+// b0 is the pair K[n0+g][k0+2q, +1], contiguous in a row-major K tile. O += P V: A = P,
+// taken straight from the S accumulators (the C layout of two adjacent n-tiles is the A
+// layout of one 16-wide k chunk: a0 = S[2kc].c0,c1, a1 = S[2kc].c2,c3, a2 = S[2kc+1].c0,c1,
+// a3 = S[2kc+1].c2,c3), and B[k][n] = V[key k][d n], so V is stored transposed (Vt[d][key])
+// to make b0 the contiguous pair Vt[d0+g][kk+2q, +1]. Each warp owns 16 query rows; each
+// lane holds rows g and g+8 of them, so row max and row sum reduce over the 4 lanes of a
+// group (shuffles with xor 1 and 2). Inputs are rounded to bf16 (nearest even) when tiles
+// are loaded; scores, softmax, P's row sums and O stay fp32 (P is rounded to bf16 only as
+// the A operand of P V).
+
+#define FB_ROWS 64   // query rows per block (4 warps x 16)
+#define FB_KEYS 64   // keys per tile
+#define FB_THREADS 128
+#define FB_KPAD 8    // bf16 padding per shared row (conflict-free fragment loads)
+
+#ifndef FA_STATIC_SHARED
+#define FA_STATIC_SHARED __shared__
+#endif
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN).
+__device__ __forceinline__ unsigned short fa_f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ unsigned fa_pack_bf16(float lo, float hi) {
+    return (unsigned)fa_f2bf(lo) | ((unsigned)fa_f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) {
+    return *reinterpret_cast<const unsigned*>(p);
+}
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2,
+                                            unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
+                    float* __restrict__ lse, int T, int C, int NH, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    // K tile (row-major, also stages Q once) and V tile (transposed), bf16 bits.
+    FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (FA_MAX_HS + FB_KPAD)];
+    FA_STATIC_SHARED __align__(16) unsigned short Vt[FA_MAX_HS * (FB_KEYS + FB_KPAD)];
+    const int hs = C / NH, ldk = hs + FB_KPAD, ldv = FB_KEYS + FB_KPAD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+
+    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
+    for (int i = tid; i < FB_ROWS * hs; i += FB_THREADS) {
+        int r = i / hs, d = i - r * hs, t = q0 + r;
+        Ks[r * ldk + d] = fa_f2bf(t < T ? qb[(long long)t * c3 + d] : 0.0f);
+    }
+    __syncthreads();
+    unsigned qf[FA_MAX_HS / 16][4];
+    const int wr = warp * 16;  // this warp's first row in the tile
+#pragma unroll
+    for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+        if (kc * 16 < hs) {
+            const unsigned short* p = Ks + (wr + g) * ldk + kc * 16 + 2 * q;
+            qf[kc][0] = fa_ld32(p);
+            qf[kc][1] = fa_ld32(p + 8 * ldk);
+            qf[kc][2] = fa_ld32(p + 8);
+            qf[kc][3] = fa_ld32(p + 8 * ldk + 8);
+        }
+    }
+    float o[FA_MAX_HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
+    // Running max and sum of rows g and g+8 of this warp's slice.
+    float m[2] = {fa_neg_inf(), fa_neg_inf()}, l[2] = {0.0f, 0.0f};
+    int qrow[2];
+    qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
+    qrow[1] = min(q0 + wr + g + 8, T - 1);
+
+    const int kend = min(T, q0 + FB_ROWS);
+    for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
+        __syncthreads();  // Q staging / the previous tile's fragment loads are done
+        for (int i = tid; i < FB_KEYS * hs; i += FB_THREADS) {
+            int r = i / hs, d = i - r * hs, t = k0 + r;
+            bool in = t < T;
+            Ks[r * ldk + d] = fa_f2bf(in ? qb[(long long)t * c3 + C + d] : 0.0f);
+            Vt[d * ldv + r] = fa_f2bf(in ? qb[(long long)t * c3 + 2 * C + d] : 0.0f);
+        }
+        __syncthreads();
+        // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
+        float s[FB_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+                if (kc * 16 < hs) {
+                    const unsigned short* p = Ks + (nt * 8 + g) * ldk + kc * 16 + 2 * q;
+                    fa_mma_bf16(s[nt], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], fa_ld32(p),
+                                fa_ld32(p + 8));
+                }
+            }
+        }
+        // Scale, mask, online softmax (element e is row g + 8*(e>>1), key 2q + (e&1)).
+        float mx[2] = {fa_neg_inf(), fa_neg_inf()};
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kj = k0 + nt * 8 + 2 * q + (e & 1);
+                float v = kj <= qrow[e >> 1] ? s[nt][e] * scale : fa_neg_inf();
+                s[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 is in the first tile
+            alpha[r] = expf(m[r] - m_new);
+            m[r] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = expf(s[nt][e] - m[e >> 1]);
+                s[nt][e] = p;
+                sum[e >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+            l[r] = l[r] * alpha[r] + sum[r];
+        }
+#pragma unroll
+        for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+        // O += P V: 4 chunks of 16 keys, hs/8 n-tiles of the head dimension.
+#pragma unroll
+        for (int kc = 0; kc < FB_KEYS / 16; kc++) {
+            unsigned a0 = fa_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+            unsigned a1 = fa_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+            unsigned a2 = fa_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            unsigned a3 = fa_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+                if (dt * 8 < hs) {
+                    const unsigned short* p = Vt + (dt * 8 + g) * ldv + kc * 16 + 2 * q;
+                    fa_mma_bf16(o[dt], a0, a1, a2, a3, fa_ld32(p), fa_ld32(p + 8));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = q0 + wr + g + 8 * r;
+        if (t < T) {
+            float inv = 1.0f / l[r];
+            float* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
+#pragma unroll
+            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+                if (dt * 8 < hs) {
+                    yr[dt * 8 + 2 * q] = o[dt][2 * r] * inv;
+                    yr[dt * 8 + 2 * q + 1] = o[dt][2 * r + 1] * inv;
+                }
+            }
+            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
+        }
+    }
+#endif
+}

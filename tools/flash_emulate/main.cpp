@@ -22,7 +22,7 @@ int main() {
     std::vector<Case> cases = {
         {1, 1, 1, 16, 32, 32, 32}, {2, 7, 2, 16, 32, 32, 32}, {1, 64, 2, 64, 32, 32, 32},
         {2, 100, 2, 64, 32, 16, 16}, {1, 100, 1, 128, 32, 16, 16}, {1, 37, 3, 24, 16, 8, 8},
-        {1, 70, 1, 40, 32, 32, 16},
+        {1, 70, 1, 40, 32, 32, 16}, {1, 150, 2, 32, 32, 32, 32},
     };
     int failures = 0;
     std::mt19937_64 rng(7);
@@ -92,8 +92,19 @@ int main() {
         emulate({nt, (unsigned)NH, (unsigned)B}, 256, [&] {
             flash_attn_bwd_dq_f32(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), T, C, NH, cs.bt, scale);
         });
+        bool bf16 = hs % 16 == 0;
+        double ey16 = 0, el16 = 0;
+        if (bf16) {
+            std::vector<float> y16(dy.size(), NAN), lse16(lse_ref.size(), NAN);
+            emulate({(unsigned)(T + 63) / 64, (unsigned)NH, (unsigned)B}, 128, [&] {
+                flash_attn_fwd_bf16(qkv.data(), y16.data(), lse16.data(), T, C, NH, scale);
+            });
+            ey16 = rel(y16, y_ref);
+            el16 = rel(lse16, lse_ref);
+        }
         double ey = rel(y, y_ref), el = rel(lse, lse_ref), eg = rel(dqkv, dqkv_ref);
-        bool ok = ey < 1e-4 && el < 1e-4 && eg < 1e-4;  // NaN fails too
+        bool ok = ey < 1e-4 && el < 1e-4 && eg < 1e-4 && ey16 < 2e-2 && el16 < 2e-2;  // NaN fails
+        if (bf16) std::printf("     bf16 forward: y %.2e lse %.2e\n", ey16, el16);
         failures += !ok;
         std::printf("%s B=%d T=%d NH=%d hs=%d br=%d bc=%d bt=%d: y %.2e lse %.2e dqkv %.2e\n",
                     ok ? "ok  " : "FAIL", B, T, NH, hs, cs.br, cs.bc, cs.bt, ey, el, eg);
