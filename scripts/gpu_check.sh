@@ -22,6 +22,8 @@
 #                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure)
 #      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
 #      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
+#      flash       cuda_flash (fused attention vs float64 and the plain path, then its
+#                  kernel timings with --ignored)                        -> cuda_flash.log
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
 #    The script exits 0 only when every step exited 0.
 #
@@ -37,6 +39,8 @@ if [ "${1:-}" = "--stage" ]; then
     test_bin=$(ls -t target/release/deps/cuda_engine-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/nanogpt" target/release/nanogpt
     strip --strip-debug -o "$dest/cuda_engine" "$test_bin"
+    flash_bin=$(ls -t target/release/deps/cuda_flash-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_flash" "$flash_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -88,9 +92,15 @@ step bench-124m "$out/bench_124m.log" "$bin/nanogpt" bench --device=cuda --dtype
     --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
     --iters=10 --warmup=2
 
+if [ -x "$bin/cuda_flash" ]; then
+    step flash "$out/cuda_flash.log" sh -c "NANOGPT_REQUIRE_GPU=1 \"$bin/cuda_flash\" --test-threads=1 --nocapture && \"$bin/cuda_flash\" --ignored --nocapture flash_attention_timing"
+else
+    echo "flash skipped: $bin/cuda_flash missing (re-run --stage)" | tee -a "$summary" >&2
+fi
+
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log bench_small.log bench_124m.log; do
+for f in cuda_engine.log bench_small.log bench_124m.log cuda_flash.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 
 /// (file name, source) of every kernel family the engine uses.
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     (
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
@@ -37,6 +37,10 @@ pub const SOURCES: [(&str, &str); 6] = [
         include_str!("../../../kernels/cross_entropy.cu"),
     ),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
+    (
+        "flash_attention.cu",
+        include_str!("../../../kernels/flash_attention.cu"),
+    ),
 ];
 
 /// NVRTC options for every engine kernel.
@@ -190,6 +194,11 @@ kernel_table!(
     sumsq_parts,
     scale_inplace,
     adamw_update,
+    flash_attn_fwd_f32,
+    flash_attn_fwd_bf16,
+    flash_attn_bwd_dot,
+    flash_attn_bwd_dkdv_f32,
+    flash_attn_bwd_dq_f32,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.

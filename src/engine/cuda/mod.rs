@@ -27,6 +27,7 @@
 //! Trait methods without a `Result` (`step`, `params`, `grads`, ...) panic with the CUDA
 //! error if the GPU fails underneath them (a lost device cannot be recovered from).
 
+pub mod flash;
 pub mod kernels;
 pub mod stack;
 
