@@ -6,33 +6,34 @@
 #
 #      scripts/gpu_check.sh --stage
 #
-#    which runs `cargo build --release --tests` and copies, stripped of debug info (the
-#    debug builds are over 100 MB each), target/release/nanogpt and the newest
-#    target/release/deps/cuda_engine-<hash> test binary to target/gpu-check/ as
-#    `nanogpt` and `cuda_engine`. Carry target/gpu-check/ (about 21 MB) together with the
-#    repository copy: the tests read tests/fixtures/ relative to the working directory.
+#    which runs `cargo build --release --tests` and copies, stripped of debug info,
+#    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash and nccl test
+#    binaries (target/release/deps/<name>-<hash>) to target/gpu-check/. Carry
+#    target/gpu-check/ together with the repository copy: the tests read tests/fixtures/
+#    relative to the working directory.
 #
 # 2. On the GPU machine, from the repository root:
 #
 #      scripts/gpu_check.sh OUTDIR
 #
-#    Steps (each one runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt):
-#      doctor      nanogpt doctor --require-gpu --json      -> doctor.json, doctor.stderr
-#      tests       cuda_engine --test-threads=1 --nocapture -> cuda_engine.log
-#                  with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure); covers
-#                  float32 and bf16 (bf16_* tests: the bf16 engine against the CPU engine)
-#      nccl        nccl --test-threads=1 --nocapture        -> nccl.log
-#                  NCCL process group (1 rank; 2 ranks when 2+ GPUs), NANOGPT_REQUIRE_GPU=1,
-#                  NANOGPT_BIN=<bin>/nanogpt for the tests that start processes
-#      bench-small nanogpt bench, 6 layers x 384, T=256, B=32, float32 -> bench_small.log
-#      bench-124m  nanogpt bench, gpt2 124M, T=1024, B=8, float32       -> bench_124m.log
-#      bench-124m-bf16  the same in bf16 mixed precision            -> bench_124m_bf16.log
-#      tests-decode cuda_decode (KV-cache decoding vs the CPU engine), like tests
-#                                                               -> cuda_decode.log
-#      sample-*    `nanogpt sample` speed with the KV cache: a gpt2-sized model (12 x 768,
-#                  block_size 1024, character vocabulary) trained for 2 iterations on this
-#                  repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
-#                  1 x 200 on the CPU -> sample_*.log ("generated N tokens in S s (R tokens/s")
+#    Steps, most important first, each run even if an earlier one failed, within a total
+#    time budget (GPU_CHECK_BUDGET, default 520 s); exit codes go to OUTDIR/summary.txt.
+#    Test binaries run with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure):
+#      doctor          nanogpt doctor --require-gpu --json       -> doctor.json, doctor.stderr
+#      tests           cuda_engine: fp32 and bf16 engines vs the PyTorch fixtures and the
+#                      CPU engine                                 -> cuda_engine.log
+#      tests-decode    cuda_decode: KV-cache decoding vs the CPU engine -> cuda_decode.log
+#      flash           cuda_flash: fused attention vs float64 and the plain path
+#                                                                 -> cuda_flash.log
+#      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
+#      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
+#      bench-124m      the same in float32                        -> bench_124m.log
+#      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
+#      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
+#      sample-*        `nanogpt sample` speed with the KV cache: a gpt2-sized model (12 x 768,
+#                      block 1024, character vocabulary) trained 2 iterations on this
+#                      repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
+#                      1 x 200 on the CPU -> sample_*.log ("generated N tokens ... tokens/s")
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
 #    The script exits 0 only when every step exited 0.
 #
@@ -52,6 +53,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_decode" "$decode_bin"
     nccl_bin=$(ls -t target/release/deps/nccl-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/nccl" "$nccl_bin"
+    flash_bin=$(ls -t target/release/deps/cuda_flash-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_flash" "$flash_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -68,7 +71,7 @@ bin=${NANOGPT_BIN_DIR:-target/gpu-check}
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
-for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/nccl"; do
+for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -76,13 +79,25 @@ for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/nccl"; do
 done
 export XDG_CACHE_HOME="$out/kernel-cache"
 status=0
+# Steps run in order of importance within a total budget (GPU_CHECK_BUDGET seconds, default
+# 520): a step gets at most its own limit and never more than what is left; steps past the
+# budget are listed as skipped.
+budget=${GPU_CHECK_BUDGET:-520}
+started=$(date +%s)
 
-step() { # name, logfile, command...
-    local name=$1 log=$2
-    shift 2
+step() { # name, limit seconds, logfile, command...
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local left=$(( budget - ($(date +%s) - started) ))
+    if [ $left -lt 15 ]; then
+        echo "$name skipped: time budget spent" | tee -a "$summary" >&2
+        status=1
+        return
+    fi
+    [ $limit -le $left ] || limit=$left
     local t0=$(date +%s)
-    echo "== $name: $*" >&2
-    timeout 420 "$@" > "$log" 2>&1
+    echo "== $name (limit ${limit}s): $*" >&2
+    timeout "$limit" "$@" > "$log" 2>&1
     local rc=$?
     local dt=$(( $(date +%s) - t0 ))
     echo "$name rc=$rc ${dt}s log=$log" | tee -a "$summary" >&2
@@ -94,43 +109,50 @@ step() { # name, logfile, command...
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
 } > "$out/machine.txt"
 
-step doctor "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
-step tests "$out/cuda_engine.log" env NANOGPT_REQUIRE_GPU=1 "$bin/cuda_engine" --test-threads=1 --nocapture
-step nccl "$out/nccl.log" env NANOGPT_REQUIRE_GPU=1 NANOGPT_BIN="$(cd "$bin" && pwd)/nanogpt" \
-    "$bin/nccl" --test-threads=1 --nocapture
-step bench-small "$out/bench_small.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
-    --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=32 --vocab_size=65 \
-    --iters=10 --warmup=2
-step bench-124m "$out/bench_124m.log" "$bin/nanogpt" bench --device=cuda --dtype=float32 \
-    --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
-    --iters=10 --warmup=2
-step bench-124m-bf16 "$out/bench_124m_bf16.log" "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 \
-    --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024 \
-    --iters=10 --warmup=2
+gpu_test() { # name, limit, binary, log
+    step "$1" "$2" "$out/$4" env NANOGPT_REQUIRE_GPU=1 NANOGPT_BIN="$(cd "$bin" && pwd)/nanogpt" \
+        "$bin/$3" --test-threads=1 --nocapture
+}
+bench() { # name, limit, log, dtype, model flags...
+    local name=$1 limit=$2 log=$3 dtype=$4
+    shift 4
+    step "$name" "$limit" "$out/$log" "$bin/nanogpt" bench --device=cuda --dtype="$dtype" \
+        --iters=10 --warmup=2 "$@"
+}
+gpt2=(--n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024)
 
-step tests-decode "$out/cuda_decode.log" env NANOGPT_REQUIRE_GPU=1 "$bin/cuda_decode" --test-threads=1 --nocapture
+step doctor 90 "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
+gpu_test tests 150 cuda_engine cuda_engine.log
+gpu_test tests-decode 90 cuda_decode cuda_decode.log
+gpu_test flash 90 cuda_flash cuda_flash.log
+gpu_test nccl 60 nccl nccl.log
+bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
+bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
+step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
+bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
+    --batch_size=32 --vocab_size=65
 cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"
-step sample-prepare "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
+step sample-prepare 20 "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
     --input "$out/sample_corpus.txt" --out_dir "$out/sample-data"
-step sample-train "$out/sample_train.log" "$bin/nanogpt" train --data_dir="$out/sample-data" \
-    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --n_layer=12 --n_head=12 \
+step sample-train 60 "$out/sample_train.log" "$bin/nanogpt" train --data_dir="$out/sample-data" \
+    --out_dir="$out/sample-run" --device=cuda --dtype=bfloat16 --n_layer=12 --n_head=12 \
     --n_embd=768 --block_size=1024 --batch_size=2 --gradient_accumulation_steps=1 --max_iters=2 \
     --eval_interval=2 --eval_iters=1 --log_interval=1 --always_save_checkpoint=True --dropout=0.0 \
     --warmup_iters=1 --lr_decay_iters=2
-step sample-cuda-1x2000 "$out/sample_cuda_1x2000.log" "$bin/nanogpt" sample \
+step sample-cuda-1x2000 60 "$out/sample_cuda_1x2000.log" "$bin/nanogpt" sample \
     --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=1 \
     --max_new_tokens=2000 --seed=1
-step sample-cuda-8x1000 "$out/sample_cuda_8x1000.log" "$bin/nanogpt" sample \
+step sample-cuda-8x1000 60 "$out/sample_cuda_8x1000.log" "$bin/nanogpt" sample \
     --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=8 \
     --max_new_tokens=1000 --seed=1
-step sample-cpu-1x200 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
+step sample-cpu-1x200 40 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
     --out_dir="$out/sample-run" --device=cpu --num_samples=1 --max_new_tokens=200 --seed=1
 grep -h "tokens/s" "$out"/sample_c*.log >> "$summary" 2>/dev/null
 rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 GB checkpoint
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_decode.log nccl.log bench_small.log bench_124m.log bench_124m_bf16.log; do
+for f in cuda_engine.log cuda_decode.log cuda_flash.log nccl.log bench_124m_bf16.log bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 
 /// (file name, source) of every kernel family the engine uses.
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 9] = [
     (
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
@@ -39,6 +39,10 @@ pub const SOURCES: [(&str, &str); 8] = [
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
     ("decode.cu", include_str!("../../../kernels/decode.cu")),
     ("cast.cu", include_str!("../../../kernels/cast.cu")),
+    (
+        "flash_attention.cu",
+        include_str!("../../../kernels/flash_attention.cu"),
+    ),
 ];
 
 /// NVRTC options for every engine kernel.
@@ -195,6 +199,11 @@ kernel_table!(
     decode_kv_append,
     decode_attention,
     cast_f32_to_bf16,
+    flash_attn_fwd_f32,
+    flash_attn_fwd_bf16,
+    flash_attn_bwd_dot,
+    flash_attn_bwd_dkdv_f32,
+    flash_attn_bwd_dq_f32,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.

@@ -45,6 +45,7 @@
 //! error if the GPU fails underneath them (a lost device cannot be recovered from).
 
 mod decode;
+pub mod flash;
 pub mod kernels;
 pub mod stack;
 

@@ -1,0 +1,599 @@
+// flash_attention.cu: fused causal self-attention (flash-attention style): the T x T
+// score matrix is never written to memory. Scores are computed tile by tile in shared
+// memory, softmax runs online (running max and sum per query row, fp32), and the backward
+// pass recomputes the probabilities from Q, K and the forward's per-row logsumexp.
+//
+// Layout (the engine's): qkv is (B*T, 3C) fp32 row-major, q | k | v, head h in columns
+// h*hs .. h*hs+hs of each third (hs = C / NH, at most 128). The output y (B*T, C) holds the
+// heads side by side; lse (B, NH, T) holds logsumexp_j(scale * q_i . k_j) over j <= i.
+// dqkv (B*T, 3C) receives dq | dk | dv (overwritten, every element of the first T rows).
+// scale is 1/sqrt(hs). Causal: query i attends to keys j <= i. No attention dropout.
+//
+// All kernels: 256 threads (8 warps) per block, one block per (tile, head, batch row):
+// grid (ceil(T / tile rows), NH, B). Tile sizes are launch arguments (multiples of 8, at
+// most 32), chosen with the dynamic shared memory size by src/engine/cuda/flash.rs.
+// Rows past T are loaded as zeros and never written.
+//
+// flash_attn_fwd_f32(qkv, y, lse, T, C, NH, br, bc, scale)           fp32 SIMT
+//   Block: br query rows; loops over key tiles of bc rows up to the causal limit.
+//   Shared floats: br*(hs+1) [Q] + bc*(hs+1) [K] + bc*hs [V] + br*(bc+1) [S/P] + 3*br.
+//
+// flash_attn_fwd_bf16(qkv, y, lse, T, C, NH, scale)                  bf16 tensor cores
+//   Same contract with bf16 inputs to the products (fp32 accumulation and softmax); needs
+//   sm_80+, hs a multiple of 16 and at most 128; 64 query rows per block (16 per warp),
+//   key tiles of 64. Shared: static (see the kernel), no dynamic shared memory.
+//
+// flash_attn_bwd_dot(y, dy, dvec, B, T, C, NH)
+//   dvec[(b*NH+h)*T+t] = sum_d y[.., h*hs+d] * dy[.., h*hs+d]  (the D of the backward).
+//   One warp per row; block 256 (8 rows), grid ceil(B*NH*T / 8).
+//
+// flash_attn_bwd_dkdv_f32(qkv, dy, lse, dvec, dqkv, T, C, NH, bt, scale)
+//   Block: bt keys; loops over query tiles from the diagonal to T; accumulates dk and dv
+//   in registers and writes them once. Shared floats: 4*bt*(hs+1) + 2*bt*(bt+1) + 2*bt.
+//
+// flash_attn_bwd_dq_f32(qkv, dy, lse, dvec, dqkv, T, C, NH, bt, scale)
+//   Block: bt queries; loops over key tiles up to the diagonal; accumulates dq in
+//   registers. dq gets its own pass (recomputing P and dP) instead of atomics from the
+//   dk/dv pass: every element is written exactly once, in a fixed summation order
+//   (deterministic, like the rest of the engine), and dqkv needs no zeroing first.
+//   Shared: as flash_attn_bwd_dkdv_f32.
+//
+// Backward formulas (P = softmax rows, dP = dy v^T, D_i = sum_j P_ij dP_ij = dy_i . y_i):
+//   dv = P^T dy,  dS = P * (dP - D),  dq = scale * dS k,  dk = scale * dS^T q.
+
+#define FA_THREADS 256
+#define FA_MAX_HS 128
+#define FA_DCHUNKS 4  // FA_MAX_HS / 32: head-dimension columns per lane
+#define FA_MAX_ROWS 4 // 32 / 8: tile rows per warp
+
+__device__ __forceinline__ float fa_neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float fa_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float fa_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Copies rows [r0, r0+rows) of one head's hs columns (src points at row 0, column h*hs of
+// its third; rows ld_src floats apart) into dst[r*ld_dst + d]; rows >= T become zeros.
+__device__ __forceinline__ void fa_load_tile(float* dst, int ld_dst, const float* src,
+                                             long long ld_src, int r0, int rows, int T,
+                                             int hs) {
+    for (int i = threadIdx.x; i < rows * hs; i += FA_THREADS) {
+        int r = i / hs, d = i - r * hs;
+        int t = r0 + r;
+        dst[r * ld_dst + d] = t < T ? src[(long long)t * ld_src + d] : 0.0f;
+    }
+}
+
+// --------------------------------------------------------------------------- forward fp32
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+flash_attn_fwd_f32(const float* __restrict__ qkv, float* __restrict__ y,
+                   float* __restrict__ lse, int T, int C, int NH, int br, int bc,
+                   float scale) {
+    extern __shared__ float smem[];
+    const int hs = C / NH, ld = hs + 1, lds = bc + 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // The last query tiles see the most keys: start them first.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * br;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    float* Qs = smem;
+    float* Ks = Qs + br * ld;
+    float* Vs = Ks + bc * ld;
+    float* Ss = Vs + bc * hs;
+    float* row_m = Ss + br * lds;
+    float* row_l = row_m + br;
+    float* row_a = row_l + br;
+
+    fa_load_tile(Qs, ld, qb, c3, q0, br, T, hs);
+    if (threadIdx.x < br) {
+        row_m[threadIdx.x] = fa_neg_inf();
+        row_l[threadIdx.x] = 0.0f;
+    }
+    float acc[FA_MAX_ROWS][FA_DCHUNKS];
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < FA_DCHUNKS; j++) acc[i][j] = 0.0f;
+
+    const int kend = min(T, q0 + br);  // keys [0, kend) can be seen by this tile
+    for (int k0 = 0; k0 < kend; k0 += bc) {
+        __syncthreads();  // the previous tile's readers are done
+        fa_load_tile(Ks, ld, qb + C, c3, k0, bc, T, hs);
+        fa_load_tile(Vs, hs, qb + 2 * C, c3, k0, bc, T, hs);
+        __syncthreads();
+        // S = scale * Q K^T, masked with -inf. Rows past T use the mask of row T-1, so
+        // every row sees key 0 in the first tile and its running max is finite after it.
+        for (int i = threadIdx.x; i < br * bc; i += FA_THREADS) {
+            int r = i / bc, c = i - r * bc;
+            int qi = min(q0 + r, T - 1), kj = k0 + c;
+            float s = fa_neg_inf();
+            if (kj <= qi) {
+                const float* qr = Qs + r * ld;
+                const float* kr = Ks + c * ld;
+                float dot = 0.0f;
+                for (int d = 0; d < hs; d++) dot += qr[d] * kr[d];
+                s = dot * scale;
+            }
+            Ss[r * lds + c] = s;
+        }
+        __syncthreads();
+        // Online softmax: one warp per row, one lane per key (bc <= 32).
+        for (int r = warp; r < br; r += FA_THREADS / 32) {
+            float s = lane < bc ? Ss[r * lds + lane] : fa_neg_inf();
+            float m_old = row_m[r];
+            float m_new = fmaxf(m_old, fa_warp_max(s));  // finite (see above)
+            float p = lane < bc ? expf(s - m_new) : 0.0f;
+            float sum = fa_warp_sum(p);
+            if (lane < bc) Ss[r * lds + lane] = p;
+            if (lane == 0) {
+                float a = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+                row_m[r] = m_new;
+                row_l[r] = row_l[r] * a + sum;
+                row_a[r] = a;
+            }
+        }
+        __syncthreads();
+        // O = a * O + P V: rows warp + 8*i, columns lane + 32*j.
+#pragma unroll
+        for (int i = 0; i < FA_MAX_ROWS; i++) {
+            int r = warp + 8 * i;
+            if (r < br) {
+                float a = row_a[r];
+#pragma unroll
+                for (int j = 0; j < FA_DCHUNKS; j++) acc[i][j] *= a;
+                for (int c = 0; c < bc; c++) {
+                    float p = Ss[r * lds + c];
+#pragma unroll
+                    for (int j = 0; j < FA_DCHUNKS; j++) {
+                        int d = lane + 32 * j;
+                        if (d < hs) acc[i][j] += p * Vs[c * hs + d];
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++) {
+        int r = warp + 8 * i, t = q0 + r;
+        if (r < br && t < T) {
+            float inv = 1.0f / row_l[r];
+            float* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
+#pragma unroll
+            for (int j = 0; j < FA_DCHUNKS; j++) {
+                int d = lane + 32 * j;
+                if (d < hs) yr[d] = acc[i][j] * inv;
+            }
+        }
+    }
+    if (threadIdx.x < br && q0 + (int)threadIdx.x < T) {
+        int r = threadIdx.x;
+        lse[((long long)b * NH + h) * T + q0 + r] = row_m[r] + logf(row_l[r]);
+    }
+}
+
+// --------------------------------------------------------------------------- backward
+
+extern "C" __global__ void flash_attn_bwd_dot(const float* __restrict__ y,
+                                              const float* __restrict__ dy,
+                                              float* __restrict__ dvec, int B, int T, int C,
+                                              int NH) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long rows = (long long)B * NH * T;
+    if (row >= rows) return;
+    const int hs = C / NH;
+    const int t = (int)(row % T);
+    const long long bh = row / T;
+    const int h = (int)(bh % NH);
+    const long long b = bh / NH;
+    const long long off = (b * T + t) * C + (long long)h * hs;
+    float s = 0.0f;
+    for (int d = lane; d < hs; d += 32) s += y[off + d] * dy[off + d];
+    s = fa_warp_sum(s);
+    if (lane == 0) dvec[row] = s;
+}
+
+// P_rc and dS_rc of one (query r, key c) pair of the current tiles; 0 when masked.
+__device__ __forceinline__ void fa_p_ds(const float* Qs, const float* dOs, const float* Ks,
+                                        const float* Vs, const float* Ls, const float* Ds,
+                                        int ld, int hs, int r, int c, int qi, int kj, int T,
+                                        float scale, float* p_out, float* ds_out) {
+    float p = 0.0f, ds = 0.0f;
+    if (qi < T && kj <= qi) {
+        const float* qr = Qs + r * ld;
+        const float* kr = Ks + c * ld;
+        const float* gr = dOs + r * ld;
+        const float* vr = Vs + c * ld;
+        float s = 0.0f, dp = 0.0f;
+        for (int d = 0; d < hs; d++) {
+            s += qr[d] * kr[d];
+            dp += gr[d] * vr[d];
+        }
+        p = expf(s * scale - Ls[r]);
+        ds = p * (dp - Ds[r]);
+    }
+    *p_out = p;
+    *ds_out = ds;
+}
+
+// Loads lse and dvec of rows [r0, r0+rows) of head (b, h) into Ls, Ds (zeros past T).
+__device__ __forceinline__ void fa_load_rows(float* Ls, float* Ds, const float* lse,
+                                             const float* dvec, long long bh, int r0,
+                                             int rows, int T) {
+    for (int r = threadIdx.x; r < rows; r += FA_THREADS) {
+        int t = r0 + r;
+        Ls[r] = t < T ? lse[bh * T + t] : 0.0f;
+        Ds[r] = t < T ? dvec[bh * T + t] : 0.0f;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+flash_attn_bwd_dkdv_f32(const float* __restrict__ qkv, const float* __restrict__ dy,
+                        const float* __restrict__ lse, const float* __restrict__ dvec,
+                        float* __restrict__ dqkv, int T, int C, int NH, int bt,
+                        float scale) {
+    extern __shared__ float smem[];
+    const int hs = C / NH, ld = hs + 1, lds = bt + 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int k0 = blockIdx.x * bt;  // the first key tiles see the most queries
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const long long bh = (long long)b * NH + h;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    float* Ks = smem;
+    float* Vs = Ks + bt * ld;
+    float* Qs = Vs + bt * ld;
+    float* dOs = Qs + bt * ld;
+    float* Ps = dOs + bt * ld;
+    float* dSs = Ps + bt * lds;
+    float* Ls = dSs + bt * lds;
+    float* Ds = Ls + bt;
+
+    fa_load_tile(Ks, ld, qb + C, c3, k0, bt, T, hs);
+    fa_load_tile(Vs, ld, qb + 2 * C, c3, k0, bt, T, hs);
+    float dk[FA_MAX_ROWS][FA_DCHUNKS], dv[FA_MAX_ROWS][FA_DCHUNKS];
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < FA_DCHUNKS; j++) {
+            dk[i][j] = 0.0f;
+            dv[i][j] = 0.0f;
+        }
+    // Queries i >= k0 can see this tile's keys; tiles are aligned (same bt for both).
+    for (int q0 = k0; q0 < T; q0 += bt) {
+        __syncthreads();
+        fa_load_tile(Qs, ld, qb, c3, q0, bt, T, hs);
+        fa_load_tile(dOs, ld, gb, C, q0, bt, T, hs);
+        fa_load_rows(Ls, Ds, lse, dvec, bh, q0, bt, T);
+        __syncthreads();
+        for (int i = threadIdx.x; i < bt * bt; i += FA_THREADS) {
+            int r = i / bt, c = i - r * bt;
+            float p, ds;
+            fa_p_ds(Qs, dOs, Ks, Vs, Ls, Ds, ld, hs, r, c, q0 + r, k0 + c, T, scale, &p, &ds);
+            Ps[r * lds + c] = p;
+            dSs[r * lds + c] = ds;
+        }
+        __syncthreads();
+        // dv += P^T dO, dk += dS^T Q: key rows warp + 8*i, columns lane + 32*j.
+#pragma unroll
+        for (int i = 0; i < FA_MAX_ROWS; i++) {
+            int c = warp + 8 * i;
+            if (c < bt) {
+                for (int r = 0; r < bt; r++) {
+                    float p = Ps[r * lds + c], ds = dSs[r * lds + c];
+#pragma unroll
+                    for (int j = 0; j < FA_DCHUNKS; j++) {
+                        int d = lane + 32 * j;
+                        if (d < hs) {
+                            dv[i][j] += p * dOs[r * ld + d];
+                            dk[i][j] += ds * Qs[r * ld + d];
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++) {
+        int c = warp + 8 * i, t = k0 + c;
+        if (c < bt && t < T) {
+            float* out = dqkv + ((long long)b * T + t) * c3 + (long long)h * hs;
+#pragma unroll
+            for (int j = 0; j < FA_DCHUNKS; j++) {
+                int d = lane + 32 * j;
+                if (d < hs) {
+                    out[C + d] = dk[i][j] * scale;
+                    out[2 * C + d] = dv[i][j];
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+flash_attn_bwd_dq_f32(const float* __restrict__ qkv, const float* __restrict__ dy,
+                      const float* __restrict__ lse, const float* __restrict__ dvec,
+                      float* __restrict__ dqkv, int T, int C, int NH, int bt, float scale) {
+    extern __shared__ float smem[];
+    const int hs = C / NH, ld = hs + 1, lds = bt + 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * bt;  // the last query tiles see the most keys
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const long long bh = (long long)b * NH + h;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    float* Qs = smem;
+    float* dOs = Qs + bt * ld;
+    float* Ks = dOs + bt * ld;
+    float* Vs = Ks + bt * ld;
+    float* dSs = Vs + bt * ld;
+    float* Ls = dSs + bt * lds;
+    float* Ds = Ls + bt;
+
+    fa_load_tile(Qs, ld, qb, c3, q0, bt, T, hs);
+    fa_load_tile(dOs, ld, gb, C, q0, bt, T, hs);
+    fa_load_rows(Ls, Ds, lse, dvec, bh, q0, bt, T);
+    float dq[FA_MAX_ROWS][FA_DCHUNKS];
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < FA_DCHUNKS; j++) dq[i][j] = 0.0f;
+    const int kend = min(T, q0 + bt);
+    for (int k0 = 0; k0 < kend; k0 += bt) {
+        __syncthreads();
+        fa_load_tile(Ks, ld, qb + C, c3, k0, bt, T, hs);
+        fa_load_tile(Vs, ld, qb + 2 * C, c3, k0, bt, T, hs);
+        __syncthreads();
+        for (int i = threadIdx.x; i < bt * bt; i += FA_THREADS) {
+            int r = i / bt, c = i - r * bt;
+            float p, ds;
+            fa_p_ds(Qs, dOs, Ks, Vs, Ls, Ds, ld, hs, r, c, q0 + r, k0 + c, T, scale, &p, &ds);
+            dSs[r * lds + c] = ds;
+        }
+        __syncthreads();
+        // dq += dS K: query rows warp + 8*i, columns lane + 32*j.
+#pragma unroll
+        for (int i = 0; i < FA_MAX_ROWS; i++) {
+            int r = warp + 8 * i;
+            if (r < bt) {
+                for (int c = 0; c < bt; c++) {
+                    float ds = dSs[r * lds + c];
+#pragma unroll
+                    for (int j = 0; j < FA_DCHUNKS; j++) {
+                        int d = lane + 32 * j;
+                        if (d < hs) dq[i][j] += ds * Ks[c * ld + d];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < FA_MAX_ROWS; i++) {
+        int r = warp + 8 * i, t = q0 + r;
+        if (r < bt && t < T) {
+            float* out = dqkv + ((long long)b * T + t) * c3 + (long long)h * hs;
+#pragma unroll
+            for (int j = 0; j < FA_DCHUNKS; j++) {
+                int d = lane + 32 * j;
+                if (d < hs) out[d] = dq[i][j] * scale;
+            }
+        }
+    }
+}
+
+// --------------------------------------------------------------------------- forward bf16
+//
+// Tensor-core forward: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA,
+// "Warp-level matrix multiply-accumulate instructions", sm_80+): D (16x8, f32) =
+// A (16x16, bf16, row) * B (16x8, bf16, col) + C. Fragment layouts, from the ISA's
+// "Matrix fragments for mma.m16n8k16 with floating point type", with
+// g = laneid >> 2 (groupID) and q = laneid & 3 (threadID_in_group):
+//   A: four .b32 registers of two bf16 each (element with the lower column in the low
+//      16 bits): a0 = A[g][2q, 2q+1], a1 = A[g+8][2q, 2q+1], a2 = A[g][2q+8, 2q+9],
+//      a3 = A[g+8][2q+8, 2q+9].
+//   B: two .b32 registers: b0 = B[2q, 2q+1][g] (rows k = 2q and 2q+1 of column n = g),
+//      b1 = B[2q+8, 2q+9][g].
+//   C, D: four f32: c0 = C[g][2q], c1 = C[g][2q+1], c2 = C[g+8][2q], c3 = C[g+8][2q+1].
+//
+// S = Q K^T: A = a 16-row slice of Q (k along the head dimension), B[k][n] = K[n][k], so
+// b0 is the pair K[n0+g][k0+2q, +1], contiguous in a row-major K tile. O += P V: A = P,
+// taken straight from the S accumulators (the C layout of two adjacent n-tiles is the A
+// layout of one 16-wide k chunk: a0 = S[2kc].c0,c1, a1 = S[2kc].c2,c3, a2 = S[2kc+1].c0,c1,
+// a3 = S[2kc+1].c2,c3), and B[k][n] = V[key k][d n], so V is stored transposed (Vt[d][key])
+// to make b0 the contiguous pair Vt[d0+g][kk+2q, +1]. Each warp owns 16 query rows; each
+// lane holds rows g and g+8 of them, so row max and row sum reduce over the 4 lanes of a
+// group (shuffles with xor 1 and 2). Inputs are rounded to bf16 (nearest even) when tiles
+// are loaded; scores, softmax, P's row sums and O stay fp32 (P is rounded to bf16 only as
+// the A operand of P V).
+
+#define FB_ROWS 64   // query rows per block (4 warps x 16)
+#define FB_KEYS 64   // keys per tile
+#define FB_THREADS 128
+#define FB_KPAD 8    // bf16 padding per shared row (conflict-free fragment loads)
+
+#ifndef FA_STATIC_SHARED
+#define FA_STATIC_SHARED __shared__
+#endif
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN).
+__device__ __forceinline__ unsigned short fa_f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ unsigned fa_pack_bf16(float lo, float hi) {
+    return (unsigned)fa_f2bf(lo) | ((unsigned)fa_f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) {
+    return *reinterpret_cast<const unsigned*>(p);
+}
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2,
+                                            unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
+                    float* __restrict__ lse, int T, int C, int NH, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    // K tile (row-major, also stages Q once) and V tile (transposed), bf16 bits.
+    FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (FA_MAX_HS + FB_KPAD)];
+    FA_STATIC_SHARED __align__(16) unsigned short Vt[FA_MAX_HS * (FB_KEYS + FB_KPAD)];
+    const int hs = C / NH, ldk = hs + FB_KPAD, ldv = FB_KEYS + FB_KPAD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+
+    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
+    for (int i = tid; i < FB_ROWS * hs; i += FB_THREADS) {
+        int r = i / hs, d = i - r * hs, t = q0 + r;
+        Ks[r * ldk + d] = fa_f2bf(t < T ? qb[(long long)t * c3 + d] : 0.0f);
+    }
+    __syncthreads();
+    unsigned qf[FA_MAX_HS / 16][4];
+    const int wr = warp * 16;  // this warp's first row in the tile
+#pragma unroll
+    for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+        if (kc * 16 < hs) {
+            const unsigned short* p = Ks + (wr + g) * ldk + kc * 16 + 2 * q;
+            qf[kc][0] = fa_ld32(p);
+            qf[kc][1] = fa_ld32(p + 8 * ldk);
+            qf[kc][2] = fa_ld32(p + 8);
+            qf[kc][3] = fa_ld32(p + 8 * ldk + 8);
+        }
+    }
+    float o[FA_MAX_HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
+    // Running max and sum of rows g and g+8 of this warp's slice.
+    float m[2] = {fa_neg_inf(), fa_neg_inf()}, l[2] = {0.0f, 0.0f};
+    int qrow[2];
+    qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
+    qrow[1] = min(q0 + wr + g + 8, T - 1);
+
+    const int kend = min(T, q0 + FB_ROWS);
+    for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
+        __syncthreads();  // Q staging / the previous tile's fragment loads are done
+        for (int i = tid; i < FB_KEYS * hs; i += FB_THREADS) {
+            int r = i / hs, d = i - r * hs, t = k0 + r;
+            bool in = t < T;
+            Ks[r * ldk + d] = fa_f2bf(in ? qb[(long long)t * c3 + C + d] : 0.0f);
+            Vt[d * ldv + r] = fa_f2bf(in ? qb[(long long)t * c3 + 2 * C + d] : 0.0f);
+        }
+        __syncthreads();
+        // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
+        float s[FB_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+                if (kc * 16 < hs) {
+                    const unsigned short* p = Ks + (nt * 8 + g) * ldk + kc * 16 + 2 * q;
+                    fa_mma_bf16(s[nt], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], fa_ld32(p),
+                                fa_ld32(p + 8));
+                }
+            }
+        }
+        // Scale, mask, online softmax (element e is row g + 8*(e>>1), key 2q + (e&1)).
+        float mx[2] = {fa_neg_inf(), fa_neg_inf()};
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kj = k0 + nt * 8 + 2 * q + (e & 1);
+                float v = kj <= qrow[e >> 1] ? s[nt][e] * scale : fa_neg_inf();
+                s[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 is in the first tile
+            alpha[r] = expf(m[r] - m_new);
+            m[r] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < FB_KEYS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = expf(s[nt][e] - m[e >> 1]);
+                s[nt][e] = p;
+                sum[e >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+            l[r] = l[r] * alpha[r] + sum[r];
+        }
+#pragma unroll
+        for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+        // O += P V: 4 chunks of 16 keys, hs/8 n-tiles of the head dimension.
+#pragma unroll
+        for (int kc = 0; kc < FB_KEYS / 16; kc++) {
+            unsigned a0 = fa_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+            unsigned a1 = fa_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+            unsigned a2 = fa_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            unsigned a3 = fa_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+                if (dt * 8 < hs) {
+                    const unsigned short* p = Vt + (dt * 8 + g) * ldv + kc * 16 + 2 * q;
+                    fa_mma_bf16(o[dt], a0, a1, a2, a3, fa_ld32(p), fa_ld32(p + 8));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = q0 + wr + g + 8 * r;
+        if (t < T) {
+            float inv = 1.0f / l[r];
+            float* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
+#pragma unroll
+            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+                if (dt * 8 < hs) {
+                    yr[dt * 8 + 2 * q] = o[dt][2 * r] * inv;
+                    yr[dt * 8 + 2 * q + 1] = o[dt][2 * r + 1] * inv;
+                }
+            }
+            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
+        }
+    }
+#endif
+}

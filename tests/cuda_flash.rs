@@ -1,0 +1,515 @@
+//! The fused attention kernels (kernels/flash_attention.cu through
+//! `engine::cuda::flash`) against a float64 causal attention computed here, forward
+//! (y and the per-row logsumexp) and backward (dq, dk, dv), for several shapes; and against
+//! the engine's plain attention (cuBLAS GEMMs + the masked-softmax kernels, rebuilt here
+//! from the same public pieces the engine uses). An `--ignored` test prints kernel times.
+//!
+//! Tolerances (errors are max |a - b| / max |b| per tensor): the fp32 kernels sum at most
+//! T + hs products per output in fp32 (unit roundoff 6e-8), in a different order from the
+//! reference; errors stay near 1e-6 of scale for T = 1024, so 1e-4 has two orders of
+//! magnitude of headroom while any masking, indexing or softmax mistake is O(1). The bf16
+//! forward rounds q, k, v and P to bf16 (relative 2^-9 = 2e-3 per element); the rounding
+//! errors of a dot of hs terms partly cancel, giving ~3e-3 of scale, so it gets 2e-2.
+//!
+//! Without a GPU every test prints "skipped: no GPU (why)" and passes; NANOGPT_REQUIRE_GPU=1
+//! makes that a failure.
+
+use nanogpt::cuda::cublas::{Operand, Sgemm};
+use nanogpt::cuda::driver::{Context, DeviceBuffer, Stream};
+use nanogpt::engine::cuda::flash::{self, AttnShape, FlashMath};
+use nanogpt::engine::cuda::kernels::{self, grid_rows, Arg, Kernels};
+use nanogpt::engine::cuda::stack;
+use nanogpt::rng::Rng;
+
+const TOL_F32: f64 = 1e-4;
+const TOL_BF16: f64 = 2e-2;
+
+/// Context, stream and kernels (fields drop in this order: kernels and stream before the
+/// context).
+struct Gpu {
+    k: Kernels,
+    stream: Stream<'static>,
+    ctx: Context<'static>,
+}
+
+fn gpu(test: &str) -> Option<Gpu> {
+    let why = match stack::stack() {
+        Ok(s) => {
+            let info = &s.gpus[0];
+            eprintln!("{test}: running on {} ({})", info.name, info.sm_arch());
+            let ctx = s.driver.context(0).expect("context on GPU 0");
+            let stream = ctx.stream().expect("stream");
+            let (ma, mi) = info.compute_capability;
+            let target = kernels::target_for(s, ma * 10 + mi).expect("NVRTC target");
+            let k = Kernels::load(s, &ctx, target).expect("kernels compile and load");
+            return Some(Gpu { k, stream, ctx });
+        }
+        Err(why) => why,
+    };
+    if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
+    }
+    eprintln!("{test}: skipped: no GPU ({why})");
+    None
+}
+
+impl Gpu {
+    fn upload(&self, data: &[f32]) -> DeviceBuffer<'static> {
+        self.ctx.upload(data).expect("upload")
+    }
+    /// A buffer of `n` NaNs: anything a kernel fails to write shows up in the comparison.
+    fn nans(&self, n: usize) -> DeviceBuffer<'static> {
+        self.upload(&vec![f32::NAN; n])
+    }
+    fn download(&self, buf: &DeviceBuffer, n: usize) -> Vec<f32> {
+        self.stream.synchronize().expect("kernels ran");
+        let mut out = vec![0f32; n];
+        buf.copy_to_host(&mut out).expect("download");
+        out
+    }
+}
+
+/// max |got - want| / max |want|; infinite when `got` holds a NaN.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num = num.max((g as f64 - w).abs());
+        den = den.max(w.abs());
+    }
+    num / den.max(1e-30)
+}
+
+fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// float64 causal attention: (y, lse, dqkv) for qkv (B*T, 3C) and dy (B*T, C).
+fn reference(s: &AttnShape, qkv: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (t, c, nh, hs) = (s.t, s.c, s.nh, s.hs());
+    let c3 = 3 * c;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let mut y = vec![0f64; s.b * t * c];
+    let mut lse = vec![0f64; s.rows()];
+    let mut dqkv = vec![0f64; s.b * t * c3];
+    for b in 0..s.b {
+        for h in 0..nh {
+            let at = |row: usize, part: usize, d: usize| {
+                qkv[(b * t + row) * c3 + part * c + h * hs + d] as f64
+            };
+            let g = |row: usize, d: usize| dy[(b * t + row) * c + h * hs + d] as f64;
+            for i in 0..t {
+                let sc: Vec<f64> = (0..=i)
+                    .map(|j| (0..hs).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() * scale)
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = sc.iter().map(|v| (v - mx).exp()).sum();
+                lse[(b * nh + h) * t + i] = mx + sum.ln();
+                let p: Vec<f64> = sc.iter().map(|v| (v - mx).exp() / sum).collect();
+                for d in 0..hs {
+                    y[(b * t + i) * c + h * hs + d] = (0..=i).map(|j| p[j] * at(j, 2, d)).sum();
+                }
+                // dP = dy v^T, D = sum_j P dP, dS = P (dP - D).
+                let dp: Vec<f64> = (0..=i)
+                    .map(|j| (0..hs).map(|d| g(i, d) * at(j, 2, d)).sum())
+                    .collect();
+                let dd: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
+                for j in 0..=i {
+                    let ds = p[j] * (dp[j] - dd) * scale;
+                    for d in 0..hs {
+                        dqkv[(b * t + i) * c3 + h * hs + d] += ds * at(j, 1, d);
+                        dqkv[(b * t + j) * c3 + c + h * hs + d] += ds * at(i, 0, d);
+                        dqkv[(b * t + j) * c3 + 2 * c + h * hs + d] += p[j] * g(i, d);
+                    }
+                }
+            }
+        }
+    }
+    (y, lse, dqkv)
+}
+
+/// (B, T, NH, hs) of the shapes checked: T not a multiple of any tile, T = 1, head sizes
+/// 16 to 128 (40 is not a multiple of 16: fp32 only).
+const SHAPES: [(usize, usize, usize, usize); 8] = [
+    (1, 1, 1, 16),
+    (2, 7, 2, 16),
+    (1, 64, 2, 64),
+    (2, 100, 3, 64),
+    (1, 100, 2, 128),
+    (1, 37, 2, 40),
+    (1, 1024, 1, 64),
+    (1, 200, 1, 128),
+];
+
+#[test]
+fn flash_attention_matches_float64_attention() {
+    let Some(g) = gpu("flash_attention_matches_float64_attention") else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    for (b, t, nh, hs) in SHAPES {
+        let s = AttnShape {
+            b,
+            t,
+            c: nh * hs,
+            nh,
+        };
+        let n = b * t;
+        let qkv = randn(&mut rng, n * 3 * s.c);
+        let dy = randn(&mut rng, n * s.c);
+        let (y_ref, lse_ref, dqkv_ref) = reference(&s, &qkv, &dy);
+        let d_qkv = g.upload(&qkv);
+        let d_dy = g.upload(&dy);
+        let maths: &[FlashMath] = if hs.is_multiple_of(16) {
+            &[FlashMath::F32, FlashMath::Bf16]
+        } else {
+            &[FlashMath::F32]
+        };
+        for &math in maths {
+            let tol = if math == FlashMath::F32 {
+                TOL_F32
+            } else {
+                TOL_BF16
+            };
+            let d_y = g.nans(n * s.c);
+            let d_lse = g.nans(s.rows());
+            // SAFETY: buffers sized for `s` as flash.rs documents, all in g's context.
+            unsafe {
+                flash::flash_forward(&g.stream, &g.k, math, d_qkv.ptr, d_y.ptr, d_lse.ptr, s)
+            }
+            .expect("forward launch");
+            let y = g.download(&d_y, n * s.c);
+            let lse = g.download(&d_lse, s.rows());
+            let (ey, el) = (rel_err(&y, &y_ref), rel_err(&lse, &lse_ref));
+            eprintln!("{s:?} {math:?} forward: y {ey:.2e}, lse {el:.2e}");
+            assert!(
+                ey < tol,
+                "{s:?} {math:?}: y relative error {ey:.2e} (tolerance {tol:.0e})"
+            );
+            assert!(
+                el < tol,
+                "{s:?} {math:?}: lse relative error {el:.2e} (tolerance {tol:.0e})"
+            );
+            if math != FlashMath::F32 {
+                continue;
+            }
+            let d_dvec = g.nans(s.rows());
+            let d_dqkv = g.nans(n * 3 * s.c);
+            // SAFETY: as above.
+            unsafe {
+                flash::flash_backward(
+                    &g.stream, &g.k, d_qkv.ptr, d_y.ptr, d_lse.ptr, d_dy.ptr, d_dvec.ptr,
+                    d_dqkv.ptr, s,
+                )
+            }
+            .expect("backward launch");
+            let dqkv = g.download(&d_dqkv, n * 3 * s.c);
+            let c = s.c;
+            for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                let pick = |v: &[f32]| -> Vec<f32> {
+                    v.chunks(3 * c)
+                        .flat_map(|r| r[part * c..(part + 1) * c].to_vec())
+                        .collect()
+                };
+                let want: Vec<f64> = dqkv_ref
+                    .chunks(3 * c)
+                    .flat_map(|r| r[part * c..(part + 1) * c].to_vec())
+                    .collect();
+                let e = rel_err(&pick(&dqkv), &want);
+                eprintln!("{s:?} backward: {name} {e:.2e}");
+                assert!(
+                    e < TOL_F32,
+                    "{s:?}: {name} relative error {e:.2e} (tolerance {TOL_F32:.0e})"
+                );
+            }
+        }
+    }
+}
+
+/// The engine's plain attention (see `CudaEngine::attention_fwd` / `attention_bwd`, no
+/// dropout), rebuilt from the same cuBLAS GEMMs and softmax kernels.
+struct Plain<'a> {
+    g: &'a Gpu,
+    blas: Sgemm,
+    s: AttnShape,
+    att: DeviceBuffer<'static>,
+    datt: DeviceBuffer<'static>,
+}
+
+fn at(ptr: u64, elems: usize) -> u64 {
+    ptr + 4 * elems as u64
+}
+
+impl<'a> Plain<'a> {
+    fn new(g: &'a Gpu, s: AttnShape) -> Plain<'a> {
+        let st = stack::stack().expect("stack");
+        let blas = Sgemm::new(&st.cublas, &g.stream).expect("cuBLAS");
+        let tt = s.b * s.nh * s.t * s.t;
+        let att = g.ctx.alloc(4 * tt).expect("att");
+        let datt = g.ctx.alloc(4 * tt).expect("datt");
+        Plain {
+            g,
+            blas,
+            s,
+            att,
+            datt,
+        }
+    }
+
+    fn forward(&self, qkv: u64, y: u64) {
+        let AttnShape { b, t, c, nh } = self.s;
+        let (hs, c3) = (c / nh, 3 * c);
+        let scale = 1.0 / (hs as f32).sqrt();
+        for bi in 0..b {
+            let q = at(qkv, bi * t * c3);
+            self.blas
+                .gemm(
+                    t,
+                    t,
+                    hs,
+                    1.0,
+                    Operand::n(q, c3).batched(hs),
+                    Operand::t(at(q, c), c3).batched(hs),
+                    0.0,
+                    Operand::n(at(self.att.ptr, bi * nh * t * t), t).batched(t * t),
+                    nh,
+                )
+                .expect("q k^T");
+        }
+        let rows = b * nh * t;
+        // SAFETY: causal_softmax_forward(att, rows, T, scale) over att (rows x T).
+        unsafe {
+            kernels::launch(
+                &self.g.stream,
+                self.g.k.causal_softmax_forward,
+                grid_rows(rows),
+                kernels::BLOCK,
+                &[
+                    Arg::Ptr(self.att.ptr),
+                    Arg::I64(rows as i64),
+                    Arg::I32(t as i32),
+                    Arg::F32(scale),
+                ],
+            )
+        }
+        .expect("softmax");
+        for bi in 0..b {
+            let q = at(qkv, bi * t * c3);
+            self.blas
+                .gemm(
+                    t,
+                    hs,
+                    t,
+                    1.0,
+                    Operand::n(at(self.att.ptr, bi * nh * t * t), t).batched(t * t),
+                    Operand::n(at(q, 2 * c), c3).batched(hs),
+                    0.0,
+                    Operand::n(at(y, bi * t * c), c).batched(hs),
+                    nh,
+                )
+                .expect("P v");
+        }
+    }
+
+    fn backward(&self, qkv: u64, dy: u64, dqkv: u64) {
+        let AttnShape { b, t, c, nh } = self.s;
+        let (hs, c3) = (c / nh, 3 * c);
+        let scale = 1.0 / (hs as f32).sqrt();
+        let g = |m, n, k, a, bb, cc, batch| {
+            self.blas
+                .gemm(m, n, k, 1.0, a, bb, 0.0, cc, batch)
+                .expect("gemm")
+        };
+        for bi in 0..b {
+            let q = at(qkv, bi * t * c3);
+            let dq = at(dqkv, bi * t * c3);
+            let dyb = at(dy, bi * t * c);
+            let datt = at(self.datt.ptr, bi * nh * t * t);
+            g(
+                t,
+                t,
+                hs,
+                Operand::n(dyb, c).batched(hs),
+                Operand::t(at(q, 2 * c), c3).batched(hs),
+                Operand::n(datt, t).batched(t * t),
+                nh,
+            );
+            g(
+                t,
+                hs,
+                t,
+                Operand::t(at(self.att.ptr, bi * nh * t * t), t).batched(t * t),
+                Operand::n(dyb, c).batched(hs),
+                Operand::n(at(dq, 2 * c), c3).batched(hs),
+                nh,
+            );
+        }
+        let rows = b * nh * t;
+        // SAFETY: causal_softmax_backward(dp, att, rows, T, scale) over rows x T buffers.
+        unsafe {
+            kernels::launch(
+                &self.g.stream,
+                self.g.k.causal_softmax_backward,
+                grid_rows(rows),
+                kernels::BLOCK,
+                &[
+                    Arg::Ptr(self.datt.ptr),
+                    Arg::Ptr(self.att.ptr),
+                    Arg::I64(rows as i64),
+                    Arg::I32(t as i32),
+                    Arg::F32(scale),
+                ],
+            )
+        }
+        .expect("softmax backward");
+        for bi in 0..b {
+            let q = at(qkv, bi * t * c3);
+            let dq = at(dqkv, bi * t * c3);
+            let datt = at(self.datt.ptr, bi * nh * t * t);
+            g(
+                t,
+                hs,
+                t,
+                Operand::n(datt, t).batched(t * t),
+                Operand::n(at(q, c), c3).batched(hs),
+                Operand::n(dq, c3).batched(hs),
+                nh,
+            );
+            g(
+                t,
+                hs,
+                t,
+                Operand::t(datt, t).batched(t * t),
+                Operand::n(q, c3).batched(hs),
+                Operand::n(at(dq, c), c3).batched(hs),
+                nh,
+            );
+        }
+    }
+}
+
+#[test]
+fn flash_attention_matches_the_plain_path() {
+    let Some(g) = gpu("flash_attention_matches_the_plain_path") else {
+        return;
+    };
+    let mut rng = Rng::new(5);
+    for (b, t, nh, hs) in [(2, 100, 3, 64), (1, 33, 2, 128)] {
+        let s = AttnShape {
+            b,
+            t,
+            c: nh * hs,
+            nh,
+        };
+        let n = b * t;
+        let d_qkv = g.upload(&randn(&mut rng, n * 3 * s.c));
+        let d_dy = g.upload(&randn(&mut rng, n * s.c));
+        let plain = Plain::new(&g, s);
+        let (py, pd) = (g.nans(n * s.c), g.nans(n * 3 * s.c));
+        plain.forward(d_qkv.ptr, py.ptr);
+        plain.backward(d_qkv.ptr, d_dy.ptr, pd.ptr);
+        let (fy, flse, fdvec, fd) = (
+            g.nans(n * s.c),
+            g.nans(s.rows()),
+            g.nans(s.rows()),
+            g.nans(n * 3 * s.c),
+        );
+        // SAFETY: buffers sized for `s`.
+        unsafe {
+            flash::flash_forward(
+                &g.stream,
+                &g.k,
+                FlashMath::F32,
+                d_qkv.ptr,
+                fy.ptr,
+                flse.ptr,
+                s,
+            )
+            .unwrap();
+            flash::flash_backward(
+                &g.stream, &g.k, d_qkv.ptr, fy.ptr, flse.ptr, d_dy.ptr, fdvec.ptr, fd.ptr, s,
+            )
+            .unwrap();
+        }
+        for (what, a, p, len) in [("y", &fy, &py, n * s.c), ("dqkv", &fd, &pd, n * 3 * s.c)] {
+            let want: Vec<f64> = g.download(p, len).iter().map(|&v| v as f64).collect();
+            let e = rel_err(&g.download(a, len), &want);
+            eprintln!("{s:?} flash vs plain: {what} {e:.2e}");
+            assert!(
+                e < TOL_F32,
+                "{s:?}: flash vs plain {what} relative error {e:.2e}"
+            );
+        }
+    }
+}
+
+/// Kernel times, GPT-2 small's attention (B=8, T=1024, NH=12, hs=64):
+/// `cargo test --release --test cuda_flash -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing; run with --ignored --nocapture on a GPU machine"]
+fn flash_attention_timing() {
+    let Some(g) = gpu("flash_attention_timing") else {
+        return;
+    };
+    let s = AttnShape {
+        b: 8,
+        t: 1024,
+        c: 768,
+        nh: 12,
+    };
+    let n = s.b * s.t;
+    let mut rng = Rng::new(3);
+    let qkv = g.upload(&randn(&mut rng, n * 3 * s.c));
+    let dy = g.upload(&randn(&mut rng, n * s.c));
+    let (y, lse, dvec, dqkv) = (
+        g.nans(n * s.c),
+        g.nans(s.rows()),
+        g.nans(s.rows()),
+        g.nans(n * 3 * s.c),
+    );
+    let plain = Plain::new(&g, s);
+    const REPS: usize = 10;
+    let time = |label: &str, f: &dyn Fn()| {
+        f(); // warm-up
+        let ms = g
+            .stream
+            .time(|| {
+                for _ in 0..REPS {
+                    f();
+                }
+                Ok(())
+            })
+            .expect("timing")
+            / REPS as f64;
+        println!("attention {s:?} {label}: {ms:.3} ms");
+        ms
+    };
+    // SAFETY (closures below): buffers sized for `s`.
+    let ff = time("flash forward fp32", &|| unsafe {
+        flash::flash_forward(&g.stream, &g.k, FlashMath::F32, qkv.ptr, y.ptr, lse.ptr, s).unwrap()
+    });
+    let fb16 = time("flash forward bf16", &|| unsafe {
+        flash::flash_forward(&g.stream, &g.k, FlashMath::Bf16, qkv.ptr, y.ptr, lse.ptr, s).unwrap()
+    });
+    unsafe {
+        flash::flash_forward(&g.stream, &g.k, FlashMath::F32, qkv.ptr, y.ptr, lse.ptr, s).unwrap()
+    };
+    let fb = time("flash backward fp32", &|| unsafe {
+        flash::flash_backward(
+            &g.stream, &g.k, qkv.ptr, y.ptr, lse.ptr, dy.ptr, dvec.ptr, dqkv.ptr, s,
+        )
+        .unwrap()
+    });
+    let pf = time("plain forward", &|| plain.forward(qkv.ptr, y.ptr));
+    let pb = time("plain backward", &|| {
+        plain.backward(qkv.ptr, dy.ptr, dqkv.ptr)
+    });
+    println!(
+        "attention per layer, forward+backward: flash fp32 {:.3} ms, plain {:.3} ms (bf16 forward {fb16:.3} ms)",
+        ff + fb,
+        pf + pb
+    );
+}
