@@ -48,6 +48,7 @@ mod decode;
 pub mod flash;
 pub mod kernels;
 pub mod stack;
+pub mod switches;
 
 use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Result};

@@ -1,0 +1,102 @@
+//! Switches for the CUDA engine's optimisations, for debugging and for measuring what each
+//! one is worth. Every optimisation is on by default where it applies; the environment
+//! variable `NANOGPT_CUDA_DISABLE` turns some off, as a comma-separated list of names:
+//!
+//! - `flash`: fused causal attention (otherwise the plain path: `q k^T`, masked softmax,
+//!   `P v`, with the `T x T` matrix in memory)
+//! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
+//!   kernels)
+//! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
+//! - `all`: every one of the above
+//!
+//! An unknown name is an error listing the known ones, so that a typo never silently
+//! measures the wrong thing.
+
+/// Which optimisations the engine may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switches {
+    pub flash: bool,
+    pub epilogues: bool,
+    pub fused_ln: bool,
+}
+
+/// Names accepted in `NANOGPT_CUDA_DISABLE`.
+pub const NAMES: [&str; 4] = ["flash", "epilogues", "fused_ln", "all"];
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            flash: true,
+            epilogues: true,
+            fused_ln: true,
+        }
+    }
+}
+
+impl Switches {
+    /// The switches with the optimisations named in `disable` (comma-separated) turned off.
+    pub fn parse(disable: &str) -> Result<Switches, String> {
+        let mut s = Switches::default();
+        for name in disable.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "flash" => s.flash = false,
+                "epilogues" => s.epilogues = false,
+                "fused_ln" => s.fused_ln = false,
+                "all" => {
+                    s = Switches {
+                        flash: false,
+                        epilogues: false,
+                        fused_ln: false,
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "NANOGPT_CUDA_DISABLE: unknown optimisation {other:?}; known: {}",
+                        NAMES.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The switches from `NANOGPT_CUDA_DISABLE` (all on when it is unset).
+    pub fn from_env() -> Result<Switches, String> {
+        Switches::parse(&std::env::var("NANOGPT_CUDA_DISABLE").unwrap_or_default())
+    }
+
+    /// The optimisations that are off, for the engine's description ("" when none).
+    pub fn disabled(&self) -> Vec<&'static str> {
+        let mut off = Vec::new();
+        if !self.flash {
+            off.push("flash");
+        }
+        if !self.epilogues {
+            off.push("epilogues");
+        }
+        if !self.fused_ln {
+            off.push("fused_ln");
+        }
+        off
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_turn_optimisations_off_and_typos_are_errors() {
+        assert_eq!(Switches::parse("").unwrap(), Switches::default());
+        let s = Switches::parse("flash, fused_ln").unwrap();
+        assert!(!s.flash && s.epilogues && !s.fused_ln);
+        assert_eq!(s.disabled(), ["flash", "fused_ln"]);
+        let all = Switches::parse("all").unwrap();
+        assert_eq!(all.disabled(), ["flash", "epilogues", "fused_ln"]);
+        let err = Switches::parse("flsh").unwrap_err();
+        assert!(
+            err.contains("\"flsh\"") && err.contains("epilogues"),
+            "{err}"
+        );
+    }
+}
