@@ -57,6 +57,13 @@ pub trait Engine: Send {
     fn layout(&self) -> &ParamLayout;
     /// Human-readable device name (e.g. "cpu (8 threads)").
     fn device_name(&self) -> String;
+    /// The device's peak FLOP/s for this engine's arithmetic, when known: MFU's denominator
+    /// unless `peak_flops` is set. The CUDA engine in bf16 gives its GPU's dense bf16
+    /// tensor-core peak from [`crate::cuda::peak`]; CPUs and fp32 give none (the logs then
+    /// show achieved GFLOP/s).
+    fn peak_flops(&self) -> Option<f64> {
+        None
+    }
 
     /// Training forward + backward. Gradients are *accumulated* (scaled by `loss_scale`,
     /// e.g. 1/grad_accum_steps); dropout is active. Returns the mean loss of the batch.

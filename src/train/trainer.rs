@@ -435,7 +435,25 @@ impl Run {
             eprintln!("tokens per iteration will be: {tokens_per_iter}");
         }
         let flops_per_iter = self.model.flops_per_token(t) * tokens_per_iter as f64;
-        let peak = cfg.peak_flops.map(|p| p * world as f64);
+        // MFU against peak_flops when given, else the GPU's peak from the table.
+        let peak_source = match (cfg.peak_flops, self.engine.peak_flops()) {
+            (Some(p), _) => Some((p, "peak_flops")),
+            (None, Some(p)) => Some((p, "this GPU's dense bf16 peak")),
+            (None, None) => None,
+        };
+        if master {
+            match peak_source {
+                Some((p, from)) => eprintln!(
+                    "MFU is measured against {:.1} TFLOP/s per rank ({from})",
+                    p / 1e12
+                ),
+                None => eprintln!(
+                    "no peak FLOP/s known for {}: logs show achieved GFLOP/s (set peak_flops for an MFU)",
+                    self.engine.device_name()
+                ),
+            }
+        }
+        let peak = peak_source.map(|(p, _)| p * world as f64);
         // A resumed run starts by repeating the checkpoint iteration: drop its old records.
         let mut metrics = if master {
             Some(MetricsLog::open(

@@ -254,6 +254,8 @@ pub struct CudaEngine {
     step: u64,
     rng: Rng,
     name: String,
+    /// The GPU's dense bf16 peak (bf16 mode on a GPU the table knows).
+    peak: Option<f64>,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -361,6 +363,10 @@ impl CudaEngine {
             Precision::Bf16 => "bf16",
         };
         let name = format!("cuda:{device} ({}, sm_{ma}{mi}, {tag})", info.name.trim());
+        let peak = match precision {
+            Precision::Bf16 => crate::cuda::peak::bf16_peak(&info.name).map(|p| p.flops()),
+            Precision::F32 => None,
+        };
         let engine = CudaEngine {
             bf,
             acts: None,
@@ -382,6 +388,7 @@ impl CudaEngine {
             rng: Rng::derive(seed, 0xD50F),
             decode: None,
             name,
+            peak,
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
         Ok(engine)
@@ -1403,6 +1410,9 @@ impl Engine for CudaEngine {
     }
     fn device_name(&self) -> String {
         self.name.clone()
+    }
+    fn peak_flops(&self) -> Option<f64> {
+        self.peak
     }
 
     fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
