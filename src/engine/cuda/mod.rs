@@ -17,20 +17,42 @@
 //! accumulation (`CUBLAS_COMPUTE_32F`), forward and backward (dX, and dW accumulated into the
 //! fp32 gradients with beta = 1); the fp32 activations that feed those products are rounded
 //! into bf16 scratch buffers (`kernels/cast.cu`) right before each one. LayerNorm, softmax,
-//! GELU, residuals, cross-entropy and AdamW stay fp32, and in this version so do attention's
-//! `q k^T` and `P v` products (cuBLAS sgemm). Both precisions share one code path: the
+//! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
+//! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
 //! A product shape cuBLASLt has no bf16 algorithm for runs in fp32 instead (said once on
 //! stderr; [`CudaEngine::gemm_fallbacks`] lists them).
 //!
-//! Attention is the plain form: per batch row, one
-//! strided-batched GEMM over heads for `q k^T`, a masked-softmax kernel, one for `P v`; the
-//! backward pass mirrors it. The other kernels (`kernels/*.cu`) are compiled by NVRTC for
+//! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
+//! stores the `T x T` matrix: the forward keeps one logsumexp per (row, head, position) and
+//! the backward recomputes the probabilities from it (fp32; the forward is the bf16
+//! tensor-core kernel in bf16 mode when the head size is a multiple of 16, fp32 otherwise).
+//! The plain form is, per batch row, one strided-batched GEMM over heads for `q k^T`, a
+//! masked-softmax kernel, one for `P v`; the backward pass mirrors it. A pass uses the fused
+//! form when it is switched on (`NANOGPT_CUDA_DISABLE`, [`switches`]), attention dropout is
+//! inactive (dropout = 0, and every evaluation pass) and the kernels support the shape (head
+//! size at most 128: [`flash::AttnShape::validate`]); otherwise the plain one. The forward
+//! and backward of one step always take the same form (the choice depends only on the
+//! shape and the dropout draw they share).
+//!
+//! Memory: the per-layer `T x T` probabilities (`att`), and the shared dropout-masked copy
+//! (`patt`) and gradient (`datt`), are allocated the first time a plain pass needs them; a
+//! run that only ever takes the fused form (dropout = 0) never holds them. The fused form
+//! needs a logsumexp buffer per layer and one shared scratch vector of B * NH * T floats.
+//! For GPT-2 124M (12 layers, 12 heads, C 768, vocabulary 50257) at B = 8, T = 1024 the
+//! activations take 6.32 GiB with the fused form: 12 x 384 MiB of per-layer (B*T, k*C)
+//! tensors, 1.53 GiB of logits, 0.23 GiB of backward scratch and 4.9 MiB of logsumexp
+//! and scratch vectors. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
+//! floats) and 384 MiB for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout
+//! (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
+//!
+//! The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
 //!
 //! Activation layout per layer (N = B*T rows) is the CPU engine's: ln1 (N,C) -> qkv (N,3C)
-//! -> att (B,NH,T,T) -> atty (N,C) -> res2 -> ln2 -> fch (N,4C) -> gelu -> res3. Activation
-//! buffers are sized for a (B, T capacity) and reused for any shorter T.
+//! -> att (B,NH,T,T) (plain) or lse (B,NH,T) (fused) -> atty (N,C) -> res2 -> ln2 ->
+//! fch (N,4C) -> gelu -> res3. Activation buffers are sized for a (B, T capacity) and
+//! reused for any shorter T.
 //!
 //! Differences from the CPU engine that tests must allow for: fp32 sums run in a different
 //! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
@@ -60,9 +82,11 @@ use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use decode::DecodeState;
+use flash::{AttnShape, FlashMath};
 use kernels::{grid_1d, grid_rows, launch, Arg, Kernels, BLOCK};
 use stack::Stack;
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
+use switches::Switches;
 
 type Buf = DeviceBuffer<'static>;
 type CResult<T> = std::result::Result<T, CudaError>;
@@ -146,7 +170,10 @@ struct LayerActs {
     ln1_mean: Buf,
     ln1_rstd: Buf,
     qkv: Buf,
-    att: Buf,
+    /// Attention probabilities (B, NH, T, T): plain path only, allocated on first use.
+    att: OnceCell<Buf>,
+    /// Per-row logsumexp (B, NH, T): fused path only, allocated on first use.
+    lse: OnceCell<Buf>,
     atty: Buf,
     res2: Buf,
     ln2: Buf,
@@ -175,15 +202,19 @@ struct Acts {
     dln: Buf,
     dfch: Buf,
     dqkv: Buf,
-    datt: Buf,
-    patt: Buf,
+    /// (B, NH, T, T) gradient of the probabilities: plain backward only, on first use.
+    datt: OnceCell<Buf>,
+    /// (B, NH, T, T) dropout-masked probabilities: plain path with attention dropout only.
+    patt: OnceCell<Buf>,
+    /// (B, NH, T) scratch of the fused backward, on first use.
+    dvec: OnceCell<Buf>,
     ln_parts: Buf,
     bias_parts: Buf,
 }
 
 impl Acts {
     fn new(ctx: &Context<'static>, cfg: &GptConfig, b: usize, t_cap: usize) -> CResult<Acts> {
-        let (n, c, nh) = (b * t_cap, cfg.n_embd, cfg.n_head);
+        let (n, c) = (b * t_cap, cfg.n_embd);
         let z = |len: usize| ctx.alloc(4 * len);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
@@ -192,7 +223,8 @@ impl Acts {
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
                 qkv: z(n * 3 * c)?,
-                att: z(b * nh * t_cap * t_cap)?,
+                att: OnceCell::new(),
+                lse: OnceCell::new(),
                 atty: z(n * c)?,
                 res2: z(n * c)?,
                 ln2: z(n * c)?,
@@ -220,8 +252,9 @@ impl Acts {
             dln: z(n * c)?,
             dfch: z(n * 4 * c)?,
             dqkv: z(n * 3 * c)?,
-            datt: z(b * nh * t_cap * t_cap)?,
-            patt: z(b * nh * t_cap * t_cap)?,
+            datt: OnceCell::new(),
+            patt: OnceCell::new(),
+            dvec: OnceCell::new(),
             ln_parts: z(PARTS * 2 * c)?,
             bias_parts: z(PARTS * 4 * c)?,
         })
@@ -256,6 +289,10 @@ pub struct CudaEngine {
     name: String,
     /// The GPU's dense bf16 peak (bf16 mode on a GPU the table knows).
     peak: Option<f64>,
+    /// The optimisations in use (read from `NANOGPT_CUDA_DISABLE` at construction).
+    switches: Switches,
+    /// Set while `forward_backward` runs its forward pass (see [`CudaEngine::fused_attention`]).
+    training_pass: Cell<bool>,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -281,13 +318,32 @@ impl CudaEngine {
     }
 
     /// An engine on GPU `device` over `params` computing its linear layers in `precision`.
-    /// bf16 needs a GPU of compute capability 8.0 or newer.
+    /// bf16 needs a GPU of compute capability 8.0 or newer. The optimisations come from
+    /// `NANOGPT_CUDA_DISABLE` ([`switches`]); an unknown name there is an error.
     pub fn with_precision(
         cfg: GptConfig,
         params: Vec<f32>,
         seed: u64,
         device: usize,
         precision: Precision,
+    ) -> Result<Self> {
+        let switches = Switches::from_env().map_err(|e| {
+            EngineError::Other(format!(
+                "{e} (a comma-separated list; unset the variable to use every optimisation)"
+            ))
+        })?;
+        Self::with_switches(cfg, params, seed, device, precision, switches)
+    }
+
+    /// As [`CudaEngine::with_precision`] with the optimisations given explicitly instead of
+    /// read from the environment (for comparing them, e.g. in tests).
+    pub fn with_switches(
+        cfg: GptConfig,
+        params: Vec<f32>,
+        seed: u64,
+        device: usize,
+        precision: Precision,
+        switches: Switches,
     ) -> Result<Self> {
         let layout = super::layout_for(&cfg, params.len())?;
         let stack: &'static Stack = stack::stack().map_err(EngineError::Other)?;
@@ -362,7 +418,15 @@ impl CudaEngine {
             Precision::F32 => "fp32",
             Precision::Bf16 => "bf16",
         };
-        let name = format!("cuda:{device} ({}, sm_{ma}{mi}, {tag})", info.name.trim());
+        let off: String = switches
+            .disabled()
+            .iter()
+            .map(|o| format!(", {o} off"))
+            .collect();
+        let name = format!(
+            "cuda:{device} ({}, sm_{ma}{mi}, {tag}{off})",
+            info.name.trim()
+        );
         let peak = match precision {
             Precision::Bf16 => crate::cuda::peak::bf16_peak(&info.name).map(|p| p.flops()),
             Precision::F32 => None,
@@ -389,9 +453,56 @@ impl CudaEngine {
             decode: None,
             name,
             peak,
+            switches,
+            training_pass: Cell::new(false),
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
         Ok(engine)
+    }
+
+    /// The optimisations this engine uses.
+    pub fn switches(&self) -> Switches {
+        self.switches
+    }
+
+    /// Which attention a pass over `b` rows of `t` tokens takes: `Some(math)` for the fused
+    /// kernels with that forward arithmetic, `None` for the plain path. `training` says
+    /// whether a backward pass follows (a `forward_backward` pass, with attention dropout
+    /// when the model's dropout is above 0). A pass with a backward uses the fp32 forward:
+    /// the fused backward recomputes the probabilities in fp32 from the forward's
+    /// logsumexp, and a bf16 logsumexp would make them inconsistent (rows that no longer sum
+    /// to 1 give, for instance, the key bias a gradient where the exact one is zero). The
+    /// bf16 tensor-core forward serves passes without a backward (evaluation, logits).
+    pub fn fused_attention(&self, b: usize, t: usize, training: bool) -> Option<FlashMath> {
+        if !self.switches.flash || (training && self.cfg.dropout > 0.0) {
+            return None;
+        }
+        let shape = self.attn_shape(b, t);
+        shape.validate(FlashMath::F32).ok()?;
+        if !training && self.bf.is_some() && shape.validate(FlashMath::Bf16).is_ok() {
+            Some(FlashMath::Bf16)
+        } else {
+            Some(FlashMath::F32)
+        }
+    }
+
+    /// Bytes of `T x T` attention buffers allocated so far (the plain path's `att` of
+    /// every layer, `patt` and `datt`); 0 while only the fused path has run.
+    pub fn attention_matrix_bytes(&self) -> usize {
+        self.acts.as_ref().map_or(0, |a| {
+            let layers: usize = a
+                .layers
+                .iter()
+                .filter_map(|la| la.att.get())
+                .map(|b| b.bytes)
+                .sum();
+            layers
+                + [&a.patt, &a.datt]
+                    .iter()
+                    .filter_map(|c| c.get())
+                    .map(|b| b.bytes)
+                    .sum::<usize>()
+        })
     }
 
     /// The arithmetic of the linear layers and the LM head.
@@ -807,7 +918,45 @@ impl CudaEngine {
 
     // ---------------------------------------------------------------- attention
 
-    /// y (N, C) and att = P (B, NH, T, T) from qkv (N, 3C).
+    fn attn_shape(&self, b: usize, t: usize) -> AttnShape {
+        AttnShape {
+            b,
+            t,
+            c: self.cfg.n_embd,
+            nh: self.cfg.n_head,
+        }
+    }
+
+    /// The buffer in `cell`, allocated with `elems` floats the first time it is asked for
+    /// (`what` names it in an out-of-memory error).
+    fn lazy(&self, cell: &OnceCell<Buf>, elems: usize, what: &str) -> CResult<u64> {
+        if let Some(buf) = cell.get() {
+            return Ok(buf.ptr);
+        }
+        let buf = self.ctx.alloc(4 * elems).map_err(|e| {
+            CudaError::Invalid(format!(
+                "cannot allocate {what} ({} MiB): {e}; use a smaller batch_size or \
+                 block_size{}",
+                (4 * elems) >> 20,
+                if self.switches.flash {
+                    ", or dropout=0.0 (the fused attention needs no T x T matrices)"
+                } else {
+                    ", or leave the fused attention on (NANOGPT_CUDA_DISABLE without flash)"
+                }
+            ))
+        })?;
+        let ptr = buf.ptr;
+        assert!(cell.set(buf).is_ok(), "the cell was empty just above");
+        Ok(ptr)
+    }
+
+    /// Elements of a (B, NH, T, T) buffer of `a`'s capacity.
+    fn tt_elems(&self, a: &Acts) -> usize {
+        a.b * self.cfg.n_head * a.t_cap * a.t_cap
+    }
+
+    /// y (N, C) from qkv (N, 3C); saves what the backward needs: lse (B, NH, T) on the
+    /// fused path, att = P (B, NH, T, T) on the plain one.
     fn attention_fwd(
         &self,
         a: &Acts,
@@ -816,6 +965,27 @@ impl CudaEngine {
         t: usize,
         drop: Dropout,
     ) -> CResult<()> {
+        if let Some(math) = self.fused_attention(b, t, self.training_pass.get()) {
+            let shape = self.attn_shape(b, t);
+            let rows = self.attn_shape(a.b, a.t_cap).rows();
+            let lse = self.lazy(&la.lse, rows, "the attention logsumexp")?;
+            // SAFETY: qkv (N, 3C) and atty (N, C) are sized for (a.b, a.t_cap) >= (b, t);
+            // lse holds B * NH * t_cap floats; all live in this context, and y/lse do not
+            // overlap qkv.
+            return unsafe {
+                flash::flash_forward(
+                    &self.stream,
+                    &self.k,
+                    math,
+                    la.qkv.ptr,
+                    la.atty.ptr,
+                    lse,
+                    shape,
+                )
+            };
+        }
+        let tt = self.tt_elems(a);
+        let att = self.lazy(&la.att, tt, "the attention matrix")?;
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let hs = c / nh;
         let c3 = 3 * c;
@@ -829,7 +999,7 @@ impl CudaEngine {
                 Operand::n(qkv, c3).batched(hs),
                 Operand::t(at(qkv, c), c3).batched(hs),
                 0.0,
-                Operand::n(at(la.att.ptr, bi * nh * t * t), t).batched(t * t),
+                Operand::n(at(att, bi * nh * t * t), t).batched(t * t),
                 nh,
             )?;
         }
@@ -838,17 +1008,18 @@ impl CudaEngine {
             self.k.causal_softmax_forward,
             grid_rows(rows),
             &[
-                Arg::Ptr(la.att.ptr),
+                Arg::Ptr(att),
                 Arg::I64(rows as i64),
                 Arg::I32(t as i32),
                 Arg::F32(scale),
             ],
         )?;
         let probs = if drop.active() {
-            self.dropout(a.patt.ptr, la.att.ptr, rows * t, drop)?;
-            a.patt.ptr
+            let patt = self.lazy(&a.patt, tt, "the dropped-out attention matrix")?;
+            self.dropout(patt, att, rows * t, drop)?;
+            patt
         } else {
-            la.att.ptr
+            att
         };
         for bi in 0..b {
             let qkv = at(la.qkv.ptr, bi * t * c3);
@@ -866,7 +1037,8 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// dqkv (N, 3C, overwritten) from dy (N, C).
+    /// dqkv (N, 3C, overwritten) from dy (N, C), on the path the forward took (the same
+    /// `b`, `t` and `drop` choose it).
     fn attention_bwd(
         &self,
         a: &Acts,
@@ -876,22 +1048,56 @@ impl CudaEngine {
         t: usize,
         drop: Dropout,
     ) -> CResult<()> {
+        if self.fused_attention(b, t, true).is_some() {
+            let shape = self.attn_shape(b, t);
+            let lse = la
+                .lse
+                .get()
+                .expect("the fused forward of this pass wrote the logsumexp")
+                .ptr;
+            let rows = self.attn_shape(a.b, a.t_cap).rows();
+            let dvec = self.lazy(&a.dvec, rows, "the attention backward scratch")?;
+            // SAFETY: as in attention_fwd; dy (N, C) and dqkv (N, 3C) are sized for the
+            // activations' capacity, dvec holds B * NH * t_cap floats, and neither dqkv nor
+            // dvec overlaps an input.
+            return unsafe {
+                flash::flash_backward(
+                    &self.stream,
+                    &self.k,
+                    la.qkv.ptr,
+                    la.atty.ptr,
+                    lse,
+                    dy,
+                    dvec,
+                    a.dqkv.ptr,
+                    shape,
+                )
+            };
+        }
+        let tt = self.tt_elems(a);
+        let att = la
+            .att
+            .get()
+            .expect("the plain forward of this pass wrote the attention matrix")
+            .ptr;
+        let datt_buf = self.lazy(&a.datt, tt, "the attention matrix gradient")?;
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let hs = c / nh;
         let c3 = 3 * c;
         let scale = 1.0 / (hs as f32).sqrt();
         let rows = b * nh * t;
         let probs = if drop.active() {
-            self.dropout(a.patt.ptr, la.att.ptr, rows * t, drop)?;
-            a.patt.ptr
+            let patt = self.lazy(&a.patt, tt, "the dropped-out attention matrix")?;
+            self.dropout(patt, att, rows * t, drop)?;
+            patt
         } else {
-            la.att.ptr
+            att
         };
         for bi in 0..b {
             let qkv = at(la.qkv.ptr, bi * t * c3);
             let dqkv = at(a.dqkv.ptr, bi * t * c3);
             let dyb = at(dy, bi * t * c);
-            let datt = at(a.datt.ptr, bi * nh * t * t);
+            let datt = at(datt_buf, bi * nh * t * t);
             // dPd = dy v^T
             self.gemm(
                 t,
@@ -915,13 +1121,13 @@ impl CudaEngine {
                 nh,
             )?;
         }
-        self.dropout(a.datt.ptr, a.datt.ptr, rows * t, drop)?;
+        self.dropout(datt_buf, datt_buf, rows * t, drop)?;
         self.run(
             self.k.causal_softmax_backward,
             grid_rows(rows),
             &[
-                Arg::Ptr(a.datt.ptr),
-                Arg::Ptr(la.att.ptr),
+                Arg::Ptr(datt_buf),
+                Arg::Ptr(att),
                 Arg::I64(rows as i64),
                 Arg::I32(t as i32),
                 Arg::F32(scale),
@@ -930,7 +1136,7 @@ impl CudaEngine {
         for bi in 0..b {
             let qkv = at(la.qkv.ptr, bi * t * c3);
             let dqkv = at(a.dqkv.ptr, bi * t * c3);
-            let datt = at(a.datt.ptr, bi * nh * t * t);
+            let datt = at(datt_buf, bi * nh * t * t);
             // dq = dS k ; dk = dS^T q
             self.gemm(
                 t,
@@ -1419,8 +1625,10 @@ impl Engine for CudaEngine {
         super::check_batch(&self.cfg, &batch, true)?;
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
-        self.forward(batch.inputs, batch.b, batch.t, drop, batch.t)
-            .map_err(cuda_err)?;
+        self.training_pass.set(true);
+        let fwd = self.forward(batch.inputs, batch.b, batch.t, drop, batch.t);
+        self.training_pass.set(false);
+        fwd.map_err(cuda_err)?;
         let loss = self
             .cross_entropy(batch.targets, Some(loss_scale))
             .map_err(cuda_err)?;

@@ -1,0 +1,436 @@
+//! The CUDA engine's fused attention switch (`NANOGPT_CUDA_DISABLE=flash`): engines built
+//! with the fused attention on and off ([`CudaEngine::with_switches`]) give the same logits,
+//! losses and every parameter gradient, in fp32 and bf16 mode, for T = block_size,
+//! T < block_size (activations reused at a shorter T), a head size the fused kernels do not
+//! support (both fall back to the plain path), and attention dropout (training takes the
+//! plain path, evaluation the fused one). The fused path also against the float64 PyTorch
+//! fixtures (tests/reference) and the CPU engine. The `T x T` attention buffers are checked
+//! to be allocated only where a plain pass needs them.
+//!
+//! Tolerances. fp32 mode: both paths compute attention in fp32 and differ only in the order
+//! of their sums (the fused kernels sum at most T + hs products per output, and rebuild the
+//! probabilities from the saved logsumexp; tests/cuda_flash.rs measures ~1e-6 of scale
+//! against float64), so the per-tensor error max |a - b| / max |b| gets the 1e-4 bound of
+//! tests/cuda_engine.rs: two orders of magnitude of headroom, while a wrong path, stride,
+//! mask or a stale buffer is an O(1) error. bf16 mode: the linear layers are bf16 on both
+//! sides, and the fused forward also rounds q, k, v and the probabilities to bf16 (its
+//! backward is fp32, with the logsumexp of the bf16 forward). A float64 model of exactly
+//! that (bf16 GEMM operands everywhere, bf16 q/k/v/P in the fused forward, the fp32
+//! backward from its logsumexp) against the same model with the plain attention, on this
+//! file's bf16 shapes over 20 seeds, gives at worst: logits relative L2 5.6e-3, loss
+//! relative 3.2e-4, any gradient tensor relative L2 8.9e-3, cosine 0.99996. The bounds
+//! below ([`BF16`]) leave 3x or more of headroom; a path or indexing mistake moves them by
+//! O(1).
+//!
+//! Without a GPU every GPU test prints "skipped: no GPU (why)" and passes;
+//! NANOGPT_REQUIRE_GPU=1 makes that a failure.
+
+mod reference;
+
+use nanogpt::engine::cpu::CpuEngine;
+use nanogpt::engine::cuda::flash::FlashMath;
+use nanogpt::engine::cuda::switches::Switches;
+use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+use nanogpt::engine::{Batch, Engine};
+use nanogpt::model::{GptConfig, ParamLayout};
+use nanogpt::rng::Rng;
+use reference::{check_engine, rel_err, Reference, Tolerances};
+
+/// fp32 bound, max |a - b| / max |b| per tensor (see the module docs).
+const TOL: f64 = 1e-4;
+
+/// bf16-mode bounds of the fused path against the plain one (see the module docs).
+struct Bf16Bounds {
+    logits: f64,
+    loss: f64,
+    grads: f64,
+    cosine: f64,
+}
+
+const BF16: Bf16Bounds = Bf16Bounds {
+    logits: 2e-2,
+    loss: 2e-3,
+    grads: 3e-2,
+    cosine: 0.999,
+};
+
+/// `Some(())` when a GPU is usable; otherwise says why (or fails under NANOGPT_REQUIRE_GPU=1).
+fn gpu(test: &str) -> Option<()> {
+    match stack::available_gpus() {
+        Ok(g) => {
+            eprintln!("{test}: running on {} ({})", g[0].name, g[0].sm_arch());
+            Some(())
+        }
+        Err(why) => {
+            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
+            }
+            eprintln!("{test}: skipped: no GPU ({why})");
+            None
+        }
+    }
+}
+
+fn flash_off() -> Switches {
+    Switches::parse("flash").expect("flash is a known optimisation")
+}
+
+/// GPT-2 initialisation plus N(0, 0.1) noise, so that attention is far from uniform.
+fn params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
+    let mut p = ParamLayout::new(cfg).init_params(cfg, seed);
+    let mut rng = Rng::new(seed + 1);
+    p.iter_mut().for_each(|x| *x += (rng.normal() * 0.1) as f32);
+    p
+}
+
+/// Random tokens and targets for `b` rows of `t`, with two ignored targets.
+fn data(cfg: &GptConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
+    let mut rng = Rng::new(seed + 2);
+    let v = cfg.vocab_size as u64;
+    let inputs = (0..b * t).map(|_| rng.below(v) as u32).collect();
+    let mut targets: Vec<i32> = (0..b * t).map(|_| rng.below(v) as i32).collect();
+    targets[1] = -1;
+    targets[b * t - 1] = -1;
+    (inputs, targets)
+}
+
+fn engine(cfg: &GptConfig, p: &[f32], precision: Precision, s: Switches) -> CudaEngine {
+    CudaEngine::with_switches(cfg.clone(), p.to_vec(), 5, 0, precision, s)
+        .unwrap_or_else(|e| panic!("CUDA engine ({precision:?}, {s:?}): {e}"))
+}
+
+/// ||a - b|| / ||b|| and the cosine of a and b.
+fn l2_cos(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let (mut d, mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        assert!(x.is_finite() && y.is_finite(), "non-finite value");
+        let (x, y) = (x as f64, y as f64);
+        d += (x - y).powi(2);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    (
+        (d / bb.max(1e-300)).sqrt(),
+        ab / (aa.sqrt() * bb.sqrt()).max(1e-300),
+    )
+}
+
+/// `got` close to `want` under the precision's bound for `kind` ("logits" or "grads").
+fn close(what: &str, precision: Precision, got: &[f32], want: &[f32], kind: &str) -> f64 {
+    match precision {
+        Precision::F32 => {
+            let e = rel_err(got, want);
+            assert!(e < TOL, "{what}: relative error {e:.2e} (bound {TOL:.0e})");
+            e
+        }
+        Precision::Bf16 => {
+            let bound = if kind == "logits" {
+                BF16.logits
+            } else {
+                BF16.grads
+            };
+            let (e, c) = l2_cos(got, want);
+            assert!(
+                e < bound && c > BF16.cosine,
+                "{what}: relative L2 error {e:.2e} (bound {bound:.0e}), cosine {c:.6} (bound {})",
+                BF16.cosine
+            );
+            e
+        }
+    }
+}
+
+fn close_loss(what: &str, precision: Precision, got: f32, want: f32) {
+    let bound = match precision {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => BF16.loss,
+    };
+    let e = ((got as f64 - want as f64) / want as f64).abs();
+    assert!(e < bound, "{what}: loss {got} vs {want} (relative {e:.2e})");
+}
+
+/// The fused-on and fused-off engines over the same parameters, through rows of each length
+/// in `ts` (in that order, on the same engines: the activations of the first, longest, are
+/// reused): logits, evaluation loss, two accumulated training passes, every gradient.
+/// `fused` is what the on-engine must pick for evaluation (training takes the plain path
+/// when attention dropout is active).
+fn compare(
+    label: &str,
+    cfg: GptConfig,
+    b: usize,
+    ts: &[usize],
+    precision: Precision,
+    fused: Option<FlashMath>,
+) -> (CudaEngine, CudaEngine) {
+    let p = params(&cfg, 7);
+    let mut on = engine(&cfg, &p, precision, Switches::default());
+    let mut off = engine(&cfg, &p, precision, flash_off());
+    assert!(
+        !on.device_name().contains("flash off"),
+        "{}",
+        on.device_name()
+    );
+    assert!(
+        off.device_name().contains("flash off"),
+        "{}",
+        off.device_name()
+    );
+    let layout = ParamLayout::new(&cfg);
+    let dropout = cfg.dropout > 0.0;
+    for &t in ts {
+        let label = format!("{label} {precision:?} T={t}");
+        assert_eq!(on.fused_attention(b, t, false), fused, "{label}: eval path");
+        assert_eq!(off.fused_attention(b, t, false), None, "{label}: flash off");
+        // Passes with a backward use the fp32 fused forward (consistent with the backward).
+        let train_path = on.fused_attention(b, t, true);
+        let want = if dropout {
+            None
+        } else {
+            fused.map(|_| FlashMath::F32)
+        };
+        assert_eq!(train_path, want, "{label}");
+        let (inputs, targets) = data(&cfg, b, t, t as u64);
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b,
+            t,
+        };
+        let e = close(
+            &format!("{label} logits"),
+            precision,
+            &on.logits(batch).unwrap(),
+            &off.logits(batch).unwrap(),
+            "logits",
+        );
+        eprintln!("{label}: logits error {e:.2e}");
+        let (lon, loff) = (on.loss(batch).unwrap(), off.loss(batch).unwrap());
+        close_loss(&format!("{label} eval"), precision, lon, loff);
+        on.zero_grad();
+        off.zero_grad();
+        for k in 0..2 {
+            let lon = on.forward_backward(batch, 0.5).unwrap();
+            let loff = off.forward_backward(batch, 0.5).unwrap();
+            close_loss(&format!("{label} train pass {k}"), precision, lon, loff);
+        }
+        let (gon, goff) = (on.grads(), off.grads());
+        let mut worst = (0f64, String::new());
+        for tensor in &layout.tensors {
+            let r = tensor.offset..tensor.offset + tensor.len;
+            let what = format!("{label} gradient of {}", tensor.name);
+            let e = close(&what, precision, &gon[r.clone()], &goff[r], "grads");
+            if e > worst.0 {
+                worst = (e, tensor.name.clone());
+            }
+        }
+        eprintln!(
+            "{label}: worst gradient error {:.2e} ({})",
+            worst.0, worst.1
+        );
+        assert_eq!(
+            on.rng_state(),
+            off.rng_state(),
+            "{label}: same dropout draws"
+        );
+    }
+    // The T x T buffers exist exactly where a plain pass ran.
+    let (mb_on, mb_off) = (on.attention_matrix_bytes(), off.attention_matrix_bytes());
+    eprintln!("{label}: T x T attention buffers: fused on {mb_on} bytes, off {mb_off} bytes");
+    assert!(mb_off > 0, "{label}: the plain path allocated its buffers");
+    if fused.is_some() && !dropout {
+        assert_eq!(mb_on, 0, "{label}: a fused-only run holds no T x T buffer");
+    } else {
+        assert_eq!(
+            mb_on, mb_off,
+            "{label}: the plain path ran in the on-engine"
+        );
+    }
+    (on, off)
+}
+
+#[test]
+fn fused_attention_matches_the_plain_path_in_fp32() {
+    if gpu("fused_attention_matches_the_plain_path_in_fp32").is_none() {
+        return;
+    }
+    // hs 16, T = block 16 then T = 11 on the same activations.
+    compare(
+        "hs16",
+        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
+        3,
+        &[16, 11],
+        Precision::F32,
+        Some(FlashMath::F32),
+    );
+    // GPT-2's head size 64, T across the 32-row tiles (40 = 32 + 8, then 33), no biases.
+    compare(
+        "hs64",
+        GptConfig::new(1, 2, 128, 40, 50, false, 0.0).unwrap(),
+        2,
+        &[40, 33],
+        Precision::F32,
+        Some(FlashMath::F32),
+    );
+}
+
+#[test]
+fn fused_attention_matches_the_plain_path_in_bf16() {
+    if gpu("fused_attention_matches_the_plain_path_in_bf16").is_none() {
+        return;
+    }
+    // hs 16: the bf16 tensor-core forward.
+    compare(
+        "hs16",
+        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
+        3,
+        &[16, 11],
+        Precision::Bf16,
+        Some(FlashMath::Bf16),
+    );
+    // hs 40 is not a multiple of 16: the fused path with the fp32 forward.
+    compare(
+        "hs40",
+        GptConfig::new(1, 2, 80, 12, 50, true, 0.0).unwrap(),
+        2,
+        &[12, 7],
+        Precision::Bf16,
+        Some(FlashMath::F32),
+    );
+}
+
+#[test]
+fn an_unsupported_head_size_falls_back_to_the_plain_path() {
+    if gpu("an_unsupported_head_size_falls_back_to_the_plain_path").is_none() {
+        return;
+    }
+    // hs 136 > 128, the fused kernels' limit.
+    for precision in [Precision::F32, Precision::Bf16] {
+        compare(
+            "hs136",
+            GptConfig::new(1, 1, 136, 8, 40, true, 0.0).unwrap(),
+            2,
+            &[8, 5],
+            precision,
+            None,
+        );
+    }
+}
+
+#[test]
+fn attention_dropout_trains_on_the_plain_path() {
+    if gpu("attention_dropout_trains_on_the_plain_path").is_none() {
+        return;
+    }
+    // With dropout 0.2 the training passes are plain on both engines (the same masks: the
+    // gradients agree); evaluation is fused on one and plain on the other.
+    for (precision, math) in [
+        (Precision::F32, FlashMath::F32),
+        (Precision::Bf16, FlashMath::Bf16),
+    ] {
+        compare(
+            "dropout",
+            GptConfig::new(2, 2, 32, 10, 50, true, 0.2).unwrap(),
+            3,
+            &[10, 6],
+            precision,
+            Some(math),
+        );
+    }
+}
+
+#[test]
+fn fused_attention_matches_pytorch_and_the_cpu_engine() {
+    if gpu("fused_attention_matches_pytorch_and_the_cpu_engine").is_none() {
+        return;
+    }
+    // The float64 PyTorch fixtures: T = block (hs 16) and T = 9 < block 16 (hs 8).
+    let tol = Tolerances {
+        logits: TOL,
+        grads: TOL,
+    };
+    for name in ["ref_bias.safetensors", "ref_short.safetensors"] {
+        let r = Reference::load(name);
+        let mut eng = engine(&r.cfg, &r.params, Precision::F32, Switches::default());
+        let c = r.fx.config();
+        let (b, t) = (c["B"].as_u64().unwrap(), c["T"].as_u64().unwrap());
+        let path = eng.fused_attention(b as usize, t as usize, false);
+        assert_eq!(path, Some(FlashMath::F32), "{name}");
+        check_engine(name, &r, &mut eng, &tol);
+        assert_eq!(eng.attention_matrix_bytes(), 0, "{name}: fused only");
+    }
+    // The CPU engine, T < block.
+    let cfg = GptConfig::new(2, 4, 64, 24, 67, true, 0.0).unwrap();
+    let p = params(&cfg, 3);
+    let mut cpu = CpuEngine::new(cfg.clone(), p.clone(), 5, 2).unwrap();
+    let mut gpu = engine(&cfg, &p, Precision::F32, Switches::default());
+    let (b, t) = (2, 19);
+    assert_eq!(gpu.fused_attention(b, t, false), Some(FlashMath::F32));
+    let (inputs, targets) = data(&cfg, b, t, 9);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let e = rel_err(&gpu.logits(batch).unwrap(), &cpu.logits(batch).unwrap());
+    assert!(e < TOL, "CPU vs fused: logits error {e:.2e}");
+    cpu.zero_grad();
+    gpu.zero_grad();
+    let (lc, lg) = (
+        cpu.forward_backward(batch, 1.0).unwrap(),
+        gpu.forward_backward(batch, 1.0).unwrap(),
+    );
+    close_loss("CPU vs fused", Precision::F32, lg, lc);
+    let (gc, gg) = (cpu.grads(), gpu.grads());
+    for tensor in &ParamLayout::new(&cfg).tensors {
+        let r = tensor.offset..tensor.offset + tensor.len;
+        let e = rel_err(&gg[r.clone()], &gc[r]);
+        assert!(
+            e < TOL,
+            "CPU vs fused: gradient of {} relative error {e:.2e}",
+            tensor.name
+        );
+    }
+    assert_eq!(gpu.attention_matrix_bytes(), 0);
+}
+
+/// Needs no GPU: the variable is read before anything touches CUDA. The engine is built in
+/// a child process of this test binary that gets the variable, so that this process never
+/// changes its own environment while other tests run.
+#[test]
+fn an_unknown_name_in_nanogpt_cuda_disable_is_an_error() {
+    const TEST: &str = "an_unknown_name_in_nanogpt_cuda_disable_is_an_error";
+    if std::env::var_os("NANOGPT_SWITCHES_CHILD").is_some() {
+        let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
+        let p = params(&cfg, 1);
+        let msg = CudaEngine::new(cfg, p, 1, 0)
+            .err()
+            .expect("an unknown name is refused")
+            .to_string();
+        assert!(
+            msg.contains("NANOGPT_CUDA_DISABLE")
+                && msg.contains("\"flsh\"")
+                && msg.contains("epilogues"),
+            "{msg}"
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("NANOGPT_SWITCHES_CHILD", "1")
+        .env("NANOGPT_CUDA_DISABLE", "flash,flsh")
+        .output()
+        .expect("running the test binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child test failed:\n{text}"
+    );
+}
