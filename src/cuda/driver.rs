@@ -63,7 +63,7 @@ api! {
         fn cuEventCreate(e: *mut CuEvent, flags: c_uint) -> CuResult;
         fn cuEventRecord(e: CuEvent, s: CuStream) -> CuResult;
         fn cuEventSynchronize(e: CuEvent) -> CuResult;
-        fn cuEventElapsedTime(ms: *mut f32, start: CuEvent, end: CuEvent) -> CuResult;
+        fn cuEventElapsedTime_v2(ms: *mut f32, start: CuEvent, end: CuEvent) -> CuResult;
         fn cuEventDestroy_v2(e: CuEvent) -> CuResult;
     }
 }
@@ -472,7 +472,7 @@ impl Stream<'_> {
             )?;
             let mut ms = 0f32;
             self.drv.check(
-                unsafe { (api.cuEventElapsedTime)(&mut ms, start, end) },
+                unsafe { (api.cuEventElapsedTime_v2)(&mut ms, start, end) },
                 "cuEventElapsedTime",
             )?;
             Ok(ms as f64)
