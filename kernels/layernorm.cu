@@ -16,6 +16,13 @@
 //   Row group p holds rows [p * rows_per_part, min(N, (p + 1) * rows_per_part)).
 //   Launch: 2-D; block 256, grid (ceil(C / 256), P). Deterministic. The groups are then
 //   summed in order into dw and db by reduce_parts_add (elementwise.cu).
+//
+// residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias_or_null, N, C)
+//   res = a + b, then out = LayerNorm(res) exactly as layernorm_forward computes it (same
+//   sums in the same order, same expressions): the residual add followed by the next
+//   LayerNorm in one pass. res may be the same buffer as a or b (each element is read and
+//   then written by the same thread, and only that thread reads it back).
+//   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 
 #define LN_EPS 1e-5f
 
@@ -105,4 +112,44 @@ extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
     }
     parts[(long long)p * 2 * c + col] = dw;
     parts[(long long)p * 2 * c + c + col] = db;
+}
+
+extern "C" __global__ void residual_layernorm_forward(float* res,
+                                                      float* __restrict__ out,
+                                                      float* __restrict__ mean,
+                                                      float* __restrict__ rstd,
+                                                      const float* a,
+                                                      const float* b,
+                                                      const float* __restrict__ w,
+                                                      const float* __restrict__ bias,
+                                                      int n_rows, int c) {
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;  // whole warps exit together
+    long long base = (long long)row * c;
+    float* xr = res + base;
+    float s = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float v = a[base + i] + b[base + i];
+        xr[i] = v;
+        s += v;
+    }
+    float m = warp_sum(s) / (float)c;
+    float v = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float d = xr[i] - m;
+        v += d * d;
+    }
+    v = warp_sum(v);
+    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
+    float* o = out + base;
+    for (int i = lane; i < c; i += 32) {
+        float y = (xr[i] - m) * r * w[i];
+        if (bias != nullptr) y += bias[i];
+        o[i] = y;
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
 }

@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_epilogues and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -27,6 +27,8 @@
 #                                                                 -> cuda_flash.log
 #      switches        cuda_switches: the engine with fused attention on vs off
 #                      (NANOGPT_CUDA_DISABLE=flash), fp32 and bf16 -> cuda_switches.log
+#      epilogues       cuda_epilogues: cuBLASLt epilogues vs float64, fused vs unfused
+#                      bf16 engine, fused bf16 vs the CPU engine -> cuda_epilogues.log
 #      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
 #      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
 #      bench-124m      the same in float32                        -> bench_124m.log
@@ -59,6 +61,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_flash" "$flash_bin"
     switches_bin=$(ls -t target/release/deps/cuda_switches-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/cuda_switches" "$switches_bin"
+    epi_bin=$(ls -t target/release/deps/cuda_epilogues-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_epilogues" "$epi_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -76,7 +80,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/nccl"; do
+    "$bin/cuda_epilogues" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -131,6 +135,7 @@ gpu_test tests 150 cuda_engine cuda_engine.log
 gpu_test tests-decode 90 cuda_decode cuda_decode.log
 gpu_test flash 90 cuda_flash cuda_flash.log
 gpu_test switches 45 cuda_switches cuda_switches.log
+gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
 gpu_test nccl 60 nccl nccl.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
@@ -158,7 +163,7 @@ rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 G
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log nccl.log bench_124m_bf16.log bench_124m.log cuda_flash_timing.log bench_small.log; do
+for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log bench_124m_bf16.log bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

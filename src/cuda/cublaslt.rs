@@ -45,6 +45,36 @@ const PREF_MIN_ALIGNMENT_A_BYTES: c_int = 5;
 const PREF_MIN_ALIGNMENT_B_BYTES: c_int = 6;
 const PREF_MIN_ALIGNMENT_C_BYTES: c_int = 7;
 const PREF_MIN_ALIGNMENT_D_BYTES: c_int = 8;
+/// `cublasLtMatmulDescAttributes_t` (cublasLt.h) of the fused epilogues:
+/// `CUBLASLT_MATMUL_DESC_EPILOGUE = 7` (`uint32_t`, a `cublasLtEpilogue_t`),
+/// `_BIAS_POINTER = 8` (bias, or bias-gradient output; its value also tells the heuristic
+/// the vector's alignment), `_EPILOGUE_AUX_POINTER = 11` (GELU input: written by
+/// `GELU_AUX*`, read by `DGELU*`), `_EPILOGUE_AUX_LD = 12` (`int64_t`, in elements, at least
+/// the rows of the column-major D and divisible by 8 for GELU), `_EPILOGUE_AUX_DATA_TYPE =
+/// 22` and `_BIAS_DATA_TYPE = 26` (`int32_t` `cudaDataType`, default -1: the type of D). The
+/// engine leaves both data types at their default, which is what it needs (fp32 bias and
+/// GELU input with an fp32 D); the header warns that setting them for a combination that
+/// does not support it makes `cublasLtMatmul` fail.
+pub const DESC_EPILOGUE: c_int = 7;
+pub const DESC_BIAS_POINTER: c_int = 8;
+pub const DESC_EPILOGUE_AUX_POINTER: c_int = 11;
+pub const DESC_EPILOGUE_AUX_LD: c_int = 12;
+pub const DESC_EPILOGUE_AUX_DATA_TYPE: c_int = 22;
+pub const DESC_BIAS_DATA_TYPE: c_int = 26;
+/// `cublasLtEpilogue_t` (cublasLt.h): `DEFAULT = 1`, `BIAS = 4`, `GELU = 32`,
+/// `GELU_AUX = GELU | 128`, `GELU_AUX_BIAS = GELU_AUX | BIAS`, `DGELU = 64 | 128`,
+/// `BGRADA = 256` (bias gradient: sums of the column-major A over k, one per row of D),
+/// `BGRADB = 512` (sums of B over k, one per column of D).
+pub const EPILOGUE_DEFAULT: u32 = 1;
+pub const EPILOGUE_BIAS: u32 = 4;
+pub const EPILOGUE_GELU_AUX: u32 = 32 | 128;
+pub const EPILOGUE_GELU_AUX_BIAS: u32 = 32 | 128 | 4;
+pub const EPILOGUE_DGELU: u32 = 64 | 128;
+pub const EPILOGUE_BGRADA: u32 = 256;
+pub const EPILOGUE_BGRADB: u32 = 512;
+/// `cublasStatus_t` (cublas_api.h): `CUBLAS_STATUS_INVALID_VALUE = 7`, what
+/// `cublasLtMatmul` answers for an epilogue configuration it cannot run.
+const CUBLAS_STATUS_INVALID_VALUE: Status = 7;
 /// `cublasStatus_t` (cublas_api.h): `CUBLAS_STATUS_NOT_SUPPORTED = 15`, what the heuristic
 /// may answer when it has no algorithm for a configuration.
 const CUBLAS_STATUS_NOT_SUPPORTED: Status = 15;
@@ -250,6 +280,107 @@ pub fn col_major(s: &MatmulShape) -> Result<ColMajor, CudaError> {
     })
 }
 
+/// A fused epilogue, described on the row-major product of a [`MatmulShape`]
+/// (`C (m x n) = op(A) op(B) + beta C`). Bias vectors, bias gradients and the GELU input
+/// have the type of C (cuBLASLt's default for an fp32 D). GELU is the tanh form
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, the one GPT-2 and this crate use:
+/// cublasLt.h does not spell the formula out; PyTorch relies on it being the tanh form
+/// (`torch._addmm_activation(use_gelu=True)` on CUDA is `gelu(approximate="tanh")`), and
+/// the GPU test `cublaslt_gelu_epilogue_is_the_tanh_form` checks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `C = op(A) op(B) + beta C + bias`, `bias[j]` added to column `j` (length `n`).
+    Bias,
+    /// `aux = op(A) op(B) + beta C (+ bias)`, `C = gelu(aux)`: the GELU input is kept for
+    /// the backward pass (`aux` is `m x n` with row stride `aux_ld`).
+    GeluAux { bias: bool },
+    /// `C = (op(A) op(B)) * gelu'(aux)`, `aux` the GELU input [`Epilogue::GeluAux`] saved.
+    DGelu,
+    /// `C = op(A) op(B) + beta C` and `bias[j] = sum over p of op(B)[p, j]` (length `n`,
+    /// overwritten, never accumulated): the bias gradient of a linear layer's weight-
+    /// gradient product `dW = X^T dY`, whose B is `dY`.
+    BiasGradB,
+    /// `C = op(A) op(B) + beta C` and `bias[i] = sum over p of op(A)[i, p]` (length `m`,
+    /// overwritten).
+    BiasGradA,
+}
+
+impl Epilogue {
+    /// The `cublasLtEpilogue_t` value. cuBLASLt's A is the row-major B (see [`col_major`]),
+    /// so the bias gradient of the row-major B is `BGRADA` and that of A is `BGRADB`.
+    pub fn lt_value(self) -> u32 {
+        match self {
+            Epilogue::Bias => EPILOGUE_BIAS,
+            Epilogue::GeluAux { bias: false } => EPILOGUE_GELU_AUX,
+            Epilogue::GeluAux { bias: true } => EPILOGUE_GELU_AUX_BIAS,
+            Epilogue::DGelu => EPILOGUE_DGELU,
+            Epilogue::BiasGradB => EPILOGUE_BGRADA,
+            Epilogue::BiasGradA => EPILOGUE_BGRADB,
+        }
+    }
+    /// Whether `BIAS_POINTER` is used (bias input or bias-gradient output).
+    pub fn uses_bias(self) -> bool {
+        !matches!(self, Epilogue::DGelu | Epilogue::GeluAux { bias: false })
+    }
+    /// Whether the GELU input matrix (`EPILOGUE_AUX_POINTER`, `_AUX_LD`) is used.
+    pub fn uses_aux(self) -> bool {
+        matches!(self, Epilogue::GeluAux { .. } | Epilogue::DGelu)
+    }
+}
+
+/// An epilogue with the pointers of one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpilogueArgs {
+    pub ep: Epilogue,
+    /// The bias, or where the bias gradient goes; 0 when the epilogue uses none.
+    pub bias: CuDevicePtr,
+    /// The GELU input (`m x n`, row stride `aux_ld`); 0 when unused.
+    pub aux: CuDevicePtr,
+    pub aux_ld: usize,
+}
+
+/// The plan key of a product with an epilogue: the shape (alignments of A, B, C filled
+/// in), the epilogue, the GELU input's stride and the alignments of the bias and GELU
+/// input pointers (the heuristic chooses by them too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EpilogueKey {
+    pub shape: MatmulShape,
+    pub ep: Epilogue,
+    pub aux_ld: usize,
+    pub align: [u32; 2],
+}
+
+/// Whether cuBLASLt's documented limits allow `args` on `s` (`Ok`), or why not (a limit,
+/// so the caller computes the product another way). Missing pointers are the caller's
+/// mistake: [`CudaError::Invalid`].
+pub fn epilogue_fits(
+    s: &MatmulShape,
+    args: &EpilogueArgs,
+) -> Result<Result<(), String>, CudaError> {
+    let ep = args.ep;
+    if ep.uses_bias() && args.bias == 0 {
+        return Err(CudaError::Invalid(format!(
+            "epilogue {ep:?} needs a bias pointer"
+        )));
+    }
+    if ep.uses_aux() && args.aux == 0 {
+        return Err(CudaError::Invalid(format!(
+            "epilogue {ep:?} needs the GELU input pointer"
+        )));
+    }
+    if ep.uses_aux() {
+        // The column-major D has n rows; cublasLt.h: the GELU input's leading dimension is
+        // at least that and divisible by 8.
+        if args.aux_ld < s.n || !args.aux_ld.is_multiple_of(8) {
+            return Ok(Err(format!(
+                "the GELU input's row stride {} must be at least {} and a multiple of 8",
+                args.aux_ld, s.n
+            )));
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// One planned product: descriptors and the algorithm the heuristic chose for a shape.
 pub struct Matmul<'a> {
     lt: &'a CublasLt,
@@ -308,6 +439,19 @@ impl CublasLt {
         shape: MatmulShape,
         workspace_bytes: usize,
     ) -> Result<Matmul<'_>, CudaError> {
+        self.plan_ep(handle, shape, workspace_bytes, None)
+    }
+
+    /// [`CublasLt::plan`] with a fused epilogue (its pointers set before the heuristic,
+    /// which reads their alignment). An epilogue attribute this cuBLASLt refuses is
+    /// [`CudaError::Invalid`], like a missing algorithm.
+    fn plan_ep(
+        &self,
+        handle: *mut c_void,
+        shape: MatmulShape,
+        workspace_bytes: usize,
+        ep: Option<&EpilogueArgs>,
+    ) -> Result<Matmul<'_>, CudaError> {
         let cm = col_major(&shape)?;
         let mut p = Matmul {
             lt: self,
@@ -343,6 +487,36 @@ impl CublasLt {
                     ),
                     call,
                 )?;
+            }
+            if let Some(args) = ep {
+                let v = args.ep.lt_value();
+                let s = (api.cublasLtMatmulDescSetAttribute)(
+                    p.op,
+                    DESC_EPILOGUE,
+                    &v as *const u32 as *const c_void,
+                    std::mem::size_of::<u32>(),
+                );
+                if s != 0 {
+                    return Err(CudaError::Invalid(format!(
+                        "cuBLASLt refuses epilogue {:?} (status {s})",
+                        args.ep
+                    )));
+                }
+                p.set_epilogue_pointers(args)?;
+                if args.ep.uses_aux() {
+                    let ld = args.aux_ld as i64;
+                    let s = (api.cublasLtMatmulDescSetAttribute)(
+                        p.op,
+                        DESC_EPILOGUE_AUX_LD,
+                        &ld as *const i64 as *const c_void,
+                        std::mem::size_of::<i64>(),
+                    );
+                    if s != 0 {
+                        return Err(CudaError::Invalid(format!(
+                            "cuBLASLt refuses GELU input stride {ld} (status {s})"
+                        )));
+                    }
+                }
             }
             for (slot, l, ty, call) in [
                 (&mut p.a, cm.a, shape.ab, "cublasLtMatrixLayoutCreate(A)"),
@@ -473,6 +647,38 @@ pub fn describe(s: &MatmulShape) -> String {
 }
 
 impl Matmul<'_> {
+    /// Points the operation descriptor's epilogue at this call's bias and GELU input (the
+    /// descriptor is read when the product is enqueued). A refusal is
+    /// [`CudaError::Invalid`].
+    fn set_epilogue_pointers(&self, args: &EpilogueArgs) -> Result<(), CudaError> {
+        let api = &self.lt.api;
+        let mut attrs = Vec::with_capacity(2);
+        if args.ep.uses_bias() {
+            attrs.push((DESC_BIAS_POINTER, args.bias, "bias"));
+        }
+        if args.ep.uses_aux() {
+            attrs.push((DESC_EPILOGUE_AUX_POINTER, args.aux, "GELU input"));
+        }
+        for (attr, ptr, what) in attrs {
+            // SAFETY: reads one pointer-sized value; the descriptor is live (owned by self).
+            let s = unsafe {
+                (api.cublasLtMatmulDescSetAttribute)(
+                    self.op,
+                    attr,
+                    &ptr as *const CuDevicePtr as *const c_void,
+                    std::mem::size_of::<CuDevicePtr>(),
+                )
+            };
+            if s != 0 {
+                return Err(CudaError::Invalid(format!(
+                    "cuBLASLt refuses the {what} pointer of epilogue {:?} (status {s})",
+                    args.ep
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` (row-major, as planned).
     ///
     /// # Safety
@@ -586,6 +792,8 @@ pub struct MatmulCache<'a> {
     handle: Handle,
     workspace_bytes: usize,
     plans: RefCell<HashMap<MatmulShape, Option<Matmul<'a>>>>,
+    /// Plans with a fused epilogue (`Err`: why cuBLASLt cannot run it).
+    ep_plans: RefCell<HashMap<EpilogueKey, Result<Matmul<'a>, String>>>,
 }
 
 impl<'a> MatmulCache<'a> {
@@ -597,7 +805,122 @@ impl<'a> MatmulCache<'a> {
             handle: lt.create_handle()?,
             workspace_bytes,
             plans: RefCell::new(HashMap::new()),
+            ep_plans: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// [`MatmulCache::matmul`] with the fused epilogue `args`: enqueues the product and
+    /// its epilogue, planning it on first use. Returns [`Ran::Unsupported`] without
+    /// enqueuing anything when cuBLASLt cannot run this epilogue on this shape (no
+    /// algorithm, an attribute it refuses, a documented limit such as the GELU input's
+    /// stride, or the heuristic or `cublasLtMatmul` answering `NOT_SUPPORTED`/`INVALID_VALUE`, after
+    /// which the key is not tried again); the caller then computes it unfused.
+    ///
+    /// # Safety
+    /// As [`MatmulCache::matmul`]; besides, the bias (length `n` for `Bias`, `GeluAux` and
+    /// `BiasGradB`, `m` for `BiasGradA`, of C's type) and the GELU input (`m` rows of row
+    /// stride `aux_ld`, C's type) must be allocated where the epilogue uses them.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_ep(
+        &self,
+        mut shape: MatmulShape,
+        alpha: f32,
+        a: CuDevicePtr,
+        b: CuDevicePtr,
+        beta: f32,
+        c: CuDevicePtr,
+        workspace: CuDevicePtr,
+        stream: &Stream,
+        args: EpilogueArgs,
+    ) -> Result<Ran, CudaError> {
+        shape.align = [alignment(a), alignment(b), alignment(c)];
+        col_major(&shape)?;
+        let fits = epilogue_fits(&shape, &args)?;
+        let key = EpilogueKey {
+            shape,
+            ep: args.ep,
+            aux_ld: if args.ep.uses_aux() { args.aux_ld } else { 0 },
+            align: [
+                if args.ep.uses_bias() {
+                    alignment(args.bias)
+                } else {
+                    0
+                },
+                if args.ep.uses_aux() {
+                    alignment(args.aux)
+                } else {
+                    0
+                },
+            ],
+        };
+        let mut plans = self.ep_plans.borrow_mut();
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(match fits {
+                Err(why) => Err(why),
+                Ok(()) => {
+                    match self
+                        .lt
+                        .plan_ep(self.handle, shape, self.workspace_bytes, Some(&args))
+                    {
+                        Ok(p) => Ok(p),
+                        Err(CudaError::Invalid(why)) => Err(why),
+                        Err(CudaError::Cublas { call, code, name })
+                            if code == CUBLAS_STATUS_NOT_SUPPORTED
+                                || code == CUBLAS_STATUS_INVALID_VALUE =>
+                        {
+                            Err(format!("{call} answered {name} ({code})"))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }),
+        };
+        let Ok(p) = plan else {
+            return Ok(Ran::Unsupported);
+        };
+        let r = p
+            .set_epilogue_pointers(&args)
+            .and_then(|_| p.run(self.handle, alpha, a, b, beta, c, workspace, stream));
+        match r {
+            Ok(()) => Ok(Ran::Lt),
+            Err(CudaError::Invalid(why)) => {
+                *plan = Err(why);
+                Ok(Ran::Unsupported)
+            }
+            Err(CudaError::Cublas { code, name, .. })
+                if code == CUBLAS_STATUS_NOT_SUPPORTED || code == CUBLAS_STATUS_INVALID_VALUE =>
+            {
+                *plan = Err(format!("cublasLtMatmul answered {name} ({code})"));
+                Ok(Ran::Unsupported)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every product with an epilogue planned so far, in words, each ending in
+    /// "fused" or "unfused: <why>", sorted.
+    pub fn epilogue_report(&self) -> Vec<String> {
+        let plans = self.ep_plans.borrow();
+        let mut v: Vec<String> = plans
+            .iter()
+            .map(|(k, p)| {
+                let what = match p {
+                    Ok(_) => "fused".to_string(),
+                    Err(why) => format!("unfused: {why}"),
+                };
+                format!("{:?} on {}: {what}", k.ep, describe(&k.shape))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// (products with an epilogue cuBLASLt runs, those it cannot).
+    pub fn epilogue_counts(&self) -> (usize, usize) {
+        let plans = self.ep_plans.borrow();
+        let ok = plans.values().filter(|p| p.is_ok()).count();
+        (ok, plans.len() - ok)
     }
 
     /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` for the row-major product
@@ -667,6 +990,7 @@ impl<'a> MatmulCache<'a> {
 impl Drop for MatmulCache<'_> {
     fn drop(&mut self) {
         self.plans.get_mut().clear();
+        self.ep_plans.get_mut().clear();
         if !self.handle.is_null() {
             // SAFETY: destroys the handle created in `new`, once, after every plan.
             unsafe { (self.lt.api.cublasLtDestroy)(self.handle) };
@@ -823,6 +1147,217 @@ mod tests {
         assert!(e.contains("empty product"), "{e}");
         assert_eq!(MatmulShape::extent(3, 5, 8), 21);
         assert_eq!(MatmulShape::extent(0, 5, 8), 0);
+    }
+
+    /// `NAME = expr` enumerators of `cublasLt.h`, with `expr` an integer, an earlier name,
+    /// or `|` of those (in parentheses or not): every form the epilogue enum uses.
+    fn header_enums(text: &str) -> HashMap<String, i64> {
+        let mut vals: HashMap<String, i64> = HashMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if !line.starts_with("CUBLAS") {
+                continue;
+            }
+            let Some((name, rest)) = line.split_once('=') else {
+                continue;
+            };
+            let expr = rest.trim().trim_end_matches(',').replace(['(', ')'], " ");
+            let mut v = 0i64;
+            let mut ok = true;
+            for tok in expr.split('|').map(str::trim) {
+                match tok.parse::<i64>() {
+                    Ok(x) => v |= x,
+                    Err(_) => match vals.get(tok) {
+                        Some(&x) => v |= x,
+                        None => ok = false,
+                    },
+                }
+            }
+            if ok {
+                vals.insert(name.trim().to_string(), v);
+            }
+        }
+        vals
+    }
+
+    /// `cublasLt.h` next to the cuBLASLt library this machine would load (a PyTorch or
+    /// pip install keeps `include/` beside `lib/`), else under `$CUDA_HOME` or
+    /// `/usr/local/cuda`.
+    fn find_header() -> Option<std::path::PathBuf> {
+        use crate::cuda::discover::{LibKind, SearchEnv, SearchPlan};
+        let mut dirs = Vec::new();
+        let plan = SearchPlan::new(&SearchEnv::from_process());
+        if let Some(f) = plan.find(LibKind::CublasLt).found {
+            if let Some(lib) = f.path.parent() {
+                dirs.push(lib.join("../include"));
+            }
+        }
+        if let Some(h) = std::env::var_os("CUDA_HOME") {
+            dirs.push(std::path::PathBuf::from(h).join("include"));
+        }
+        dirs.push("/usr/local/cuda/include".into());
+        dirs.into_iter()
+            .map(|d| d.join("cublasLt.h"))
+            .find(|p| p.is_file())
+    }
+
+    #[test]
+    fn epilogue_constants_match_the_header() {
+        let want: [(&str, i64); 14] = [
+            ("CUBLASLT_MATMUL_DESC_TRANSA", DESC_TRANSA as i64),
+            ("CUBLASLT_MATMUL_DESC_TRANSB", DESC_TRANSB as i64),
+            ("CUBLASLT_MATMUL_DESC_EPILOGUE", DESC_EPILOGUE as i64),
+            (
+                "CUBLASLT_MATMUL_DESC_BIAS_POINTER",
+                DESC_BIAS_POINTER as i64,
+            ),
+            (
+                "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER",
+                DESC_EPILOGUE_AUX_POINTER as i64,
+            ),
+            (
+                "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD",
+                DESC_EPILOGUE_AUX_LD as i64,
+            ),
+            (
+                "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE",
+                DESC_EPILOGUE_AUX_DATA_TYPE as i64,
+            ),
+            (
+                "CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE",
+                DESC_BIAS_DATA_TYPE as i64,
+            ),
+            ("CUBLASLT_EPILOGUE_DEFAULT", EPILOGUE_DEFAULT as i64),
+            ("CUBLASLT_EPILOGUE_BIAS", EPILOGUE_BIAS as i64),
+            ("CUBLASLT_EPILOGUE_GELU_AUX", EPILOGUE_GELU_AUX as i64),
+            (
+                "CUBLASLT_EPILOGUE_GELU_AUX_BIAS",
+                EPILOGUE_GELU_AUX_BIAS as i64,
+            ),
+            ("CUBLASLT_EPILOGUE_DGELU", EPILOGUE_DGELU as i64),
+            ("CUBLASLT_EPILOGUE_BGRADA", EPILOGUE_BGRADA as i64),
+        ];
+        // The values as written in this file (checked against cublasLt.h of CUDA 13.0).
+        assert_eq!(
+            (
+                EPILOGUE_DEFAULT,
+                EPILOGUE_BIAS,
+                EPILOGUE_GELU_AUX,
+                EPILOGUE_GELU_AUX_BIAS
+            ),
+            (1, 4, 160, 164)
+        );
+        assert_eq!(
+            (EPILOGUE_DGELU, EPILOGUE_BGRADA, EPILOGUE_BGRADB),
+            (192, 256, 512)
+        );
+        assert_eq!(
+            (DESC_EPILOGUE, DESC_BIAS_POINTER, DESC_EPILOGUE_AUX_POINTER),
+            (7, 8, 11)
+        );
+        assert_eq!(
+            (
+                DESC_EPILOGUE_AUX_LD,
+                DESC_EPILOGUE_AUX_DATA_TYPE,
+                DESC_BIAS_DATA_TYPE
+            ),
+            (12, 22, 26)
+        );
+        let Some(path) = find_header() else {
+            eprintln!("skipped: cublasLt.h not found, constants not compared with it");
+            return;
+        };
+        let text = std::fs::read_to_string(&path).unwrap();
+        let vals = header_enums(&text);
+        for (name, v) in want.into_iter().chain([("CUBLASLT_EPILOGUE_BGRADB", 512)]) {
+            assert_eq!(vals.get(name), Some(&v), "{name} in {}", path.display());
+        }
+        eprintln!("epilogue constants match {}", path.display());
+    }
+
+    #[test]
+    fn epilogue_values_follow_the_operand_swap() {
+        assert_eq!(Epilogue::Bias.lt_value(), EPILOGUE_BIAS);
+        assert_eq!(Epilogue::GeluAux { bias: true }.lt_value(), 164);
+        assert_eq!(Epilogue::GeluAux { bias: false }.lt_value(), 160);
+        assert_eq!(Epilogue::DGelu.lt_value(), 192);
+        // The row-major B is cuBLASLt's A.
+        assert_eq!(Epilogue::BiasGradB.lt_value(), EPILOGUE_BGRADA);
+        assert_eq!(Epilogue::BiasGradA.lt_value(), EPILOGUE_BGRADB);
+        assert!(Epilogue::Bias.uses_bias() && !Epilogue::Bias.uses_aux());
+        assert!(!Epilogue::DGelu.uses_bias() && Epilogue::DGelu.uses_aux());
+        assert!(!Epilogue::GeluAux { bias: false }.uses_bias());
+        assert!(Epilogue::GeluAux { bias: true }.uses_bias());
+        assert!(Epilogue::BiasGradB.uses_bias() && !Epilogue::BiasGradB.uses_aux());
+    }
+
+    /// What cublasLt.h says the epilogues compute, on the column-major problem of a
+    /// row-major shape: the bias has one value per row of D, BGRADA sums A over k (one
+    /// value per row of D), BGRADB sums B over k (one per column of D). On the row-major
+    /// product that is: bias over columns, BGRADA = column sums of the row-major B (the
+    /// bias gradient of `dW = X^T dY`), BGRADB = row sums of op(A).
+    #[test]
+    fn column_major_epilogue_vectors_are_the_row_major_ones() {
+        let mut rng = crate::rng::Rng::new(9);
+        // dW (ic x oc) = X^T (ic x rows) dY (rows x oc): m = ic, n = oc, k = rows.
+        let (ic, oc, rows) = (5, 7, 6);
+        let s = MatmulShape {
+            lda: ic,
+            ldb: oc,
+            ldc: oc,
+            ..shape(ic, oc, rows, true, false, 0)
+        };
+        let x: Vec<f64> = (0..rows * ic).map(|_| rng.normal()).collect();
+        let dy: Vec<f64> = (0..rows * oc).map(|_| rng.normal()).collect();
+        let cm = col_major(&s).unwrap();
+        let el = |buf: &[f64], l: &ColLayout, trans: bool, i: u64, j: u64| {
+            let (r, c) = if trans { (j, i) } else { (i, j) };
+            buf[(c as i64 * l.ld + r as i64) as usize]
+        };
+        // D is cm.c.rows x cm.c.cols; op(A) is rows(D) x k, op(B) is k x cols(D).
+        let k = if cm.trans_a { cm.a.rows } else { cm.a.cols };
+        assert_eq!(k as usize, rows);
+        assert_eq!(
+            cm.c.rows as usize, oc,
+            "the bias vector is as long as D has rows"
+        );
+        for i in 0..cm.c.rows {
+            let bgrada: f64 = (0..k).map(|p| el(&dy, &cm.a, cm.trans_a, i, p)).sum();
+            let col_sum: f64 = (0..rows).map(|r| dy[r * oc + i as usize]).sum();
+            assert!((bgrada - col_sum).abs() < 1e-12, "column {i}");
+        }
+        for j in 0..cm.c.cols {
+            let bgradb: f64 = (0..k).map(|p| el(&x, &cm.b, cm.trans_b, p, j)).sum();
+            let row_sum: f64 = (0..rows).map(|r| x[r * ic + j as usize]).sum();
+            assert!((bgradb - row_sum).abs() < 1e-12, "row {j} of op(A)");
+        }
+    }
+
+    #[test]
+    fn epilogue_limits_are_checked_before_planning() {
+        let s = shape(16, 24, 8, false, false, 0);
+        let args = |ep, bias, aux, aux_ld| EpilogueArgs {
+            ep,
+            bias,
+            aux,
+            aux_ld,
+        };
+        let fits = |a: EpilogueArgs| epilogue_fits(&s, &a);
+        assert_eq!(fits(args(Epilogue::Bias, 0x100, 0, 0)).unwrap(), Ok(()));
+        assert!(fits(args(Epilogue::Bias, 0, 0, 0)).is_err(), "missing bias");
+        assert!(
+            fits(args(Epilogue::DGelu, 0, 0, 24)).is_err(),
+            "missing aux"
+        );
+        let g = Epilogue::GeluAux { bias: false };
+        assert_eq!(fits(args(g, 0, 0x100, 24)).unwrap(), Ok(()));
+        assert_eq!(fits(args(g, 0, 0x100, 32)).unwrap(), Ok(()));
+        let e = fits(args(g, 0, 0x100, 20)).unwrap().unwrap_err();
+        assert!(e.contains("at least 24"), "{e}");
+        assert!(
+            fits(args(g, 0, 0x100, 28)).unwrap().is_err(),
+            "not a multiple of 8"
+        );
     }
 
     #[test]

@@ -183,6 +183,7 @@ kernel_table!(
     layernorm_forward,
     layernorm_backward_dx,
     layernorm_backward_parts,
+    residual_layernorm_forward,
     gelu_forward,
     gelu_backward_inplace,
     bias_broadcast,

@@ -23,10 +23,24 @@
 //! A product shape cuBLASLt has no bf16 algorithm for runs in fp32 instead (said once on
 //! stderr; [`CudaEngine::gemm_fallbacks`] lists them).
 //!
+//! Fewer passes over memory (switches in [`switches`], `NANOGPT_CUDA_DISABLE`): in the bf16
+//! mode the linear layers fuse their elementwise work into the cuBLASLt product as
+//! epilogues (`epilogues`): the forward bias (`BIAS`), the MLP's `fc` bias and GELU with
+//! the pre-activation saved for the backward pass (`GELU_AUX_BIAS`, tanh GELU), the GELU
+//! derivative in the MLP projection's input gradient (`DGELU`), and the bias gradients in
+//! the weight-gradient products (`BGRADA`; cuBLASLt overwrites its bias-gradient output,
+//! so it lands in scratch and is then added to the fp32 gradient, which accumulates over
+//! micro-steps). An epilogue cuBLASLt cannot run on a shape falls back to the separate
+//! kernels ([`CudaEngine::epilogue_report`]). In both precisions every residual add
+//! runs fused with the LayerNorm that follows it (`fused_ln`; the backward pass is
+//! unfused).
+//!
 //! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
 //! stores the `T x T` matrix: the forward keeps one logsumexp per (row, head, position) and
-//! the backward recomputes the probabilities from it (fp32; the forward is the bf16
-//! tensor-core kernel in bf16 mode when the head size is a multiple of 16, fp32 otherwise).
+//! the backward recomputes the probabilities from it in fp32, so passes with a backward use
+//! the fp32 forward (a bf16 logsumexp would not match the recomputation); passes without
+//! one (evaluation, logits) use the bf16 tensor-core forward in bf16 mode when the head size
+//! is a multiple of 16.
 //! The plain form is, per batch row, one strided-batched GEMM over heads for `q k^T`, a
 //! masked-softmax kernel, one for `P v`; the backward pass mirrors it. A pass uses the fused
 //! form when it is switched on (`NANOGPT_CUDA_DISABLE`, [`switches`]), attention dropout is
@@ -75,7 +89,7 @@ pub mod switches;
 use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Result};
 use crate::cuda::cublas::{Operand, Sgemm};
-use crate::cuda::cublaslt::{ElemType, MatmulCache, MatmulShape, Ran};
+use crate::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use crate::cuda::driver::{Context, DeviceBuffer, Stream};
 use crate::cuda::CudaError;
 use crate::model::{GptConfig, ParamLayout};
@@ -153,6 +167,46 @@ impl Lin {
             ld,
         }
     }
+}
+
+/// What a linear-layer product does besides `C = op(A) op(B) + beta C` (see
+/// [`CudaEngine::mm_ep`]). Fused into the cuBLASLt product as an epilogue in the bf16 mode
+/// (switch `epilogues`), else separate kernels around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Post {
+    /// Nothing more.
+    None,
+    /// `C = op(A) op(B) + bias`, the fp32 bias at this address broadcast over the rows
+    /// (beta 0, ldc = n).
+    Bias(u64),
+    /// `pre = op(A) op(B) (+ bias; 0 = none)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n).
+    Gelu { bias: u64, pre: u64 },
+    /// `C = (op(A) op(B)) * gelu'(pre)` (beta 0, ldc = n).
+    DGelu { pre: u64 },
+    /// `C = op(A) op(B) + beta C` and `db += column sums of B` (B stored k x n with row
+    /// stride n, not transposed): the bias gradient next to the weight gradient
+    /// `dW += X^T dY`. `tmp` holds `PARTS * n` fp32 values.
+    BiasGrad { db: u64, tmp: u64 },
+}
+
+/// The cuBLASLt epilogue of `post` on a product with `n` columns (None: nothing to fuse).
+/// The bias gradient is the sum over k of the row-major B (`dY` in `dW = X^T dY`), which
+/// cuBLASLt sees as its A: `BGRADA`. cuBLASLt writes it (never accumulates), so it goes to
+/// `tmp` and is then added to the fp32 gradient, which accumulates over micro-steps.
+fn epilogue_args(post: Post, n: usize) -> Option<EpilogueArgs> {
+    let (ep, bias, aux) = match post {
+        Post::None => return None,
+        Post::Bias(b) => (Epilogue::Bias, b, 0),
+        Post::Gelu { bias, pre } => (Epilogue::GeluAux { bias: bias != 0 }, bias, pre),
+        Post::DGelu { pre } => (Epilogue::DGelu, 0, pre),
+        Post::BiasGrad { tmp, .. } => (Epilogue::BiasGradB, tmp, 0),
+    };
+    Some(EpilogueArgs {
+        ep,
+        bias,
+        aux,
+        aux_ld: if aux != 0 { n } else { 0 },
+    })
 }
 
 fn cuda_err(e: CudaError) -> EngineError {
@@ -582,6 +636,21 @@ impl CudaEngine {
         })
     }
 
+    /// Whether linear-layer products fuse their bias, GELU and bias gradient as cuBLASLt
+    /// epilogues: the bf16 mode with the `epilogues` switch on.
+    fn fusing(&self) -> bool {
+        self.bf.is_some() && self.switches().epilogues
+    }
+
+    /// The products with a fused epilogue planned so far, each ending in "fused" or
+    /// "unfused: <why>" (then computed by separate kernels); empty in fp32 mode or with
+    /// the `epilogues` switch off.
+    pub fn epilogue_report(&self) -> Vec<String> {
+        self.bf
+            .as_ref()
+            .map_or_else(Vec::new, |bf| bf.lt.epilogue_report())
+    }
+
     /// The one GEMM entry point of the linear layers and the LM head: row-major
     /// `C (m x n, fp32, row stride ldc) = op(A) op(B) + beta C`. fp32: cuBLAS sgemm on the
     /// fp32 tensors. bf16: cuBLASLt on bf16 copies (parameters: the bf16 copy; activations:
@@ -599,6 +668,37 @@ impl CudaEngine {
         c: u64,
         ldc: usize,
     ) -> CResult<()> {
+        self.mm_ep(m, n, k, a, b, beta, c, ldc, Post::None)
+    }
+
+    /// [`CudaEngine::mm`] followed by `post`. With [`CudaEngine::fusing`] the product and
+    /// `post` are one cuBLASLt call (an epilogue), so the output is written once and not
+    /// read back; otherwise, or when cuBLASLt cannot run that epilogue on this shape, the
+    /// separate kernels run around the product (the same bf16 operands, rounded once).
+    #[allow(clippy::too_many_arguments)]
+    fn mm_ep(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Lin,
+        b: Lin,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        post: Post,
+    ) -> CResult<()> {
+        match post {
+            Post::None => {}
+            Post::BiasGrad { .. } => assert!(
+                !b.trans && b.ld == n && !matches!(b.src, Src::Param(_)),
+                "a bias gradient sums an activation gradient B stored k x n"
+            ),
+            _ => assert!(
+                beta == 0.0 && ldc == n,
+                "bias and GELU epilogues overwrite a contiguous C"
+            ),
+        }
         let fp32 = |o: Lin| Operand {
             ptr: match o.src {
                 Src::Act(p) | Src::Rounded(p, _) => p,
@@ -608,49 +708,115 @@ impl CudaEngine {
             ld: o.ld,
             stride: 0,
         };
-        let sgemm = || self.gemm(m, n, k, fp32(a), fp32(b), beta, Operand::n(c, ldc), 1);
-        let Some(bf) = &self.bf else {
-            return sgemm();
-        };
-        debug_assert!(
-            !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
-            "one activation scratch slot: at most one Src::Act operand per product"
-        );
-        let shape = MatmulShape {
-            m,
-            n,
-            k,
-            trans_a: a.trans,
-            trans_b: b.trans,
-            lda: a.ld,
-            ldb: b.ld,
-            ldc,
-            ab: ElemType::Bf16,
-            c: ElemType::F32,
-            align: [0; 3],
-        };
-        crate::cuda::cublaslt::col_major(&shape)?;
-        let [sa, sb, _] = shape.stored();
-        let pa = self.bf16_operand(bf, a, sa)?;
-        let pb = self.bf16_operand(bf, b, sb)?;
-        // SAFETY: pa, pb and c cover the shape (bf16 copies of the fp32 operands the caller
-        // passed, and the caller's fp32 C); the workspace holds LT_WORKSPACE bytes.
-        let ran = unsafe {
-            bf.lt
-                .matmul(shape, 1.0, pa, pb, beta, c, bf.workspace.ptr, &self.stream)?
-        };
-        match ran {
-            Ran::Lt => Ok(()),
-            Ran::Unsupported => {
-                if !bf.warned.replace(true) {
-                    eprintln!(
-                        "note: cuBLASLt has no bf16 algorithm for {}; such products run in \
-                         fp32",
-                        crate::cuda::cublaslt::describe(&shape)
-                    );
-                }
-                sgemm()
+        let lt = match &self.bf {
+            None => None,
+            Some(bf) => {
+                debug_assert!(
+                    !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
+                    "one activation scratch slot: at most one Src::Act operand per product"
+                );
+                let shape = MatmulShape {
+                    m,
+                    n,
+                    k,
+                    trans_a: a.trans,
+                    trans_b: b.trans,
+                    lda: a.ld,
+                    ldb: b.ld,
+                    ldc,
+                    ab: ElemType::Bf16,
+                    c: ElemType::F32,
+                    align: [0; 3],
+                };
+                crate::cuda::cublaslt::col_major(&shape)?;
+                let [sa, sb, _] = shape.stored();
+                let pa = self.bf16_operand(bf, a, sa)?;
+                let pb = self.bf16_operand(bf, b, sb)?;
+                Some((bf, shape, pa, pb))
             }
+        };
+        if let (Some((bf, shape, pa, pb)), true) = (lt, self.switches().epilogues) {
+            if let Some(args) = epilogue_args(post, n) {
+                // SAFETY: pa, pb and c cover the shape (as in the plain product below); the
+                // bias is the layer's fp32 bias (n values) or `tmp` (at least n values), the
+                // GELU input an m x n fp32 activation of row stride n.
+                let ran = unsafe {
+                    bf.lt.matmul_ep(
+                        shape,
+                        1.0,
+                        pa,
+                        pb,
+                        beta,
+                        c,
+                        bf.workspace.ptr,
+                        &self.stream,
+                        args,
+                    )?
+                };
+                if ran == Ran::Lt {
+                    if let Post::BiasGrad { db, tmp } = post {
+                        self.add(db, tmp, n)?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        // Unfused: the separate kernels around the product.
+        let (out, beta) = match post {
+            Post::Bias(bias) => {
+                self.bias_broadcast(c, bias, m, n)?;
+                (c, 1.0)
+            }
+            Post::Gelu { bias, pre } => {
+                self.bias_broadcast(pre, bias, m, n)?;
+                (pre, 1.0)
+            }
+            _ => (c, beta),
+        };
+        let sgemm = || self.gemm(m, n, k, fp32(a), fp32(b), beta, Operand::n(out, ldc), 1);
+        match lt {
+            None => sgemm()?,
+            Some((bf, shape, pa, pb)) => {
+                // SAFETY: pa, pb and out cover the shape (bf16 copies of the fp32 operands
+                // the caller passed, and the caller's fp32 C or GELU input); the workspace
+                // holds LT_WORKSPACE bytes.
+                let ran = unsafe {
+                    bf.lt.matmul(
+                        shape,
+                        1.0,
+                        pa,
+                        pb,
+                        beta,
+                        out,
+                        bf.workspace.ptr,
+                        &self.stream,
+                    )?
+                };
+                if ran == Ran::Unsupported {
+                    if !bf.warned.replace(true) {
+                        eprintln!(
+                            "note: cuBLASLt has no bf16 algorithm for {}; such products run \
+                             in fp32",
+                            crate::cuda::cublaslt::describe(&shape)
+                        );
+                    }
+                    sgemm()?;
+                }
+            }
+        }
+        match post {
+            Post::Gelu { pre, .. } => self.run(
+                self.k.gelu_forward,
+                grid_1d(m * n),
+                &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
+            ),
+            Post::DGelu { pre } => self.run(
+                self.k.gelu_backward_inplace,
+                grid_1d(m * n),
+                &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
+            ),
+            Post::BiasGrad { db, tmp } => self.colsum_add(db, fp32(b).ptr, k, n, tmp),
+            Post::None | Post::Bias(_) => Ok(()),
         }
     }
 
@@ -751,7 +917,22 @@ impl CudaEngine {
         )
     }
 
-    /// out (rows, oc) = inp (rows, ic) @ W [ic, oc] + b.
+    /// out[r, c] = bias[c] (0 when `bias` is 0), out contiguous `rows x cols`.
+    fn bias_broadcast(&self, out: u64, bias: u64, rows: usize, cols: usize) -> CResult<()> {
+        self.run(
+            self.k.bias_broadcast,
+            grid_1d(rows * cols),
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(bias),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+            ],
+        )
+    }
+
+    /// out (rows, oc) = inp (rows, ic) @ W [ic, oc] + b. Fused: the bias is the product's
+    /// epilogue, and without a bias the product simply overwrites `out`.
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(
         &self,
@@ -763,29 +944,52 @@ impl CudaEngine {
         oc: usize,
         rows: usize,
     ) -> CResult<()> {
-        self.run(
-            self.k.bias_broadcast,
-            grid_1d(rows * oc),
-            &[
-                Arg::Ptr(out),
-                Arg::Ptr(self.p_opt(b)),
-                Arg::I32(rows as i32),
-                Arg::I32(oc as i32),
-            ],
-        )?;
-        self.mm(
+        let (x, wl) = (Lin::n(Src::Act(inp), ic), Lin::n(Src::Param(w), oc));
+        match b {
+            Some(bo) => self.mm_ep(rows, oc, ic, x, wl, 0.0, out, oc, Post::Bias(self.p(bo))),
+            None if self.fusing() => self.mm(rows, oc, ic, x, wl, 0.0, out, oc),
+            None => {
+                self.bias_broadcast(out, 0, rows, oc)?;
+                self.mm(rows, oc, ic, x, wl, 1.0, out, oc)
+            }
+        }
+    }
+
+    /// pre (rows, oc) = inp (rows, ic) @ W [ic, oc] + b; out = gelu(pre). Fused: one
+    /// cuBLASLt call writes both (`GELU_AUX_BIAS`, or `GELU_AUX` without a bias).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gelu_fwd(
+        &self,
+        out: u64,
+        pre: u64,
+        inp: u64,
+        w: usize,
+        b: Option<usize>,
+        ic: usize,
+        oc: usize,
+        rows: usize,
+    ) -> CResult<()> {
+        self.mm_ep(
             rows,
             oc,
             ic,
             Lin::n(Src::Act(inp), ic),
             Lin::n(Src::Param(w), oc),
-            1.0,
+            0.0,
             out,
             oc,
+            Post::Gelu {
+                bias: self.p_opt(b),
+                pre,
+            },
         )
     }
 
-    /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten).
+    /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten), or with
+    /// `gelu_pre` (the layer's input was gelu(gelu_pre)) dinp = (dout W^T) * gelu'(gelu_pre),
+    /// the gradient of the pre-activation. Fused: the bias gradient is the `BGRADA`
+    /// epilogue of the dW product (written to `scratch`, then added to the gradient) and
+    /// the GELU derivative the `DGELU` epilogue of the dinp product.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -794,13 +998,18 @@ impl CudaEngine {
         inp: u64,
         w: usize,
         b: Option<usize>,
+        gelu_pre: Option<u64>,
         ic: usize,
         oc: usize,
         rows: usize,
         scratch: u64,
     ) -> CResult<()> {
         let d = self.rounded(dout, rows * oc)?;
-        self.mm(
+        let bias_grad = b.map_or(Post::None, |bo| Post::BiasGrad {
+            db: self.g(bo),
+            tmp: scratch,
+        });
+        self.mm_ep(
             ic,
             oc,
             rows,
@@ -809,11 +1018,10 @@ impl CudaEngine {
             1.0,
             self.g(w),
             oc,
+            bias_grad,
         )?;
-        if let Some(bo) = b {
-            self.colsum_add(self.g(bo), dout, rows, oc, scratch)?;
-        }
-        self.mm(
+        let dgelu = gelu_pre.map_or(Post::None, |pre| Post::DGelu { pre });
+        self.mm_ep(
             rows,
             ic,
             oc,
@@ -822,6 +1030,51 @@ impl CudaEngine {
             0.0,
             dinp,
             ic,
+            dgelu,
+        )
+    }
+
+    /// res = a + b (res may be a or b), then LayerNorm(res) into out, mean, rstd.
+    /// With the `fused_ln` switch one kernel does both; otherwise the residual add and
+    /// [`CudaEngine::layernorm_fwd`] (same arithmetic, same result).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_fwd(
+        &self,
+        res: u64,
+        a: u64,
+        b: u64,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        w: usize,
+        bias: Option<usize>,
+        rows: usize,
+    ) -> CResult<()> {
+        let c = self.cfg.n_embd;
+        if !self.switches().fused_ln {
+            if res == a {
+                self.add(res, b, rows * c)?;
+            } else {
+                assert_eq!(res, b, "the residual sum overwrites one of its terms");
+                self.add(res, a, rows * c)?;
+            }
+            return self.layernorm_fwd(out, mean, rstd, res, w, bias, rows);
+        }
+        self.run(
+            self.k.residual_layernorm_forward,
+            grid_rows(rows),
+            &[
+                Arg::Ptr(res),
+                Arg::Ptr(out),
+                Arg::Ptr(mean),
+                Arg::Ptr(rstd),
+                Arg::Ptr(a),
+                Arg::Ptr(b),
+                Arg::Ptr(self.p(w)),
+                Arg::Ptr(self.p_opt(bias)),
+                Arg::I32(rows as i32),
+                Arg::I32(c as i32),
+            ],
         )
     }
 
@@ -1208,6 +1461,9 @@ impl CudaEngine {
         if let Some(d) = drop {
             self.dropout(a.encoded.ptr, a.encoded.ptr, n * c, d.embedding())?;
         }
+        // Each block ends with its residual add and the next LayerNorm (the next block's
+        // ln1, or the final one) in one step; only the first LayerNorm runs on its own.
+        let mut ln_done = false;
         for (l, o) in lay.blocks.iter().enumerate() {
             let x = if l == 0 {
                 a.encoded.ptr
@@ -1215,15 +1471,17 @@ impl CudaEngine {
                 a.layers[l - 1].res3.ptr
             };
             let la = &a.layers[l];
-            self.layernorm_fwd(
-                la.ln1.ptr,
-                la.ln1_mean.ptr,
-                la.ln1_rstd.ptr,
-                x,
-                o.ln1_w,
-                o.ln1_b,
-                n,
-            )?;
+            if !ln_done {
+                self.layernorm_fwd(
+                    la.ln1.ptr,
+                    la.ln1_mean.ptr,
+                    la.ln1_rstd.ptr,
+                    x,
+                    o.ln1_w,
+                    o.ln1_b,
+                    n,
+                )?;
+            }
             self.linear_fwd(la.qkv.ptr, la.ln1.ptr, o.qkv_w, o.qkv_b, c, 3 * c, n)?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop)?;
@@ -1239,25 +1497,26 @@ impl CudaEngine {
             if let Some(d) = drop {
                 self.dropout(la.res2.ptr, la.res2.ptr, n * c, d.attn_resid(l))?;
             }
-            self.add(la.res2.ptr, x, n * c)?;
-            self.layernorm_fwd(
+            self.residual_layernorm_fwd(
+                la.res2.ptr,
+                la.res2.ptr,
+                x,
                 la.ln2.ptr,
                 la.ln2_mean.ptr,
                 la.ln2_rstd.ptr,
-                la.res2.ptr,
                 o.ln2_w,
                 o.ln2_b,
                 n,
             )?;
-            self.linear_fwd(la.fch.ptr, la.ln2.ptr, o.fc_w, o.fc_b, c, 4 * c, n)?;
-            self.run(
-                self.k.gelu_forward,
-                grid_1d(n * 4 * c),
-                &[
-                    Arg::Ptr(la.fch_gelu.ptr),
-                    Arg::Ptr(la.fch.ptr),
-                    Arg::I64((n * 4 * c) as i64),
-                ],
+            self.linear_gelu_fwd(
+                la.fch_gelu.ptr,
+                la.fch.ptr,
+                la.ln2.ptr,
+                o.fc_w,
+                o.fc_b,
+                c,
+                4 * c,
+                n,
             )?;
             self.linear_fwd(
                 la.res3.ptr,
@@ -1271,18 +1530,46 @@ impl CudaEngine {
             if let Some(d) = drop {
                 self.dropout(la.res3.ptr, la.res3.ptr, n * c, d.mlp_resid(l))?;
             }
-            self.add(la.res3.ptr, la.res2.ptr, n * c)?;
+            let (ln, mean, rstd, w, bias) = match (a.layers.get(l + 1), lay.blocks.get(l + 1)) {
+                (Some(nl), Some(no)) => (
+                    nl.ln1.ptr,
+                    nl.ln1_mean.ptr,
+                    nl.ln1_rstd.ptr,
+                    no.ln1_w,
+                    no.ln1_b,
+                ),
+                _ => (
+                    a.lnf.ptr,
+                    a.lnf_mean.ptr,
+                    a.lnf_rstd.ptr,
+                    lay.lnf_w,
+                    lay.lnf_b,
+                ),
+            };
+            self.residual_layernorm_fwd(
+                la.res3.ptr,
+                la.res3.ptr,
+                la.res2.ptr,
+                ln,
+                mean,
+                rstd,
+                w,
+                bias,
+                n,
+            )?;
+            ln_done = true;
         }
-        let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
-        self.layernorm_fwd(
-            a.lnf.ptr,
-            a.lnf_mean.ptr,
-            a.lnf_rstd.ptr,
-            last,
-            lay.lnf_w,
-            lay.lnf_b,
-            n,
-        )?;
+        if !ln_done {
+            self.layernorm_fwd(
+                a.lnf.ptr,
+                a.lnf_mean.ptr,
+                a.lnf_rstd.ptr,
+                a.encoded.ptr,
+                lay.lnf_w,
+                lay.lnf_b,
+                n,
+            )?;
+        }
         let v = cfg.vocab_size;
         self.mm(
             n,
@@ -1354,25 +1641,18 @@ impl CudaEngine {
                 }
                 _ => a.dres.ptr,
             };
+            // dfch = d(pre-activation of the GELU)
             self.linear_bwd(
                 a.dfch.ptr,
                 gbranch,
                 la.fch_gelu.ptr,
                 o.mlp_proj_w,
                 o.mlp_proj_b,
+                Some(la.fch.ptr),
                 4 * c,
                 c,
                 n,
                 bias_scratch,
-            )?;
-            self.run(
-                self.k.gelu_backward_inplace,
-                grid_1d(n * 4 * c),
-                &[
-                    Arg::Ptr(a.dfch.ptr),
-                    Arg::Ptr(la.fch.ptr),
-                    Arg::I64((n * 4 * c) as i64),
-                ],
             )?;
             self.linear_bwd(
                 a.dln.ptr,
@@ -1380,6 +1660,7 @@ impl CudaEngine {
                 la.ln2.ptr,
                 o.fc_w,
                 o.fc_b,
+                None,
                 c,
                 4 * c,
                 n,
@@ -1410,6 +1691,7 @@ impl CudaEngine {
                 la.atty.ptr,
                 o.attn_proj_w,
                 o.attn_proj_b,
+                None,
                 c,
                 c,
                 n,
@@ -1423,6 +1705,7 @@ impl CudaEngine {
                 la.ln1.ptr,
                 o.qkv_w,
                 o.qkv_b,
+                None,
                 c,
                 3 * c,
                 n,
@@ -1741,5 +2024,57 @@ impl Engine for CudaEngine {
 
     fn decode_len(&self) -> usize {
         self.decode.as_ref().map_or(0, |s| s.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_post_step_maps_to_its_epilogue() {
+        assert_eq!(epilogue_args(Post::None, 8), None);
+        let bias = epilogue_args(Post::Bias(0x1000), 96).unwrap();
+        assert_eq!(
+            (bias.ep, bias.bias, bias.aux, bias.aux_ld),
+            (Epilogue::Bias, 0x1000, 0, 0)
+        );
+        // fc: GELU input saved with the output's row stride (n = 4C).
+        let g = epilogue_args(
+            Post::Gelu {
+                bias: 0x1000,
+                pre: 0x2000,
+            },
+            192,
+        )
+        .unwrap();
+        assert_eq!(
+            (g.ep, g.bias, g.aux, g.aux_ld),
+            (Epilogue::GeluAux { bias: true }, 0x1000, 0x2000, 192)
+        );
+        let g = epilogue_args(
+            Post::Gelu {
+                bias: 0,
+                pre: 0x2000,
+            },
+            192,
+        )
+        .unwrap();
+        assert_eq!(g.ep, Epilogue::GeluAux { bias: false });
+        assert_eq!(g.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_GELU_AUX);
+        let d = epilogue_args(Post::DGelu { pre: 0x2000 }, 192).unwrap();
+        assert_eq!((d.ep, d.aux, d.aux_ld), (Epilogue::DGelu, 0x2000, 192));
+        // dW = X^T dY: the bias gradient sums the row-major B (dY), cuBLASLt's A, and is
+        // written to the scratch vector, never straight into the accumulating gradient.
+        let bg = epilogue_args(
+            Post::BiasGrad {
+                db: 0x3000,
+                tmp: 0x4000,
+            },
+            64,
+        )
+        .unwrap();
+        assert_eq!((bg.ep, bg.bias, bg.aux), (Epilogue::BiasGradB, 0x4000, 0));
+        assert_eq!(bg.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_BGRADA);
     }
 }
