@@ -47,6 +47,7 @@
 mod decode;
 pub mod flash;
 pub mod kernels;
+pub mod profile;
 pub mod stack;
 pub mod switches;
 
@@ -254,6 +255,8 @@ pub struct CudaEngine {
     step: u64,
     rng: Rng,
     name: String,
+    /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
+    profiler: Option<profile::Profiler>,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -382,6 +385,7 @@ impl CudaEngine {
             rng: Rng::derive(seed, 0xD50F),
             decode: None,
             name,
+            profiler: None,
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
         Ok(engine)
@@ -517,10 +521,10 @@ impl CudaEngine {
         let pb = self.bf16_operand(bf, b, sb)?;
         // SAFETY: pa, pb and c cover the shape (bf16 copies of the fp32 operands the caller
         // passed, and the caller's fp32 C); the workspace holds LT_WORKSPACE bytes.
-        let ran = unsafe {
+        let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
             bf.lt
-                .matmul(shape, 1.0, pa, pb, beta, c, bf.workspace.ptr, &self.stream)?
-        };
+                .matmul(shape, 1.0, pa, pb, beta, c, bf.workspace.ptr, &self.stream)
+        })?;
         match ran {
             Ran::Lt => Ok(()),
             Ran::Unsupported => {
@@ -556,7 +560,8 @@ impl CudaEngine {
     ) -> CResult<()> {
         // SAFETY: every call site passes the kernel's documented parameter list (see
         // kernels/*.cu) with buffers sized for the launch.
-        unsafe { launch(&self.stream, f, grid, BLOCK, args) }
+        let go = || unsafe { launch(&self.stream, f, grid, BLOCK, args) };
+        profile::kernel(&self.profiler, &self.stream, f, grid, args, go)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -571,7 +576,8 @@ impl CudaEngine {
         c: Operand,
         batch: usize,
     ) -> CResult<()> {
-        self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch)
+        let go = || self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch);
+        profile::sgemm(&self.profiler, &self.stream, (m, n, k), (a.trans, b.trans), beta, batch, go)
     }
 
     fn dropout(&self, out: u64, inp: u64, n: usize, d: Dropout) -> CResult<()> {
@@ -1523,5 +1529,20 @@ impl Engine for CudaEngine {
 
     fn decode_len(&self) -> usize {
         self.decode.as_ref().map_or(0, |s| s.len())
+    }
+
+    fn profile_step(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        micro_steps: usize,
+        hp: &AdamWConfig,
+        lr: f32,
+    ) -> Option<Result<profile::StepProfile>> {
+        Some(self.profiled_step(batch, loss_scale, micro_steps, hp, lr))
+    }
+
+    fn memory_report(&self) -> Option<profile::MemoryReport> {
+        Some(self.memory())
     }
 }
