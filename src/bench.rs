@@ -145,7 +145,13 @@ pub fn gpu_spec(device_name: &str) -> Option<(&'static str, f64, f64, f64)> {
     // The engine's name wraps the GPU's in punctuation ("cuda:0 (NVIDIA H100 80GB HBM3, ...").
     let clean: String = device_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { ' ' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     let peak = crate::cuda::peak::bf16_peak(&clean)?;
     let upper = clean.to_ascii_uppercase();
@@ -311,7 +317,8 @@ impl ProfileTable {
 
     /// The table as Markdown (for BENCHMARKS.md), followed by the summary lines.
     pub fn to_markdown(&self) -> String {
-        let opt = |v: Option<f64>, digits: usize| v.map_or(String::new(), |v| format!("{v:.digits$}"));
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or(String::new(), |v| format!("{v:.digits$}"));
         let mut s = String::new();
         s.push_str("| op | calls | total ms | share | TFLOP/s | GB/s | floor ms |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
@@ -358,14 +365,18 @@ impl ProfileTable {
             ));
         }
         let c = &self.ceilings;
-        let show = |v: Option<f64>, unit: &str| v.map_or("unknown".to_string(), |v| format!("{v} {unit}"));
+        let show =
+            |v: Option<f64>, unit: &str| v.map_or("unknown".to_string(), |v| format!("{v} {unit}"));
         s.push_str(&format!(
             "Roofline floor {:.3} ms for the operations with a formula ({:.3} ms of measured \
              time{}); ceilings: bf16 products {}, fp32 products {}, copy {} ({}).\n",
             self.floor_ms,
             self.floor_covers_ms,
             if self.floor_covers_ms > 0.0 {
-                format!(", {:.0}% of the floor's ideal", 100.0 * self.floor_ms / self.floor_covers_ms)
+                format!(
+                    ", {:.0}% of the floor's ideal",
+                    100.0 * self.floor_ms / self.floor_covers_ms
+                )
             } else {
                 String::new()
             },
@@ -427,7 +438,11 @@ impl MemorySummary {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         if let (Some(u), Some(t)) = (self.in_use_bytes, self.total_bytes) {
-            s.push_str(&format!("GPU memory in use after the step: {} of {}", human(u), human(t)));
+            s.push_str(&format!(
+                "GPU memory in use after the step: {} of {}",
+                human(u),
+                human(t)
+            ));
             if let (Some(b), Some(e)) = (self.before_engine_bytes, self.engine_bytes) {
                 s.push_str(&format!(
                     "; {} before the engine was created, so {} for the engine",
@@ -490,5 +505,196 @@ pub fn sgemm(n: usize, threads: usize, iters: usize) -> (f64, f64) {
     match pool {
         Ok(pool) => pool.install(run),
         Err(_) => run(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cuda::profile::{ModelDims, OpTime, Phase};
+
+    fn op(name: &str, ms: f64, flops: Option<f64>, bytes: Option<f64>) -> OpTime {
+        OpTime {
+            name: name.into(),
+            kind: if flops.is_some() { "gemm" } else { "kernel" },
+            phase: Phase::Forward,
+            ms,
+            flops,
+            bytes,
+            gemm_dtype: flops.map(|_| "bf16"),
+        }
+    }
+
+    fn ceilings() -> Ceilings {
+        Ceilings {
+            bf16_tflops: Some(500.0),
+            fp32_tflops: Some(50.0),
+            copy_gbps: Some(2000.0),
+            source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn roofline_floor_is_the_slower_of_compute_and_traffic() {
+        let c = ceilings();
+        // 1e12 FLOPs at 500 TFLOP/s = 2 ms; 1e9 bytes at 2000 GB/s = 0.5 ms.
+        let g = op("gemm", 3.0, Some(1e12), Some(1e9));
+        assert!((c.floor_ms(&g).unwrap() - 2.0).abs() < 1e-12);
+        // Traffic-bound product: 1e10 bytes = 5 ms.
+        let g2 = op("gemm", 3.0, Some(1e12), Some(1e10));
+        assert!((c.floor_ms(&g2).unwrap() - 5.0).abs() < 1e-12);
+        // fp32 operands use the fp32 rate: 1e12 / 50e12 s = 20 ms.
+        let g3 = OpTime {
+            gemm_dtype: Some("fp32"),
+            ..g.clone()
+        };
+        assert!((c.floor_ms(&g3).unwrap() - 20.0).abs() < 1e-12);
+        // A kernel: bytes over bandwidth; none without a formula.
+        let k = op("gelu_forward", 1.0, None, Some(4e9));
+        assert!((c.floor_ms(&k).unwrap() - 2.0).abs() < 1e-12);
+        assert_eq!(c.floor_ms(&op("x", 1.0, None, None)), None);
+        // Unknown ceilings leave the floor blank.
+        let none = Ceilings::resolve("Some Unknown GPU", None, None);
+        assert_eq!(none.floor_ms(&g), None);
+        assert_eq!(none.floor_ms(&k), None);
+        assert!(none.source.contains("--gemm_tflops"), "{}", none.source);
+    }
+
+    #[test]
+    fn ceilings_come_from_arguments_then_the_data_sheet() {
+        let c = Ceilings::resolve("cuda:0 (NVIDIA H100 80GB HBM3, sm_90, bf16)", None, None);
+        assert_eq!(
+            (c.bf16_tflops, c.fp32_tflops, c.copy_gbps),
+            (Some(989.0), Some(67.0), Some(3350.0))
+        );
+        assert!(c.source.contains("H100 SXM"), "{}", c.source);
+        let c = Ceilings::resolve(
+            "cuda:0 (NVIDIA H200, sm_90, bf16)",
+            Some(780.0),
+            Some(4300.0),
+        );
+        assert_eq!((c.bf16_tflops, c.copy_gbps), (Some(780.0), Some(4300.0)));
+        assert!(!c.source.contains("data sheet"), "{}", c.source);
+        let c = Ceilings::resolve("NVIDIA A100-SXM4-40GB", None, Some(1400.0));
+        assert_eq!((c.bf16_tflops, c.copy_gbps), (Some(312.0), Some(1400.0)));
+        assert_eq!(gpu_spec("NVIDIA A100-SXM4-80GB").map(|s| s.3), Some(2039.0));
+    }
+
+    fn profile() -> StepProfile {
+        StepProfile {
+            device: "cuda:0 (test)".into(),
+            dims: ModelDims {
+                rows: 8,
+                t: 4,
+                c: 16,
+                vocab: 32,
+                n_head: 2,
+            },
+            ops: vec![
+                op("layernorm_forward", 0.5, None, Some(1e9)),
+                op("gemm fc fwd 8x64x16 bf16", 2.0, Some(1e12), Some(1e6)),
+                op("layernorm_forward", 0.25, None, Some(1e9)),
+                op("gemm fc fwd 8x64x16 bf16", 2.0, Some(1e12), Some(1e6)),
+                op("kernel@0x1", 0.25, None, None),
+            ],
+            wall_ms: 10.0,
+        }
+    }
+
+    #[test]
+    fn table_groups_calls_and_computes_rates() {
+        let t = ProfileTable::new(&profile(), ceilings(), Some(6.0));
+        assert_eq!(t.calls, 5);
+        assert!((t.sum_ms - 5.0).abs() < 1e-12);
+        let names: Vec<&str> = t.rows.iter().map(|r| r.op.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "gemm fc fwd 8x64x16 bf16",
+                "layernorm_forward",
+                "kernel@0x1"
+            ],
+            "slowest first"
+        );
+        let g = &t.rows[0];
+        assert_eq!((g.calls, g.total_ms), (2, 4.0));
+        assert!((g.share - 0.4).abs() < 1e-12);
+        // 2e12 FLOPs in 4 ms = 500 TFLOP/s; floor 2 x 2 ms.
+        assert!((g.tflops.unwrap() - 500.0).abs() < 1e-9);
+        assert_eq!(g.gbps, None);
+        assert!((g.floor_ms.unwrap() - 4.0).abs() < 1e-12);
+        let l = &t.rows[1];
+        // 2e9 bytes in 0.75 ms.
+        assert!((l.gbps.unwrap() - 2e9 / 0.75e-3 / 1e9).abs() < 1e-6);
+        assert_eq!(l.tflops, None);
+        assert!((l.floor_ms.unwrap() - 1.0).abs() < 1e-12);
+        let u = &t.rows[2];
+        assert_eq!((u.gbps, u.floor_ms), (None, None));
+        assert!((t.floor_ms - 5.0).abs() < 1e-12);
+        assert!((t.floor_covers_ms - 4.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn markdown_table_and_summary_lines() {
+        let md = ProfileTable::new(&profile(), ceilings(), Some(6.0)).to_markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| op | calls | total ms | share | TFLOP/s | GB/s | floor ms |"
+        );
+        assert_eq!(lines[1], "|---|---:|---:|---:|---:|---:|---:|");
+        assert_eq!(
+            lines[2],
+            "| gemm fc fwd 8x64x16 bf16 | 2 | 4.000 | 40.0% | 500.0 |  | 4.000 |"
+        );
+        assert_eq!(
+            lines[3],
+            "| layernorm_forward | 2 | 0.750 | 7.5% |  | 2667 | 1.000 |"
+        );
+        assert_eq!(lines[4], "| kernel@0x1 | 1 | 0.250 | 2.5% |  |  |  |");
+        assert_eq!(
+            lines[5],
+            "| **all operations** | 5 | 5.000 | 50.0% |  |  | 5.000 |"
+        );
+        assert!(md.contains("Sum of per-op times 5.000 ms vs the profiled step's wall time 10.000 ms: 5.000 ms (50.0%)"), "{md}");
+        assert!(
+            md.contains("Un-instrumented step (median of the timed iterations): 6.000 ms"),
+            "{md}"
+        );
+        assert!(md.contains("Roofline floor 5.000 ms"), "{md}");
+        // Every table line has the same number of cells.
+        for l in &lines[..6] {
+            assert_eq!(l.matches('|').count(), 8, "{l}");
+        }
+    }
+
+    #[test]
+    fn memory_summary_subtracts_the_baseline() {
+        let report = MemoryReport {
+            items: vec![
+                ("parameters (fp32)".into(), 500 << 20),
+                ("activations (saved for backward)".into(), 3 << 30),
+            ],
+            device_free: Some(70 << 30),
+            device_total: Some(80 << 30),
+        };
+        let m = memory_summary(&report, Some(1 << 30));
+        assert_eq!(m.in_use_bytes, Some(10 << 30));
+        assert_eq!(m.engine_bytes, Some(9 << 30));
+        assert_eq!(m.accounted_bytes, (3 << 30) + (500 << 20));
+        let text = m.to_text();
+        assert!(text.contains("GPU memory in use after the step: 10.00 GiB of 80.00 GiB; 1.00 GiB before the engine was created, so 9.00 GiB for the engine"), "{text}");
+        assert!(text.contains("parameters (fp32) 500.0 MiB"), "{text}");
+        assert!(text.contains("total 3.49 GiB"), "{text}");
+        assert!(text.contains("the other 5.51 GiB"), "{text}");
+        // No driver figures: only the accounting.
+        let host = MemoryReport {
+            device_free: None,
+            device_total: None,
+            ..report
+        };
+        let m = memory_summary(&host, None);
+        assert_eq!((m.in_use_bytes, m.engine_bytes), (None, None));
+        assert!(m.to_text().starts_with("engine buffers:"));
     }
 }

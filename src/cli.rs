@@ -244,7 +244,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         println!("{}", serde_json::json!({ "batch_sweep": v }));
     }
     if rows.iter().all(|(_, o)| o.is_err()) {
-        bail!("every batch size in --batch_sizes={} failed (see above)", cfg.batch_sizes);
+        bail!(
+            "every batch size in --batch_sizes={} failed (see above)",
+            cfg.batch_sizes
+        );
     }
     Ok(())
 }
@@ -354,7 +357,7 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
 /// `profile_out` as given, or with `-b<batch>` before the extension in a batch-size sweep.
 fn profile_path(out: &str, batch_size: usize, sweep: Option<usize>) -> PathBuf {
     let p = PathBuf::from(out);
-    if !sweep.is_some_and(|n| n > 1) {
+    if sweep.is_none_or(|n| n <= 1) {
         return p;
     }
     let stem = p
@@ -368,11 +371,12 @@ fn profile_path(out: &str, batch_size: usize, sweep: Option<usize>) -> PathBuf {
 }
 
 /// The `--batch_sizes` summary as a Markdown table.
-fn bench_sweep_markdown(
-    cfg: &BenchConfig,
-    rows: &[(usize, Result<BenchOutcome>)],
-) -> String {
-    let gib = |b: Option<u64>| b.map_or(String::new(), |b| format!("{:.2}", b as f64 / (1u64 << 30) as f64));
+fn bench_sweep_markdown(cfg: &BenchConfig, rows: &[(usize, Result<BenchOutcome>)]) -> String {
+    let gib = |b: Option<u64>| {
+        b.map_or(String::new(), |b| {
+            format!("{:.2}", b as f64 / (1u64 << 30) as f64)
+        })
+    };
     let mut s = format!(
         "\nBatch sizes at block {} ({} layers, {} channels, dtype {}, device {}):\n\n",
         cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.dtype, cfg.device

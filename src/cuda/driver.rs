@@ -207,7 +207,10 @@ impl Driver {
 
     /// The name of a loaded kernel (`extern "C"` kernels: the name in the source), through
     /// `cuFuncGetName`; `None` when this driver predates it (CUDA 12.3) or the call fails.
-    pub fn function_name(&self, f: CuFunction) -> Option<String> {
+    ///
+    /// # Safety
+    /// `f` must be a function of a module that is still loaded.
+    pub unsafe fn function_name(&self, f: CuFunction) -> Option<String> {
         let sym = self.api.lib.sym("cuFuncGetName").ok()?;
         // SAFETY: cuda.h declares cuFuncGetName with exactly this signature.
         let get = unsafe { std::mem::transmute::<*mut c_void, CuFuncGetName>(sym) };
@@ -542,7 +545,10 @@ impl<'a> Event<'a> {
     pub fn new(drv: &'a Driver) -> Result<Event<'a>, CudaError> {
         let mut e: CuEvent = std::ptr::null_mut();
         // SAFETY: writes one handle; flags 0 = CU_EVENT_DEFAULT (timing on).
-        drv.check(unsafe { (drv.api.cuEventCreate)(&mut e, 0) }, "cuEventCreate")?;
+        drv.check(
+            unsafe { (drv.api.cuEventCreate)(&mut e, 0) },
+            "cuEventCreate",
+        )?;
         Ok(Event { drv, e })
     }
 

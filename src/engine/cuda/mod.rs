@@ -233,6 +233,8 @@ impl Acts {
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
+    /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
+    profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
     bf: Option<Bf16State>,
     acts: Option<Acts>,
@@ -255,8 +257,6 @@ pub struct CudaEngine {
     step: u64,
     rng: Rng,
     name: String,
-    /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
-    profiler: Option<profile::Profiler>,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -577,7 +577,15 @@ impl CudaEngine {
         batch: usize,
     ) -> CResult<()> {
         let go = || self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch);
-        profile::sgemm(&self.profiler, &self.stream, (m, n, k), (a.trans, b.trans), beta, batch, go)
+        profile::sgemm(
+            &self.profiler,
+            &self.stream,
+            (m, n, k),
+            (a.trans, b.trans),
+            beta,
+            batch,
+            go,
+        )
     }
 
     fn dropout(&self, out: u64, inp: u64, n: usize, d: Dropout) -> CResult<()> {

@@ -3,7 +3,8 @@
 //! While a [`Profiler`] is installed (only inside [`CudaEngine::profiled_step`]), every kernel
 //! launch (`CudaEngine::run`) and every matrix product (`CudaEngine::gemm`, and the cuBLASLt
 //! call of `CudaEngine::mm`) is bracketed by a pair of CUDA events on the engine's stream.
-//! Without one, the hooks cost one branch on `Option::None`.
+//! Without one, the hooks cost one branch on `Option::None`. Work launched some other way
+//! (e.g. through `flash.rs`'s own launcher) is timed by wrapping it in [`region`].
 //!
 //! What each operation moved and computed is estimated from its arguments: matrix products
 //! do `2 m n k` FLOPs per matrix and move their operands once; each kernel family has a
@@ -103,9 +104,7 @@ pub fn gemm_role(d: &ModelDims, g: &GemmShape, phase: Phase) -> Option<String> {
             ((m, n, k, true, false), Phase::Backward) if (m, n, k) == (t, hs, t) => {
                 "attn dV/dK bwd"
             }
-            ((m, n, k, false, false), Phase::Backward) if (m, n, k) == (t, hs, t) => {
-                "attn dQ bwd"
-            }
+            ((m, n, k, false, false), Phase::Backward) if (m, n, k) == (t, hs, t) => "attn dQ bwd",
             _ => "",
         };
         if !role.is_empty() {
@@ -209,7 +208,11 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             2.0 * f * n * c + 2.0 * f * n + 2.0 * f * c * parts(n, rpp)
         }
         "gelu_forward" | "dropout_apply" | "scale_inplace" => {
-            let n = if name == "scale_inplace" { a(1)? } else { a(2)? };
+            let n = if name == "scale_inplace" {
+                a(1)?
+            } else {
+                a(2)?
+            };
             2.0 * f * n
         }
         "gelu_backward_inplace" | "add_inplace" => 3.0 * f * a(2)?,
@@ -307,6 +310,8 @@ enum RawOp {
         args: Vec<Arg>,
     },
     Gemm(GemmShape),
+    /// A region of work named by the caller ([`region`]).
+    Named(&'static str),
 }
 
 struct Record {
@@ -375,8 +380,9 @@ impl Profiler {
                     let name = names
                         .entry(f as usize)
                         .or_insert_with(|| {
-                            self.drv
-                                .function_name(f)
+                            // SAFETY: `f` was launched from one of the engine's modules,
+                            // which stay loaded while the engine lives.
+                            unsafe { self.drv.function_name(f) }
                                 .unwrap_or_else(|| format!("kernel@{:#x}", f as usize))
                         })
                         .clone();
@@ -390,6 +396,15 @@ impl Profiler {
                         gemm_dtype: None,
                     }
                 }
+                RawOp::Named(name) => OpTime {
+                    name: name.to_string(),
+                    kind: "kernel",
+                    phase: r.phase,
+                    ms,
+                    flops: None,
+                    bytes: None,
+                    gemm_dtype: None,
+                },
                 RawOp::Gemm(g) => OpTime {
                     name: gemm_label(dims, &g, r.phase),
                     kind: "gemm",
@@ -428,6 +443,24 @@ pub(super) fn kernel(
         p.phase.set(Phase::Backward);
     }
     Ok(())
+}
+
+/// Times `go` (work it enqueues on `stream`) as one operation called `name`, for launches
+/// that do not go through `CudaEngine::run` (e.g. `region(&self.profiler, &self.stream,
+/// "flash_attn_bwd", || unsafe { flash::flash_backward(..) })`).
+/// (Not used by the plain path, whose launches all go through `run`.)
+#[inline]
+#[allow(dead_code)]
+pub(super) fn region<R>(
+    p: &Option<Profiler>,
+    stream: &Stream,
+    name: &'static str,
+    go: impl FnOnce() -> CResult<R>,
+) -> CResult<R> {
+    match p {
+        None => go(),
+        Some(p) => p.time(stream, RawOp::Named(name), go, |_| true),
+    }
 }
 
 /// The hook of `CudaEngine::gemm` (cuBLAS sgemm, fp32 operands).
@@ -771,7 +804,16 @@ mod tests {
         assert_eq!(
             kb(
                 "layernorm_forward",
-                &[Ptr(1), Ptr(2), Ptr(3), Ptr(4), Ptr(5), Ptr(0), I32(8192), I32(768)]
+                &[
+                    Ptr(1),
+                    Ptr(2),
+                    Ptr(3),
+                    Ptr(4),
+                    Ptr(5),
+                    Ptr(0),
+                    I32(8192),
+                    I32(768)
+                ]
             ),
             Some(8.0 * n * c + 8.0 * n + 4.0 * c)
         );
@@ -783,8 +825,14 @@ mod tests {
             kb("gelu_backward_inplace", &[Ptr(1), Ptr(2), I64(1000)]),
             Some(12000.0)
         );
-        assert_eq!(kb("scale_inplace", &[Ptr(1), I64(10), F32(0.5)]), Some(80.0));
-        assert_eq!(kb("cast_f32_to_bf16", &[Ptr(1), Ptr(2), I64(10)]), Some(60.0));
+        assert_eq!(
+            kb("scale_inplace", &[Ptr(1), I64(10), F32(0.5)]),
+            Some(80.0)
+        );
+        assert_eq!(
+            kb("cast_f32_to_bf16", &[Ptr(1), Ptr(2), I64(10)]),
+            Some(60.0)
+        );
         assert_eq!(
             kb(
                 "dropout_apply",
@@ -821,10 +869,7 @@ mod tests {
         assert_eq!(adamw(9), Some(300.0));
         // 10 rows in parts of 4 rows: 3 parts.
         assert_eq!(
-            kb(
-                "colsum_parts",
-                &[Ptr(1), Ptr(2), I32(10), I32(6), I32(4)]
-            ),
+            kb("colsum_parts", &[Ptr(1), Ptr(2), I32(10), I32(6), I32(4)]),
             Some(4.0 * 60.0 + 4.0 * 6.0 * 3.0)
         );
         assert_eq!(kb("flash_attn_fwd_bf16", &[]), None);
