@@ -374,7 +374,7 @@ impl ProfileTable {
             self.floor_covers_ms,
             if self.floor_covers_ms > 0.0 {
                 format!(
-                    ", {:.0}% of the floor's ideal",
+                    ": those operations run at {:.0}% of roofline speed",
                     100.0 * self.floor_ms / self.floor_covers_ms
                 )
             } else {
