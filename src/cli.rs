@@ -206,6 +206,8 @@ pub fn export(out_dir: &Path, checkpoint: Option<&Path>, to: &Path) -> Result<()
     Ok(())
 }
 
+/// `nanogpt bench`: training-step throughput; with `--profile` a per-operation table, with
+/// `--batch_sizes` one run per batch size and a time and memory table.
 pub fn bench(args: &[String]) -> Result<()> {
     let cfg = BenchConfig::load(args)?;
     if cfg.sgemm > 0 {
@@ -217,10 +219,55 @@ pub fn bench(args: &[String]) -> Result<()> {
         );
         return Ok(());
     }
+    let sizes = cfg.batch_size_list()?;
+    if cfg.batch_sizes.trim().is_empty() {
+        bench_one(&cfg, cfg.batch_size, None)?;
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for &b in &sizes {
+        let outcome = bench_one(&cfg, b, Some(sizes.len()));
+        if let Err(e) = &outcome {
+            eprintln!("bench: batch_size={b} failed: {e:#}");
+        }
+        rows.push((b, outcome));
+    }
+    print!("{}", bench_sweep_markdown(&cfg, &rows));
+    if cfg.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(b, o)| match o {
+                Ok((r, m)) => serde_json::json!({"batch_size": b, "result": r, "memory": m}),
+                Err(e) => serde_json::json!({"batch_size": b, "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "batch_sweep": v }));
+    }
+    if rows.iter().all(|(_, o)| o.is_err()) {
+        bail!(
+            "every batch size in --batch_sizes={} failed (see above)",
+            cfg.batch_sizes
+        );
+    }
+    Ok(())
+}
+
+type BenchOutcome = (bench::BenchResult, Option<bench::MemorySummary>);
+
+/// One benchmark run at `batch_size` (a fresh engine): timings, the profile when asked for,
+/// and device memory. `sweep` is the number of sizes when part of `--batch_sizes`.
+fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Result<BenchOutcome> {
+    use crate::config::DeviceSpec;
     let model = cfg.model_config()?;
+    let device = cfg.device_spec()?;
+    // Memory in use before the engine exists (its context held, so it is not counted).
+    let baseline = match device {
+        DeviceSpec::Cuda(n) => engine::cuda::profile::memory_baseline(n.unwrap_or(0)).ok(),
+        _ => None,
+    };
     let params = ParamLayout::new(&model).init_params(&model, cfg.seed);
     let mut eng = engine::create(
-        cfg.device_spec()?,
+        device,
         cfg.dtype_kind()?,
         model.clone(),
         params,
@@ -228,7 +275,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         cfg.threads,
     )?;
     let spec = BenchSpec {
-        batch_size: cfg.batch_size,
+        batch_size,
         block_size: cfg.block_size,
         grad_accum: cfg.gradient_accumulation_steps,
         iters: cfg.iters as usize,
@@ -243,7 +290,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         model.n_head,
         model.n_embd,
         model.block_size,
-        cfg.batch_size,
+        batch_size,
         model.vocab_size,
         model.padded_vocab_size,
         model.num_params_non_embedding() as f64 / 1e6,
@@ -259,7 +306,102 @@ pub fn bench(args: &[String]) -> Result<()> {
         r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.gflops
     );
     println!("{}", serde_json::to_string(&r)?);
-    Ok(())
+    if cfg.profiling() {
+        match bench::profile(eng.as_mut(), &spec) {
+            None => eprintln!(
+                "bench --profile: per-operation timing needs the CUDA engine (--device=cuda); \
+                 {} has no per-operation timers, so there is no profile table",
+                eng.device_name()
+            ),
+            Some(Err(e)) => bail!("bench --profile: the profiled step failed: {e}"),
+            Some(Ok(p)) => {
+                let ceilings = bench::Ceilings::resolve(&p.device, cfg.gemm_tflops, cfg.copy_gbps);
+                let table = bench::ProfileTable::new(&p, ceilings, Some(r.median_ms));
+                println!(
+                    "\nPer-operation profile, {} (batch {batch_size}, block {}):\n",
+                    p.device, cfg.block_size
+                );
+                println!("{}", table.to_markdown());
+                if cfg.json {
+                    println!("{}", serde_json::json!({ "profile": &table }));
+                }
+                if !cfg.profile_out.is_empty() {
+                    let path = profile_path(&cfg.profile_out, batch_size, sweep);
+                    let text = serde_json::to_string_pretty(&table)?;
+                    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot write the profile to {} (profile_out): {e}; check that the \
+                             directory exists and is writable",
+                            path.display()
+                        )
+                    })?;
+                    eprintln!("bench: profile written to {}", path.display());
+                }
+            }
+        }
+    }
+    let memory = eng
+        .memory_report()
+        .map(|rep| bench::memory_summary(&rep, baseline.as_ref().map(|b| b.used)));
+    if let Some(m) = &memory {
+        print!("{}", m.to_text());
+        if cfg.json {
+            println!("{}", serde_json::json!({ "memory": m }));
+        }
+    }
+    drop(eng);
+    drop(baseline);
+    Ok((r, memory))
+}
+
+/// `profile_out` as given, or with `-b<batch>` before the extension in a batch-size sweep.
+fn profile_path(out: &str, batch_size: usize, sweep: Option<usize>) -> PathBuf {
+    let p = PathBuf::from(out);
+    if sweep.is_none_or(|n| n <= 1) {
+        return p;
+    }
+    let stem = p
+        .file_stem()
+        .map_or("profile".into(), |s| s.to_string_lossy().into_owned());
+    let name = match p.extension() {
+        Some(ext) => format!("{stem}-b{batch_size}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-b{batch_size}"),
+    };
+    p.with_file_name(name)
+}
+
+/// The `--batch_sizes` summary as a Markdown table.
+fn bench_sweep_markdown(cfg: &BenchConfig, rows: &[(usize, Result<BenchOutcome>)]) -> String {
+    let gib = |b: Option<u64>| {
+        b.map_or(String::new(), |b| {
+            format!("{:.2}", b as f64 / (1u64 << 30) as f64)
+        })
+    };
+    let mut s = format!(
+        "\nBatch sizes at block {} ({} layers, {} channels, dtype {}, device {}):\n\n",
+        cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.dtype, cfg.device
+    );
+    s.push_str("| batch | tokens/iter | ms/iter | tokens/s | GPU GiB in use | engine GiB | engine buffers GiB |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (b, o) in rows {
+        match o {
+            Ok((r, m)) => s.push_str(&format!(
+                "| {b} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+                r.tokens_per_iter,
+                r.median_ms,
+                r.tokens_per_s,
+                gib(m.as_ref().and_then(|m| m.in_use_bytes)),
+                gib(m.as_ref().and_then(|m| m.engine_bytes)),
+                gib(m.as_ref().map(|m| m.accounted_bytes)),
+            )),
+            Err(e) => {
+                let msg = format!("{e:#}").replace('|', "/");
+                let short: String = msg.chars().take(120).collect();
+                s.push_str(&format!("| {b} | failed: {short} |  |  |  |  |  |\n"));
+            }
+        }
+    }
+    s
 }
 
 /// The offline-capable quick start: prepare data/shakespeare_char, train nanoGPT's CPU

@@ -406,6 +406,78 @@ fn sample_without_a_run_directory_is_a_clear_error() {
 // ---------------------------------------------------------------------------------------
 // bench
 
+/// The tiny CPU benchmark's arguments plus `extra`.
+fn tiny_bench(extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "bench",
+        "--n_layer=2",
+        "--n_head=2",
+        "--n_embd=32",
+        "--block_size=16",
+        "--iters=2",
+        "--warmup=1",
+        "--vocab_size=128",
+        "--device=cpu",
+        "--threads=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn bench_profile_on_the_cpu_says_it_needs_cuda_and_still_benchmarks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &tiny_bench(&["--profile", "--profile_out=prof.json"]),
+    );
+    let stdout = expect_ok(&out);
+    assert!(
+        stdout.contains("ms/iter") && stdout.lines().any(|l| l.starts_with('{')),
+        "the benchmark itself still runs:\n{stdout}"
+    );
+    assert_contains_all(
+        &stderr(&out),
+        &["--profile", "needs the CUDA engine", "--device=cuda"],
+    );
+    assert!(
+        !dir.path().join("prof.json").exists(),
+        "no profile, so no profile file"
+    );
+}
+
+#[test]
+fn bench_batch_sizes_runs_each_size_and_tabulates() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = expect_ok(&run(
+        dir.path(),
+        &tiny_bench(&["--batch_sizes=1,3", "--json"]),
+    ));
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 3 |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "one table row per batch size:\n{stdout}");
+    assert!(
+        rows[0].starts_with("| 1 | 16 |") && rows[1].starts_with("| 3 | 48 |"),
+        "{stdout}"
+    );
+    let sweep = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"batch_sweep\""))
+        .unwrap_or_else(|| panic!("no sweep JSON in:\n{stdout}"));
+    let v: serde_json::Value = serde_json::from_str(sweep).unwrap();
+    let runs = v["batch_sweep"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1]["batch_size"], 3);
+    assert_eq!(runs[1]["result"]["tokens_per_iter"], 48);
+    let err = expect_clean_failure(&run(dir.path(), &tiny_bench(&["--batch_sizes=2,zero"])));
+    assert_contains_all(&err, &["batch_sizes", "zero"]);
+}
+
 #[test]
 fn bench_prints_a_json_line_with_positive_rates() {
     let dir = tempfile::tempdir().unwrap();

@@ -238,5 +238,8 @@ fn checker_parses_what_the_compiler_sees() {
         .filter(|f| f["struct"].is_null())
         .map(|f| f["symbol"].as_str().unwrap())
         .collect();
-    assert_eq!(looked_up, ["cuStreamQuery", "cuCtxGetDevice"]);
+    assert_eq!(
+        looked_up,
+        ["cuFuncGetName", "cuStreamQuery", "cuCtxGetDevice"]
+    );
 }

@@ -765,6 +765,24 @@ pub struct BenchConfig {
     /// When > 0: instead of a training step, time an sgemm of this size (n x n x n) with the
     /// CPU engine's matrix product, to show the machine's ceiling next to the model's rate.
     pub sgemm: usize,
+    /// After the timed iterations, time one more step per operation (CUDA engine) and print
+    /// a Markdown table with a roofline floor per operation.
+    pub profile: bool,
+    /// With `profile`: also write the table as JSON to this file (empty: no file).
+    pub profile_out: String,
+    /// Also print the profile and memory reports as JSON lines on stdout.
+    pub json: bool,
+    /// Roofline ceiling of bf16 matrix products in TFLOP/s (e.g. `nanogpt doctor`'s GEMM
+    /// figure); none = the detected GPU's data sheet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_tflops: Option<f64>,
+    /// Roofline ceiling of memory traffic in GB/s, bytes read plus written (`nanogpt
+    /// doctor`'s copy figure); none = the detected GPU's data sheet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_gbps: Option<f64>,
+    /// Comma-separated batch sizes (e.g. "4,8,16"): run the benchmark once per size, each
+    /// with a fresh engine, and report time and peak memory per size; empty = `batch_size`.
+    pub batch_sizes: String,
 }
 
 impl Default for BenchConfig {
@@ -792,14 +810,38 @@ impl Default for BenchConfig {
             grad_clip: 1.0,
             peak_flops: None,
             sgemm: 0,
+            profile: false,
+            profile_out: String::new(),
+            json: false,
+            gemm_tflops: None,
+            copy_gbps: None,
+            batch_sizes: String::new(),
         }
     }
 }
 
 impl ConfigSchema for BenchConfig {
-    const OPTIONAL_KEYS: &'static [(&'static str, ValueKind)] = &[("peak_flops", ValueKind::Float)];
+    const OPTIONAL_KEYS: &'static [(&'static str, ValueKind)] = &[
+        ("peak_flops", ValueKind::Float),
+        ("gemm_tflops", ValueKind::Float),
+        ("copy_gbps", ValueKind::Float),
+    ];
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v, example) in [
+            ("gemm_tflops", self.gemm_tflops, "750"),
+            ("copy_gbps", self.copy_gbps, "3000"),
+        ] {
+            if let Some(v) = v {
+                check(
+                    v.is_finite() && v > 0.0,
+                    key,
+                    v,
+                    &format!("must be a positive number (e.g. {example}, as `nanogpt doctor` reports it), or none"),
+                )?;
+            }
+        }
+        self.batch_size_list()?;
         check_model(
             self.n_layer,
             self.n_head,
@@ -843,6 +885,33 @@ impl BenchConfig {
 
     pub fn dtype_kind(&self) -> Result<Dtype, ConfigError> {
         self.dtype.parse()
+    }
+
+    /// The batch sizes to run: `batch_sizes` parsed, or `[batch_size]` when it is empty.
+    pub fn batch_size_list(&self) -> Result<Vec<usize>, ConfigError> {
+        if self.batch_sizes.trim().is_empty() {
+            return Ok(vec![self.batch_size]);
+        }
+        self.batch_sizes
+            .split(',')
+            .map(|p| match p.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(ConfigError::Invalid {
+                    key: "batch_sizes".into(),
+                    value: self.batch_sizes.clone(),
+                    reason: format!(
+                        "'{}' is not a positive integer; write comma-separated batch sizes, \
+                         e.g. --batch_sizes=4,8,16",
+                        p.trim()
+                    ),
+                }),
+            })
+            .collect()
+    }
+
+    /// Whether to profile a step (`profile`, or a `profile_out` file asked for).
+    pub fn profiling(&self) -> bool {
+        self.profile || !self.profile_out.is_empty()
     }
 
     /// The benchmarked model's shape (`vocab_size` padded to a multiple of 64).

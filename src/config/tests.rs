@@ -570,5 +570,45 @@ fn known_keys_lists_every_field() {
     assert!(keys.iter().any(|k| k == "dist_env"));
     assert!(keys.iter().any(|k| k == "keep_checkpoints_at"));
     assert_eq!(SampleConfig::known_keys().len(), 14);
-    assert_eq!(BenchConfig::known_keys().len(), 22);
+    assert_eq!(BenchConfig::known_keys().len(), 28);
+    for k in [
+        "profile",
+        "profile_out",
+        "json",
+        "gemm_tflops",
+        "copy_gbps",
+        "batch_sizes",
+    ] {
+        assert!(BenchConfig::known_keys().iter().any(|x| x == k), "{k}");
+    }
+}
+
+#[test]
+fn bench_profile_keys() {
+    let b = |a: &[&str]| BenchConfig::load(&args(a));
+    let c = b(&[
+        "--profile",
+        "--gemm_tflops=760.5",
+        "--copy_gbps=3000",
+        "--batch_sizes=4, 8,16",
+    ])
+    .unwrap();
+    assert!(c.profile && c.profiling() && !c.json);
+    assert_eq!((c.gemm_tflops, c.copy_gbps), (Some(760.5), Some(3000.0)));
+    assert_eq!(c.batch_size_list().unwrap(), vec![4, 8, 16]);
+    assert_eq!(
+        BenchConfig::from_toml_str(&c.to_toml_string(), "b").unwrap(),
+        c
+    );
+    // profile_out alone asks for the profile; no batch_sizes = batch_size.
+    let c = b(&["--profile_out=p.json", "--batch_size=3"]).unwrap();
+    assert!(!c.profile && c.profiling());
+    assert_eq!(c.batch_size_list().unwrap(), vec![3]);
+    let err = b(&["--batch_sizes=4,x"]).unwrap_err().to_string();
+    assert!(err.contains("batch_sizes") && err.contains("'x'"), "{err}");
+    assert!(b(&["--batch_sizes=4,0"]).is_err());
+    let err = b(&["--gemm_tflops=0"]).unwrap_err().to_string();
+    assert!(err.contains("gemm_tflops"), "{err}");
+    assert!(b(&["--copy_gbps=-1"]).is_err());
+    assert_eq!(b(&["--gemm_tflops=none"]).unwrap().gemm_tflops, None);
 }

@@ -65,8 +65,19 @@ api! {
         fn cuEventSynchronize(e: CuEvent) -> CuResult;
         fn cuEventElapsedTime_v2(ms: *mut f32, start: CuEvent, end: CuEvent) -> CuResult;
         fn cuEventDestroy_v2(e: CuEvent) -> CuResult;
+        // cuda.h: `#define cuMemGetInfo cuMemGetInfo_v2` (size_t free, size_t total).
+        fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CuResult;
     }
 }
+
+// Note on `cuEventElapsedTime`: CUDA 13's cuda.h maps the name to `cuEventElapsedTime_v2`
+// (same C signature), which drivers before CUDA 12.8 do not export; the unsuffixed entry
+// point stays exported by current drivers, so the table above resolves that one and keeps
+// loading on older drivers.
+
+/// `cuFuncGetName` (CUDA 12.3 and later; resolved on demand, see [`Driver::function_name`]):
+/// `CUresult cuFuncGetName(const char** name, CUfunction hfunc)`.
+type CuFuncGetName = unsafe extern "C" fn(*mut *const c_char, CuFunction) -> CuResult;
 
 /// A loaded driver.
 pub struct Driver {
@@ -194,6 +205,21 @@ impl Driver {
         })
     }
 
+    /// The name of a loaded kernel (`extern "C"` kernels: the name in the source), through
+    /// `cuFuncGetName`; `None` when this driver predates it (CUDA 12.3) or the call fails.
+    ///
+    /// # Safety
+    /// `f` must be a function of a module that is still loaded.
+    pub unsafe fn function_name(&self, f: CuFunction) -> Option<String> {
+        let sym = self.api.lib.sym("cuFuncGetName").ok()?;
+        // SAFETY: cuda.h declares cuFuncGetName with exactly this signature.
+        let get = unsafe { std::mem::transmute::<*mut c_void, CuFuncGetName>(sym) };
+        let mut name: *const c_char = std::ptr::null();
+        // SAFETY: writes one pointer to a string the driver owns for the module's lifetime.
+        let r = unsafe { get(&mut name, f) };
+        (r == 0 && !name.is_null()).then(|| c_str(name))
+    }
+
     /// Retains device `index`'s primary context (the one the CUDA runtime inside cuBLASLt
     /// and NCCL also uses) and makes it current on this thread.
     pub fn context(&self, index: usize) -> Result<Context<'_>, CudaError> {
@@ -236,6 +262,19 @@ impl<'a> Context<'a> {
             unsafe { (self.drv.api.cuCtxSynchronize)() },
             "cuCtxSynchronize",
         )
+    }
+
+    /// (free, total) bytes of device memory, as `cuMemGetInfo` reports them for the
+    /// context's device (memory used by every process counts as not free).
+    pub fn mem_info(&self) -> Result<(u64, u64), CudaError> {
+        self.make_current()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: writes two size_t values.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemGetInfo_v2)(&mut free, &mut total) },
+            "cuMemGetInfo",
+        )?;
+        Ok((free as u64, total as u64))
     }
 
     /// Allocates `bytes` of device memory in this context.
@@ -492,6 +531,61 @@ impl Drop for Stream<'_> {
     fn drop(&mut self) {
         // SAFETY: live stream, destroyed once.
         unsafe { (self.drv.api.cuStreamDestroy_v2)(self.s) };
+    }
+}
+
+/// A CUDA event with timing enabled (`CU_EVENT_DEFAULT` = 0 in cuda.h's CUevent_flags);
+/// destroyed on drop. Events are created in the context current on the calling thread.
+pub struct Event<'a> {
+    drv: &'a Driver,
+    pub e: CuEvent,
+}
+
+impl<'a> Event<'a> {
+    pub fn new(drv: &'a Driver) -> Result<Event<'a>, CudaError> {
+        let mut e: CuEvent = std::ptr::null_mut();
+        // SAFETY: writes one handle; flags 0 = CU_EVENT_DEFAULT (timing on).
+        drv.check(
+            unsafe { (drv.api.cuEventCreate)(&mut e, 0) },
+            "cuEventCreate",
+        )?;
+        Ok(Event { drv, e })
+    }
+
+    /// Enqueues the event on `stream`: it completes when the work before it has finished.
+    pub fn record(&self, stream: &Stream) -> Result<(), CudaError> {
+        // SAFETY: live event and stream of the same context.
+        self.drv.check(
+            unsafe { (self.drv.api.cuEventRecord)(self.e, stream.s) },
+            "cuEventRecord",
+        )
+    }
+
+    /// Blocks until the event has completed.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: live, recorded event.
+        self.drv.check(
+            unsafe { (self.drv.api.cuEventSynchronize)(self.e) },
+            "cuEventSynchronize",
+        )
+    }
+
+    /// Milliseconds of GPU time from this event to `end` (both recorded and completed).
+    pub fn elapsed_ms(&self, end: &Event) -> Result<f32, CudaError> {
+        let mut ms = 0f32;
+        // SAFETY: two live events; writes one float.
+        self.drv.check(
+            unsafe { (self.drv.api.cuEventElapsedTime_v2)(&mut ms, self.e, end.e) },
+            "cuEventElapsedTime",
+        )?;
+        Ok(ms)
+    }
+}
+
+impl Drop for Event<'_> {
+    fn drop(&mut self) {
+        // SAFETY: live event, destroyed once (the driver defers it until the event completes).
+        unsafe { (self.drv.api.cuEventDestroy_v2)(self.e) };
     }
 }
 

@@ -105,6 +105,26 @@ pub trait Engine: Send {
     fn decode_step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
     /// Tokens currently held in the KV cache (per sequence).
     fn decode_len(&self) -> usize;
+
+    /// One training step (zero_grad, `micro_steps` x [`Engine::forward_backward`] with
+    /// `loss_scale`, [`Engine::step`]) with every kernel and matrix product timed on the
+    /// device; `None` for engines without per-operation timers (the CPU engine).
+    fn profile_step(
+        &mut self,
+        _batch: Batch,
+        _loss_scale: f32,
+        _micro_steps: usize,
+        _hp: &AdamWConfig,
+        _lr: f32,
+    ) -> Option<Result<cuda::profile::StepProfile>> {
+        None
+    }
+
+    /// The engine's device memory by purpose (parameters, gradients, moments, activations,
+    /// ...) and the device's free/total memory; `None` for engines on the host.
+    fn memory_report(&self) -> Option<cuda::profile::MemoryReport> {
+        None
+    }
 }
 
 /// The parameter layout of a valid `cfg`, checked against a parameter buffer of `len` values

@@ -83,6 +83,7 @@
 mod decode;
 pub mod flash;
 pub mod kernels;
+pub mod profile;
 pub mod stack;
 pub mod switches;
 
@@ -319,6 +320,8 @@ impl Acts {
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
+    /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
+    profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
     bf: Option<Bf16State>,
     acts: Option<Acts>,
@@ -509,6 +512,7 @@ impl CudaEngine {
             peak,
             switches,
             training_pass: Cell::new(false),
+            profiler: None,
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
         Ok(engine)
@@ -740,7 +744,7 @@ impl CudaEngine {
                 // SAFETY: pa, pb and c cover the shape (as in the plain product below); the
                 // bias is the layer's fp32 bias (n values) or `tmp` (at least n values), the
                 // GELU input an m x n fp32 activation of row stride n.
-                let ran = unsafe {
+                let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
                     bf.lt.matmul_ep(
                         shape,
                         1.0,
@@ -751,8 +755,8 @@ impl CudaEngine {
                         bf.workspace.ptr,
                         &self.stream,
                         args,
-                    )?
-                };
+                    )
+                })?;
                 if ran == Ran::Lt {
                     if let Post::BiasGrad { db, tmp } = post {
                         self.add(db, tmp, n)?;
@@ -780,7 +784,7 @@ impl CudaEngine {
                 // SAFETY: pa, pb and out cover the shape (bf16 copies of the fp32 operands
                 // the caller passed, and the caller's fp32 C or GELU input); the workspace
                 // holds LT_WORKSPACE bytes.
-                let ran = unsafe {
+                let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
                     bf.lt.matmul(
                         shape,
                         1.0,
@@ -790,8 +794,8 @@ impl CudaEngine {
                         out,
                         bf.workspace.ptr,
                         &self.stream,
-                    )?
-                };
+                    )
+                })?;
                 if ran == Ran::Unsupported {
                     if !bf.warned.replace(true) {
                         eprintln!(
@@ -840,7 +844,8 @@ impl CudaEngine {
     ) -> CResult<()> {
         // SAFETY: every call site passes the kernel's documented parameter list (see
         // kernels/*.cu) with buffers sized for the launch.
-        unsafe { launch(&self.stream, f, grid, BLOCK, args) }
+        let go = || unsafe { launch(&self.stream, f, grid, BLOCK, args) };
+        profile::kernel(&self.profiler, &self.stream, f, grid, args, go)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -855,7 +860,16 @@ impl CudaEngine {
         c: Operand,
         batch: usize,
     ) -> CResult<()> {
-        self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch)
+        let go = || self.blas.gemm(m, n, k, 1.0, a, b, beta, c, batch);
+        profile::sgemm(
+            &self.profiler,
+            &self.stream,
+            (m, n, k),
+            (a.trans, b.trans),
+            beta,
+            batch,
+            go,
+        )
     }
 
     fn dropout(&self, out: u64, inp: u64, n: usize, d: Dropout) -> CResult<()> {
@@ -1225,7 +1239,11 @@ impl CudaEngine {
             // SAFETY: qkv (N, 3C) and atty (N, C) are sized for (a.b, a.t_cap) >= (b, t);
             // lse holds B * NH * t_cap floats; all live in this context, and y/lse do not
             // overlap qkv.
-            return unsafe {
+            let name = match math {
+                FlashMath::F32 => "flash_attn_fwd (fp32)",
+                FlashMath::Bf16 => "flash_attn_fwd (bf16 mma)",
+            };
+            return profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_forward(
                     &self.stream,
                     &self.k,
@@ -1235,7 +1253,7 @@ impl CudaEngine {
                     lse,
                     shape,
                 )
-            };
+            });
         }
         let tt = self.tt_elems(a);
         let att = self.lazy(&la.att, tt, "the attention matrix")?;
@@ -1313,7 +1331,7 @@ impl CudaEngine {
             // SAFETY: as in attention_fwd; dy (N, C) and dqkv (N, 3C) are sized for the
             // activations' capacity, dvec holds B * NH * t_cap floats, and neither dqkv nor
             // dvec overlaps an input.
-            return unsafe {
+            return profile::region(&self.profiler, &self.stream, "flash_attn_bwd", || unsafe {
                 flash::flash_backward(
                     &self.stream,
                     &self.k,
@@ -1325,7 +1343,7 @@ impl CudaEngine {
                     a.dqkv.ptr,
                     shape,
                 )
-            };
+            });
         }
         let tt = self.tt_elems(a);
         let att = la
@@ -2024,6 +2042,21 @@ impl Engine for CudaEngine {
 
     fn decode_len(&self) -> usize {
         self.decode.as_ref().map_or(0, |s| s.len())
+    }
+
+    fn profile_step(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        micro_steps: usize,
+        hp: &AdamWConfig,
+        lr: f32,
+    ) -> Option<Result<profile::StepProfile>> {
+        Some(self.profiled_step(batch, loss_scale, micro_steps, hp, lr))
+    }
+
+    fn memory_report(&self) -> Option<profile::MemoryReport> {
+        Some(self.memory())
     }
 }
 

@@ -1,0 +1,887 @@
+//! Per-operation timing of one training step on the CUDA engine, and its memory accounting.
+//!
+//! While a [`Profiler`] is installed (only inside [`CudaEngine::profiled_step`]), every kernel
+//! launch (`CudaEngine::run`) and every matrix product (`CudaEngine::gemm`, and the cuBLASLt
+//! call of `CudaEngine::mm`) is bracketed by a pair of CUDA events on the engine's stream.
+//! Without one, the hooks cost one branch on `Option::None`. Work launched some other way
+//! (e.g. through `flash.rs`'s own launcher) is timed by wrapping it in [`region`].
+//!
+//! What each operation moved and computed is estimated from its arguments: matrix products
+//! do `2 m n k` FLOPs per matrix and move their operands once; each kernel family has a
+//! bytes-read-plus-written formula in [`kernel_bytes`] (the minimum traffic, every element
+//! read or written once). The event times include any time the GPU waited for the host to
+//! launch the operation, so a step that is launch-bound shows it as slow operations.
+
+use super::kernels::Arg;
+use super::{cuda_err, CResult, CudaEngine};
+use crate::cuda::cublaslt::{ElemType, MatmulShape, Ran};
+use crate::cuda::driver::{Context, CuFunction, Driver, Event, Stream};
+use crate::engine::{Batch, EngineError, Result};
+use crate::optim::AdamWConfig;
+use serde::Serialize;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+/// Which part of the training step an operation belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Forward,
+    Backward,
+    Step,
+}
+
+/// A row-major matrix product `C (m x n) = op(A) op(B) (+ C)`, `batch` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// Bytes per element of A and B (2: bf16, 4: fp32); C is always fp32.
+    pub ab_bytes: usize,
+    /// C is read as well as written (beta != 0).
+    pub accumulate: bool,
+}
+
+impl GemmShape {
+    /// `2 m n k` per matrix of the batch.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
+    }
+
+    /// A and B read once, C written (and read when accumulating) once.
+    pub fn bytes(&self) -> f64 {
+        let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
+        let ab = self.ab_bytes as f64 * (m * k + k * n);
+        let c = 4.0 * m * n * if self.accumulate { 2.0 } else { 1.0 };
+        (ab + c) * self.batch as f64
+    }
+
+    /// `bf16` or `fp32`, the operands' type.
+    pub fn dtype(&self) -> &'static str {
+        if self.ab_bytes == 2 {
+            "bf16"
+        } else {
+            "fp32"
+        }
+    }
+}
+
+/// The model and batch dimensions that name the products of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelDims {
+    /// Rows of the activations, B * T.
+    pub rows: usize,
+    /// Sequence length T.
+    pub t: usize,
+    /// Channels C.
+    pub c: usize,
+    /// Real vocabulary (the LM head's width).
+    pub vocab: usize,
+    pub n_head: usize,
+}
+
+/// What a product does in GPT-2 (`qkv fwd`, `fc dW`, `lm_head dX`, `attn qk fwd`, ...),
+/// recognised from its shape, transposes and phase; `None` for a shape the model does not
+/// have. Linear layer `inp (rows, ic) @ W (ic, oc)`: forward `rows x oc x ic`, weight
+/// gradient `inp^T dout` = `ic x oc x rows` (A transposed), input gradient `dout W^T` =
+/// `rows x ic x oc` (B transposed). The tied LM head stores W as `(vocab, C)`, so its forward
+/// has B transposed, its input gradient none, and its weight gradient is `vocab x C x rows`.
+/// When two layers have the same shape (a model with vocab == 3C, say) the first listed wins.
+pub fn gemm_role(d: &ModelDims, g: &GemmShape, phase: Phase) -> Option<String> {
+    let (c, r, v, t) = (d.c, d.rows, d.vocab, d.t);
+    let hs = c / d.n_head.max(1);
+    let shape = (g.m, g.n, g.k, g.trans_a, g.trans_b);
+    if g.batch == d.n_head {
+        // Attention's per-row products, batched over heads (see attention_fwd/_bwd).
+        let role = match (shape, phase) {
+            ((m, n, k, false, true), Phase::Forward) if (m, n, k) == (t, t, hs) => "attn qk fwd",
+            ((m, n, k, false, false), Phase::Forward) if (m, n, k) == (t, hs, t) => "attn pv fwd",
+            ((m, n, k, false, true), Phase::Backward) if (m, n, k) == (t, t, hs) => "attn dP bwd",
+            ((m, n, k, true, false), Phase::Backward) if (m, n, k) == (t, hs, t) => {
+                "attn dV/dK bwd"
+            }
+            ((m, n, k, false, false), Phase::Backward) if (m, n, k) == (t, hs, t) => "attn dQ bwd",
+            _ => "",
+        };
+        if !role.is_empty() {
+            return Some(role.to_string());
+        }
+    }
+    if g.batch != 1 {
+        return None;
+    }
+    let linears = [
+        ("qkv", c, 3 * c),
+        ("attn proj", c, c),
+        ("fc", c, 4 * c),
+        ("mlp proj", 4 * c, c),
+    ];
+    for (name, ic, oc) in linears {
+        let role = match shape {
+            (m, n, k, false, false) if (m, n, k) == (r, oc, ic) => "fwd",
+            (m, n, k, true, false) if (m, n, k) == (ic, oc, r) => "dW",
+            (m, n, k, false, true) if (m, n, k) == (r, ic, oc) => "dX",
+            _ => continue,
+        };
+        return Some(format!("{name} {role}"));
+    }
+    let role = match shape {
+        (m, n, k, false, true) if (m, n, k) == (r, v, c) => "fwd",
+        (m, n, k, false, false) if (m, n, k) == (r, c, v) => "dX",
+        (m, n, k, true, false) if (m, n, k) == (v, c, r) => "dW",
+        _ => return None,
+    };
+    Some(format!("lm_head {role}"))
+}
+
+/// The table name of a product: `gemm fc fwd 8192x3072x768 bf16` (`x12` after the shape for
+/// a batch of 12), or `gemm 10x20x30 fp32` when the role is not recognised.
+pub fn gemm_label(d: &ModelDims, g: &GemmShape, phase: Phase) -> String {
+    let batch = if g.batch > 1 {
+        format!(" x{}", g.batch)
+    } else {
+        String::new()
+    };
+    let role = gemm_role(d, g, phase).map_or(String::new(), |r| format!("{r} "));
+    format!("gemm {role}{}x{}x{}{batch} {}", g.m, g.n, g.k, g.dtype())
+}
+
+/// Integer argument `i` as f64 (`None` for a pointer or float, or past the end).
+fn int(args: &[Arg], i: usize) -> Option<f64> {
+    match args.get(i)? {
+        Arg::I32(v) => Some(*v as f64),
+        Arg::I64(v) => Some(*v as f64),
+        Arg::U32(v) => Some(*v as f64),
+        Arg::U64(v) => Some(*v as f64),
+        Arg::Ptr(_) | Arg::F32(_) => None,
+    }
+}
+
+/// 1.0 when pointer argument `i` is not null, else 0.0.
+fn present(args: &[Arg], i: usize) -> Option<f64> {
+    match args.get(i)? {
+        Arg::Ptr(p) => Some(if *p != 0 { 1.0 } else { 0.0 }),
+        _ => None,
+    }
+}
+
+/// Bytes read plus written by one launch of kernel `name` with `args` (the parameter lists of
+/// `kernels/*.cu`) on `grid`: each element counted once, fp32 = 4 bytes. `None` for kernels
+/// without a formula (decoding, fused attention) or arguments that do not fit the formula.
+pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f64> {
+    let a = |i| int(args, i);
+    let f = 4.0;
+    let parts = |rows: f64, per_part: f64| (rows / per_part.max(1.0)).ceil();
+    Some(match name {
+        // x = wte[tok] + wpe[pos]: tokens, two table rows read, x written.
+        "embedding_forward" => {
+            let (n, c) = (a(4)?, a(6)?);
+            f * n + 3.0 * f * n * c
+        }
+        // dwte[tok] += dx: dx read, dwte read and written (atomics).
+        "embedding_backward_wte" => {
+            let (n, c) = (a(3)?, a(4)?);
+            f * n + 3.0 * f * n * c
+        }
+        // dwpe += sum over b of dx.
+        "embedding_backward_wpe" => {
+            let (b, t, c) = (a(2)?, a(3)?, a(4)?);
+            f * b * t * c + 2.0 * f * t * c
+        }
+        // x read, out written, mean and rstd written, weight (and bias) read.
+        "layernorm_forward" => {
+            let (n, c) = (a(6)?, a(7)?);
+            2.0 * f * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 5)?)
+        }
+        // dout and x read, dx read and written (+=), mean, rstd and weight read.
+        "layernorm_backward_dx" => {
+            let (n, c) = (a(6)?, a(7)?);
+            4.0 * f * n * c + 2.0 * f * n + f * c
+        }
+        // dout, x, mean, rstd read; two partial sums per column per part written.
+        "layernorm_backward_parts" => {
+            let (n, c, rpp) = (a(5)?, a(6)?, a(7)?);
+            2.0 * f * n * c + 2.0 * f * n + 2.0 * f * c * parts(n, rpp)
+        }
+        "gelu_forward" | "dropout_apply" | "scale_inplace" => {
+            let n = if name == "scale_inplace" {
+                a(1)?
+            } else {
+                a(2)?
+            };
+            2.0 * f * n
+        }
+        "gelu_backward_inplace" | "add_inplace" => 3.0 * f * a(2)?,
+        "bias_broadcast" => {
+            let (rows, cols) = (a(2)?, a(3)?);
+            f * rows * cols + f * cols * present(args, 1)?
+        }
+        "colsum_parts" => {
+            let (rows, cols, rpp) = (a(2)?, a(3)?, a(4)?);
+            f * rows * cols + f * cols * parts(rows, rpp)
+        }
+        "reduce_parts_add" => {
+            let (np, cols) = (a(2)?, a(3)?);
+            f * np * cols + 2.0 * f * cols
+        }
+        // Row i of a T x T block reads its i+1 causal scores and writes all T.
+        "causal_softmax_forward" => {
+            let (rows, t) = (a(1)?, a(2)?);
+            f * rows * ((t + 1.0) / 2.0 + t)
+        }
+        // Reads the causal part of P and dP, writes all of dS.
+        "causal_softmax_backward" => {
+            let (rows, t) = (a(2)?, a(3)?);
+            f * rows * ((t + 1.0) + t)
+        }
+        // Logits read (and overwritten by their gradient), targets read, f64 losses written.
+        "cross_entropy_forward_backward" => {
+            let (n, v, grad) = (a(3)?, a(4)?, a(6)?);
+            f * n * v * (1.0 + grad.min(1.0)) + f * n + 8.0 * n
+        }
+        // Gradients read; one f64 partial per block written.
+        "sumsq_parts" => f * a(2)? + 8.0 * grid.0 as f64,
+        // p, g, m, v read; p, m, v written; the bf16 copy written when there is one.
+        "adamw_update" => {
+            let n = a(4)?;
+            7.0 * f * n + 2.0 * n * present(args, 11)?
+        }
+        "cast_f32_to_bf16" => 6.0 * a(2)?,
+        _ => return None,
+    })
+}
+
+/// One timed operation of a profiled step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OpTime {
+    /// Kernel name, or the product's label ([`gemm_label`]).
+    pub name: String,
+    /// `kernel` or `gemm`.
+    pub kind: &'static str,
+    pub phase: Phase,
+    /// GPU milliseconds between the events around it.
+    pub ms: f64,
+    /// Floating-point operations (matrix products only).
+    pub flops: Option<f64>,
+    /// Bytes read plus written, where there is a formula.
+    pub bytes: Option<f64>,
+    /// Operand type of a matrix product (`bf16`, `fp32`).
+    pub gemm_dtype: Option<&'static str>,
+}
+
+/// Every operation of one profiled training step, in launch order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepProfile {
+    pub device: String,
+    pub dims: ModelDims,
+    pub ops: Vec<OpTime>,
+    /// Host wall-clock milliseconds of the whole step (zero_grad, forward + backward per
+    /// micro-step, optimizer step, including its final synchronisation).
+    pub wall_ms: f64,
+}
+
+/// Device memory: the engine's own allocations by purpose, and what the driver reports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryReport {
+    /// (what, bytes) for each group of the engine's buffers.
+    pub items: Vec<(String, u64)>,
+    /// `cuMemGetInfo` right now, when the engine can ask the driver.
+    pub device_free: Option<u64>,
+    pub device_total: Option<u64>,
+}
+
+impl MemoryReport {
+    /// Sum of [`MemoryReport::items`].
+    pub fn accounted(&self) -> u64 {
+        self.items.iter().map(|(_, b)| b).sum()
+    }
+}
+
+// ------------------------------------------------------------------------------ recording
+
+enum RawOp {
+    Kernel {
+        f: CuFunction,
+        grid: (u32, u32, u32),
+        args: Vec<Arg>,
+    },
+    Gemm(GemmShape),
+    /// A region of work named by the caller ([`region`]).
+    Named(&'static str),
+}
+
+struct Record {
+    op: RawOp,
+    phase: Phase,
+    start: Event<'static>,
+    end: Event<'static>,
+}
+
+/// Event pairs around each operation, while one step is being profiled.
+pub(super) struct Profiler {
+    drv: &'static Driver,
+    records: RefCell<Vec<Record>>,
+    phase: Cell<Phase>,
+    /// The cross-entropy kernel: the backward pass starts after it.
+    loss_kernel: CuFunction,
+}
+
+impl Profiler {
+    fn new(drv: &'static Driver, loss_kernel: CuFunction) -> Profiler {
+        Profiler {
+            drv,
+            records: RefCell::new(Vec::with_capacity(4096)),
+            phase: Cell::new(Phase::Forward),
+            loss_kernel,
+        }
+    }
+
+    /// Runs `work` (which enqueues on `stream`) between two events; the record is dropped
+    /// when `keep` says nothing was enqueued.
+    fn time<R>(
+        &self,
+        stream: &Stream,
+        op: RawOp,
+        work: impl FnOnce() -> CResult<R>,
+        keep: impl FnOnce(&R) -> bool,
+    ) -> CResult<R> {
+        let start = Event::new(self.drv)?;
+        let end = Event::new(self.drv)?;
+        start.record(stream)?;
+        let r = work()?;
+        end.record(stream)?;
+        if keep(&r) {
+            self.records.borrow_mut().push(Record {
+                op,
+                phase: self.phase.get(),
+                start,
+                end,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Waits for the last event and turns the records into timed operations.
+    fn finish(self, dims: &ModelDims) -> CResult<Vec<OpTime>> {
+        let records = self.records.into_inner();
+        if let Some(last) = records.last() {
+            last.end.synchronize()?;
+        }
+        let mut names: HashMap<usize, String> = HashMap::new();
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            let ms = r.start.elapsed_ms(&r.end)? as f64;
+            out.push(match r.op {
+                RawOp::Kernel { f, grid, args } => {
+                    let name = names
+                        .entry(f as usize)
+                        .or_insert_with(|| {
+                            // SAFETY: `f` was launched from one of the engine's modules,
+                            // which stay loaded while the engine lives.
+                            unsafe { self.drv.function_name(f) }
+                                .unwrap_or_else(|| format!("kernel@{:#x}", f as usize))
+                        })
+                        .clone();
+                    OpTime {
+                        bytes: kernel_bytes(&name, grid, &args),
+                        name,
+                        kind: "kernel",
+                        phase: r.phase,
+                        ms,
+                        flops: None,
+                        gemm_dtype: None,
+                    }
+                }
+                RawOp::Named(name) => OpTime {
+                    name: name.to_string(),
+                    kind: "kernel",
+                    phase: r.phase,
+                    ms,
+                    flops: None,
+                    bytes: None,
+                    gemm_dtype: None,
+                },
+                RawOp::Gemm(g) => OpTime {
+                    name: gemm_label(dims, &g, r.phase),
+                    kind: "gemm",
+                    phase: r.phase,
+                    ms,
+                    flops: Some(g.flops()),
+                    bytes: Some(g.bytes()),
+                    gemm_dtype: Some(g.dtype()),
+                },
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The hook of `CudaEngine::run`: `go` launches kernel `f`; timed when profiling.
+#[inline]
+pub(super) fn kernel(
+    p: &Option<Profiler>,
+    stream: &Stream,
+    f: CuFunction,
+    grid: (u32, u32, u32),
+    args: &[Arg],
+    go: impl FnOnce() -> CResult<()>,
+) -> CResult<()> {
+    let Some(p) = p else {
+        return go();
+    };
+    let op = RawOp::Kernel {
+        f,
+        grid,
+        args: args.to_vec(),
+    };
+    p.time(stream, op, go, |_| true)?;
+    if f == p.loss_kernel {
+        p.phase.set(Phase::Backward);
+    }
+    Ok(())
+}
+
+/// Times `go` (work it enqueues on `stream`) as one operation called `name`, for launches
+/// that do not go through `CudaEngine::run` (e.g. `region(&self.profiler, &self.stream,
+/// "flash_attn_bwd", || unsafe { flash::flash_backward(..) })`).
+/// (Not used by the plain path, whose launches all go through `run`.)
+#[inline]
+pub(super) fn region<R>(
+    p: &Option<Profiler>,
+    stream: &Stream,
+    name: &'static str,
+    go: impl FnOnce() -> CResult<R>,
+) -> CResult<R> {
+    match p {
+        None => go(),
+        Some(p) => p.time(stream, RawOp::Named(name), go, |_| true),
+    }
+}
+
+/// The hook of `CudaEngine::gemm` (cuBLAS sgemm, fp32 operands).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sgemm(
+    p: &Option<Profiler>,
+    stream: &Stream,
+    (m, n, k): (usize, usize, usize),
+    (trans_a, trans_b): (bool, bool),
+    beta: f32,
+    batch: usize,
+    go: impl FnOnce() -> CResult<()>,
+) -> CResult<()> {
+    let Some(p) = p else {
+        return go();
+    };
+    let g = GemmShape {
+        m,
+        n,
+        k,
+        batch,
+        trans_a,
+        trans_b,
+        ab_bytes: 4,
+        accumulate: beta != 0.0,
+    };
+    p.time(stream, RawOp::Gemm(g), go, |_| true)
+}
+
+/// The hook of the cuBLASLt product in `CudaEngine::mm`; a shape cuBLASLt refused enqueued
+/// nothing and is not recorded (its fp32 fallback is, through [`sgemm`]).
+#[inline]
+pub(super) fn lt(
+    p: &Option<Profiler>,
+    stream: &Stream,
+    shape: &MatmulShape,
+    beta: f32,
+    go: impl FnOnce() -> CResult<Ran>,
+) -> CResult<Ran> {
+    let Some(p) = p else {
+        return go();
+    };
+    let g = GemmShape {
+        m: shape.m,
+        n: shape.n,
+        k: shape.k,
+        batch: 1,
+        trans_a: shape.trans_a,
+        trans_b: shape.trans_b,
+        ab_bytes: match shape.ab {
+            ElemType::Bf16 => 2,
+            ElemType::F32 => 4,
+        },
+        accumulate: beta != 0.0,
+    };
+    p.time(stream, RawOp::Gemm(g), go, |r| matches!(r, Ran::Lt))
+}
+
+// ------------------------------------------------------------------------------ the engine
+
+impl CudaEngine {
+    /// One training step (zero_grad, `micro_steps` x forward_backward, optimizer step) with
+    /// every operation timed; see the module docs.
+    pub(super) fn profiled_step(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        micro_steps: usize,
+        hp: &AdamWConfig,
+        lr: f32,
+    ) -> Result<StepProfile> {
+        use crate::engine::Engine;
+        self.ctx.make_current().map_err(cuda_err)?;
+        self.stream.synchronize().map_err(cuda_err)?;
+        let drv: &'static Driver = self.ctx.drv;
+        self.profiler = Some(Profiler::new(drv, self.k.cross_entropy_forward_backward));
+        let start = std::time::Instant::now();
+        let ran = (|| -> Result<()> {
+            self.zero_grad();
+            for _ in 0..micro_steps.max(1) {
+                if let Some(p) = &self.profiler {
+                    p.phase.set(Phase::Forward);
+                }
+                self.forward_backward(batch, loss_scale)?;
+            }
+            if let Some(p) = &self.profiler {
+                p.phase.set(Phase::Step);
+            }
+            // step_inner ends with a stream synchronisation.
+            self.step_inner(hp, lr).map_err(cuda_err)?;
+            Ok(())
+        })();
+        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+        let profiler = self
+            .profiler
+            .take()
+            .expect("the profiler installed above is only removed here");
+        ran?;
+        let dims = ModelDims {
+            rows: batch.b * batch.t,
+            t: batch.t,
+            c: self.cfg.n_embd,
+            vocab: self.cfg.vocab_size,
+            n_head: self.cfg.n_head,
+        };
+        let ops = profiler.finish(&dims).map_err(cuda_err)?;
+        Ok(StepProfile {
+            device: self.name.clone(),
+            dims,
+            ops,
+            wall_ms,
+        })
+    }
+
+    /// The engine's device buffers by purpose, and the driver's free/total figures.
+    pub(super) fn memory(&self) -> MemoryReport {
+        let mut items: Vec<(String, u64)> = Vec::new();
+        let mut add = |what: &str, bytes: usize| {
+            if bytes > 0 {
+                items.push((what.to_string(), bytes as u64));
+            }
+        };
+        add("parameters (fp32)", self.params.bytes);
+        add("gradients (fp32)", self.grads.bytes);
+        add("AdamW moments (fp32)", self.m.bytes + self.v.bytes);
+        add("gradient-norm partials", self.norm_parts.bytes);
+        if let Some(bf) = &self.bf {
+            add("parameters (bf16 copy)", bf.params.bytes);
+            add("cuBLASLt workspace", bf.workspace.bytes);
+            let scratch: usize = bf
+                .scratch
+                .iter()
+                .map(|s| s.borrow().as_ref().map_or(0, |b| b.bytes))
+                .sum();
+            add("bf16 operand scratch", scratch);
+        }
+        if let Some(a) = &self.acts {
+            let saved: usize = a
+                .layers
+                .iter()
+                .map(|l| {
+                    [
+                        &l.ln1,
+                        &l.ln1_mean,
+                        &l.ln1_rstd,
+                        &l.qkv,
+                        &l.atty,
+                        &l.res2,
+                        &l.ln2,
+                        &l.ln2_mean,
+                        &l.ln2_rstd,
+                        &l.fch,
+                        &l.fch_gelu,
+                        &l.res3,
+                    ]
+                    .iter()
+                    .map(|b| b.bytes)
+                    .sum::<usize>()
+                })
+                .sum::<usize>()
+                + [&a.encoded, &a.lnf, &a.lnf_mean, &a.lnf_rstd]
+                    .iter()
+                    .map(|b| b.bytes)
+                    .sum::<usize>();
+            add("activations (saved for backward)", saved);
+            add(
+                "logits and loss",
+                a.logits.bytes + a.row_loss.bytes + a.inputs.bytes + a.targets.bytes,
+            );
+            add(
+                "backward scratch",
+                [
+                    &a.dres,
+                    &a.dtmp,
+                    &a.dln,
+                    &a.dfch,
+                    &a.dqkv,
+                    &a.ln_parts,
+                    &a.bias_parts,
+                ]
+                .iter()
+                .map(|b| b.bytes)
+                .sum(),
+            );
+        }
+        if let Some(a) = &self.acts {
+            // Allocated on first use: the plain attention path's T x T matrices, and the
+            // fused path's logsumexp and scratch vectors.
+            let lazy = |c: &std::cell::OnceCell<crate::cuda::driver::DeviceBuffer<'static>>| {
+                c.get().map_or(0, |b| b.bytes)
+            };
+            let tt: usize = a.layers.iter().map(|l| lazy(&l.att)).sum::<usize>()
+                + lazy(&a.datt)
+                + lazy(&a.patt);
+            add("attention T x T matrices (plain path)", tt);
+            let fused: usize = a.layers.iter().map(|l| lazy(&l.lse)).sum::<usize>() + lazy(&a.dvec);
+            add("fused attention logsumexp and scratch", fused);
+        }
+        let info = self.ctx.mem_info().ok();
+        MemoryReport {
+            items,
+            device_free: info.map(|i| i.0),
+            device_total: info.map(|i| i.1),
+        }
+    }
+}
+
+/// Device memory in use on a GPU before an engine is created there, with its primary context
+/// held (so that the context's own memory counts as already in use, and stays so).
+pub struct MemoryBaseline {
+    _ctx: Context<'static>,
+    /// total - free when it was taken.
+    pub used: u64,
+    pub total: u64,
+}
+
+/// Takes a [`MemoryBaseline`] on GPU `device`.
+pub fn memory_baseline(device: usize) -> std::result::Result<MemoryBaseline, EngineError> {
+    let stack = super::stack::stack().map_err(EngineError::Other)?;
+    let ctx = stack.driver.context(device).map_err(cuda_err)?;
+    let (free, total) = ctx.mem_info().map_err(cuda_err)?;
+    Ok(MemoryBaseline {
+        _ctx: ctx,
+        used: total.saturating_sub(free),
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GPT-2 124M at B = 8, T = 1024.
+    const GPT2: ModelDims = ModelDims {
+        rows: 8192,
+        t: 1024,
+        c: 768,
+        vocab: 50257,
+        n_head: 12,
+    };
+
+    fn g(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> GemmShape {
+        GemmShape {
+            m,
+            n,
+            k,
+            batch: 1,
+            trans_a: ta,
+            trans_b: tb,
+            ab_bytes: 2,
+            accumulate: false,
+        }
+    }
+
+    #[test]
+    fn every_linear_product_of_gpt2_is_named() {
+        let f = Phase::Forward;
+        let b = Phase::Backward;
+        let name = |s: GemmShape, p| gemm_role(&GPT2, &s, p);
+        let cases = [
+            (g(8192, 2304, 768, false, false), f, "qkv fwd"),
+            (g(768, 2304, 8192, true, false), b, "qkv dW"),
+            (g(8192, 768, 2304, false, true), b, "qkv dX"),
+            (g(8192, 768, 768, false, false), f, "attn proj fwd"),
+            (g(768, 768, 8192, true, false), b, "attn proj dW"),
+            (g(8192, 768, 768, false, true), b, "attn proj dX"),
+            (g(8192, 3072, 768, false, false), f, "fc fwd"),
+            (g(768, 3072, 8192, true, false), b, "fc dW"),
+            (g(8192, 768, 3072, false, true), b, "fc dX"),
+            (g(8192, 768, 3072, false, false), f, "mlp proj fwd"),
+            (g(3072, 768, 8192, true, false), b, "mlp proj dW"),
+            (g(8192, 3072, 768, false, true), b, "mlp proj dX"),
+            (g(8192, 50257, 768, false, true), f, "lm_head fwd"),
+            (g(8192, 768, 50257, false, false), b, "lm_head dX"),
+            (g(50257, 768, 8192, true, false), b, "lm_head dW"),
+        ];
+        for (s, p, want) in cases {
+            assert_eq!(name(s, p).as_deref(), Some(want), "{s:?}");
+        }
+        assert_eq!(name(g(7, 8, 9, false, false), f), None);
+    }
+
+    #[test]
+    fn attention_products_are_told_apart_by_phase() {
+        let at = |m, n, k, ta, tb| GemmShape {
+            batch: 12,
+            ab_bytes: 4,
+            ..g(m, n, k, ta, tb)
+        };
+        let r = |s, p| gemm_role(&GPT2, &s, p);
+        assert_eq!(
+            r(at(1024, 1024, 64, false, true), Phase::Forward).as_deref(),
+            Some("attn qk fwd")
+        );
+        assert_eq!(
+            r(at(1024, 64, 1024, false, false), Phase::Forward).as_deref(),
+            Some("attn pv fwd")
+        );
+        assert_eq!(
+            r(at(1024, 1024, 64, false, true), Phase::Backward).as_deref(),
+            Some("attn dP bwd")
+        );
+        assert_eq!(
+            r(at(1024, 64, 1024, true, false), Phase::Backward).as_deref(),
+            Some("attn dV/dK bwd")
+        );
+        assert_eq!(
+            r(at(1024, 64, 1024, false, false), Phase::Backward).as_deref(),
+            Some("attn dQ bwd")
+        );
+        assert_eq!(
+            gemm_label(&GPT2, &at(1024, 1024, 64, false, true), Phase::Forward),
+            "gemm attn qk fwd 1024x1024x64 x12 fp32"
+        );
+        assert_eq!(
+            gemm_label(&GPT2, &g(8192, 3072, 768, false, false), Phase::Forward),
+            "gemm fc fwd 8192x3072x768 bf16"
+        );
+        assert_eq!(
+            gemm_label(&GPT2, &g(3, 4, 5, false, false), Phase::Forward),
+            "gemm 3x4x5 bf16"
+        );
+    }
+
+    #[test]
+    fn gemm_flops_and_bytes() {
+        let s = g(8192, 3072, 768, false, false);
+        assert_eq!(s.flops(), 2.0 * 8192.0 * 3072.0 * 768.0);
+        assert_eq!(
+            s.bytes(),
+            2.0 * (8192.0 * 768.0 + 768.0 * 3072.0) + 4.0 * 8192.0 * 3072.0
+        );
+        let acc = GemmShape {
+            accumulate: true,
+            ab_bytes: 4,
+            batch: 3,
+            ..g(2, 3, 4, true, false)
+        };
+        assert_eq!(acc.flops(), 3.0 * 2.0 * 24.0);
+        assert_eq!(acc.bytes(), 3.0 * (4.0 * (8.0 + 12.0) + 8.0 * 6.0));
+    }
+
+    #[test]
+    fn kernel_byte_formulas() {
+        use Arg::*;
+        let one = (1, 1, 1);
+        let kb = |name, args: &[Arg]| kernel_bytes(name, one, args);
+        // n = 8192 rows, c = 768.
+        let (n, c) = (8192.0, 768.0);
+        assert_eq!(
+            kb(
+                "layernorm_forward",
+                &[
+                    Ptr(1),
+                    Ptr(2),
+                    Ptr(3),
+                    Ptr(4),
+                    Ptr(5),
+                    Ptr(0),
+                    I32(8192),
+                    I32(768)
+                ]
+            ),
+            Some(8.0 * n * c + 8.0 * n + 4.0 * c)
+        );
+        assert_eq!(
+            kb("gelu_forward", &[Ptr(1), Ptr(2), I64(1000)]),
+            Some(8000.0)
+        );
+        assert_eq!(
+            kb("gelu_backward_inplace", &[Ptr(1), Ptr(2), I64(1000)]),
+            Some(12000.0)
+        );
+        assert_eq!(
+            kb("scale_inplace", &[Ptr(1), I64(10), F32(0.5)]),
+            Some(80.0)
+        );
+        assert_eq!(
+            kb("cast_f32_to_bf16", &[Ptr(1), Ptr(2), I64(10)]),
+            Some(60.0)
+        );
+        assert_eq!(
+            kb(
+                "dropout_apply",
+                &[Ptr(1), Ptr(2), I64(10), U64(7), U32(9), F32(1.1)]
+            ),
+            Some(80.0)
+        );
+        // 4 rows of t = 3: each row reads (3+1)/2 = 2 scores on average, writes 3.
+        assert_eq!(
+            kb(
+                "causal_softmax_forward",
+                &[Ptr(1), I64(4), I32(3), F32(0.1)]
+            ),
+            Some(4.0 * 4.0 * 5.0)
+        );
+        assert_eq!(
+            kb(
+                "cross_entropy_forward_backward",
+                &[Ptr(1), Ptr(2), Ptr(3), I32(2), I32(5), F32(0.5), I32(1)]
+            ),
+            Some(4.0 * 10.0 * 2.0 + 8.0 + 16.0)
+        );
+        assert_eq!(
+            kernel_bytes("sumsq_parts", (1024, 1, 1), &[Ptr(1), Ptr(2), I64(100)]),
+            Some(400.0 + 8.0 * 1024.0)
+        );
+        let adamw = |bf: u64| {
+            let mut a = vec![Ptr(1), Ptr(2), Ptr(3), Ptr(4), I64(10)];
+            a.extend([F32(1.0); 6]);
+            a.push(Ptr(bf));
+            kb("adamw_update", &a)
+        };
+        assert_eq!(adamw(0), Some(280.0));
+        assert_eq!(adamw(9), Some(300.0));
+        // 10 rows in parts of 4 rows: 3 parts.
+        assert_eq!(
+            kb("colsum_parts", &[Ptr(1), Ptr(2), I32(10), I32(6), I32(4)]),
+            Some(4.0 * 60.0 + 4.0 * 6.0 * 3.0)
+        );
+        assert_eq!(kb("flash_attn_fwd_bf16", &[]), None);
+        assert_eq!(kb("gelu_forward", &[Ptr(1)]), None, "missing argument");
+    }
+}
