@@ -297,9 +297,17 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
         eng.device_name()
     );
     let r = bench::run(eng.as_mut(), &spec)?;
+    // MFU against peak_flops when given, else the GPU's bf16 peak from the table.
     let mfu = cfg
         .peak_flops
-        .map(|p| format!(", mfu {:.2}%", 100.0 * r.gflops * 1e9 / p))
+        .or_else(|| eng.peak_flops())
+        .map(|p| {
+            format!(
+                ", mfu {:.2}% of {:.0} TFLOP/s",
+                100.0 * r.gflops * 1e9 / p,
+                p / 1e12
+            )
+        })
         .unwrap_or_default();
     println!(
         "median {:.2} ms/iter (min {:.2}, max {:.2}), {:.0} tokens/s, {:.1} GFLOP/s{mfu}",
