@@ -26,21 +26,9 @@ use nanogpt::sample::{generate, SamplingParams};
 const TOL: f64 = 1e-4;
 const TIE: f64 = 1e-3;
 
-/// `Some(())` when a GPU is usable; otherwise says why (or fails under NANOGPT_REQUIRE_GPU=1).
+/// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
 fn gpu(test: &str) -> Option<()> {
-    match stack::available_gpus() {
-        Ok(g) => {
-            eprintln!("{test}: running on {} ({})", g[0].name, g[0].sm_arch());
-            Some(())
-        }
-        Err(why) => {
-            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
-            }
-            eprintln!("{test}: skipped: no GPU ({why})");
-            None
-        }
-    }
+    stack::gpus_for_test(test).map(|_| ())
 }
 
 /// max |a - b| / max |b|.

@@ -32,25 +32,16 @@ struct Gpu {
     ctx: Context<'static>,
 }
 
+/// GPU 0's context, stream and kernels when a GPU is usable (see `stack::gpus_for_test`).
 fn gpu(test: &str) -> Option<Gpu> {
-    let why = match stack::stack() {
-        Ok(s) => {
-            let info = &s.gpus[0];
-            eprintln!("{test}: running on {} ({})", info.name, info.sm_arch());
-            let ctx = s.driver.context(0).expect("context on GPU 0");
-            let stream = ctx.stream().expect("stream");
-            let (ma, mi) = info.compute_capability;
-            let target = kernels::target_for(s, ma * 10 + mi).expect("NVRTC target");
-            let k = Kernels::load(s, &ctx, target).expect("kernels compile and load");
-            return Some(Gpu { k, stream, ctx });
-        }
-        Err(why) => why,
-    };
-    if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
-    }
-    eprintln!("{test}: skipped: no GPU ({why})");
-    None
+    let info = &stack::gpus_for_test(test)?[0];
+    let s = stack::stack().expect("a usable GPU implies a loaded CUDA stack");
+    let ctx = s.driver.context(0).expect("context on GPU 0");
+    let stream = ctx.stream().expect("stream");
+    let (ma, mi) = info.compute_capability;
+    let target = kernels::target_for(s, ma * 10 + mi).expect("NVRTC target");
+    let k = Kernels::load(s, &ctx, target).expect("kernels compile and load");
+    Some(Gpu { k, stream, ctx })
 }
 
 impl Gpu {

@@ -16,22 +16,9 @@ use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
 use nanogpt::rng::Rng;
 
-/// The GPU's compute capability major when one is usable; otherwise says why (or fails
-/// under NANOGPT_REQUIRE_GPU=1).
+/// The GPU's compute capability major when one is usable (see `stack::gpus_for_test`).
 fn gpu(test: &str) -> Option<u32> {
-    match stack::available_gpus() {
-        Ok(g) => {
-            eprintln!("{test}: running on {} ({})", g[0].name, g[0].sm_arch());
-            Some(g[0].compute_capability.0)
-        }
-        Err(why) => {
-            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
-            }
-            eprintln!("{test}: skipped: no GPU ({why})");
-            None
-        }
-    }
+    stack::gpus_for_test(test).map(|g| g[0].compute_capability.0)
 }
 
 fn cfg() -> GptConfig {

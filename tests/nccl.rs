@@ -42,27 +42,9 @@ fn nanogpt(cwd: &Path) -> Command {
     cmd
 }
 
-/// The number of GPUs when one is usable; otherwise says why (or fails under
-/// NANOGPT_REQUIRE_GPU=1).
+/// The number of GPUs when one is usable (see `stack::gpus_for_test`).
 fn gpus(test: &str) -> Option<usize> {
-    match stack::available_gpus() {
-        Ok(g) => {
-            eprintln!(
-                "{test}: {} GPU(s), first {} ({})",
-                g.len(),
-                g[0].name,
-                g[0].sm_arch()
-            );
-            Some(g.len())
-        }
-        Err(why) => {
-            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
-            }
-            eprintln!("{test}: skipped: no GPU ({why})");
-            None
-        }
-    }
+    stack::gpus_for_test(test).map(|g| g.len())
 }
 
 fn nccl_or_panic(test: &str) -> &'static nanogpt::cuda::nccl::Nccl {

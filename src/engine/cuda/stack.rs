@@ -89,3 +89,28 @@ pub fn stack() -> Result<&'static Stack, String> {
 pub fn available_gpus() -> Result<&'static [DeviceInfo], String> {
     stack().map(|s| s.gpus.as_slice())
 }
+
+/// The gate of the GPU tests: the usable GPUs (the first one is announced), or `None` after
+/// printing "skipped: no GPU" and why; with `NANOGPT_REQUIRE_GPU=1` a missing GPU is a
+/// panic instead, so that a GPU machine never passes a test that did not run.
+#[doc(hidden)]
+pub fn gpus_for_test(test: &str) -> Option<&'static [DeviceInfo]> {
+    match available_gpus() {
+        Ok(g) => {
+            eprintln!(
+                "{test}: {} GPU(s), running on {} ({})",
+                g.len(),
+                g[0].name,
+                g[0].sm_arch()
+            );
+            Some(g)
+        }
+        Err(why) => {
+            if std::env::var("NANOGPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: NANOGPT_REQUIRE_GPU=1 but no GPU is usable: {why}");
+            }
+            eprintln!("{test}: skipped: no GPU ({why})");
+            None
+        }
+    }
+}
