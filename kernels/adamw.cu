@@ -14,19 +14,9 @@
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps), step_size = lr / (1 - b1^step),
 //   bc2_sqrt = sqrt(1 - b2^step). 1-D: block 256, grid ceil(n / 256).
 //   p_bf16: nullptr, or (bf16 engine) the bf16 copy of p (unsigned short[n]), refreshed with
-//   the new p rounded to nearest even (the recipe of cast.cu and src/cuda/bf16.rs).
+//   the new p rounded to nearest even (bf16_rne, kernels/common.cuh).
 
 #define SUMSQ_THREADS 256
-
-__device__ __forceinline__ unsigned short adamw_bf16_rne(float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (unsigned short)((u >> 16) | 0x0040u);  // NaN: keep sign and payload, quiet
-    }
-    unsigned int lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;                                 // ties go to the even neighbour
-    return (unsigned short)(u >> 16);
-}
 
 extern "C" __global__ void sumsq_parts(double* __restrict__ parts, const float* __restrict__ g,
                                        long long n) {
@@ -68,5 +58,5 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
     p[i] = pn;
     m[i] = mi;
     v[i] = vi;
-    if (p_bf16 != nullptr) p_bf16[i] = adamw_bf16_rne(pn);
+    if (p_bf16 != nullptr) p_bf16[i] = bf16_rne(pn);
 }

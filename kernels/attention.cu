@@ -14,16 +14,6 @@
 //   0 for j > i (att holds the softmax probabilities before dropout).
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(B*NH*T / 8).
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 extern "C" __global__ void causal_softmax_forward(float* __restrict__ att, long long rows,
                                                   int t, float scale) {
     int lane = threadIdx.x & 31;

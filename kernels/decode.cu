@@ -26,16 +26,6 @@
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_TILE 1024
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // Max or sum of v over the block; every thread gets the same value (the warps' results are
 // combined in warp order by each thread, so the result is deterministic).
 __device__ float block_reduce(float v, bool is_max, float* red) {

@@ -10,28 +10,7 @@
 // Launch geometry: 1-D; block = 256 threads (any multiple of 32 works), grid =
 //   ceil(n / 256) blocks, no shared memory. Every lane of every warp reaches the shuffle.
 //
-// Compiles with NVRTC alone: no cuda_bf16.h, the bf16 helpers are integer bit operations.
-
-__device__ __forceinline__ unsigned short f32_to_bf16_rne(float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (unsigned short)((u >> 16) | 0x0040u);  // NaN: keep sign and payload, quiet
-    }
-    unsigned int lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;                                 // ties go to the even neighbour
-    return (unsigned short)(u >> 16);
-}
-
-__device__ __forceinline__ float bf16_to_f32(unsigned short b) {
-    return __uint_as_float(((unsigned int)b) << 16);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
-    return v;
-}
+// The bf16 helpers and warp_sum come from kernels/common.cuh (compiled in front of this file).
 
 extern "C" __global__ void doctor_selftest(const float* __restrict__ x,
                                            unsigned short* __restrict__ bits,
@@ -40,7 +19,7 @@ extern "C" __global__ void doctor_selftest(const float* __restrict__ x,
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     float rounded = 0.0f;
     if (i < n) {
-        unsigned short b = f32_to_bf16_rne(x[i]);
+        unsigned short b = bf16_rne(x[i]);
         bits[i] = b;
         rounded = bf16_to_f32(b);
     }

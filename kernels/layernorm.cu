@@ -26,11 +26,6 @@
 
 #define LN_EPS 1e-5f
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 extern "C" __global__ void layernorm_forward(float* __restrict__ out,
                                              float* __restrict__ mean,
                                              float* __restrict__ rstd,

@@ -530,24 +530,26 @@ fn bf16_master_weights_round_trip_exactly() {
 
 // ------------------------------------------------------------------ no GPU needed
 
-/// The fp32 -> bf16 rounding of cast.cu and adamw.cu is, token for token, the one in
-/// doctor.cu that `nanogpt doctor` checks bit for bit on the GPU against src/cuda/bf16.rs.
+/// The fp32 -> bf16 rounding (and the warp reductions) of every engine kernel is the one in
+/// kernels/common.cuh, the same text the doctor's self-test kernel is compiled with and
+/// checks bit for bit on the GPU against src/cuda/bf16.rs.
 #[test]
-fn bf16_rounding_in_the_engine_kernels_is_the_doctor_checked_recipe() {
-    let body = |src: &str, file: &str| -> String {
-        let start = src
-            .find("unsigned int u = __float_as_uint(x);")
-            .unwrap_or_else(|| panic!("{file}: no bf16 rounding helper"));
-        let end = src[start..]
-            .find("return (unsigned short)(u >> 16);")
-            .unwrap_or_else(|| panic!("{file}: rounding helper without its return"));
-        src[start..start + end].split_whitespace().collect()
-    };
-    let doctor = include_str!("../kernels/doctor.cu");
-    let want = body(doctor, "doctor.cu");
+fn every_kernel_family_is_compiled_with_the_shared_helpers() {
+    let prelude = kernels::PRELUDE;
+    assert!(prelude.contains("bf16_rne(float x)") && prelude.contains("warp_sum(float v)"));
+    assert!(nanogpt::doctor::DOCTOR_KERNEL.starts_with(prelude));
     for (name, src) in kernels::SOURCES {
-        if name == "cast.cu" || name == "adamw.cu" {
-            assert_eq!(body(src, name), want, "{name}");
+        assert!(
+            src.starts_with(prelude),
+            "{name}: compiled without common.cuh"
+        );
+        let own = &src[prelude.len()..];
+        for helper in ["bf16_rne(float", "warp_sum(float", "warp_max(float"] {
+            assert!(
+                !own.contains(&format!("float {helper}"))
+                    && !own.contains(&format!("short {helper}")),
+                "{name} defines its own {helper}: use the one in kernels/common.cuh"
+            );
         }
     }
 }

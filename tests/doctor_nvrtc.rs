@@ -51,6 +51,8 @@ fn every_kernel_compiles_for_ampere_and_hopper() {
             f.display()
         );
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        // Every family is compiled with the shared helpers in front (as the engine does).
+        let src = format!("{}{src}", nanogpt::engine::cuda::kernels::PRELUDE);
         for target in [
             Target::Cubin { cc: 80 },
             Target::Cubin { cc: 90 },

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The self-test kernel, compiled at run time by NVRTC.
-pub const DOCTOR_KERNEL: &str = include_str!("../../kernels/doctor.cu");
+pub const DOCTOR_KERNEL: &str = crate::kernel_source!("doctor.cu").1;
 pub const DOCTOR_KERNEL_NAME: &str = "kernels/doctor.cu";
 
 /// Which checks are requested.

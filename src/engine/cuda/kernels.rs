@@ -14,35 +14,37 @@ use sha2::{Digest, Sha256};
 use std::ffi::c_void;
 use std::path::PathBuf;
 
-/// (file name, source) of every kernel family the engine uses.
+/// `(file name, source)` of `kernels/<file>`, the source with `kernels/common.cuh` (the
+/// shared device helpers) in front of it: NVRTC runs without headers, so the kernels
+/// include nothing and every family is compiled with the prelude instead.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! kernel_source {
+    ($file:literal) => {
+        (
+            $file,
+            concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.cuh")),
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/", $file)),
+            ),
+        )
+    };
+}
+
+/// `kernels/common.cuh`, compiled in front of every kernel family.
+pub const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
+
+/// (file name, source with the prelude) of every kernel family the engine uses.
 pub const SOURCES: [(&str, &str); 9] = [
-    (
-        "embedding.cu",
-        include_str!("../../../kernels/embedding.cu"),
-    ),
-    (
-        "layernorm.cu",
-        include_str!("../../../kernels/layernorm.cu"),
-    ),
-    (
-        "elementwise.cu",
-        include_str!("../../../kernels/elementwise.cu"),
-    ),
-    (
-        "attention.cu",
-        include_str!("../../../kernels/attention.cu"),
-    ),
-    (
-        "cross_entropy.cu",
-        include_str!("../../../kernels/cross_entropy.cu"),
-    ),
-    ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
-    ("decode.cu", include_str!("../../../kernels/decode.cu")),
-    ("cast.cu", include_str!("../../../kernels/cast.cu")),
-    (
-        "flash_attention.cu",
-        include_str!("../../../kernels/flash_attention.cu"),
-    ),
+    kernel_source!("embedding.cu"),
+    kernel_source!("layernorm.cu"),
+    kernel_source!("elementwise.cu"),
+    kernel_source!("attention.cu"),
+    kernel_source!("cross_entropy.cu"),
+    kernel_source!("adamw.cu"),
+    kernel_source!("decode.cu"),
+    kernel_source!("cast.cu"),
+    kernel_source!("flash_attention.cu"),
 ];
 
 /// NVRTC options for every engine kernel.
