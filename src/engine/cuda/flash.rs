@@ -20,7 +20,6 @@
 use super::kernels::{Arg, Kernels};
 use crate::cuda::driver::{CuFunction, Stream};
 use crate::cuda::CudaError;
-use std::ffi::c_void;
 
 type CResult<T> = std::result::Result<T, CudaError>;
 
@@ -208,19 +207,7 @@ pub fn backward_config(shape: &AttnShape) -> CResult<BackwardConfig> {
 /// # Safety
 /// As [`super::kernels::launch`].
 unsafe fn launch(stream: &Stream, f: CuFunction, cfg: &LaunchConfig, args: &[Arg]) -> CResult<()> {
-    let mut vals: Vec<Arg> = args.to_vec();
-    let mut ptrs: Vec<*mut c_void> = vals
-        .iter_mut()
-        .map(|a| match a {
-            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
-            Arg::I32(v) => v as *mut i32 as *mut c_void,
-            Arg::I64(v) => v as *mut i64 as *mut c_void,
-            Arg::U32(v) => v as *mut u32 as *mut c_void,
-            Arg::U64(v) => v as *mut u64 as *mut c_void,
-            Arg::F32(v) => v as *mut f32 as *mut c_void,
-        })
-        .collect();
-    stream.launch(f, cfg.grid, (cfg.block, 1, 1), cfg.shared_bytes, &mut ptrs)
+    super::kernels::launch_shared(stream, f, cfg.grid, cfg.block, cfg.shared_bytes, args)
 }
 
 fn scale(shape: &AttnShape) -> f32 {

@@ -238,6 +238,21 @@ pub unsafe fn launch(
     block: u32,
     args: &[Arg],
 ) -> Result<(), CudaError> {
+    launch_shared(stream, f, grid, block, 0, args)
+}
+
+/// [`launch`] with `shared_bytes` of dynamic shared memory per block.
+///
+/// # Safety
+/// As [`launch`]; the kernel must fit `shared_bytes` in the GPU's per-block limit.
+pub unsafe fn launch_shared(
+    stream: &Stream,
+    f: CuFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared_bytes: u32,
+    args: &[Arg],
+) -> Result<(), CudaError> {
     let mut vals: Vec<Arg> = args.to_vec();
     let mut ptrs: Vec<*mut c_void> = vals
         .iter_mut()
@@ -250,7 +265,7 @@ pub unsafe fn launch(
             Arg::F32(v) => v as *mut f32 as *mut c_void,
         })
         .collect();
-    stream.launch(f, grid, (block, 1, 1), 0, &mut ptrs)
+    stream.launch(f, grid, (block, 1, 1), shared_bytes, &mut ptrs)
 }
 
 /// Blocks for a 1-D launch over `n` elements.
