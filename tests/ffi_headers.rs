@@ -240,6 +240,11 @@ fn checker_parses_what_the_compiler_sees() {
         .collect();
     assert_eq!(
         looked_up,
-        ["cuFuncGetName", "cuStreamQuery", "cuCtxGetDevice"]
+        [
+            "cuEventElapsedTime_v2",
+            "cuFuncGetName",
+            "cuStreamQuery",
+            "cuCtxGetDevice"
+        ]
     );
 }

@@ -63,17 +63,21 @@ api! {
         fn cuEventCreate(e: *mut CuEvent, flags: c_uint) -> CuResult;
         fn cuEventRecord(e: CuEvent, s: CuStream) -> CuResult;
         fn cuEventSynchronize(e: CuEvent) -> CuResult;
-        fn cuEventElapsedTime_v2(ms: *mut f32, start: CuEvent, end: CuEvent) -> CuResult;
         fn cuEventDestroy_v2(e: CuEvent) -> CuResult;
         // cuda.h: `#define cuMemGetInfo cuMemGetInfo_v2` (size_t free, size_t total).
         fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CuResult;
     }
 }
 
-// Note on `cuEventElapsedTime`: CUDA 13's cuda.h maps the name to `cuEventElapsedTime_v2`
-// (same C signature), which drivers before CUDA 12.8 do not export; the unsuffixed entry
-// point stays exported by current drivers, so the table above resolves that one and keeps
-// loading on older drivers.
+/// `cuEventElapsedTime` (resolved on demand, see [`Driver::event_elapsed_ms`]):
+/// `CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end)`. CUDA 13's cuda.h
+/// maps the name to `cuEventElapsedTime_v2`, which drivers before CUDA 12.8 do not export;
+/// the unsuffixed entry point ([`LEGACY_EVENT_ELAPSED`], the same C signature) serves those,
+/// so that an older driver can still load the table above.
+type CuEventElapsedTime = unsafe extern "C" fn(*mut f32, CuEvent, CuEvent) -> CuResult;
+
+/// The entry point drivers before CUDA 12.8 export for [`CuEventElapsedTime`].
+const LEGACY_EVENT_ELAPSED: &str = "cuEventElapsedTime";
 
 /// `cuFuncGetName` (CUDA 12.3 and later; resolved on demand, see [`Driver::function_name`]):
 /// `CUresult cuFuncGetName(const char** name, CUfunction hfunc)`.
@@ -205,6 +209,28 @@ impl Driver {
         })
     }
 
+    /// Milliseconds of GPU time between two recorded and completed events.
+    ///
+    /// # Safety
+    /// `start` and `end` must be live events of this driver, both recorded.
+    pub unsafe fn event_elapsed_ms(&self, start: CuEvent, end: CuEvent) -> Result<f32, CudaError> {
+        let sym = self
+            .api
+            .lib
+            .sym("cuEventElapsedTime_v2")
+            .or_else(|_| self.api.lib.sym(LEGACY_EVENT_ELAPSED))?;
+        // SAFETY: cuda.h declares cuEventElapsedTime_v2 (and the legacy entry point) with
+        // exactly this signature.
+        let elapsed = unsafe { std::mem::transmute::<*mut c_void, CuEventElapsedTime>(sym) };
+        let mut ms = 0f32;
+        // SAFETY: two live events; writes one float.
+        self.check(
+            unsafe { elapsed(&mut ms, start, end) },
+            "cuEventElapsedTime",
+        )?;
+        Ok(ms)
+    }
+
     /// The name of a loaded kernel (`extern "C"` kernels: the name in the source), through
     /// `cuFuncGetName`; `None` when this driver predates it (CUDA 12.3) or the call fails.
     ///
@@ -302,7 +328,11 @@ impl<'a> Context<'a> {
 
     pub fn stream(&self) -> Result<Stream<'a>, CudaError> {
         let mut s: CuStream = std::ptr::null_mut();
-        // SAFETY: writes one handle; flags 0 = ordered with the legacy default stream.
+        // Flags 0 (CU_STREAM_DEFAULT): the stream is ordered with the legacy default stream,
+        // where the memsets and host copies of DeviceBuffer run; the engine relies on that
+        // ordering (zeroed gradients before the backward, the loss read after the kernels).
+        // A non-blocking stream would need explicit stream arguments for those.
+        // SAFETY: writes one handle.
         self.drv.check(
             unsafe { (self.drv.api.cuStreamCreate)(&mut s, 0) },
             "cuStreamCreate",
@@ -509,12 +539,8 @@ impl Stream<'_> {
                 unsafe { (api.cuEventSynchronize)(end) },
                 "cuEventSynchronize",
             )?;
-            let mut ms = 0f32;
-            self.drv.check(
-                unsafe { (api.cuEventElapsedTime_v2)(&mut ms, start, end) },
-                "cuEventElapsedTime",
-            )?;
-            Ok(ms as f64)
+            // SAFETY: both events were created and recorded above.
+            Ok(unsafe { self.drv.event_elapsed_ms(start, end) }? as f64)
         })();
         // SAFETY: destroying events created above (null ones are skipped).
         unsafe {
@@ -572,13 +598,8 @@ impl<'a> Event<'a> {
 
     /// Milliseconds of GPU time from this event to `end` (both recorded and completed).
     pub fn elapsed_ms(&self, end: &Event) -> Result<f32, CudaError> {
-        let mut ms = 0f32;
-        // SAFETY: two live events; writes one float.
-        self.drv.check(
-            unsafe { (self.drv.api.cuEventElapsedTime_v2)(&mut ms, self.e, end.e) },
-            "cuEventElapsedTime",
-        )?;
-        Ok(ms)
+        // SAFETY: two live events of this driver; the caller has recorded both.
+        unsafe { self.drv.event_elapsed_ms(self.e, end.e) }
     }
 }
 

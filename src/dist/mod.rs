@@ -104,6 +104,19 @@ pub trait ProcessGroup: Send {
     }
 }
 
+/// Ends the process at once with `code`, from any thread, after a failure of the job has
+/// been reported on stderr: `_exit`, not `exit`, because another thread may be blocked
+/// inside a communication library (NCCL, the CUDA runtime) holding locks that exit-time
+/// handlers would wait for, which would turn a clean stop into a hang.
+pub(crate) fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit ends the process without running handlers; nothing is left to clean up
+    // that the operating system does not reclaim.
+    unsafe { libc::_exit(code) }
+}
+
 /// The process group of a job with one process: every collective is the identity.
 #[derive(Debug, Default)]
 pub struct SingleProcess;

@@ -201,7 +201,7 @@ impl Watchdog {
     pub fn exiting() -> Watchdog {
         Watchdog::new(Box::new(|msg: &str| {
             eprintln!("error: {msg}");
-            std::process::exit(1);
+            super::exit_now(1);
         }))
     }
 

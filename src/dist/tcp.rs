@@ -52,7 +52,7 @@ fn conclude(store: &Store, timeout: Duration) -> ! {
     let msg = failure::verdict().unwrap_or_else(|| "a rank failed".into());
     send_abort(store, &msg);
     eprintln!("error: {msg}; stopping rank 0");
-    std::process::exit(1);
+    super::exit_now(1);
 }
 
 /// Set once this process finished its job cleanly: peers closing their connections after
@@ -232,7 +232,7 @@ impl TcpProcessGroup {
                 if me != 0 {
                     // Rank 0's verdict, or rank 0 itself failing: either way, stop now.
                     eprintln!("error: {msg}; stopping rank {me}");
-                    std::process::exit(1);
+                    super::exit_now(1);
                 }
                 if failure::record(evidence, msg) {
                     conclude(&store, timeout);
