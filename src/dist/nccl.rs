@@ -430,6 +430,9 @@ impl NcclProcessGroup {
         }
         self.connected = true;
         let (query, driver) = (self.query, self.driver);
+        // Set when NCCL itself reports nothing but the stream holds a CUDA error: a fault of
+        // this rank's GPU work (the all-reduce or a kernel queued before it), not a peer's.
+        let local_fault = std::cell::Cell::new(false);
         let waited = wait_until_done(self.timeout, Duration::from_micros(50), || {
             match comm.async_error() {
                 Ok(NCCL_SUCCESS | NCCL_IN_PROGRESS) => {}
@@ -440,12 +443,15 @@ impl NcclProcessGroup {
             match unsafe { query(stream) } {
                 0 => Poll::Done,
                 CUDA_ERROR_NOT_READY => Poll::Pending,
-                code => Poll::Failed(
-                    driver
-                        .check(code, "cuStreamQuery")
-                        .err()
-                        .map_or_else(|| format!("CUDA error {code}"), |e| e.to_string()),
-                ),
+                code => {
+                    local_fault.set(true);
+                    Poll::Failed(
+                        driver
+                            .check(code, "cuStreamQuery")
+                            .err()
+                            .map_or_else(|| format!("CUDA error {code}"), |e| e.to_string()),
+                    )
+                }
             }
         });
         match waited {
@@ -458,6 +464,18 @@ impl NcclProcessGroup {
                      the GPUs stopped reaching each other; the NCCL communicator was aborted. \
                      Set NCCL_DEBUG=WARN to see NCCL's view; if steps are just slow, raise \
                      dist_timeout"
+                );
+                self.abort(&msg);
+                Err(DistError::Other(msg))
+            }
+            Err(WaitEnd::Failed(e)) if local_fault.get() => {
+                let msg = format!(
+                    "rank {rank}: a CUDA error on cuda:{device} surfaced while waiting for the \
+                     gradient all-reduce: {e}; NCCL reported no problem, so the fault is in \
+                     this rank's own GPU work (the all-reduce or a kernel queued before it). \
+                     Rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel, or on one GPU \
+                     (and with NANOGPT_CUDA_DISABLE=all) to narrow it down; the NCCL \
+                     communicator was aborted"
                 );
                 self.abort(&msg);
                 Err(DistError::Other(msg))
