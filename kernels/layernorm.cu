@@ -26,6 +26,31 @@
 
 #define LN_EPS 1e-5f
 
+// The rest of one row's LayerNorm, for the warp that owns the row, once each lane has summed
+// its elements of xr into s: mean, variance (two-pass), normalise, scale and shift; writes
+// o, mean[row] and rstd[row]. Every lane of the warp must call it.
+__device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o,
+                                              float* mean, float* rstd, const float* w,
+                                              const float* b, int row, int c, int lane) {
+    float m = warp_sum(s) / (float)c;
+    float v = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float d = xr[i] - m;
+        v += d * d;
+    }
+    v = warp_sum(v);
+    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
+    for (int i = lane; i < c; i += 32) {
+        float y = (xr[i] - m) * r * w[i];
+        if (b != nullptr) y += b[i];
+        o[i] = y;
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
 extern "C" __global__ void layernorm_forward(float* __restrict__ out,
                                              float* __restrict__ mean,
                                              float* __restrict__ rstd,
@@ -39,24 +64,7 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
     const float* xr = x + (long long)row * c;
     float s = 0.0f;
     for (int i = lane; i < c; i += 32) s += xr[i];
-    float m = warp_sum(s) / (float)c;
-    float v = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float d = xr[i] - m;
-        v += d * d;
-    }
-    v = warp_sum(v);
-    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
-    float* o = out + (long long)row * c;
-    for (int i = lane; i < c; i += 32) {
-        float y = (xr[i] - m) * r * w[i];
-        if (b != nullptr) y += b[i];
-        o[i] = y;
-    }
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = r;
-    }
+    layernorm_row(xr, s, out + (long long)row * c, mean, rstd, w, b, row, c, lane);
 }
 
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
@@ -129,22 +137,5 @@ extern "C" __global__ void residual_layernorm_forward(float* res,
         xr[i] = v;
         s += v;
     }
-    float m = warp_sum(s) / (float)c;
-    float v = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float d = xr[i] - m;
-        v += d * d;
-    }
-    v = warp_sum(v);
-    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
-    float* o = out + base;
-    for (int i = lane; i < c; i += 32) {
-        float y = (xr[i] - m) * r * w[i];
-        if (bias != nullptr) y += bias[i];
-        o[i] = y;
-    }
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = r;
-    }
+    layernorm_row(xr, s, out + base, mean, rstd, w, bias, row, c, lane);
 }

@@ -16,12 +16,15 @@
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
 
+mod reference;
+
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{stack, CudaEngine};
 use nanogpt::engine::{Engine, EngineError};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::rng::Rng;
 use nanogpt::sample::{generate, SamplingParams};
+use reference::rel_err;
 
 const TOL: f64 = 1e-4;
 const TIE: f64 = 1e-3;
@@ -29,21 +32,6 @@ const TIE: f64 = 1e-3;
 /// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
 fn gpu(test: &str) -> Option<()> {
     stack::gpus_for_test(test).map(|_| ())
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "logit counts differ");
-    let scale = b
-        .iter()
-        .fold(0f64, |m, &x| m.max(x.abs() as f64))
-        .max(1e-30);
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    assert!(diff.is_finite(), "non-finite logits");
-    diff / scale
 }
 
 /// (index of the largest logit, gap to the second largest relative to max |x|).

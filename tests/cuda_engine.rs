@@ -26,7 +26,7 @@ use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
 use nanogpt::rng::Rng;
-use reference::{check_engine, rel_err, Reference, Tolerances};
+use reference::{check_engine, cosine, rel, rel_err, rel_l2, Reference, Tolerances};
 
 const TOL: f64 = 1e-4;
 
@@ -302,32 +302,6 @@ const BF16: Bf16Tol = Bf16Tol {
     cosine: 0.999,
     params: 1.5e-2,
 };
-
-/// ||a - b|| / ||b||.
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut d, mut n) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        assert!(x.is_finite(), "non-finite value {x}");
-        d += (x as f64 - y as f64).powi(2);
-        n += (y as f64).powi(2);
-    }
-    (d / n.max(1e-300)).sqrt()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += x as f64 * x as f64;
-        bb += y as f64 * y as f64;
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
-}
-
-fn rel(a: f32, b: f32) -> f64 {
-    ((a as f64 - b as f64) / b as f64).abs()
-}
 
 /// Every tensor within `tol` relative L2 (and, when given, `cos` cosine) of `want`.
 fn check_tensors_l2(

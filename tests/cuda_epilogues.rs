@@ -15,12 +15,15 @@
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
 
+mod reference;
+
 use nanogpt::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::rng::Rng;
+use reference::{cosine, rel, rel_l2};
 use std::sync::Mutex;
 
 /// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
@@ -264,32 +267,6 @@ fn setup(cfg: &GptConfig) -> (Vec<f32>, Vec<u32>, Vec<i32>) {
     targets[1] = -1;
     targets[n - 1] = -1;
     (params, inputs, targets)
-}
-
-/// ||a - b|| / ||b||.
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut d, mut n) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        assert!(x.is_finite(), "non-finite value {x}");
-        d += (x as f64 - y as f64).powi(2);
-        n += (y as f64).powi(2);
-    }
-    (d / n.max(1e-300)).sqrt()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += x as f64 * x as f64;
-        bb += y as f64 * y as f64;
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
-}
-
-fn rel(a: f32, b: f32) -> f64 {
-    ((a as f64 - b as f64) / b as f64).abs()
 }
 
 /// Bounds of one comparison: logits, loss and gradients (relative L2 per tensor, cosine).

@@ -280,25 +280,26 @@ impl CudaEngine {
                 c,
                 rows,
             )?;
-            self.add(sc.x.ptr, sc.tmp.ptr, rows * c)?;
-            self.layernorm_fwd(
+            self.residual_layernorm_fwd(
+                sc.x.ptr,
+                sc.x.ptr,
+                sc.tmp.ptr,
                 sc.ln.ptr,
                 sc.mean.ptr,
                 sc.rstd.ptr,
-                sc.x.ptr,
                 o.ln2_w,
                 o.ln2_b,
                 rows,
             )?;
-            self.linear_fwd(sc.fch.ptr, sc.ln.ptr, o.fc_w, o.fc_b, c, 4 * c, rows)?;
-            self.run(
-                self.k.gelu_forward,
-                grid_1d(rows * 4 * c),
-                &[
-                    Arg::Ptr(sc.gelu.ptr),
-                    Arg::Ptr(sc.fch.ptr),
-                    Arg::I64((rows * 4 * c) as i64),
-                ],
+            self.linear_gelu_fwd(
+                sc.gelu.ptr,
+                sc.fch.ptr,
+                sc.ln.ptr,
+                o.fc_w,
+                o.fc_b,
+                c,
+                4 * c,
+                rows,
             )?;
             self.linear_fwd(
                 sc.tmp.ptr,
