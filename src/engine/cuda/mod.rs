@@ -348,8 +348,6 @@ pub struct CudaEngine {
     peak: Option<f64>,
     /// The optimisations in use (read from `NANOGPT_CUDA_DISABLE` at construction).
     switches: Switches,
-    /// Set while `forward_backward` runs its forward pass (see [`CudaEngine::fused_attention`]).
-    training_pass: Cell<bool>,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -511,7 +509,6 @@ impl CudaEngine {
             name,
             peak,
             switches,
-            training_pass: Cell::new(false),
             profiler: None,
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
@@ -1231,8 +1228,9 @@ impl CudaEngine {
         b: usize,
         t: usize,
         drop: Dropout,
+        training: bool,
     ) -> CResult<()> {
-        if let Some(math) = self.fused_attention(b, t, self.training_pass.get()) {
+        if let Some(math) = self.fused_attention(b, t, training) {
             let shape = self.attn_shape(b, t);
             let rows = self.attn_shape(a.b, a.t_cap).rows();
             let lse = self.lazy(&la.lse, rows, "the attention logsumexp")?;
@@ -1443,7 +1441,8 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Forward pass up to the logits (N, V). `drop` is None in evaluation. `t_cap` is the
+    /// Forward pass up to the logits (N, V). `drop` is None in evaluation; `training` says
+    /// whether a backward pass follows (see [`CudaEngine::fused_attention`]). `t_cap` is the
     /// sequence capacity to allocate if the activations must be (re)allocated.
     fn forward(
         &mut self,
@@ -1451,6 +1450,7 @@ impl CudaEngine {
         b: usize,
         t: usize,
         drop: Option<DropoutSeeds>,
+        training: bool,
         t_cap: usize,
     ) -> CResult<()> {
         self.ctx.make_current()?;
@@ -1502,7 +1502,7 @@ impl CudaEngine {
             }
             self.linear_fwd(la.qkv.ptr, la.ln1.ptr, o.qkv_w, o.qkv_b, c, 3 * c, n)?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
-            self.attention_fwd(a, la, b, t, attn_drop)?;
+            self.attention_fwd(a, la, b, t, attn_drop, training)?;
             self.linear_fwd(
                 la.res2.ptr,
                 la.atty.ptr,
@@ -1926,10 +1926,8 @@ impl Engine for CudaEngine {
         super::check_batch(&self.cfg, &batch, true)?;
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
-        self.training_pass.set(true);
-        let fwd = self.forward(batch.inputs, batch.b, batch.t, drop, batch.t);
-        self.training_pass.set(false);
-        fwd.map_err(cuda_err)?;
+        self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)
+            .map_err(cuda_err)?;
         let loss = self
             .cross_entropy(batch.targets, Some(loss_scale))
             .map_err(cuda_err)?;
@@ -1939,14 +1937,14 @@ impl Engine for CudaEngine {
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {
         super::check_batch(&self.cfg, &batch, true)?;
-        self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
+        self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         self.cross_entropy(batch.targets, None).map_err(cuda_err)
     }
 
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
         super::check_batch(&self.cfg, &batch, false)?;
-        self.forward(batch.inputs, batch.b, batch.t, None, batch.t)
+        self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         let a = self.acts.as_ref().expect("forward allocated activations");
         let mut out = vec![0f32; batch.b * batch.t * self.cfg.vocab_size];
