@@ -31,6 +31,10 @@
 #                      bf16 engine, fused bf16 vs the CPU engine -> cuda_epilogues.log
 #      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
 #      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
+#                      (summary.txt ends with its tokens/s next to the PyTorch reference)
+#      torch-ref-124m  the PyTorch reference in the same invocation: bench/torch_reference.py,
+#                      bf16 autocast, torch.compile, scaled_dot_product_attention, fused
+#                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
 #                      floors -> bench_profile_124m_bf16.log, profile_124m_bf16.json
 #      tests-profile   cuda_profile: the profile and memory report of a small model
@@ -146,6 +150,14 @@ gpu_test switches 45 cuda_switches cuda_switches.log
 gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
 gpu_test nccl 60 nccl nccl.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
+if command -v python3 > /dev/null; then
+    step torch-ref-124m 150 "$out/torch_ref_124m_bf16.log" python3 bench/torch_reference.py bench \
+        --device=cuda --dtype=bfloat16 --compile=True --sdpa=True --fused_adamw=True \
+        --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --block_size=1024 \
+        --batch_size=8 --iters=10 --warmup=3
+else
+    echo "torch-ref-124m skipped: no python3" | tee -a "$summary" >&2
+fi
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json"
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
@@ -174,10 +186,29 @@ step sample-cpu-1x200 40 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
 grep -h "tokens/s" "$out"/sample_c*.log >> "$summary" 2>/dev/null
 rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 GB checkpoint
 
+# Side by side: the last JSON line of our bf16 bench and of the PyTorch reference.
+if command -v python3 > /dev/null; then
+    python3 - "$out/bench_124m_bf16.log" "$out/torch_ref_124m_bf16.log" >> "$summary" 2>&1 <<'PY'
+import json, sys
+def last_json(path):
+    try:
+        lines = [l for l in open(path) if l.startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except OSError:
+        return None
+ours, ref = last_json(sys.argv[1]), last_json(sys.argv[2])
+if ours and ref:
+    print(f"gpt2 124M bf16 B=8 T=1024: nanogpt {ours['tokens_per_s']:.0f} tok/s, "
+          f"PyTorch+compile {ref['tokens_per_s']:.0f} tok/s, ratio "
+          f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+else:
+    print("side-by-side: a bench log has no JSON line (see the logs)")
+PY
+fi
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
 for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log \
-    bench_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log \
+    bench_124m_bf16.log torch_ref_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log \
     bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
