@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches, cuda_epilogues, cuda_profile and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -22,6 +22,8 @@
 #      doctor          nanogpt doctor --require-gpu --json       -> doctor.json, doctor.stderr
 #      tests           cuda_engine: fp32 and bf16 engines vs the PyTorch fixtures and the
 #                      CPU engine                                 -> cuda_engine.log
+#      auto            cuda_auto: device=auto's check of the CUDA engine against the CPU
+#                      engine passes, and auto then picks the GPU -> cuda_auto.log
 #      tests-decode    cuda_decode: KV-cache decoding vs the CPU engine -> cuda_decode.log
 #      flash           cuda_flash: fused attention vs float64 and the plain path
 #                                                                 -> cuda_flash.log
@@ -75,6 +77,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_epilogues" "$epi_bin"
     profile_bin=$(ls -t target/release/deps/cuda_profile-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/cuda_profile" "$profile_bin"
+    auto_bin=$(ls -t target/release/deps/cuda_auto-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_auto" "$auto_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -92,7 +96,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/nccl"; do
+    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -144,6 +148,7 @@ gpt2=(--n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --
 
 step doctor 90 "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
 gpu_test tests 150 cuda_engine cuda_engine.log
+gpu_test auto 45 cuda_auto cuda_auto.log
 gpu_test tests-decode 90 cuda_decode cuda_decode.log
 gpu_test flash 90 cuda_flash cuda_flash.log
 gpu_test switches 45 cuda_switches cuda_switches.log
@@ -207,7 +212,7 @@ PY
 fi
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log \
+for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log \
     bench_124m_bf16.log torch_ref_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log \
     bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2

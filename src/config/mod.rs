@@ -128,8 +128,8 @@ macro_rules! config_api {
     };
 }
 
-/// Where to run: `auto` (the CPU engine until the CUDA engine is verified on hardware; see
-/// `engine::create`), `cpu`, `cuda` or `cuda:N`.
+/// Where to run: `auto` (this process's GPU when the CUDA engine passes its check against the
+/// CPU engine there, else the CPU; see `engine::auto`), `cpu`, `cuda` or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     Auto,

@@ -186,9 +186,18 @@ pub fn init_for_backend(
     if let Some(note) = sel.note.as_ref().filter(|_| info.is_master()) {
         eprintln!("note: {note}");
     }
+    // Ranks that chose different process groups (say one rank's GPU failed `device=auto`'s
+    // check) would speak different protocols: the rendezvous names the difference instead.
+    let mut opts = opts.clone();
+    let group = match sel.backend {
+        nccl::Backend::Nccl => "nccl (GPU gradients)",
+        _ => "tcp ring (host gradients)",
+    };
+    opts.fingerprint
+        .push(("gradient all-reduce".into(), group.into()));
     match sel.backend {
-        nccl::Backend::Single | nccl::Backend::Tcp => init(info, opts),
-        nccl::Backend::Nccl => nccl::init(info, opts),
+        nccl::Backend::Single | nccl::Backend::Tcp => init(info, &opts),
+        nccl::Backend::Nccl => nccl::init(info, &opts),
     }
 }
 

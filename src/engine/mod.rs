@@ -2,6 +2,7 @@
 //! one device. The trainer, evaluator, sampler and benchmark talk only to [`Engine`], so the
 //! CPU reference engine and accelerator engines are interchangeable.
 
+pub mod auto;
 pub mod cpu;
 pub mod cuda;
 pub mod dropout;
@@ -241,8 +242,10 @@ pub fn check_decode_step(
 /// `cpu` always computes in float32. `cuda:N` runs the CUDA engine on GPU N (`cuda` alone:
 /// GPU 0) in float32, or with `dtype=bfloat16` in bf16 mixed precision (fp32 master weights,
 /// bf16 linear-layer products; GPUs of compute capability 8.0 or newer); `float16` there is
-/// an error that says so. `auto` stays on the CPU engine (see below) and says so when a GPU
-/// is present. `threads == 0` uses all cores (CPU only).
+/// an error that says so. `auto` takes this process's GPU (the launcher's local rank, else
+/// GPU 0) when the CUDA engine passes a check against the CPU engine there ([`auto`]), in
+/// bf16 when `dtype=bfloat16` and the GPU supports it, else the CPU engine (fp32).
+/// `threads == 0` uses all cores (CPU only).
 pub fn create(
     device: crate::config::DeviceSpec,
     dtype: crate::config::Dtype,
@@ -276,18 +279,12 @@ pub fn create(
                 ))),
             }
         }
-        // `auto` stays on the CPU until the CUDA engine has been checked against the CPU
-        // engine on real hardware; `device=cuda dtype=float32` opts in.
-        DeviceSpec::Auto => {
-            if let Ok(gpus) = cuda::stack::available_gpus() {
-                eprintln!(
-                    "device=auto: a GPU is present ({}), but this build's CUDA engine has not \
-                     yet been verified on hardware; using the CPU. Pass device=cuda \
-                     dtype=float32 to use it anyway",
-                    gpus.first().map_or("GPU", |g| g.name.as_str())
-                );
-            }
-            Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?))
-        }
+        // `auto`: the GPU once the CUDA engine has matched the CPU engine on it (auto.rs).
+        DeviceSpec::Auto => match auto::choose(dtype) {
+            Some((index, precision)) => Ok(Box::new(cuda::CudaEngine::with_precision(
+                cfg, params, seed, index, precision,
+            )?)),
+            None => Ok(Box::new(cpu::CpuEngine::new(cfg, params, seed, threads)?)),
+        },
     }
 }
