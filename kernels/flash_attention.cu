@@ -597,3 +597,308 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
     }
 #endif
 }
+
+// --------------------------------------------------------------------------- backward bf16
+//
+// Tensor-core backward, flash-attention-2 style: the same contract as the fp32 backward
+// kernels (inputs qkv, dy, lse, dvec from flash_attn_bwd_dot; dqkv fully overwritten for
+// the first T rows, each element written once, no atomics, deterministic) with the four
+// products on mma.sync m16n8k16 (bf16 operands, fp32 accumulation; fragment layouts as
+// documented above the forward):
+//   S = Q K^T (recomputed), dP = dY V^T, dV += P^T dY, dK += dS^T Q  (flash_attn_bwd_dkdv_bf16)
+//   S = Q K^T, dP = dY V^T, dQ += dS K                               (flash_attn_bwd_dq_bf16)
+// q, k, v and dy are rounded to bf16 (nearest even) when tiles are loaded; the
+// probabilities P = exp(scale * S - lse) and dS = P * (dP - D) are computed in fp32 from
+// the fp32 accumulators, and rounded to bf16 only as the A operand of the next product.
+// lse must come from the bf16 forward (it recomputes S from the same bf16 q and k, so the
+// recomputed rows of P sum to 1 up to fp32 rounding). Needs sm_80+, hs a multiple of 16,
+// at most 128. 128 threads (4 warps), static shared memory only (no dynamic).
+//
+// flash_attn_bwd_dkdv_bf16(qkv, dy, lse, dvec, dqkv, T, C, NH, scale)
+//   Block: FBB_KROWS = 64 keys (16 per warp), grid (ceil(T / 64), NH, B); loops over query
+//   tiles of FBB_QCOLS = 32 from the block's first key to T. Each warp computes the
+//   transposed products with its keys as the M rows:
+//     S^T (16 x 32) = K Q^T:  A = K rows (registers, loaded once), B[k][n] = Q[n][k]: Qs
+//                             row-major, b0 = Qs[n0+g][k0+2q, +1].
+//     dP^T (16 x 32) = V dY^T: A = V rows (registers), B from dYs row-major, the same way.
+//     P^T = exp(scale * S^T - lse[query]), dS^T = P^T * (dP^T - D[query]); zero where
+//       masked (key > query, or query >= T).
+//     dV (16 x hs) += P^T dY: A = P^T taken from the S^T accumulators (the C layout of two
+//       adjacent n-tiles is the A layout of one 16-wide k chunk, as in the forward),
+//       B[k][n] = dY[query k][d n]: dYt (dY transposed, dYt[d][query]),
+//       b0 = dYt[d0+g][kk+2q, +1].
+//     dK (16 x hs) += dS^T Q: A = dS^T from the dP^T accumulators, B from Qt (Q
+//       transposed) the same way. dk is scaled by `scale` when written.
+//   Shared (bf16 bits, one static array): Qs, dYs: 32 x (hs + 8) each; Qt, dYt:
+//   hs x (32 + 8) each; then lse and D of the query tile, 32 floats each. The K and V
+//   tiles (64 x (hs + 8) each) are staged through the same bytes before the loop.
+//   At hs = 128: 2 * 2 * 32 * 136 + 2 * 2 * 128 * 40 + 2 * 4 * 32 = 38144 bytes.
+//
+// flash_attn_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, T, C, NH, scale)
+//   Block: FBB_QROWS = 64 queries (16 per warp), grid (ceil(T / 64), NH, B); loops over key
+//   tiles of FBB_KCOLS = 32 up to the diagonal.
+//     S (16 x 32) = Q K^T:  A = Q rows (registers), B from Ks (row-major).
+//     dP (16 x 32) = dY V^T: A = dY rows (registers), B from Vs (row-major).
+//     dS = P * (dP - D) in fp32 (lse and D of the warp's rows are held in registers).
+//     dQ (16 x hs) += dS K: A = dS from the dP accumulators, B[k][n] = K[key k][d n]: Kt
+//       (K transposed, Kt[d][key]), b0 = Kt[d0+g][kk+2q, +1]. dq is scaled when written.
+//   Shared (bf16 bits, one static array): Ks, Vs: 32 x (hs + 8) each; Kt: hs x (32 + 8).
+//   The Q and dY tiles (64 x (hs + 8) each) are staged through the same bytes before the
+//   loop, which sets the size: 2 * 2 * 64 * 136 = 34816 bytes at hs = 128.
+//
+// Row padding of 8 bf16 keeps the fragment loads conflict-free: a row of hs + 8 bf16 is
+// (hs + 8) / 2 = 4 * (an odd number) words, and a transposed row of 40 bf16 is 20 = 4 * 5,
+// so the 8 groups (rows g) x 4 lanes (words q) of a fragment load hit 32 distinct banks.
+
+#define FBB_THREADS 128
+#define FBB_KROWS 64   // keys per dk/dv block (4 warps x 16)
+#define FBB_QCOLS 32   // queries per tile of the dk/dv loop
+#define FBB_QROWS 64   // queries per dq block (4 warps x 16)
+#define FBB_KCOLS 32   // keys per tile of the dq loop
+#define FBB_LDT (32 + FB_KPAD)  // row length of the transposed tiles (bf16)
+// Shared bytes (see above), at the largest head size.
+#define FBB_DKDV_SHORTS (2 * FBB_QCOLS * (FA_MAX_HS + FB_KPAD) + 2 * FA_MAX_HS * FBB_LDT)
+#define FBB_DQ_SHORTS (2 * FBB_QROWS * (FA_MAX_HS + FB_KPAD))
+
+// Rounds rows [r0, r0 + rows) of one head's hs columns (src: row 0, column h*hs of its
+// third; rows ld_src floats apart) to bf16 into dst[r * ld + d] (row-major, when dst is
+// not null) and dstt[d * ldt + r] (transposed, when dstt is not null); rows >= T become
+// zeros.
+__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, unsigned short* dstt,
+                                             int ldt, const float* src, long long ld_src,
+                                             int r0, int rows, int T, int hs) {
+    for (int i = threadIdx.x; i < rows * hs; i += FBB_THREADS) {
+        int r = i / hs, d = i - r * hs, t = r0 + r;
+        unsigned short v = fa_f2bf(t < T ? src[(long long)t * ld_src + d] : 0.0f);
+        if (dst) dst[r * ld + d] = v;
+        if (dstt) dstt[d * ldt + r] = v;
+    }
+}
+
+// The A fragments of the 16 rows [r0, r0 + 16) of a row-major bf16 tile (ld bf16 apart),
+// one per 16-wide chunk of the head dimension.
+__device__ __forceinline__ void fa_load_afrag(unsigned (*f)[4], const unsigned short* tile,
+                                              int ld, int r0, int hs) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+        if (kc * 16 < hs) {
+            const unsigned short* p = tile + (r0 + g) * ld + kc * 16 + 2 * q;
+            f[kc][0] = fa_ld32(p);
+            f[kc][1] = fa_ld32(p + 8 * ld);
+            f[kc][2] = fa_ld32(p + 8);
+            f[kc][3] = fa_ld32(p + 8 * ld + 8);
+        }
+    }
+}
+
+// acc[nt] (16 x 8 per n-tile, 4 n-tiles: 16 x 32) = A B with A the 16 x hs fragments `a`
+// and B[k][n] = tile[n][k] (tile row-major, ld bf16 apart): the C layout of A tile^T.
+__device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[4],
+                                           const unsigned short* tile, int ld, int hs) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+            if (kc * 16 < hs) {
+                const unsigned short* p = tile + (nt * 8 + g) * ld + kc * 16 + 2 * q;
+                fa_mma_bf16(acc[nt], a[kc][0], a[kc][1], a[kc][2], a[kc][3], fa_ld32(p),
+                            fa_ld32(p + 8));
+            }
+        }
+    }
+}
+
+// out (16 x hs, hs/8 n-tiles) += X B where X (16 x 32) is given as the C-layout
+// accumulators x[4][4] (rounded to bf16 here) and B[k][n] = tt[n][k] (tt transposed,
+// rows FBB_LDT bf16 apart: tt[d][k]).
+__device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
+                                          const unsigned short* tt, int hs) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int kc = 0; kc < 2; kc++) {
+        unsigned a0 = fa_pack_bf16(x[2 * kc][0], x[2 * kc][1]);
+        unsigned a1 = fa_pack_bf16(x[2 * kc][2], x[2 * kc][3]);
+        unsigned a2 = fa_pack_bf16(x[2 * kc + 1][0], x[2 * kc + 1][1]);
+        unsigned a3 = fa_pack_bf16(x[2 * kc + 1][2], x[2 * kc + 1][3]);
+#pragma unroll
+        for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+            if (dt * 8 < hs) {
+                const unsigned short* p = tt + (dt * 8 + g) * FBB_LDT + kc * 16 + 2 * q;
+                fa_mma_bf16(out[dt], a0, a1, a2, a3, fa_ld32(p), fa_ld32(p + 8));
+            }
+        }
+    }
+}
+
+// Writes the 16 x hs C-layout accumulators `acc` (rows r0 + g, r0 + g + 8), times `mul`,
+// to out[t * ld_out + d] for rows t < T.
+__device__ __forceinline__ void fa_store_rows(float* out, long long ld_out, const float (*acc)[4],
+                                              float mul, int r0, int T, int hs) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = r0 + g + 8 * r;
+        if (t < T) {
+            float* o = out + (long long)t * ld_out;
+#pragma unroll
+            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+                if (dt * 8 < hs) {
+                    o[dt * 8 + 2 * q] = acc[dt][2 * r] * mul;
+                    o[dt * 8 + 2 * q + 1] = acc[dt][2 * r + 1] * mul;
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
+                         const float* __restrict__ lse, const float* __restrict__ dvec,
+                         float* __restrict__ dqkv, int T, int C, int NH, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS + 4 * FBB_QCOLS];
+    const int hs = C / NH, ld = hs + FB_KPAD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int k0 = blockIdx.x * FBB_KROWS;  // the first key tiles see the most queries
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const long long bh = (long long)b * NH + h;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    unsigned short* Qs = sm;
+    unsigned short* dYs = Qs + FBB_QCOLS * ld;
+    unsigned short* Qt = dYs + FBB_QCOLS * ld;
+    unsigned short* dYt = Qt + hs * FBB_LDT;
+    float* Ls = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS);
+    float* Ds = Ls + FBB_QCOLS;
+
+    // K and V rows of this block, staged in the tile bytes, into A fragments.
+    fa_load_bf16(sm, ld, nullptr, 0, qb + C, c3, k0, FBB_KROWS, T, hs);
+    fa_load_bf16(sm + FBB_KROWS * ld, ld, nullptr, 0, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
+    __syncthreads();
+    unsigned kf[FA_MAX_HS / 16][4], vf[FA_MAX_HS / 16][4];
+    const int wr = warp * 16;  // this warp's first key row in the block
+    fa_load_afrag(kf, sm, ld, wr, hs);
+    fa_load_afrag(vf, sm + FBB_KROWS * ld, ld, wr, hs);
+    float dk[FA_MAX_HS / 8][4], dv[FA_MAX_HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            dk[dt][e] = 0.0f;
+            dv[dt][e] = 0.0f;
+        }
+    const int krow[2] = {k0 + wr + g, k0 + wr + g + 8};
+
+    // Queries i >= k0 can see this block's keys.
+    for (int q0 = k0; q0 < T; q0 += FBB_QCOLS) {
+        __syncthreads();  // fragment loads / the previous tile's readers are done
+        fa_load_bf16(Qs, ld, Qt, FBB_LDT, qb, c3, q0, FBB_QCOLS, T, hs);
+        fa_load_bf16(dYs, ld, dYt, FBB_LDT, gb, C, q0, FBB_QCOLS, T, hs);
+        for (int r = tid; r < FBB_QCOLS; r += FBB_THREADS) {
+            int t = q0 + r;
+            Ls[r] = t < T ? lse[bh * T + t] : 0.0f;
+            Ds[r] = t < T ? dvec[bh * T + t] : 0.0f;
+        }
+        __syncthreads();
+        float st[4][4], dpt[4][4];  // S^T, then P^T; dP^T, then dS^T (16 keys x 32 queries)
+        fa_mma_abt(st, kf, Qs, ld, hs);
+        fa_mma_abt(dpt, vf, dYs, ld, hs);
+        // Element e: key row g + 8*(e>>1), query column nt*8 + 2q + (e&1).
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int c = nt * 8 + 2 * q + (e & 1), qi = q0 + c;
+                float p = 0.0f, ds = 0.0f;
+                if (qi < T && krow[e >> 1] <= qi) {
+                    p = expf(st[nt][e] * scale - Ls[c]);
+                    ds = p * (dpt[nt][e] - Ds[c]);
+                }
+                st[nt][e] = p;
+                dpt[nt][e] = ds;
+            }
+        fa_mma_xb(dv, st, dYt, hs);
+        fa_mma_xb(dk, dpt, Qt, hs);
+    }
+    float* out = dqkv + (long long)b * T * c3 + (long long)h * hs;
+    fa_store_rows(out + C, c3, dk, scale, k0 + wr, T, hs);
+    fa_store_rows(out + 2 * C, c3, dv, 1.0f, k0 + wr, T, hs);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
+                       const float* __restrict__ lse, const float* __restrict__ dvec,
+                       float* __restrict__ dqkv, int T, int C, int NH, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS];
+    const int hs = C / NH, ld = hs + FB_KPAD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FBB_QROWS;  // the last see the most keys
+    const int h = blockIdx.y, b = blockIdx.z;
+    const long long c3 = 3LL * C;
+    const long long bh = (long long)b * NH + h;
+    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    unsigned short* Ks = sm;
+    unsigned short* Vs = Ks + FBB_KCOLS * ld;
+    unsigned short* Kt = Vs + FBB_KCOLS * ld;
+
+    // Q and dY rows of this block, staged in the tile bytes, into A fragments.
+    fa_load_bf16(sm, ld, nullptr, 0, qb, c3, q0, FBB_QROWS, T, hs);
+    fa_load_bf16(sm + FBB_QROWS * ld, ld, nullptr, 0, gb, C, q0, FBB_QROWS, T, hs);
+    __syncthreads();
+    unsigned qf[FA_MAX_HS / 16][4], gf[FA_MAX_HS / 16][4];
+    const int wr = warp * 16;  // this warp's first query row in the block
+    fa_load_afrag(qf, sm, ld, wr, hs);
+    fa_load_afrag(gf, sm + FBB_QROWS * ld, ld, wr, hs);
+    float dq[FA_MAX_HS / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dq[dt][e] = 0.0f;
+    int qrow[2];
+    float lr[2], dr[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        qrow[r] = q0 + wr + g + 8 * r;
+        bool in = qrow[r] < T;
+        lr[r] = in ? lse[bh * T + qrow[r]] : 0.0f;
+        dr[r] = in ? dvec[bh * T + qrow[r]] : 0.0f;
+    }
+
+    const int kend = min(T, q0 + FBB_QROWS);  // keys [0, kend) can be seen by this block
+    for (int k0 = 0; k0 < kend; k0 += FBB_KCOLS) {
+        __syncthreads();  // fragment loads / the previous tile's readers are done
+        fa_load_bf16(Ks, ld, Kt, FBB_LDT, qb + C, c3, k0, FBB_KCOLS, T, hs);
+        fa_load_bf16(Vs, ld, nullptr, 0, qb + 2 * C, c3, k0, FBB_KCOLS, T, hs);
+        __syncthreads();
+        float s[4][4], dp[4][4];  // S; dP, then dS (16 queries x 32 keys)
+        fa_mma_abt(s, qf, Ks, ld, hs);
+        fa_mma_abt(dp, gf, Vs, ld, hs);
+        // Element e: query row g + 8*(e>>1), key column nt*8 + 2q + (e&1).
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1, kj = k0 + nt * 8 + 2 * q + (e & 1);
+                float ds = 0.0f;
+                if (qrow[r] < T && kj <= qrow[r]) {
+                    float p = expf(s[nt][e] * scale - lr[r]);
+                    ds = p * (dp[nt][e] - dr[r]);
+                }
+                dp[nt][e] = ds;
+            }
+        fa_mma_xb(dq, dp, Kt, hs);
+    }
+    fa_store_rows(dqkv + (long long)b * T * c3 + (long long)h * hs, c3, dq, scale, q0 + wr, T,
+                  hs);
+#endif
+}

@@ -285,7 +285,17 @@ fn decoding_matches_the_cpu_engine() {
 /// | loss over 10 AdamW steps, rel.    | 8.9e-4    | 5e-3   |
 /// | any parameter after 10 steps, L2  | 4.1e-3    | 1.5e-2 |
 ///
-/// The bounds leave 2.7x or more of headroom; an indexing, transpose or stride mistake, or
+/// Attention runs on the bf16 tensor-core flash kernels, forward and backward, in these
+/// tests (head size 16). tools/flash_emulate/attention_tolerance.py adds their rounding to
+/// the model (q, k, v, P in the forward; dy, v, P, dS, q, k as backward product operands);
+/// worst over the same 20 seeds: logits 7.0e-3, loss 2.4e-4, gradients 1.3e-2 and cosine
+/// 0.99992, loss over 10 steps 1.1e-3 (all within the bounds above), and parameters after
+/// 10 steps 3.0e-2 (worst tensor: the qkv bias). The key bias has an exact gradient of 0
+/// (softmax is shift-invariant), but dS rounded to bf16 no longer sums to 0 over a row, so
+/// it receives rounding noise, which AdamW's normalisation turns into steps of up to lr;
+/// the parameter bound is therefore 6e-2 (2x headroom), not 1.5e-2.
+///
+/// The bounds leave 2x or more of headroom; an indexing, transpose or stride mistake, or
 /// a stale bf16 parameter copy, moves these by O(1) (relative L2 near 1, cosine far from 1).
 struct Bf16Tol {
     logits: f64,
@@ -300,7 +310,7 @@ const BF16: Bf16Tol = Bf16Tol {
     loss: 5e-3,
     grads: 4e-2,
     cosine: 0.999,
-    params: 1.5e-2,
+    params: 6e-2,
 };
 
 /// Every tensor within `tol` relative L2 (and, when given, `cos` cosine) of `want`.
@@ -558,7 +568,7 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
             "kernel {k} launched by the engine is not defined in kernels/*.cu"
         );
     }
-    assert_eq!(kernels::KERNEL_NAMES.len(), 28);
+    assert_eq!(kernels::KERNEL_NAMES.len(), 30);
     let a = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 90 }, (13, 0));
     let b = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 80 }, (13, 0));
     let c = kernels::cache_key(kernels::SOURCES[1].1, Target::Cubin { cc: 90 }, (13, 0));

@@ -1,4 +1,4 @@
-// shim.h: runs kernels/flash_attention.cu's fp32 kernels on the CPU for checking on a
+// shim.h: runs kernels/flash_attention.cu's kernels (fp32 and bf16) on the CPU for checking on a
 // machine without a GPU: one std::thread per CUDA thread, std::barrier for
 // __syncthreads and per-warp barriers for __shfl_xor_sync. Blocks run one after another.
 #pragma once

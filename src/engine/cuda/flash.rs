@@ -8,8 +8,10 @@
 //! `dqkv` (B*T, 3C), overwritten. Scale 1/sqrt(hs), causal mask, hs <= 128.
 //!
 //! Attention dropout is not supported: callers keep the plain path (GEMMs + masked softmax)
-//! when attention dropout is active. The backward is fp32 only; the forward has an fp32
-//! and a bf16 tensor-core ([`FlashMath::Bf16`], sm_80+, hs a multiple of 16) variant.
+//! when attention dropout is active. Forward and backward each have an fp32 SIMT and a bf16
+//! tensor-core ([`FlashMath::Bf16`], sm_80+, hs a multiple of 16) variant; a backward must
+//! use the `lse` of a forward with the same [`FlashMath`] (each recomputes the scores the
+//! way its forward computed them).
 //!
 //! Every configuration stays within the 48 KiB of dynamic shared memory a launch gets
 //! without opting in, so no `cuFuncSetAttribute(f,
@@ -25,10 +27,13 @@ type CResult<T> = std::result::Result<T, CudaError>;
 
 /// Threads per block of the fp32 kernels (8 warps).
 pub const THREADS: u32 = 256;
-/// Threads per block of the bf16 forward (4 warps of 16 query rows).
+/// Threads per block of the bf16 kernels (4 warps of 16 rows).
 pub const BF16_THREADS: u32 = 128;
-/// Query rows per block of the bf16 forward.
+/// Query rows per block of the bf16 forward and of `flash_attn_bwd_dq_bf16`, key rows per
+/// block of `flash_attn_bwd_dkdv_bf16`.
 pub const BF16_ROWS: usize = 64;
+/// Rows of the tiles the bf16 backward kernels loop over (queries for dk/dv, keys for dq).
+pub const BF16_BWD_COLS: usize = 32;
 /// Largest head size the kernels handle (4 columns per lane of a warp).
 pub const MAX_HEAD_SIZE: usize = 128;
 /// Dynamic shared memory a launch may use without opting in.
@@ -38,13 +43,14 @@ pub const FWD_ROWS: usize = 32;
 /// Tile sizes tried, largest first (multiples of 8, at most 32: see the kernel header).
 const TILES: [usize; 3] = [32, 16, 8];
 
-/// Which arithmetic the forward uses.
+/// Which arithmetic the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashMath {
     /// fp32 SIMT: products and sums in fp32 (matches the plain path to ~1e-6 of scale).
     F32,
-    /// bf16 tensor cores (mma.sync m16n8k16) with fp32 accumulation and softmax; inputs
-    /// are rounded to bf16 (relative error ~1e-3 to 1e-2).
+    /// bf16 tensor cores (mma.sync m16n8k16) with fp32 accumulation, softmax and dS;
+    /// inputs, and P and dS as product operands, are rounded to bf16 (relative error
+    /// ~1e-3 to 1e-2).
     Bf16,
 }
 
@@ -129,6 +135,16 @@ pub fn bwd_shared_bytes(bt: usize, hs: usize) -> usize {
     4 * (4 * bt * (hs + 1) + 2 * bt * (bt + 1) + 2 * bt)
 }
 
+/// Static shared memory of `flash_attn_bwd_dkdv_bf16` (sized for hs = 128; see the kernel
+/// header): Q and dY tiles row-major and transposed (bf16), then lse and D (fp32).
+pub const BF16_DKDV_SHARED: usize = 2
+    * (2 * BF16_BWD_COLS * (MAX_HEAD_SIZE + 8) + 2 * MAX_HEAD_SIZE * (BF16_BWD_COLS + 8))
+    + 4 * 2 * BF16_BWD_COLS;
+
+/// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q and dY
+/// rows (bf16), which the loop's K, V and transposed K tiles reuse.
+pub const BF16_DQ_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8);
+
 fn grid_tiles(shape: &AttnShape, rows: usize) -> (u32, u32, u32) {
     (
         shape.t.div_ceil(rows) as u32,
@@ -174,9 +190,30 @@ pub struct BackwardConfig {
     pub dq: LaunchConfig,
 }
 
-/// The backward launches for `shape`.
-pub fn backward_config(shape: &AttnShape) -> CResult<BackwardConfig> {
-    shape.validate(FlashMath::F32)?;
+/// The backward launches for `shape` with `math`.
+pub fn backward_config(shape: &AttnShape, math: FlashMath) -> CResult<BackwardConfig> {
+    shape.validate(math)?;
+    let dot = LaunchConfig {
+        grid: (shape.rows().div_ceil(8) as u32, 1, 1),
+        block: THREADS,
+        shared_bytes: 0,
+        tile_rows: 8,
+        tile_cols: 0,
+    };
+    if math == FlashMath::Bf16 {
+        let tiled = LaunchConfig {
+            grid: grid_tiles(shape, BF16_ROWS),
+            block: BF16_THREADS,
+            shared_bytes: 0, // static shared memory only
+            tile_rows: BF16_ROWS,
+            tile_cols: BF16_BWD_COLS,
+        };
+        return Ok(BackwardConfig {
+            dot,
+            dkdv: tiled,
+            dq: tiled,
+        });
+    }
     let hs = shape.hs();
     let bt = TILES
         .into_iter()
@@ -190,13 +227,7 @@ pub fn backward_config(shape: &AttnShape) -> CResult<BackwardConfig> {
         tile_cols: bt,
     };
     Ok(BackwardConfig {
-        dot: LaunchConfig {
-            grid: (shape.rows().div_ceil(8) as u32, 1, 1),
-            block: THREADS,
-            shared_bytes: 0,
-            tile_rows: 8,
-            tile_cols: 0,
-        },
+        dot,
         dkdv: tiled,
         dq: tiled,
     })
@@ -256,8 +287,8 @@ pub unsafe fn flash_forward(
     }
 }
 
-/// dqkv (B*T, 3C, overwritten) from dy (B*T, C), using the forward's y and lse; `dvec`
-/// (B*NH*T floats) is scratch. Enqueued on `stream`.
+/// dqkv (B*T, 3C, overwritten) from dy (B*T, C), using the forward's y and lse (from a
+/// forward with the same `math`); `dvec` (B*NH*T floats) is scratch. Enqueued on `stream`.
 ///
 /// # Safety
 /// As [`flash_forward`]; `dqkv` and `dvec` must not overlap any input.
@@ -265,6 +296,7 @@ pub unsafe fn flash_forward(
 pub unsafe fn flash_backward(
     stream: &Stream,
     k: &Kernels,
+    math: FlashMath,
     qkv: u64,
     y: u64,
     lse: u64,
@@ -273,7 +305,7 @@ pub unsafe fn flash_backward(
     dqkv: u64,
     shape: AttnShape,
 ) -> CResult<()> {
-    let cfg = backward_config(&shape)?;
+    let cfg = backward_config(&shape, math)?;
     let (b, t, c, nh) = (
         shape.b as i32,
         shape.t as i32,
@@ -294,19 +326,27 @@ pub unsafe fn flash_backward(
             Arg::I32(nh),
         ],
     )?;
+    let common = [
+        Arg::Ptr(qkv),
+        Arg::Ptr(dy),
+        Arg::Ptr(lse),
+        Arg::Ptr(dvec),
+        Arg::Ptr(dqkv),
+        Arg::I32(t),
+        Arg::I32(c),
+        Arg::I32(nh),
+    ];
+    if math == FlashMath::Bf16 {
+        // (.., T, C, NH, scale): the tile sizes are compiled in.
+        let mut args = common.to_vec();
+        args.push(Arg::F32(scale(&shape)));
+        launch(stream, k.flash_attn_bwd_dkdv_bf16, &cfg.dkdv, &args)?;
+        return launch(stream, k.flash_attn_bwd_dq_bf16, &cfg.dq, &args);
+    }
     let tiled = |bt: usize| {
-        [
-            Arg::Ptr(qkv),
-            Arg::Ptr(dy),
-            Arg::Ptr(lse),
-            Arg::Ptr(dvec),
-            Arg::Ptr(dqkv),
-            Arg::I32(t),
-            Arg::I32(c),
-            Arg::I32(nh),
-            Arg::I32(bt as i32),
-            Arg::F32(scale(&shape)),
-        ]
+        let mut args = common.to_vec();
+        args.extend([Arg::I32(bt as i32), Arg::F32(scale(&shape))]);
+        args
     };
     launch(
         stream,
@@ -346,7 +386,7 @@ mod tests {
                 let rows = f.grid.0 as usize * f.tile_rows;
                 assert!(rows >= t && rows < t + f.tile_rows, "t={t}: {f:?}");
                 assert_eq!((f.grid.1, f.grid.2), (2, 3));
-                let bw = backward_config(&s).unwrap();
+                let bw = backward_config(&s, FlashMath::F32).unwrap();
                 for l in [bw.dkdv, bw.dq] {
                     assert!(l.shared_bytes as usize <= SHARED_LIMIT, "hs={hs}: {l:?}");
                     let rows = l.grid.0 as usize * l.tile_rows;
@@ -365,13 +405,13 @@ mod tests {
         let f = forward_config(&shape(8, 1024, 768, 12), FlashMath::F32).unwrap();
         assert_eq!((f.tile_rows, f.tile_cols, f.grid), (32, 32, (32, 12, 8)));
         assert_eq!(f.shared_bytes, 4 * (32 * 65 * 2 + 32 * 64 + 32 * 33 + 96));
-        let b = backward_config(&shape(8, 1024, 768, 12)).unwrap();
+        let b = backward_config(&shape(8, 1024, 768, 12), FlashMath::F32).unwrap();
         assert_eq!(b.dkdv.tile_rows, 32);
         assert_eq!(b.dot.grid, (8 * 12 * 1024 / 8, 1, 1));
         let f = forward_config(&shape(1, 100, 256, 2), FlashMath::F32).unwrap();
         assert_eq!(f.tile_cols, 16);
         assert_eq!(
-            backward_config(&shape(1, 100, 256, 2))
+            backward_config(&shape(1, 100, 256, 2), FlashMath::F32)
                 .unwrap()
                 .dkdv
                 .tile_rows,
@@ -386,6 +426,29 @@ mod tests {
         // Ks: 64 x (128 + 8) bf16; Vt: 128 x (64 + 8) bf16 (see the kernel).
         let bytes = 2 * (64 * (MAX_HEAD_SIZE + 8) + MAX_HEAD_SIZE * (64 + 8));
         assert!(bytes <= SHARED_LIMIT, "{bytes}");
+        // The backward kernels' arrays (kernel header: 38144 and 34816 bytes at hs = 128).
+        assert_eq!(BF16_DKDV_SHARED, 38144);
+        assert_eq!(BF16_DQ_SHARED, 34816);
+        const { assert!(BF16_DKDV_SHARED <= SHARED_LIMIT && BF16_DQ_SHARED <= SHARED_LIMIT) };
+        // The dk/dv kernel stages the block's K and V rows through its tile bytes.
+        const { assert!(2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) <= BF16_DKDV_SHARED) };
+    }
+
+    #[test]
+    fn bf16_backward_grids_cover_every_row() {
+        for hs in [16, 32, 64, 128] {
+            for t in [1, 31, 63, 64, 65, 100, 1024, 1025] {
+                let s = shape(2, t, 3 * hs, 3);
+                let bw = backward_config(&s, FlashMath::Bf16).unwrap();
+                for l in [bw.dkdv, bw.dq] {
+                    assert_eq!((l.block, l.shared_bytes), (BF16_THREADS, 0));
+                    let rows = l.grid.0 as usize * BF16_ROWS;
+                    assert!(rows >= t && rows < t + BF16_ROWS, "t={t}: {l:?}");
+                    assert_eq!((l.grid.1, l.grid.2), (3, 2));
+                }
+                assert_eq!(bw.dot, backward_config(&s, FlashMath::F32).unwrap().dot);
+            }
+        }
     }
 
     #[test]
@@ -396,6 +459,10 @@ mod tests {
         assert!(err(shape(1, 0, 64, 1), FlashMath::F32).contains("at least 1"));
         assert!(err(shape(1, 8, 40, 1), FlashMath::Bf16).contains("multiple of 16"));
         assert!(forward_config(&shape(1, 8, 40, 1), FlashMath::F32).is_ok());
-        assert!(backward_config(&shape(70000, 8, 64, 1)).is_err());
+        assert!(backward_config(&shape(70000, 8, 64, 1), FlashMath::F32).is_err());
+        assert!(backward_config(&shape(1, 8, 40, 1), FlashMath::Bf16)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 16"));
     }
 }

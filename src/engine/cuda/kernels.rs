@@ -207,6 +207,8 @@ kernel_table!(
     flash_attn_bwd_dot,
     flash_attn_bwd_dkdv_f32,
     flash_attn_bwd_dq_f32,
+    flash_attn_bwd_dkdv_bf16,
+    flash_attn_bwd_dq_bf16,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.

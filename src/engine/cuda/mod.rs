@@ -37,10 +37,10 @@
 //!
 //! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
 //! stores the `T x T` matrix: the forward keeps one logsumexp per (row, head, position) and
-//! the backward recomputes the probabilities from it in fp32, so passes with a backward use
-//! the fp32 forward (a bf16 logsumexp would not match the recomputation); passes without
-//! one (evaluation, logits) use the bf16 tensor-core forward in bf16 mode when the head size
-//! is a multiple of 16.
+//! the backward recomputes the probabilities from it. In bf16 mode, when the head size is a
+//! multiple of 16, forward and backward run on bf16 tensor cores (the backward recomputes
+//! the scores from the same bf16 operands as the forward, so its logsumexp matches);
+//! otherwise, in fp32 mode, or with the `flash_bf16` switch off, both are fp32 SIMT.
 //! The plain form is, per batch row, one strided-batched GEMM over heads for `q k^T`, a
 //! masked-softmax kernel, one for `P v`; the backward pass mirrors it. A pass uses the fused
 //! form when it is switched on (`NANOGPT_CUDA_DISABLE`, [`switches`]), attention dropout is
@@ -523,18 +523,19 @@ impl CudaEngine {
     /// Which attention a pass over `b` rows of `t` tokens takes: `Some(math)` for the fused
     /// kernels with that forward arithmetic, `None` for the plain path. `training` says
     /// whether a backward pass follows (a `forward_backward` pass, with attention dropout
-    /// when the model's dropout is above 0). A pass with a backward uses the fp32 forward:
-    /// the fused backward recomputes the probabilities in fp32 from the forward's
-    /// logsumexp, and a bf16 logsumexp would make them inconsistent (rows that no longer sum
-    /// to 1 give, for instance, the key bias a gradient where the exact one is zero). The
-    /// bf16 tensor-core forward serves passes without a backward (evaluation, logits).
+    /// when the model's dropout is above 0). The forward and backward of a pass use the same
+    /// arithmetic: each backward recomputes the probabilities the way its forward computed
+    /// the scores, from the forward's logsumexp (mixing them would leave rows that do not
+    /// sum to 1). bf16 mode uses the bf16 tensor-core kernels, for every pass, when the head
+    /// size is a multiple of 16 and the `flash_bf16` switch is on.
     pub fn fused_attention(&self, b: usize, t: usize, training: bool) -> Option<FlashMath> {
         if !self.switches.flash || (training && self.cfg.dropout > 0.0) {
             return None;
         }
         let shape = self.attn_shape(b, t);
         shape.validate(FlashMath::F32).ok()?;
-        if !training && self.bf.is_some() && shape.validate(FlashMath::Bf16).is_ok() {
+        if self.switches.flash_bf16 && self.bf.is_some() && shape.validate(FlashMath::Bf16).is_ok()
+        {
             Some(FlashMath::Bf16)
         } else {
             Some(FlashMath::F32)
@@ -1317,7 +1318,7 @@ impl CudaEngine {
         t: usize,
         drop: Dropout,
     ) -> CResult<()> {
-        if self.fused_attention(b, t, true).is_some() {
+        if let Some(math) = self.fused_attention(b, t, true) {
             let shape = self.attn_shape(b, t);
             let lse = la
                 .lse
@@ -1329,10 +1330,15 @@ impl CudaEngine {
             // SAFETY: as in attention_fwd; dy (N, C) and dqkv (N, 3C) are sized for the
             // activations' capacity, dvec holds B * NH * t_cap floats, and neither dqkv nor
             // dvec overlaps an input.
-            return profile::region(&self.profiler, &self.stream, "flash_attn_bwd", || unsafe {
+            let name = match math {
+                FlashMath::F32 => "flash_attn_bwd (fp32)",
+                FlashMath::Bf16 => "flash_attn_bwd (bf16 mma)",
+            };
+            return profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_backward(
                     &self.stream,
                     &self.k,
+                    math,
                     la.qkv.ptr,
                     la.atty.ptr,
                     lse,

@@ -447,7 +447,7 @@ pub(super) fn kernel(
 
 /// Times `go` (work it enqueues on `stream`) as one operation called `name`, for launches
 /// that do not go through `CudaEngine::run` (e.g. `region(&self.profiler, &self.stream,
-/// "flash_attn_bwd", || unsafe { flash::flash_backward(..) })`).
+/// "flash_attn_bwd (bf16 mma)", || unsafe { flash::flash_backward(..) })`).
 /// (Not used by the plain path, whose launches all go through `run`.)
 #[inline]
 pub(super) fn region<R>(

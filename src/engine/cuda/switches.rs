@@ -4,6 +4,9 @@
 //!
 //! - `flash`: fused causal attention (otherwise the plain path: `q k^T`, masked softmax,
 //!   `P v`, with the `T x T` matrix in memory)
+//! - `flash_bf16`: the fused attention's bf16 tensor-core kernels in bf16 mode (otherwise
+//!   the fused attention runs in fp32 SIMT even in bf16 mode, forward and backward; no
+//!   effect in fp32 mode or with `flash` off)
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
@@ -16,17 +19,19 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Switches {
     pub flash: bool,
+    pub flash_bf16: bool,
     pub epilogues: bool,
     pub fused_ln: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 4] = ["flash", "epilogues", "fused_ln", "all"];
+pub const NAMES: [&str; 5] = ["flash", "flash_bf16", "epilogues", "fused_ln", "all"];
 
 impl Default for Switches {
     fn default() -> Self {
         Switches {
             flash: true,
+            flash_bf16: true,
             epilogues: true,
             fused_ln: true,
         }
@@ -40,11 +45,13 @@ impl Switches {
         for name in disable.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
                 "flash" => s.flash = false,
+                "flash_bf16" => s.flash_bf16 = false,
                 "epilogues" => s.epilogues = false,
                 "fused_ln" => s.fused_ln = false,
                 "all" => {
                     s = Switches {
                         flash: false,
+                        flash_bf16: false,
                         epilogues: false,
                         fused_ln: false,
                     }
@@ -71,6 +78,9 @@ impl Switches {
         if !self.flash {
             off.push("flash");
         }
+        if !self.flash_bf16 {
+            off.push("flash_bf16");
+        }
         if !self.epilogues {
             off.push("epilogues");
         }
@@ -89,10 +99,16 @@ mod tests {
     fn names_turn_optimisations_off_and_typos_are_errors() {
         assert_eq!(Switches::parse("").unwrap(), Switches::default());
         let s = Switches::parse("flash, fused_ln").unwrap();
-        assert!(!s.flash && s.epilogues && !s.fused_ln);
+        assert!(!s.flash && s.flash_bf16 && s.epilogues && !s.fused_ln);
         assert_eq!(s.disabled(), ["flash", "fused_ln"]);
+        let s = Switches::parse("flash_bf16").unwrap();
+        assert!(s.flash && !s.flash_bf16 && s.epilogues && s.fused_ln);
+        assert_eq!(s.disabled(), ["flash_bf16"]);
         let all = Switches::parse("all").unwrap();
-        assert_eq!(all.disabled(), ["flash", "epilogues", "fused_ln"]);
+        assert_eq!(
+            all.disabled(),
+            ["flash", "flash_bf16", "epilogues", "fused_ln"]
+        );
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
             err.contains("\"flsh\"") && err.contains("epilogues"),
