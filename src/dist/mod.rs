@@ -68,7 +68,9 @@ pub fn check_ranges(ranges: &[Range<usize>], len: usize, world: usize) -> Result
     let mut at = 0;
     for (r, range) in ranges.iter().enumerate() {
         if range.start != at || range.end < range.start {
-            return Err(bad(format!("rank {r}'s range {range:?} does not start at {at}")));
+            return Err(bad(format!(
+                "rank {r}'s range {range:?} does not start at {at}"
+            )));
         }
         at = range.end;
     }
@@ -403,7 +405,10 @@ mod tests {
     #[test]
     fn bad_ranges_are_refused_with_the_reason() {
         let e = check_ranges(&[0..4, 5..10], 10, 2).unwrap_err().to_string();
-        assert!(e.contains("rank 1's range 5..10 does not start at 4"), "{e}");
+        assert!(
+            e.contains("rank 1's range 5..10 does not start at 4"),
+            "{e}"
+        );
         assert!(check_ranges(&[0..10], 10, 2).is_err());
         assert!(check_ranges(&[0..4, 4..9], 10, 2).is_err());
     }
@@ -420,7 +425,13 @@ mod tests {
 
     #[test]
     fn an_f64_splits_into_three_f32_pieces_exactly() {
-        for x in [0.1f64, 1.0 / 3.0, 12345.678901234567, 7.3e-12, 2.0f64.powi(100) / 3.0] {
+        for x in [
+            0.1f64,
+            1.0 / 3.0,
+            12345.678901234567,
+            7.3e-12,
+            2.0f64.powi(100) / 3.0,
+        ] {
             let [hi, mid, lo] = f64_pieces(x);
             assert_eq!(hi as f64 + mid as f64 + lo as f64, x, "{x}");
         }

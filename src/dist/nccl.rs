@@ -410,17 +410,22 @@ impl NcclProcessGroup {
         stream: u64,
     ) -> Result<(), DistError> {
         super::check_ranges(ranges, len, self.world_size())?;
-        self.device_op("gradient reduce-scatter", len, stream, |nccl, comm, stream| {
-            nccl.group(|| {
-                for (root, r) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                    let p = ptr + 4 * r.start as u64;
-                    // SAFETY: `r` lies inside the caller's buffer of `len` floats on this
-                    // device (checked above); in place is allowed.
-                    unsafe { nccl.reduce_sum_f32_raw(p, p, r.len(), root, comm, stream)? };
-                }
-                Ok(())
-            })
-        })
+        self.device_op(
+            "gradient reduce-scatter",
+            len,
+            stream,
+            |nccl, comm, stream| {
+                nccl.group(|| {
+                    for (root, r) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                        let p = ptr + 4 * r.start as u64;
+                        // SAFETY: `r` lies inside the caller's buffer of `len` floats on this
+                        // device (checked above); in place is allowed.
+                        unsafe { nccl.reduce_sum_f32_raw(p, p, r.len(), root, comm, stream)? };
+                    }
+                    Ok(())
+                })
+            },
+        )
     }
 
     /// ZeRO-1's parameter all-gather: one `ncclBroadcast` per rank's range from that rank,

@@ -565,7 +565,9 @@ mod tests {
                 let r = pg.rank();
                 // Values whose sums round differently in different orders.
                 let vals: Vec<f32> = (0..n)
-                    .map(|i| ((i * 7919 + r * 104_729) % 1000) as f32 * 0.001_37 + 1e-3 / (r + 1) as f32)
+                    .map(|i| {
+                        ((i * 7919 + r * 104_729) % 1000) as f32 * 0.001_37 + 1e-3 / (r + 1) as f32
+                    })
                     .collect();
                 let ranges = crate::dist::shard_ranges(n, 3);
                 let mut all = vals.clone();
@@ -575,9 +577,12 @@ mod tests {
                 let mine = rs[ranges[r].clone()].to_vec();
                 // All-gather of values only each owner knows.
                 let mut g = vec![-1f32; n];
-                g[ranges[r].clone()].iter_mut().enumerate().for_each(|(i, x)| {
-                    *x = (ranges[r].start + i) as f32 * 2.0 + 0.5;
-                });
+                g[ranges[r].clone()]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| {
+                        *x = (ranges[r].start + i) as f32 * 2.0 + 0.5;
+                    });
                 pg.all_gather(&mut g, &ranges).unwrap();
                 let bad = pg.all_gather(&mut g, &ranges[..2]).unwrap_err().to_string();
                 (vals, all, mine, g, ranges[r].clone(), bad)
@@ -588,7 +593,10 @@ mod tests {
             }
             for (r, (_, all, mine, g, range, bad)) in out.iter().enumerate() {
                 for i in 0..n {
-                    assert!((all[i] - total[i]).abs() <= 1e-5 * total[i].abs(), "n{n} i{i}");
+                    assert!(
+                        (all[i] - total[i]).abs() <= 1e-5 * total[i].abs(),
+                        "n{n} i{i}"
+                    );
                     assert_eq!(g[i], i as f32 * 2.0 + 0.5, "gather n{n} rank {r} i{i}");
                 }
                 let want: Vec<u32> = all[range.clone()].iter().map(|x| x.to_bits()).collect();

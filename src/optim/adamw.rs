@@ -60,13 +60,27 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
 
 /// The parts of `runs` = (offset, len, decays) inside `range`, with offsets relative to
 /// `range.start` (the weight-decay runs of one optimizer shard).
-pub fn runs_within(runs: &[(usize, usize, bool)], range: &Range<usize>) -> Vec<(usize, usize, bool)> {
+pub fn runs_within(
+    runs: &[(usize, usize, bool)],
+    range: &Range<usize>,
+) -> Vec<(usize, usize, bool)> {
     runs.iter()
         .filter_map(|&(off, len, decays)| {
             let (a, b) = (off.max(range.start), (off + len).min(range.end));
             (a < b).then_some((a - range.start, b - a, decays))
         })
         .collect()
+}
+
+/// The moments of shard `new` from those of shard `old` (`buf`, `old.len()` values):
+/// values in both shards are kept, the rest of `new` starts at zero.
+pub fn reshard(buf: &[f32], old: &Range<usize>, new: &Range<usize>) -> Vec<f32> {
+    let mut out = vec![0f32; new.len()];
+    let (a, b) = (old.start.max(new.start), old.end.min(new.end));
+    if a < b {
+        out[a - new.start..b - new.start].copy_from_slice(&buf[a - old.start..b - old.start]);
+    }
+    out
 }
 
 /// The optimizer step of one shard (ZeRO-1) or of the whole buffer: clips
@@ -185,6 +199,18 @@ mod tests {
     }
 
     #[test]
+    fn reshard_keeps_the_overlap() {
+        let buf: Vec<f32> = (10..20).map(|x| x as f32).collect(); // shard 10..20
+        assert_eq!(
+            reshard(&buf, &(10..20), &(15..25))[..5],
+            [15.0, 16.0, 17.0, 18.0, 19.0]
+        );
+        assert_eq!(reshard(&buf, &(10..20), &(15..25))[5..], [0.0; 5]);
+        assert_eq!(reshard(&buf, &(10..20), &(0..3)), vec![0.0; 3]);
+        assert_eq!(reshard(&buf, &(10..20), &(12..14)), vec![12.0, 13.0]);
+    }
+
+    #[test]
     fn runs_within_a_shard_are_clipped_and_relative() {
         let runs = [(0, 10, true), (10, 5, false), (15, 20, true)];
         assert_eq!(runs_within(&runs, &(0..35)), runs.to_vec());
@@ -223,7 +249,18 @@ mod tests {
         let (mut ps, mut gs) = (p0.clone(), g0.clone());
         for r in shards {
             let (mut ms, mut vs) = (m0[r.clone()].to_vec(), v0[r.clone()].to_vec());
-            shard_step(&mut ps, &mut gs, &mut ms, &mut vs, &runs, r.clone(), gnorm, &hp, 0.01, 3);
+            shard_step(
+                &mut ps,
+                &mut gs,
+                &mut ms,
+                &mut vs,
+                &runs,
+                r.clone(),
+                gnorm,
+                &hp,
+                0.01,
+                3,
+            );
             assert_eq!(ms, m[r.clone()].to_vec());
             assert_eq!(vs, v[r].to_vec());
         }

@@ -675,17 +675,8 @@ impl Engine for CpuEngine {
             "optimizer shard {range:?} outside the {} parameters",
             core.params.len()
         );
-        let (old, n) = (core.opt_shard.clone(), range.len());
-        let keep = |buf: &[f32]| -> Vec<f32> {
-            let mut out = vec![0f32; n];
-            let (a, b) = (old.start.max(range.start), old.end.min(range.end));
-            if a < b {
-                out[a - range.start..b - range.start].copy_from_slice(&buf[a - old.start..b - old.start]);
-            }
-            out
-        };
-        core.m = keep(&core.m);
-        core.v = keep(&core.v);
+        core.m = adamw::reshard(&core.m, &core.opt_shard, &range);
+        core.v = adamw::reshard(&core.v, &core.opt_shard, &range);
         core.opt_shard = range;
     }
 

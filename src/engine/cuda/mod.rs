@@ -2114,16 +2114,8 @@ impl Engine for CudaEngine {
         );
         let r = self.moments_to_host().and_then(|(m, v)| {
             let old = self.opt_shard.clone();
-            let keep = |buf: &[f32]| -> Vec<f32> {
-                let mut out = vec![0f32; range.len()];
-                let (a, b) = (old.start.max(range.start), old.end.min(range.end));
-                if a < b {
-                    out[a - range.start..b - range.start]
-                        .copy_from_slice(&buf[a - old.start..b - old.start]);
-                }
-                out
-            };
-            let (m, v) = (keep(&m), keep(&v));
+            let reshard = crate::optim::adamw::reshard;
+            let (m, v) = (reshard(&m, &old, &range), reshard(&v, &old, &range));
             self.moments_from_host(range.clone(), &m, &v)
         });
         if let Err(e) = r {
