@@ -280,3 +280,272 @@ fn adamw_memory_per_rank_for_gpt2_124m_on_8_ranks() {
         (8 * total) as f64 / 1048576.0
     )));
 }
+
+// ------------------------------------------------------------------ GPU
+//
+// Without a GPU these print "skipped: no GPU (why)" and pass; NANOGPT_REQUIRE_GPU=1 makes
+// that a failure.
+
+mod gpu {
+    use nanogpt::dist::nccl::{self, NcclProcessGroup};
+    use nanogpt::dist::SingleProcess;
+    use nanogpt::dist::{rendezvous, shard_ranges, tcp, DistOptions, LaunchInfo, ProcessGroup};
+    use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+    use nanogpt::engine::{Batch, Engine};
+    use nanogpt::model::{GptConfig, ParamLayout};
+    use nanogpt::optim::{adamw, AdamWConfig};
+    use std::time::Duration;
+
+    const B: usize = 2;
+    const T: usize = 16;
+
+    fn batch_tokens(seed: usize) -> (Vec<u32>, Vec<i32>) {
+        let inputs = (0..B * T).map(|i| ((i * 7 + seed) % 50) as u32).collect();
+        let targets = (0..B * T).map(|i| ((i * 11 + seed) % 50) as i32).collect();
+        (inputs, targets)
+    }
+
+    fn engine(precision: Precision) -> CudaEngine {
+        let cfg = GptConfig::new(2, 2, 32, 16, 50, true, 0.0).unwrap();
+        let params = ParamLayout::new(&cfg).init_params(&cfg, 3);
+        CudaEngine::with_precision(cfg, params, 3, 0, precision).unwrap()
+    }
+
+    fn loss(e: &mut CudaEngine, seed: usize) -> f32 {
+        let (inputs, targets) = batch_tokens(seed);
+        e.loss(Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b: B,
+            t: T,
+        })
+        .unwrap()
+    }
+
+    fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
+        a.iter()
+            .zip(b)
+            .position(|(x, y)| x.to_bits() != y.to_bits())
+            .map(|i| (i, a[i], b[i]))
+    }
+
+    /// Three engines, each holding one shard's moments, step their shards with the global
+    /// norm; their parameters and moments must equal one engine's whole step bit for bit
+    /// (the same adamw_update kernel on offset pointers), and after gathering the
+    /// parameters every engine computes the same loss as the whole-step engine.
+    #[test]
+    fn cuda_sharded_steps_equal_the_whole_step() {
+        let test = "cuda_sharded_steps_equal_the_whole_step";
+        if stack::gpus_for_test(test).is_none() {
+            return;
+        }
+        for precision in [Precision::F32, Precision::Bf16] {
+            let hp = AdamWConfig {
+                grad_clip: 0.05,
+                ..Default::default()
+            };
+            let mut whole = engine(precision);
+            let total = whole.layout().total;
+            let ranges = shard_ranges(total, 3);
+            let mut shards: Vec<CudaEngine> = (0..3).map(|_| engine(precision)).collect();
+            for (s, r) in shards.iter_mut().zip(&ranges) {
+                s.set_optimizer_shard(r.clone());
+                assert_eq!(s.optimizer_state().m.len(), r.len());
+            }
+            for it in 0..3 {
+                // The same gradients everywhere: set on the host (uploaded before use).
+                let grads: Vec<f32> = (0..total)
+                    .map(|i| ((i * 31 + it * 17) % 101) as f32 * 1e-3 - 0.05)
+                    .collect();
+                whole.grads_mut().copy_from_slice(&grads);
+                let norm = whole.step(&hp, 1e-2);
+                assert!(norm > hp.grad_clip, "{precision:?}: the test must clip");
+                let mut sumsq = 0f64;
+                for (s, r) in shards.iter_mut().zip(&ranges) {
+                    s.grads_mut().copy_from_slice(&grads);
+                    sumsq += s.grad_sumsq(r.clone());
+                }
+                let shard_norm = adamw::norm_from_sumsq(sumsq);
+                assert!(
+                    (shard_norm - norm).abs() <= 1e-6 * norm,
+                    "{precision:?} iter {it}: norm from shard sums {shard_norm} vs {norm}"
+                );
+                for s in shards.iter_mut() {
+                    s.step_shard(&hp, 1e-2, norm);
+                }
+                let (wp, wo) = (whole.params(), whole.optimizer_state());
+                let mut gathered = vec![0f32; total];
+                for (k, (s, r)) in shards.iter().zip(&ranges).enumerate() {
+                    let (p, o) = (s.params(), s.optimizer_state());
+                    assert_eq!(o.step, wo.step);
+                    let what = format!("{precision:?} iter {it} shard {k} {r:?}");
+                    assert_eq!(
+                        first_diff(&p[r.clone()], &wp[r.clone()]),
+                        None,
+                        "{what}: params"
+                    );
+                    assert_eq!(first_diff(&o.m, &wo.m[r.clone()]), None, "{what}: m");
+                    assert_eq!(first_diff(&o.v, &wo.v[r.clone()]), None, "{what}: v");
+                    gathered[r.clone()].copy_from_slice(&p[r.clone()]);
+                }
+                for s in shards.iter_mut() {
+                    s.set_params(&gathered);
+                }
+            }
+            let want = loss(&mut whole, 1);
+            for (k, s) in shards.iter_mut().enumerate() {
+                let got = loss(s, 1);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{precision:?} shard engine {k}: loss {got} vs {want}"
+                );
+            }
+            // Undoing the sharding keeps this shard's moments and zeroes the rest.
+            let s = &mut shards[1];
+            let part = s.optimizer_state();
+            s.set_optimizer_shard(0..total);
+            let full = s.optimizer_state();
+            assert_eq!(full.m[ranges[1].clone()], part.m[..]);
+            assert!(full.m[ranges[0].clone()].iter().all(|&x| x == 0.0));
+        }
+    }
+
+    /// A 1-rank NCCL group: the grouped ncclReduce / ncclBroadcast calls run and leave the
+    /// buffers as they were; the engine's bf16 copy follows parameters written on the GPU.
+    #[test]
+    fn one_rank_nccl_reduce_scatter_and_all_gather_on_the_device() {
+        let test = "one_rank_nccl_reduce_scatter_and_all_gather";
+        if stack::gpus_for_test(test).is_none() {
+            return;
+        }
+        let st = stack::stack().unwrap();
+        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
+        let mut eng = engine(Precision::Bf16);
+        let (inputs, targets) = batch_tokens(0);
+        eng.zero_grad();
+        eng.forward_backward(
+            Batch {
+                inputs: &inputs,
+                targets: &targets,
+                b: B,
+                t: T,
+            },
+            1.0,
+        )
+        .unwrap();
+        let before = eng.grads();
+        let g = eng.device_grads().unwrap();
+        let mut pg = NcclProcessGroup::new(
+            Box::new(SingleProcess),
+            nccl,
+            &st.driver,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let ranges = shard_ranges(g.len, 1);
+        pg.reduce_scatter_sum_device(g.ptr, g.len, &ranges, g.stream)
+            .expect("the NCCL group reduce-scatters device memory")
+            .unwrap();
+        assert_eq!(
+            first_diff(&eng.grads(), &before),
+            None,
+            "1-rank reduce-scatter"
+        );
+        let loss0 = loss(&mut eng, 2);
+        let p = eng.device_params().unwrap();
+        pg.all_gather_device(p.ptr, p.len, &ranges, p.stream)
+            .expect("the NCCL group all-gathers device memory")
+            .unwrap();
+        eng.device_params_written();
+        assert_eq!(
+            loss(&mut eng, 2).to_bits(),
+            loss0.to_bits(),
+            "1-rank all-gather"
+        );
+        let err = pg
+            .all_gather_device(p.ptr, p.len, &shard_ranges(p.len, 2), p.stream)
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 ranges given"), "{err}");
+        pg.finish().unwrap();
+    }
+
+    /// 2 GPUs, 2 ranks as threads: uneven shards are reduced onto their owners and
+    /// gathered back exactly (integer values sum exactly in any order).
+    #[test]
+    fn two_ranks_reduce_scatter_and_all_gather_device_buffers_exactly() {
+        let test = "two_ranks_reduce_scatter_and_all_gather";
+        let Some(gpus) = stack::gpus_for_test(test) else {
+            return;
+        };
+        if gpus.len() < 2 {
+            eprintln!(
+                "{test}: skipped: needs 2 GPUs, this machine has {}",
+                gpus.len()
+            );
+            return;
+        }
+        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
+        let port = nanogpt::dist::test_port();
+        let n = (1 << 20) + 21;
+        let handles: Vec<_> = (0..2usize)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let st = stack::stack().unwrap();
+                    let info = LaunchInfo {
+                        rank: r,
+                        world_size: 2,
+                        local_world_size: 2,
+                        local_rank: r,
+                        master_port: port,
+                        ..LaunchInfo::single()
+                    };
+                    let opts = DistOptions {
+                        timeout: Duration::from_secs(60),
+                        fingerprint: vec![],
+                    };
+                    let rd = rendezvous::rendezvous(&info, &opts).unwrap();
+                    let host = tcp::TcpProcessGroup::connect(rd, opts.timeout).unwrap();
+                    let ctx = st.driver.context(r).unwrap();
+                    let mut pg =
+                        NcclProcessGroup::new(Box::new(host), nccl, &st.driver, opts.timeout)
+                            .unwrap();
+                    let ranges = shard_ranges(n, 2);
+                    let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
+                    let buf = ctx.upload(&input).unwrap();
+                    let stream = ctx.stream().unwrap();
+                    pg.reduce_scatter_sum_device(buf.ptr, n, &ranges, stream.s as u64)
+                        .unwrap()
+                        .unwrap();
+                    let mut summed = vec![0f32; n];
+                    buf.copy_to_host(&mut summed).unwrap();
+                    let mine = summed[ranges[r].clone()].to_vec();
+                    // Each rank writes a marker into its own range, then all gather.
+                    let mut mark = summed.clone();
+                    mark[ranges[r].clone()].iter_mut().for_each(|x| *x += 0.5);
+                    buf.copy_from_host(&mark).unwrap();
+                    pg.all_gather_device(buf.ptr, n, &ranges, stream.s as u64)
+                        .unwrap()
+                        .unwrap();
+                    let mut gathered = vec![0f32; n];
+                    buf.copy_to_host(&mut gathered).unwrap();
+                    pg.finish().unwrap();
+                    (mine, gathered, ranges)
+                })
+            })
+            .collect();
+        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let want = |i: usize| ((i * 3) % 4099 + (i * 4) % 4099) as f32;
+        for (r, (mine, gathered, ranges)) in outs.iter().enumerate() {
+            for (k, &x) in mine.iter().enumerate() {
+                let i = ranges[r].start + k;
+                assert_eq!(x, want(i), "rank {r}: reduce-scatter element {i}");
+            }
+            for (i, &x) in gathered.iter().enumerate() {
+                assert_eq!(x, want(i) + 0.5, "rank {r}: all-gather element {i}");
+            }
+        }
+    }
+}

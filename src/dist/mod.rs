@@ -409,7 +409,7 @@ mod tests {
             e.contains("rank 1's range 5..10 does not start at 4"),
             "{e}"
         );
-        assert!(check_ranges(&[0..10], 10, 2).is_err());
+        assert!(check_ranges(&shard_ranges(10, 1), 10, 2).is_err());
         assert!(check_ranges(&[0..4, 4..9], 10, 2).is_err());
     }
 
@@ -417,8 +417,8 @@ mod tests {
     fn single_process_sharded_collectives_are_identities() {
         let mut pg = SingleProcess;
         let mut v = vec![1.5f32, 2.5, 3.5];
-        pg.reduce_scatter_sum(&mut v, &[0..3]).unwrap();
-        pg.all_gather(&mut v, &[0..3]).unwrap();
+        pg.reduce_scatter_sum(&mut v, &shard_ranges(3, 1)).unwrap();
+        pg.all_gather(&mut v, &shard_ranges(3, 1)).unwrap();
         assert_eq!(v, vec![1.5, 2.5, 3.5]);
         assert_eq!(all_reduce_sum_f64(&mut pg, 0.1).unwrap(), 0.1);
     }
