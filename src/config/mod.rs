@@ -427,6 +427,9 @@ pub struct TrainConfig {
     /// Launch environment: `auto` (torchrun, then Slurm, then MPI variables), `torchrun`,
     /// `slurm`, `mpi`, or `none` (one process, whatever the environment says).
     pub dist_env: String,
+    /// ZeRO stage of data-parallel training: 0 = every rank holds the full AdamW state;
+    /// 1 = the AdamW moments are sharded over the ranks (each holds and updates 1/W).
+    pub zero_stage: u64,
 }
 
 impl Default for TrainConfig {
@@ -472,6 +475,7 @@ impl Default for TrainConfig {
             threads: 0,
             dist_timeout: 60,
             dist_env: "auto".into(),
+            zero_stage: 0,
         }
     }
 }
@@ -547,6 +551,12 @@ impl ConfigSchema for TrainConfig {
             "dist_env",
             &self.dist_env,
             "expected auto, torchrun, slurm, mpi or none",
+        )?;
+        check(
+            self.zero_stage <= 1,
+            "zero_stage",
+            self.zero_stage,
+            "expected 0 (off) or 1 (shard the AdamW moments over the data-parallel ranks)",
         )?;
         self.device_spec()?;
         self.dtype_kind()?;

@@ -564,7 +564,8 @@ fn every_shipped_config_loads() {
 #[test]
 fn known_keys_lists_every_field() {
     let keys = TrainConfig::known_keys();
-    assert_eq!(keys.len(), 40);
+    assert_eq!(keys.len(), 41);
+    assert!(keys.iter().any(|k| k == "zero_stage"));
     assert!(keys.iter().any(|k| k == "peak_flops"));
     assert!(keys.iter().any(|k| k == "dist_timeout"));
     assert!(keys.iter().any(|k| k == "dist_env"));
@@ -611,4 +612,20 @@ fn bench_profile_keys() {
     assert!(err.contains("gemm_tflops"), "{err}");
     assert!(b(&["--copy_gbps=-1"]).is_err());
     assert_eq!(b(&["--gemm_tflops=none"]).unwrap().gemm_tflops, None);
+}
+
+#[test]
+fn zero_stage_is_0_or_1() {
+    let load = |a: &[&str]| TrainConfig::load(&args(a));
+    assert_eq!(load(&[]).unwrap().zero_stage, 0);
+    assert_eq!(load(&["--zero_stage=1"]).unwrap().zero_stage, 1);
+    for bad in ["--zero_stage=2", "--zero_stage=3"] {
+        let err = load(&[bad]).unwrap_err().to_string();
+        assert!(
+            err.contains("zero_stage") && err.contains("expected 0 (off) or 1"),
+            "{err}"
+        );
+    }
+    let err = load(&["--zero_stage=one"]).unwrap_err().to_string();
+    assert!(err.contains("zero_stage"), "{err}");
 }

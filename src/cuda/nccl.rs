@@ -1,7 +1,9 @@
 //! NCCL (`libnccl.so.2`): GPU collectives. The doctor runs a 1-rank all-reduce per GPU and
 //! one across all local GPUs; data-parallel training ([`crate::dist::nccl`]) creates one
 //! communicator per rank from a unique id that rank 0 makes and the TCP group broadcasts,
-//! then sums the gradients in place on the GPU, polling for completion so that a stalled
+//! then sums the gradients in place on the GPU (or, with ZeRO-1, reduces each rank's shard
+//! onto it with `ncclReduce` and gathers the updated parameters with `ncclBroadcast`, each
+//! set of calls inside one group), polling for completion so that a stalled
 //! peer turns into an error (and an aborted communicator) instead of a hang.
 //!
 //! Every constant below is the value of the same name in `nccl.h` (NCCL 2.x; the numbering
@@ -94,6 +96,14 @@ api! {
         fn ncclAllReduce(
             send: *const c_void, recv: *mut c_void, count: usize,
             dtype: c_int, op: c_int, comm: Comm, stream: CuStream,
+        ) -> NcclResult;
+        fn ncclReduce(
+            send: *const c_void, recv: *mut c_void, count: usize,
+            dtype: c_int, op: c_int, root: c_int, comm: Comm, stream: CuStream,
+        ) -> NcclResult;
+        fn ncclBroadcast(
+            send: *const c_void, recv: *mut c_void, count: usize,
+            dtype: c_int, root: c_int, comm: Comm, stream: CuStream,
         ) -> NcclResult;
     }
 }
@@ -224,6 +234,63 @@ impl Nccl {
                 stream,
             ),
             "ncclAllReduce",
+        )
+    }
+
+    /// Enqueues a sum reduce of `count` f32 values onto rank `root`'s `recv` (`ncclReduce`;
+    /// `send == recv` reduces in place; `recv` is only written on the root).
+    ///
+    /// # Safety
+    /// As [`Nccl::all_reduce_f32_raw`]; `root` must be a rank of the communicator.
+    pub unsafe fn reduce_sum_f32_raw(
+        &self,
+        send: CuDevicePtr,
+        recv: CuDevicePtr,
+        count: usize,
+        root: usize,
+        comm: &Communicator,
+        stream: CuStream,
+    ) -> Result<(), CudaError> {
+        self.check(
+            (self.api.ncclReduce)(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                NCCL_FLOAT32,
+                NCCL_SUM,
+                root as c_int,
+                comm.comm,
+                stream,
+            ),
+            "ncclReduce",
+        )
+    }
+
+    /// Enqueues a broadcast of `count` f32 values from rank `root`'s `send` into every
+    /// rank's `recv` (`ncclBroadcast`; `send == recv` works in place).
+    ///
+    /// # Safety
+    /// As [`Nccl::all_reduce_f32_raw`]; `root` must be a rank of the communicator.
+    pub unsafe fn broadcast_f32_raw(
+        &self,
+        send: CuDevicePtr,
+        recv: CuDevicePtr,
+        count: usize,
+        root: usize,
+        comm: &Communicator,
+        stream: CuStream,
+    ) -> Result<(), CudaError> {
+        self.check(
+            (self.api.ncclBroadcast)(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                NCCL_FLOAT32,
+                root as c_int,
+                comm.comm,
+                stream,
+            ),
+            "ncclBroadcast",
         )
     }
 

@@ -21,7 +21,94 @@ pub mod tcp;
 
 pub use env::{EnvChoice, LaunchInfo, Launcher};
 
+use std::ops::Range;
 use std::time::Duration;
+
+/// Shard boundaries are multiples of this many elements (64 bytes of f32), so that every
+/// shard but the last starts on an aligned address.
+pub const SHARD_ALIGN: usize = 16;
+
+/// Rank `rank`'s share of a buffer of `len` elements split over `world` ranks (ZeRO-1's
+/// optimizer-state shards, and the chunks of the TCP ring's all-reduce): contiguous, in
+/// rank order, boundaries at multiples of [`SHARD_ALIGN`], sizes within `SHARD_ALIGN` of
+/// each other (a shard may be empty when `len < world * SHARD_ALIGN`). Every element lies
+/// in exactly one shard.
+pub fn shard_range(len: usize, world: usize, rank: usize) -> Range<usize> {
+    let world = world.max(1);
+    let blocks = len.div_ceil(SHARD_ALIGN);
+    let bound = |r: usize| {
+        if r >= world {
+            len
+        } else {
+            (SHARD_ALIGN * (r * blocks / world)).min(len)
+        }
+    };
+    bound(rank)..bound(rank + 1)
+}
+
+/// [`shard_range`] of every rank, in rank order.
+pub fn shard_ranges(len: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world.max(1))
+        .map(|r| shard_range(len, world, r))
+        .collect()
+}
+
+/// Checks that `ranges` splits a buffer of `len` elements into one contiguous piece per
+/// rank of `world`, in rank order (what the sharded collectives expect).
+pub fn check_ranges(ranges: &[Range<usize>], len: usize, world: usize) -> Result<(), DistError> {
+    let bad = |why: String| {
+        DistError::Other(format!(
+            "sharded collective over {len} values and {world} ranks: {why}; every rank must \
+             pass the same split (dist::shard_ranges)"
+        ))
+    };
+    if ranges.len() != world {
+        return Err(bad(format!("{} ranges given", ranges.len())));
+    }
+    let mut at = 0;
+    for (r, range) in ranges.iter().enumerate() {
+        if range.start != at || range.end < range.start {
+            return Err(bad(format!(
+                "rank {r}'s range {range:?} does not start at {at}"
+            )));
+        }
+        at = range.end;
+    }
+    if at != len {
+        return Err(bad(format!("the ranges end at {at}")));
+    }
+    Ok(())
+}
+
+/// `x` as three f32 values whose f64 sum is `x` (inf, NaN and values beyond f32's range
+/// travel in the first).
+fn f64_pieces(x: f64) -> [f32; 3] {
+    let hi = x as f32;
+    if !hi.is_finite() {
+        return [hi, 0.0, 0.0];
+    }
+    let r1 = x - hi as f64;
+    let mid = r1 as f32;
+    [hi, mid, (r1 - mid as f64) as f32]
+}
+
+/// The sum over all ranks of one f64 per rank, identical on every rank and exact up to
+/// f64 rounding: each rank's value travels as three f32 pieces (hi + mid + lo carry all
+/// of its 53 bits) in its own slots of an all-reduce, so that the sum adds only zeros to
+/// them, and every rank then adds the ranks' values in rank order.
+pub fn all_reduce_sum_f64(pg: &mut dyn ProcessGroup, x: f64) -> Result<f64, DistError> {
+    let (rank, world) = (pg.rank(), pg.world_size());
+    if world == 1 {
+        return Ok(x);
+    }
+    let mut slots = vec![0f32; 3 * world];
+    slots[3 * rank..3 * rank + 3].copy_from_slice(&f64_pieces(x));
+    pg.all_reduce_sum(&mut slots)?;
+    Ok(slots
+        .chunks(3)
+        .map(|p| p[0] as f64 + p[1] as f64 + p[2] as f64)
+        .sum())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -68,6 +155,28 @@ pub trait ProcessGroup: Send {
     fn world_size(&self) -> usize;
     /// Element-wise sum over all ranks; every rank ends with the same result.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError>;
+    /// Reduce-scatter: afterwards `buf[ranges[rank]]` holds the element-wise sum over all
+    /// ranks of that range; the rest of `buf` is unspecified. `ranges` splits `buf` into one
+    /// contiguous piece per rank in rank order ([`shard_ranges`]), the same on every rank.
+    /// Summing each element in the same order as [`ProcessGroup::all_reduce_sum`] does, so
+    /// that sharded and unsharded training agree bit for bit (the TCP ring guarantees it).
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        check_ranges(ranges, buf.len(), self.world_size())?;
+        self.all_reduce_sum(buf)
+    }
+    /// All-gather: every rank's `buf[ranges[r]]` is copied from rank `r`'s (see
+    /// [`ProcessGroup::reduce_scatter_sum`] for `ranges`).
+    fn all_gather(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        check_ranges(ranges, buf.len(), self.world_size())?;
+        for (r, range) in ranges.iter().enumerate() {
+            self.broadcast_f32(&mut buf[range.clone()], r)?;
+        }
+        Ok(())
+    }
     /// Element-wise mean over all ranks.
     fn all_reduce_avg(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
         self.all_reduce_sum(buf)?;
@@ -102,6 +211,28 @@ pub trait ProcessGroup: Send {
     ) -> Option<Result<(), DistError>> {
         None
     }
+    /// [`ProcessGroup::reduce_scatter_sum`] of `len` f32 values in GPU memory at `ptr`, on
+    /// CUDA stream `stream`; `None` when this group cannot reduce device memory.
+    fn reduce_scatter_sum_device(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _ranges: &[Range<usize>],
+        _stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        None
+    }
+    /// [`ProcessGroup::all_gather`] of `len` f32 values in GPU memory at `ptr`, on CUDA
+    /// stream `stream`; `None` when this group cannot reach device memory.
+    fn all_gather_device(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _ranges: &[Range<usize>],
+        _stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        None
+    }
 }
 
 /// Ends the process at once with `code`, from any thread, after a failure of the job has
@@ -130,6 +261,16 @@ impl ProcessGroup for SingleProcess {
     }
     fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), DistError> {
         Ok(())
+    }
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        check_ranges(ranges, buf.len(), 1)
+    }
+    fn all_gather(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        check_ranges(ranges, buf.len(), 1)
     }
     fn broadcast(&mut self, _buf: &mut [u8], root: usize) -> Result<(), DistError> {
         if root != 0 {
@@ -240,5 +381,69 @@ pub fn test_port() -> u16 {
                 .extend(file);
             return port;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_every_element_once_aligned_and_nearly_equal() {
+        for world in 1..=9usize {
+            for len in (0..200).chain([1000, 4097, 124_475_904, 124_475_905]) {
+                let ranges = shard_ranges(len, world);
+                check_ranges(&ranges, len, world).unwrap();
+                let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), len, "w{world} n{len}");
+                for (r, range) in ranges.iter().enumerate() {
+                    assert_eq!(*range, shard_range(len, world, r));
+                    if range.start < len {
+                        assert_eq!(range.start % SHARD_ALIGN, 0, "w{world} n{len} r{r}");
+                    }
+                }
+                let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(hi - lo <= SHARD_ALIGN, "w{world} n{len}: {sizes:?}");
+            }
+        }
+        assert_eq!(shard_ranges(20, 3), vec![0..0, 0..16, 16..20]);
+        assert_eq!(shard_ranges(100, 2), vec![0..48, 48..100]);
+        assert_eq!(shard_range(10, 1, 0), 0..10);
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_with_the_reason() {
+        let e = check_ranges(&[0..4, 5..10], 10, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("rank 1's range 5..10 does not start at 4"),
+            "{e}"
+        );
+        assert!(check_ranges(&shard_ranges(10, 1), 10, 2).is_err());
+        assert!(check_ranges(&[0..4, 4..9], 10, 2).is_err());
+    }
+
+    #[test]
+    fn single_process_sharded_collectives_are_identities() {
+        let mut pg = SingleProcess;
+        let mut v = vec![1.5f32, 2.5, 3.5];
+        pg.reduce_scatter_sum(&mut v, &shard_ranges(3, 1)).unwrap();
+        pg.all_gather(&mut v, &shard_ranges(3, 1)).unwrap();
+        assert_eq!(v, vec![1.5, 2.5, 3.5]);
+        assert_eq!(all_reduce_sum_f64(&mut pg, 0.1).unwrap(), 0.1);
+    }
+
+    #[test]
+    fn an_f64_splits_into_three_f32_pieces_exactly() {
+        for x in [
+            0.1f64,
+            1.0 / 3.0,
+            12345.678901234567,
+            7.3e-12,
+            2.0f64.powi(100) / 3.0,
+        ] {
+            let [hi, mid, lo] = f64_pieces(x);
+            assert_eq!(hi as f64 + mid as f64 + lo as f64, x, "{x}");
+        }
+        assert_eq!(f64_pieces(f64::INFINITY), [f32::INFINITY, 0.0, 0.0]);
     }
 }

@@ -8,7 +8,11 @@
 //! the engine's primary context current). The host-side collectives of the trainer (loss
 //! sums, the initial parameter broadcast, barriers, `finish`) stay on the TCP group; only
 //! the gradient all-reduce, reached through [`ProcessGroup::all_reduce_sum_device`], runs
-//! on NCCL, in place on the engine's stream.
+//! on NCCL, in place on the engine's stream; with `zero_stage=1` so do the gradient
+//! reduce-scatter and the parameter all-gather
+//! ([`ProcessGroup::reduce_scatter_sum_device`], [`ProcessGroup::all_gather_device`]):
+//! grouped `ncclReduce` / `ncclBroadcast` calls, one per rank's shard, since the shards may
+//! differ in size by a few elements.
 //!
 //! Which group a run gets ([`select`]): one rank: none at all (the single-process group;
 //! the gradients never leave the GPU); `backend=nccl` with an engine whose gradients live on
@@ -42,6 +46,7 @@ use crate::cuda::nccl::{
     self as api, Communicator, Nccl, RedOp, StreamQuery, UniqueId, CUDA_ERROR_NOT_READY,
     NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_UNIQUE_ID_BYTES,
 };
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -388,6 +393,73 @@ impl NcclProcessGroup {
     }
 
     fn all_reduce_device(&mut self, ptr: u64, len: usize, stream: u64) -> Result<(), DistError> {
+        self.device_op("gradient all-reduce", len, stream, |nccl, comm, stream| {
+            // SAFETY: the engine hands out its own gradient buffer of `len` floats on this
+            // device and its own live stream (Engine::device_grads); in place is allowed.
+            unsafe { nccl.all_reduce_f32_raw(ptr, ptr, len, RedOp::Sum, comm, stream) }
+        })
+    }
+
+    /// ZeRO-1's gradient reduce-scatter: one `ncclReduce` per rank's range onto that rank,
+    /// in one group (NCCL's reduce-scatter needs equal counts; the ranges may differ).
+    fn reduce_scatter_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        ranges: &[Range<usize>],
+        stream: u64,
+    ) -> Result<(), DistError> {
+        super::check_ranges(ranges, len, self.world_size())?;
+        self.device_op(
+            "gradient reduce-scatter",
+            len,
+            stream,
+            |nccl, comm, stream| {
+                nccl.group(|| {
+                    for (root, r) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                        let p = ptr + 4 * r.start as u64;
+                        // SAFETY: `r` lies inside the caller's buffer of `len` floats on this
+                        // device (checked above); in place is allowed.
+                        unsafe { nccl.reduce_sum_f32_raw(p, p, r.len(), root, comm, stream)? };
+                    }
+                    Ok(())
+                })
+            },
+        )
+    }
+
+    /// ZeRO-1's parameter all-gather: one `ncclBroadcast` per rank's range from that rank,
+    /// in one group.
+    fn all_gather_device_inner(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        ranges: &[Range<usize>],
+        stream: u64,
+    ) -> Result<(), DistError> {
+        super::check_ranges(ranges, len, self.world_size())?;
+        self.device_op("parameter all-gather", len, stream, |nccl, comm, stream| {
+            nccl.group(|| {
+                for (root, r) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                    let p = ptr + 4 * r.start as u64;
+                    // SAFETY: as in `reduce_scatter_device`.
+                    unsafe { nccl.broadcast_f32_raw(p, p, r.len(), root, comm, stream)? };
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Runs one collective on the GPU: `enqueue` puts its NCCL calls on `stream`, then this
+    /// waits for completion under `dist_timeout`, aborting the communicator on a failure
+    /// (see the module docs). `what` names it in messages; `len` floats are involved.
+    fn device_op(
+        &mut self,
+        what: &str,
+        len: usize,
+        stream: u64,
+        enqueue: impl FnOnce(&Nccl, &Communicator, CuStream) -> Result<(), crate::cuda::CudaError>,
+    ) -> Result<(), DistError> {
         let (rank, device, secs) = (self.rank(), self.device, self.timeout.as_secs());
         if let Some(why) = &self.broken {
             return Err(DistError::Other(format!(
@@ -396,7 +468,7 @@ impl NcclProcessGroup {
         }
         let Some(comm) = self.comm.as_ref() else {
             return Err(DistError::Other(format!(
-                "rank {rank}: NCCL all-reduce after finish()"
+                "rank {rank}: NCCL {what} after finish()"
             )));
         };
         let mib = (len * 4) as f64 / (1 << 20) as f64;
@@ -405,18 +477,14 @@ impl NcclProcessGroup {
         self.ctx
             .make_current()
             .map_err(|e| DistError::Other(format!("rank {rank}: cuda:{device}: {e}")))?;
-        let enqueue = || {
-            // SAFETY: the engine hands out its own gradient buffer of `len` floats on this
-            // device and its own live stream (Engine::device_grads); in place is allowed.
-            unsafe { nccl.all_reduce_f32_raw(ptr, ptr, len, RedOp::Sum, comm, stream) }
-        };
+        let enqueue = || enqueue(nccl, comm, stream);
         let enqueued = if self.connected {
             enqueue()
         } else {
             self.watchdog.guard(
                 self.timeout,
                 format!(
-                    "rank {rank}: the first NCCL all-reduce (which connects the ranks) did not \
+                    "rank {rank}: the first NCCL {what} (which connects the ranks) did not \
                      return within {secs} s (dist_timeout): another rank did not reach it, or \
                      the ranks cannot reach each other over NCCL's network (set NCCL_DEBUG=INFO)"
                 ),
@@ -424,7 +492,7 @@ impl NcclProcessGroup {
             )
         };
         if let Err(e) = enqueued {
-            let msg = format!("rank {rank}: NCCL gradient all-reduce on cuda:{device}: {e}");
+            let msg = format!("rank {rank}: NCCL {what} on cuda:{device}: {e}");
             self.abort(&msg);
             return Err(DistError::Other(msg));
         }
@@ -458,7 +526,7 @@ impl NcclProcessGroup {
             Ok(()) => Ok(()),
             Err(WaitEnd::TimedOut) => {
                 let msg = format!(
-                    "rank {rank}: the NCCL gradient all-reduce ({mib:.1} MiB on cuda:{device}) \
+                    "rank {rank}: the NCCL {what} ({mib:.1} MiB on cuda:{device}) \
                      did not complete within {secs} s (dist_timeout): another rank did not \
                      reach it (its training step hangs, or runs much slower than this one) or \
                      the GPUs stopped reaching each other; the NCCL communicator was aborted. \
@@ -471,8 +539,8 @@ impl NcclProcessGroup {
             Err(WaitEnd::Failed(e)) if local_fault.get() => {
                 let msg = format!(
                     "rank {rank}: a CUDA error on cuda:{device} surfaced while waiting for the \
-                     gradient all-reduce: {e}; NCCL reported no problem, so the fault is in \
-                     this rank's own GPU work (the all-reduce or a kernel queued before it). \
+                     {what}: {e}; NCCL reported no problem, so the fault is in \
+                     this rank's own GPU work (the {what} or a kernel queued before it). \
                      Rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel, or on one GPU \
                      (and with NANOGPT_CUDA_DISABLE=all) to narrow it down; the NCCL \
                      communicator was aborted"
@@ -482,7 +550,7 @@ impl NcclProcessGroup {
             }
             Err(WaitEnd::Failed(e)) => {
                 let msg = format!(
-                    "rank {rank}: NCCL failed during the gradient all-reduce on cuda:{device}: \
+                    "rank {rank}: NCCL failed during the {what} on cuda:{device}: \
                      {e}; a peer has probably exited or its connection broke (see the other \
                      ranks' output; NCCL_DEBUG=WARN shows more); the NCCL communicator was \
                      aborted"
@@ -518,6 +586,34 @@ impl ProcessGroup for NcclProcessGroup {
         stream: u64,
     ) -> Option<Result<(), DistError>> {
         Some(self.all_reduce_device(ptr, len, stream))
+    }
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        self.host.reduce_scatter_sum(buf, ranges)
+    }
+    fn all_gather(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        self.host.all_gather(buf, ranges)
+    }
+    fn reduce_scatter_sum_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        ranges: &[Range<usize>],
+        stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        Some(self.reduce_scatter_device(ptr, len, ranges, stream))
+    }
+    fn all_gather_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        ranges: &[Range<usize>],
+        stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        Some(self.all_gather_device_inner(ptr, len, ranges, stream))
     }
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), DistError> {
         self.host.broadcast(buf, root)

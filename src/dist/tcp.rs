@@ -2,7 +2,9 @@
 //! the next rank and one from the previous rank. All-reduce is reduce-scatter followed by
 //! all-gather, each `world_size - 1` steps in which every rank sends one chunk downstream
 //! while receiving another from upstream, so each rank sends `2 (W-1)/W` of the buffer in
-//! total whatever the world size. Received data is added in pieces as it arrives.
+//! total whatever the world size. Received data is added in pieces as it arrives. The
+//! chunks are [`super::shard_ranges`], so the two phases alone are ZeRO-1's reduce-scatter
+//! and all-gather, summing exactly as the all-reduce does.
 //!
 //! Every socket has read and write timeouts; a peer that closes its socket or stays silent
 //! for `dist_timeout` turns into an error naming it. A background thread per rendezvous
@@ -291,6 +293,40 @@ impl TcpProcessGroup {
         (self.rank + self.world - 1) % self.world
     }
 
+    /// The ring's chunk `c`: the chunk a rank owns after the reduce-scatter is the one after
+    /// its own index, so chunk `c` is rank `c - 1`'s range.
+    fn chunk(&self, ranges: &[Range<usize>], c: usize) -> Range<usize> {
+        ranges[(c + self.world - 1) % self.world].clone()
+    }
+
+    /// The ring's reduce-scatter: `world - 1` steps after which rank r holds the full sum of
+    /// `buf[ranges[r]]`. Each element's sum is formed along the ring in an order fixed by
+    /// its chunk alone, so [`ProcessGroup::all_reduce_sum`] (this, then [`Self::gather_phase`],
+    /// over [`super::shard_ranges`]) and ZeRO-1's reduce-scatter over the same ranges give
+    /// bit-identical sums.
+    fn scatter_phase(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        let (w, r) = (self.world, self.rank);
+        // After step s, chunk (r - s - 1) holds s + 2 ranks' sum here.
+        for s in 0..w - 1 {
+            let send = self.chunk(ranges, (r + w - s) % w);
+            let recv = self.chunk(ranges, (r + 2 * w - s - 1) % w);
+            self.exchange(buf, send, recv, true)?;
+        }
+        Ok(())
+    }
+
+    /// The ring's all-gather: rank r starts with its own range (chunk r + 1) final and
+    /// passes the ranges around until every rank holds all of them.
+    fn gather_phase(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        let (w, r) = (self.world, self.rank);
+        for s in 0..w - 1 {
+            let send = self.chunk(ranges, (r + 1 + w - s) % w);
+            let recv = self.chunk(ranges, (r + w - s) % w);
+            self.exchange(buf, send, recv, false)?;
+        }
+        Ok(())
+    }
+
     /// Sends `buf[send]` downstream while receiving `recv.len()` floats from upstream into
     /// `buf[recv]`, added (`add`) or copied.
     fn exchange(
@@ -373,24 +409,32 @@ impl ProcessGroup for TcpProcessGroup {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
-        let (w, r, n) = (self.world, self.rank, buf.len());
-        if w == 1 {
+        if self.world == 1 {
             return Ok(());
         }
-        let chunk = |c: usize| (c * n / w)..((c + 1) * n / w);
-        // Reduce-scatter: after step s, chunk (r - s - 1) holds s + 2 ranks' sum here.
-        for s in 0..w - 1 {
-            let send = (r + w - s) % w;
-            let recv = (r + 2 * w - s - 1) % w;
-            self.exchange(buf, chunk(send), chunk(recv), true)?;
+        let ranges = super::shard_ranges(buf.len(), self.world);
+        self.scatter_phase(buf, &ranges)?;
+        self.gather_phase(buf, &ranges)
+    }
+
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        super::check_ranges(ranges, buf.len(), self.world)?;
+        if self.world == 1 {
+            return Ok(());
         }
-        // All-gather: rank r now owns the full sum of chunk r + 1; pass the sums around.
-        for s in 0..w - 1 {
-            let send = (r + 1 + w - s) % w;
-            let recv = (r + w - s) % w;
-            self.exchange(buf, chunk(send), chunk(recv), false)?;
+        self.scatter_phase(buf, ranges)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), DistError> {
+        super::check_ranges(ranges, buf.len(), self.world)?;
+        if self.world == 1 {
+            return Ok(());
         }
-        Ok(())
+        self.gather_phase(buf, ranges)
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), DistError> {
@@ -509,6 +553,56 @@ mod tests {
                         assert_eq!(b[i], i as u8);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_over_3_ranks_match_the_all_reduce_bit_for_bit() {
+        // Lengths shorter than world * SHARD_ALIGN (empty shards), uneven, and over a piece.
+        for n in [0usize, 1, 5, 17, 47, 48, 49, 1001, PIECE + 37] {
+            let out = with_ring(3, move |pg| {
+                let r = pg.rank();
+                // Values whose sums round differently in different orders.
+                let vals: Vec<f32> = (0..n)
+                    .map(|i| {
+                        ((i * 7919 + r * 104_729) % 1000) as f32 * 0.001_37 + 1e-3 / (r + 1) as f32
+                    })
+                    .collect();
+                let ranges = crate::dist::shard_ranges(n, 3);
+                let mut all = vals.clone();
+                pg.all_reduce_sum(&mut all).unwrap();
+                let mut rs = vals.clone();
+                pg.reduce_scatter_sum(&mut rs, &ranges).unwrap();
+                let mine = rs[ranges[r].clone()].to_vec();
+                // All-gather of values only each owner knows.
+                let mut g = vec![-1f32; n];
+                g[ranges[r].clone()]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| {
+                        *x = (ranges[r].start + i) as f32 * 2.0 + 0.5;
+                    });
+                pg.all_gather(&mut g, &ranges).unwrap();
+                let bad = pg.all_gather(&mut g, &ranges[..2]).unwrap_err().to_string();
+                (vals, all, mine, g, ranges[r].clone(), bad)
+            });
+            let mut total = vec![0f32; n];
+            for (vals, ..) in &out {
+                total.iter_mut().zip(vals).for_each(|(t, v)| *t += v);
+            }
+            for (r, (_, all, mine, g, range, bad)) in out.iter().enumerate() {
+                for i in 0..n {
+                    assert!(
+                        (all[i] - total[i]).abs() <= 1e-5 * total[i].abs(),
+                        "n{n} i{i}"
+                    );
+                    assert_eq!(g[i], i as f32 * 2.0 + 0.5, "gather n{n} rank {r} i{i}");
+                }
+                let want: Vec<u32> = all[range.clone()].iter().map(|x| x.to_bits()).collect();
+                let got: Vec<u32> = mine.iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got, want, "reduce-scatter vs all-reduce, n{n} rank {r}");
+                assert!(bad.contains("2 ranges given"), "{bad}");
             }
         }
     }

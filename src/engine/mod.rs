@@ -9,6 +9,7 @@ pub mod dropout;
 
 use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
+use std::ops::Range;
 
 /// A batch of `b` rows of `t` tokens. `targets[i] == -1` means "no loss at this position".
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +20,8 @@ pub struct Batch<'a> {
     pub t: usize,
 }
 
-/// AdamW moments and step count, on the host, in the parameter layout.
+/// AdamW moments and step count, on the host, in the parameter layout: the moments of
+/// the engine's [`Engine::optimizer_shard`] (the whole buffer unless ZeRO-1 narrowed it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptimizerState {
     pub m: Vec<f32>,
@@ -42,7 +44,8 @@ pub enum EngineError {
 pub type Result<T> = std::result::Result<T, EngineError>;
 
 /// Where an engine keeps its gradient buffer on a GPU, for collectives that reduce it in
-/// place there (NCCL) instead of through [`Engine::grads_mut`]'s host copy.
+/// place there (NCCL) instead of through [`Engine::grads_mut`]'s host copy (also used for
+/// the parameter buffer: [`Engine::device_params`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceGrads {
     /// Device address of the first of `len` contiguous f32 gradients (layout order).
@@ -75,8 +78,38 @@ pub trait Engine: Send {
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>>;
     fn zero_grad(&mut self);
     /// Global-norm clip (if `grad_clip > 0`) then one AdamW step at `lr`.
-    /// Returns the gradient norm before clipping.
+    /// Returns the gradient norm before clipping. The same arithmetic as
+    /// [`Engine::grad_sumsq`] over the whole buffer followed by [`Engine::step_shard`]
+    /// (with a narrowed optimizer shard, only the shard's parameters move).
     fn step(&mut self, hp: &AdamWConfig, lr: f32) -> f32;
+    /// Sum of squares of the gradients in `range` of the layout, accumulated in f64 (the
+    /// whole buffer's square root is [`Engine::step`]'s pre-clip norm).
+    fn grad_sumsq(&mut self, range: Range<usize>) -> f64;
+    /// ZeRO-1's optimizer step: clips the gradients of [`Engine::optimizer_shard`] as
+    /// [`Engine::step`] would for a pre-clip global norm `norm` (of all ranks' summed
+    /// gradients), then one AdamW step at `lr` over the shard's parameters only.
+    fn step_shard(&mut self, hp: &AdamWConfig, lr: f32, norm: f32);
+    /// The range of the parameter layout whose AdamW moments this engine holds (and whose
+    /// parameters [`Engine::step_shard`] updates): the whole buffer unless narrowed.
+    fn optimizer_shard(&self) -> Range<usize>;
+    /// Keeps AdamW moments only for `range` (ZeRO-1: each data-parallel rank holds and
+    /// updates one shard): the moments inside `range` are kept, the rest freed. The whole
+    /// buffer's range undoes the sharding (moments outside the old shard start at zero).
+    fn set_optimizer_shard(&mut self, range: Range<usize>);
+    /// The host parameter buffer, for engines that keep their parameters on the host
+    /// (sharded collectives write into it in place); `None` otherwise.
+    fn params_mut(&mut self) -> Option<&mut [f32]> {
+        None
+    }
+    /// The parameter buffer on the GPU (as [`Engine::device_grads`]), for collectives that
+    /// write parameters in place there; call [`Engine::device_params_written`] afterwards.
+    /// `None` for engines that keep parameters on the host.
+    fn device_params(&mut self) -> Option<DeviceGrads> {
+        None
+    }
+    /// Parameters were written through [`Engine::device_params`]: refresh what derives
+    /// from them (the bf16 copy).
+    fn device_params_written(&mut self) {}
 
     fn params(&self) -> Vec<f32>;
     fn set_params(&mut self, params: &[f32]);

@@ -55,6 +55,28 @@ impl LrSchedule {
     }
 }
 
+/// The startup line on AdamW state memory: bytes per rank (fp32 first and second
+/// moments, 8 bytes per parameter), and with ZeRO-1 the largest shard of `world`.
+pub fn adamw_memory_line(total: usize, world: usize, zero: bool) -> String {
+    let mib = |params: usize| (8 * params) as f64 / (1 << 20) as f64;
+    if !zero {
+        return format!(
+            "AdamW state: {:.1} MiB per rank (moments of all {total} parameters)",
+            mib(total)
+        );
+    }
+    let largest = (0..world)
+        .map(|r| crate::dist::shard_range(total, world, r).len())
+        .max()
+        .unwrap_or(total);
+    format!(
+        "AdamW state: {:.1} MiB per rank (zero_stage=1: moments of at most {largest} of the \
+         {total} parameters on each of {world} ranks; {:.1} MiB unsharded)",
+        mib(largest),
+        mib(total)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

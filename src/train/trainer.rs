@@ -8,6 +8,13 @@
 //! summed across ranks once, after the last micro-step; rank 0 alone logs and writes
 //! files.
 //!
+//! ZeRO stage 1 (`zero_stage=1`, more than one rank): each rank keeps the AdamW moments
+//! of one contiguous shard of the parameters ([`dist::shard_ranges`]) instead of all of
+//! them. A step reduce-scatters the gradients (each rank gets its shard's sum), forms the
+//! global gradient norm from every rank's sum of squares, clips and updates its shard, and
+//! all-gathers the parameters. Checkpoints hold the whole optimizer state (gathered before
+//! saving), so a run resumes on any world size with either ZeRO stage.
+//!
 //! Unlike nanoGPT, the data a run draws does not depend on its world size. Every rank
 //! holds the same base generators (the loader's train and val streams, the engine's
 //! dropout stream, all saved in checkpoints); each iteration draws one key from each, and
@@ -25,11 +32,13 @@ use crate::data::loader::{DataLoader, LoaderState};
 use crate::data::meta::Meta;
 use crate::data::Split;
 use crate::dist::{self, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
-use crate::engine::{self, Batch, Engine};
+use crate::engine::{self, Batch, Engine, OptimizerState};
 use crate::model::GptConfig;
+use crate::optim::adamw;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -60,6 +69,10 @@ struct Run {
     /// World size of the run that wrote the checkpoint this run resumed from.
     resumed_world: Option<u64>,
     pg: Box<dyn ProcessGroup>,
+    /// ZeRO-1 is on (`zero_stage=1` and more than one rank): every rank's range of the
+    /// parameter layout, in rank order ([`dist::shard_ranges`]); this rank holds the AdamW
+    /// moments of its own range and updates those parameters only.
+    zero: Option<Vec<Range<usize>>>,
 }
 
 /// RNG stream labels of the evaluation batches (see the module documentation).
@@ -193,6 +206,23 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 cfg.gradient_accumulation_steps / world
             );
         }
+        if cfg.zero_stage >= 1 {
+            let ranges = dist::shard_ranges(run.engine.layout().total, world);
+            run.engine.set_optimizer_shard(ranges[info.rank].clone());
+            run.zero = Some(ranges);
+        }
+    } else if cfg.zero_stage >= 1 && master {
+        eprintln!(
+            "note: zero_stage = {} with a single rank: there is nothing to shard, so the full \
+             AdamW state stays on this rank (as with zero_stage = 0)",
+            cfg.zero_stage
+        );
+    }
+    if master {
+        eprintln!(
+            "{}",
+            crate::optim::adamw_memory_line(run.engine.layout().total, world, run.zero.is_some())
+        );
     }
     if let Some(w) = run.resumed_world.filter(|w| *w != world as u64 && master) {
         eprintln!(
@@ -329,6 +359,7 @@ impl Run {
             resumed_at,
             resumed_world,
             pg: Box::new(SingleProcess),
+            zero: None,
         })
     }
 
@@ -367,8 +398,31 @@ impl Run {
         Ok((sums[0] / n, sums[1] / n))
     }
 
-    fn checkpoint(&self, loader: &LoaderState) -> Checkpoint {
-        let optimizer = self.engine.optimizer_state();
+    /// The AdamW state of the whole model: this engine's, or with ZeRO-1 every rank's
+    /// shard gathered (a collective: every rank must call it). Checkpoints always hold the
+    /// whole state, so they do not depend on the world size or the ZeRO stage.
+    fn full_optimizer_state(&mut self) -> Result<OptimizerState> {
+        let st = self.engine.optimizer_state();
+        let Some(ranges) = &self.zero else {
+            return Ok(st);
+        };
+        let (total, shard) = (self.engine.layout().total, self.engine.optimizer_shard());
+        let mut full = |part: &[f32]| -> Result<Vec<f32>> {
+            let mut buf = vec![0f32; total];
+            buf[shard.clone()].copy_from_slice(part);
+            self.pg
+                .all_gather(&mut buf, ranges)
+                .context("gathering the sharded AdamW state for a checkpoint")?;
+            Ok(buf)
+        };
+        Ok(OptimizerState {
+            m: full(&st.m)?,
+            v: full(&st.v)?,
+            step: st.step,
+        })
+    }
+
+    fn checkpoint(&self, loader: &LoaderState, optimizer: OptimizerState) -> Checkpoint {
         Checkpoint {
             params: self.engine.params(),
             state: TrainingState {
@@ -391,12 +445,17 @@ impl Run {
         if targets.is_empty() {
             return Ok(());
         }
+        let optimizer = self.full_optimizer_state()?;
         if self.pg.rank() != 0 {
             self.pg.barrier()?;
             return Ok(());
         }
         let t0 = Instant::now();
-        checkpoint::save_to_all(targets, self.engine.layout(), &self.checkpoint(loader))?;
+        checkpoint::save_to_all(
+            targets,
+            self.engine.layout(),
+            &self.checkpoint(loader, optimizer),
+        )?;
         let names: Vec<String> = targets
             .iter()
             .map(|p| {
@@ -414,6 +473,58 @@ impl Run {
         );
         self.pg.barrier()?;
         Ok(())
+    }
+
+    /// ZeRO-1's optimizer step: reduce-scatter the gradients (each rank gets the sum of
+    /// its own range), the global pre-clip norm from every rank's sum of squares, AdamW on
+    /// this rank's range, then all-gather the updated parameters. Each gradient is summed
+    /// in the same order as the all-reduce of zero_stage 0 (on the TCP ring), and the
+    /// clipped AdamW arithmetic is the same per element, so the two agree bit for bit
+    /// (barring a one-ulp difference of the norm's f64 sum, which reaches the f32 norm
+    /// only when it sits on a rounding boundary). Returns the pre-clip norm.
+    fn zero_step(
+        &mut self,
+        ranges: &[Range<usize>],
+        loss_sum: &mut [f32; 1],
+        hp: &crate::optim::AdamWConfig,
+        lr: f32,
+    ) -> Result<f32> {
+        let shard = ranges[self.pg.rank()].clone();
+        let on_device = self.engine.device_grads().and_then(|g| {
+            self.pg
+                .reduce_scatter_sum_device(g.ptr, g.len, ranges, g.stream)
+        });
+        match on_device {
+            Some(r) => r?,
+            None => self
+                .pg
+                .reduce_scatter_sum(self.engine.grads_mut(), ranges)?,
+        }
+        self.pg.all_reduce_sum(loss_sum)?;
+        let local = self.engine.grad_sumsq(shard);
+        let norm = adamw::norm_from_sumsq(dist::all_reduce_sum_f64(&mut *self.pg, local)?);
+        self.engine.step_shard(hp, lr, norm);
+        // The updated parameters: on the GPU when both can, else in the host buffer (in
+        // place when the engine keeps its parameters there).
+        let on_device = self
+            .engine
+            .device_params()
+            .and_then(|p| self.pg.all_gather_device(p.ptr, p.len, ranges, p.stream));
+        match on_device {
+            Some(r) => {
+                r?;
+                self.engine.device_params_written();
+            }
+            None => match self.engine.params_mut() {
+                Some(params) => self.pg.all_gather(params, ranges)?,
+                None => {
+                    let mut params = self.engine.params();
+                    self.pg.all_gather(&mut params, ranges)?;
+                    self.engine.set_params(&params);
+                }
+            },
+        }
+        Ok(norm)
     }
 
     fn train_loop(&mut self) -> Result<TrainSummary> {
@@ -515,7 +626,8 @@ impl Run {
             }
             // One optimisation step: this rank's share of the micro-steps (global indices
             // rank*local_accum ..), each scaled by 1/accum so that the sum over ranks is the
-            // mean over all micro-steps; one all-reduce of the gradients; clip; AdamW.
+            // mean over all micro-steps; one all-reduce of the gradients; clip; AdamW (with
+            // ZeRO-1: reduce-scatter, clip and AdamW on this rank's shard, all-gather).
             let step_start = Instant::now();
             self.engine.zero_grad();
             let mut loss_sum = [0f32];
@@ -545,20 +657,26 @@ impl Run {
             }
             self.loader.set_state(&data_base);
             self.engine.set_rng_state(drop_base.state);
-            if world > 1 {
-                // On the GPU when both the engine and the group can (NCCL), else on the host.
-                let on_device = self
-                    .engine
-                    .device_grads()
-                    .and_then(|g| self.pg.all_reduce_sum_device(g.ptr, g.len, g.stream));
-                match on_device {
-                    Some(r) => r?,
-                    None => self.pg.all_reduce_sum(self.engine.grads_mut())?,
+            let norm = match self.zero.clone() {
+                Some(ranges) => self.zero_step(&ranges, &mut loss_sum, &hp, lr)?,
+                None => {
+                    if world > 1 {
+                        // On the GPU when both the engine and the group can (NCCL), else on
+                        // the host.
+                        let on_device = self
+                            .engine
+                            .device_grads()
+                            .and_then(|g| self.pg.all_reduce_sum_device(g.ptr, g.len, g.stream));
+                        match on_device {
+                            Some(r) => r?,
+                            None => self.pg.all_reduce_sum(self.engine.grads_mut())?,
+                        }
+                        self.pg.all_reduce_sum(&mut loss_sum)?;
+                    }
+                    self.engine.step(&hp, lr)
                 }
-                self.pg.all_reduce_sum(&mut loss_sum)?;
-            }
+            };
             let loss = loss_sum[0] / accum as f32;
-            let norm = self.engine.step(&hp, lr);
             if !loss.is_finite() {
                 bail!("loss became {loss} at iter {it}; lower learning_rate or check the data");
             }

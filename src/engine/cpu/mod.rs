@@ -106,8 +106,10 @@ struct Core {
     decay_runs: Vec<(usize, usize, bool)>,
     params: Vec<f32>,
     grads: Vec<f32>,
+    /// AdamW moments of `opt_shard` (the whole buffer unless ZeRO-1 narrowed it).
     m: Vec<f32>,
     v: Vec<f32>,
+    opt_shard: std::ops::Range<usize>,
     step: u64,
     rng: Rng,
     threads: usize,
@@ -152,6 +154,7 @@ impl CpuEngine {
                 grads: vec![0.0; total],
                 m: vec![0.0; total],
                 v: vec![0.0; total],
+                opt_shard: 0..total,
                 step: 0,
                 rng: Rng::derive(seed, 0xD50F),
                 threads,
@@ -631,22 +634,54 @@ impl Engine for CpuEngine {
     }
 
     fn step(&mut self, hp: &AdamWConfig, lr: f32) -> f32 {
+        let all = 0..self.core.params.len();
+        let norm = adamw::norm_from_sumsq(self.grad_sumsq(all));
+        self.step_shard(hp, lr, norm);
+        norm
+    }
+
+    fn grad_sumsq(&mut self, range: std::ops::Range<usize>) -> f64 {
+        let grads = &self.core.grads[range];
+        self.pool.install(|| adamw::grad_sumsq(grads))
+    }
+
+    fn step_shard(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) {
         let core = &mut self.core;
+        core.step += 1;
         self.pool.install(|| {
-            let norm = adamw::clip_grad_norm(&mut core.grads, hp.grad_clip);
-            core.step += 1;
-            adamw::adamw_step(
+            adamw::shard_step(
                 &mut core.params,
-                &core.grads,
+                &mut core.grads,
                 &mut core.m,
                 &mut core.v,
                 &core.decay_runs,
+                core.opt_shard.clone(),
+                norm,
                 hp,
                 lr,
                 core.step,
-            );
-            norm
-        })
+            )
+        });
+    }
+
+    fn optimizer_shard(&self) -> std::ops::Range<usize> {
+        self.core.opt_shard.clone()
+    }
+
+    fn set_optimizer_shard(&mut self, range: std::ops::Range<usize>) {
+        let core = &mut self.core;
+        assert!(
+            range.end <= core.params.len() && range.start <= range.end,
+            "optimizer shard {range:?} outside the {} parameters",
+            core.params.len()
+        );
+        core.m = adamw::reshard(&core.m, &core.opt_shard, &range);
+        core.v = adamw::reshard(&core.v, &core.opt_shard, &range);
+        core.opt_shard = range;
+    }
+
+    fn params_mut(&mut self) -> Option<&mut [f32]> {
+        Some(&mut self.core.params)
     }
 
     fn params(&self) -> Vec<f32> {
@@ -674,15 +709,12 @@ impl Engine for CpuEngine {
         }
     }
     fn set_optimizer_state(&mut self, state: OptimizerState) {
-        assert_eq!(
+        let n = self.core.opt_shard.len();
+        assert!(
+            state.m.len() == n && state.v.len() == n,
+            "optimizer state of {} and {} values for an optimizer shard of {n}",
             state.m.len(),
-            self.core.params.len(),
-            "optimizer state size mismatch"
-        );
-        assert_eq!(
-            state.v.len(),
-            self.core.params.len(),
-            "optimizer state size mismatch"
+            state.v.len()
         );
         self.core.m = state.m;
         self.core.v = state.v;

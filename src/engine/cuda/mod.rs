@@ -327,8 +327,10 @@ pub struct CudaEngine {
     acts: Option<Acts>,
     params: Buf,
     grads: Buf,
+    /// AdamW moments of `opt_shard` (the whole layout unless ZeRO-1 narrowed it).
     m: Buf,
     v: Buf,
+    opt_shard: std::ops::Range<usize>,
     norm_parts: Buf,
     blas: Sgemm,
     k: Kernels,
@@ -493,6 +495,7 @@ impl CudaEngine {
             grads,
             m,
             v,
+            opt_shard: 0..total,
             norm_parts,
             blas,
             k,
@@ -1823,29 +1826,42 @@ impl CudaEngine {
     }
 
     fn step_inner(&mut self, hp: &AdamWConfig, lr: f32) -> CResult<f32> {
+        let norm = crate::optim::adamw::norm_from_sumsq(self.sumsq_inner(0..self.layout.total)?);
+        self.step_shard_inner(hp, lr, norm)?;
+        Ok(norm)
+    }
+
+    /// Sum of squares of `grads[range]`: `NORM_PARTS` block sums in f64, added in order on
+    /// the host (deterministic for a given range).
+    fn sumsq_inner(&mut self, range: std::ops::Range<usize>) -> CResult<f64> {
         self.sync_grads()?;
-        let total = self.layout.total;
         self.run(
             self.k.sumsq_parts,
             (NORM_PARTS as u32, 1, 1),
             &[
                 Arg::Ptr(self.norm_parts.ptr),
-                Arg::Ptr(self.grads.ptr),
-                Arg::I64(total as i64),
+                Arg::Ptr(at(self.grads.ptr, range.start)),
+                Arg::I64(range.len() as i64),
             ],
         )?;
         let mut parts = vec![0f64; NORM_PARTS];
         self.norm_parts.copy_to_host(&mut parts)?;
-        let norm = parts.iter().sum::<f64>().sqrt() as f32;
-        if hp.grad_clip > 0.0 {
-            let coef = (hp.grad_clip / (norm + 1e-6)).min(1.0);
-            if coef < 1.0 {
+        Ok(parts.iter().sum::<f64>())
+    }
+
+    /// Clip for the global pre-clip `norm`, then AdamW over `opt_shard` (the moments hold
+    /// exactly that range; parameter, gradient and bf16-copy pointers are offset to it).
+    fn step_shard_inner(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) -> CResult<()> {
+        self.sync_grads()?;
+        let shard = self.opt_shard.clone();
+        if let Some(coef) = crate::optim::adamw::clip_coef(norm, hp.grad_clip) {
+            if !shard.is_empty() {
                 self.run(
                     self.k.scale_inplace,
-                    grid_1d(total),
+                    grid_1d(shard.len()),
                     &[
-                        Arg::Ptr(self.grads.ptr),
-                        Arg::I64(total as i64),
+                        Arg::Ptr(at(self.grads.ptr, shard.start)),
+                        Arg::I64(shard.len() as i64),
                         Arg::F32(coef),
                     ],
                 )?;
@@ -1856,18 +1872,20 @@ impl CudaEngine {
         let bc2 = 1.0 - (hp.beta2 as f64).powi(self.step as i32);
         let step_size = (lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        for &(off, len, decays) in &self.runs {
+        // `off` is relative to the shard: moments at `off`, parameters at shard.start + off.
+        for (off, len, decays) in crate::optim::adamw::runs_within(&self.runs, &shard) {
             let decay = if decays {
                 1.0 - lr * hp.weight_decay
             } else {
                 1.0
             };
+            let abs = shard.start + off;
             self.run(
                 self.k.adamw_update,
                 grid_1d(len),
                 &[
-                    Arg::Ptr(at(self.params.ptr, off)),
-                    Arg::Ptr(at(self.grads.ptr, off)),
+                    Arg::Ptr(at(self.params.ptr, abs)),
+                    Arg::Ptr(at(self.grads.ptr, abs)),
                     Arg::Ptr(at(self.m.ptr, off)),
                     Arg::Ptr(at(self.v.ptr, off)),
                     Arg::I64(len as i64),
@@ -1880,13 +1898,50 @@ impl CudaEngine {
                     Arg::Ptr(
                         self.bf
                             .as_ref()
-                            .map_or(0, |bf| bf.params.ptr + 2 * off as u64),
+                            .map_or(0, |bf| bf.params.ptr + 2 * abs as u64),
                     ),
                 ],
             )?;
         }
+        self.stream.synchronize()
+    }
+
+    /// The moments of `opt_shard` on the host.
+    fn moments_to_host(&self) -> CResult<(Vec<f32>, Vec<f32>)> {
+        self.ctx.make_current()?;
         self.stream.synchronize()?;
-        Ok(norm)
+        let n = self.opt_shard.len();
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        if n > 0 {
+            self.m.copy_to_host(&mut m)?;
+            self.v.copy_to_host(&mut v)?;
+        }
+        Ok((m, v))
+    }
+
+    /// Replaces the moment buffers with ones for `range` holding `m` and `v`.
+    fn moments_from_host(
+        &mut self,
+        range: std::ops::Range<usize>,
+        m: &[f32],
+        v: &[f32],
+    ) -> CResult<()> {
+        self.ctx.make_current()?;
+        self.stream.synchronize()?;
+        // Free the old buffers first, so that the peak is the larger of the two.
+        self.m = self.ctx.alloc(0)?;
+        self.v = self.ctx.alloc(0)?;
+        let up = |data: &[f32]| -> CResult<Buf> {
+            let b = self.ctx.alloc(4 * data.len())?;
+            if !data.is_empty() {
+                b.copy_from_host(data)?;
+            }
+            Ok(b)
+        };
+        self.m = up(m)?;
+        self.v = up(v)?;
+        self.opt_shard = range;
+        Ok(())
     }
 
     fn download(&self, buf: &Buf) -> CResult<Vec<f32>> {
@@ -2010,20 +2065,83 @@ impl Engine for CudaEngine {
         })
     }
     fn optimizer_state(&self) -> OptimizerState {
-        let get = |b: &Buf| {
-            self.download(b)
-                .unwrap_or_else(|e| panic!("CUDA error while reading the AdamW state: {e}"))
-        };
+        let (m, v) = self
+            .moments_to_host()
+            .unwrap_or_else(|e| panic!("CUDA error while reading the AdamW state: {e}"));
         OptimizerState {
-            m: get(&self.m),
-            v: get(&self.v),
+            m,
+            v,
             step: self.step,
         }
     }
     fn set_optimizer_state(&mut self, state: OptimizerState) {
-        self.upload(&self.m, &state.m, "AdamW first moments");
-        self.upload(&self.v, &state.v, "AdamW second moments");
+        let n = self.opt_shard.len();
+        assert!(
+            state.m.len() == n && state.v.len() == n,
+            "optimizer state of {} and {} values for an optimizer shard of {n}",
+            state.m.len(),
+            state.v.len()
+        );
+        let r = self.ctx.make_current().and_then(|_| {
+            self.stream.synchronize()?;
+            if n > 0 {
+                self.m.copy_from_host(&state.m)?;
+                self.v.copy_from_host(&state.v)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            panic!("CUDA error while uploading the AdamW state: {e}");
+        }
         self.step = state.step;
+    }
+    fn grad_sumsq(&mut self, range: std::ops::Range<usize>) -> f64 {
+        assert!(
+            range.start <= range.end && range.end <= self.layout.total,
+            "gradient range {range:?} outside the {} parameters",
+            self.layout.total
+        );
+        self.sumsq_inner(range)
+            .unwrap_or_else(|e| panic!("CUDA error in the gradient norm: {e}"))
+    }
+    fn step_shard(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) {
+        if let Err(e) = self.step_shard_inner(hp, lr, norm) {
+            panic!("CUDA error in the optimizer step: {e}");
+        }
+    }
+    fn optimizer_shard(&self) -> std::ops::Range<usize> {
+        self.opt_shard.clone()
+    }
+    fn set_optimizer_shard(&mut self, range: std::ops::Range<usize>) {
+        assert!(
+            range.start <= range.end && range.end <= self.layout.total,
+            "optimizer shard {range:?} outside the {} parameters",
+            self.layout.total
+        );
+        let r = self.moments_to_host().and_then(|(m, v)| {
+            let old = self.opt_shard.clone();
+            let reshard = crate::optim::adamw::reshard;
+            let (m, v) = (reshard(&m, &old, &range), reshard(&v, &old, &range));
+            self.moments_from_host(range.clone(), &m, &v)
+        });
+        if let Err(e) = r {
+            panic!("CUDA error while resizing the AdamW state to {range:?}: {e}");
+        }
+    }
+    fn device_params(&mut self) -> Option<super::DeviceGrads> {
+        if let Err(e) = self.ctx.make_current() {
+            panic!("CUDA error while making the context current: {e}");
+        }
+        Some(super::DeviceGrads {
+            ptr: self.params.ptr,
+            len: self.layout.total,
+            stream: self.stream.s as u64,
+        })
+    }
+    fn device_params_written(&mut self) {
+        if let Err(e) = self.refresh_bf16_params() {
+            panic!("CUDA error while refreshing the bf16 parameter copy: {e}");
+        }
     }
     fn rng_state(&self) -> [u64; 4] {
         self.rng.state

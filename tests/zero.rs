@@ -1,0 +1,551 @@
+//! ZeRO stage 1 (`zero_stage=1`) over the TCP ring on loopback: 2 and 3 ranks give the
+//! same losses, parameters and AdamW moments as `zero_stage=0` on as many ranks, bit for
+//! bit; runs resume across ZeRO stages (and world sizes) from the whole-state checkpoints;
+//! one rank accepts the key with a note; the startup log reports the AdamW memory per rank
+//! (and for GPT-2 124M on 8 ranks, the numbers this computes).
+
+mod common;
+
+use common::{nanogpt, prepare_data, tiny_train_args};
+use nanogpt::train::checkpoint;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Launcher variables that must not leak into the ranks from the test's environment.
+const LAUNCHER_VARS: [&str; 12] = [
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_RANK",
+    "PMI_SIZE",
+];
+
+fn clean(cmd: &mut Command) -> &mut Command {
+    for v in LAUNCHER_VARS {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
+/// Runs `nanogpt train <args>` as `world` ranks with torchrun's variables; every rank must
+/// succeed. Returns rank 0's stderr.
+fn run_ranks(cwd: &Path, world: usize, args: &[String]) -> String {
+    let port = nanogpt::dist::test_port();
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            let mut cmd = nanogpt(cwd);
+            clean(&mut cmd)
+                .arg("train")
+                .args(args)
+                .env("RANK", r.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} of {world} failed ({}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    String::from_utf8_lossy(&outs[0].stderr).into_owned()
+}
+
+/// (kind, iter, value bits) of metrics.jsonl: every training loss and eval loss, as the
+/// bits of the logged f32, for exact comparison.
+fn losses(out_dir: &Path) -> Vec<(String, u64, u32)> {
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let mut t = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let it = v["iter"].as_u64().unwrap();
+        let bits = |k: &str| (v[k].as_f64().unwrap() as f32).to_bits();
+        match v["kind"].as_str().unwrap() {
+            "train" => t.push(("loss".into(), it, bits("loss"))),
+            "eval" => {
+                t.push(("train_loss".into(), it, bits("train_loss")));
+                t.push(("val_loss".into(), it, bits("val_loss")));
+            }
+            _ => {}
+        }
+    }
+    t
+}
+
+fn assert_same_losses(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (losses(a), losses(b));
+    assert_eq!(x.len(), 7 + 3 * 2, "{what}: {x:?}");
+    for (p, q) in x.iter().zip(&y) {
+        assert_eq!(
+            p,
+            q,
+            "{what}: {} at iter {}: {} vs {}",
+            p.0,
+            p.1,
+            f32::from_bits(p.2),
+            f32::from_bits(q.2)
+        );
+    }
+    assert_eq!(x.len(), y.len(), "{what}");
+}
+
+/// Parameters, AdamW moments and step of `out_dir`'s latest checkpoint are identical.
+fn assert_same_checkpoint(a: &Path, b: &Path, what: &str) {
+    let load = |d: &Path| checkpoint::load(&d.join("ckpt.safetensors"), true).unwrap();
+    let (x, y) = (load(a), load(b));
+    assert_eq!(x.state.iter_num, y.state.iter_num, "{what}");
+    assert!(x.params == y.params, "{what}: parameters differ");
+    let (ox, oy) = (x.optimizer.unwrap(), y.optimizer.unwrap());
+    assert_eq!(ox.step, oy.step, "{what}");
+    assert_eq!(
+        ox.m.len(),
+        x.params.len(),
+        "{what}: whole first moments saved"
+    );
+    assert!(ox.m == oy.m, "{what}: first moments differ");
+    assert!(ox.v == oy.v, "{what}: second moments differ");
+    // Every rank's shard was updated (rows of unused tokens keep zero moments).
+    for r in nanogpt::dist::shard_ranges(ox.v.len(), 3) {
+        assert!(
+            ox.v[r.clone()].iter().any(|v| *v > 0.0),
+            "{what}: {r:?} never updated"
+        );
+    }
+}
+
+/// A short run in which 1, 2 and 3 ranks divide the accumulation; clipping is active
+/// (grad_clip 0.05 is below the norms of this model), and so is dropout.
+fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut e = vec![
+        "--gradient_accumulation_steps=6",
+        "--batch_size=2",
+        "--max_iters=6",
+        "--eval_interval=3",
+        "--eval_iters=3",
+        "--log_interval=1",
+        "--dropout=0.1",
+        "--grad_clip=0.05",
+        "--dist_timeout=20",
+    ];
+    e.extend_from_slice(extra);
+    tiny_train_args(data, out, &e)
+}
+
+#[test]
+fn zero1_matches_zero0_bit_for_bit_on_2_and_3_ranks_and_resumes_across_stages() {
+    let root = tempfile::tempdir().unwrap();
+    let cwd = root.path();
+    let data = prepare_data(&cwd.join("data"));
+    let dir = |name: &str| cwd.join(name);
+
+    for world in [2usize, 3] {
+        let z0 = dir(&format!("z0w{world}"));
+        let z1 = dir(&format!("z1w{world}"));
+        let log0 = run_ranks(cwd, world, &run_args(&data, &z0, &[]));
+        let log1 = run_ranks(cwd, world, &run_args(&data, &z1, &["--zero_stage=1"]));
+        assert!(
+            log0.contains("AdamW state: ") && log0.contains("(moments of all"),
+            "{log0}"
+        );
+        assert!(
+            log1.contains("zero_stage=1: moments of at most")
+                && log1.contains(&format!("on each of {world} ranks")),
+            "{log1}"
+        );
+        assert!(log1.contains("norm "), "{log1}");
+        assert_same_losses(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
+        assert_same_checkpoint(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
+    }
+
+    // Stage 0 to iteration 3, then stage 1 to 6: the straight stage-0 run, bit for bit.
+    let a = dir("z0then1");
+    run_ranks(cwd, 2, &run_args(&data, &a, &["--max_iters=3"]));
+    run_ranks(
+        cwd,
+        2,
+        &run_args(&data, &a, &["--zero_stage=1", "--init_from=resume"]),
+    );
+    assert_same_losses(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
+    assert_same_checkpoint(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
+
+    // Stage 1 to 3, then stage 0 to 6; and stage 1 on 2 ranks, resumed with stage 1 on 3.
+    let b = dir("z1then0");
+    run_ranks(
+        cwd,
+        2,
+        &run_args(&data, &b, &["--max_iters=3", "--zero_stage=1"]),
+    );
+    run_ranks(cwd, 2, &run_args(&data, &b, &["--init_from=resume"]));
+    assert_same_losses(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
+    assert_same_checkpoint(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
+    let c = dir("z1w2then3");
+    run_ranks(
+        cwd,
+        2,
+        &run_args(&data, &c, &["--max_iters=3", "--zero_stage=1"]),
+    );
+    run_ranks(
+        cwd,
+        3,
+        &run_args(&data, &c, &["--zero_stage=1", "--init_from=resume"]),
+    );
+    // Same as stage 1 on 3 ranks from the start, except for float summation order across
+    // the first three iterations' 2-rank sums: compare within rounding.
+    let (x, y) = (losses(&dir("z1w3")), losses(&c));
+    assert_eq!(x.len(), y.len());
+    for (p, q) in x.iter().zip(&y) {
+        let (u, v) = (f32::from_bits(p.2), f32::from_bits(q.2));
+        assert!(
+            (u - v).abs() <= 1e-5 * u.abs(),
+            "{} at {}: {u} vs {v}",
+            p.0,
+            p.1
+        );
+    }
+}
+
+#[test]
+fn one_rank_accepts_zero_stage_1_with_a_note_and_trains_as_stage_0() {
+    let root = tempfile::tempdir().unwrap();
+    let cwd = root.path();
+    let data = prepare_data(&cwd.join("data"));
+    let (a, b) = (cwd.join("a"), cwd.join("b"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = run_args(&data, out, &["--dist_env=none", "--max_iters=3"]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = clean(&mut nanogpt(cwd))
+            .arg("train")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    run(&a, &[]);
+    let err = run(&b, &["--zero_stage=1"]);
+    assert!(err.contains("zero_stage = 1 with a single rank"), "{err}");
+    assert!(err.contains("(moments of all"), "{err}");
+    assert_eq!(losses(&a), losses(&b));
+
+    let o = clean(&mut nanogpt(cwd))
+        .arg("train")
+        .args(run_args(&data, &a, &["--dist_env=none", "--zero_stage=2"]))
+        .output()
+        .unwrap();
+    let err = common::expect_clean_failure(&o);
+    common::assert_contains_all(&err, &["zero_stage", "expected 0 (off) or 1"]);
+}
+
+#[test]
+fn adamw_memory_per_rank_for_gpt2_124m_on_8_ranks() {
+    let cfg = nanogpt::model::GptConfig::new(12, 12, 768, 1024, 50304, false, 0.0).unwrap();
+    let total = nanogpt::model::ParamLayout::new(&cfg).total;
+    let shards = nanogpt::dist::shard_ranges(total, 8);
+    let sizes: Vec<usize> = shards.iter().map(|r| r.len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), total);
+    let largest = *sizes.iter().max().unwrap();
+    assert!(largest - sizes.iter().min().unwrap() <= 16);
+    let unsharded = nanogpt::optim::adamw_memory_line(total, 8, false);
+    let sharded = nanogpt::optim::adamw_memory_line(total, 8, true);
+    eprintln!("gpt2 124M ({total} parameters), 8 ranks:\n  zero_stage=0: {unsharded}\n  zero_stage=1: {sharded}");
+    assert_eq!(largest, total.div_ceil(8 * 16) * 16);
+    assert!(sharded.contains(&format!(
+        "{:.1} MiB per rank",
+        (8 * largest) as f64 / 1048576.0
+    )));
+    assert!(unsharded.contains(&format!(
+        "{:.1} MiB per rank",
+        (8 * total) as f64 / 1048576.0
+    )));
+}
+
+// ------------------------------------------------------------------ GPU
+//
+// Without a GPU these print "skipped: no GPU (why)" and pass; NANOGPT_REQUIRE_GPU=1 makes
+// that a failure.
+
+mod gpu {
+    use nanogpt::dist::nccl::{self, NcclProcessGroup};
+    use nanogpt::dist::SingleProcess;
+    use nanogpt::dist::{rendezvous, shard_ranges, tcp, DistOptions, LaunchInfo, ProcessGroup};
+    use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+    use nanogpt::engine::{Batch, Engine};
+    use nanogpt::model::{GptConfig, ParamLayout};
+    use nanogpt::optim::{adamw, AdamWConfig};
+    use std::time::Duration;
+
+    const B: usize = 2;
+    const T: usize = 16;
+
+    fn batch_tokens(seed: usize) -> (Vec<u32>, Vec<i32>) {
+        let inputs = (0..B * T).map(|i| ((i * 7 + seed) % 50) as u32).collect();
+        let targets = (0..B * T).map(|i| ((i * 11 + seed) % 50) as i32).collect();
+        (inputs, targets)
+    }
+
+    fn engine(precision: Precision) -> CudaEngine {
+        let cfg = GptConfig::new(2, 2, 32, 16, 50, true, 0.0).unwrap();
+        let params = ParamLayout::new(&cfg).init_params(&cfg, 3);
+        CudaEngine::with_precision(cfg, params, 3, 0, precision).unwrap()
+    }
+
+    fn loss(e: &mut CudaEngine, seed: usize) -> f32 {
+        let (inputs, targets) = batch_tokens(seed);
+        e.loss(Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b: B,
+            t: T,
+        })
+        .unwrap()
+    }
+
+    fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
+        a.iter()
+            .zip(b)
+            .position(|(x, y)| x.to_bits() != y.to_bits())
+            .map(|i| (i, a[i], b[i]))
+    }
+
+    /// Three engines, each holding one shard's moments, step their shards with the global
+    /// norm; their parameters and moments must equal one engine's whole step bit for bit
+    /// (the same adamw_update kernel on offset pointers), and after gathering the
+    /// parameters every engine computes the same loss as the whole-step engine.
+    #[test]
+    fn cuda_sharded_steps_equal_the_whole_step() {
+        let test = "cuda_sharded_steps_equal_the_whole_step";
+        if stack::gpus_for_test(test).is_none() {
+            return;
+        }
+        for precision in [Precision::F32, Precision::Bf16] {
+            let hp = AdamWConfig {
+                grad_clip: 0.05,
+                ..Default::default()
+            };
+            let mut whole = engine(precision);
+            let total = whole.layout().total;
+            let ranges = shard_ranges(total, 3);
+            let mut shards: Vec<CudaEngine> = (0..3).map(|_| engine(precision)).collect();
+            for (s, r) in shards.iter_mut().zip(&ranges) {
+                s.set_optimizer_shard(r.clone());
+                assert_eq!(s.optimizer_state().m.len(), r.len());
+            }
+            for it in 0..3 {
+                // The same gradients everywhere: set on the host (uploaded before use).
+                let grads: Vec<f32> = (0..total)
+                    .map(|i| ((i * 31 + it * 17) % 101) as f32 * 1e-3 - 0.05)
+                    .collect();
+                whole.grads_mut().copy_from_slice(&grads);
+                let norm = whole.step(&hp, 1e-2);
+                assert!(norm > hp.grad_clip, "{precision:?}: the test must clip");
+                let mut sumsq = 0f64;
+                for (s, r) in shards.iter_mut().zip(&ranges) {
+                    s.grads_mut().copy_from_slice(&grads);
+                    sumsq += s.grad_sumsq(r.clone());
+                }
+                let shard_norm = adamw::norm_from_sumsq(sumsq);
+                assert!(
+                    (shard_norm - norm).abs() <= 1e-6 * norm,
+                    "{precision:?} iter {it}: norm from shard sums {shard_norm} vs {norm}"
+                );
+                for s in shards.iter_mut() {
+                    s.step_shard(&hp, 1e-2, norm);
+                }
+                let (wp, wo) = (whole.params(), whole.optimizer_state());
+                let mut gathered = vec![0f32; total];
+                for (k, (s, r)) in shards.iter().zip(&ranges).enumerate() {
+                    let (p, o) = (s.params(), s.optimizer_state());
+                    assert_eq!(o.step, wo.step);
+                    let what = format!("{precision:?} iter {it} shard {k} {r:?}");
+                    assert_eq!(
+                        first_diff(&p[r.clone()], &wp[r.clone()]),
+                        None,
+                        "{what}: params"
+                    );
+                    assert_eq!(first_diff(&o.m, &wo.m[r.clone()]), None, "{what}: m");
+                    assert_eq!(first_diff(&o.v, &wo.v[r.clone()]), None, "{what}: v");
+                    gathered[r.clone()].copy_from_slice(&p[r.clone()]);
+                }
+                for s in shards.iter_mut() {
+                    s.set_params(&gathered);
+                }
+            }
+            let want = loss(&mut whole, 1);
+            for (k, s) in shards.iter_mut().enumerate() {
+                let got = loss(s, 1);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{precision:?} shard engine {k}: loss {got} vs {want}"
+                );
+            }
+            // Undoing the sharding keeps this shard's moments and zeroes the rest.
+            let s = &mut shards[1];
+            let part = s.optimizer_state();
+            s.set_optimizer_shard(0..total);
+            let full = s.optimizer_state();
+            assert_eq!(full.m[ranges[1].clone()], part.m[..]);
+            assert!(full.m[ranges[0].clone()].iter().all(|&x| x == 0.0));
+        }
+    }
+
+    /// A 1-rank NCCL group: the grouped ncclReduce / ncclBroadcast calls run and leave the
+    /// buffers as they were; the engine's bf16 copy follows parameters written on the GPU.
+    #[test]
+    fn one_rank_nccl_reduce_scatter_and_all_gather_on_the_device() {
+        let test = "one_rank_nccl_reduce_scatter_and_all_gather";
+        if stack::gpus_for_test(test).is_none() {
+            return;
+        }
+        let st = stack::stack().unwrap();
+        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
+        let mut eng = engine(Precision::Bf16);
+        let (inputs, targets) = batch_tokens(0);
+        eng.zero_grad();
+        eng.forward_backward(
+            Batch {
+                inputs: &inputs,
+                targets: &targets,
+                b: B,
+                t: T,
+            },
+            1.0,
+        )
+        .unwrap();
+        let before = eng.grads();
+        let g = eng.device_grads().unwrap();
+        let mut pg = NcclProcessGroup::new(
+            Box::new(SingleProcess),
+            nccl,
+            &st.driver,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let ranges = shard_ranges(g.len, 1);
+        pg.reduce_scatter_sum_device(g.ptr, g.len, &ranges, g.stream)
+            .expect("the NCCL group reduce-scatters device memory")
+            .unwrap();
+        assert_eq!(
+            first_diff(&eng.grads(), &before),
+            None,
+            "1-rank reduce-scatter"
+        );
+        let loss0 = loss(&mut eng, 2);
+        let p = eng.device_params().unwrap();
+        pg.all_gather_device(p.ptr, p.len, &ranges, p.stream)
+            .expect("the NCCL group all-gathers device memory")
+            .unwrap();
+        eng.device_params_written();
+        assert_eq!(
+            loss(&mut eng, 2).to_bits(),
+            loss0.to_bits(),
+            "1-rank all-gather"
+        );
+        let err = pg
+            .all_gather_device(p.ptr, p.len, &shard_ranges(p.len, 2), p.stream)
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 ranges given"), "{err}");
+        pg.finish().unwrap();
+    }
+
+    /// 2 GPUs, 2 ranks as threads: uneven shards are reduced onto their owners and
+    /// gathered back exactly (integer values sum exactly in any order).
+    #[test]
+    fn two_ranks_reduce_scatter_and_all_gather_device_buffers_exactly() {
+        let test = "two_ranks_reduce_scatter_and_all_gather";
+        let Some(gpus) = stack::gpus_for_test(test) else {
+            return;
+        };
+        if gpus.len() < 2 {
+            eprintln!(
+                "{test}: skipped: needs 2 GPUs, this machine has {}",
+                gpus.len()
+            );
+            return;
+        }
+        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
+        let port = nanogpt::dist::test_port();
+        let n = (1 << 20) + 21;
+        let handles: Vec<_> = (0..2usize)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let st = stack::stack().unwrap();
+                    let info = LaunchInfo {
+                        rank: r,
+                        world_size: 2,
+                        local_world_size: 2,
+                        local_rank: r,
+                        master_port: port,
+                        ..LaunchInfo::single()
+                    };
+                    let opts = DistOptions {
+                        timeout: Duration::from_secs(60),
+                        fingerprint: vec![],
+                    };
+                    let rd = rendezvous::rendezvous(&info, &opts).unwrap();
+                    let host = tcp::TcpProcessGroup::connect(rd, opts.timeout).unwrap();
+                    let ctx = st.driver.context(r).unwrap();
+                    let mut pg =
+                        NcclProcessGroup::new(Box::new(host), nccl, &st.driver, opts.timeout)
+                            .unwrap();
+                    let ranges = shard_ranges(n, 2);
+                    let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
+                    let buf = ctx.upload(&input).unwrap();
+                    let stream = ctx.stream().unwrap();
+                    pg.reduce_scatter_sum_device(buf.ptr, n, &ranges, stream.s as u64)
+                        .unwrap()
+                        .unwrap();
+                    let mut summed = vec![0f32; n];
+                    buf.copy_to_host(&mut summed).unwrap();
+                    let mine = summed[ranges[r].clone()].to_vec();
+                    // Each rank writes a marker into its own range, then all gather.
+                    let mut mark = summed.clone();
+                    mark[ranges[r].clone()].iter_mut().for_each(|x| *x += 0.5);
+                    buf.copy_from_host(&mark).unwrap();
+                    pg.all_gather_device(buf.ptr, n, &ranges, stream.s as u64)
+                        .unwrap()
+                        .unwrap();
+                    let mut gathered = vec![0f32; n];
+                    buf.copy_to_host(&mut gathered).unwrap();
+                    pg.finish().unwrap();
+                    (mine, gathered, ranges)
+                })
+            })
+            .collect();
+        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let want = |i: usize| ((i * 3) % 4099 + (i * 4) % 4099) as f32;
+        for (r, (mine, gathered, ranges)) in outs.iter().enumerate() {
+            for (k, &x) in mine.iter().enumerate() {
+                let i = ranges[r].start + k;
+                assert_eq!(x, want(i), "rank {r}: reduce-scatter element {i}");
+            }
+            for (i, &x) in gathered.iter().enumerate() {
+                assert_eq!(x, want(i) + 0.5, "rank {r}: all-gather element {i}");
+            }
+        }
+    }
+}
