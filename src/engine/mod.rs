@@ -40,6 +40,60 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+/// Which activations the backward pass recomputes instead of keeping them from the forward
+/// pass (config key `recompute`, as llm.c's `-r`). Recomputed tensors live in one buffer
+/// shared by every layer instead of one per layer; the gradients are the same bits either
+/// way, because the backward recomputes them with the forward's own arithmetic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Recompute {
+    /// `recompute=0`: every activation is kept.
+    #[default]
+    Nothing,
+    /// `recompute=1`: the GELU output (N x 4C per layer) is recomputed from the kept
+    /// pre-activation.
+    Gelu,
+    /// `recompute=2`: also both LayerNorm outputs of every block (2 x N x C per layer),
+    /// recomputed from the kept LayerNorm input, mean and rstd.
+    GeluLayerNorm,
+}
+
+impl Recompute {
+    /// The level of `recompute=level` (0, 1 or 2).
+    pub fn from_level(level: u64) -> Option<Recompute> {
+        match level {
+            0 => Some(Recompute::Nothing),
+            1 => Some(Recompute::Gelu),
+            2 => Some(Recompute::GeluLayerNorm),
+            _ => None,
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether the GELU output is recomputed in the backward pass.
+    pub fn gelu(self) -> bool {
+        self >= Recompute::Gelu
+    }
+
+    /// Whether the blocks' LayerNorm outputs are recomputed in the backward pass.
+    pub fn layernorm(self) -> bool {
+        self >= Recompute::GeluLayerNorm
+    }
+
+    /// What the level recomputes, for logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Recompute::Nothing => "every activation kept",
+            Recompute::Gelu => "GELU outputs recomputed in the backward pass",
+            Recompute::GeluLayerNorm => {
+                "GELU and LayerNorm outputs recomputed in the backward pass"
+            }
+        }
+    }
+}
+
 /// Where an engine keeps its gradient buffer on a GPU, for collectives that reduce it in
 /// place there (NCCL) instead of through [`Engine::grads_mut`]'s host copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +171,17 @@ pub trait Engine: Send {
         _hp: &AdamWConfig,
         _lr: f32,
     ) -> Option<Result<cuda::profile::StepProfile>> {
+        None
+    }
+
+    /// Which activations the backward pass recomputes (see [`Recompute`]); takes effect at
+    /// the next forward pass (the activation buffers are reallocated for it).
+    fn set_recompute(&mut self, recompute: Recompute);
+    fn recompute(&self) -> Recompute;
+    /// Bytes of the activation buffers (saved for the backward pass, logits, backward
+    /// scratch) a training step on `b` rows of `t` tokens allocates at level `recompute`;
+    /// `None` when the engine cannot say.
+    fn activation_bytes(&self, _b: usize, _t: usize, _recompute: Recompute) -> Option<u64> {
         None
     }
 
