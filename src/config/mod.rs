@@ -19,6 +19,7 @@ mod tests;
 pub use keep::KeepSchedule;
 pub use loader::ValueKind;
 
+use crate::engine::Recompute;
 use crate::model::{GptConfig, ModelError};
 use crate::optim::{AdamWConfig, LrSchedule};
 use serde::de::DeserializeOwned;
@@ -331,6 +332,17 @@ fn check_betas(beta1: f64, beta2: f64) -> Result<(), ConfigError> {
     )
 }
 
+/// The [`Recompute`] level of config key `recompute`.
+pub fn recompute_level(value: u64) -> Result<Recompute, ConfigError> {
+    Recompute::from_level(value).ok_or_else(|| ConfigError::Invalid {
+        key: "recompute".into(),
+        value: value.to_string(),
+        reason: "expected 0 (keep every activation), 1 (recompute the GELU outputs in the \
+                 backward pass) or 2 (also the LayerNorm outputs)"
+            .into(),
+    })
+}
+
 fn check_peak_flops(peak_flops: Option<f64>) -> Result<(), ConfigError> {
     match peak_flops {
         Some(p) => check(
@@ -427,6 +439,10 @@ pub struct TrainConfig {
     /// Launch environment: `auto` (torchrun, then Slurm, then MPI variables), `torchrun`,
     /// `slurm`, `mpi`, or `none` (one process, whatever the environment says).
     pub dist_env: String,
+    /// Activation recomputation, as llm.c's `-r`: 0 keeps every activation; 1 recomputes
+    /// the GELU outputs in the backward pass; 2 also the LayerNorm outputs. Less memory for
+    /// a little more compute; the gradients are the same.
+    pub recompute: u64,
 }
 
 impl Default for TrainConfig {
@@ -472,6 +488,7 @@ impl Default for TrainConfig {
             threads: 0,
             dist_timeout: 60,
             dist_env: "auto".into(),
+            recompute: 0,
         }
     }
 }
@@ -550,6 +567,7 @@ impl ConfigSchema for TrainConfig {
         )?;
         self.device_spec()?;
         self.dtype_kind()?;
+        recompute_level(self.recompute)?;
         check_peak_flops(self.peak_flops)
     }
 }
@@ -572,6 +590,11 @@ impl TrainConfig {
 
     pub fn dtype_kind(&self) -> Result<Dtype, ConfigError> {
         self.dtype.parse()
+    }
+
+    /// `recompute` as the engines take it.
+    pub fn recompute_level(&self) -> Result<Recompute, ConfigError> {
+        recompute_level(self.recompute)
     }
 
     /// The model's shape for a vocabulary of `vocab_size` tokens (padded to 64, as nanoGPT
@@ -783,6 +806,8 @@ pub struct BenchConfig {
     /// Comma-separated batch sizes (e.g. "4,8,16"): run the benchmark once per size, each
     /// with a fresh engine, and report time and peak memory per size; empty = `batch_size`.
     pub batch_sizes: String,
+    /// Activation recomputation: 0, 1 or 2 (as `nanogpt train`'s `recompute`).
+    pub recompute: u64,
 }
 
 impl Default for BenchConfig {
@@ -816,6 +841,7 @@ impl Default for BenchConfig {
             gemm_tflops: None,
             copy_gbps: None,
             batch_sizes: String::new(),
+            recompute: 0,
         }
     }
 }
@@ -872,6 +898,7 @@ impl ConfigSchema for BenchConfig {
         check_betas(self.beta1, self.beta2)?;
         self.device_spec()?;
         self.dtype_kind()?;
+        recompute_level(self.recompute)?;
         check_peak_flops(self.peak_flops)
     }
 }
@@ -885,6 +912,11 @@ impl BenchConfig {
 
     pub fn dtype_kind(&self) -> Result<Dtype, ConfigError> {
         self.dtype.parse()
+    }
+
+    /// `recompute` as the engines take it.
+    pub fn recompute_level(&self) -> Result<Recompute, ConfigError> {
+        recompute_level(self.recompute)
     }
 
     /// The batch sizes to run: `batch_sizes` parsed, or `[batch_size]` when it is empty.

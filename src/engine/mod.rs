@@ -192,6 +192,31 @@ pub trait Engine: Send {
     }
 }
 
+/// One log line on the activation memory of a training step on `b` x `t` tokens at the
+/// engine's `recompute` level, with the figure of level 0 beside it; `None` when the engine
+/// cannot say.
+pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<String> {
+    let rc = engine.recompute();
+    let bytes = engine.activation_bytes(b, t, rc)?;
+    let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+    let mut line = format!(
+        "activations: {:.2} GiB for a {b} x {t} micro-batch (recompute={}: {})",
+        gib(bytes),
+        rc.level(),
+        rc.describe()
+    );
+    if rc != Recompute::Nothing {
+        if let Some(all) = engine.activation_bytes(b, t, Recompute::Nothing) {
+            line.push_str(&format!(
+                "; {:.2} GiB with recompute=0, {:.2} GiB saved",
+                gib(all),
+                gib(all.saturating_sub(bytes))
+            ));
+        }
+    }
+    Some(line)
+}
+
 /// The parameter layout of a valid `cfg`, checked against a parameter buffer of `len` values
 /// (every engine's constructor starts here).
 pub fn layout_for(cfg: &GptConfig, len: usize) -> Result<ParamLayout> {

@@ -889,14 +889,24 @@ mod tests {
                 Recompute::GeluLayerNorm,
             ] {
                 let a = Activations::new(&cfg, 2, 5, rc);
-                assert_eq!(a.bytes(), Activations::planned_bytes(&cfg, 2, 5, rc), "{rc:?}");
+                assert_eq!(
+                    a.bytes(),
+                    Activations::planned_bytes(&cfg, 2, 5, rc),
+                    "{rc:?}"
+                );
             }
         }
         // Level 1 saves (L - 1) x N x 4C floats, level 2 another (2L - 1) x N x C.
         let cfg = GptConfig::new(3, 2, 16, 8, 50, false, 0.0).expect("a valid small model");
         let bytes = |rc| Activations::planned_bytes(&cfg, 2, 5, rc);
         let (n, c) = (10u64, 16u64);
-        assert_eq!(bytes(Recompute::Nothing) - bytes(Recompute::Gelu), 4 * 2 * n * 4 * c);
-        assert_eq!(bytes(Recompute::Gelu) - bytes(Recompute::GeluLayerNorm), 4 * 5 * n * c);
+        assert_eq!(
+            bytes(Recompute::Nothing) - bytes(Recompute::Gelu),
+            4 * 2 * n * 4 * c
+        );
+        assert_eq!(
+            bytes(Recompute::Gelu) - bytes(Recompute::GeluLayerNorm),
+            4 * 5 * n * c
+        );
     }
 }

@@ -396,7 +396,9 @@ impl Acts {
     /// The layer's own buffer, or the shared one when the layer keeps none.
     fn own_or_shared(&self, own: Option<&Buf>, shared: &Option<Buf>) -> u64 {
         own.or(shared.as_ref())
-            .expect("Acts::new allocates a shared buffer for every activation a layer does not keep")
+            .expect(
+                "Acts::new allocates a shared buffer for every activation a layer does not keep",
+            )
             .ptr
     }
 }
@@ -1644,16 +1646,7 @@ impl CudaEngine {
                 o.ln2_b,
                 n,
             )?;
-            self.linear_gelu_fwd(
-                a.gelu(l),
-                la.fch.ptr,
-                a.ln2(l),
-                o.fc_w,
-                o.fc_b,
-                c,
-                4 * c,
-                n,
-            )?;
+            self.linear_gelu_fwd(a.gelu(l), la.fch.ptr, a.ln2(l), o.fc_w, o.fc_b, c, 4 * c, n)?;
             self.linear_fwd(
                 la.res3.ptr,
                 a.gelu(l),
