@@ -194,6 +194,12 @@ impl Activations {
     }
 }
 
+/// Bytes of the activation buffers a CPU training step on `b` rows of `t` tokens allocates
+/// at level `recompute` (what [`Engine::activation_bytes`] reports).
+pub fn activation_bytes(cfg: &GptConfig, b: usize, t: usize, recompute: Recompute) -> u64 {
+    Activations::planned_bytes(cfg, b, t, recompute)
+}
+
 /// `own` when the layer keeps this activation, else the buffer shared by all layers.
 fn own_or<'a>(own: &'a mut [f32], shared: &'a mut [f32]) -> &'a mut [f32] {
     if own.is_empty() {
@@ -871,7 +877,7 @@ impl Engine for CpuEngine {
         self.core.recompute
     }
     fn activation_bytes(&self, b: usize, t: usize, recompute: Recompute) -> Option<u64> {
-        Some(Activations::planned_bytes(&self.core.cfg, b, t, recompute))
+        Some(activation_bytes(&self.core.cfg, b, t, recompute))
     }
 }
 
