@@ -403,6 +403,20 @@ impl Acts {
     }
 }
 
+/// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
+/// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the fused
+/// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too).
+pub fn activation_bytes(
+    cfg: &GptConfig,
+    b: usize,
+    t: usize,
+    recompute: Recompute,
+    fused: bool,
+    attn_dropout: bool,
+) -> u64 {
+    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout)
+}
+
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
@@ -2214,7 +2228,7 @@ impl Engine for CudaEngine {
     fn activation_bytes(&self, b: usize, t: usize, recompute: Recompute) -> Option<u64> {
         let fused = self.fused_attention(b, t, true).is_some();
         let attn_dropout = self.cfg.dropout > 0.0;
-        Some(Acts::planned_bytes(
+        Some(activation_bytes(
             &self.cfg,
             b,
             t,
