@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches, cuda_epilogues, cuda_profile and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_epilogues, cuda_profile, cuda_recompute and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -29,6 +29,8 @@
 #                      (NANOGPT_CUDA_DISABLE=flash), fp32 and bf16 -> cuda_switches.log
 #      epilogues       cuda_epilogues: cuBLASLt epilogues vs float64, fused vs unfused
 #                      bf16 engine, fused bf16 vs the CPU engine -> cuda_epilogues.log
+#      recompute       cuda_recompute: recompute=1 and 2 vs 0 (fp32, bf16), bit-identical
+#                      gradients and the memory report's savings -> cuda_recompute.log
 #      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
 #      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
@@ -37,6 +39,7 @@
 #                                                                 -> cuda_profile.log
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
 #                      batch size -> bench_memory_124m_bf16.log
+#      bench-memory-r2 the same with --recompute=2          -> bench_memory_124m_bf16_r2.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
@@ -71,6 +74,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_epilogues" "$epi_bin"
     profile_bin=$(ls -t target/release/deps/cuda_profile-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/cuda_profile" "$profile_bin"
+    recompute_bin=$(ls -t target/release/deps/cuda_recompute-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_recompute" "$recompute_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -88,7 +93,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/nccl"; do
+    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_recompute" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -144,6 +149,7 @@ gpu_test tests-decode 90 cuda_decode cuda_decode.log
 gpu_test flash 90 cuda_flash cuda_flash.log
 gpu_test switches 45 cuda_switches cuda_switches.log
 gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
+gpu_test recompute 45 cuda_recompute cuda_recompute.log
 gpu_test nccl 60 nccl nccl.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
@@ -151,6 +157,8 @@ bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16
+bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
+    --batch_sizes=4,8,16 --recompute=2
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
@@ -176,8 +184,9 @@ rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 G
 
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log \
-    bench_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log \
+for f in cuda_engine.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log \
+    cuda_recompute.log nccl.log bench_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log \
+    bench_memory_124m_bf16.log bench_memory_124m_bf16_r2.log \
     bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
