@@ -198,19 +198,25 @@ pub trait Engine: Send {
 pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<String> {
     let rc = engine.recompute();
     let bytes = engine.activation_bytes(b, t, rc)?;
-    let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+    let size = |x: u64| {
+        if x >= 1 << 30 {
+            format!("{:.2} GiB", x as f64 / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", x as f64 / (1u64 << 20) as f64)
+        }
+    };
     let mut line = format!(
-        "activations: {:.2} GiB for a {b} x {t} micro-batch (recompute={}: {})",
-        gib(bytes),
+        "activations: {} for a {b} x {t} micro-batch (recompute={}: {})",
+        size(bytes),
         rc.level(),
         rc.describe()
     );
     if rc != Recompute::Nothing {
         if let Some(all) = engine.activation_bytes(b, t, Recompute::Nothing) {
             line.push_str(&format!(
-                "; {:.2} GiB with recompute=0, {:.2} GiB saved",
-                gib(all),
-                gib(all.saturating_sub(bytes))
+                "; {} with recompute=0, {} saved",
+                size(all),
+                size(all.saturating_sub(bytes))
             ));
         }
     }
