@@ -23,8 +23,24 @@
 //   LayerNorm in one pass. res may be the same buffer as a or b (each element is read and
 //   then written by the same thread, and only that thread reads it back).
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
+//
+// layernorm_recompute(out, x, mean, rstd, w, b_or_null, N, C)
+//   out = (x - mean) * rstd * w (+ b) with the mean and rstd the forward pass saved: bit for
+//   bit the output layernorm_forward / residual_layernorm_forward wrote (the same ln_apply,
+//   whose arithmetic is spelled out in round-to-nearest intrinsics so that the compiler
+//   cannot contract it into FMAs differently in the two kernels). The backward pass's
+//   recomputation of ln1 / ln2 (recompute=2).
+//   Launch: 1-D over N * C elements; block 256 threads, grid ceil(N * C / 256).
 
 #define LN_EPS 1e-5f
+
+// Normalise, scale and shift one element (b_or_null: the bias vector or nullptr).
+__device__ __forceinline__ float ln_apply(float x, float m, float r, float w,
+                                          const float* b, int i) {
+    float y = __fmul_rn(__fmul_rn(__fsub_rn(x, m), r), w);
+    if (b != nullptr) y = __fadd_rn(y, b[i]);
+    return y;
+}
 
 // The rest of one row's LayerNorm, for the warp that owns the row, once each lane has summed
 // its elements of xr into s: mean, variance (two-pass), normalise, scale and shift; writes
@@ -40,11 +56,7 @@ __device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o
     }
     v = warp_sum(v);
     float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
-    for (int i = lane; i < c; i += 32) {
-        float y = (xr[i] - m) * r * w[i];
-        if (b != nullptr) y += b[i];
-        o[i] = y;
-    }
+    for (int i = lane; i < c; i += 32) o[i] = ln_apply(xr[i], m, r, w[i], b, i);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
@@ -138,4 +150,18 @@ extern "C" __global__ void residual_layernorm_forward(float* res,
         s += v;
     }
     layernorm_row(xr, s, out + base, mean, rstd, w, bias, row, c, lane);
+}
+
+extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
+                                               const float* __restrict__ x,
+                                               const float* __restrict__ mean,
+                                               const float* __restrict__ rstd,
+                                               const float* __restrict__ w,
+                                               const float* __restrict__ b,
+                                               int n_rows, int c) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n_rows * c) return;
+    int row = (int)(i / c);
+    int col = (int)(i % c);
+    out[i] = ln_apply(x[i], mean[row], rstd[row], w[col], b, col);
 }

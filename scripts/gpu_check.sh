@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -31,6 +31,8 @@
 #                      (NANOGPT_CUDA_DISABLE=flash), fp32 and bf16 -> cuda_switches.log
 #      epilogues       cuda_epilogues: cuBLASLt epilogues vs float64, fused vs unfused
 #                      bf16 engine, fused bf16 vs the CPU engine -> cuda_epilogues.log
+#      recompute       cuda_recompute: recompute=1 and 2 vs 0 (fp32, bf16), bit-identical
+#                      gradients and the memory report's savings -> cuda_recompute.log
 #      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
 #      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
 #                      (summary.txt ends with its tokens/s next to the PyTorch reference)
@@ -43,6 +45,7 @@
 #                                                                 -> cuda_profile.log
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
 #                      batch size -> bench_memory_124m_bf16.log
+#      bench-memory-r2 the same with --recompute=2          -> bench_memory_124m_bf16_r2.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
@@ -79,6 +82,10 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_profile" "$profile_bin"
     auto_bin=$(ls -t target/release/deps/cuda_auto-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/cuda_auto" "$auto_bin"
+    recompute_bin=$(ls -t target/release/deps/cuda_recompute-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_recompute" "$recompute_bin"
+    zero_bin=$(ls -t target/release/deps/zero-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/zero" "$zero_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -96,7 +103,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/nccl"; do
+    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/cuda_recompute" "$bin/zero" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -153,7 +160,9 @@ gpu_test tests-decode 90 cuda_decode cuda_decode.log
 gpu_test flash 90 cuda_flash cuda_flash.log
 gpu_test switches 45 cuda_switches cuda_switches.log
 gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
+gpu_test recompute 45 cuda_recompute cuda_recompute.log
 gpu_test nccl 60 nccl nccl.log
+gpu_test zero 45 zero zero.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 if command -v python3 > /dev/null; then
     step torch-ref-124m 150 "$out/torch_ref_124m_bf16.log" python3 bench/torch_reference.py bench \
@@ -168,6 +177,8 @@ bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16
+bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
+    --batch_sizes=4,8,16 --recompute=2
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
@@ -212,8 +223,9 @@ PY
 fi
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_epilogues.log nccl.log \
-    bench_124m_bf16.log torch_ref_124m_bf16.log bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log \
+for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log \
+    cuda_epilogues.log cuda_recompute.log nccl.log zero.log bench_124m_bf16.log torch_ref_124m_bf16.log \
+    bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log bench_memory_124m_bf16_r2.log \
     bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2

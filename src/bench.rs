@@ -36,6 +36,10 @@ pub struct BenchResult {
     pub flops_per_token: f64,
     pub step_ms: Vec<f64>,
     pub last_loss: f32,
+    /// The `recompute` level the engine ran at.
+    pub recompute: u8,
+    /// The engine's activation buffers for this shape and level (`None`: unknown).
+    pub activation_bytes: Option<u64>,
 }
 
 pub fn median(xs: &[f64]) -> f64 {
@@ -90,6 +94,8 @@ pub fn run(
         flops_per_token,
         step_ms: times,
         last_loss,
+        recompute: engine.recompute().level(),
+        activation_bytes: engine.activation_bytes(b, t, engine.recompute()),
     })
 }
 

@@ -274,6 +274,7 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
         cfg.seed,
         cfg.threads,
     )?;
+    eng.set_recompute(cfg.recompute_level()?);
     let spec = BenchSpec {
         batch_size,
         block_size: cfg.block_size,
@@ -296,6 +297,9 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
         model.num_params_non_embedding() as f64 / 1e6,
         eng.device_name()
     );
+    if let Some(line) = engine::activation_summary(eng.as_ref(), batch_size, cfg.block_size) {
+        eprintln!("bench: {line}");
+    }
     let r = bench::run(eng.as_mut(), &spec)?;
     // MFU against peak_flops when given, else the GPU's bf16 peak from the table.
     let mfu = cfg
@@ -386,26 +390,27 @@ fn bench_sweep_markdown(cfg: &BenchConfig, rows: &[(usize, Result<BenchOutcome>)
         })
     };
     let mut s = format!(
-        "\nBatch sizes at block {} ({} layers, {} channels, dtype {}, device {}):\n\n",
-        cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.dtype, cfg.device
+        "\nBatch sizes at block {} ({} layers, {} channels, dtype {}, device {}, recompute {}):\n\n",
+        cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.dtype, cfg.device, cfg.recompute
     );
-    s.push_str("| batch | tokens/iter | ms/iter | tokens/s | GPU GiB in use | engine GiB | engine buffers GiB |\n");
-    s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| batch | tokens/iter | ms/iter | tokens/s | GPU GiB in use | engine GiB | engine buffers GiB | activations GiB |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (b, o) in rows {
         match o {
             Ok((r, m)) => s.push_str(&format!(
-                "| {b} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+                "| {b} | {} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
                 r.tokens_per_iter,
                 r.median_ms,
                 r.tokens_per_s,
                 gib(m.as_ref().and_then(|m| m.in_use_bytes)),
                 gib(m.as_ref().and_then(|m| m.engine_bytes)),
                 gib(m.as_ref().map(|m| m.accounted_bytes)),
+                gib(r.activation_bytes),
             )),
             Err(e) => {
                 let msg = format!("{e:#}").replace('|', "/");
                 let short: String = msg.chars().take(120).collect();
-                s.push_str(&format!("| {b} | failed: {short} |  |  |  |  |  |\n"));
+                s.push_str(&format!("| {b} | failed: {short} |  |  |  |  |  |  |\n"));
             }
         }
     }

@@ -19,6 +19,7 @@ mod tests;
 pub use keep::KeepSchedule;
 pub use loader::ValueKind;
 
+use crate::engine::Recompute;
 use crate::model::{GptConfig, ModelError};
 use crate::optim::{AdamWConfig, LrSchedule};
 use serde::de::DeserializeOwned;
@@ -331,6 +332,17 @@ fn check_betas(beta1: f64, beta2: f64) -> Result<(), ConfigError> {
     )
 }
 
+/// The [`Recompute`] level of config key `recompute`.
+pub fn recompute_level(value: u64) -> Result<Recompute, ConfigError> {
+    Recompute::from_level(value).ok_or_else(|| ConfigError::Invalid {
+        key: "recompute".into(),
+        value: value.to_string(),
+        reason: "expected 0 (keep every activation), 1 (recompute the GELU outputs in the \
+                 backward pass) or 2 (also the LayerNorm outputs)"
+            .into(),
+    })
+}
+
 fn check_peak_flops(peak_flops: Option<f64>) -> Result<(), ConfigError> {
     match peak_flops {
         Some(p) => check(
@@ -430,6 +442,10 @@ pub struct TrainConfig {
     /// ZeRO stage of data-parallel training: 0 = every rank holds the full AdamW state;
     /// 1 = the AdamW moments are sharded over the ranks (each holds and updates 1/W).
     pub zero_stage: u64,
+    /// Activation recomputation, as llm.c's `-r`: 0 keeps every activation; 1 recomputes
+    /// the GELU outputs in the backward pass; 2 also the LayerNorm outputs. Less memory for
+    /// a little more compute; the gradients are the same.
+    pub recompute: u64,
 }
 
 impl Default for TrainConfig {
@@ -476,6 +492,7 @@ impl Default for TrainConfig {
             dist_timeout: 60,
             dist_env: "auto".into(),
             zero_stage: 0,
+            recompute: 0,
         }
     }
 }
@@ -560,6 +577,7 @@ impl ConfigSchema for TrainConfig {
         )?;
         self.device_spec()?;
         self.dtype_kind()?;
+        recompute_level(self.recompute)?;
         check_peak_flops(self.peak_flops)
     }
 }
@@ -582,6 +600,11 @@ impl TrainConfig {
 
     pub fn dtype_kind(&self) -> Result<Dtype, ConfigError> {
         self.dtype.parse()
+    }
+
+    /// `recompute` as the engines take it.
+    pub fn recompute_level(&self) -> Result<Recompute, ConfigError> {
+        recompute_level(self.recompute)
     }
 
     /// The model's shape for a vocabulary of `vocab_size` tokens (padded to 64, as nanoGPT
@@ -793,6 +816,8 @@ pub struct BenchConfig {
     /// Comma-separated batch sizes (e.g. "4,8,16"): run the benchmark once per size, each
     /// with a fresh engine, and report time and peak memory per size; empty = `batch_size`.
     pub batch_sizes: String,
+    /// Activation recomputation: 0, 1 or 2 (as `nanogpt train`'s `recompute`).
+    pub recompute: u64,
 }
 
 impl Default for BenchConfig {
@@ -826,6 +851,7 @@ impl Default for BenchConfig {
             gemm_tflops: None,
             copy_gbps: None,
             batch_sizes: String::new(),
+            recompute: 0,
         }
     }
 }
@@ -882,6 +908,7 @@ impl ConfigSchema for BenchConfig {
         check_betas(self.beta1, self.beta2)?;
         self.device_spec()?;
         self.dtype_kind()?;
+        recompute_level(self.recompute)?;
         check_peak_flops(self.peak_flops)
     }
 }
@@ -895,6 +922,11 @@ impl BenchConfig {
 
     pub fn dtype_kind(&self) -> Result<Dtype, ConfigError> {
         self.dtype.parse()
+    }
+
+    /// `recompute` as the engines take it.
+    pub fn recompute_level(&self) -> Result<Recompute, ConfigError> {
+        recompute_level(self.recompute)
     }
 
     /// The batch sizes to run: `batch_sizes` parsed, or `[batch_size]` when it is empty.

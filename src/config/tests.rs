@@ -564,14 +564,15 @@ fn every_shipped_config_loads() {
 #[test]
 fn known_keys_lists_every_field() {
     let keys = TrainConfig::known_keys();
-    assert_eq!(keys.len(), 41);
+    assert_eq!(keys.len(), 42);
     assert!(keys.iter().any(|k| k == "zero_stage"));
+    assert!(keys.iter().any(|k| k == "recompute"));
     assert!(keys.iter().any(|k| k == "peak_flops"));
     assert!(keys.iter().any(|k| k == "dist_timeout"));
     assert!(keys.iter().any(|k| k == "dist_env"));
     assert!(keys.iter().any(|k| k == "keep_checkpoints_at"));
     assert_eq!(SampleConfig::known_keys().len(), 14);
-    assert_eq!(BenchConfig::known_keys().len(), 28);
+    assert_eq!(BenchConfig::known_keys().len(), 29);
     for k in [
         "profile",
         "profile_out",
@@ -628,4 +629,49 @@ fn zero_stage_is_0_or_1() {
     }
     let err = load(&["--zero_stage=one"]).unwrap_err().to_string();
     assert!(err.contains("zero_stage"), "{err}");
+}
+
+#[test]
+fn recompute_takes_levels_0_to_2() {
+    use crate::engine::Recompute;
+    assert_eq!(
+        train(&[]).unwrap().recompute_level().unwrap(),
+        Recompute::Nothing
+    );
+    for (v, level) in [
+        ("0", Recompute::Nothing),
+        ("1", Recompute::Gelu),
+        ("2", Recompute::GeluLayerNorm),
+    ] {
+        let arg = format!("--recompute={v}");
+        assert_eq!(train(&[&arg]).unwrap().recompute_level().unwrap(), level);
+        let b = BenchConfig::load(&args(&[&arg])).unwrap();
+        assert_eq!(b.recompute_level().unwrap(), level);
+    }
+    let e = train(&["--recompute=3"]).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Invalid { key, value, .. } if key == "recompute" && value == "3"),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("expected 0") && msg.contains("1 (recompute the GELU"),
+        "{msg}"
+    );
+    let e = BenchConfig::load(&args(&["--recompute=7"])).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Invalid { key, .. } if key == "recompute"),
+        "{e}"
+    );
+    // Negative and non-integer values are type errors naming the key.
+    for bad in ["--recompute=-1", "--recompute=yes", "--recompute=1.5"] {
+        let e = train(&[bad]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Type { key, .. } if key == "recompute"),
+            "{bad}: {e}"
+        );
+    }
+    let from_file = TrainConfig::from_toml_str("recompute = 2\n", "t.toml").unwrap();
+    assert_eq!(from_file.recompute, 2);
+    assert!(TrainConfig::from_toml_str("recompute = 5\n", "t.toml").is_err());
 }

@@ -43,6 +43,60 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+/// Which activations the backward pass recomputes instead of keeping them from the forward
+/// pass (config key `recompute`, as llm.c's `-r`). Recomputed tensors live in one buffer
+/// shared by every layer instead of one per layer; the gradients are the same bits either
+/// way, because the backward recomputes them with the forward's own arithmetic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Recompute {
+    /// `recompute=0`: every activation is kept.
+    #[default]
+    Nothing,
+    /// `recompute=1`: the GELU output (N x 4C per layer) is recomputed from the kept
+    /// pre-activation.
+    Gelu,
+    /// `recompute=2`: also both LayerNorm outputs of every block (2 x N x C per layer),
+    /// recomputed from the kept LayerNorm input, mean and rstd.
+    GeluLayerNorm,
+}
+
+impl Recompute {
+    /// The level of `recompute=level` (0, 1 or 2).
+    pub fn from_level(level: u64) -> Option<Recompute> {
+        match level {
+            0 => Some(Recompute::Nothing),
+            1 => Some(Recompute::Gelu),
+            2 => Some(Recompute::GeluLayerNorm),
+            _ => None,
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether the GELU output is recomputed in the backward pass.
+    pub fn gelu(self) -> bool {
+        self >= Recompute::Gelu
+    }
+
+    /// Whether the blocks' LayerNorm outputs are recomputed in the backward pass.
+    pub fn layernorm(self) -> bool {
+        self >= Recompute::GeluLayerNorm
+    }
+
+    /// What the level recomputes, for logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Recompute::Nothing => "every activation kept",
+            Recompute::Gelu => "GELU outputs recomputed in the backward pass",
+            Recompute::GeluLayerNorm => {
+                "GELU and LayerNorm outputs recomputed in the backward pass"
+            }
+        }
+    }
+}
+
 /// Where an engine keeps its gradient buffer on a GPU, for collectives that reduce it in
 /// place there (NCCL) instead of through [`Engine::grads_mut`]'s host copy (also used for
 /// the parameter buffer: [`Engine::device_params`]).
@@ -154,11 +208,53 @@ pub trait Engine: Send {
         None
     }
 
+    /// Which activations the backward pass recomputes (see [`Recompute`]); takes effect at
+    /// the next forward pass (the activation buffers are reallocated for it).
+    fn set_recompute(&mut self, recompute: Recompute);
+    fn recompute(&self) -> Recompute;
+    /// Bytes of the activation buffers (saved for the backward pass, logits, backward
+    /// scratch) a training step on `b` rows of `t` tokens allocates at level `recompute`;
+    /// `None` when the engine cannot say.
+    fn activation_bytes(&self, _b: usize, _t: usize, _recompute: Recompute) -> Option<u64> {
+        None
+    }
+
     /// The engine's device memory by purpose (parameters, gradients, moments, activations,
     /// ...) and the device's free/total memory; `None` for engines on the host.
     fn memory_report(&self) -> Option<cuda::profile::MemoryReport> {
         None
     }
+}
+
+/// One log line on the activation memory of a training step on `b` x `t` tokens at the
+/// engine's `recompute` level, with the figure of level 0 beside it; `None` when the engine
+/// cannot say.
+pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<String> {
+    let rc = engine.recompute();
+    let bytes = engine.activation_bytes(b, t, rc)?;
+    let size = |x: u64| {
+        if x >= 1 << 30 {
+            format!("{:.2} GiB", x as f64 / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", x as f64 / (1u64 << 20) as f64)
+        }
+    };
+    let mut line = format!(
+        "activations: {} for a {b} x {t} micro-batch (recompute={}: {})",
+        size(bytes),
+        rc.level(),
+        rc.describe()
+    );
+    if rc != Recompute::Nothing {
+        if let Some(all) = engine.activation_bytes(b, t, Recompute::Nothing) {
+            line.push_str(&format!(
+                "; {} with recompute=0, {} saved",
+                size(all),
+                size(all.saturating_sub(bytes))
+            ));
+        }
+    }
+    Some(line)
 }
 
 /// The parameter layout of a valid `cfg`, checked against a parameter buffer of `len` values

@@ -326,6 +326,12 @@ impl Run {
             cfg.threads,
         )?;
         eprintln!("device: {}", engine.device_name());
+        engine.set_recompute(cfg.recompute_level()?);
+        if let Some(line) =
+            engine::activation_summary(engine.as_ref(), cfg.batch_size, cfg.block_size)
+        {
+            eprintln!("{line}");
+        }
         if let Some(m) = meta.as_ref().filter(|_| rank == 0) {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints
         }

@@ -101,9 +101,13 @@ pub fn trained_run(root: &Path, max_iters: u64, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// A `nanogpt` command running in `cwd`.
+/// A `nanogpt` command running in `cwd`: the binary named by NANOGPT_BIN (set by
+/// scripts/gpu_check.sh, whose test binaries run on another machine than they were built
+/// on), else the one cargo built with these tests.
 pub fn nanogpt(cwd: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanogpt"));
+    let bin =
+        std::env::var_os("NANOGPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nanogpt").into());
+    let mut cmd = Command::new(bin);
     // Tests never touch the network: the Hugging Face Hub is offline with an empty cache.
     cmd.current_dir(cwd)
         .env("HF_HUB_OFFLINE", "1")

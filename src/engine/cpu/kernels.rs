@@ -77,37 +77,62 @@ pub struct LnOut<'a> {
     pub rstd: &'a mut [f32],
 }
 
+/// Mean and rstd of one LayerNorm row (two-pass biased variance, 8 fixed lanes).
+#[inline(always)]
+fn layernorm_stats(x: &[f32]) -> (f32, f32) {
+    let c = x.len();
+    let m = simd::sum(x) / c as f32;
+    let mut acc = [0f32; 8];
+    let main = c / 8 * 8;
+    for ch in x[..main].chunks_exact(8) {
+        for i in 0..8 {
+            let d = ch[i] - m;
+            acc[i] += d * d;
+        }
+    }
+    let mut var = simd::sum(&acc);
+    for &v in &x[main..] {
+        var += (v - m) * (v - m);
+    }
+    (m, 1.0 / (var / c as f32 + LN_EPS).sqrt())
+}
+
+/// `out = (x - m) * s * w (+ b)`: the normalise-scale-shift of one row with given
+/// statistics, shared by the forward pass and the backward pass's recomputation
+/// (`recompute=2`), so that both produce the same bits.
+#[inline(always)]
+fn layernorm_apply(out: &mut [f32], x: &[f32], m: f32, s: f32, w: &[f32], b: Option<&[f32]>) {
+    let c = x.len();
+    match b {
+        Some(b) => {
+            for i in 0..c {
+                out[i] = (x[i] - m) * s * w[i] + b[i];
+            }
+        }
+        None => {
+            for i in 0..c {
+                out[i] = (x[i] - m) * s * w[i];
+            }
+        }
+    }
+}
+
 dispatch! {
     /// One LayerNorm row: writes the normalised, scaled row and returns (mean, rstd).
     pub fn layernorm_row(out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>) -> (f32, f32) {
-        let c = x.len();
-        let m = simd::sum(x) / c as f32;
-        let mut acc = [0f32; 8];
-        let main = c / 8 * 8;
-        for ch in x[..main].chunks_exact(8) {
-            for i in 0..8 {
-                let d = ch[i] - m;
-                acc[i] += d * d;
-            }
-        }
-        let mut var = simd::sum(&acc);
-        for &v in &x[main..] {
-            var += (v - m) * (v - m);
-        }
-        let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
-        match b {
-            Some(b) => {
-                for i in 0..c {
-                    out[i] = (x[i] - m) * s * w[i] + b[i];
-                }
-            }
-            None => {
-                for i in 0..c {
-                    out[i] = (x[i] - m) * s * w[i];
-                }
-            }
-        }
+        let (m, s) = layernorm_stats(x);
+        layernorm_apply(out, x, m, s, w, b);
         (m, s)
+    }
+}
+
+dispatch! {
+    /// Rows of `x` normalised with the given per-row `mean` and `rstd`, scaled and shifted.
+    pub fn layernorm_apply_rows(out: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], w: &[f32], b: Option<&[f32]>) {
+        let c = w.len();
+        for (r, (o, xr)) in out.chunks_mut(c).zip(x.chunks(c)).enumerate() {
+            layernorm_apply(o, xr, mean[r], rstd[r], w, b);
+        }
     }
 }
 
@@ -134,6 +159,25 @@ pub fn layernorm_forward(
                 rstd[r] = s;
             }
         });
+}
+
+/// The LayerNorm output again from its input and the forward's saved `mean` and `rstd`
+/// (one per row): bit for bit what [`layernorm_forward`] wrote.
+pub fn layernorm_recompute(
+    out: &mut [f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    threads: usize,
+) {
+    let c = w.len();
+    let chunk = row_chunk(mean.len(), threads);
+    out.par_chunks_mut(c * chunk)
+        .zip(x.par_chunks(c * chunk))
+        .zip(mean.par_chunks(chunk).zip(rstd.par_chunks(chunk)))
+        .for_each(|((o, x), (m, s))| layernorm_apply_rows(o, x, m, s, w, b));
 }
 
 dispatch! {

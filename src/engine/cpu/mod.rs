@@ -4,6 +4,14 @@
 //!
 //! Layout per layer (N = B*T rows): ln1 (N,C) -> qkv (N,3C) -> att (B,NH,T,T) -> atty (N,C)
 //! -> res2 = x + proj(atty) -> ln2 (N,C) -> fch (N,4C) -> gelu (N,4C) -> res3 = res2 + proj.
+//!
+//! Activation recomputation ([`Recompute`], config key `recompute`): at level 1 no layer
+//! keeps its GELU output; the forward pass writes it into one buffer shared by all layers
+//! (consumed at once by the MLP projection) and the backward pass recomputes it from `fch`
+//! right before the MLP projection's weight gradient. Level 2 does the same for ln1 and ln2
+//! (one shared N x C buffer: the two are never needed at the same time), recomputed from
+//! the LayerNorm input and the saved mean and rstd with the forward's own row arithmetic.
+//! Either way the gradients are bit-identical to level 0.
 
 mod decode;
 pub mod kernels;
@@ -11,14 +19,15 @@ pub mod matmul;
 pub mod simd;
 
 use super::dropout::{Dropout, DropoutSeeds};
-use super::{Batch, Engine, EngineError, OptimizerState, Result};
+use super::{Batch, Engine, EngineError, OptimizerState, Recompute, Result};
 use crate::model::{BlockOffsets, GptConfig, ParamLayout};
 use crate::optim::{adamw, AdamWConfig};
 use crate::rng::Rng;
 use kernels::{AttnShape, LnOut};
 use matmul::{matmul, Op};
 
-/// Saved activations of one transformer block.
+/// Saved activations of one transformer block. `ln1`, `ln2` (level 2) and `fch_gelu`
+/// (levels 1 and 2) are empty when recomputed; the shared buffers hold them meanwhile.
 struct LayerActs {
     ln1: Vec<f32>,
     ln1_mean: Vec<f32>,
@@ -39,6 +48,7 @@ struct LayerActs {
 struct Activations {
     b: usize,
     t: usize,
+    recompute: Recompute,
     encoded: Vec<f32>,
     layers: Vec<LayerActs>,
     lnf: Vec<f32>,
@@ -54,32 +64,48 @@ struct Activations {
     dqkv: Vec<f32>,
     datt: Vec<f32>,
     ln_scratch: Vec<f32>,
+    /// GELU output of the layer being computed (N, 4C) at levels 1 and 2, else empty.
+    gelu_shared: Vec<f32>,
+    /// ln1 or ln2 of the layer being computed (N, C) at level 2, else empty.
+    ln_shared: Vec<f32>,
 }
 
 impl Activations {
-    fn new(cfg: &GptConfig, b: usize, t: usize) -> Self {
+    fn new(cfg: &GptConfig, b: usize, t: usize, recompute: Recompute) -> Self {
         let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let z = |len: usize| vec![0f32; len];
+        // Per layer, or once for all layers when recomputed.
+        let (ln_own, ln_shared) = if recompute.layernorm() {
+            (0, n * c)
+        } else {
+            (n * c, 0)
+        };
+        let (gelu_own, gelu_shared) = if recompute.gelu() {
+            (0, n * 4 * c)
+        } else {
+            (n * 4 * c, 0)
+        };
         let layers = (0..cfg.n_layer)
             .map(|_| LayerActs {
-                ln1: z(n * c),
+                ln1: z(ln_own),
                 ln1_mean: z(n),
                 ln1_rstd: z(n),
                 qkv: z(n * 3 * c),
                 att: z(b * nh * t * t),
                 atty: z(n * c),
                 res2: z(n * c),
-                ln2: z(n * c),
+                ln2: z(ln_own),
                 ln2_mean: z(n),
                 ln2_rstd: z(n),
                 fch: z(n * 4 * c),
-                fch_gelu: z(n * 4 * c),
+                fch_gelu: z(gelu_own),
                 res3: z(n * c),
             })
             .collect();
         Activations {
             b,
             t,
+            recompute,
             encoded: z(n * c),
             layers,
             lnf: z(n * c),
@@ -94,7 +120,92 @@ impl Activations {
             dqkv: z(n * 3 * c),
             datt: z(b * nh * t * t),
             ln_scratch: z(kernels::LN_BACKWARD_PARTS * 2 * c),
+            gelu_shared: z(gelu_shared),
+            ln_shared: z(ln_shared),
         }
+    }
+
+    /// Bytes [`Activations::new`] allocates for this shape and level (kept in step with it
+    /// by a unit test).
+    fn planned_bytes(cfg: &GptConfig, b: usize, t: usize, recompute: Recompute) -> u64 {
+        let (n, c, nh, l) = (b * t, cfg.n_embd, cfg.n_head, cfg.n_layer);
+        let att = b * nh * t * t;
+        let ln = if recompute.layernorm() { 0 } else { 2 * n * c };
+        let gelu = if recompute.gelu() { 0 } else { n * 4 * c };
+        // ln1/ln2 stats (4N), qkv, atty, res2, fch, res3, att
+        let layer = ln + gelu + 4 * n + 3 * n * c + 3 * n * c + n * 4 * c + att;
+        let shared = if recompute.gelu() { n * 4 * c } else { 0 }
+            + if recompute.layernorm() { n * c } else { 0 };
+        let once = n * c // encoded
+            + n * c + 2 * n // lnf, mean, rstd
+            + n * cfg.vocab_size // logits
+            + 3 * n * c + n * 4 * c + n * 3 * c + att // dres, dtmp, dln, dfch, dqkv, datt
+            + kernels::LN_BACKWARD_PARTS * 2 * c;
+        4 * (l * layer + shared + once) as u64 + 8 * n as u64 // row_loss is f64
+    }
+
+    /// Bytes held by these buffers.
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|la| {
+                [
+                    &la.ln1,
+                    &la.ln1_mean,
+                    &la.ln1_rstd,
+                    &la.qkv,
+                    &la.att,
+                    &la.atty,
+                    &la.res2,
+                    &la.ln2,
+                    &la.ln2_mean,
+                    &la.ln2_rstd,
+                    &la.fch,
+                    &la.fch_gelu,
+                    &la.res3,
+                ]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>()
+            })
+            .sum();
+        let once: usize = [
+            &self.encoded,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.dres,
+            &self.dtmp,
+            &self.dln,
+            &self.dfch,
+            &self.dqkv,
+            &self.datt,
+            &self.ln_scratch,
+            &self.gelu_shared,
+            &self.ln_shared,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        4 * (layer + once) as u64 + 8 * self.row_loss.len() as u64
+    }
+}
+
+/// Bytes of the activation buffers a CPU training step on `b` rows of `t` tokens allocates
+/// at level `recompute` (what [`Engine::activation_bytes`] reports).
+pub fn activation_bytes(cfg: &GptConfig, b: usize, t: usize, recompute: Recompute) -> u64 {
+    Activations::planned_bytes(cfg, b, t, recompute)
+}
+
+/// `own` when the layer keeps this activation, else the buffer shared by all layers.
+fn own_or<'a>(own: &'a mut [f32], shared: &'a mut [f32]) -> &'a mut [f32] {
+    if own.is_empty() {
+        shared
+    } else {
+        own
     }
 }
 
@@ -113,6 +224,7 @@ struct Core {
     step: u64,
     rng: Rng,
     threads: usize,
+    recompute: Recompute,
     acts: Option<Activations>,
     kv: Option<decode::KvCache>,
 }
@@ -158,6 +270,7 @@ impl CpuEngine {
                 step: 0,
                 rng: Rng::derive(seed, 0xD50F),
                 threads,
+                recompute: Recompute::Nothing,
                 acts: None,
                 kv: None,
             },
@@ -178,9 +291,10 @@ impl CpuEngine {
 
 impl Core {
     fn ensure_acts(&mut self, b: usize, t: usize) {
-        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+        let rc = self.recompute;
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t && a.recompute == rc) {
             self.acts = None; // free the old shape first
-            self.acts = Some(Activations::new(&self.cfg, b, t));
+            self.acts = Some(Activations::new(&self.cfg, b, t, rc));
         }
     }
 
@@ -222,9 +336,10 @@ impl Core {
                 &prev[l - 1].res3
             };
             let la = &mut rest[0];
+            let ln1 = own_or(&mut la.ln1, &mut acts.ln_shared);
             kernels::layernorm_forward(
                 LnOut {
-                    out: &mut la.ln1,
+                    out: ln1,
                     mean: &mut la.ln1_mean,
                     rstd: &mut la.ln1_rstd,
                 },
@@ -236,7 +351,7 @@ impl Core {
             );
             kernels::linear_forward(
                 &mut la.qkv,
-                &la.ln1,
+                ln1,
                 &linear(p, o.qkv_w, o.qkv_b, c, 3 * c),
                 n,
                 th,
@@ -255,9 +370,10 @@ impl Core {
                 d.attn_resid(l).apply(&mut la.res2);
             }
             add_inplace(&mut la.res2, x);
+            let ln2 = own_or(&mut la.ln2, &mut acts.ln_shared);
             kernels::layernorm_forward(
                 LnOut {
-                    out: &mut la.ln2,
+                    out: ln2,
                     mean: &mut la.ln2_mean,
                     rstd: &mut la.ln2_rstd,
                 },
@@ -269,15 +385,16 @@ impl Core {
             );
             kernels::linear_forward(
                 &mut la.fch,
-                &la.ln2,
+                ln2,
                 &linear(p, o.fc_w, o.fc_b, c, 4 * c),
                 n,
                 th,
             );
-            kernels::gelu_forward(&mut la.fch_gelu, &la.fch);
+            let gelu = own_or(&mut la.fch_gelu, &mut acts.gelu_shared);
+            kernels::gelu_forward(gelu, &la.fch);
             kernels::linear_forward(
                 &mut la.res3,
-                &la.fch_gelu,
+                gelu,
                 &linear(p, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c),
                 n,
                 th,
@@ -384,6 +501,13 @@ impl Core {
                 &prev[l - 1].res3
             };
             let la = &rest[0];
+            // Recomputed activations: the same kernels as the forward pass, same bits.
+            let gelu: &[f32] = if la.fch_gelu.is_empty() {
+                kernels::gelu_forward(&mut acts.gelu_shared, &la.fch);
+                &acts.gelu_shared
+            } else {
+                &la.fch_gelu
+            };
             // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
             let gbranch: &[f32] = match drop.map(|d| d.mlp_resid(l)) {
                 Some(d) if d.active() => {
@@ -399,19 +523,33 @@ impl Core {
                 gw,
                 gb,
                 gbranch,
-                &la.fch_gelu,
+                gelu,
                 &linear(p, o.mlp_proj_w, o.mlp_proj_b, 4 * c, c),
                 n,
                 th,
             );
             kernels::gelu_backward_inplace(&mut acts.dfch, &la.fch);
+            let ln2: &[f32] = if la.ln2.is_empty() {
+                kernels::layernorm_recompute(
+                    &mut acts.ln_shared,
+                    &la.res2,
+                    &la.ln2_mean,
+                    &la.ln2_rstd,
+                    slice(p, o.ln2_w, c),
+                    opt_slice(p, o.ln2_b, c),
+                    th,
+                );
+                &acts.ln_shared
+            } else {
+                &la.ln2
+            };
             let (gw, gb) = grad_wb(g, o.fc_w, o.fc_b, c, 4 * c);
             kernels::linear_backward(
                 &mut acts.dln,
                 gw,
                 gb,
                 &acts.dfch,
-                &la.ln2,
+                ln2,
                 &linear(p, o.fc_w, o.fc_b, c, 4 * c),
                 n,
                 th,
@@ -461,13 +599,27 @@ impl Core {
                 &shape,
                 attn_drop,
             );
+            let ln1: &[f32] = if la.ln1.is_empty() {
+                kernels::layernorm_recompute(
+                    &mut acts.ln_shared,
+                    x,
+                    &la.ln1_mean,
+                    &la.ln1_rstd,
+                    slice(p, o.ln1_w, c),
+                    opt_slice(p, o.ln1_b, c),
+                    th,
+                );
+                &acts.ln_shared
+            } else {
+                &la.ln1
+            };
             let (gw, gb) = grad_wb(g, o.qkv_w, o.qkv_b, c, 3 * c);
             kernels::linear_backward(
                 &mut acts.dln,
                 gw,
                 gb,
                 &acts.dqkv,
-                &la.ln1,
+                ln1,
                 &linear(p, o.qkv_w, o.qkv_b, c, 3 * c),
                 n,
                 th,
@@ -748,5 +900,51 @@ impl Engine for CpuEngine {
     }
     fn decode_len(&self) -> usize {
         self.core.kv.as_ref().map_or(0, |k| k.len)
+    }
+
+    fn set_recompute(&mut self, recompute: Recompute) {
+        self.core.recompute = recompute;
+    }
+    fn recompute(&self) -> Recompute {
+        self.core.recompute
+    }
+    fn activation_bytes(&self, b: usize, t: usize, recompute: Recompute) -> Option<u64> {
+        Some(activation_bytes(&self.core.cfg, b, t, recompute))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planned_activation_bytes_match_the_allocation() {
+        for bias in [false, true] {
+            let cfg = GptConfig::new(3, 2, 16, 8, 50, bias, 0.0).expect("a valid small model");
+            for rc in [
+                Recompute::Nothing,
+                Recompute::Gelu,
+                Recompute::GeluLayerNorm,
+            ] {
+                let a = Activations::new(&cfg, 2, 5, rc);
+                assert_eq!(
+                    a.bytes(),
+                    Activations::planned_bytes(&cfg, 2, 5, rc),
+                    "{rc:?}"
+                );
+            }
+        }
+        // Level 1 saves (L - 1) x N x 4C floats, level 2 another (2L - 1) x N x C.
+        let cfg = GptConfig::new(3, 2, 16, 8, 50, false, 0.0).expect("a valid small model");
+        let bytes = |rc| Activations::planned_bytes(&cfg, 2, 5, rc);
+        let (n, c) = (10u64, 16u64);
+        assert_eq!(
+            bytes(Recompute::Nothing) - bytes(Recompute::Gelu),
+            4 * 2 * n * 4 * c
+        );
+        assert_eq!(
+            bytes(Recompute::Gelu) - bytes(Recompute::GeluLayerNorm),
+            4 * 5 * n * c
+        );
     }
 }

@@ -186,6 +186,7 @@ kernel_table!(
     layernorm_backward_dx,
     layernorm_backward_parts,
     residual_layernorm_forward,
+    layernorm_recompute,
     gelu_forward,
     gelu_backward_inplace,
     bias_broadcast,

@@ -60,6 +60,21 @@
 //! floats) and 384 MiB for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout
 //! (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
 //!
+//! Activation recomputation ([`Recompute`], config key `recompute`) works as in the CPU
+//! engine: at level 1 the GELU output, at level 2 also ln1 and ln2, live in one buffer
+//! shared by all layers ([`Acts::gelu_shared`], [`Acts::ln_shared`]) instead of one per
+//! layer. The forward pass writes them there (the fc product's GELU epilogue, the fused
+//! residual + LayerNorm kernel) and the next product consumes them at once; the backward
+//! pass recomputes each right before the weight gradient that reads it: the GELU with
+//! `gelu_forward` from the saved pre-activation, a LayerNorm with `layernorm_recompute`
+//! from its saved input, mean and rstd (the forward's own element arithmetic, so the same
+//! bits). For GPT-2 124M at T = 1024 level 1 saves 11 x B x 12 MiB and level 2 another
+//! 23 x B x 3 MiB (see BENCHMARKS.md). One exception to bit-identical gradients: where the
+//! fc product runs cuBLASLt's GELU epilogue (bf16 with `epilogues` on), the forward's GELU is
+//! cuBLASLt's and the recomputed one `gelu_forward`'s, so the MLP projection's weight
+//! gradient can differ where the two round a value to different bf16 neighbours; the loss
+//! and every other gradient stay bit-identical.
+//!
 //! The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
 //!
@@ -88,7 +103,7 @@ pub mod stack;
 pub mod switches;
 
 use super::dropout::{Dropout, DropoutSeeds};
-use super::{Batch, Engine, EngineError, OptimizerState, Result};
+use super::{Batch, Engine, EngineError, OptimizerState, Recompute, Result};
 use crate::cuda::cublas::{Operand, Sgemm};
 use crate::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use crate::cuda::driver::{Context, DeviceBuffer, Stream};
@@ -219,9 +234,10 @@ fn at(ptr: u64, elems: usize) -> u64 {
     ptr + 4 * elems as u64
 }
 
-/// Saved activations of one transformer block.
+/// Saved activations of one transformer block. `ln1`, `ln2` (level 2) and `fch_gelu`
+/// (levels 1 and 2) are `None` when recomputed (see [`Acts::gelu_shared`]).
 struct LayerActs {
-    ln1: Buf,
+    ln1: Option<Buf>,
     ln1_mean: Buf,
     ln1_rstd: Buf,
     qkv: Buf,
@@ -231,11 +247,11 @@ struct LayerActs {
     lse: OnceCell<Buf>,
     atty: Buf,
     res2: Buf,
-    ln2: Buf,
+    ln2: Option<Buf>,
     ln2_mean: Buf,
     ln2_rstd: Buf,
     fch: Buf,
-    fch_gelu: Buf,
+    fch_gelu: Option<Buf>,
     res3: Buf,
 }
 
@@ -243,6 +259,7 @@ struct LayerActs {
 struct Acts {
     b: usize,
     t_cap: usize,
+    recompute: Recompute,
     inputs: Buf,
     targets: Buf,
     encoded: Buf,
@@ -265,16 +282,29 @@ struct Acts {
     dvec: OnceCell<Buf>,
     ln_parts: Buf,
     bias_parts: Buf,
+    /// The GELU output (N, 4C) of the layer being computed, levels 1 and 2.
+    gelu_shared: Option<Buf>,
+    /// ln1 or ln2 (N, C) of the layer being computed, level 2 (never both at once).
+    ln_shared: Option<Buf>,
 }
 
 impl Acts {
-    fn new(ctx: &Context<'static>, cfg: &GptConfig, b: usize, t_cap: usize) -> CResult<Acts> {
+    fn new(
+        ctx: &Context<'static>,
+        cfg: &GptConfig,
+        b: usize,
+        t_cap: usize,
+        recompute: Recompute,
+    ) -> CResult<Acts> {
         let (n, c) = (b * t_cap, cfg.n_embd);
         let z = |len: usize| ctx.alloc(4 * len);
+        // A buffer of `len` floats when `keep`, else none.
+        let opt = |keep: bool, len: usize| if keep { z(len).map(Some) } else { Ok(None) };
+        let (ln_own, gelu_own) = (!recompute.layernorm(), !recompute.gelu());
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             layers.push(LayerActs {
-                ln1: z(n * c)?,
+                ln1: opt(ln_own, n * c)?,
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
                 qkv: z(n * 3 * c)?,
@@ -282,17 +312,18 @@ impl Acts {
                 lse: OnceCell::new(),
                 atty: z(n * c)?,
                 res2: z(n * c)?,
-                ln2: z(n * c)?,
+                ln2: opt(ln_own, n * c)?,
                 ln2_mean: z(n)?,
                 ln2_rstd: z(n)?,
                 fch: z(n * 4 * c)?,
-                fch_gelu: z(n * 4 * c)?,
+                fch_gelu: opt(gelu_own, n * 4 * c)?,
                 res3: z(n * c)?,
             });
         }
         Ok(Acts {
             b,
             t_cap,
+            recompute,
             inputs: z(n)?,
             targets: z(n)?,
             encoded: z(n * c)?,
@@ -312,8 +343,78 @@ impl Acts {
             dvec: OnceCell::new(),
             ln_parts: z(PARTS * 2 * c)?,
             bias_parts: z(PARTS * 4 * c)?,
+            gelu_shared: opt(!gelu_own, n * 4 * c)?,
+            ln_shared: opt(!ln_own, n * c)?,
         })
     }
+
+    /// Bytes [`Acts::new`] allocates for `b` rows of `t_cap` tokens at `recompute`, plus
+    /// the attention buffers a training step allocates on first use: the fused path's
+    /// logsumexp and scratch vector (`fused`), else the plain path's T x T matrices (and
+    /// the dropout-masked copy when `attn_dropout`). The GPU test of recomputation checks
+    /// it against [`CudaEngine::memory_report`]'s figures.
+    fn planned_bytes(
+        cfg: &GptConfig,
+        b: usize,
+        t_cap: usize,
+        recompute: Recompute,
+        fused: bool,
+        attn_dropout: bool,
+    ) -> u64 {
+        let (n, c, nh, l) = (b * t_cap, cfg.n_embd, cfg.n_head, cfg.n_layer);
+        let ln = if recompute.layernorm() { 0 } else { 2 * n * c };
+        let gelu = if recompute.gelu() { 0 } else { n * 4 * c };
+        // ln stats (4N), qkv, atty, res2, fch, res3
+        let layer = ln + gelu + 4 * n + 3 * n * c + 2 * n * c + n * 4 * c + n * c;
+        let shared = if recompute.gelu() { n * 4 * c } else { 0 }
+            + if recompute.layernorm() { n * c } else { 0 };
+        let once = 2 * n // inputs, targets
+            + n * c // encoded
+            + n * c + 2 * n // lnf, mean, rstd
+            + n * cfg.vocab_size // logits
+            + 3 * n * c + n * 4 * c + n * 3 * c // dres, dtmp, dln, dfch, dqkv
+            + PARTS * 2 * c + PARTS * 4 * c;
+        let tt = b * nh * t_cap * t_cap;
+        let attention = if fused {
+            (l + 1) * b * nh * t_cap
+        } else {
+            l * tt + tt + if attn_dropout { tt } else { 0 }
+        };
+        4 * (l * layer + shared + once + attention) as u64 + 8 * n as u64 // row_loss: f64
+    }
+
+    fn ln1(&self, l: usize) -> u64 {
+        self.own_or_shared(self.layers[l].ln1.as_ref(), &self.ln_shared)
+    }
+    fn ln2(&self, l: usize) -> u64 {
+        self.own_or_shared(self.layers[l].ln2.as_ref(), &self.ln_shared)
+    }
+    fn gelu(&self, l: usize) -> u64 {
+        self.own_or_shared(self.layers[l].fch_gelu.as_ref(), &self.gelu_shared)
+    }
+
+    /// The layer's own buffer, or the shared one when the layer keeps none.
+    fn own_or_shared(&self, own: Option<&Buf>, shared: &Option<Buf>) -> u64 {
+        own.or(shared.as_ref())
+            .expect(
+                "Acts::new allocates a shared buffer for every activation a layer does not keep",
+            )
+            .ptr
+    }
+}
+
+/// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
+/// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the fused
+/// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too).
+pub fn activation_bytes(
+    cfg: &GptConfig,
+    b: usize,
+    t: usize,
+    recompute: Recompute,
+    fused: bool,
+    attn_dropout: bool,
+) -> u64 {
+    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout)
 }
 
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
@@ -350,6 +451,7 @@ pub struct CudaEngine {
     peak: Option<f64>,
     /// The optimisations in use (read from `NANOGPT_CUDA_DISABLE` at construction).
     switches: Switches,
+    recompute: Recompute,
 }
 
 // SAFETY: the engine owns its CUDA context, stream, handles and memory exclusively; CUDA
@@ -513,6 +615,7 @@ impl CudaEngine {
             peak,
             switches,
             profiler: None,
+            recompute: Recompute::Nothing,
         };
         engine.refresh_bf16_params().map_err(cuda_err)?;
         Ok(engine)
@@ -1443,11 +1546,42 @@ impl CudaEngine {
     // ---------------------------------------------------------------- passes
 
     fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
-        if !matches!(&self.acts, Some(a) if a.b == b && a.t_cap >= t) {
+        let rc = self.recompute;
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc) {
             self.acts = None; // free the old shape first
-            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t))?);
+            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc)?);
         }
         Ok(())
+    }
+
+    /// The recomputation of ln1 / ln2 (`recompute=2`): `out` (rows, C) from the LayerNorm
+    /// input `x` and the forward's saved `mean` and `rstd`, the same bits as the forward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_recompute(
+        &self,
+        out: u64,
+        x: u64,
+        mean: u64,
+        rstd: u64,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+    ) -> CResult<()> {
+        let c = self.cfg.n_embd;
+        self.run(
+            self.k.layernorm_recompute,
+            grid_1d(rows * c),
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(x),
+                Arg::Ptr(mean),
+                Arg::Ptr(rstd),
+                Arg::Ptr(self.p(w)),
+                Arg::Ptr(self.p_opt(b)),
+                Arg::I32(rows as i32),
+                Arg::I32(c as i32),
+            ],
+        )
     }
 
     /// Forward pass up to the logits (N, V). `drop` is None in evaluation; `training` says
@@ -1500,7 +1634,7 @@ impl CudaEngine {
             let la = &a.layers[l];
             if !ln_done {
                 self.layernorm_fwd(
-                    la.ln1.ptr,
+                    a.ln1(l),
                     la.ln1_mean.ptr,
                     la.ln1_rstd.ptr,
                     x,
@@ -1509,7 +1643,7 @@ impl CudaEngine {
                     n,
                 )?;
             }
-            self.linear_fwd(la.qkv.ptr, la.ln1.ptr, o.qkv_w, o.qkv_b, c, 3 * c, n)?;
+            self.linear_fwd(la.qkv.ptr, a.ln1(l), o.qkv_w, o.qkv_b, c, 3 * c, n)?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop, training)?;
             self.linear_fwd(
@@ -1528,26 +1662,17 @@ impl CudaEngine {
                 la.res2.ptr,
                 la.res2.ptr,
                 x,
-                la.ln2.ptr,
+                a.ln2(l),
                 la.ln2_mean.ptr,
                 la.ln2_rstd.ptr,
                 o.ln2_w,
                 o.ln2_b,
                 n,
             )?;
-            self.linear_gelu_fwd(
-                la.fch_gelu.ptr,
-                la.fch.ptr,
-                la.ln2.ptr,
-                o.fc_w,
-                o.fc_b,
-                c,
-                4 * c,
-                n,
-            )?;
+            self.linear_gelu_fwd(a.gelu(l), la.fch.ptr, a.ln2(l), o.fc_w, o.fc_b, c, 4 * c, n)?;
             self.linear_fwd(
                 la.res3.ptr,
-                la.fch_gelu.ptr,
+                a.gelu(l),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 4 * c,
@@ -1557,9 +1682,11 @@ impl CudaEngine {
             if let Some(d) = drop {
                 self.dropout(la.res3.ptr, la.res3.ptr, n * c, d.mlp_resid(l))?;
             }
+            // At level 2 the next block's ln1 goes to the shared buffer: this block's ln2
+            // there has been consumed by the fc product above.
             let (ln, mean, rstd, w, bias) = match (a.layers.get(l + 1), lay.blocks.get(l + 1)) {
                 (Some(nl), Some(no)) => (
-                    nl.ln1.ptr,
+                    a.ln1(l + 1),
                     nl.ln1_mean.ptr,
                     nl.ln1_rstd.ptr,
                     no.ln1_w,
@@ -1660,6 +1787,19 @@ impl CudaEngine {
                 a.layers[l - 1].res3.ptr
             };
             let la = &a.layers[l];
+            if la.fch_gelu.is_none() {
+                // Recomputed with the forward's kernel (see the module docs for the fused
+                // GELU epilogue).
+                self.run(
+                    self.k.gelu_forward,
+                    grid_1d(n * 4 * c),
+                    &[
+                        Arg::Ptr(a.gelu(l)),
+                        Arg::Ptr(la.fch.ptr),
+                        Arg::I64((n * 4 * c) as i64),
+                    ],
+                )?;
+            }
             // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
             let gbranch = match drop.map(|d| d.mlp_resid(l)) {
                 Some(d) if d.active() => {
@@ -1672,7 +1812,7 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dfch.ptr,
                 gbranch,
-                la.fch_gelu.ptr,
+                a.gelu(l),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 Some(la.fch.ptr),
@@ -1681,10 +1821,21 @@ impl CudaEngine {
                 n,
                 bias_scratch,
             )?;
+            if la.ln2.is_none() {
+                self.layernorm_recompute(
+                    a.ln2(l),
+                    la.res2.ptr,
+                    la.ln2_mean.ptr,
+                    la.ln2_rstd.ptr,
+                    o.ln2_w,
+                    o.ln2_b,
+                    n,
+                )?;
+            }
             self.linear_bwd(
                 a.dln.ptr,
                 a.dfch.ptr,
-                la.ln2.ptr,
+                a.ln2(l),
                 o.fc_w,
                 o.fc_b,
                 None,
@@ -1726,10 +1877,21 @@ impl CudaEngine {
             )?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
+            if la.ln1.is_none() {
+                self.layernorm_recompute(
+                    a.ln1(l),
+                    x,
+                    la.ln1_mean.ptr,
+                    la.ln1_rstd.ptr,
+                    o.ln1_w,
+                    o.ln1_b,
+                    n,
+                )?;
+            }
             self.linear_bwd(
                 a.dln.ptr,
                 a.dqkv.ptr,
-                la.ln1.ptr,
+                a.ln1(l),
                 o.qkv_w,
                 o.qkv_b,
                 None,
@@ -2179,6 +2341,25 @@ impl Engine for CudaEngine {
 
     fn memory_report(&self) -> Option<profile::MemoryReport> {
         Some(self.memory())
+    }
+
+    fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+    }
+    fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+    fn activation_bytes(&self, b: usize, t: usize, recompute: Recompute) -> Option<u64> {
+        let fused = self.fused_attention(b, t, true).is_some();
+        let attn_dropout = self.cfg.dropout > 0.0;
+        Some(activation_bytes(
+            &self.cfg,
+            b,
+            t,
+            recompute,
+            fused,
+            attn_dropout,
+        ))
     }
 }
 

@@ -294,10 +294,30 @@ pub struct MemoryReport {
     pub device_total: Option<u64>,
 }
 
+/// The [`MemoryReport`] items that hold activations (what a training step's shape and
+/// the `recompute` level decide, as opposed to parameters and optimizer state).
+pub const ACTIVATION_ITEMS: [&str; 6] = [
+    "activations (saved for backward)",
+    "recompute buffers (shared by all layers)",
+    "logits and loss",
+    "backward scratch",
+    "attention T x T matrices (plain path)",
+    "fused attention logsumexp and scratch",
+];
+
 impl MemoryReport {
     /// Sum of [`MemoryReport::items`].
     pub fn accounted(&self) -> u64 {
         self.items.iter().map(|(_, b)| b).sum()
+    }
+
+    /// Sum of the [`ACTIVATION_ITEMS`].
+    pub fn activation_bytes(&self) -> u64 {
+        self.items
+            .iter()
+            .filter(|(what, _)| ACTIVATION_ITEMS.contains(&what.as_str()))
+            .map(|(_, b)| b)
+            .sum()
     }
 }
 
@@ -598,40 +618,44 @@ impl CudaEngine {
             add("bf16 operand scratch", scratch);
         }
         if let Some(a) = &self.acts {
+            let opt = |b: &Option<crate::cuda::driver::DeviceBuffer<'static>>| {
+                b.as_ref().map_or(0, |b| b.bytes)
+            };
             let saved: usize = a
                 .layers
                 .iter()
                 .map(|l| {
                     [
-                        &l.ln1,
                         &l.ln1_mean,
                         &l.ln1_rstd,
                         &l.qkv,
                         &l.atty,
                         &l.res2,
-                        &l.ln2,
                         &l.ln2_mean,
                         &l.ln2_rstd,
                         &l.fch,
-                        &l.fch_gelu,
                         &l.res3,
                     ]
                     .iter()
                     .map(|b| b.bytes)
                     .sum::<usize>()
+                        + opt(&l.ln1)
+                        + opt(&l.ln2)
+                        + opt(&l.fch_gelu)
                 })
                 .sum::<usize>()
                 + [&a.encoded, &a.lnf, &a.lnf_mean, &a.lnf_rstd]
                     .iter()
                     .map(|b| b.bytes)
                     .sum::<usize>();
-            add("activations (saved for backward)", saved);
+            add(ACTIVATION_ITEMS[0], saved);
+            add(ACTIVATION_ITEMS[1], opt(&a.gelu_shared) + opt(&a.ln_shared));
             add(
-                "logits and loss",
+                ACTIVATION_ITEMS[2],
                 a.logits.bytes + a.row_loss.bytes + a.inputs.bytes + a.targets.bytes,
             );
             add(
-                "backward scratch",
+                ACTIVATION_ITEMS[3],
                 [
                     &a.dres,
                     &a.dtmp,
@@ -655,9 +679,9 @@ impl CudaEngine {
             let tt: usize = a.layers.iter().map(|l| lazy(&l.att)).sum::<usize>()
                 + lazy(&a.datt)
                 + lazy(&a.patt);
-            add("attention T x T matrices (plain path)", tt);
+            add(ACTIVATION_ITEMS[4], tt);
             let fused: usize = a.layers.iter().map(|l| lazy(&l.lse)).sum::<usize>() + lazy(&a.dvec);
-            add("fused attention logsumexp and scratch", fused);
+            add(ACTIVATION_ITEMS[5], fused);
         }
         let info = self.ctx.mem_info().ok();
         MemoryReport {
