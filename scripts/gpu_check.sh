@@ -178,7 +178,7 @@ gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16
 bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
-    --batch_sizes=4,8,16 --recompute=2
+    --batch_sizes=16,32,64 --recompute=2
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
