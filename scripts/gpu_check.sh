@@ -45,7 +45,7 @@
 #                                                                 -> cuda_profile.log
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
 #                      batch size -> bench_memory_124m_bf16.log
-#      bench-memory-r2 the same with --recompute=2          -> bench_memory_124m_bf16_r2.log
+#      bench-memory-r2 B = 16, 32, 64 with --recompute=2 -> bench_memory_124m_bf16_r2.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
