@@ -54,7 +54,10 @@ fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged
     let mut seen = Vec::new();
     let l1 = notified
         .forward_backward_notify(batch, 0.5, &mut |g: GradReady| {
-            assert!(g.host.is_none(), "the CUDA engine keeps gradients on the GPU");
+            assert!(
+                g.host.is_none(),
+                "the CUDA engine keeps gradients on the GPU"
+            );
             assert_eq!(g.stream, Some(stream), "reports carry the compute stream");
             seen.push(g.range());
         })
@@ -71,7 +74,10 @@ fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged
         "reports must cover every gradient exactly once: {seen:?}"
     );
     let plan = BucketPlan::for_layout(&layout, 0.0);
-    assert_eq!(seen, plan.buckets, "reports in backward order, one per block");
+    assert_eq!(
+        seen, plan.buckets,
+        "reports in backward order, one per block"
+    );
 
     // A 1-rank NCCL group: buckets enqueued during the backward pass (tiny buckets, then
     // reduce-scatter buckets), then a step; the same as a step without overlap.

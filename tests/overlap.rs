@@ -151,7 +151,8 @@ fn overlap_on_and_off_agree_bit_for_bit_on_2_and_3_ranks_with_zero_0_and_1() {
                 &run_args(&data, &on, world, &[&z, "--bucket_cap_mb=0"]),
             );
             assert!(
-                log_on.contains("gradient reduction overlapped with the backward pass in 6 buckets"),
+                log_on
+                    .contains("gradient reduction overlapped with the backward pass in 6 buckets"),
                 "{log_on}"
             );
             assert_same_run(&off, &on, &format!("{world} ranks, zero_stage {zero}"));
@@ -172,7 +173,9 @@ fn reports(engine: &mut CpuEngine, batch: Batch) -> (f32, Vec<(usize, Vec<f32>)>
         assert_eq!(host.len(), g.len);
         seen.push((g.start, host.to_vec()));
     };
-    let loss = engine.forward_backward_notify(batch, 0.5, &mut hook).unwrap();
+    let loss = engine
+        .forward_backward_notify(batch, 0.5, &mut hook)
+        .unwrap();
     (loss, seen)
 }
 
@@ -182,7 +185,7 @@ fn the_cpu_engine_reports_every_gradient_once_in_backward_order_with_final_value
         let cfg = GptConfig::new(3, 2, 16, 8, 50, bias, 0.1).unwrap();
         let layout = ParamLayout::new(&cfg);
         let inputs: Vec<u32> = (0..16).map(|i| (i * 7 % 50) as u32).collect();
-        let targets: Vec<i32> = (0..16).map(|i| (i * 11 % 50) as i32).collect();
+        let targets: Vec<i32> = (0..16).map(|i| i * 11 % 50).collect();
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
@@ -202,7 +205,10 @@ fn the_cpu_engine_reports_every_gradient_once_in_backward_order_with_final_value
             assert_eq!(loss.to_bits(), l1.to_bits(), "{rc:?}");
             let grads = notified.grads();
             let want = plain.grads();
-            assert!(grads == want, "{rc:?} bias {bias}: notify changed the gradients");
+            assert!(
+                grads == want,
+                "{rc:?} bias {bias}: notify changed the gradients"
+            );
             // Coverage: each element exactly once; ranges descend (backward order).
             let mut covered = vec![0u8; layout.total];
             for (start, vals) in &seen {
@@ -294,7 +300,11 @@ fn a_killed_rank_stops_the_others_during_overlapped_training() {
     }
     let _ = children[1].wait();
     let texts: Vec<String> = readers.into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(texts[0].contains("overlapped with the backward pass"), "{}", texts[0]);
+    assert!(
+        texts[0].contains("overlapped with the backward pass"),
+        "{}",
+        texts[0]
+    );
     for (r, st, took) in codes {
         let text = &texts[r];
         assert!(st.code().is_some_and(|c| c != 0), "rank {r}: {st}\n{text}");

@@ -476,11 +476,11 @@ pub struct Stream<'a> {
 impl Stream<'_> {
     /// Makes work enqueued on this stream from now on wait until `event`'s most recent
     /// record has completed (the event may be recorded again right after this call).
-    pub fn wait_event(&self, event: CuEvent) -> Result<(), CudaError> {
+    pub fn wait_event(&self, event: &Event) -> Result<(), CudaError> {
         // SAFETY: a live stream and event of the same context; flags 0 is the only value
         // cuStreamWaitEvent documents for the plain wait.
         self.drv.check(
-            unsafe { (self.drv.api.cuStreamWaitEvent)(self.s, event, 0) },
+            unsafe { (self.drv.api.cuStreamWaitEvent)(self.s, event.e, 0) },
             "cuStreamWaitEvent",
         )
     }
@@ -625,10 +625,12 @@ impl<'a> Event<'a> {
 
     /// [`Event::record`] on a raw `CUstream` of this event's context (a stream another
     /// component owns, e.g. an engine's compute stream handed out as a handle).
-    pub fn record_raw(&self, stream: CuStream) -> Result<(), CudaError> {
-        // SAFETY: live event; the caller passes a live stream of the same context.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the context this event was created in.
+    pub unsafe fn record_raw(&self, stream: CuStream) -> Result<(), CudaError> {
         self.drv.check(
-            unsafe { (self.drv.api.cuEventRecord)(self.e, stream) },
+            (self.drv.api.cuEventRecord)(self.e, stream),
             "cuEventRecord",
         )
     }

@@ -495,9 +495,10 @@ impl NcclProcessGroup {
         let (comm_stream, _) = self.overlap_handles()?;
         let (rank, device) = (self.rank(), self.device);
         let ordered = self.overlap.as_ref().map(|(stream, event)| {
-            event
-                .record_raw(compute as usize as CuStream)
-                .and_then(|_| stream.wait_event(event.e))
+            // SAFETY: `compute` is the engine's live compute stream in this group's context
+            // (the engine's primary context; Engine::device_grads hands it out).
+            unsafe { event.record_raw(compute as usize as CuStream) }
+                .and_then(|_| stream.wait_event(event))
         });
         if let Some(Err(e)) = ordered {
             return Err(DistError::Other(format!(
@@ -536,11 +537,7 @@ impl NcclProcessGroup {
         }
         let (comm_stream, _) = self.overlap_handles()?;
         let pending = std::mem::take(&mut self.overlap_pending);
-        self.wait_op(
-            "overlapped gradient reduction",
-            pending,
-            comm_stream as u64,
-        )?;
+        self.wait_op("overlapped gradient reduction", pending, comm_stream as u64)?;
         let (rank, device) = (self.rank(), self.device);
         // The host has seen the communication stream finish; the stream wait also orders
         // the device side explicitly (cheap, and right even if the wait above changes).
@@ -549,7 +546,11 @@ impl NcclProcessGroup {
                 // SAFETY: the engine's live compute stream of this context, and our event.
                 self.driver.check(
                     unsafe {
-                        (self.driver.api.cuStreamWaitEvent)(compute as usize as CuStream, event.e, 0)
+                        (self.driver.api.cuStreamWaitEvent)(
+                            compute as usize as CuStream,
+                            event.e,
+                            0,
+                        )
                     },
                     "cuStreamWaitEvent",
                 )

@@ -67,7 +67,8 @@ impl BucketPlan {
     /// backward passes; buckets of at least `bucket_mb` MiB of f32 gradients.
     pub fn for_layout(layout: &ParamLayout, bucket_mb: f64) -> BucketPlan {
         let first_block = layout.blocks.first().map_or(layout.lnf_w, |o| o.ln1_w);
-        let mut segments = vec![layout.lnf_w..layout.total];
+        let mut segments = Vec::with_capacity(layout.blocks.len() + 2);
+        segments.push(layout.lnf_w..layout.total);
         for (l, o) in layout.blocks.iter().enumerate().rev() {
             let end = layout.blocks.get(l + 1).map_or(layout.lnf_w, |n| n.ln1_w);
             segments.push(o.ln1_w..end);
@@ -95,7 +96,11 @@ pub struct Staging {
 impl Staging {
     fn prepare(&mut self, plan: &BucketPlan) {
         if self.bufs.len() != plan.len()
-            || self.bufs.iter().zip(&plan.buckets).any(|(b, r)| b.len() != r.len())
+            || self
+                .bufs
+                .iter()
+                .zip(&plan.buckets)
+                .any(|(b, r)| b.len() != r.len())
         {
             self.bufs = plan.buckets.iter().map(|r| vec![0f32; r.len()]).collect();
         }
