@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, cuda_overlap, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -34,6 +34,8 @@
 #      recompute       cuda_recompute: recompute=1 and 2 vs 0 (fp32, bf16), bit-identical
 #                      gradients and the memory report's savings -> cuda_recompute.log
 #      nccl            nccl: the NCCL process group (1 rank; 2 when 2+ GPUs) -> nccl.log
+#      overlap         cuda_overlap: the CUDA engine's gradient reports and a 1-rank NCCL
+#                      reduction overlapped with the backward pass -> cuda_overlap.log
 #      bench-124m-bf16 nanogpt bench, gpt2 124M, T=1024, B=8, bf16 -> bench_124m_bf16.log
 #                      (summary.txt ends with its tokens/s next to the PyTorch reference)
 #      torch-ref-124m  the PyTorch reference in the same invocation: bench/torch_reference.py,
@@ -86,6 +88,8 @@ if [ "${1:-}" = "--stage" ]; then
     strip --strip-debug -o "$dest/cuda_recompute" "$recompute_bin"
     zero_bin=$(ls -t target/release/deps/zero-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/zero" "$zero_bin"
+    overlap_bin=$(ls -t target/release/deps/cuda_overlap-* | grep -v '\.d$' | head -n 1)
+    strip --strip-debug -o "$dest/cuda_overlap" "$overlap_bin"
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -103,7 +107,7 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/cuda_recompute" "$bin/zero" "$bin/nccl"; do
+    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/cuda_recompute" "$bin/cuda_overlap" "$bin/zero" "$bin/nccl"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
@@ -162,6 +166,7 @@ gpu_test switches 45 cuda_switches cuda_switches.log
 gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
 gpu_test recompute 45 cuda_recompute cuda_recompute.log
 gpu_test nccl 60 nccl nccl.log
+gpu_test overlap 45 cuda_overlap cuda_overlap.log
 gpu_test zero 45 zero zero.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 if command -v python3 > /dev/null; then
@@ -224,7 +229,7 @@ fi
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
 for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log \
-    cuda_epilogues.log cuda_recompute.log nccl.log zero.log bench_124m_bf16.log torch_ref_124m_bf16.log \
+    cuda_epilogues.log cuda_recompute.log nccl.log cuda_overlap.log zero.log bench_124m_bf16.log torch_ref_124m_bf16.log \
     bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log bench_memory_124m_bf16_r2.log \
     bench_124m.log cuda_flash_timing.log bench_small.log; do
     echo "--- tail of $f" >&2

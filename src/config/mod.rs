@@ -446,6 +446,13 @@ pub struct TrainConfig {
     /// the GELU outputs in the backward pass; 2 also the LayerNorm outputs. Less memory for
     /// a little more compute; the gradients are the same.
     pub recompute: u64,
+    /// Data-parallel runs reduce the gradients across ranks during the backward pass,
+    /// bucket by bucket as they are finished (as PyTorch DDP does), instead of once after
+    /// it; the results are the same. No effect on one rank.
+    pub overlap_grad_reduce: bool,
+    /// Smallest gradient bucket of `overlap_grad_reduce`, in MiB (PyTorch DDP's
+    /// `bucket_cap_mb`); a bucket always holds whole transformer blocks.
+    pub bucket_cap_mb: f64,
 }
 
 impl Default for TrainConfig {
@@ -493,6 +500,8 @@ impl Default for TrainConfig {
             dist_env: "auto".into(),
             zero_stage: 0,
             recompute: 0,
+            overlap_grad_reduce: true,
+            bucket_cap_mb: crate::dist::overlap::DEFAULT_BUCKET_MB,
         }
     }
 }
@@ -545,6 +554,7 @@ impl ConfigSchema for TrainConfig {
             ("min_lr", self.min_lr),
             ("weight_decay", self.weight_decay),
             ("grad_clip", self.grad_clip),
+            ("bucket_cap_mb", self.bucket_cap_mb),
         ])?;
         check_betas(self.beta1, self.beta2)?;
         check_init_from(&self.init_from, &["scratch", "resume"])?;

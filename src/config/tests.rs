@@ -564,8 +564,10 @@ fn every_shipped_config_loads() {
 #[test]
 fn known_keys_lists_every_field() {
     let keys = TrainConfig::known_keys();
-    assert_eq!(keys.len(), 42);
+    assert_eq!(keys.len(), 44);
     assert!(keys.iter().any(|k| k == "zero_stage"));
+    assert!(keys.iter().any(|k| k == "overlap_grad_reduce"));
+    assert!(keys.iter().any(|k| k == "bucket_cap_mb"));
     assert!(keys.iter().any(|k| k == "recompute"));
     assert!(keys.iter().any(|k| k == "peak_flops"));
     assert!(keys.iter().any(|k| k == "dist_timeout"));
@@ -629,6 +631,19 @@ fn zero_stage_is_0_or_1() {
     }
     let err = load(&["--zero_stage=one"]).unwrap_err().to_string();
     assert!(err.contains("zero_stage"), "{err}");
+}
+
+#[test]
+fn overlap_grad_reduce_is_on_by_default_with_25_mib_buckets() {
+    let load = |a: &[&str]| TrainConfig::load(&args(a));
+    let c = load(&[]).unwrap();
+    assert!(c.overlap_grad_reduce);
+    assert_eq!(c.bucket_cap_mb, 25.0);
+    let c = load(&["--overlap_grad_reduce=False", "--bucket_cap_mb=0.5"]).unwrap();
+    assert!(!c.overlap_grad_reduce);
+    assert_eq!(c.bucket_cap_mb, 0.5);
+    let err = load(&["--bucket_cap_mb=-1"]).unwrap_err().to_string();
+    assert!(err.contains("bucket_cap_mb"), "{err}");
 }
 
 #[test]

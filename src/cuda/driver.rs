@@ -22,6 +22,12 @@ const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
 const ATTR_PCI_BUS_ID: c_int = 33;
 const ATTR_CC_MAJOR: c_int = 75;
 const ATTR_CC_MINOR: c_int = 76;
+/// cuda.h `CU_STREAM_NON_BLOCKING` (CUstream_flags): a stream that does not synchronize
+/// with the legacy default stream.
+pub const CU_STREAM_NON_BLOCKING: c_uint = 0x1;
+/// cuda.h `CU_EVENT_DISABLE_TIMING` (CUevent_flags): an event for ordering only, cheaper
+/// to record and wait on.
+pub const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
 
 api! {
     /// Entry points of `libcuda.so.1`.
@@ -64,6 +70,9 @@ api! {
         fn cuEventRecord(e: CuEvent, s: CuStream) -> CuResult;
         fn cuEventSynchronize(e: CuEvent) -> CuResult;
         fn cuEventDestroy_v2(e: CuEvent) -> CuResult;
+        // cuda.h: `CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent,
+        // unsigned int Flags)` (no _v2 form; _ptsz only with per-thread default streams).
+        fn cuStreamWaitEvent(s: CuStream, e: CuEvent, flags: c_uint) -> CuResult;
         // cuda.h: `#define cuMemGetInfo cuMemGetInfo_v2` (size_t free, size_t total).
         fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CuResult;
     }
@@ -340,6 +349,20 @@ impl<'a> Context<'a> {
         Ok(Stream { drv: self.drv, s })
     }
 
+    /// A stream that does not synchronize with the legacy default stream
+    /// ([`CU_STREAM_NON_BLOCKING`]): work on it is ordered against other streams only by
+    /// explicit events ([`Stream::wait_event`]). For communication beside the compute
+    /// stream.
+    pub fn stream_non_blocking(&self) -> Result<Stream<'a>, CudaError> {
+        let mut s: CuStream = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamCreate)(&mut s, CU_STREAM_NON_BLOCKING) },
+            "cuStreamCreate",
+        )?;
+        Ok(Stream { drv: self.drv, s })
+    }
+
     /// Loads a cubin or NUL-terminated PTX image.
     pub fn load_module(&self, image: &[u8]) -> Result<Module<'a>, CudaError> {
         let mut m: CuModule = std::ptr::null_mut();
@@ -451,6 +474,17 @@ pub struct Stream<'a> {
 }
 
 impl Stream<'_> {
+    /// Makes work enqueued on this stream from now on wait until `event`'s most recent
+    /// record has completed (the event may be recorded again right after this call).
+    pub fn wait_event(&self, event: &Event) -> Result<(), CudaError> {
+        // SAFETY: a live stream and event of the same context; flags 0 is the only value
+        // cuStreamWaitEvent documents for the plain wait.
+        self.drv.check(
+            unsafe { (self.drv.api.cuStreamWaitEvent)(self.s, event.e, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: live stream.
         self.drv.check(
@@ -576,6 +610,29 @@ impl<'a> Event<'a> {
             "cuEventCreate",
         )?;
         Ok(Event { drv, e })
+    }
+
+    /// An event for ordering streams only ([`CU_EVENT_DISABLE_TIMING`]).
+    pub fn untimed(drv: &'a Driver) -> Result<Event<'a>, CudaError> {
+        let mut e: CuEvent = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        drv.check(
+            unsafe { (drv.api.cuEventCreate)(&mut e, CU_EVENT_DISABLE_TIMING) },
+            "cuEventCreate",
+        )?;
+        Ok(Event { drv, e })
+    }
+
+    /// [`Event::record`] on a raw `CUstream` of this event's context (a stream another
+    /// component owns, e.g. an engine's compute stream handed out as a handle).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the context this event was created in.
+    pub unsafe fn record_raw(&self, stream: CuStream) -> Result<(), CudaError> {
+        self.drv.check(
+            (self.drv.api.cuEventRecord)(self.e, stream),
+            "cuEventRecord",
+        )
     }
 
     /// Enqueues the event on `stream`: it completes when the work before it has finished.

@@ -16,6 +16,7 @@ mod failure;
 pub mod hostlist;
 pub mod launch;
 pub mod nccl;
+pub mod overlap;
 pub mod rendezvous;
 pub mod tcp;
 
@@ -78,6 +79,22 @@ pub fn check_ranges(ranges: &[Range<usize>], len: usize, world: usize) -> Result
         return Err(bad(format!("the ranges end at {at}")));
     }
     Ok(())
+}
+
+/// The ring chunks of `bucket`, a range of a buffer of `total` values reduced over
+/// `world` ranks: the whole buffer's [`shard_ranges`] cut to the bucket and made relative
+/// to its start (rank `r`'s piece is the part of rank `r`'s shard inside the bucket, empty
+/// when they do not meet). Every element keeps its owner, so a bucket reduced with these
+/// chunks sums each element exactly as the whole buffer's reduction does.
+pub fn bucket_chunks(total: usize, world: usize, bucket: &Range<usize>) -> Vec<Range<usize>> {
+    shard_ranges(total, world)
+        .into_iter()
+        .map(|r| {
+            let lo = r.start.clamp(bucket.start, bucket.end) - bucket.start;
+            let hi = r.end.clamp(bucket.start, bucket.end) - bucket.start;
+            lo..hi
+        })
+        .collect()
 }
 
 /// `x` as three f32 values whose f64 sum is `x` (inf, NaN and values beyond f32's range
@@ -177,6 +194,20 @@ pub trait ProcessGroup: Send {
         }
         Ok(())
     }
+    /// [`ProcessGroup::all_reduce_sum`] whose ring chunks are `chunks` (one contiguous
+    /// piece of `buf` per rank, in rank order, as for
+    /// [`ProcessGroup::reduce_scatter_sum`]): reducing a bucket of a larger buffer with the
+    /// larger buffer's shard ranges cut to the bucket ([`bucket_chunks`]) sums every
+    /// element in the same order as reducing the whole buffer at once (the TCP ring
+    /// guarantees it), which keeps overlapped and plain reductions bit-identical.
+    fn all_reduce_sum_chunks(
+        &mut self,
+        buf: &mut [f32],
+        chunks: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        check_ranges(chunks, buf.len(), self.world_size())?;
+        self.all_reduce_sum(buf)
+    }
     /// Element-wise mean over all ranks.
     fn all_reduce_avg(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
         self.all_reduce_sum(buf)?;
@@ -220,6 +251,36 @@ pub trait ProcessGroup: Send {
         _ranges: &[Range<usize>],
         _stream: u64,
     ) -> Option<Result<(), DistError>> {
+        None
+    }
+    /// Whether [`ProcessGroup::enqueue_bucket_device`] works (NCCL): GPU gradients can be
+    /// reduced during the backward pass.
+    fn overlaps_device(&self) -> bool {
+        false
+    }
+    /// Overlapped reduction of GPU gradients, one bucket at a time: enqueues the sum over
+    /// all ranks of the `len` f32 values at `ptr` on this group's own communication
+    /// stream, ordered after the work enqueued so far on the compute stream `stream` (so
+    /// the backward pass can go on computing other gradients meanwhile), and returns
+    /// without waiting. `chunks` splits the bucket into one piece per rank
+    /// ([`bucket_chunks`]); with `scatter` only the owner of each piece needs its sum
+    /// (ZeRO-1's reduce-scatter), else every rank gets every sum. Call
+    /// [`ProcessGroup::finish_buckets_device`] before anything reads the sums. `None`:
+    /// this group cannot (the caller reduces after the backward pass instead).
+    fn enqueue_bucket_device(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _chunks: &[Range<usize>],
+        _scatter: bool,
+        _stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        None
+    }
+    /// Waits (at most the group's timeout, with the failure handling of the blocking
+    /// device collectives) for every bucket of [`ProcessGroup::enqueue_bucket_device`] and
+    /// orders the compute stream `stream` after them. `None`: nothing to wait for.
+    fn finish_buckets_device(&mut self, _stream: u64) -> Option<Result<(), DistError>> {
         None
     }
     /// [`ProcessGroup::all_gather`] of `len` f32 values in GPU memory at `ptr`, on CUDA
@@ -409,6 +470,29 @@ mod tests {
         assert_eq!(shard_ranges(20, 3), vec![0..0, 0..16, 16..20]);
         assert_eq!(shard_ranges(100, 2), vec![0..48, 48..100]);
         assert_eq!(shard_range(10, 1, 0), 0..10);
+    }
+
+    #[test]
+    fn bucket_chunks_partition_the_bucket_and_keep_every_owner() {
+        for world in 1..=5usize {
+            for total in [0usize, 7, 100, 1001] {
+                let shards = shard_ranges(total, world);
+                for (a, b) in [(0, total), (0, total / 3), (total / 3, total), (5, 9)] {
+                    if a > b || b > total {
+                        continue;
+                    }
+                    let chunks = bucket_chunks(total, world, &(a..b));
+                    check_ranges(&chunks, b - a, world).unwrap();
+                    for (r, c) in chunks.iter().enumerate() {
+                        for i in c.clone() {
+                            assert!(shards[r].contains(&(a + i)), "w{world} n{total} {a}..{b}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(bucket_chunks(100, 2, &(40..60)), vec![0..8, 8..20]);
+        assert_eq!(bucket_chunks(100, 2, &(60..100)), vec![0..0, 0..40]);
     }
 
     #[test]

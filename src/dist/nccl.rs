@@ -41,7 +41,7 @@
 
 use super::{DistError, DistOptions, LaunchInfo, ProcessGroup};
 use crate::cuda::discover::{LibKind, SearchEnv, SearchPlan};
-use crate::cuda::driver::{Context, CuStream, Driver};
+use crate::cuda::driver::{Context, CuStream, Driver, Event, Stream};
 use crate::cuda::nccl::{
     self as api, Communicator, Nccl, RedOp, StreamQuery, UniqueId, CUDA_ERROR_NOT_READY,
     NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_UNIQUE_ID_BYTES,
@@ -283,6 +283,11 @@ pub struct NcclProcessGroup {
     // The communicator first: fields drop in order, and it must go while the context
     // (retained here, so it outlives the engine's own handle) is alive.
     comm: Option<Communicator<'static>>,
+    /// The communication stream and ordering event of overlapped bucket reductions
+    /// (created on first use; dropped before the context).
+    overlap: Option<(Stream<'static>, Event<'static>)>,
+    /// Floats enqueued by overlapped bucket reductions not yet waited for.
+    overlap_pending: usize,
     ctx: Context<'static>,
     host: Box<dyn ProcessGroup>,
     nccl: &'static Nccl,
@@ -365,6 +370,8 @@ impl NcclProcessGroup {
         }
         Ok(NcclProcessGroup {
             comm: Some(comm),
+            overlap: None,
+            overlap_pending: 0,
             ctx,
             host,
             nccl,
@@ -450,6 +457,114 @@ impl NcclProcessGroup {
         })
     }
 
+    /// The communication stream and event of overlapped reductions, created on first use
+    /// in the group's context (made current here); returns their raw handles.
+    fn overlap_handles(&mut self) -> Result<(CuStream, crate::cuda::driver::CuEvent), DistError> {
+        let (rank, device) = (self.rank(), self.device);
+        let cuda = |e: crate::cuda::CudaError| {
+            DistError::Other(format!(
+                "rank {rank}: cuda:{device}: the communication stream of overlap_grad_reduce: {e}"
+            ))
+        };
+        self.ctx.make_current().map_err(cuda)?;
+        if self.overlap.is_none() {
+            let stream = self.ctx.stream_non_blocking().map_err(cuda)?;
+            let event = Event::untimed(self.driver).map_err(cuda)?;
+            self.overlap = Some((stream, event));
+        }
+        let (stream, event) = self
+            .overlap
+            .as_ref()
+            .expect("the overlap stream was created just above");
+        Ok((stream.s, event.e))
+    }
+
+    /// One bucket of an overlapped reduction (see [`ProcessGroup::enqueue_bucket_device`]):
+    /// the communication stream waits for the compute stream's present position, then
+    /// runs the bucket's all-reduce, or with `scatter` one `ncclReduce` per rank's piece
+    /// onto that rank (grouped), without waiting on the host.
+    fn enqueue_bucket(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        chunks: &[Range<usize>],
+        scatter: bool,
+        compute: u64,
+    ) -> Result<(), DistError> {
+        super::check_ranges(chunks, len, self.world_size())?;
+        let (comm_stream, _) = self.overlap_handles()?;
+        let (rank, device) = (self.rank(), self.device);
+        let ordered = self.overlap.as_ref().map(|(stream, event)| {
+            // SAFETY: `compute` is the engine's live compute stream in this group's context
+            // (the engine's primary context; Engine::device_grads hands it out).
+            unsafe { event.record_raw(compute as usize as CuStream) }
+                .and_then(|_| stream.wait_event(event))
+        });
+        if let Some(Err(e)) = ordered {
+            return Err(DistError::Other(format!(
+                "rank {rank}: cuda:{device}: ordering a gradient bucket after the backward pass: {e}"
+            )));
+        }
+        let what = if scatter {
+            "gradient reduce-scatter (overlapped bucket)"
+        } else {
+            "gradient all-reduce (overlapped bucket)"
+        };
+        self.enqueue_op(what, comm_stream as u64, |nccl, comm, stream| {
+            if !scatter {
+                // SAFETY: the engine's gradient bucket of `len` floats on this device; in
+                // place is allowed.
+                return unsafe { nccl.all_reduce_f32_raw(ptr, ptr, len, RedOp::Sum, comm, stream) };
+            }
+            nccl.group(|| {
+                for (root, r) in chunks.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                    let p = ptr + 4 * r.start as u64;
+                    // SAFETY: `r` lies inside the bucket of `len` floats (checked above).
+                    unsafe { nccl.reduce_sum_f32_raw(p, p, r.len(), root, comm, stream)? };
+                }
+                Ok(())
+            })
+        })?;
+        self.overlap_pending += len;
+        Ok(())
+    }
+
+    /// Waits for every bucket of [`Self::enqueue_bucket`] (under `dist_timeout`, as
+    /// [`Self::device_op`] waits) and orders the compute stream after them.
+    fn finish_buckets(&mut self, compute: u64) -> Result<(), DistError> {
+        if self.overlap_pending == 0 {
+            return Ok(());
+        }
+        let (comm_stream, _) = self.overlap_handles()?;
+        let pending = std::mem::take(&mut self.overlap_pending);
+        self.wait_op("overlapped gradient reduction", pending, comm_stream as u64)?;
+        let (rank, device) = (self.rank(), self.device);
+        // The host has seen the communication stream finish; the stream wait also orders
+        // the device side explicitly (cheap, and right even if the wait above changes).
+        let ordered = self.overlap.as_ref().map(|(stream, event)| {
+            event.record(stream).and_then(|_| {
+                // SAFETY: the engine's live compute stream of this context, and our event.
+                self.driver.check(
+                    unsafe {
+                        (self.driver.api.cuStreamWaitEvent)(
+                            compute as usize as CuStream,
+                            event.e,
+                            0,
+                        )
+                    },
+                    "cuStreamWaitEvent",
+                )
+            })
+        });
+        match ordered {
+            Some(Err(e)) => Err(DistError::Other(format!(
+                "rank {rank}: cuda:{device}: ordering the optimizer step after the gradient \
+                 reduction: {e}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs one collective on the GPU: `enqueue` puts its NCCL calls on `stream`, then this
     /// waits for completion under `dist_timeout`, aborting the communicator on a failure
     /// (see the module docs). `what` names it in messages; `len` floats are involved.
@@ -457,6 +572,18 @@ impl NcclProcessGroup {
         &mut self,
         what: &str,
         len: usize,
+        stream: u64,
+        enqueue: impl FnOnce(&Nccl, &Communicator, CuStream) -> Result<(), crate::cuda::CudaError>,
+    ) -> Result<(), DistError> {
+        self.enqueue_op(what, stream, enqueue)?;
+        self.wait_op(what, len, stream)
+    }
+
+    /// The first half of [`Self::device_op`]: puts the NCCL calls of `enqueue` on `stream`
+    /// (under the watchdog while the ranks are not connected yet) and returns.
+    fn enqueue_op(
+        &mut self,
+        what: &str,
         stream: u64,
         enqueue: impl FnOnce(&Nccl, &Communicator, CuStream) -> Result<(), crate::cuda::CudaError>,
     ) -> Result<(), DistError> {
@@ -471,7 +598,6 @@ impl NcclProcessGroup {
                 "rank {rank}: NCCL {what} after finish()"
             )));
         };
-        let mib = (len * 4) as f64 / (1 << 20) as f64;
         let stream = stream as usize as CuStream;
         let nccl = self.nccl;
         self.ctx
@@ -497,6 +623,21 @@ impl NcclProcessGroup {
             return Err(DistError::Other(msg));
         }
         self.connected = true;
+        Ok(())
+    }
+
+    /// The second half of [`Self::device_op`]: waits for `stream` under `dist_timeout`,
+    /// watching the communicator's error state (see the module docs).
+    fn wait_op(&mut self, what: &str, len: usize, stream: u64) -> Result<(), DistError> {
+        let (rank, device, secs) = (self.rank(), self.device, self.timeout.as_secs());
+        let Some(comm) = self.comm.as_ref() else {
+            return Err(DistError::Other(format!(
+                "rank {rank}: NCCL {what}: the communicator was aborted"
+            )));
+        };
+        let mib = (len * 4) as f64 / (1 << 20) as f64;
+        let stream = stream as usize as CuStream;
+        let nccl = self.nccl;
         let (query, driver) = (self.query, self.driver);
         // Set when NCCL itself reports nothing but the stream holds a CUDA error: a fault of
         // this rank's GPU work (the all-reduce or a kernel queued before it), not a peer's.
@@ -614,6 +755,22 @@ impl ProcessGroup for NcclProcessGroup {
         stream: u64,
     ) -> Option<Result<(), DistError>> {
         Some(self.all_gather_device_inner(ptr, len, ranges, stream))
+    }
+    fn overlaps_device(&self) -> bool {
+        true
+    }
+    fn enqueue_bucket_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        chunks: &[Range<usize>],
+        scatter: bool,
+        stream: u64,
+    ) -> Option<Result<(), DistError>> {
+        Some(self.enqueue_bucket(ptr, len, chunks, scatter, stream))
+    }
+    fn finish_buckets_device(&mut self, stream: u64) -> Option<Result<(), DistError>> {
+        Some(self.finish_buckets(stream))
     }
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), DistError> {
         self.host.broadcast(buf, root)

@@ -417,6 +417,19 @@ impl ProcessGroup for TcpProcessGroup {
         self.gather_phase(buf, &ranges)
     }
 
+    fn all_reduce_sum_chunks(
+        &mut self,
+        buf: &mut [f32],
+        chunks: &[Range<usize>],
+    ) -> Result<(), DistError> {
+        super::check_ranges(chunks, buf.len(), self.world)?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.scatter_phase(buf, chunks)?;
+        self.gather_phase(buf, chunks)
+    }
+
     fn reduce_scatter_sum(
         &mut self,
         buf: &mut [f32],

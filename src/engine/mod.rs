@@ -110,6 +110,30 @@ pub struct DeviceGrads {
     pub stream: u64,
 }
 
+/// A range of the flat gradient buffer (layout order) that the running backward pass has
+/// finished: it will not write there again, so the range may be reduced across ranks while
+/// the backward pass goes on ([`Engine::forward_backward_notify`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GradReady<'a> {
+    /// Start of the range in the layout.
+    pub start: usize,
+    /// The finished gradients, `range.len()` values, when the engine keeps them on the
+    /// host (valid during the call only: copy what you need).
+    pub host: Option<&'a [f32]>,
+    /// Length of the range.
+    pub len: usize,
+    /// For an engine on a GPU: its compute stream (a `CUstream`). Every write to the range
+    /// is enqueued on it before the call, so an event recorded on it during the call (or a
+    /// stream made to wait on it) marks the range as done.
+    pub stream: Option<u64>,
+}
+
+impl GradReady<'_> {
+    pub fn range(&self) -> Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
 pub trait Engine: Send {
     fn config(&self) -> &GptConfig;
     fn layout(&self) -> &ParamLayout;
@@ -126,6 +150,28 @@ pub trait Engine: Send {
     /// Training forward + backward. Gradients are *accumulated* (scaled by `loss_scale`,
     /// e.g. 1/grad_accum_steps); dropout is active. Returns the mean loss of the batch.
     fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32>;
+    /// [`Engine::forward_backward`] that reports, while the backward pass runs, each range
+    /// of the gradient buffer it has finished ([`GradReady`]), so that the reduction across
+    /// ranks can overlap the rest of the backward pass. Every element of the buffer is
+    /// reported exactly once, in the order the backward pass finishes them (for GPT-2:
+    /// ln_f, the blocks from last to first, then the embeddings). The default runs
+    /// [`Engine::forward_backward`] and reports the whole buffer at the end, with no host
+    /// slice and no stream: the caller reads the gradients itself afterwards.
+    fn forward_backward_notify(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        ready: &mut (dyn FnMut(GradReady) + Send),
+    ) -> Result<f32> {
+        let loss = self.forward_backward(batch, loss_scale)?;
+        ready(GradReady {
+            start: 0,
+            len: self.layout().total,
+            host: None,
+            stream: None,
+        });
+        Ok(loss)
+    }
     /// Evaluation loss: no dropout, no gradients.
     fn loss(&mut self, batch: Batch) -> Result<f32>;
     /// Logits over the real vocabulary for every position, `[b, t, vocab_size]` (evaluation mode).

@@ -5,8 +5,9 @@
 //!
 //! Data parallelism follows nanoGPT's DDP recipe: `gradient_accumulation_steps` counts
 //! micro-steps over all ranks and each of the W ranks runs `1/W` of them; gradients are
-//! summed across ranks once, after the last micro-step; rank 0 alone logs and writes
-//! files.
+//! summed across ranks once, in the last micro-step; rank 0 alone logs and writes
+//! files. With `overlap_grad_reduce` (the default) that sum runs bucket by bucket during
+//! the last micro-step's backward pass ([`dist::overlap`]), with the same result bits.
 //!
 //! ZeRO stage 1 (`zero_stage=1`, more than one rank): each rank keeps the AdamW moments
 //! of one contiguous shard of the parameters ([`dist::shard_ranges`]) instead of all of
@@ -31,8 +32,8 @@ use crate::config::TrainConfig;
 use crate::data::loader::{DataLoader, LoaderState};
 use crate::data::meta::Meta;
 use crate::data::Split;
-use crate::dist::{self, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
-use crate::engine::{self, Batch, Engine, OptimizerState};
+use crate::dist::{self, overlap, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
+use crate::engine::{self, Batch, Engine, GradReady, OptimizerState};
 use crate::model::GptConfig;
 use crate::optim::adamw;
 use crate::rng::Rng;
@@ -73,6 +74,17 @@ struct Run {
     /// parameter layout, in rank order ([`dist::shard_ranges`]); this rank holds the AdamW
     /// moments of its own range and updates those parameters only.
     zero: Option<Vec<Range<usize>>>,
+    /// `overlap_grad_reduce` is on (and more than one rank): the gradients are reduced
+    /// bucket by bucket during the last micro-step's backward pass.
+    overlap: Option<Overlap>,
+}
+
+/// The buckets of an overlapped gradient reduction ([`overlap`]).
+struct Overlap {
+    plan: overlap::BucketPlan,
+    staging: overlap::Staging,
+    /// The gradients live on the GPU and the group reduces them there (NCCL).
+    device: bool,
 }
 
 /// RNG stream labels of the evaluation batches (see the module documentation).
@@ -210,6 +222,35 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let ranges = dist::shard_ranges(run.engine.layout().total, world);
             run.engine.set_optimizer_shard(ranges[info.rank].clone());
             run.zero = Some(ranges);
+        }
+        if cfg.overlap_grad_reduce {
+            if on_gpu && !run.pg.overlaps_device() {
+                if master {
+                    eprintln!(
+                        "note: overlap_grad_reduce: the {} reduces GPU gradients through a host \
+                         copy, so they are reduced after the backward pass (backend=nccl \
+                         overlaps them)",
+                        run.pg.describe()
+                    );
+                }
+            } else {
+                let plan = overlap::BucketPlan::for_layout(run.engine.layout(), cfg.bucket_cap_mb);
+                if master {
+                    let biggest = plan.buckets.iter().map(|b| b.len()).max().unwrap_or(0);
+                    eprintln!(
+                        "gradient reduction overlapped with the backward pass in {} buckets \
+                         (largest {:.1} MiB; bucket_cap_mb = {})",
+                        plan.len(),
+                        biggest as f64 * 4.0 / (1 << 20) as f64,
+                        cfg.bucket_cap_mb
+                    );
+                }
+                run.overlap = Some(Overlap {
+                    plan,
+                    staging: overlap::Staging::default(),
+                    device: on_gpu,
+                });
+            }
         }
     } else if cfg.zero_stage >= 1 && master {
         eprintln!(
@@ -366,6 +407,7 @@ impl Run {
             resumed_world,
             pg: Box::new(SingleProcess),
             zero: None,
+            overlap: None,
         })
     }
 
@@ -482,7 +524,7 @@ impl Run {
     }
 
     /// ZeRO-1's optimizer step: reduce-scatter the gradients (each rank gets the sum of
-    /// its own range), the global pre-clip norm from every rank's sum of squares, AdamW on
+    /// its own range; already done when `reduced`, by the overlapped reduction), the global pre-clip norm from every rank's sum of squares, AdamW on
     /// this rank's range, then all-gather the updated parameters. Each gradient is summed
     /// in the same order as the all-reduce of zero_stage 0 (on the TCP ring), and the
     /// clipped AdamW arithmetic is the same per element, so the two agree bit for bit
@@ -494,17 +536,20 @@ impl Run {
         loss_sum: &mut [f32; 1],
         hp: &crate::optim::AdamWConfig,
         lr: f32,
+        reduced: bool,
     ) -> Result<f32> {
         let shard = ranges[self.pg.rank()].clone();
-        let on_device = self.engine.device_grads().and_then(|g| {
-            self.pg
-                .reduce_scatter_sum_device(g.ptr, g.len, ranges, g.stream)
-        });
-        match on_device {
-            Some(r) => r?,
-            None => self
-                .pg
-                .reduce_scatter_sum(self.engine.grads_mut(), ranges)?,
+        if !reduced {
+            let on_device = self.engine.device_grads().and_then(|g| {
+                self.pg
+                    .reduce_scatter_sum_device(g.ptr, g.len, ranges, g.stream)
+            });
+            match on_device {
+                Some(r) => r?,
+                None => self
+                    .pg
+                    .reduce_scatter_sum(self.engine.grads_mut(), ranges)?,
+            }
         }
         self.pg.all_reduce_sum(loss_sum)?;
         let local = self.engine.grad_sumsq(shard);
@@ -642,6 +687,8 @@ impl Run {
                 state: self.engine.rng_state(),
             };
             let (data_key, drop_key) = (next_key(&mut data_base.train), next_key(&mut drop_base));
+            // Set once the last micro-step's backward pass has reduced the gradients.
+            let mut reduced = false;
             for j in 0..local_accum {
                 let g = (rank * local_accum + j) as u64;
                 self.loader.set_state(&LoaderState {
@@ -651,30 +698,65 @@ impl Run {
                 self.engine.set_rng_state(Rng::derive(drop_key, g).state);
                 self.loader
                     .next_batch(Split::Train, &mut inputs, &mut targets)?;
-                loss_sum[0] += self.engine.forward_backward(
-                    Batch {
-                        inputs: &inputs,
-                        targets: &targets,
-                        b,
-                        t,
-                    },
-                    1.0 / accum as f32,
-                )?;
+                let batch = Batch {
+                    inputs: &inputs,
+                    targets: &targets,
+                    b,
+                    t,
+                };
+                let scale = 1.0 / accum as f32;
+                let last = j + 1 == local_accum;
+                loss_sum[0] += match self.overlap.as_mut().filter(|_| last) {
+                    // The last micro-step: reduce each bucket as the backward finishes it.
+                    Some(ov) => {
+                        let mode = match self.zero {
+                            Some(_) => overlap::Reduce::ReduceScatter,
+                            None => overlap::Reduce::AllReduce,
+                        };
+                        let fb = |e: &mut dyn Engine, hook: &mut (dyn FnMut(GradReady) + Send)| {
+                            e.forward_backward_notify(batch, scale, hook)
+                        };
+                        let dev = self.engine.device_grads().filter(|_| ov.device);
+                        let out = match dev {
+                            Some(dev) => overlap::reduce_during_backward_device(
+                                &mut *self.pg,
+                                &ov.plan,
+                                mode,
+                                dev,
+                                &mut *self.engine,
+                                fb,
+                            ),
+                            None => overlap::reduce_during_backward(
+                                &mut *self.pg,
+                                &ov.plan,
+                                mode,
+                                &mut ov.staging,
+                                &mut *self.engine,
+                                fb,
+                            ),
+                        };
+                        reduced = true;
+                        out??
+                    }
+                    None => self.engine.forward_backward(batch, scale)?,
+                };
             }
             self.loader.set_state(&data_base);
             self.engine.set_rng_state(drop_base.state);
             let norm = match self.zero.clone() {
-                Some(ranges) => self.zero_step(&ranges, &mut loss_sum, &hp, lr)?,
+                Some(ranges) => self.zero_step(&ranges, &mut loss_sum, &hp, lr, reduced)?,
                 None => {
                     if world > 1 {
                         // On the GPU when both the engine and the group can (NCCL), else on
-                        // the host.
+                        // the host; already done when overlapped with the backward pass.
                         let on_device = self
                             .engine
                             .device_grads()
+                            .filter(|_| !reduced)
                             .and_then(|g| self.pg.all_reduce_sum_device(g.ptr, g.len, g.stream));
                         match on_device {
                             Some(r) => r?,
+                            None if reduced => {}
                             None => self.pg.all_reduce_sum(self.engine.grads_mut())?,
                         }
                         self.pg.all_reduce_sum(&mut loss_sum)?;

@@ -95,6 +95,8 @@ CONSTANTS = {
     "ATTR_PCI_BUS_ID": ("driver", "CU_DEVICE_ATTRIBUTE_PCI_BUS_ID"),
     "ATTR_CC_MAJOR": ("driver", "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR"),
     "ATTR_CC_MINOR": ("driver", "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR"),
+    "CU_STREAM_NON_BLOCKING": ("driver", "CU_STREAM_NON_BLOCKING"),
+    "CU_EVENT_DISABLE_TIMING": ("driver", "CU_EVENT_DISABLE_TIMING"),
     # src/cuda/cublas.rs
     "cublas.rs:CUBLAS_OP_N": ("cublas", "CUBLAS_OP_N"),
     "cublas.rs:CUBLAS_OP_T": ("cublas", "CUBLAS_OP_T"),

@@ -19,7 +19,7 @@ pub mod matmul;
 pub mod simd;
 
 use super::dropout::{Dropout, DropoutSeeds};
-use super::{Batch, Engine, EngineError, OptimizerState, Recompute, Result};
+use super::{Batch, Engine, EngineError, GradReady, OptimizerState, Recompute, Result};
 use crate::model::{BlockOffsets, GptConfig, ParamLayout};
 use crate::optim::{adamw, AdamWConfig};
 use crate::rng::Rng;
@@ -208,6 +208,9 @@ fn own_or<'a>(own: &'a mut [f32], shared: &'a mut [f32]) -> &'a mut [f32] {
         own
     }
 }
+
+/// Where the backward pass reports finished gradient ranges, if anywhere.
+type Ready<'r> = Option<&'r mut (dyn FnMut(GradReady) + Send)>;
 
 /// Everything the engine computes on (kept apart from the thread pool so that a pool
 /// borrow and a mutable state borrow can coexist).
@@ -435,7 +438,20 @@ impl Core {
     }
 
     /// Backward from dlogits (already in `acts.logits`) to all parameter gradients.
-    fn backward(&mut self, inputs: &[u32], drop: Option<DropoutSeeds>) {
+    /// The backward pass; `ready` hears of each finished range of the gradient buffer
+    /// (see [`Engine::forward_backward_notify`]).
+    fn backward(&mut self, inputs: &[u32], drop: Option<DropoutSeeds>, ready: Ready) {
+        let mut ready = ready;
+        let mut report = |g: &[f32], range: std::ops::Range<usize>| {
+            if let Some(f) = ready.as_mut() {
+                f(GradReady {
+                    start: range.start,
+                    len: range.len(),
+                    host: Some(&g[range]),
+                    stream: None,
+                });
+            }
+        };
         let cfg = &self.cfg;
         let acts = self.acts.as_mut().expect("backward runs after forward");
         let (b, t) = (acts.b, acts.t);
@@ -492,6 +508,9 @@ impl Core {
                 &mut acts.ln_scratch,
             );
         }
+        // ln_f is the end of the layout; block l runs up to block l + 1 (or ln_f).
+        let block_end = |l: usize| lay.blocks.get(l + 1).map_or(lay.lnf_w, |o| o.ln1_w);
+        report(g, lay.lnf_w..lay.total);
         for l in (0..cfg.n_layer).rev() {
             let o = &lay.blocks[l];
             let (prev, rest) = acts.layers.split_at(l);
@@ -637,6 +656,7 @@ impl Core {
                 c,
                 &mut acts.ln_scratch,
             );
+            report(g, o.ln1_w..block_end(l));
         }
         if let Some(d) = drop {
             d.embedding().apply(&mut acts.dres);
@@ -650,6 +670,9 @@ impl Core {
             t,
             c,
         );
+        // wte (also written by the tied LM head above) and wpe: the start of the layout.
+        let first_block = lay.blocks.first().map_or(lay.lnf_w, |o| o.ln1_w);
+        report(g, 0..first_block);
     }
 
     fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
@@ -712,18 +735,10 @@ fn add_inplace(dst: &mut [f32], src: &[f32]) {
         });
 }
 
-impl Engine for CpuEngine {
-    fn config(&self) -> &GptConfig {
-        &self.core.cfg
-    }
-    fn layout(&self) -> &ParamLayout {
-        &self.core.layout
-    }
-    fn device_name(&self) -> String {
-        format!("cpu ({} threads, fp32)", self.core.threads)
-    }
-
-    fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
+impl CpuEngine {
+    /// Forward and backward of one training micro-batch (see
+    /// [`Engine::forward_backward_notify`] for `ready`).
+    fn train_step(&mut self, batch: Batch, loss_scale: f32, ready: Ready) -> Result<f32> {
         super::check_batch(&self.core.cfg, &batch, true)?;
         let core = &mut self.core;
         self.pool.install(|| {
@@ -738,13 +753,38 @@ impl Engine for CpuEngine {
                 Some(loss_scale),
                 &mut acts.row_loss,
             );
-            core.backward(batch.inputs, drop);
+            core.backward(batch.inputs, drop, ready);
             Ok(if count > 0 {
                 (sum / count as f64) as f32
             } else {
                 0.0
             })
         })
+    }
+}
+
+impl Engine for CpuEngine {
+    fn config(&self) -> &GptConfig {
+        &self.core.cfg
+    }
+    fn layout(&self) -> &ParamLayout {
+        &self.core.layout
+    }
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads, fp32)", self.core.threads)
+    }
+
+    fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
+        self.train_step(batch, loss_scale, None)
+    }
+
+    fn forward_backward_notify(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        ready: &mut (dyn FnMut(GradReady) + Send),
+    ) -> Result<f32> {
+        self.train_step(batch, loss_scale, Some(ready))
     }
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {

@@ -1738,7 +1738,28 @@ impl CudaEngine {
     }
 
     /// Backward from dlogits (already in `logits`) to all parameter gradients (accumulated).
-    fn backward(&self, b: usize, t: usize, drop: Option<DropoutSeeds>) -> CResult<()> {
+    /// The backward pass, enqueued on the compute stream; `ready` hears of each finished
+    /// range of the gradient buffer right after its last write is enqueued (see
+    /// [`Engine::forward_backward_notify`]).
+    fn backward(
+        &self,
+        b: usize,
+        t: usize,
+        drop: Option<DropoutSeeds>,
+        ready: Option<&mut (dyn FnMut(super::GradReady) + Send)>,
+    ) -> CResult<()> {
+        let mut ready = ready;
+        let stream = self.stream.s as u64;
+        let mut report = |range: std::ops::Range<usize>| {
+            if let Some(f) = ready.as_mut() {
+                f(super::GradReady {
+                    start: range.start,
+                    len: range.len(),
+                    host: None,
+                    stream: Some(stream),
+                });
+            }
+        };
         let a = self.acts.as_ref().expect("backward runs after forward");
         let cfg = &self.cfg;
         let lay = &self.layout;
@@ -1778,6 +1799,9 @@ impl CudaEngine {
             n,
             a.ln_parts.ptr,
         )?;
+        // ln_f is the end of the layout; block l runs up to block l + 1 (or ln_f).
+        let block_end = |l: usize| lay.blocks.get(l + 1).map_or(lay.lnf_w, |o| o.ln1_w);
+        report(lay.lnf_w..lay.total);
         let bias_scratch = a.bias_parts.ptr;
         for l in (0..cfg.n_layer).rev() {
             let o = &lay.blocks[l];
@@ -1911,6 +1935,7 @@ impl CudaEngine {
                 n,
                 a.ln_parts.ptr,
             )?;
+            report(o.ln1_w..block_end(l));
         }
         if let Some(d) = drop {
             self.dropout(a.dres.ptr, a.dres.ptr, n * c, d.embedding())?;
@@ -1936,7 +1961,10 @@ impl CudaEngine {
                 Arg::I32(t as i32),
                 Arg::I32(c as i32),
             ],
-        )
+        )?;
+        // wte (also written by the tied LM head) and wpe: the start of the layout.
+        report(0..lay.blocks.first().map_or(lay.lnf_w, |o| o.ln1_w));
+        Ok(())
     }
 
     /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
@@ -2131,6 +2159,29 @@ impl CudaEngine {
     }
 }
 
+impl CudaEngine {
+    /// Forward and backward of one training micro-batch (see
+    /// [`Engine::forward_backward_notify`] for `ready`).
+    fn train_step(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        ready: Option<&mut (dyn FnMut(super::GradReady) + Send)>,
+    ) -> Result<f32> {
+        super::check_batch(&self.cfg, &batch, true)?;
+        self.sync_grads().map_err(cuda_err)?;
+        let drop = self.dropout_seeds();
+        self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)
+            .map_err(cuda_err)?;
+        let loss = self
+            .cross_entropy(batch.targets, Some(loss_scale))
+            .map_err(cuda_err)?;
+        self.backward(batch.b, batch.t, drop, ready)
+            .map_err(cuda_err)?;
+        Ok(loss)
+    }
+}
+
 impl Engine for CudaEngine {
     fn config(&self) -> &GptConfig {
         &self.cfg
@@ -2146,16 +2197,16 @@ impl Engine for CudaEngine {
     }
 
     fn forward_backward(&mut self, batch: Batch, loss_scale: f32) -> Result<f32> {
-        super::check_batch(&self.cfg, &batch, true)?;
-        self.sync_grads().map_err(cuda_err)?;
-        let drop = self.dropout_seeds();
-        self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)
-            .map_err(cuda_err)?;
-        let loss = self
-            .cross_entropy(batch.targets, Some(loss_scale))
-            .map_err(cuda_err)?;
-        self.backward(batch.b, batch.t, drop).map_err(cuda_err)?;
-        Ok(loss)
+        self.train_step(batch, loss_scale, None)
+    }
+
+    fn forward_backward_notify(
+        &mut self,
+        batch: Batch,
+        loss_scale: f32,
+        ready: &mut (dyn FnMut(super::GradReady) + Send),
+    ) -> Result<f32> {
+        self.train_step(batch, loss_scale, Some(ready))
     }
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {
