@@ -61,35 +61,21 @@
 # NANOGPT_BIN_DIR overrides where the binaries are looked for (default target/gpu-check).
 set -u
 
+# The test binaries staged and run (each a tests/<name>.rs).
+test_binaries=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_epilogues
+    cuda_recompute nccl cuda_overlap zero cuda_profile)
+
 if [ "${1:-}" = "--stage" ]; then
     set -e
     cargo build --release --tests
     cargo build --release
     dest=target/gpu-check
     mkdir -p "$dest"
-    test_bin=$(ls -t target/release/deps/cuda_engine-* | grep -v '\.d$' | head -n 1)
     strip --strip-debug -o "$dest/nanogpt" target/release/nanogpt
-    strip --strip-debug -o "$dest/cuda_engine" "$test_bin"
-    decode_bin=$(ls -t target/release/deps/cuda_decode-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_decode" "$decode_bin"
-    nccl_bin=$(ls -t target/release/deps/nccl-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/nccl" "$nccl_bin"
-    flash_bin=$(ls -t target/release/deps/cuda_flash-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_flash" "$flash_bin"
-    switches_bin=$(ls -t target/release/deps/cuda_switches-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_switches" "$switches_bin"
-    epi_bin=$(ls -t target/release/deps/cuda_epilogues-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_epilogues" "$epi_bin"
-    profile_bin=$(ls -t target/release/deps/cuda_profile-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_profile" "$profile_bin"
-    auto_bin=$(ls -t target/release/deps/cuda_auto-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_auto" "$auto_bin"
-    recompute_bin=$(ls -t target/release/deps/cuda_recompute-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_recompute" "$recompute_bin"
-    zero_bin=$(ls -t target/release/deps/zero-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/zero" "$zero_bin"
-    overlap_bin=$(ls -t target/release/deps/cuda_overlap-* | grep -v '\.d$' | head -n 1)
-    strip --strip-debug -o "$dest/cuda_overlap" "$overlap_bin"
+    for name in "${test_binaries[@]}"; do
+        newest=$(ls -t target/release/deps/"$name"-* | grep -v '\.d$' | head -n 1)
+        strip --strip-debug -o "$dest/$name" "$newest"
+    done
     ls -la "$dest"
     echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
     exit 0
@@ -106,8 +92,7 @@ bin=${NANOGPT_BIN_DIR:-target/gpu-check}
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
-for f in "$bin/nanogpt" "$bin/cuda_engine" "$bin/cuda_decode" "$bin/cuda_flash" "$bin/cuda_switches" \
-    "$bin/cuda_epilogues" "$bin/cuda_profile" "$bin/cuda_auto" "$bin/cuda_recompute" "$bin/cuda_overlap" "$bin/zero" "$bin/nccl"; do
+for f in "$bin/nanogpt" "${test_binaries[@]/#/$bin/}"; do
     if [ ! -x "$f" ]; then
         echo "missing $f: run scripts/gpu_check.sh --stage on the build machine and carry $bin/" | tee -a "$summary" >&2
         exit 2
