@@ -24,6 +24,7 @@
 #include <math.h>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -43,8 +44,12 @@ inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
 inline float shfl_buf[1024];
 inline bool emu_threads = false;  // false under emulate_serial: no barriers, no shuffles
 
+// What is running (set by the checker), named when a run stops.
+inline std::string emu_current;
+
 [[noreturn]] inline void emu_fail(const char* what) {
-    std::fprintf(stderr, "emulator: %s\n", what);
+    std::fflush(stdout);
+    std::fprintf(stderr, "emulator: %s (in %s)\n", what, emu_current.c_str());
     std::abort();
 }
 
@@ -86,8 +91,9 @@ inline float atomicAdd(float* p, float v) {
 inline std::atomic<long long> vec_accesses{0};
 inline void emu_vec_access(const void* p, unsigned bytes) {
     if ((uintptr_t)p % bytes != 0) {
-        std::fprintf(stderr, "emulator: misaligned %u-byte vector access at %p\n", bytes, p);
-        std::abort();
+        char msg[96];
+        std::snprintf(msg, sizeof msg, "misaligned %u-byte vector access at %p", bytes, p);
+        emu_fail(msg);
     }
     vec_accesses++;
 }
