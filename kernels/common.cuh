@@ -9,6 +9,10 @@
 //                            src/cuda/bf16.rs::f32_to_bf16_bits, bit for bit (no cuda_bf16.h:
 //                            integer bit operations).
 // bf16_to_f32(b)             bf16 bits -> fp32 (exact).
+// vec_shift, vec_aligned, Group4, group4, ld4, ld4_ro, st4, st4_bf16
+//                            four elements per thread with one 16-byte (bf16: 8-byte)
+//                            access where the pointers allow, element by element where
+//                            not: see "vectorised access" below.
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
