@@ -1,18 +1,24 @@
 // adamw.cu: global gradient norm, clipping scale and the AdamW update with
 // torch.optim.AdamW's arithmetic (fp32 parameters, gradients and moments).
 //
+// The kernels move four elements per thread with 16-byte accesses where the pointers are
+// co-aligned (kernels/common.cuh, "vectorised access"); pointers into the flat parameter
+// buffer at any offset work (element by element where they are not co-aligned).
+//
 // sumsq_parts(parts, g, n)
-//   parts[blockIdx.x] = sum of g[i]^2 in f64 over a grid-stride loop of this block.
+//   parts[blockIdx.x] = sum of g[i]^2 in f64 over a grid-stride loop of this block: thread
+//   t of the grid sums its groups t, t + G, t + 2G, ... (G = grid threads; each group's
+//   elements in order), then the block adds its threads' sums as a tree.
 //   Launch: block 256 threads (fixed), grid = the number of parts (fixed by the caller, so
 //   the result does not depend on the GPU); the host sums the parts in order.
 //
-// scale_inplace(x, n, s)        x *= s. 1-D: block 256, grid ceil(n / 256).
+// scale_inplace(x, n, s)        x *= s. Grid ceil(ceil((n + 3) / 4) / 256) (grid_vec).
 //
 // adamw_update(p, g, m, v, n, decay, b1, b2, eps, step_size, bc2_sqrt, p_bf16)
 //   p *= decay (1 - lr*wd for decayed tensors, 1 otherwise);
 //   m += (g - m) (1 - b1); v = v b2 + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps), step_size = lr / (1 - b1^step),
-//   bc2_sqrt = sqrt(1 - b2^step). 1-D: block 256, grid ceil(n / 256).
+//   bc2_sqrt = sqrt(1 - b2^step). Grid ceil(ceil((n + 3) / 4) / 256) (grid_vec).
 //   p_bf16: nullptr, or (bf16 engine) the bf16 copy of p (unsigned short[n]), refreshed with
 //   the new p rounded to nearest even (bf16_rne, kernels/common.cuh).
 
@@ -21,25 +27,36 @@
 extern "C" __global__ void sumsq_parts(double* __restrict__ parts, const float* __restrict__ g,
                                        long long n) {
     __shared__ double sh[SUMSQ_THREADS];
+    int s = vec_shift(g, 4);
+    long long groups = (n + s + 3) / 4;
     double acc = 0.0;
     long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        double x = (double)g[i];
-        acc += x * x;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < groups;
+         t += stride) {
+        Group4 q = group4(t, n, s, true);
+        float x[4];
+        ld4_ro(x, g, q, n);  // 0 outside [0, n): adds exactly nothing
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc += (double)x[k] * (double)x[k];
     }
     sh[threadIdx.x] = acc;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) sh[threadIdx.x] += sh[threadIdx.x + h];
         __syncthreads();
     }
     if (threadIdx.x == 0) parts[blockIdx.x] = sh[0];
 }
 
 extern "C" __global__ void scale_inplace(float* __restrict__ x, long long n, float s) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    x[i] *= s;
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, vec_shift(x, 4),
+                      true);
+    if (g.e0 >= n) return;
+    float v[4];
+    ld4(v, x, g, n);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] *= s;
+    st4(x, g, n, v);
 }
 
 extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __restrict__ g,
@@ -47,16 +64,32 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
                                         long long n, float decay, float b1, float b2,
                                         float eps, float step_size, float bc2_sqrt,
                                         unsigned short* __restrict__ p_bf16) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gi = g[i];
-    float pi = p[i] * decay;
-    float mi = m[i] + (gi - m[i]) * (1.0f - b1);
-    float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
-    float denom = sqrtf(vi) / bc2_sqrt + eps;
-    float pn = pi - step_size * mi / denom;
-    p[i] = pn;
-    m[i] = mi;
-    v[i] = vi;
-    if (p_bf16 != nullptr) p_bf16[i] = bf16_rne(pn);
+    int s = vec_shift(p, 4);
+    bool vec = vec_shift(g, 4) == s && vec_shift(m, 4) == s && vec_shift(v, 4) == s &&
+               (p_bf16 == nullptr || vec_shift(p_bf16, 2) == s);
+    Group4 q = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, s, vec);
+    if (q.e0 >= n) return;
+    float pv[4], gv[4], mv[4], vv[4];
+    ld4(pv, p, q, n);
+    ld4_ro(gv, g, q, n);
+    ld4(mv, m, q, n);
+    ld4(vv, v, q, n);
+    unsigned short b[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float gi = gv[k];
+        float pi = pv[k] * decay;
+        float mi = mv[k] + (gi - mv[k]) * (1.0f - b1);
+        float vi = vv[k] * b2 + (1.0f - b2) * gi * gi;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        float pn = pi - step_size * mi / denom;
+        pv[k] = pn;
+        mv[k] = mi;
+        vv[k] = vi;
+        b[k] = bf16_rne(pn);
+    }
+    st4(p, q, n, pv);
+    st4(m, q, n, mv);
+    st4(v, q, n, vv);
+    if (p_bf16 != nullptr) st4_bf16(p_bf16, q, n, b);
 }

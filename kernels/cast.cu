@@ -5,13 +5,22 @@
 //                                (quiet) NaN, overflow rounds to infinity: the recipe of
 //                                src/cuda/bf16.rs::f32_to_bf16_bits, bit for bit.
 //   out: unsigned short[n] (bf16 bit patterns), in: float[n].
-//   1-D: block 256 threads, grid ceil(n / 256), one element per thread.
+//   Four elements per thread (kernels/common.cuh, "vectorised access": one 16-byte load and
+//   one 8-byte store when out and in are co-aligned): block 256 threads,
+//   grid ceil(ceil((n + 3) / 4) / 256) (kernels.rs: grid_vec).
 //
 // The rounding is bf16_rne (kernels/common.cuh).
 
 extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ out,
                                             const float* __restrict__ in, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    out[i] = bf16_rne(in[i]);
+    int s = vec_shift(in, 4);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, s,
+                      vec_shift(out, 2) == s);
+    if (g.e0 >= n) return;
+    float v[4];
+    ld4_ro(v, in, g, n);
+    unsigned short b[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) b[k] = bf16_rne(v[k]);
+    st4_bf16(out, g, n, b);
 }

@@ -11,6 +11,12 @@
 //   with write_grad, the row is zeroed.
 //   Launch: one block per row; block 256 threads (a power of two), grid N,
 //   shared memory 0 (static).
+//
+// Vectorised access (kernels/common.cuh): a row is split into groups of four logits
+// aligned to 16 bytes in memory (the row's shift s: rows start at any alignment when V is
+// not a multiple of 4); thread t owns groups t, t + 256, t + 512, ... and takes its
+// elements in order for its part of the max and of the sum, then the block combines the
+// threads' parts (block_reduce). Deterministic for a given V and buffer alignment.
 
 #define XENT_THREADS 256
 
@@ -45,19 +51,38 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
     int row = blockIdx.x;
     if (row >= n_rows) return;
     float* x = logits + (long long)row * v;
+    int shift = vec_shift(x, 4);
+    int groups = (v + shift + 3) / 4;
     int tgt = targets[row];
     if (tgt < 0) {
         if (threadIdx.x == 0) row_loss[row] = 0.0;
         if (write_grad) {
-            for (int j = threadIdx.x; j < v; j += blockDim.x) x[j] = 0.0f;
+            float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int t = threadIdx.x; t < groups; t += blockDim.x)
+                st4(x, group4(t, v, shift, true), v, z);
         }
         return;
     }
+    // The logits are overwritten below: plain loads, not the read-only path.
     float mx = __int_as_float(0xff800000);
-    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, x[j]);
+    for (int t = threadIdx.x; t < groups; t += blockDim.x) {
+        Group4 g = group4(t, v, shift, true);
+        float xv[4];
+        ld4(xv, x, g, v);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (g.full || in_range(g.e0 + e, v)) mx = fmaxf(mx, xv[e]);
+    }
     mx = block_reduce(mx, true, sh);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(x[j] - mx);
+    for (int t = threadIdx.x; t < groups; t += blockDim.x) {
+        Group4 g = group4(t, v, shift, true);
+        float xv[4];
+        ld4(xv, x, g, v);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (g.full || in_range(g.e0 + e, v)) s += expf(xv[e] - mx);
+    }
     s = block_reduce(s, false, sh);
     float target_logit = x[tgt];
     if (threadIdx.x == 0) {
@@ -66,10 +91,17 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
     __syncthreads();  // every thread has read x[tgt] before it is overwritten
     if (write_grad) {
         float scale = grad_k / s;
-        for (int j = threadIdx.x; j < v; j += blockDim.x) {
-            float g = expf(x[j] - mx) * scale;
-            if (j == tgt) g -= grad_k;
-            x[j] = g;
+        for (int t = threadIdx.x; t < groups; t += blockDim.x) {
+            Group4 g = group4(t, v, shift, true);
+            float xv[4];
+            ld4(xv, x, g, v);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float gr = expf(xv[e] - mx) * scale;
+                if (g.e0 + e == tgt) gr -= grad_k;
+                xv[e] = gr;
+            }
+            st4(x, g, v, xv);
         }
     }
 }

@@ -8,7 +8,9 @@
 //
 // decode_kv_append(kc, vc, qkv, R, nq, pos0, T_MAX, C)
 //   kc[s, pos0 + i, :] = k of row r = s*nq + i; vc likewise with v.
-//   Launch: 1-D over R*C elements; block 256, grid ceil(R*C / 256).
+//   Launch: thread t copies flat elements [4t, 4t + 4) of the R*C (kernels/common.cuh,
+//   "vectorised access": 16-byte copies when C % 4 == 0 and the pointers are aligned);
+//   block 256, grid ceil(ceil((R*C + 3) / 4) / 256) (kernels.rs: grid_vec).
 //
 // decode_attention(y, qkv, kc, vc, nq, pos0, NH, HS, T_MAX, scale)
 //   For row r (sequence s, query i, L = pos0 + i + 1 visible positions) and head h:
@@ -41,16 +43,38 @@ __device__ float block_reduce(float v, bool is_max, float* red) {
 extern "C" __global__ void decode_kv_append(float* __restrict__ kc, float* __restrict__ vc,
                                             const float* __restrict__ qkv, int rows, int nq,
                                             int pos0, int t_max, int c) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)rows * c) return;
-    int r = (int)(i / c);
-    int j = (int)(i % c);
-    int s = r / nq;
-    int pos = pos0 + r % nq;
-    long long dst = ((long long)s * t_max + pos) * c + j;
-    long long src = (long long)r * 3 * c + j;
-    kc[dst] = qkv[src + c];
-    vc[dst] = qkv[src + 2 * c];
+    long long n = (long long)rows * c;
+    bool vec = c % 4 == 0 && vec_aligned(kc) && vec_aligned(vc) && vec_aligned(qkv);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, 0, vec);
+    if (g.e0 >= n) return;
+    if (g.full) {
+        // c % 4 == 0: the group lies in one row
+        int r = (int)(g.e0 / c);
+        int j = (int)(g.e0 % c);
+        int s = r / nq;
+        int pos = pos0 + r % nq;
+        Group4 gd = {((long long)s * t_max + pos) * c + j, true};
+        Group4 gk = {(long long)r * 3 * c + c + j, true};
+        Group4 gv = {gk.e0 + c, true};
+        float k4[4], v4[4];
+        ld4_ro(k4, qkv, gk, gk.e0 + 4);
+        ld4_ro(v4, qkv, gv, gv.e0 + 4);
+        st4(kc, gd, gd.e0 + 4, k4);
+        st4(vc, gd, gd.e0 + 4, v4);
+        return;
+    }
+    for (int e = 0; e < 4; e++) {
+        long long i = g.e0 + e;
+        if (i >= n) break;
+        int r = (int)(i / c);
+        int j = (int)(i % c);
+        int s = r / nq;
+        int pos = pos0 + r % nq;
+        long long dst = ((long long)s * t_max + pos) * c + j;
+        long long src = (long long)r * 3 * c + j;
+        kc[dst] = qkv[src + c];
+        vc[dst] = qkv[src + 2 * c];
+    }
 }
 
 extern "C" __global__ void decode_attention(float* __restrict__ y,

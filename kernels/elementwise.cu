@@ -1,13 +1,18 @@
 // elementwise.cu: GELU (tanh approximation), bias broadcast and bias gradient, residual
 // add, dropout with the CPU engine's counter-based mask (fp32).
 //
-// All 1-D kernels: block 256 threads, grid ceil(n / 256), one element per thread.
+// The 1-D kernels move four elements per thread (kernels/common.cuh, "vectorised
+// access"): block 256 threads, grid ceil(ceil((n + 3) / 4) / 256) (kernels.rs: grid_vec).
+// Every element's arithmetic is the same as one element per thread, so results do not
+// depend on alignment.
 //
 // gelu_forward(out, x, n)            out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 // gelu_backward_inplace(d, x, n)     d *= gelu'(x)
 // bias_broadcast(out, b_or_null, rows, cols)
 //                                    out[r, c] = b[c] (or 0): the start of an accumulating
-//                                    GEMM, as the CPU engine's linear layer.
+//                                    GEMM, as the CPU engine's linear layer. Thread t owns
+//                                    flat elements [4t, 4t + 4) (grid_vec(rows * cols));
+//                                    vector path when cols % 4 == 0 and out, b are aligned.
 // add_inplace(dst, src, n)           dst += src
 // dropout_apply(out, in, n, seed, threshold, scale)
 //                                    out[i] = keep(seed, i) ? in[i] * scale : 0, with i the
@@ -16,10 +21,16 @@
 //                                    masks match the CPU engine bit for bit.
 // colsum_parts(parts, m, rows, cols, rows_per_part)
 //                                    parts[p, c] = sum over rows [p*rpp, min(rows,(p+1)*rpp))
-//                                    of m[r, c]. 2-D launch: block 256, grid (ceil(cols/256), P).
+//                                    (in order) of m[r, c]. Thread t owns columns
+//                                    [4t, 4t + 4): 2-D launch, block 256, grid
+//                                    (ceil(ceil(cols / 4) / 256), P). Vector path when
+//                                    cols % 4 == 0 and parts, m are aligned.
 // reduce_parts_add(dst, parts, n_parts, cols, part_stride)
 //                                    dst[c] += sum over p (in order) of parts[p*part_stride + c].
-//                                    1-D over cols.
+//                                    Thread t owns columns [4t, 4t + 4): grid
+//                                    ceil(ceil(cols / 4) / 256). Vector path when cols and
+//                                    part_stride are multiples of 4 and dst, parts aligned.
+// The column sums add in the same order as with one column per thread.
 
 #define GELU_K 0.7978846f
 
@@ -32,66 +43,132 @@ __device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long
     return (unsigned int)(z >> 32) >= threshold;
 }
 
+__device__ __forceinline__ long long thread_1d() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ float gelu(float v) {
+    float t = tanhf(GELU_K * (v + 0.044715f * v * v * v));
+    return 0.5f * v * (1.0f + t);
+}
+
+__device__ __forceinline__ float gelu_grad(float v) {
+    float t = tanhf(GELU_K * (v + 0.044715f * v * v * v));
+    float sech2 = 1.0f - t * t;
+    return 0.5f * (1.0f + t) + 0.5f * v * sech2 * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
 extern "C" __global__ void gelu_forward(float* __restrict__ out, const float* __restrict__ x,
                                         long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = x[i];
-    float t = tanhf(GELU_K * (v + 0.044715f * v * v * v));
-    out[i] = 0.5f * v * (1.0f + t);
+    int s = vec_shift(out, 4);
+    Group4 g = group4(thread_1d(), n, s, vec_shift(x, 4) == s);
+    if (g.e0 >= n) return;
+    float v[4];
+    ld4_ro(v, x, g, n);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = gelu(v[k]);
+    st4(out, g, n, v);
 }
 
 extern "C" __global__ void gelu_backward_inplace(float* __restrict__ d,
                                                  const float* __restrict__ x, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = x[i];
-    float t = tanhf(GELU_K * (v + 0.044715f * v * v * v));
-    float sech2 = 1.0f - t * t;
-    float g = 0.5f * (1.0f + t) + 0.5f * v * sech2 * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
-    d[i] *= g;
+    int s = vec_shift(d, 4);
+    Group4 g = group4(thread_1d(), n, s, vec_shift(x, 4) == s);
+    if (g.e0 >= n) return;
+    float v[4], dv[4];
+    ld4_ro(v, x, g, n);
+    ld4(dv, d, g, n);
+#pragma unroll
+    for (int k = 0; k < 4; k++) dv[k] *= gelu_grad(v[k]);
+    st4(d, g, n, dv);
 }
 
 extern "C" __global__ void bias_broadcast(float* __restrict__ out, const float* __restrict__ b,
                                           int rows, int cols) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)rows * cols) return;
-    out[i] = (b != nullptr) ? b[i % cols] : 0.0f;
+    long long n = (long long)rows * cols;
+    bool vec = cols % 4 == 0 && vec_aligned(out) && (b == nullptr || vec_aligned(b));
+    Group4 g = group4(thread_1d(), n, 0, vec);
+    if (g.e0 >= n) return;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (b != nullptr) {
+        int col = (int)(g.e0 % cols);
+        if (g.full) {
+            Group4 gb = {col, true};  // cols % 4 == 0: the group lies in one row
+            ld4_ro(v, b, gb, cols);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (in_range(g.e0 + k, n)) v[k] = __ldg(b + col);
+                col = (col + 1 == cols) ? 0 : col + 1;
+            }
+        }
+    }
+    st4(out, g, n, v);
 }
 
 extern "C" __global__ void add_inplace(float* __restrict__ dst, const float* __restrict__ src,
                                        long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    dst[i] += src[i];
+    int s = vec_shift(dst, 4);
+    Group4 g = group4(thread_1d(), n, s, vec_shift(src, 4) == s);
+    if (g.e0 >= n) return;
+    float a[4], b[4];
+    ld4(a, dst, g, n);
+    ld4_ro(b, src, g, n);
+#pragma unroll
+    for (int k = 0; k < 4; k++) a[k] += b[k];
+    st4(dst, g, n, a);
 }
 
 extern "C" __global__ void dropout_apply(float* out, const float* in, long long n,
                                          unsigned long long seed, unsigned int threshold,
                                          float scale) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    out[i] = keep(seed, (unsigned long long)i, threshold) ? in[i] * scale : 0.0f;
+    int s = vec_shift(out, 4);
+    Group4 g = group4(thread_1d(), n, s, vec_shift(in, 4) == s);
+    if (g.e0 >= n) return;
+    float v[4];
+    ld4(v, in, g, n);  // in may be out: plain loads, each element read before it is written
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        unsigned long long i = (unsigned long long)(g.e0 + k);  // unused when out of range
+        v[k] = keep(seed, i, threshold) ? v[k] * scale : 0.0f;
+    }
+    st4(out, g, n, v);
 }
 
 extern "C" __global__ void colsum_parts(float* __restrict__ parts, const float* __restrict__ m,
                                         int rows, int cols, int rows_per_part) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    bool vec = cols % 4 == 0 && vec_aligned(parts) && vec_aligned(m);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, cols, 0, vec);
     int p = blockIdx.y;
-    if (col >= cols) return;
+    if (g.e0 >= cols) return;
     int r0 = p * rows_per_part;
     int r1 = min(rows, r0 + rows_per_part);
-    float acc = 0.0f;
-    for (int r = r0; r < r1; r++) acc += m[(long long)r * cols + col];
-    parts[(long long)p * cols + col] = acc;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = r0; r < r1; r++) {
+        float v[4];
+        ld4_ro(v, m + (long long)r * cols, g, cols);
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc[k] += v[k];
+    }
+    st4(parts + (long long)p * cols, g, cols, acc);
 }
 
 extern "C" __global__ void reduce_parts_add(float* __restrict__ dst,
                                             const float* __restrict__ parts, int n_parts,
                                             int cols, int part_stride) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= cols) return;
-    float acc = 0.0f;
-    for (int p = 0; p < n_parts; p++) acc += parts[(long long)p * part_stride + col];
-    dst[col] += acc;
+    bool vec = cols % 4 == 0 && part_stride % 4 == 0 && vec_aligned(dst) && vec_aligned(parts);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, cols, 0, vec);
+    if (g.e0 >= cols) return;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int p = 0; p < n_parts; p++) {
+        float v[4];
+        ld4_ro(v, parts + (long long)p * part_stride, g, cols);
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc[k] += v[k];
+    }
+    float d[4];
+    ld4(d, dst, g, cols);
+#pragma unroll
+    for (int k = 0; k < 4; k++) d[k] += acc[k];
+    st4(dst, g, cols, d);
 }

@@ -14,8 +14,8 @@
 // layernorm_backward_parts(parts, dout, x, mean, rstd, N, C, rows_per_part)
 //   parts[p, c] = sum over the rows of group p of norm * dout; parts[p, C + c] = sum of dout.
 //   Row group p holds rows [p * rows_per_part, min(N, (p + 1) * rows_per_part)).
-//   Launch: 2-D; block 256, grid (ceil(C / 256), P). Deterministic. The groups are then
-//   summed in order into dw and db by reduce_parts_add (elementwise.cu).
+//   Launch: 2-D; block 256, grid (ceil(ceil(C / 4) / 256), P). Deterministic. The groups
+//   are then summed in order into dw and db by reduce_parts_add (elementwise.cu).
 //
 // residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias_or_null, N, C)
 //   res = a + b, then out = LayerNorm(res) exactly as layernorm_forward computes it (same
@@ -30,33 +30,72 @@
 //   whose arithmetic is spelled out in round-to-nearest intrinsics so that the compiler
 //   cannot contract it into FMAs differently in the two kernels). The backward pass's
 //   recomputation of ln1 / ln2 (recompute=2).
-//   Launch: 1-D over N * C elements; block 256 threads, grid ceil(N * C / 256).
+//   Launch: thread t owns flat elements [4t, 4t + 4) of the N * C; block 256 threads,
+//   grid ceil(ceil((N * C + 3) / 4) / 256) (kernels.rs: grid_vec).
+//
+// Vectorised access (kernels/common.cuh): in the warp-per-row kernels lane l owns the
+// groups of four channels starting at 4l, 4l + 128, 4l + 256, ... of its row and adds its
+// elements in that order (then warp_sum); a group is one 16-byte access when C % 4 == 0
+// and every pointer the kernel touches per row is 16-byte aligned, else element by
+// element; the sums are the same either way, so results do not depend on alignment.
+// layernorm_backward_parts: thread t owns channels [4t, 4t + 4) (grid
+// (ceil(ceil(C / 4) / 256), P)) and adds the rows of its group in order (per channel,
+// the order of one channel per thread).
 
 #define LN_EPS 1e-5f
 
-// Normalise, scale and shift one element (b_or_null: the bias vector or nullptr).
-__device__ __forceinline__ float ln_apply(float x, float m, float r, float w,
-                                          const float* b, int i) {
+// Normalise, scale and shift one element (has_b: whether there is a bias b).
+__device__ __forceinline__ float ln_apply(float x, float m, float r, float w, float b,
+                                          bool has_b) {
     float y = __fmul_rn(__fmul_rn(__fsub_rn(x, m), r), w);
-    if (b != nullptr) y = __fadd_rn(y, b[i]);
+    if (has_b) y = __fadd_rn(y, b);
     return y;
 }
 
+// Lane `lane`'s k-th group of a row of c channels: channels [4 (lane + 32k), + 4).
+__device__ __forceinline__ Group4 row_group(int lane, int k, int c, bool vec) {
+    return group4((long long)lane + 32ll * k, c, 0, vec);
+}
+
+__device__ __forceinline__ bool row_has(Group4 g, int k, int c) {
+    return g.full || g.e0 + k < c;
+}
+
 // The rest of one row's LayerNorm, for the warp that owns the row, once each lane has summed
-// its elements of xr into s: mean, variance (two-pass), normalise, scale and shift; writes
-// o, mean[row] and rstd[row]. Every lane of the warp must call it.
+// its elements of xr into s (its groups in order): mean, variance (two-pass), normalise,
+// scale and shift; writes o, mean[row] and rstd[row]. Every lane of the warp must call it.
+// xr may have been written by this lane in this kernel (plain loads).
 __device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o,
                                               float* mean, float* rstd, const float* w,
-                                              const float* b, int row, int c, int lane) {
+                                              const float* b, int row, int c, int lane,
+                                              bool vec) {
     float m = warp_sum(s) / (float)c;
-    float v = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float d = xr[i] - m;
-        v += d * d;
+    float var = 0.0f;
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float x[4];
+        ld4(x, xr, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (row_has(g, e, c)) {
+                float d = x[e] - m;
+                var += d * d;
+            }
+        }
     }
-    v = warp_sum(v);
-    float r = 1.0f / sqrtf(v / (float)c + LN_EPS);
-    for (int i = lane; i < c; i += 32) o[i] = ln_apply(xr[i], m, r, w[i], b, i);
+    var = warp_sum(var);
+    float r = 1.0f / sqrtf(var / (float)c + LN_EPS);
+    bool has_b = b != nullptr;
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float x[4], wv[4], bv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[4];
+        ld4(x, xr, g, c);
+        ld4_ro(wv, w, g, c);
+        if (has_b) ld4_ro(bv, b, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++) y[e] = ln_apply(x[e], m, r, wv[e], bv[e], has_b);
+        st4(o, g, c, y);
+    }
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
@@ -73,10 +112,19 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;  // whole warps exit together
+    bool vec = c % 4 == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(w) &&
+               (b == nullptr || vec_aligned(b));
     const float* xr = x + (long long)row * c;
     float s = 0.0f;
-    for (int i = lane; i < c; i += 32) s += xr[i];
-    layernorm_row(xr, s, out + (long long)row * c, mean, rstd, w, b, row, c, lane);
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float v[4];
+        ld4_ro(v, xr, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (row_has(g, e, c)) s += v[e];
+    }
+    layernorm_row(xr, s, out + (long long)row * c, mean, rstd, w, b, row, c, lane, vec);
 }
 
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
@@ -89,21 +137,45 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
+    bool vec = c % 4 == 0 && vec_aligned(dx) && vec_aligned(dout) && vec_aligned(x) &&
+               vec_aligned(w);
     long long base = (long long)row * c;
+    const float* xr = x + base;
+    const float* dr = dout + base;
     float m = mean[row], s = rstd[row];
     float a1 = 0.0f, a2 = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float norm = (x[base + i] - m) * s;
-        float dnorm = w[i] * dout[base + i];
-        a1 += dnorm;
-        a2 += dnorm * norm;
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float xv[4], dv[4], wv[4];
+        ld4_ro(xv, xr, g, c);
+        ld4_ro(dv, dr, g, c);
+        ld4_ro(wv, w, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (row_has(g, e, c)) {
+                float norm = (xv[e] - m) * s;
+                float dnorm = wv[e] * dv[e];
+                a1 += dnorm;
+                a2 += dnorm * norm;
+            }
+        }
     }
     a1 = warp_sum(a1) / (float)c;
     a2 = warp_sum(a2) / (float)c;
-    for (int i = lane; i < c; i += 32) {
-        float norm = (x[base + i] - m) * s;
-        float dnorm = w[i] * dout[base + i];
-        dx[base + i] += (dnorm - a1 - norm * a2) * s;
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float xv[4], dv[4], wv[4], o[4];
+        ld4_ro(xv, xr, g, c);
+        ld4_ro(dv, dr, g, c);
+        ld4_ro(wv, w, g, c);
+        ld4(o, dx + base, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float norm = (xv[e] - m) * s;
+            float dnorm = wv[e] * dv[e];
+            o[e] += (dnorm - a1 - norm * a2) * s;
+        }
+        st4(dx + base, g, c, o);
     }
 }
 
@@ -113,20 +185,27 @@ extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
                                                     const float* __restrict__ mean,
                                                     const float* __restrict__ rstd,
                                                     int n_rows, int c, int rows_per_part) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    bool vec = c % 4 == 0 && vec_aligned(parts) && vec_aligned(dout) && vec_aligned(x);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, c, 0, vec);
     int p = blockIdx.y;
-    if (col >= c) return;
+    if (g.e0 >= c) return;
     int r0 = p * rows_per_part;
     int r1 = min(n_rows, r0 + rows_per_part);
-    float dw = 0.0f, db = 0.0f;
+    float dw[4] = {0.0f, 0.0f, 0.0f, 0.0f}, db[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = r0; r < r1; r++) {
-        long long i = (long long)r * c + col;
-        float d = dout[i];
-        dw += (x[i] - mean[r]) * rstd[r] * d;
-        db += d;
+        long long base = (long long)r * c;
+        float d[4], xv[4];
+        ld4_ro(d, dout + base, g, c);
+        ld4_ro(xv, x + base, g, c);
+        float m = mean[r], s = rstd[r];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            dw[e] += (xv[e] - m) * s * d[e];
+            db[e] += d[e];
+        }
     }
-    parts[(long long)p * 2 * c + col] = dw;
-    parts[(long long)p * 2 * c + c + col] = db;
+    st4(parts + (long long)p * 2 * c, g, c, dw);
+    st4(parts + (long long)p * 2 * c + c, g, c, db);
 }
 
 extern "C" __global__ void residual_layernorm_forward(float* res,
@@ -141,15 +220,24 @@ extern "C" __global__ void residual_layernorm_forward(float* res,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;  // whole warps exit together
+    bool vec = c % 4 == 0 && vec_aligned(res) && vec_aligned(out) && vec_aligned(a) &&
+               vec_aligned(b) && vec_aligned(w) && (bias == nullptr || vec_aligned(bias));
     long long base = (long long)row * c;
     float* xr = res + base;
     float s = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float v = a[base + i] + b[base + i];
-        xr[i] = v;
-        s += v;
+    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
+        Group4 g = row_group(lane, k, c, vec);
+        float av[4], bv[4];
+        ld4(av, a + base, g, c);  // a or b may be res: plain loads, read before written
+        ld4(bv, b + base, g, c);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            av[e] = av[e] + bv[e];
+            if (row_has(g, e, c)) s += av[e];
+        }
+        st4(xr, g, c, av);
     }
-    layernorm_row(xr, s, out + base, mean, rstd, w, bias, row, c, lane);
+    layernorm_row(xr, s, out + base, mean, rstd, w, bias, row, c, lane, vec);
 }
 
 extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
@@ -159,9 +247,36 @@ extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
                                                const float* __restrict__ w,
                                                const float* __restrict__ b,
                                                int n_rows, int c) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n_rows * c) return;
-    int row = (int)(i / c);
-    int col = (int)(i % c);
-    out[i] = ln_apply(x[i], mean[row], rstd[row], w[col], b, col);
+    long long n = (long long)n_rows * c;
+    bool vec = c % 4 == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(w) &&
+               (b == nullptr || vec_aligned(b));
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, 0, vec);
+    if (g.e0 >= n) return;
+    bool has_b = b != nullptr;
+    float xv[4], y[4];
+    ld4_ro(xv, x, g, n);
+    if (g.full) {
+        // c % 4 == 0: the group lies in one row
+        int row = (int)(g.e0 / c);
+        Group4 gc = {g.e0 - (long long)row * c, true};
+        float wv[4], bv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        ld4_ro(wv, w, gc, c);
+        if (has_b) ld4_ro(bv, b, gc, c);
+        float m = mean[row], r = rstd[row];
+#pragma unroll
+        for (int e = 0; e < 4; e++) y[e] = ln_apply(xv[e], m, r, wv[e], bv[e], has_b);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            long long i = g.e0 + e;
+            y[e] = 0.0f;
+            if (i < n) {
+                int row = (int)(i / c);
+                int col = (int)(i % c);
+                y[e] = ln_apply(xv[e], mean[row], rstd[row], w[col], has_b ? b[col] : 0.0f,
+                                has_b);
+            }
+        }
+    }
+    st4(out, g, n, y);
 }

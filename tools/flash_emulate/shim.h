@@ -1,64 +1,19 @@
 // shim.h: runs kernels/flash_attention.cu's kernels (fp32 and bf16) on the CPU for checking on a
-// machine without a GPU: one std::thread per CUDA thread, std::barrier for
-// __syncthreads and per-warp barriers for __shfl_xor_sync. Blocks run one after another.
+// machine without a GPU: the shared kernel emulator (tools/kernel_emulate/shim.h: one
+// std::thread per CUDA thread, barriers for __syncthreads and warp shuffles) plus what the
+// flash-attention kernels need: dynamic and static shared memory as one NaN-filled array
+// per block, and mma.sync.
 #pragma once
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
+#include "../kernel_emulate/shim.h"
 
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-inline thread_local dim3 threadIdx;
-inline dim3 blockIdx_shared, gridDim, blockDim;
-#define blockIdx blockIdx_shared
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__
+// flash_attention.cu declares `extern __shared__ float smem[]` (the array below) and its
+// static shared arrays through FA_STATIC_SHARED.
+#undef __shared__
 #define __shared__
-#define __align__(n) __attribute__((aligned(n)))
 #define FA_STATIC_SHARED static
 inline float smem[1 << 16];
-inline std::unique_ptr<std::barrier<>> block_bar;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-inline float shfl_buf[1024];
-
-inline void __syncthreads() { block_bar->arrive_and_wait(); }
-inline float __int_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline int min(int a, int b) { return a < b ? a : b; }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-    int t = threadIdx.x, w = t >> 5;
-    shfl_buf[t] = v;
-    warp_bars[w]->arrive_and_wait();
-    float r = shfl_buf[(w << 5) | ((t & 31) ^ o)];
-    warp_bars[w]->arrive_and_wait();
-    return r;
-}
-
-// Runs `k` over the grid with `threads` threads per block.
-inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k) {
-    gridDim = grid;
-    blockDim = dim3{threads, 1, 1};
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx_shared = dim3{x, y, z};
-                std::memset(smem, 0xff, sizeof(smem));  // NaN garbage, as uninitialised
-                block_bar = std::make_unique<std::barrier<>>(threads);
-                warp_bars.clear();
-                for (unsigned w = 0; w < threads / 32; w++)
-                    warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < threads; t++)
-                    ts.emplace_back([t, &k] { threadIdx = dim3{t, 0, 0}; k(); });
-                for (auto& th : ts) th.join();
-            }
-}
+// NaN garbage, as uninitialised shared memory.
+inline const bool smem_hook = (emu_before_block = [] { std::memset(smem, 0xff, sizeof(smem)); }, true);
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for one warp, from the fragment
 // layouts documented in kernels/flash_attention.cu: every lane publishes its fragments,

@@ -23,7 +23,7 @@
 //! (2 * n_layer * n_seq * block_size * C floats), the logits and per-pass scratch sized for
 //! the largest pass so far; it is kept across resets and prefills with the same `n_seq`.
 
-use super::kernels::{grid_1d, Arg, BLOCK};
+use super::kernels::{grid_vec, Arg, BLOCK};
 use super::{at, cuda_err, Buf, CResult, CudaEngine};
 use crate::cuda::cublas::Operand;
 use crate::cuda::driver::Context;
@@ -218,7 +218,7 @@ impl CudaEngine {
         // table is passed from row pos0 on.
         self.run(
             self.k.embedding_forward,
-            grid_1d(rows * c),
+            grid_vec(rows * c),
             &[
                 Arg::Ptr(sc.x.ptr),
                 Arg::Ptr(sc.tokens.ptr),
@@ -243,7 +243,7 @@ impl CudaEngine {
             self.linear_fwd(sc.qkv.ptr, sc.ln.ptr, o.qkv_w, o.qkv_b, c, 3 * c, rows)?;
             self.run(
                 self.k.decode_kv_append,
-                grid_1d(rows * c),
+                grid_vec(rows * c),
                 &[
                     Arg::Ptr(kc),
                     Arg::Ptr(vc),

@@ -276,6 +276,18 @@ pub fn grid_1d(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1)
 }
 
+/// Blocks for a launch over `n` elements of a kernel that moves four elements per thread
+/// (kernels/common.cuh, "vectorised access"): ceil((n + 3) / 4) threads, enough for the
+/// groups of four of any alignment shift (0 to 3 elements).
+pub fn grid_vec(n: usize) -> (u32, u32, u32) {
+    grid_1d((n + 3).div_ceil(4))
+}
+
+/// Blocks in x of a launch where each thread owns four consecutive columns of `cols`.
+pub fn grid_cols4(cols: usize) -> u32 {
+    cols.div_ceil(4).div_ceil(BLOCK as usize).max(1) as u32
+}
+
 /// Blocks for a warp-per-row launch over `rows` rows.
 pub fn grid_rows(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil((BLOCK / 32) as usize).max(1) as u32, 1, 1)

@@ -113,7 +113,7 @@ use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use decode::DecodeState;
 use flash::{AttnShape, FlashMath};
-use kernels::{grid_1d, grid_rows, launch, Arg, Kernels, BLOCK};
+use kernels::{grid_cols4, grid_rows, grid_vec, launch, Arg, Kernels, BLOCK};
 use stack::Stack;
 use std::cell::{Cell, OnceCell, RefCell};
 use switches::Switches;
@@ -702,7 +702,7 @@ impl CudaEngine {
     fn cast_bf16(&self, out: u64, inp: u64, n: usize) -> CResult<()> {
         self.run(
             self.k.cast_f32_to_bf16,
-            grid_1d(n),
+            grid_vec(n),
             &[Arg::Ptr(out), Arg::Ptr(inp), Arg::I64(n as i64)],
         )
     }
@@ -915,12 +915,12 @@ impl CudaEngine {
         match post {
             Post::Gelu { pre, .. } => self.run(
                 self.k.gelu_forward,
-                grid_1d(m * n),
+                grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
             ),
             Post::DGelu { pre } => self.run(
                 self.k.gelu_backward_inplace,
-                grid_1d(m * n),
+                grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
             ),
             Post::BiasGrad { db, tmp } => self.colsum_add(db, fp32(b).ptr, k, n, tmp),
@@ -982,7 +982,7 @@ impl CudaEngine {
         }
         self.run(
             self.k.dropout_apply,
-            grid_1d(n),
+            grid_vec(n),
             &[
                 Arg::Ptr(out),
                 Arg::Ptr(inp),
@@ -997,7 +997,7 @@ impl CudaEngine {
     fn add(&self, dst: u64, src: u64, n: usize) -> CResult<()> {
         self.run(
             self.k.add_inplace,
-            grid_1d(n),
+            grid_vec(n),
             &[Arg::Ptr(dst), Arg::Ptr(src), Arg::I64(n as i64)],
         )
     }
@@ -1013,7 +1013,7 @@ impl CudaEngine {
         let (np, rpp) = Self::parts(rows);
         self.run(
             self.k.colsum_parts,
-            (cols.div_ceil(BLOCK as usize) as u32, np as u32, 1),
+            (grid_cols4(cols), np as u32, 1),
             &[
                 Arg::Ptr(scratch),
                 Arg::Ptr(m),
@@ -1024,7 +1024,7 @@ impl CudaEngine {
         )?;
         self.run(
             self.k.reduce_parts_add,
-            grid_1d(cols),
+            grid_vec(cols),
             &[
                 Arg::Ptr(dst),
                 Arg::Ptr(scratch),
@@ -1039,7 +1039,7 @@ impl CudaEngine {
     fn bias_broadcast(&self, out: u64, bias: u64, rows: usize, cols: usize) -> CResult<()> {
         self.run(
             self.k.bias_broadcast,
-            grid_1d(rows * cols),
+            grid_vec(rows * cols),
             &[
                 Arg::Ptr(out),
                 Arg::Ptr(bias),
@@ -1255,7 +1255,7 @@ impl CudaEngine {
         let (np, rpp) = Self::parts(rows);
         self.run(
             self.k.layernorm_backward_parts,
-            (c.div_ceil(BLOCK as usize) as u32, np as u32, 1),
+            (grid_cols4(c), np as u32, 1),
             &[
                 Arg::Ptr(scratch),
                 Arg::Ptr(dout),
@@ -1274,7 +1274,7 @@ impl CudaEngine {
         for (dst, src) in targets {
             self.run(
                 self.k.reduce_parts_add,
-                grid_1d(c),
+                grid_vec(c),
                 &[
                     Arg::Ptr(dst),
                     Arg::Ptr(src),
@@ -1570,7 +1570,7 @@ impl CudaEngine {
         let c = self.cfg.n_embd;
         self.run(
             self.k.layernorm_recompute,
-            grid_1d(rows * c),
+            grid_vec(rows * c),
             &[
                 Arg::Ptr(out),
                 Arg::Ptr(x),
@@ -1608,7 +1608,7 @@ impl CudaEngine {
         a.inputs.copy_from_host(inputs)?;
         self.run(
             self.k.embedding_forward,
-            grid_1d(n * c),
+            grid_vec(n * c),
             &[
                 Arg::Ptr(a.encoded.ptr),
                 Arg::Ptr(a.inputs.ptr),
@@ -1816,7 +1816,7 @@ impl CudaEngine {
                 // GELU epilogue).
                 self.run(
                     self.k.gelu_forward,
-                    grid_1d(n * 4 * c),
+                    grid_vec(n * 4 * c),
                     &[
                         Arg::Ptr(a.gelu(l)),
                         Arg::Ptr(la.fch.ptr),
@@ -1942,7 +1942,7 @@ impl CudaEngine {
         }
         self.run(
             self.k.embedding_backward_wte,
-            grid_1d(n * c),
+            grid_vec(n * c),
             &[
                 Arg::Ptr(self.g(lay.wte)),
                 Arg::Ptr(a.dres.ptr),
@@ -1953,7 +1953,7 @@ impl CudaEngine {
         )?;
         self.run(
             self.k.embedding_backward_wpe,
-            grid_1d(t * c),
+            grid_vec(t * c),
             &[
                 Arg::Ptr(self.g(lay.wpe)),
                 Arg::Ptr(a.dres.ptr),
@@ -2048,7 +2048,7 @@ impl CudaEngine {
             if !shard.is_empty() {
                 self.run(
                     self.k.scale_inplace,
-                    grid_1d(shard.len()),
+                    grid_vec(shard.len()),
                     &[
                         Arg::Ptr(at(self.grads.ptr, shard.start)),
                         Arg::I64(shard.len() as i64),
@@ -2072,7 +2072,7 @@ impl CudaEngine {
             let abs = shard.start + off;
             self.run(
                 self.k.adamw_update,
-                grid_1d(len),
+                grid_vec(len),
                 &[
                     Arg::Ptr(at(self.params.ptr, abs)),
                     Arg::Ptr(at(self.grads.ptr, abs)),

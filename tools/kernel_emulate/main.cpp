@@ -1,0 +1,757 @@
+// main.cpp: checks the memory-bound kernels of kernels/*.cu on the CPU (see shim.h) against
+// straightforward C++ references, in three situations per shape:
+//   aligned  every pointer 16-byte aligned (vector path where the length allows);
+//   shifted  every pointer one element past a 16-byte boundary (the kernels that work with
+//            a shift still use vector accesses; the others fall back to scalar accesses);
+//   mixed    the first pointer one element off, the others aligned (scalar accesses);
+// with lengths that are multiples of 4, not multiples of 4, and tiny (1..7). Every buffer has
+// NaN guard elements on both sides, which must come back untouched (no out-of-bounds write;
+// an out-of-bounds read would put a NaN into the result). The shim counts the vector
+// accesses and stops the run on a misaligned one; each case checks that the vector path was
+// taken exactly when the kernel's contract says so.
+//
+// Elementwise, cast, copy, AdamW and the ordered column sums: bit for bit against the
+// reference (the same expressions per element; built with -ffp-contract=off, as the
+// reference). LayerNorm and cross-entropy (reductions whose per-thread order the kernels
+// document): against a float64 reference within a tight tolerance, plus the bit-for-bit
+// contracts between kernels (layernorm_recompute and residual_layernorm_forward against
+// layernorm_forward, LayerNorm results independent of pointer alignment).
+//
+// Build and run: tools/kernel_emulate/run.sh. Prints one line per kernel, then PASS or FAIL,
+// and exits non-zero on failure.
+#include "shim.h"
+#include "../../kernels/common.cuh"
+namespace ew {
+#include "../../kernels/elementwise.cu"
+}
+namespace cst {
+#include "../../kernels/cast.cu"
+}
+namespace ln {
+#include "../../kernels/layernorm.cu"
+}
+namespace xent {
+#include "../../kernels/cross_entropy.cu"
+}
+namespace emb {
+#include "../../kernels/embedding.cu"
+}
+namespace adam {
+#include "../../kernels/adamw.cu"
+}
+namespace dec {
+#include "../../kernels/decode.cu"
+}
+#include <algorithm>
+#include <map>
+#include <random>
+#include <string>
+
+// ------------------------------------------------------------------ launch geometry
+// The host's launch helpers (src/engine/cuda/kernels.rs), block 256.
+static const unsigned BLOCK = 256;
+static unsigned blocks_for(long long threads) {
+    return (unsigned)std::max<long long>(1, (threads + BLOCK - 1) / BLOCK);
+}
+static dim3 grid_vec(long long n) { return {blocks_for((n + 3 + 3) / 4), 1, 1}; }
+static unsigned grid_cols4(long long cols) { return blocks_for((cols + 3) / 4); }
+static dim3 grid_rows(long long rows) { return {(unsigned)std::max<long long>(1, (rows + 7) / 8), 1, 1}; }
+
+// ------------------------------------------------------------------ buffers with guards
+template <class T>
+struct Buf {
+    static constexpr size_t G = 16;  // guard elements on each side (a multiple of 16 bytes)
+    T* base = nullptr;
+    T* p = nullptr;
+    size_t n = 0, off = 0;
+    Buf(size_t n_, size_t off_) : n(n_), off(off_) {
+        size_t bytes = ((n + off + 2 * G) * sizeof(T) + 63) / 64 * 64;
+        base = (T*)std::aligned_alloc(64, bytes);
+        std::memset(base, 0xff, bytes);  // NaN in every float type
+        p = base + G + off;
+    }
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    ~Buf() { std::free(base); }
+    void set(const std::vector<T>& v) { std::memcpy(p, v.data(), n * sizeof(T)); }
+    std::vector<T> get() const { return std::vector<T>(p, p + n); }
+    bool guards_intact() const {
+        auto ff = [](const T* q, size_t k) {
+            const unsigned char* b = (const unsigned char*)q;
+            return std::all_of(b, b + k * sizeof(T), [](unsigned char c) { return c == 0xff; });
+        };
+        return ff(base, G + off) && ff(p + n, G);
+    }
+};
+
+// ------------------------------------------------------------------ bookkeeping
+enum Sit { ALIGNED, SHIFTED, MIXED };
+static const char* sit_name[] = {"aligned", "shifted", "mixed"};
+static size_t off_first(Sit s) { return s == ALIGNED ? 0 : 1; }
+static size_t off_rest(Sit s) { return s == SHIFTED ? 1 : 0; }
+
+struct Tally {
+    int cases = 0, fails = 0;
+    long long vec = 0;  // vector accesses in the aligned cases
+    double worst = 0;   // worst error of the tolerance checks (-1: bit-exact kernel)
+    bool exact = true;
+};
+static std::map<std::string, Tally> tallies;
+static int failures = 0;
+
+static void fail(const std::string& kernel, const std::string& what) {
+    failures++;
+    tallies[kernel].fails++;
+    std::printf("FAIL %s: %s\n", kernel.c_str(), what.c_str());
+}
+static void check(bool ok, const std::string& kernel, const std::string& what) {
+    if (!ok) fail(kernel, what);
+}
+// Starts a case: resets the vector-access counter.
+static std::string begin(const std::string& kernel, const std::string& shape, Sit s) {
+    tallies[kernel].cases++;
+    vec_accesses = 0;
+    emu_current = kernel + " " + shape + " " + sit_name[s];
+    return shape + " " + sit_name[s];
+}
+// Ends a case: the vector path was taken iff `expect_vec`.
+static void end(const std::string& kernel, const std::string& c, Sit s, bool expect_vec) {
+    long long v = vec_accesses.load();
+    if (s == ALIGNED) tallies[kernel].vec += v;
+    if ((v > 0) != expect_vec)
+        fail(kernel, c + ": " + std::to_string(v) + " vector accesses, expected " +
+                         (expect_vec ? "some" : "none"));
+}
+template <class T>
+static bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+template <class T>
+static void exact(const std::string& k, const std::string& c, const char* what,
+                  const std::vector<T>& got, const std::vector<T>& want) {
+    if (same_bits(got, want)) return;
+    size_t i = 0;
+    while (i < got.size() && std::memcmp(&got[i], &want[i], sizeof(T)) == 0) i++;
+    fail(k, c + ": " + what + " differs from the reference at element " + std::to_string(i) +
+                " of " + std::to_string(got.size()) + " (got " +
+                std::to_string((double)got[i]) + ", want " + std::to_string((double)want[i]) +
+                ")");
+}
+// max |got - want| / max(1, max |want|), over finite values (NaN anywhere fails).
+static void within_tol(const std::string& k, const std::string& c, const char* what,
+                  const std::vector<float>& got, const std::vector<double>& want, double tol) {
+    double num = 0, den = 1;
+    bool finite = true;
+    for (size_t i = 0; i < got.size(); i++) {
+        if (!std::isfinite(got[i])) finite = false;
+        num = std::max(num, std::fabs((double)got[i] - want[i]));
+        den = std::max(den, std::fabs(want[i]));
+    }
+    double e = finite ? num / den : INFINITY;
+    Tally& t = tallies[k];
+    t.exact = false;
+    t.worst = std::max(t.worst, e);
+    if (!(e <= tol)) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, ": %s error %.3e above %.0e", what, e, tol);
+        fail(k, c + buf);
+    }
+}
+template <class... B>
+static void guards(const std::string& k, const std::string& c, const B&... bufs) {
+    bool ok = (bufs.guards_intact() && ...);
+    check(ok, k, c + ": a write outside the buffers (guard elements changed)");
+}
+
+static std::mt19937_64 rng(12345);
+static std::vector<float> randn(size_t n, float scale = 1.0f) {
+    std::normal_distribution<float> nd(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = nd(rng);
+    return v;
+}
+
+// ------------------------------------------------------------------ references
+static const float K_GELU = 0.7978846f;
+static float ref_gelu(float v) {
+    float t = tanhf(K_GELU * (v + 0.044715f * v * v * v));
+    return 0.5f * v * (1.0f + t);
+}
+static float ref_gelu_grad(float v) {
+    float t = tanhf(K_GELU * (v + 0.044715f * v * v * v));
+    float sech2 = 1.0f - t * t;
+    return 0.5f * (1.0f + t) + 0.5f * v * sech2 * K_GELU * (1.0f + 3.0f * 0.044715f * v * v);
+}
+// src/engine/dropout.rs's mask.
+static bool ref_keep(uint64_t seed, uint64_t i, uint32_t threshold) {
+    uint64_t z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (uint32_t)(z >> 32) >= threshold;
+}
+// fp32 -> bf16, round to nearest even, from the two neighbours (NaN: quiet, sign kept).
+static unsigned short ref_bf16(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    uint32_t lo = u >> 16, rem = u & 0xffffu;
+    if (rem > 0x8000u || (rem == 0x8000u && (lo & 1u))) lo += 1;  // carries into the exponent
+    return (unsigned short)lo;
+}
+
+// ------------------------------------------------------------------ 1-D elementwise kernels
+static const std::vector<long long> LENGTHS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 64, 255, 1000, 1027, 2053};
+
+// Shift-based kernels vectorise whenever a whole aligned group exists: n >= 4 at shift 0,
+// n >= 7 at shift 1 (the group [3, 7)).
+static bool shift_vec(long long n, size_t shift) { return n >= 4 + (long long)((4 - shift) % 4); }
+
+static void check_unary() {
+    for (long long n : LENGTHS)
+        for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
+            auto x = randn(n, 2.0f), d0 = randn(n);
+            bool co = s != MIXED;
+            {
+                std::string k = "gelu_forward", c = begin(k, "n=" + std::to_string(n), s);
+                Buf<float> out(n, off_first(s)), in(n, off_rest(s));
+                in.set(x);
+                emulate_serial(grid_vec(n), BLOCK, [&] { ew::gelu_forward(out.p, in.p, n); });
+                end(k, c, s, co && shift_vec(n, off_first(s)));
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) want[i] = ref_gelu(x[i]);
+                exact(k, c, "out", out.get(), want);
+                exact(k, c, "x", in.get(), x);
+                guards(k, c, out, in);
+            }
+            {
+                std::string k = "gelu_backward_inplace", c = begin(k, "n=" + std::to_string(n), s);
+                Buf<float> d(n, off_first(s)), in(n, off_rest(s));
+                d.set(d0);
+                in.set(x);
+                emulate_serial(grid_vec(n), BLOCK, [&] { ew::gelu_backward_inplace(d.p, in.p, n); });
+                end(k, c, s, co && shift_vec(n, off_first(s)));
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) want[i] = d0[i] * ref_gelu_grad(x[i]);
+                exact(k, c, "d", d.get(), want);
+                guards(k, c, d, in);
+            }
+            {
+                std::string k = "add_inplace", c = begin(k, "n=" + std::to_string(n), s);
+                Buf<float> dst(n, off_first(s)), src(n, off_rest(s));
+                dst.set(d0);
+                src.set(x);
+                emulate_serial(grid_vec(n), BLOCK, [&] { ew::add_inplace(dst.p, src.p, n); });
+                end(k, c, s, co && shift_vec(n, off_first(s)));
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) want[i] = d0[i] + x[i];
+                exact(k, c, "dst", dst.get(), want);
+                guards(k, c, dst, src);
+            }
+            for (bool inplace : {false, true}) {
+                if (inplace && s == MIXED) continue;  // one buffer: no mixed alignment
+                std::string k = "dropout_apply";
+                std::string c = begin(k, "n=" + std::to_string(n) + (inplace ? " in place" : ""), s);
+                uint64_t seed = 0x1234567890abcdefull + n;
+                uint32_t threshold = 0x40000000u;  // p = 0.25
+                float scale = 1.0f / 0.75f;
+                Buf<float> out(n, off_first(s)), in(n, off_rest(s));
+                in.set(x);
+                out.set(x);
+                float* src = inplace ? out.p : in.p;
+                emulate_serial(grid_vec(n), BLOCK, [&] {
+                    ew::dropout_apply(out.p, src, n, seed, threshold, scale);
+                });
+                end(k, c, s, (co || inplace) && shift_vec(n, off_first(s)));
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++)
+                    want[i] = ref_keep(seed, (uint64_t)i, threshold) ? x[i] * scale : 0.0f;
+                exact(k, c, "out", out.get(), want);
+                guards(k, c, out, in);
+            }
+            {
+                std::string k = "scale_inplace", c = begin(k, "n=" + std::to_string(n), s);
+                Buf<float> b(n, off_first(s));
+                b.set(x);
+                emulate_serial(grid_vec(n), BLOCK, [&] { adam::scale_inplace(b.p, n, 0.37f); });
+                end(k, c, s, shift_vec(n, off_first(s)));  // one pointer: always co-aligned
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) want[i] = x[i] * 0.37f;
+                exact(k, c, "x", b.get(), want);
+                guards(k, c, b);
+            }
+            {
+                std::string k = "cast_f32_to_bf16", c = begin(k, "n=" + std::to_string(n), s);
+                std::vector<float> v = x;
+                // Specials and ties among the values: NaN, infinities, overflow, exact ties.
+                const uint32_t specials[] = {0x7fc00001u, 0xff800000u, 0x7f7fffffu, 0x3f808000u,
+                                             0x3f818000u, 0x80000001u, 0x00000000u};
+                for (long long i = 0; i < n && i < 7; i++) std::memcpy(&v[(i * 5) % n], &specials[i], 4);
+                Buf<unsigned short> out(n, off_first(s));
+                Buf<float> in(n, off_rest(s));
+                in.set(v);
+                emulate_serial(grid_vec(n), BLOCK, [&] { cst::cast_f32_to_bf16(out.p, in.p, n); });
+                end(k, c, s, co && shift_vec(n, off_first(s)));
+                std::vector<unsigned short> want(n);
+                for (long long i = 0; i < n; i++) want[i] = ref_bf16(v[i]);
+                exact(k, c, "out", out.get(), want);
+                guards(k, c, out, in);
+            }
+        }
+}
+
+static void check_adamw() {
+    for (long long n : LENGTHS)
+        for (Sit s : {ALIGNED, SHIFTED, MIXED})
+            for (bool with_bf16 : {false, true}) {
+                std::string k = "adamw_update";
+                std::string c = begin(k, "n=" + std::to_string(n) + (with_bf16 ? " bf16 copy" : ""), s);
+                auto p0 = randn(n), g0 = randn(n, 0.1f), m0 = randn(n, 0.01f), v0 = randn(n, 1e-3f);
+                for (auto& x : v0) x = x * x;
+                Buf<float> p(n, off_first(s)), g(n, off_rest(s)), m(n, off_rest(s)), v(n, off_rest(s));
+                Buf<unsigned short> pb(n, off_rest(s));
+                p.set(p0), g.set(g0), m.set(m0), v.set(v0);
+                float decay = 1.0f - 6e-4f * 0.1f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+                float step_size = 6e-4f / (1.0f - 0.9f * 0.9f), bc2 = std::sqrt(1.0f - 0.95f * 0.95f);
+                unsigned short* pbp = with_bf16 ? pb.p : nullptr;
+                emulate_serial(grid_vec(n), BLOCK, [&] {
+                    adam::adamw_update(p.p, g.p, m.p, v.p, n, decay, b1, b2, eps, step_size, bc2, pbp);
+                });
+                end(k, c, s, s != MIXED && shift_vec(n, off_first(s)));
+                std::vector<float> wp(n), wm(n), wv(n);
+                std::vector<unsigned short> wb(n);
+                for (long long i = 0; i < n; i++) {
+                    float gi = g0[i];
+                    float pi = p0[i] * decay;
+                    float mi = m0[i] + (gi - m0[i]) * (1.0f - b1);
+                    float vi = v0[i] * b2 + (1.0f - b2) * gi * gi;
+                    float denom = sqrtf(vi) / bc2 + eps;
+                    wp[i] = pi - step_size * mi / denom;
+                    wm[i] = mi;
+                    wv[i] = vi;
+                    wb[i] = ref_bf16(wp[i]);
+                }
+                exact(k, c, "p", p.get(), wp);
+                exact(k, c, "m", m.get(), wm);
+                exact(k, c, "v", v.get(), wv);
+                if (with_bf16) exact(k, c, "p_bf16", pb.get(), wb);
+                guards(k, c, p, g, m, v, pb);
+            }
+}
+
+static void check_sumsq() {
+    const unsigned parts = 3;
+    for (long long n : LENGTHS)
+        for (Sit s : {ALIGNED, SHIFTED}) {
+            std::string k = "sumsq_parts", c = begin(k, "n=" + std::to_string(n), s);
+            auto x = randn(n);
+            Buf<float> g(n, off_first(s));
+            Buf<double> out(parts, 0);
+            g.set(x);
+            emulate({parts, 1, 1}, BLOCK, [&] { adam::sumsq_parts(out.p, g.p, n); });
+            end(k, c, s, shift_vec(n, off_first(s)));
+            double got = 0, want = 0;
+            for (double v : out.get()) got += v;
+            for (float v : x) want += (double)v * v;
+            within_tol(k, c, "sum", {(float)(got / want)}, {1.0}, 1e-12);
+            guards(k, c, g, out);
+        }
+}
+
+// ------------------------------------------------------------------ column sums, bias
+static const std::vector<std::pair<int, int>> MATS = {
+    {1, 1}, {3, 2}, {5, 3}, {2, 4}, {7, 5}, {4, 7}, {9, 8}, {6, 33}, {5, 64}, {4, 130}, {3, 1028}};
+
+static void check_columns() {
+    for (auto [rows, cols] : MATS)
+        for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
+            std::string shape = std::to_string(rows) + "x" + std::to_string(cols);
+            bool vec = s == ALIGNED && cols % 4 == 0;
+            long long n = (long long)rows * cols;
+            auto mv = randn(n), bv = randn(cols);
+            for (bool null_bias : {false, true}) {
+                std::string k = "bias_broadcast";
+                std::string c = begin(k, shape + (null_bias ? " no bias" : ""), s);
+                Buf<float> out(n, off_first(s)), b(cols, off_rest(s));
+                b.set(bv);
+                const float* bp = null_bias ? nullptr : b.p;
+                emulate_serial(grid_vec(n), BLOCK, [&] { ew::bias_broadcast(out.p, bp, rows, cols); });
+                end(k, c, s, vec);
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) want[i] = null_bias ? 0.0f : bv[i % cols];
+                exact(k, c, "out", out.get(), want);
+                guards(k, c, out, b);
+            }
+            int rpp = std::max(1, rows / 2), np = (rows + rpp - 1) / rpp;
+            {
+                std::string k = "colsum_parts", c = begin(k, shape, s);
+                Buf<float> parts((size_t)np * cols, off_first(s)), m(n, off_rest(s));
+                m.set(mv);
+                emulate_serial({grid_cols4(cols), (unsigned)np, 1}, BLOCK, [&] {
+                    ew::colsum_parts(parts.p, m.p, rows, cols, rpp);
+                });
+                end(k, c, s, vec);
+                std::vector<float> want((size_t)np * cols);
+                for (int p = 0; p < np; p++)
+                    for (int j = 0; j < cols; j++) {
+                        float acc = 0.0f;
+                        for (int r = p * rpp; r < std::min(rows, (p + 1) * rpp); r++) acc += mv[(size_t)r * cols + j];
+                        want[(size_t)p * cols + j] = acc;
+                    }
+                exact(k, c, "parts", parts.get(), want);
+                guards(k, c, parts, m);
+            }
+            for (int stride_k : {1, 2}) {
+                std::string k = "reduce_parts_add";
+                std::string c = begin(k, shape + " stride " + std::to_string(stride_k) + "C", s);
+                int stride = stride_k * cols;
+                auto pv = randn((size_t)rows * stride), d0 = randn(cols);
+                Buf<float> dst(cols, off_first(s)), parts(pv.size(), off_rest(s));
+                dst.set(d0);
+                parts.set(pv);
+                emulate_serial({grid_cols4(cols), 1, 1}, BLOCK, [&] {
+                    ew::reduce_parts_add(dst.p, parts.p, rows, cols, stride);
+                });
+                end(k, c, s, vec);
+                std::vector<float> want(cols);
+                for (int j = 0; j < cols; j++) {
+                    float acc = 0.0f;
+                    for (int p = 0; p < rows; p++) acc += pv[(size_t)p * stride + j];
+                    want[j] = d0[j] + acc;
+                }
+                exact(k, c, "dst", dst.get(), want);
+                guards(k, c, dst, parts);
+            }
+        }
+}
+
+// ------------------------------------------------------------------ LayerNorm
+static const std::vector<std::pair<int, int>> LN_SHAPES = {
+    {1, 1}, {3, 2}, {5, 3}, {9, 4}, {2, 5}, {3, 7}, {9, 8}, {4, 33}, {3, 64}, {2, 130}, {10, 256}, {3, 768}};
+
+struct LnOut {
+    std::vector<float> out, mean, rstd;
+};
+
+// float64 LayerNorm of rows x c.
+static void ref_layernorm(const std::vector<float>& x, const std::vector<float>& w,
+                          const std::vector<float>* b, int rows, int c, std::vector<double>& out,
+                          std::vector<double>& mean, std::vector<double>& rstd) {
+    out.assign((size_t)rows * c, 0);
+    mean.assign(rows, 0);
+    rstd.assign(rows, 0);
+    for (int r = 0; r < rows; r++) {
+        const float* xr = &x[(size_t)r * c];
+        double m = 0, v = 0;
+        for (int j = 0; j < c; j++) m += xr[j];
+        m /= c;
+        for (int j = 0; j < c; j++) v += (xr[j] - m) * (xr[j] - m);
+        double rs = 1.0 / std::sqrt(v / c + 1e-5);
+        for (int j = 0; j < c; j++)
+            out[(size_t)r * c + j] = (xr[j] - m) * rs * w[j] + (b ? (*b)[j] : 0.0);
+        mean[r] = m;
+        rstd[r] = rs;
+    }
+}
+
+static void check_layernorm() {
+    const double TOL = 2e-5;
+    for (auto [rows, c] : LN_SHAPES)
+        for (bool with_bias : {true, false}) {
+            std::string shape = std::to_string(rows) + "x" + std::to_string(c) + (with_bias ? "" : " no bias");
+            long long n = (long long)rows * c;
+            auto x = randn(n, 1.5f), w = randn(c), bv = randn(c), dout = randn(n), dx0 = randn(n);
+            for (auto& v : x) v += 0.5f;  // a non-zero mean
+            auto a_in = randn(n), b_in = randn(n);
+            std::vector<double> ro, rm, rr;
+            ref_layernorm(x, w, with_bias ? &bv : nullptr, rows, c, ro, rm, rr);
+            std::map<Sit, LnOut> by_sit;
+            std::map<Sit, std::vector<float>> dx_by_sit;
+            for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
+                bool vec = s == ALIGNED && c % 4 == 0;
+                LnOut fw;
+                {
+                    std::string k = "layernorm_forward", cs = begin(k, shape, s);
+                    Buf<float> out(n, off_first(s)), xb(n, off_rest(s)), wb(c, off_rest(s)), bb(c, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    xb.set(x), wb.set(w), bb.set(bv);
+                    const float* bp = with_bias ? bb.p : nullptr;
+                    emulate(grid_rows(rows), BLOCK, [&] {
+                        ln::layernorm_forward(out.p, mean.p, rstd.p, xb.p, wb.p, bp, rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    fw = {out.get(), mean.get(), rstd.get()};
+                    within_tol(k, cs, "out", fw.out, ro, TOL);
+                    within_tol(k, cs, "mean", fw.mean, rm, TOL);
+                    within_tol(k, cs, "rstd", fw.rstd, rr, TOL);
+                    guards(k, cs, out, xb, wb, bb, mean, rstd);
+                    if (s != ALIGNED) {
+                        exact(k, cs, "out vs aligned", fw.out, by_sit[ALIGNED].out);
+                        exact(k, cs, "mean vs aligned", fw.mean, by_sit[ALIGNED].mean);
+                        exact(k, cs, "rstd vs aligned", fw.rstd, by_sit[ALIGNED].rstd);
+                    }
+                    by_sit[s] = fw;
+                }
+                {
+                    // Bit for bit the forward's output from its saved statistics.
+                    std::string k = "layernorm_recompute", cs = begin(k, shape, s);
+                    Buf<float> out(n, off_first(s)), xb(n, off_rest(s)), wb(c, off_rest(s)), bb(c, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    xb.set(x), wb.set(w), bb.set(bv), mean.set(fw.mean), rstd.set(fw.rstd);
+                    const float* bp = with_bias ? bb.p : nullptr;
+                    emulate_serial(grid_vec(n), BLOCK, [&] {
+                        ln::layernorm_recompute(out.p, xb.p, mean.p, rstd.p, wb.p, bp, rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    exact(k, cs, "out vs layernorm_forward", out.get(), fw.out);
+                    guards(k, cs, out, xb, wb, bb, mean, rstd);
+                }
+                for (int alias : {0, 1, 2}) {  // res separate, res = a, res = b
+                    std::string k = "residual_layernorm_forward";
+                    std::string cs = begin(k, shape + (alias == 0 ? "" : alias == 1 ? " res=a" : " res=b"), s);
+                    Buf<float> res(n, off_first(s)), out(n, off_rest(s)), a(n, off_rest(s)), b(n, off_rest(s));
+                    Buf<float> wb(c, off_rest(s)), bb(c, off_rest(s)), mean(rows, 0), rstd(rows, 0);
+                    float* ap = alias == 1 ? res.p : a.p;
+                    float* bp2 = alias == 2 ? res.p : b.p;
+                    Buf<float>& abuf = alias == 1 ? res : a;
+                    Buf<float>& bbuf = alias == 2 ? res : b;
+                    abuf.set(a_in), bbuf.set(b_in), wb.set(w), bb.set(bv);
+                    const float* biasp = with_bias ? bb.p : nullptr;
+                    emulate(grid_rows(rows), BLOCK, [&] {
+                        ln::residual_layernorm_forward(res.p, out.p, mean.p, rstd.p, ap, bp2, wb.p, biasp, rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    std::vector<float> sum(n);
+                    for (long long i = 0; i < n; i++) sum[i] = a_in[i] + b_in[i];
+                    exact(k, cs, "res", res.get(), sum);
+                    // The same bits as layernorm_forward of the sum.
+                    Buf<float> o2(n, 0), xb(n, 0), m2(rows, 0), r2(rows, 0), wb2(c, 0), bb2(c, 0);
+                    xb.set(sum), wb2.set(w), bb2.set(bv);
+                    emulate(grid_rows(rows), BLOCK, [&] {
+                        ln::layernorm_forward(o2.p, m2.p, r2.p, xb.p, wb2.p, with_bias ? bb2.p : nullptr, rows, c);
+                    });
+                    exact(k, cs, "out vs layernorm_forward", out.get(), o2.get());
+                    exact(k, cs, "mean vs layernorm_forward", mean.get(), m2.get());
+                    exact(k, cs, "rstd vs layernorm_forward", rstd.get(), r2.get());
+                    guards(k, cs, res, out, a, b, wb, bb, mean, rstd);
+                }
+                {
+                    std::string k = "layernorm_backward_dx", cs = begin(k, shape, s);
+                    Buf<float> dx(n, off_first(s)), db(n, off_rest(s)), xb(n, off_rest(s)), wb(c, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
+                    emulate(grid_rows(rows), BLOCK, [&] {
+                        ln::layernorm_backward_dx(dx.p, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    std::vector<double> want(n);
+                    for (int r = 0; r < rows; r++) {
+                        double a1 = 0, a2 = 0, m = fw.mean[r], rs = fw.rstd[r];
+                        for (int j = 0; j < c; j++) {
+                            size_t i = (size_t)r * c + j;
+                            double norm = (x[i] - m) * rs, dn = (double)w[j] * dout[i];
+                            a1 += dn;
+                            a2 += dn * norm;
+                        }
+                        a1 /= c, a2 /= c;
+                        for (int j = 0; j < c; j++) {
+                            size_t i = (size_t)r * c + j;
+                            double norm = (x[i] - m) * rs, dn = (double)w[j] * dout[i];
+                            want[i] = dx0[i] + (dn - a1 - norm * a2) * rs;
+                        }
+                    }
+                    auto got = dx.get();
+                    within_tol(k, cs, "dx", got, want, TOL);
+                    if (s != ALIGNED) exact(k, cs, "dx vs aligned", got, dx_by_sit[ALIGNED]);
+                    dx_by_sit[s] = got;
+                    guards(k, cs, dx, db, xb, wb, mean, rstd);
+                }
+                {
+                    std::string k = "layernorm_backward_parts", cs = begin(k, shape, s);
+                    int rpp = std::max(1, rows / 3), np = (rows + rpp - 1) / rpp;
+                    Buf<float> parts((size_t)np * 2 * c, off_first(s)), db(n, off_rest(s)), xb(n, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    db.set(dout), xb.set(x), mean.set(fw.mean), rstd.set(fw.rstd);
+                    emulate_serial({grid_cols4(c), (unsigned)np, 1}, BLOCK, [&] {
+                        ln::layernorm_backward_parts(parts.p, db.p, xb.p, mean.p, rstd.p, rows, c, rpp);
+                    });
+                    end(k, cs, s, vec);
+                    std::vector<float> want((size_t)np * 2 * c);
+                    for (int p = 0; p < np; p++)
+                        for (int j = 0; j < c; j++) {
+                            float dw = 0.0f, dbs = 0.0f;
+                            for (int r = p * rpp; r < std::min(rows, (p + 1) * rpp); r++) {
+                                size_t i = (size_t)r * c + j;
+                                dw += (x[i] - fw.mean[r]) * fw.rstd[r] * dout[i];
+                                dbs += dout[i];
+                            }
+                            want[(size_t)p * 2 * c + j] = dw;
+                            want[(size_t)p * 2 * c + c + j] = dbs;
+                        }
+                    exact(k, cs, "parts", parts.get(), want);
+                    guards(k, cs, parts, db, xb, mean, rstd);
+                }
+            }
+        }
+}
+
+// ------------------------------------------------------------------ cross-entropy
+static void check_cross_entropy() {
+    const double TOL = 2e-5;
+    const int rows = 5;
+    for (int v : {1, 2, 3, 4, 5, 7, 8, 50, 257, 1027, 2053})
+        for (Sit s : {ALIGNED, SHIFTED})
+            for (int write_grad : {1, 0}) {
+                std::string k = "cross_entropy_forward_backward";
+                std::string cs = begin(k, "V=" + std::to_string(v) + (write_grad ? "" : " loss only"), s);
+                long long n = (long long)rows * v;
+                auto x = randn(n, 3.0f);
+                std::vector<int> tg(rows);
+                for (int r = 0; r < rows; r++) tg[r] = r == 2 ? -1 : (int)((r * 7919u + 13u) % (unsigned)v);
+                Buf<float> lg(n, off_first(s));
+                Buf<double> loss(rows, 0);
+                Buf<int> tb(rows, 0);
+                lg.set(x), tb.set(tg);
+                float grad_k = 0.25f;
+                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                    xent::cross_entropy_forward_backward(lg.p, loss.p, tb.p, rows, v, grad_k, write_grad);
+                });
+                // Some row that loads its logits has a whole aligned group.
+                bool expect = false;
+                for (int r = 0; r < rows; r++)
+                    if (tg[r] >= 0 || write_grad)
+                        expect |= shift_vec(v, (off_first(s) + (size_t)r * v) % 4);
+                end(k, cs, s, expect);
+                std::vector<double> wl(rows), wg(n);
+                for (int r = 0; r < rows; r++) {
+                    const float* xr = &x[(size_t)r * v];
+                    double mx = -INFINITY, sum = 0;
+                    for (int j = 0; j < v; j++) mx = std::max(mx, (double)xr[j]);
+                    for (int j = 0; j < v; j++) sum += std::exp(xr[j] - mx);
+                    wl[r] = tg[r] < 0 ? 0.0 : mx + std::log(sum) - xr[tg[r]];
+                    for (int j = 0; j < v; j++)
+                        wg[(size_t)r * v + j] =
+                            tg[r] < 0 ? 0.0 : grad_k * (std::exp(xr[j] - mx) / sum - (j == tg[r] ? 1.0 : 0.0));
+                }
+                std::vector<float> lf;
+                for (double l : loss.get()) lf.push_back((float)l);
+                within_tol(k, cs, "row loss", lf, wl, TOL);
+                if (write_grad) {
+                    // Relative to the gradient's scale grad_k (its entries are at most grad_k).
+                    auto got = lg.get();
+                    std::vector<float> gs(n);
+                    std::vector<double> ws(n);
+                    for (long long i = 0; i < n; i++) gs[i] = got[i] / grad_k, ws[i] = wg[i] / grad_k;
+                    within_tol(k, cs, "logit gradient / grad_k", gs, ws, TOL);
+                } else {
+                    exact(k, cs, "logits (no gradient asked)", lg.get(), x);
+                }
+                guards(k, cs, lg, loss, tb);
+            }
+}
+
+// ------------------------------------------------------------------ embedding, KV cache
+static void check_embedding() {
+    const int vocab = 11;
+    for (auto [b, t, c] : std::vector<std::tuple<int, int, int>>{
+             {1, 1, 1}, {2, 3, 2}, {1, 5, 3}, {2, 2, 4}, {3, 2, 5}, {1, 3, 7}, {2, 4, 8}, {2, 3, 33}, {2, 5, 64}, {3, 2, 130}})
+        for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
+            std::string shape = std::to_string(b) + "x" + std::to_string(t) + "x" + std::to_string(c);
+            int n = b * t;
+            long long nc = (long long)n * c;
+            std::vector<unsigned> tok(n);
+            for (int i = 0; i < n; i++) tok[i] = (unsigned)((i * 5 + 3) % vocab);  // repeats
+            auto wte = randn((size_t)vocab * c), wpe = randn((size_t)t * c), dx = randn(nc);
+            bool vec = s == ALIGNED && c % 4 == 0;
+            {
+                std::string k = "embedding_forward", cs = begin(k, shape, s);
+                Buf<float> x(nc, off_first(s)), we(wte.size(), off_rest(s)), wp(wpe.size(), off_rest(s));
+                Buf<unsigned> tb(n, 0);
+                we.set(wte), wp.set(wpe), tb.set(tok);
+                emulate_serial(grid_vec(nc), BLOCK, [&] { emb::embedding_forward(x.p, tb.p, we.p, wp.p, n, t, c); });
+                end(k, cs, s, vec);
+                std::vector<float> want(nc);
+                for (int r = 0; r < n; r++)
+                    for (int j = 0; j < c; j++)
+                        want[(size_t)r * c + j] = wte[(size_t)tok[r] * c + j] + wpe[(size_t)(r % t) * c + j];
+                exact(k, cs, "x", x.get(), want);
+                guards(k, cs, x, we, wp, tb);
+            }
+            {
+                // Serial emulation adds in flat element order, as the reference (on a GPU the
+                // atomics' order is unspecified).
+                std::string k = "embedding_backward_wte", cs = begin(k, shape, s);
+                auto d0 = randn((size_t)vocab * c);
+                Buf<float> dw(d0.size(), off_first(s)), dxb(nc, s == MIXED ? 0 : off_first(s));
+                Buf<unsigned> tb(n, 0);
+                dw.set(d0), dxb.set(dx), tb.set(tok);
+                emulate_serial(grid_vec(nc), BLOCK, [&] { emb::embedding_backward_wte(dw.p, dxb.p, tb.p, n, c); });
+                end(k, cs, s, (s == ALIGNED || s == MIXED) && c % 4 == 0);  // only dx is vectorised
+                std::vector<float> want = d0;
+                for (int r = 0; r < n; r++)
+                    for (int j = 0; j < c; j++) want[(size_t)tok[r] * c + j] += dx[(size_t)r * c + j];
+                exact(k, cs, "dwte", dw.get(), want);
+                guards(k, cs, dw, dxb, tb);
+            }
+            {
+                std::string k = "embedding_backward_wpe", cs = begin(k, shape, s);
+                auto d0 = randn((size_t)t * c);
+                long long tc = (long long)t * c;
+                Buf<float> dw(tc, off_first(s)), dxb(nc, off_rest(s));
+                dw.set(d0), dxb.set(dx);
+                emulate_serial(grid_vec(tc), BLOCK, [&] { emb::embedding_backward_wpe(dw.p, dxb.p, b, t, c); });
+                end(k, cs, s, s != MIXED && tc % 4 == 0 && shift_vec(tc, off_first(s)));
+                std::vector<float> want(tc);
+                for (long long i = 0; i < tc; i++) {
+                    float acc = 0.0f;
+                    for (int bi = 0; bi < b; bi++) acc += dx[(size_t)bi * tc + i];
+                    want[i] = d0[i] + acc;
+                }
+                exact(k, cs, "dwpe", dw.get(), want);
+                guards(k, cs, dw, dxb);
+            }
+            {
+                // KV append: n_seq = b sequences of nq = t new rows at pos0 = 2, T_MAX = t + 3.
+                std::string k = "decode_kv_append", cs = begin(k, shape, s);
+                int nq = t, pos0 = 2, tmax = t + 3, rows = b * nq;
+                auto qkv = randn((size_t)rows * 3 * c), k0 = randn((size_t)b * tmax * c), v0 = randn(k0.size());
+                Buf<float> kc(k0.size(), off_first(s)), vc(k0.size(), off_rest(s)), qb(qkv.size(), off_rest(s));
+                kc.set(k0), vc.set(v0), qb.set(qkv);
+                emulate_serial(grid_vec((long long)rows * c), BLOCK, [&] {
+                    dec::decode_kv_append(kc.p, vc.p, qb.p, rows, nq, pos0, tmax, c);
+                });
+                end(k, cs, s, vec);
+                std::vector<float> wk = k0, wv = v0;
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < c; j++) {
+                        size_t dst = ((size_t)(r / nq) * tmax + pos0 + r % nq) * c + j;
+                        wk[dst] = qkv[(size_t)r * 3 * c + c + j];
+                        wv[dst] = qkv[(size_t)r * 3 * c + 2 * c + j];
+                    }
+                exact(k, cs, "k cache", kc.get(), wk);
+                exact(k, cs, "v cache", vc.get(), wv);
+                guards(k, cs, kc, vc, qb);
+            }
+        }
+}
+
+int main() {
+    check_unary();
+    check_adamw();
+    check_sumsq();
+    check_columns();
+    check_layernorm();
+    check_cross_entropy();
+    check_embedding();
+    for (auto& [name, t] : tallies) {
+        char err[64];
+        if (t.exact)
+            std::snprintf(err, sizeof err, "bit-exact");
+        else
+            std::snprintf(err, sizeof err, "worst error %.2e", t.worst);
+        std::printf("%s %s: %d cases, %s, %lld vector accesses in the aligned cases\n",
+                    t.fails ? "FAIL" : "ok  ", name.c_str(), t.cases, err, t.vec);
+    }
+    std::printf("%s\n", failures ? "FAIL" : "PASS");
+    return failures ? 1 : 0;
+}
