@@ -1,6 +1,6 @@
 // shim.h: runs kernels/flash_attention.cu's kernels (fp32 and bf16) on the CPU for checking on a
 // machine without a GPU: the shared kernel emulator (tools/kernel_emulate/shim.h: one
-// std::thread per CUDA thread, barriers for __syncthreads and warp shuffles) plus what the
+// fiber per CUDA thread, barriers for __syncthreads and warp shuffles) plus what the
 // flash-attention kernels need: dynamic and static shared memory as one NaN-filled array
 // per block, and mma.sync.
 #pragma once
@@ -25,7 +25,7 @@ inline void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigne
     int t = threadIdx.x, w = t >> 5, lane = t & 31, g = lane >> 2, q = lane & 3;
     unsigned* f = mma_frag[t];
     f[0] = a0; f[1] = a1; f[2] = a2; f[3] = a3; f[4] = b0; f[5] = b1;
-    warp_bars[w]->arrive_and_wait();
+    emu_warp_sync(w);
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; l++) {
         const unsigned* r = mma_frag[(w << 5) | l];
@@ -40,7 +40,7 @@ inline void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigne
             B[2 * lq + 8 + half][lg] = el(r[5]);
         }
     }
-    warp_bars[w]->arrive_and_wait();
+    emu_warp_sync(w);
     int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
     for (int e = 0; e < 4; e++) {
         float acc = 0.0f;

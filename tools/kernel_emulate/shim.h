@@ -1,10 +1,15 @@
 // shim.h: runs the CUDA C kernels of kernels/*.cu on the CPU, for checking them on a machine
-// without a GPU. One std::thread per CUDA thread (std::barrier for __syncthreads, per-warp
-// barriers for __shfl_xor_sync); blocks run one after another. Kernels without barriers or
-// shuffles can run with emulate_serial (the threads of a block one after another).
+// without a GPU. Blocks run one after another; the threads of a block run in one of two ways:
+//   emulate         one fiber per CUDA thread, all on the calling thread, switched
+//                   at __syncthreads and at warp exchanges (__shfl_xor_sync, mma), which are
+//                   barriers over the block or the warp; a barrier no thread can pass (a
+//                   __syncthreads some threads never reach) stops the run as a deadlock
+//                   instead of hanging;
+//   emulate_serial  the threads one after another, for kernels without barriers or shuffles.
 //
-// Included (before the kernel sources) by tools/kernel_emulate/main.cpp and, with the
-// flash-attention extras, by tools/flash_emulate/shim.h.
+// Included (before the kernel sources) by tools/kernel_emulate/main.cpp, by the emulated
+// driver in tools/gpu_emulate and, with the flash-attention extras, by
+// tools/flash_emulate/shim.h.
 //
 // What the shim provides: dim3 threadIdx / blockIdx / blockDim / gridDim; the qualifiers
 // as nothing (__shared__ as `static`: one array per block, since blocks run in turn);
@@ -14,7 +19,6 @@
 // and counts them (vec_accesses).
 #pragma once
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -23,9 +27,9 @@
 #include <functional>
 #include <math.h>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
+#include <csetjmp>
+#include <ucontext.h>
 #include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -39,8 +43,6 @@ inline dim3 blockIdx_shared, gridDim, blockDim;
 #define __restrict__
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-inline std::unique_ptr<std::barrier<>> block_bar;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
 inline float shfl_buf[1024];
 inline bool emu_threads = false;  // false under emulate_serial: no barriers, no shuffles
 
@@ -53,9 +55,77 @@ inline std::string emu_current;
     std::abort();
 }
 
+// ------------------------------------------------------------------ fibers
+// A fiber barrier: the last of `expected` arrivals opens it; the others yield to the
+// scheduler until it has opened.
+struct EmuFiberBarrier {
+    unsigned expected = 0, arrived = 0;
+    unsigned long long generation = 0;
+};
+// A fiber: its own stack, entered once through ucontext (makecontext), then switched with
+// _setjmp/_longjmp, which save no signal mask and so make no system call. A fiber runs the
+// kernel body for one thread of a block, parks, and runs it again for the next block.
+struct EmuFiber {
+    std::jmp_buf at;
+    std::unique_ptr<char[]> stack;
+    bool started = false;
+    bool done = false;
+};
+inline constexpr size_t EMU_FIBER_STACK = 256 << 10;
+inline std::jmp_buf emu_scheduler;
+inline std::vector<std::unique_ptr<EmuFiber>> emu_fiber_pool;
+inline EmuFiber* emu_running = nullptr;
+inline const std::function<void()>* emu_fiber_body = nullptr;
+inline unsigned long long emu_progress = 0;  // arrivals and finished threads
+inline EmuFiberBarrier emu_block_fbar;
+inline std::vector<EmuFiberBarrier> emu_warp_fbars;
+
+// From the running fiber back to the scheduler; returns when the scheduler resumes it.
+inline void emu_park() {
+    if (!_setjmp(emu_running->at)) _longjmp(emu_scheduler, 1);
+}
+
+inline void emu_fiber_wait(EmuFiberBarrier& b) {
+    unsigned long long g = b.generation;
+    emu_progress++;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        b.generation++;
+        return;
+    }
+    while (b.generation == g) emu_park();
+}
+
+inline void emu_fiber_main() {
+    for (;;) {
+        (*emu_fiber_body)();
+        emu_running->done = true;
+        emu_progress++;
+        emu_park();
+    }
+}
+
+// Runs fiber `f` until it parks (at a barrier, or done with its thread).
+inline void emu_resume(EmuFiber& f) {
+    emu_running = &f;
+    if (_setjmp(emu_scheduler)) return;
+    if (f.started) _longjmp(f.at, 1);
+    f.started = true;
+    ucontext_t here, entry;
+    getcontext(&entry);
+    entry.uc_stack.ss_sp = f.stack.get();
+    entry.uc_stack.ss_size = EMU_FIBER_STACK;
+    entry.uc_link = nullptr;  // emu_fiber_main never returns
+    makecontext(&entry, emu_fiber_main, 0);
+    swapcontext(&here, &entry);
+}
+
+inline void emu_block_sync() { emu_fiber_wait(emu_block_fbar); }
+inline void emu_warp_sync(int w) { emu_fiber_wait(emu_warp_fbars[w]); }
+
 inline void __syncthreads() {
     if (!emu_threads) emu_fail("__syncthreads in a kernel run with emulate_serial");
-    block_bar->arrive_and_wait();
+    emu_block_sync();
 }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -65,9 +135,9 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     if (!emu_threads) emu_fail("__shfl_xor_sync in a kernel run with emulate_serial");
     int t = threadIdx.x, w = t >> 5;
     shfl_buf[t] = v;
-    warp_bars[w]->arrive_and_wait();
+    emu_warp_sync(w);
     float r = shfl_buf[(w << 5) | ((t & 31) ^ o)];
-    warp_bars[w]->arrive_and_wait();
+    emu_warp_sync(w);
     return r;
 }
 inline float __fadd_rn(float a, float b) { return a + b; }
@@ -79,9 +149,8 @@ struct alignas(8) uint2 { unsigned x, y; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 template <class T> inline T __ldg(const T* p) { return *p; }
 
-inline std::mutex atomic_mutex;
+// Threads switch only at barriers, so a read-modify-write is atomic as it stands.
 inline float atomicAdd(float* p, float v) {
-    std::lock_guard<std::mutex> lock(atomic_mutex);
     float old = *p;
     *p = old + v;
     return old;
@@ -99,32 +168,48 @@ inline void emu_vec_access(const void* p, unsigned bytes) {
 }
 #define VEC_ACCESS(p, bytes) emu_vec_access((p), (bytes))
 
-inline void emu_block_begin(unsigned threads) {
-    block_bar = std::make_unique<std::barrier<>>(threads);
-    warp_bars.clear();
-    for (unsigned w = 0; w < (threads + 31) / 32; w++)
-        warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-}
-
 // Hook run before each block (the flash-attention shim fills its shared memory with NaN).
 inline std::function<void()> emu_before_block;
 
-// Runs `k` over the grid with `threads` threads per block, one std::thread each.
+// Runs `k` over the grid with `threads` threads per block, one fiber each, on the calling
+// thread (see the top of this file).
 inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k) {
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
     emu_threads = true;
+    emu_fiber_body = &k;
+    while (emu_fiber_pool.size() < threads) {
+        auto f = std::make_unique<EmuFiber>();
+        f->stack = std::make_unique<char[]>(EMU_FIBER_STACK);
+        emu_fiber_pool.push_back(std::move(f));
+    }
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 blockIdx_shared = dim3{x, y, z};
                 if (emu_before_block) emu_before_block();
-                emu_block_begin(threads);
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < threads; t++)
-                    ts.emplace_back([t, &k] { threadIdx = dim3{t, 0, 0}; k(); });
-                for (auto& th : ts) th.join();
+                emu_block_fbar = EmuFiberBarrier{threads, 0, 0};
+                emu_warp_fbars.assign((threads + 31) / 32, EmuFiberBarrier{32, 0, 0});
+                if (threads % 32) emu_warp_fbars.back().expected = threads % 32;
+                for (unsigned t = 0; t < threads; t++) emu_fiber_pool[t]->done = false;
+                unsigned live = threads;
+                while (live > 0) {
+                    unsigned long long before = emu_progress;
+                    for (unsigned t = 0; t < threads; t++) {
+                        EmuFiber& f = *emu_fiber_pool[t];
+                        if (f.done) continue;
+                        threadIdx = dim3{t, 0, 0};
+                        emu_resume(f);
+                        if (f.done) live--;
+                    }
+                    if (live > 0 && emu_progress == before) {
+                        emu_fail("deadlock: every live thread waits at a barrier no other "
+                                 "thread will reach (__syncthreads or a warp exchange in "
+                                 "divergent code)");
+                    }
+                }
             }
+    emu_running = nullptr;
 }
 
 // Runs `k` over the grid with the threads of each block one after another: only for
