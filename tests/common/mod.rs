@@ -1,6 +1,13 @@
 //! Shared helpers of the integration tests: a small synthetic character corpus, prepared
 //! data directories, tiny-model training arguments, and running the `nanogpt` binary.
-#![allow(dead_code)] // each test file uses a different subset of these helpers
+//! The submodules hold the helpers of groups of tests: [`emulate`] (the kernel emulators)
+//! and [`nvrtc`] (kernel compilation).
+// Each test file uses a different subset of these helpers and of the submodules' (this
+// attribute covers the submodules too).
+#![allow(dead_code)]
+
+pub mod emulate;
+pub mod nvrtc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
