@@ -1,11 +1,12 @@
 //! Shared helpers of the integration tests: a small synthetic character corpus, prepared
 //! data directories, tiny-model training arguments, and running the `nanogpt` binary.
-//! The submodules hold the helpers of groups of tests: [`emulate`] (the kernel emulators)
-//! and [`nvrtc`] (kernel compilation).
+//! The submodules hold the helpers of groups of tests: [`dist`] (several ranks on loopback),
+//! [`emulate`] (the kernel emulators) and [`nvrtc`] (kernel compilation).
 // Each test file uses a different subset of these helpers and of the submodules' (this
 // attribute covers the submodules too).
 #![allow(dead_code)]
 
+pub mod dist;
 pub mod emulate;
 pub mod nvrtc;
 
@@ -108,12 +109,13 @@ pub fn trained_run(root: &Path, max_iters: u64, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// A `nanogpt` command running in `cwd`: the binary named by NANOGPT_BIN (set by
-/// scripts/gpu_check.sh, whose test binaries run on another machine than they were built
-/// on), else the one cargo built with these tests.
+/// A `nanogpt` command running in `cwd`: the binary named by NANOGPT_BIN when set and not
+/// empty (scripts/gpu_check.sh sets it: its test binaries run on another machine than they
+/// were built on), else the one cargo built with these tests.
 pub fn nanogpt(cwd: &Path) -> Command {
-    let bin =
-        std::env::var_os("NANOGPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nanogpt").into());
+    let bin = std::env::var_os("NANOGPT_BIN")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_nanogpt").into());
     let mut cmd = Command::new(bin);
     // Tests never touch the network: the Hugging Face Hub is offline with an empty cache.
     cmd.current_dir(cwd)
