@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: a small synthetic character corpus, prepared
 //! data directories, tiny-model training arguments, and running the `nanogpt` binary.
 //! The submodules hold the helpers of groups of tests: [`dist`] (several ranks on loopback),
+//! [`gpu`] (GPU tests), [`model`] (parameters and batches for comparing engines),
 //! [`emulate`] (the kernel emulators) and [`nvrtc`] (kernel compilation).
 // Each test file uses a different subset of these helpers and of the submodules' (this
 // attribute covers the submodules too).
@@ -8,6 +9,8 @@
 
 pub mod dist;
 pub mod emulate;
+pub mod gpu;
+pub mod model;
 pub mod nvrtc;
 
 use std::path::{Path, PathBuf};
