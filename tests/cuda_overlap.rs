@@ -7,16 +7,14 @@
 
 mod common;
 
-use common::gpu::{nccl_or_panic, no_gpu};
+use common::gpu::{no_gpu, one_rank_nccl};
 use common::model::{first_diff, patterned_batch};
-use nanogpt::dist::nccl::NcclProcessGroup;
 use nanogpt::dist::overlap::{self, BucketPlan, Reduce};
-use nanogpt::dist::{ProcessGroup, SingleProcess};
-use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+use nanogpt::dist::ProcessGroup;
+use nanogpt::engine::cuda::{CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine, GradReady};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
-use std::time::Duration;
 
 fn engine(cfg: &GptConfig) -> CudaEngine {
     common::gpu::engine(cfg, 0, Precision::F32)
@@ -28,7 +26,6 @@ fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged
     if no_gpu(test) {
         return;
     }
-    let st = stack::stack().unwrap();
     let cfg = GptConfig::new(3, 2, 32, 16, 50, true, 0.1).unwrap();
     let layout = ParamLayout::new(&cfg);
     let (b, t) = (2, 16);
@@ -77,14 +74,7 @@ fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged
 
     // A 1-rank NCCL group: buckets enqueued during the backward pass (tiny buckets, then
     // reduce-scatter buckets), then a step; the same as a step without overlap.
-    let nccl = nccl_or_panic(test);
-    let mut pg = NcclProcessGroup::new(
-        Box::new(SingleProcess),
-        nccl,
-        &st.driver,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let mut pg = one_rank_nccl(test);
     assert!(pg.overlaps_device());
     let hp = AdamWConfig::default();
     for (mode, mb) in [(Reduce::AllReduce, 0.0), (Reduce::ReduceScatter, 0.0005)] {

@@ -6,10 +6,10 @@
 mod common;
 
 use common::dist::{
-    assert_stopped_naming_rank_1, clean, fault_in_rank_1, metrics, rank_cmd, run_ranks, train_alone,
+    assert_stopped_naming_rank_1, clean, fault_in_rank_1, metrics, rank_cmd, run_ranks,
+    short_run_args, train_alone,
 };
-use common::{nanogpt, prepare_data, stderr, tiny_train_args};
-use std::path::Path;
+use common::{nanogpt, prepare_data, stderr};
 use std::process::{Child, Output};
 use std::time::Duration;
 
@@ -38,22 +38,6 @@ fn expect_ok(o: &Output, what: &str) {
     );
 }
 
-/// Arguments of a short run in which every world size 1, 2, 3 divides the accumulation.
-fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut e = vec![
-        "--gradient_accumulation_steps=6",
-        "--batch_size=2",
-        "--max_iters=6",
-        "--eval_interval=3",
-        "--eval_iters=3",
-        "--log_interval=1",
-        "--dropout=0.1",
-        "--dist_timeout=20",
-    ];
-    e.extend_from_slice(extra);
-    tiny_train_args(data, out, &e)
-}
-
 #[test]
 fn one_two_and_three_ranks_follow_the_same_trajectory_and_resume_across_world_sizes() {
     let root = tempfile::tempdir().unwrap();
@@ -61,14 +45,14 @@ fn one_two_and_three_ranks_follow_the_same_trajectory_and_resume_across_world_si
     let data = prepare_data(&cwd.join("data"));
 
     let one = cwd.join("one");
-    let o = train_alone(cwd, &run_args(&data, &one, &["--dist_env=none"]));
+    let o = train_alone(cwd, &short_run_args(&data, &one, &["--dist_env=none"]));
     expect_ok(&o, "1 rank");
     let reference = metrics(&one);
     assert_eq!(reference.iter().filter(|r| r.0 == "loss").count(), 7);
 
     // Two ranks started directly with torchrun's variables.
     let two = cwd.join("two");
-    let outs = run_ranks(cwd, 2, |_| run_args(&data, &two, &[]));
+    let outs = run_ranks(cwd, 2, |_| short_run_args(&data, &two, &[]));
     for (r, o) in outs.iter().enumerate() {
         expect_ok(o, &format!("rank {r} of 2"));
         let err = stderr(o);
@@ -89,7 +73,7 @@ fn one_two_and_three_ranks_follow_the_same_trajectory_and_resume_across_world_si
         "--".into(),
         "train".into(),
     ];
-    args.extend(run_args(&data, &three, &[]));
+    args.extend(short_run_args(&data, &three, &[]));
     let o = clean(&mut nanogpt(cwd)).args(&args).output().unwrap();
     expect_ok(&o, "launch of 3 ranks");
     let err = stderr(&o);
@@ -104,12 +88,12 @@ fn one_two_and_three_ranks_follow_the_same_trajectory_and_resume_across_world_si
     // Resume on one rank from the 2-rank run's checkpoint at iteration 3 (ckpt.safetensors
     // also holds iteration 6; keep the 3 copy by training 2 ranks to 3 only).
     let half = cwd.join("half");
-    let outs = run_ranks(cwd, 2, |_| run_args(&data, &half, &["--max_iters=3"]));
+    let outs = run_ranks(cwd, 2, |_| short_run_args(&data, &half, &["--max_iters=3"]));
     outs.iter()
         .for_each(|o| expect_ok(o, "2 ranks to iteration 3"));
     let o = train_alone(
         cwd,
-        &run_args(&data, &half, &["--dist_env=none", "--init_from=resume"]),
+        &short_run_args(&data, &half, &["--dist_env=none", "--init_from=resume"]),
     );
     expect_ok(&o, "resume on 1 rank");
     assert!(
@@ -131,7 +115,7 @@ fn refuses_indivisible_accumulation_and_mismatched_configs() {
         0,
         4,
         nanogpt::dist::test_port(),
-        &run_args(&data, &out, &[]),
+        &short_run_args(&data, &out, &[]),
     )
     .output()
     .unwrap();
@@ -147,7 +131,7 @@ fn refuses_indivisible_accumulation_and_mismatched_configs() {
 
     let outs = run_ranks(cwd, 2, |r| {
         let bs = format!("--batch_size={}", 2 + 2 * r);
-        run_args(&data, &out, &[bs.as_str()])
+        short_run_args(&data, &out, &[bs.as_str()])
     });
     for o in &outs {
         let err = common::expect_clean_failure(o);
@@ -163,7 +147,7 @@ fn fault_test(fault: impl Fn(&mut Child), needle: &str, limit: Duration) {
     let cwd = root.path();
     let data = prepare_data(&cwd.join("data"));
     let out = cwd.join("out");
-    let args = run_args(
+    let args = short_run_args(
         &data,
         &out,
         &[

@@ -13,18 +13,17 @@
 
 mod common;
 
-use common::dist::{metrics, on_ring, run_ranks};
-use common::gpu::{gpu_count, nccl_or_panic, no_gpu, small_cfg};
+use common::dist::{metrics, run_ranks};
+use common::gpu::{no_gpu, on_two_gpus, one_rank_nccl, small_cfg, two_gpus};
 use common::model::{first_diff, patterned_batch};
 use common::{nanogpt, prepare_data, stderr, tiny_train_args};
 use nanogpt::cuda::discover::{SearchEnv, SearchPlan};
-use nanogpt::dist::nccl::{self, NcclProcessGroup};
-use nanogpt::dist::{ProcessGroup, SingleProcess};
+use nanogpt::dist::nccl;
+use nanogpt::dist::ProcessGroup;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
 // ------------------------------------------------------------------ no GPU needed
 
@@ -159,8 +158,6 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
     if no_gpu(test) {
         return;
     }
-    let st = stack::stack().unwrap();
-    let nccl = nccl_or_panic(test);
     // The engine's context is current after device_grads, as in the trainer.
     let mut eng = engine_with_grads(0);
     let before = eng.grads();
@@ -169,13 +166,7 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
         "the batch produced gradients"
     );
     assert!(eng.device_grads().is_some());
-    let mut pg = NcclProcessGroup::new(
-        Box::new(SingleProcess),
-        nccl,
-        &st.driver,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let mut pg = one_rank_nccl(test);
     assert_eq!((pg.rank(), pg.world_size(), pg.device()), (0, 1, 0));
     let d = pg.describe();
     assert!(d.starts_with("nccl 2.") && d.contains("cuda:0"), "{d}");
@@ -203,7 +194,7 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
     assert_eq!(after[6].to_bits(), before[6].to_bits());
 
     // A plain device buffer over several MiB, with an odd length.
-    let ctx = st.driver.context(0).unwrap();
+    let ctx = stack::stack().unwrap().driver.context(0).unwrap();
     let n = (3 << 20) + 5;
     let input: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 0.25 - 50.0).collect();
     let buf = ctx.upload(&input).unwrap();
@@ -232,20 +223,11 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
 #[test]
 fn two_ranks_as_threads_sum_device_buffers_exactly() {
     let test = "two_ranks_as_threads";
-    let Some(n_gpus) = gpu_count(test) else {
-        return;
-    };
-    if n_gpus < 2 {
-        eprintln!("{test}: skipped: needs 2 GPUs, this machine has {n_gpus}");
+    if !two_gpus(test) {
         return;
     }
-    let nccl = nccl_or_panic(test);
     let n = (1 << 20) + 3;
-    let timeout = Duration::from_secs(60);
-    let outs = on_ring(2, timeout, move |r, host| {
-        let st = stack::stack().unwrap();
-        let ctx = st.driver.context(r).unwrap();
-        let mut pg = NcclProcessGroup::new(Box::new(host), nccl, &st.driver, timeout).unwrap();
+    let outs = on_two_gpus(test, move |r, ctx, mut pg| {
         assert_eq!(pg.device(), r);
         // Integers below 2^24 sum exactly in f32 whatever NCCL's order.
         let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
@@ -283,11 +265,7 @@ fn train_and_val_losses(out_dir: &Path) -> Vec<(String, u64, f64)> {
 #[test]
 fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
     let test = "two_gpu_processes";
-    let Some(n_gpus) = gpu_count(test) else {
-        return;
-    };
-    if n_gpus < 2 {
-        eprintln!("{test}: skipped: needs 2 GPUs, this machine has {n_gpus}");
+    if !two_gpus(test) {
         return;
     }
     let root = tempfile::tempdir().unwrap();

@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::dist::{assert_same_checkpoint, loss_bits, run_ranks_ok, train_alone};
-use common::{prepare_data, tiny_train_args};
+use common::dist::{assert_same_checkpoint, loss_bits, run_ranks_ok, short_run_args, train_alone};
+use common::prepare_data;
 use std::path::Path;
 
 fn assert_same_loss_bits(a: &Path, b: &Path, what: &str) {
@@ -46,22 +46,12 @@ fn assert_same_whole_checkpoint(a: &Path, b: &Path, what: &str) {
     }
 }
 
-/// A short run in which 1, 2 and 3 ranks divide the accumulation; clipping is active
-/// (grad_clip 0.05 is below the norms of this model), and so is dropout.
+/// The short data-parallel run with clipping active (grad_clip 0.05 is below the norms of
+/// this model) as well as dropout.
 fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut e = vec![
-        "--gradient_accumulation_steps=6",
-        "--batch_size=2",
-        "--max_iters=6",
-        "--eval_interval=3",
-        "--eval_iters=3",
-        "--log_interval=1",
-        "--dropout=0.1",
-        "--grad_clip=0.05",
-        "--dist_timeout=20",
-    ];
+    let mut e = vec!["--grad_clip=0.05"];
     e.extend_from_slice(extra);
-    tiny_train_args(data, out, &e)
+    short_run_args(data, out, &e)
 }
 
 #[test]
@@ -194,16 +184,12 @@ fn adamw_memory_per_rank_for_gpt2_124m_on_8_ranks() {
 // that a failure.
 
 mod gpu {
-    use crate::common::dist::on_ring;
-    use crate::common::gpu::{self, gpu_count, nccl_or_panic, no_gpu, small_cfg};
+    use crate::common::gpu::{self, no_gpu, on_two_gpus, one_rank_nccl, small_cfg, two_gpus};
     use crate::common::model::{first_diff, patterned_batch};
-    use nanogpt::dist::nccl::NcclProcessGroup;
-    use nanogpt::dist::SingleProcess;
     use nanogpt::dist::{shard_ranges, ProcessGroup};
-    use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+    use nanogpt::engine::cuda::{CudaEngine, Precision};
     use nanogpt::engine::{Batch, Engine};
     use nanogpt::optim::{adamw, AdamWConfig};
-    use std::time::Duration;
 
     const B: usize = 2;
     const T: usize = 16;
@@ -313,8 +299,6 @@ mod gpu {
         if no_gpu(test) {
             return;
         }
-        let st = stack::stack().unwrap();
-        let nccl = nccl_or_panic(test);
         let mut eng = engine(Precision::Bf16);
         let (inputs, targets) = patterned_batch(B * T, 0);
         eng.zero_grad();
@@ -330,13 +314,7 @@ mod gpu {
         .unwrap();
         let before = eng.grads();
         let g = eng.device_grads().unwrap();
-        let mut pg = NcclProcessGroup::new(
-            Box::new(SingleProcess),
-            nccl,
-            &st.driver,
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        let mut pg = one_rank_nccl(test);
         let ranges = shard_ranges(g.len, 1);
         pg.reduce_scatter_sum_device(g.ptr, g.len, &ranges, g.stream)
             .expect("the NCCL group reduce-scatters device memory")
@@ -371,20 +349,11 @@ mod gpu {
     #[test]
     fn two_ranks_reduce_scatter_and_all_gather_device_buffers_exactly() {
         let test = "two_ranks_reduce_scatter_and_all_gather";
-        let Some(n_gpus) = gpu_count(test) else {
-            return;
-        };
-        if n_gpus < 2 {
-            eprintln!("{test}: skipped: needs 2 GPUs, this machine has {n_gpus}");
+        if !two_gpus(test) {
             return;
         }
-        let nccl = nccl_or_panic(test);
         let n = (1 << 20) + 21;
-        let timeout = Duration::from_secs(60);
-        let outs = on_ring(2, timeout, move |r, host| {
-            let st = stack::stack().unwrap();
-            let ctx = st.driver.context(r).unwrap();
-            let mut pg = NcclProcessGroup::new(Box::new(host), nccl, &st.driver, timeout).unwrap();
+        let outs = on_two_gpus(test, move |r, ctx, mut pg| {
             let ranges = shard_ranges(n, 2);
             let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
             let buf = ctx.upload(&input).unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nanogpt::dist::{rendezvous, tcp::TcpProcessGroup, DistOptions, LaunchInfo};
 use nanogpt::train::checkpoint::{self, Checkpoint};
 
-use super::nanogpt;
+use super::{nanogpt, tiny_train_args};
 
 /// Variables of launchers that must not leak into the ranks from the test's environment.
 pub const LAUNCHER_VARS: [&str; 12] = [
@@ -36,6 +36,24 @@ pub fn clean(cmd: &mut Command) -> &mut Command {
         cmd.env_remove(v);
     }
     cmd
+}
+
+/// Arguments of a short run of the tiny model in which 1, 2 and 3 ranks divide the
+/// accumulation (6 micro-steps of batch 2 per iteration), 6 iterations, evaluation every 3,
+/// dropout on, every loss logged; then `extra`.
+pub fn short_run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut e = vec![
+        "--gradient_accumulation_steps=6",
+        "--batch_size=2",
+        "--max_iters=6",
+        "--eval_interval=3",
+        "--eval_iters=3",
+        "--log_interval=1",
+        "--dropout=0.1",
+        "--dist_timeout=20",
+    ];
+    e.extend_from_slice(extra);
+    tiny_train_args(data, out, &e)
 }
 
 /// Runs `nanogpt train <args>` as one process without any launcher variable.
