@@ -133,6 +133,19 @@ pub fn run<S: AsRef<std::ffi::OsStr>>(cwd: &Path, args: &[S]) -> Output {
     nanogpt(cwd).args(args).output().expect("starting nanogpt")
 }
 
+/// Runs `nanogpt sample` in `cwd` on the CPU (one thread) from the run in `out`, with
+/// `extra` arguments.
+pub fn sample_cpu(cwd: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = vec![
+        "sample".into(),
+        format!("--out_dir={}", out.display()),
+        "--device=cpu".into(),
+        "--threads=1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(cwd, &args)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
