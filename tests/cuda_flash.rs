@@ -12,7 +12,7 @@
 //! errors of a dot of hs terms partly cancel, giving ~3e-3 of scale, so it gets 2e-2. The
 //! bf16 backward (from the bf16 forward's y and lse) rounds q, k, v, dy and, as product
 //! operands, P and dS: the CPU emulator (tools/flash_emulate) measures at most 7.9e-3 of
-//! scale against float64 and against the fp32 kernels over 14 shapes, so it gets 2e-2 as
+//! scale against float64 and against the fp32 kernels over 18 shapes, so it gets 2e-2 as
 //! well. At T = 1, dq and dk are exactly 0 and bf16 leaves rounding noise there (dP = dy . v
 //! and D = dy . y round differently), so errors at T = 1 are relative to the largest of
 //! dq, dk and dv.
