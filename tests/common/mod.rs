@@ -2,11 +2,13 @@
 //! data directories, tiny-model training arguments, and running the `nanogpt` binary.
 //! The submodules hold the helpers of groups of tests: [`dist`] (several ranks on loopback),
 //! [`gpu`] (GPU tests), [`model`] (parameters and batches for comparing engines),
-//! [`emulate`] (the kernel emulators) and [`nvrtc`] (kernel compilation).
+//! [`emulate`] (the kernel emulators), [`nvrtc`] (kernel compilation) and [`bpe`] (the BPE
+//! preparation fixtures).
 // Each test file uses a different subset of these helpers and of the submodules' (this
 // attribute covers the submodules too).
 #![allow(dead_code)]
 
+pub mod bpe;
 pub mod dist;
 pub mod emulate;
 pub mod gpu;
