@@ -7,9 +7,10 @@ mod common;
 
 use common::dist::{
     assert_stopped_naming_rank_1, clean, fault_in_rank_1, metrics, rank_cmd, run_ranks,
-    short_run_args, train_alone,
+    short_run_args, train_alone, UNTIL_A_FAULT,
 };
 use common::{nanogpt, prepare_data, stderr};
+use std::path::Path;
 use std::process::{Child, Output};
 use std::time::Duration;
 
@@ -143,20 +144,8 @@ fn refuses_indivisible_accumulation_and_mismatched_configs() {
 /// `fault` to rank 1, and checks that ranks 0 and 2 exit non-zero within `limit` with a
 /// message naming rank 1 and containing `needle`.
 fn fault_test(fault: impl Fn(&mut Child), needle: &str, limit: Duration) {
-    let root = tempfile::tempdir().unwrap();
-    let cwd = root.path();
-    let data = prepare_data(&cwd.join("data"));
-    let out = cwd.join("out");
-    let args = short_run_args(
-        &data,
-        &out,
-        &[
-            "--max_iters=1000000",
-            "--eval_interval=1000000",
-            "--dist_timeout=3",
-        ],
-    );
-    let after = fault_in_rank_1(cwd, &args, fault, limit);
+    let args = |data: &Path, out: &Path| short_run_args(data, out, &UNTIL_A_FAULT);
+    let after = fault_in_rank_1(args, fault, limit);
     assert_stopped_naming_rank_1(&after, needle, limit);
 }
 

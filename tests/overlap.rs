@@ -9,6 +9,7 @@ mod common;
 
 use common::dist::{
     assert_same_checkpoint, assert_stopped_naming_rank_1, fault_in_rank_1, loss_bits, run_ranks_ok,
+    UNTIL_A_FAULT,
 };
 use common::{prepare_data, tiny_train_args};
 use nanogpt::dist::overlap::BucketPlan;
@@ -153,23 +154,13 @@ fn the_cpu_engine_reports_every_gradient_once_in_backward_order_with_final_value
 
 #[test]
 fn a_killed_rank_stops_the_others_during_overlapped_training() {
-    let root = tempfile::tempdir().unwrap();
-    let cwd = root.path();
-    let data = prepare_data(&cwd.join("data"));
-    let out = cwd.join("out");
-    let args = run_args(
-        &data,
-        &out,
-        3,
-        &[
-            "--max_iters=1000000",
-            "--eval_interval=1000000",
-            "--dist_timeout=3",
-            "--bucket_cap_mb=0",
-        ],
-    );
+    let args = |data: &Path, out: &Path| {
+        let mut e = UNTIL_A_FAULT.to_vec();
+        e.push("--bucket_cap_mb=0");
+        run_args(data, out, 3, &e)
+    };
     let limit = Duration::from_secs(3);
-    let after = fault_in_rank_1(cwd, &args, |c| c.kill().unwrap(), limit);
+    let after = fault_in_rank_1(args, |c| c.kill().unwrap(), limit);
     let rank0 = &after.stderr[0];
     assert!(
         rank0.contains("overlapped with the backward pass"),

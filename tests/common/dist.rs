@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nanogpt::dist::{rendezvous, tcp::TcpProcessGroup, DistOptions, LaunchInfo};
 use nanogpt::train::checkpoint::{self, Checkpoint};
 
-use super::{nanogpt, tiny_train_args};
+use super::{nanogpt, prepare_data, tiny_train_args};
 
 /// Variables of launchers that must not leak into the ranks from the test's environment.
 pub const LAUNCHER_VARS: [&str; 12] = [
@@ -162,17 +162,29 @@ pub struct AfterFault {
     pub stderr: Vec<String>,
 }
 
-/// Starts 3 long-running ranks with `args`, waits until rank 0 has logged iteration 3,
-/// applies `fault` to rank 1 and waits for ranks 0 and 2 to exit (at most `limit` + 10 s).
+/// Training flags that keep a run going until a fault stops it, with a 3 s timeout of the
+/// collectives.
+pub const UNTIL_A_FAULT: [&str; 3] = [
+    "--max_iters=1000000",
+    "--eval_interval=1000000",
+    "--dist_timeout=3",
+];
+
+/// In a temporary directory with prepared data, starts 3 long-running ranks with the
+/// arguments `args(data dir, out dir)`, waits until rank 0 has logged iteration 3, applies
+/// `fault` to rank 1 and waits for ranks 0 and 2 to exit (at most `limit` + 10 s).
 pub fn fault_in_rank_1(
-    cwd: &Path,
-    args: &[String],
+    args: impl FnOnce(&Path, &Path) -> Vec<String>,
     fault: impl Fn(&mut Child),
     limit: Duration,
 ) -> AfterFault {
+    let root = tempfile::tempdir().unwrap();
+    let cwd = root.path();
+    let data = prepare_data(&cwd.join("data"));
+    let args = args(&data, &cwd.join("out"));
     let port = nanogpt::dist::test_port();
     let mut children: Vec<Child> = (0..3)
-        .map(|r| rank_cmd(cwd, r, 3, port, args).spawn().unwrap())
+        .map(|r| rank_cmd(cwd, r, 3, port, &args).spawn().unwrap())
         .collect();
     // Collect every rank's stderr in the background; signal when rank 0 logs iteration 3.
     let (tx, rx) = mpsc::channel();
