@@ -10,12 +10,32 @@ use common::{
 };
 use std::fs;
 use std::path::Path;
+use std::process::Output;
 
 /// `nanogpt train` with the tiny-model arguments plus `extra`, in `cwd`.
-fn train_cli(cwd: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+fn train_cli(cwd: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train".to_string()];
     args.extend(tiny_train_args(data, out, extra));
     run(cwd, &args)
+}
+
+/// The arguments of `nanogpt train` with the tiny-model arguments but no `data_dir` (the
+/// data directory then follows from `dataset`), plus `extra`.
+fn train_args_without_data_dir(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["train".to_string()];
+    args.extend(tiny_train_args(Path::new(""), out, extra));
+    args.retain(|a| !a.starts_with("--data_dir="));
+    args
+}
+
+/// `nanogpt prepare shakespeare_char --input <input>` in `dir`, with `--out_dir <out>` when
+/// given.
+fn prepare_char(dir: &Path, input: &str, out: Option<&str>) -> Output {
+    let mut args = vec!["prepare", "shakespeare_char", "--input", input];
+    if let Some(out) = out {
+        args.extend(["--out_dir", out]);
+    }
+    run(dir, &args)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -28,17 +48,7 @@ fn prepare_writes_a_90_10_character_split() {
     let n = text.chars().count();
     fs::write(dir.path().join("input.txt"), &text).unwrap();
     let out = dir.path().join("prepared");
-    expect_ok(&run(
-        dir.path(),
-        &[
-            "prepare",
-            "shakespeare_char",
-            "--input",
-            "input.txt",
-            "--out_dir",
-            "prepared",
-        ],
-    ));
+    expect_ok(&prepare_char(dir.path(), "input.txt", Some("prepared")));
     let train = fs::read(out.join("train.bin")).unwrap();
     let val = fs::read(out.join("val.bin")).unwrap();
     let n_train = (n as f64 * 0.9) as usize;
@@ -85,10 +95,7 @@ fn prepare_writes_a_90_10_character_split() {
 fn prepare_defaults_to_data_dataset_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("in.txt"), corpus(500)).unwrap();
-    expect_ok(&run(
-        dir.path(),
-        &["prepare", "shakespeare_char", "--input", "in.txt"],
-    ));
+    expect_ok(&prepare_char(dir.path(), "in.txt", None));
     for f in ["train.bin", "val.bin", "meta.json"] {
         assert!(
             dir.path().join("data/shakespeare_char").join(f).is_file(),
@@ -103,45 +110,15 @@ fn prepare_errors_are_clear() {
     let err = expect_clean_failure(&run(dir.path(), &["prepare", "nosuchdataset"]));
     assert_contains_all(&err, &["nosuchdataset", "shakespeare_char"]);
 
-    let err = expect_clean_failure(&run(
-        dir.path(),
-        &[
-            "prepare",
-            "shakespeare_char",
-            "--input",
-            "missing.txt",
-            "--out_dir",
-            "d",
-        ],
-    ));
+    let err = expect_clean_failure(&prepare_char(dir.path(), "missing.txt", Some("d")));
     assert_contains_all(&err, &["missing.txt"]);
 
     fs::write(dir.path().join("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
-    let err = expect_clean_failure(&run(
-        dir.path(),
-        &[
-            "prepare",
-            "shakespeare_char",
-            "--input",
-            "latin1.txt",
-            "--out_dir",
-            "d",
-        ],
-    ));
+    let err = expect_clean_failure(&prepare_char(dir.path(), "latin1.txt", Some("d")));
     assert_contains_all(&err, &["latin1.txt", "UTF-8"]);
 
     fs::write(dir.path().join("one.txt"), "x").unwrap();
-    let err = expect_clean_failure(&run(
-        dir.path(),
-        &[
-            "prepare",
-            "shakespeare_char",
-            "--input",
-            "one.txt",
-            "--out_dir",
-            "d",
-        ],
-    ));
+    let err = expect_clean_failure(&prepare_char(dir.path(), "one.txt", Some("d")));
     assert_contains_all(&err, &["one.txt"]);
     assert!(
         !dir.path().join("d/train.bin").exists(),
@@ -157,19 +134,12 @@ fn prepare_train_sample_from_a_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     fs::write(cwd.join("input.txt"), corpus(4000)).unwrap();
-    expect_ok(&run(
-        cwd,
-        &["prepare", "shakespeare_char", "--input", "input.txt"],
-    ));
+    expect_ok(&prepare_char(cwd, "input.txt", None));
     // dataset=shakespeare_char reads data/shakespeare_char relative to the working directory.
-    let mut args = vec!["train".to_string()];
-    args.extend(tiny_train_args(
-        Path::new(""),
+    let args = train_args_without_data_dir(
         Path::new("out"),
-        &["--max_iters=12"],
-    ));
-    args.retain(|a| !a.starts_with("--data_dir="));
-    args.push("--dataset=shakespeare_char".into());
+        &["--max_iters=12", "--dataset=shakespeare_char"],
+    );
     let o = run(cwd, &args);
     expect_ok(&o);
     let log = stderr(&o);
@@ -279,17 +249,7 @@ fn io_errors_are_not_repeated() {
     let dir = tempfile::tempdir().unwrap();
     let err = expect_clean_failure(&run(dir.path(), &["train", "nosuch.toml"]));
     assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
-    let err = expect_clean_failure(&run(
-        dir.path(),
-        &[
-            "prepare",
-            "shakespeare_char",
-            "--input",
-            "missing.txt",
-            "--out_dir",
-            "d",
-        ],
-    ));
+    let err = expect_clean_failure(&prepare_char(dir.path(), "missing.txt", Some("d")));
     assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
 }
 
@@ -322,9 +282,7 @@ fn missing_data_says_to_run_prepare() {
     assert_contains_all(&err, &["nodata", "train.bin", "nanogpt prepare"]);
 
     // dataset=... without data_dir looks in data/<dataset> under the working directory.
-    let mut args = vec!["train".to_string()];
-    args.extend(tiny_train_args(Path::new(""), &out, &["--dataset=mini"]));
-    args.retain(|a| !a.starts_with("--data_dir="));
+    let args = train_args_without_data_dir(&out, &["--dataset=mini"]);
     let err = expect_clean_failure(&run(dir.path(), &args));
     assert_contains_all(&err, &["data/mini/train.bin", "nanogpt prepare"]);
 }
@@ -406,7 +364,7 @@ fn sample_without_a_run_directory_is_a_clear_error() {
 // ---------------------------------------------------------------------------------------
 // bench
 
-/// The tiny CPU benchmark's arguments plus `extra`.
+/// The tiny CPU benchmark's arguments plus `extra` (later arguments win).
 fn tiny_bench(extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "bench",
@@ -483,19 +441,7 @@ fn bench_prints_a_json_line_with_positive_rates() {
     let dir = tempfile::tempdir().unwrap();
     let stdout = expect_ok(&run(
         dir.path(),
-        &[
-            "bench",
-            "--n_layer=2",
-            "--n_head=2",
-            "--n_embd=32",
-            "--block_size=16",
-            "--batch_size=2",
-            "--iters=3",
-            "--warmup=1",
-            "--vocab_size=128",
-            "--device=cpu",
-            "--threads=1",
-        ],
+        &tiny_bench(&["--batch_size=2", "--iters=3"]),
     ));
     let json = stdout
         .lines()

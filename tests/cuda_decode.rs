@@ -16,23 +16,21 @@
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
 
+mod common;
 mod reference;
 
+use common::gpu::no_gpu;
+use common::model::perturbed_params;
 use nanogpt::engine::cpu::CpuEngine;
-use nanogpt::engine::cuda::{stack, CudaEngine};
+use nanogpt::engine::cuda::CudaEngine;
 use nanogpt::engine::{Engine, EngineError};
-use nanogpt::model::{GptConfig, ParamLayout};
+use nanogpt::model::GptConfig;
 use nanogpt::rng::Rng;
 use nanogpt::sample::{generate, SamplingParams};
 use reference::rel_err;
 
 const TOL: f64 = 1e-4;
 const TIE: f64 = 1e-3;
-
-/// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
-fn gpu(test: &str) -> Option<()> {
-    stack::gpus_for_test(test).map(|_| ())
-}
 
 /// (index of the largest logit, gap to the second largest relative to max |x|).
 fn argmax(row: &[f32]) -> (u32, f64) {
@@ -52,12 +50,7 @@ fn argmax(row: &[f32]) -> (u32, f64) {
 /// Both engines over the same perturbed parameters (perturbed so that logits spread out
 /// and greedy choices are clear).
 fn engines(cfg: &GptConfig, seed: u64) -> (CpuEngine, CudaEngine) {
-    let layout = ParamLayout::new(cfg);
-    let mut params = layout.init_params(cfg, seed);
-    let mut rng = Rng::new(seed + 1);
-    for x in params.iter_mut() {
-        *x += (rng.normal() * 0.1) as f32;
-    }
+    let params = perturbed_params(cfg, seed);
     let cpu = CpuEngine::new(cfg.clone(), params.clone(), seed, 2).unwrap();
     let gpu = CudaEngine::new(cfg.clone(), params, seed, 0).unwrap();
     (cpu, gpu)
@@ -158,7 +151,7 @@ fn lockstep(cfg: &GptConfig, label: &str, n_seq: usize, prompt_len: usize, steps
 
 #[test]
 fn prefill_and_steps_match_the_cpu_engine_past_block_size() {
-    if gpu("prefill_and_steps_match_the_cpu_engine_past_block_size").is_none() {
+    if no_gpu("prefill_and_steps_match_the_cpu_engine_past_block_size") {
         return;
     }
     // head size 16 (below a warp), block_size 24: prompt 10 + 30 steps re-prefills once.
@@ -174,7 +167,7 @@ fn prefill_and_steps_match_the_cpu_engine_past_block_size() {
 
 #[test]
 fn contexts_longer_than_one_attention_tile_match() {
-    if gpu("contexts_longer_than_one_attention_tile_match").is_none() {
+    if no_gpu("contexts_longer_than_one_attention_tile_match") {
         return;
     }
     // Prefill 1030 positions (queries beyond the 1024-position tile), decode into the
@@ -185,7 +178,7 @@ fn contexts_longer_than_one_attention_tile_match() {
 
 #[test]
 fn sampler_output_is_the_same_greedy_text_on_both_engines() {
-    if gpu("sampler_output_is_the_same_greedy_text_on_both_engines").is_none() {
+    if no_gpu("sampler_output_is_the_same_greedy_text_on_both_engines") {
         return;
     }
     let cfg = GptConfig::new(2, 2, 48, 16, 67, true, 0.0).unwrap();
@@ -211,7 +204,7 @@ fn sampler_output_is_the_same_greedy_text_on_both_engines() {
 
 #[test]
 fn resets_and_batch_size_changes_start_from_a_clean_cache() {
-    if gpu("resets_and_batch_size_changes_start_from_a_clean_cache").is_none() {
+    if no_gpu("resets_and_batch_size_changes_start_from_a_clean_cache") {
         return;
     }
     let cfg = GptConfig::new(2, 2, 32, 12, 40, true, 0.0).unwrap();
@@ -270,7 +263,7 @@ fn resets_and_batch_size_changes_start_from_a_clean_cache() {
 
 #[test]
 fn decode_errors_follow_the_engine_contract() {
-    if gpu("decode_errors_follow_the_engine_contract").is_none() {
+    if no_gpu("decode_errors_follow_the_engine_contract") {
         return;
     }
     let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();

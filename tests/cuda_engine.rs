@@ -17,23 +17,20 @@
 //! and passes; NANOGPT_REQUIRE_GPU=1 makes that a failure. The tests that need only NVRTC
 //! (kernel entry points) run wherever NVRTC is installed.
 
+mod common;
 mod reference;
 
+use common::gpu::no_gpu;
+use common::model::{perturbed_params, random_batch};
 use nanogpt::config::{DeviceSpec, Dtype};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{kernels, stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
-use nanogpt::rng::Rng;
 use reference::{check_engine, cosine, rel, rel_err, rel_l2, Reference, Tolerances};
 
 const TOL: f64 = 1e-4;
-
-/// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
-fn gpu(test: &str) -> Option<()> {
-    stack::gpus_for_test(test).map(|_| ())
-}
 
 /// Every tensor of `got` within TOL of `want` (both in the layout).
 fn check_tensors(what: &str, layout: &ParamLayout, got: &[f32], want: &[f32]) {
@@ -139,7 +136,7 @@ fn check_fixture(name: &str) {
 
 #[test]
 fn matches_pytorch_fixtures() {
-    if gpu("matches_pytorch_fixtures").is_none() {
+    if no_gpu("matches_pytorch_fixtures") {
         return;
     }
     for name in [
@@ -155,25 +152,59 @@ fn matches_pytorch_fixtures() {
 
 /// Both engines over the same perturbed parameters, plus a batch with ignored targets.
 fn pair(cfg: &GptConfig, seed: u64) -> (CpuEngine, CudaEngine, Vec<u32>, Vec<i32>, usize, usize) {
-    let layout = ParamLayout::new(cfg);
-    let mut params = layout.init_params(cfg, seed);
-    let mut rng = Rng::new(seed + 1);
-    for x in params.iter_mut() {
-        *x += (rng.normal() * 0.1) as f32;
-    }
+    let params = perturbed_params(cfg, seed);
     let cpu = CpuEngine::new(cfg.clone(), params.clone(), seed, 2).unwrap();
     let gpu = CudaEngine::new(cfg.clone(), params, seed, 0).unwrap();
     let (b, t) = (3, cfg.block_size);
-    let mut rng = Rng::new(seed + 2);
-    let inputs: Vec<u32> = (0..b * t)
-        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
-        .collect();
-    let mut targets: Vec<i32> = (0..b * t)
-        .map(|_| rng.below(cfg.vocab_size as u64) as i32)
-        .collect();
-    targets[1] = -1;
-    targets[b * t - 1] = -1;
+    let (inputs, targets) = random_batch(cfg, b, t, seed);
     (cpu, gpu, inputs, targets, b, t)
+}
+
+/// Zeroes both engines' gradients and accumulates two micro-batches (loss_scale 0.5) on
+/// each, with `check(gpu loss, cpu loss)` after each.
+fn accumulate_two(
+    cpu: &mut CpuEngine,
+    gpu: &mut CudaEngine,
+    batch: Batch,
+    check: impl Fn(f32, f32),
+) {
+    cpu.zero_grad();
+    gpu.zero_grad();
+    for _ in 0..2 {
+        let lc = cpu.forward_backward(batch, 0.5).unwrap();
+        let lg = gpu.forward_backward(batch, 0.5).unwrap();
+        check(lg, lc);
+    }
+}
+
+/// The learning rate and hyperparameters of [`ten_steps`]: weight decay, clipping active.
+const TEN_STEPS_LR: f32 = 1e-3;
+fn ten_steps_config() -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: 0.1,
+        grad_clip: 0.5,
+        ..Default::default()
+    }
+}
+
+/// 10 AdamW steps with clipping active on both engines, with `check(step, (gpu loss, cpu
+/// loss), (gpu norm, cpu norm))` after each.
+fn ten_steps(
+    cpu: &mut CpuEngine,
+    gpu: &mut CudaEngine,
+    batch: Batch,
+    check: impl Fn(usize, (f32, f32), (f32, f32)),
+) {
+    let hp = ten_steps_config();
+    for k in 0..10 {
+        cpu.zero_grad();
+        gpu.zero_grad();
+        let lc = cpu.forward_backward(batch, 1.0).unwrap();
+        let lg = gpu.forward_backward(batch, 1.0).unwrap();
+        let nc = cpu.step(&hp, TEN_STEPS_LR);
+        let ng = gpu.step(&hp, TEN_STEPS_LR);
+        check(k, (lg, lc), (ng, nc));
+    }
 }
 
 fn compare_training(cfg: GptConfig, label: &str) {
@@ -194,17 +225,12 @@ fn compare_training(cfg: GptConfig, label: &str) {
     );
 
     // One accumulation of two micro-batches (loss_scale 0.5), then compare every gradient.
-    for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
-        e.zero_grad();
-    }
-    for _ in 0..2 {
-        let lc = cpu.forward_backward(batch, 0.5).unwrap();
-        let lg = gpu.forward_backward(batch, 0.5).unwrap();
+    accumulate_two(&mut cpu, &mut gpu, batch, |lg, lc| {
         assert!(
             ((lg - lc) / lc).abs() < 1e-5,
             "{label}: train loss {lg} vs {lc}"
         );
-    }
+    });
     check_tensors(
         &format!("{label} gradients"),
         &layout,
@@ -214,35 +240,23 @@ fn compare_training(cfg: GptConfig, label: &str) {
     check_key_bias_grads_vanish(label, &layout, cfg.n_embd, &cpu.grads());
     assert_eq!(gpu.rng_state(), cpu.rng_state(), "same dropout draws");
 
-    // 10 AdamW steps with clipping active.
-    let hp = AdamWConfig {
-        weight_decay: 0.1,
-        grad_clip: 0.5,
-        ..Default::default()
-    };
-    for k in 0..10 {
-        cpu.zero_grad();
-        gpu.zero_grad();
-        let lc = cpu.forward_backward(batch, 1.0).unwrap();
-        let lg = gpu.forward_backward(batch, 1.0).unwrap();
+    ten_steps(&mut cpu, &mut gpu, batch, |k, (lg, lc), (ng, nc)| {
         assert!(
             ((lg - lc) / lc).abs() < TOL as f32,
             "{label} step {k}: loss {lg} vs {lc}"
         );
-        let nc = cpu.step(&hp, 1e-3);
-        let ng = gpu.step(&hp, 1e-3);
         assert!(
             ((ng - nc) / nc).abs() < TOL as f32,
             "{label} step {k}: norm {ng} vs {nc}"
         );
-    }
+    });
     check_trained_params(
         &format!("{label} params after 10 steps"),
         &layout,
         cfg.n_embd,
         &gpu.params(),
         &cpu.params(),
-        (10, 1e-3, &hp),
+        (10, TEN_STEPS_LR, &ten_steps_config()),
     );
     let (sc, sg) = (cpu.optimizer_state(), gpu.optimizer_state());
     assert_eq!(sc.step, sg.step);
@@ -251,7 +265,7 @@ fn compare_training(cfg: GptConfig, label: &str) {
 
 #[test]
 fn training_matches_the_cpu_engine() {
-    if gpu("training_matches_the_cpu_engine").is_none() {
+    if no_gpu("training_matches_the_cpu_engine") {
         return;
     }
     // n_embd 48 over 3 heads (hs 16), vocab 67 padded to 128, T 12.
@@ -264,7 +278,7 @@ fn training_matches_the_cpu_engine() {
 
 #[test]
 fn dropout_matches_the_cpu_engine() {
-    if gpu("dropout_matches_the_cpu_engine").is_none() {
+    if no_gpu("dropout_matches_the_cpu_engine") {
         return;
     }
     compare_training(
@@ -275,7 +289,7 @@ fn dropout_matches_the_cpu_engine() {
 
 #[test]
 fn gradients_edited_on_the_host_are_used_by_step() {
-    if gpu("gradients_edited_on_the_host_are_used_by_step").is_none() {
+    if no_gpu("gradients_edited_on_the_host_are_used_by_step") {
         return;
     }
     let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
@@ -309,7 +323,7 @@ fn gradients_edited_on_the_host_are_used_by_step() {
 
 #[test]
 fn decoding_matches_the_cpu_engine() {
-    if gpu("decoding_matches_the_cpu_engine").is_none() {
+    if no_gpu("decoding_matches_the_cpu_engine") {
         return;
     }
     let cfg = GptConfig::new(2, 2, 32, 16, 40, true, 0.0).unwrap();
@@ -462,14 +476,9 @@ fn compare_bf16(cfg: GptConfig, label: &str, all_on_lt: bool) {
     let (lc, lg) = (cpu.loss(batch).unwrap(), gpu.loss(batch).unwrap());
     assert!(rel(lg, lc) < BF16.loss, "{label}: eval loss {lg} vs {lc}");
 
-    for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
-        e.zero_grad();
-    }
-    for _ in 0..2 {
-        let lc = cpu.forward_backward(batch, 0.5).unwrap();
-        let lg = gpu.forward_backward(batch, 0.5).unwrap();
+    accumulate_two(&mut cpu, &mut gpu, batch, |lg, lc| {
         assert!(rel(lg, lc) < BF16.loss, "{label}: train loss {lg} vs {lc}");
-    }
+    });
     check_tensors_l2(
         &format!("{label} bf16 gradients"),
         &layout,
@@ -480,28 +489,17 @@ fn compare_bf16(cfg: GptConfig, label: &str, all_on_lt: bool) {
     );
     assert_eq!(gpu.rng_state(), cpu.rng_state(), "same dropout draws");
 
-    let hp = AdamWConfig {
-        weight_decay: 0.1,
-        grad_clip: 0.5,
-        ..Default::default()
-    };
-    for k in 0..10 {
-        cpu.zero_grad();
-        gpu.zero_grad();
-        let lc = cpu.forward_backward(batch, 1.0).unwrap();
-        let lg = gpu.forward_backward(batch, 1.0).unwrap();
+    ten_steps(&mut cpu, &mut gpu, batch, |k, (lg, lc), (ng, nc)| {
         assert!(
             rel(lg, lc) < BF16.loss,
             "{label} step {k}: loss {lg} vs {lc} (relative bound {:.0e})",
             BF16.loss
         );
-        let nc = cpu.step(&hp, 1e-3);
-        let ng = gpu.step(&hp, 1e-3);
         assert!(
             rel(ng, nc) < BF16.grads,
             "{label} step {k}: norm {ng} vs {nc}"
         );
-    }
+    });
     check_tensors_l2(
         &format!("{label} bf16 params after 10 steps"),
         &layout,
@@ -528,7 +526,7 @@ fn compare_bf16(cfg: GptConfig, label: &str, all_on_lt: bool) {
 
 #[test]
 fn bf16_training_tracks_the_cpu_engine() {
-    if gpu("bf16_training_tracks_the_cpu_engine").is_none() {
+    if no_gpu("bf16_training_tracks_the_cpu_engine") {
         return;
     }
     // n_embd 64 over 4 heads, vocab 96, T 16: every leading dimension a multiple of 8.
@@ -552,7 +550,7 @@ fn bf16_training_tracks_the_cpu_engine() {
 
 #[test]
 fn bf16_master_weights_round_trip_exactly() {
-    if gpu("bf16_master_weights_round_trip_exactly").is_none() {
+    if no_gpu("bf16_master_weights_round_trip_exactly") {
         return;
     }
     let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();

@@ -15,8 +15,10 @@
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
 
+mod common;
 mod reference;
 
+use common::gpu::no_gpu;
 use nanogpt::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
@@ -25,11 +27,6 @@ use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::rng::Rng;
 use reference::{cosine, rel, rel_l2};
 use std::sync::Mutex;
-
-/// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
-fn gpu(test: &str) -> Option<()> {
-    stack::gpus_for_test(test).map(|_| ())
-}
 
 // ------------------------------------------------------------------ epilogues alone
 
@@ -74,7 +71,7 @@ fn max_abs(got: &[f32], want: &[f64]) -> f64 {
 
 #[test]
 fn cublaslt_epilogues_compute_what_the_engine_assumes() {
-    if gpu("cublaslt_epilogues_compute_what_the_engine_assumes").is_none() {
+    if no_gpu("cublaslt_epilogues_compute_what_the_engine_assumes") {
         return;
     }
     let s = stack::stack().unwrap();
@@ -397,7 +394,7 @@ fn configs() -> Vec<(&'static str, GptConfig)> {
 
 #[test]
 fn fused_steps_match_the_unfused_engine() {
-    if gpu("fused_steps_match_the_unfused_engine").is_none() {
+    if no_gpu("fused_steps_match_the_unfused_engine") {
         return;
     }
     for (label, cfg) in configs() {
@@ -446,7 +443,7 @@ fn fused_steps_match_the_unfused_engine() {
 
 #[test]
 fn fused_engine_tracks_the_cpu_engine() {
-    if gpu("fused_engine_tracks_the_cpu_engine").is_none() {
+    if no_gpu("fused_engine_tracks_the_cpu_engine") {
         return;
     }
     for (label, cfg) in configs() {

@@ -5,38 +5,31 @@
 //! pass (all-reduce and reduce-scatter buckets), which over one rank must leave every
 //! gradient bit unchanged, and a training step after it matches a step without overlap.
 
-use nanogpt::dist::nccl::{self, NcclProcessGroup};
+mod common;
+
+use common::gpu::{no_gpu, one_rank_nccl};
+use common::model::{first_diff, patterned_batch};
 use nanogpt::dist::overlap::{self, BucketPlan, Reduce};
-use nanogpt::dist::{ProcessGroup, SingleProcess};
-use nanogpt::engine::cuda::{stack, CudaEngine};
+use nanogpt::dist::ProcessGroup;
+use nanogpt::engine::cuda::{CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine, GradReady};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
-use std::time::Duration;
 
 fn engine(cfg: &GptConfig) -> CudaEngine {
-    let params = ParamLayout::new(cfg).init_params(cfg, 3);
-    CudaEngine::new(cfg.clone(), params, 3, 0).unwrap()
-}
-
-fn first_diff(a: &[f32], b: &[f32]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x.to_bits() != y.to_bits())
+    common::gpu::engine(cfg, 0, Precision::F32)
 }
 
 #[test]
 fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged() {
     let test = "cuda_overlap";
-    if stack::gpus_for_test(test).is_none() {
+    if no_gpu(test) {
         return;
     }
-    let st = stack::stack().unwrap();
     let cfg = GptConfig::new(3, 2, 32, 16, 50, true, 0.1).unwrap();
     let layout = ParamLayout::new(&cfg);
     let (b, t) = (2, 16);
-    let inputs: Vec<u32> = (0..b * t).map(|i| (i * 7 % 50) as u32).collect();
-    let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 50) as i32).collect();
+    let (inputs, targets) = patterned_batch(b * t, 0);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -81,14 +74,7 @@ fn cuda_reports_and_one_rank_nccl_overlap_leave_the_gradients_and_step_unchanged
 
     // A 1-rank NCCL group: buckets enqueued during the backward pass (tiny buckets, then
     // reduce-scatter buckets), then a step; the same as a step without overlap.
-    let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
-    let mut pg = NcclProcessGroup::new(
-        Box::new(SingleProcess),
-        nccl,
-        &st.driver,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let mut pg = one_rank_nccl(test);
     assert!(pg.overlaps_device());
     let hp = AdamWConfig::default();
     for (mode, mb) in [(Reduce::AllReduce, 0.0), (Reduce::ReduceScatter, 0.0005)] {

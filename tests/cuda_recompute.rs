@@ -25,10 +25,13 @@
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure. The memory arithmetic for GPT-2 124M needs
 //! no GPU and always runs.
 
+mod common;
 mod reference;
 
+use common::gpu::no_gpu;
+use common::model::perturbed_params;
 use nanogpt::engine::cuda::switches::Switches;
-use nanogpt::engine::cuda::{self, stack, CudaEngine, Precision};
+use nanogpt::engine::cuda::{self, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine, Recompute};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
@@ -40,17 +43,6 @@ const LEVELS: [Recompute; 3] = [
     Recompute::Gelu,
     Recompute::GeluLayerNorm,
 ];
-
-fn gpu(test: &str) -> Option<()> {
-    stack::gpus_for_test(test).map(|_| ())
-}
-
-fn params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
-    let mut p = ParamLayout::new(cfg).init_params(cfg, seed);
-    let mut rng = Rng::new(seed + 1);
-    p.iter_mut().for_each(|x| *x += (rng.normal() * 0.1) as f32);
-    p
-}
 
 /// `b * t` distinct tokens (a shuffled prefix of the vocabulary) and random targets.
 fn data(cfg: &GptConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
@@ -140,7 +132,7 @@ fn compare(
 ) {
     let lt_gelu = precision == Precision::Bf16 && switches.epilogues;
     let layout = ParamLayout::new(&cfg);
-    let p = params(&cfg, 3);
+    let p = perturbed_params(&cfg, 3);
     let hp = AdamWConfig {
         grad_clip: 1.0,
         ..AdamWConfig::default()
@@ -246,7 +238,7 @@ fn small(bias: bool, dropout: f32) -> GptConfig {
 
 #[test]
 fn fp32_recompute_is_bit_identical() {
-    if gpu("fp32_recompute_is_bit_identical").is_none() {
+    if no_gpu("fp32_recompute_is_bit_identical") {
         return;
     }
     // Fused attention (dropout 0), then the plain path with attention dropout.
@@ -283,7 +275,7 @@ fn fp32_recompute_is_bit_identical() {
 
 #[test]
 fn bf16_recompute_matches() {
-    if gpu("bf16_recompute_matches").is_none() {
+    if no_gpu("bf16_recompute_matches") {
         return;
     }
     // cuBLASLt epilogues on: everything but the MLP projection weights bit-identical.

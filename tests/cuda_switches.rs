@@ -29,15 +29,17 @@
 //! Without a GPU every GPU test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
 
+mod common;
 mod reference;
 
+use common::gpu::no_gpu;
+use common::model::{perturbed_params, random_batch};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::flash::FlashMath;
 use nanogpt::engine::cuda::switches::Switches;
-use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+use nanogpt::engine::cuda::{CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
-use nanogpt::rng::Rng;
 use reference::{check_engine, rel_err, Reference, Tolerances};
 
 /// fp32 bound, max |a - b| / max |b| per tensor (see the module docs).
@@ -58,36 +60,12 @@ const BF16: Bf16Bounds = Bf16Bounds {
     cosine: 0.999,
 };
 
-/// `Some(())` when a GPU is usable (see `stack::gpus_for_test`).
-fn gpu(test: &str) -> Option<()> {
-    stack::gpus_for_test(test).map(|_| ())
-}
-
 fn flash_off() -> Switches {
     Switches::parse("flash").expect("flash is a known optimisation")
 }
 
 fn flash_bf16_off() -> Switches {
     Switches::parse("flash_bf16").expect("flash_bf16 is a known optimisation")
-}
-
-/// GPT-2 initialisation plus N(0, 0.1) noise, so that attention is far from uniform.
-fn params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
-    let mut p = ParamLayout::new(cfg).init_params(cfg, seed);
-    let mut rng = Rng::new(seed + 1);
-    p.iter_mut().for_each(|x| *x += (rng.normal() * 0.1) as f32);
-    p
-}
-
-/// Random tokens and targets for `b` rows of `t`, with two ignored targets.
-fn data(cfg: &GptConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
-    let mut rng = Rng::new(seed + 2);
-    let v = cfg.vocab_size as u64;
-    let inputs = (0..b * t).map(|_| rng.below(v) as u32).collect();
-    let mut targets: Vec<i32> = (0..b * t).map(|_| rng.below(v) as i32).collect();
-    targets[1] = -1;
-    targets[b * t - 1] = -1;
-    (inputs, targets)
 }
 
 fn engine(cfg: &GptConfig, p: &[f32], precision: Precision, s: Switches) -> CudaEngine {
@@ -147,35 +125,50 @@ fn close_loss(what: &str, precision: Precision, got: f32, want: f32) {
     assert!(e < bound, "{what}: loss {got} vs {want} (relative {e:.2e})");
 }
 
-/// The fused-on and fused-off engines over the same parameters, through rows of each length
-/// in `ts` (in that order, on the same engines: the activations of the first, longest, are
-/// reused): logits, evaluation loss, two accumulated training passes, every gradient.
-/// `fused` is what the on-engine must pick for evaluation (training takes the plain path
-/// when attention dropout is active).
-fn compare(
-    label: &str,
+/// A model and the rows it is compared on: `b` rows of each length in `ts`, in that order.
+struct Case {
+    label: &'static str,
     cfg: GptConfig,
     b: usize,
-    ts: &[usize],
+    ts: &'static [usize],
+}
+
+impl Case {
+    fn new(label: &'static str, cfg: GptConfig, b: usize, ts: &'static [usize]) -> Case {
+        Case { label, cfg, b, ts }
+    }
+}
+
+/// hs 16, T = block 16 then T = 11 on the same activations.
+fn hs16() -> Case {
+    let cfg = GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap();
+    Case::new("hs16", cfg, 3, &[16, 11])
+}
+
+/// The fused-on and fused-off engines over the same parameters, through the rows of `case`
+/// (on the same engines: the activations of the first length, the longest, are reused):
+/// logits, evaluation loss, two accumulated training passes, every gradient. `fused` is
+/// what the on-engine must pick for evaluation (training takes the plain path when
+/// attention dropout is active).
+fn compare(
+    case: &Case,
     precision: Precision,
     fused: Option<FlashMath>,
 ) -> (CudaEngine, CudaEngine) {
-    compare_with(label, cfg, b, ts, precision, fused, Switches::default())
+    compare_with(case, precision, fused, Switches::default())
 }
 
 /// [`compare`] with `on_switches` for the fused-on engine.
 fn compare_with(
-    label: &str,
-    cfg: GptConfig,
-    b: usize,
-    ts: &[usize],
+    case: &Case,
     precision: Precision,
     fused: Option<FlashMath>,
     on_switches: Switches,
 ) -> (CudaEngine, CudaEngine) {
-    let p = params(&cfg, 7);
-    let mut on = engine(&cfg, &p, precision, on_switches);
-    let mut off = engine(&cfg, &p, precision, flash_off());
+    let (label, cfg, b, ts) = (case.label, &case.cfg, case.b, case.ts);
+    let p = perturbed_params(cfg, 7);
+    let mut on = engine(cfg, &p, precision, on_switches);
+    let mut off = engine(cfg, &p, precision, flash_off());
     assert!(
         !on.device_name().contains("flash off"),
         "{}",
@@ -186,7 +179,7 @@ fn compare_with(
         "{}",
         off.device_name()
     );
-    let layout = ParamLayout::new(&cfg);
+    let layout = ParamLayout::new(cfg);
     let dropout = cfg.dropout > 0.0;
     for &t in ts {
         let label = format!("{label} {precision:?} T={t}");
@@ -197,7 +190,7 @@ fn compare_with(
         let train_path = on.fused_attention(b, t, true);
         let want = if dropout { None } else { fused };
         assert_eq!(train_path, want, "{label}");
-        let (inputs, targets) = data(&cfg, b, t, t as u64);
+        let (inputs, targets) = random_batch(cfg, b, t, t as u64);
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
@@ -258,66 +251,42 @@ fn compare_with(
 
 #[test]
 fn fused_attention_matches_the_plain_path_in_fp32() {
-    if gpu("fused_attention_matches_the_plain_path_in_fp32").is_none() {
+    if no_gpu("fused_attention_matches_the_plain_path_in_fp32") {
         return;
     }
-    // hs 16, T = block 16 then T = 11 on the same activations.
-    compare(
-        "hs16",
-        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
-        3,
-        &[16, 11],
-        Precision::F32,
-        Some(FlashMath::F32),
-    );
+    compare(&hs16(), Precision::F32, Some(FlashMath::F32));
     // GPT-2's head size 64, T across the 32-row tiles (40 = 32 + 8, then 33), no biases.
-    compare(
-        "hs64",
-        GptConfig::new(1, 2, 128, 40, 50, false, 0.0).unwrap(),
-        2,
-        &[40, 33],
-        Precision::F32,
-        Some(FlashMath::F32),
-    );
+    let cfg = GptConfig::new(1, 2, 128, 40, 50, false, 0.0).unwrap();
+    let hs64 = Case::new("hs64", cfg, 2, &[40, 33]);
+    compare(&hs64, Precision::F32, Some(FlashMath::F32));
 }
 
 #[test]
 fn fused_attention_matches_the_plain_path_in_bf16() {
-    if gpu("fused_attention_matches_the_plain_path_in_bf16").is_none() {
+    if no_gpu("fused_attention_matches_the_plain_path_in_bf16") {
         return;
     }
     // hs 16: the bf16 tensor-core forward and backward.
-    compare(
-        "hs16",
-        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
-        3,
-        &[16, 11],
-        Precision::Bf16,
-        Some(FlashMath::Bf16),
-    );
+    compare(&hs16(), Precision::Bf16, Some(FlashMath::Bf16));
     // hs 40 is not a multiple of 16: the fused path with the fp32 forward.
-    compare(
-        "hs40",
-        GptConfig::new(1, 2, 80, 12, 50, true, 0.0).unwrap(),
-        2,
-        &[12, 7],
-        Precision::Bf16,
-        Some(FlashMath::F32),
-    );
+    let cfg = GptConfig::new(1, 2, 80, 12, 50, true, 0.0).unwrap();
+    let hs40 = Case::new("hs40", cfg, 2, &[12, 7]);
+    compare(&hs40, Precision::Bf16, Some(FlashMath::F32));
 }
 
 #[test]
 fn flash_bf16_off_keeps_the_fused_attention_in_fp32() {
-    if gpu("flash_bf16_off_keeps_the_fused_attention_in_fp32").is_none() {
+    if no_gpu("flash_bf16_off_keeps_the_fused_attention_in_fp32") {
         return;
     }
     // hs 16 in bf16 mode: the fp32 SIMT kernels, forward and backward, against the plain
     // path; in fp32 mode the switch changes nothing.
+    let case = Case {
+        label: "hs16 flash_bf16 off",
+        ..hs16()
+    };
     let (on, _) = compare_with(
-        "hs16 flash_bf16 off",
-        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
-        3,
-        &[16, 11],
+        &case,
         Precision::Bf16,
         Some(FlashMath::F32),
         flash_bf16_off(),
@@ -327,11 +296,9 @@ fn flash_bf16_off_keeps_the_fused_attention_in_fp32() {
         "{}",
         on.device_name()
     );
+    let case = Case { ts: &[16], ..case };
     compare_with(
-        "hs16 flash_bf16 off",
-        GptConfig::new(2, 4, 64, 16, 67, true, 0.0).unwrap(),
-        3,
-        &[16],
+        &case,
         Precision::F32,
         Some(FlashMath::F32),
         flash_bf16_off(),
@@ -340,47 +307,37 @@ fn flash_bf16_off_keeps_the_fused_attention_in_fp32() {
 
 #[test]
 fn an_unsupported_head_size_falls_back_to_the_plain_path() {
-    if gpu("an_unsupported_head_size_falls_back_to_the_plain_path").is_none() {
+    if no_gpu("an_unsupported_head_size_falls_back_to_the_plain_path") {
         return;
     }
     // hs 136 > 128, the fused kernels' limit.
+    let cfg = GptConfig::new(1, 1, 136, 8, 40, true, 0.0).unwrap();
+    let hs136 = Case::new("hs136", cfg, 2, &[8, 5]);
     for precision in [Precision::F32, Precision::Bf16] {
-        compare(
-            "hs136",
-            GptConfig::new(1, 1, 136, 8, 40, true, 0.0).unwrap(),
-            2,
-            &[8, 5],
-            precision,
-            None,
-        );
+        compare(&hs136, precision, None);
     }
 }
 
 #[test]
 fn attention_dropout_trains_on_the_plain_path() {
-    if gpu("attention_dropout_trains_on_the_plain_path").is_none() {
+    if no_gpu("attention_dropout_trains_on_the_plain_path") {
         return;
     }
     // With dropout 0.2 the training passes are plain on both engines (the same masks: the
     // gradients agree); evaluation is fused on one and plain on the other.
+    let cfg = GptConfig::new(2, 2, 32, 10, 50, true, 0.2).unwrap();
+    let dropout = Case::new("dropout", cfg, 3, &[10, 6]);
     for (precision, math) in [
         (Precision::F32, FlashMath::F32),
         (Precision::Bf16, FlashMath::Bf16),
     ] {
-        compare(
-            "dropout",
-            GptConfig::new(2, 2, 32, 10, 50, true, 0.2).unwrap(),
-            3,
-            &[10, 6],
-            precision,
-            Some(math),
-        );
+        compare(&dropout, precision, Some(math));
     }
 }
 
 #[test]
 fn fused_attention_matches_pytorch_and_the_cpu_engine() {
-    if gpu("fused_attention_matches_pytorch_and_the_cpu_engine").is_none() {
+    if no_gpu("fused_attention_matches_pytorch_and_the_cpu_engine") {
         return;
     }
     // The float64 PyTorch fixtures: T = block (hs 16) and T = 9 < block 16 (hs 8).
@@ -400,12 +357,12 @@ fn fused_attention_matches_pytorch_and_the_cpu_engine() {
     }
     // The CPU engine, T < block.
     let cfg = GptConfig::new(2, 4, 64, 24, 67, true, 0.0).unwrap();
-    let p = params(&cfg, 3);
+    let p = perturbed_params(&cfg, 3);
     let mut cpu = CpuEngine::new(cfg.clone(), p.clone(), 5, 2).unwrap();
     let mut gpu = engine(&cfg, &p, Precision::F32, Switches::default());
     let (b, t) = (2, 19);
     assert_eq!(gpu.fused_attention(b, t, false), Some(FlashMath::F32));
-    let (inputs, targets) = data(&cfg, b, t, 9);
+    let (inputs, targets) = random_batch(&cfg, b, t, 9);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -442,7 +399,7 @@ fn an_unknown_name_in_nanogpt_cuda_disable_is_an_error() {
     const TEST: &str = "an_unknown_name_in_nanogpt_cuda_disable_is_an_error";
     if std::env::var_os("NANOGPT_SWITCHES_CHILD").is_some() {
         let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
-        let p = params(&cfg, 1);
+        let p = perturbed_params(&cfg, 1);
         let msg = CudaEngine::new(cfg, p, 1, 0)
             .err()
             .expect("an unknown name is refused")

@@ -3,50 +3,30 @@
 //! default (it moves gigabytes); run with
 //! `cargo test --release --test dist_allreduce_bench -- --ignored --nocapture`.
 
-use nanogpt::dist::{rendezvous, tcp::TcpProcessGroup, DistOptions, LaunchInfo, ProcessGroup};
+mod common;
+
+use common::dist::on_ring;
+use nanogpt::dist::ProcessGroup;
 use std::time::{Duration, Instant};
 
 /// Parameters of GPT-2 124M with the padded vocabulary (nanoGPT's count).
 const N: usize = 124_475_904;
 
 fn ring(world: usize, reps: usize) -> Vec<f64> {
-    let port = nanogpt::dist::test_port();
-    let handles: Vec<_> = (0..world)
-        .map(|r| {
-            std::thread::spawn(move || {
-                let info = LaunchInfo {
-                    rank: r,
-                    world_size: world,
-                    local_rank: r,
-                    local_world_size: world,
-                    master_port: port,
-                    ..LaunchInfo::single()
-                };
-                let opts = DistOptions {
-                    timeout: Duration::from_secs(60),
-                    fingerprint: vec![],
-                };
-                let rd = rendezvous::rendezvous(&info, &opts).unwrap();
-                let mut pg = TcpProcessGroup::connect(rd, opts.timeout).unwrap();
-                let mut g = vec![1.0f32; N];
-                pg.all_reduce_sum(&mut g).unwrap(); // warm-up: page faults, socket buffers
-                let mut times = Vec::new();
-                for _ in 0..reps {
-                    pg.barrier().unwrap();
-                    let t0 = Instant::now();
-                    pg.all_reduce_sum(&mut g).unwrap();
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-                assert!(g[N / 2].is_finite());
-                times
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap())
-        .next()
-        .unwrap()
+    on_ring(world, Duration::from_secs(60), move |_, mut pg| {
+        let mut g = vec![1.0f32; N];
+        pg.all_reduce_sum(&mut g).unwrap(); // warm-up: page faults, socket buffers
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            pg.barrier().unwrap();
+            let t0 = Instant::now();
+            pg.all_reduce_sum(&mut g).unwrap();
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        assert!(g[N / 2].is_finite());
+        times
+    })
+    .swap_remove(0)
 }
 
 #[test]

@@ -279,6 +279,15 @@ fn the_loader_fallback_is_the_last_resort() {
     );
 }
 
+/// The names of the report's failing checks.
+fn failing_checks(rep: &doctor::Report) -> Vec<&str> {
+    rep.checks
+        .iter()
+        .filter(|c| c.is_failure())
+        .map(|c| c.name.as_str())
+        .collect()
+}
+
 #[test]
 fn missing_and_broken_libraries_get_the_right_status_advice_and_exit_code() {
     let t = tempfile::tempdir().unwrap();
@@ -326,12 +335,7 @@ fn missing_and_broken_libraries_get_the_right_status_advice_and_exit_code() {
     assert!(rep.gpus.is_empty());
     // Found-but-broken counts by default; missing GPU pieces do not without a GPU.
     assert_eq!(rep.exit_code, 1);
-    let failing: Vec<&str> = rep
-        .checks
-        .iter()
-        .filter(|c| c.is_failure())
-        .map(|c| c.name.as_str())
-        .collect();
+    let failing = failing_checks(&rep);
     assert_eq!(failing, vec!["nvrtc"]);
     let compile = rep
         .checks
@@ -351,12 +355,7 @@ fn missing_and_broken_libraries_get_the_right_status_advice_and_exit_code() {
     // --require-gpu: every missing piece counts.
     let rep = run(Mode::RequireGpu);
     assert_eq!(rep.exit_code, 1);
-    let failing: Vec<&str> = rep
-        .checks
-        .iter()
-        .filter(|c| c.is_failure())
-        .map(|c| c.name.as_str())
-        .collect();
+    let failing = failing_checks(&rep);
     for name in ["driver", "nvrtc", "cublaslt", "nccl", "gpus"] {
         assert!(failing.contains(&name), "{name} not failing: {failing:?}");
     }

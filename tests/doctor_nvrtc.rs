@@ -2,26 +2,15 @@
 //! target, when NVRTC can be found the way `nanogpt doctor` finds it. Without NVRTC the
 //! tests print that nothing was checked; NANOGPT_REQUIRE_NVRTC=1 turns that into a failure.
 
-use nanogpt::cuda::discover::{LibKind, SearchEnv, SearchPlan};
+mod common;
+
 use nanogpt::cuda::nvrtc::{Nvrtc, Target};
 use nanogpt::cuda::CudaError;
 use std::path::{Path, PathBuf};
 
+/// NVRTC, or None after saying that nothing was checked.
 fn nvrtc() -> Option<Nvrtc> {
-    let plan = SearchPlan::new(&SearchEnv::from_process());
-    let d = plan.find(LibKind::Nvrtc);
-    let loaded = d.found.as_ref().and_then(|f| Nvrtc::load(&f.path).ok());
-    if loaded.is_none() {
-        let msg = format!(
-            "NVRTC NOT FOUND: no kernel was compiled, this test checked nothing ({})",
-            LibKind::Nvrtc.advice()
-        );
-        if std::env::var("NANOGPT_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("{msg}");
-    }
-    loaded
+    common::nvrtc::nvrtc("no kernel was compiled, this test checked nothing")
 }
 
 fn kernel_files() -> Vec<PathBuf> {

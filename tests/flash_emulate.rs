@@ -9,39 +9,18 @@
 //! Without g++ the test prints "skipped: no g++" and passes; NANOGPT_REQUIRE_EMULATOR=1
 //! makes that a failure.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
+use common::emulate;
 
 #[test]
 fn flash_kernels_pass_the_cpu_emulator() {
-    let have_gxx = Command::new("g++")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_gxx {
-        let required = std::env::var("NANOGPT_REQUIRE_EMULATOR").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "no g++, and NANOGPT_REQUIRE_EMULATOR=1 asks for the flash-attention emulator"
-        );
-        eprintln!("skipped: no g++");
+    if !emulate::have_gxx("the flash-attention emulator") {
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/flash_emulate/run.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("quick")
-        .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"))
-        .output()
-        .expect("running tools/flash_emulate/run.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let (passed, text) = emulate::run("tools/flash_emulate/run.sh", &["quick"]);
     assert!(
-        out.status.success() && text.trim_end().ends_with("PASS"),
+        passed,
         "the flash-attention emulator failed (output above; rerun with \
          tools/flash_emulate/run.sh for every case)"
     );

@@ -18,18 +18,19 @@ fn kept_run(root: &Path) -> std::path::PathBuf {
     )
 }
 
+/// One sample of 12 tokens after "the", with `extra` arguments.
 fn sample(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args: Vec<String> = vec![
-        "sample".into(),
-        format!("--out_dir={}", out.display()),
-        "--device=cpu".into(),
-        "--threads=1".into(),
-        "--num_samples=1".into(),
-        "--max_new_tokens=12".into(),
-        "--start=the".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    common::run(root, &args)
+    let mut args = vec!["--num_samples=1", "--max_new_tokens=12", "--start=the"];
+    args.extend_from_slice(extra);
+    common::sample_cpu(root, out, &args)
+}
+
+/// The checkpoint header lines of `nanogpt sample` output.
+fn headers(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("=== iter "))
+        .collect()
 }
 
 #[test]
@@ -74,16 +75,9 @@ fn sample_all_kept_checkpoints_in_iteration_order() {
     let root = tempfile::tempdir().unwrap();
     let out = kept_run(root.path());
     let stdout = expect_ok(&sample(root.path(), &out, &["--checkpoints=all"]));
-    let headers: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("=== iter "))
-        .collect();
-    assert_eq!(
-        headers.len(),
-        3,
-        "one header per kept checkpoint:\n{stdout}"
-    );
-    for (h, it) in headers.iter().zip([10, 20, 40]) {
+    let kept = headers(&stdout);
+    assert_eq!(kept.len(), 3, "one header per kept checkpoint:\n{stdout}");
+    for (h, it) in kept.iter().zip([10, 20, 40]) {
         assert!(
             h.starts_with(&format!("=== iter {it} ("))
                 && h.contains(&format!("ckpt_{it:06}.safetensors")),
@@ -107,17 +101,17 @@ fn sample_selected_kept_checkpoints() {
     let root = tempfile::tempdir().unwrap();
     let out = kept_run(root.path());
     let one = expect_ok(&sample(root.path(), &out, &["--checkpoints=20"]));
-    let headers: Vec<&str> = one.lines().filter(|l| l.starts_with("=== iter ")).collect();
-    assert_eq!(headers.len(), 1, "{one}");
-    assert!(headers[0].starts_with("=== iter 20 ("), "{one}");
+    let kept = headers(&one);
+    assert_eq!(kept.len(), 1, "{one}");
+    assert!(kept[0].starts_with("=== iter 20 ("), "{one}");
     assert_eq!(split_samples(&one).len(), 1);
 
     // A list is read in the order given; the same seed gives the same text per checkpoint.
     let two = expect_ok(&sample(root.path(), &out, &["--checkpoints=40,20"]));
-    let headers: Vec<&str> = two.lines().filter(|l| l.starts_with("=== iter ")).collect();
-    assert_eq!(headers.len(), 2, "{two}");
-    assert!(headers[0].starts_with("=== iter 40 ("));
-    assert!(headers[1].starts_with("=== iter 20 ("));
+    let kept = headers(&two);
+    assert_eq!(kept.len(), 2, "{two}");
+    assert!(kept[0].starts_with("=== iter 40 ("));
+    assert!(kept[1].starts_with("=== iter 20 ("));
     assert_eq!(split_samples(&two)[1], split_samples(&one)[0]);
 }
 

@@ -11,11 +11,12 @@
 //!   stores, 8-byte) global accesses: the vector path exists in the code the GPU runs.
 //!   Without NVRTC the test says so and passes; NANOGPT_REQUIRE_NVRTC=1 makes that a failure.
 
-use nanogpt::cuda::discover::{LibKind, SearchEnv, SearchPlan};
-use nanogpt::cuda::nvrtc::{Nvrtc, Target};
+mod common;
+
+use common::emulate;
+use common::nvrtc::nvrtc;
+use nanogpt::cuda::nvrtc::Target;
 use nanogpt::engine::cuda::kernels::{OPTIONS, SOURCES};
-use std::path::Path;
-use std::process::Command;
 
 /// Every kernel the emulator checks (one "ok" line each).
 const CHECKED: &[&str] = &[
@@ -44,33 +45,12 @@ const CHECKED: &[&str] = &[
 
 #[test]
 fn memory_bound_kernels_pass_the_cpu_emulator() {
-    let have_gxx = Command::new("g++")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_gxx {
-        let required = std::env::var("NANOGPT_REQUIRE_EMULATOR").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "no g++, and NANOGPT_REQUIRE_EMULATOR=1 asks for the kernel emulator"
-        );
-        eprintln!("skipped: no g++");
+    if !emulate::have_gxx("the kernel emulator") {
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel_emulate/run.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"))
-        .output()
-        .expect("running tools/kernel_emulate/run.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let (passed, text) = emulate::run("tools/kernel_emulate/run.sh", &[]);
     assert!(
-        out.status.success() && text.trim_end().ends_with("PASS"),
+        passed,
         "the kernel emulator failed (output above; rerun with tools/kernel_emulate/run.sh)"
     );
     for k in CHECKED {
@@ -92,24 +72,6 @@ fn memory_bound_kernels_pass_the_cpu_emulator() {
     }
 }
 
-fn nvrtc() -> Option<Nvrtc> {
-    let plan = SearchPlan::new(&SearchEnv::from_process());
-    let d = plan.find(LibKind::Nvrtc);
-    let loaded = d.found.as_ref().and_then(|f| Nvrtc::load(&f.path).ok());
-    if loaded.is_none() {
-        let msg = format!(
-            "NVRTC NOT FOUND: the PTX of the vectorised kernels was not checked ({})",
-            LibKind::Nvrtc.advice()
-        );
-        assert!(
-            !std::env::var("NANOGPT_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
-            "{msg}"
-        );
-        eprintln!("{msg}");
-    }
-    loaded
-}
-
 /// The PTX text of entry `name` (from `.entry name(` to the next `.entry`).
 fn entry<'a>(ptx: &'a str, name: &str) -> Option<&'a str> {
     let start = ptx.find(&format!(".entry {name}("))?;
@@ -119,7 +81,9 @@ fn entry<'a>(ptx: &'a str, name: &str) -> Option<&'a str> {
 
 #[test]
 fn vectorised_kernels_emit_wide_global_accesses() {
-    let Some(n) = nvrtc() else { return };
+    let Some(n) = nvrtc("the PTX of the vectorised kernels was not checked") else {
+        return;
+    };
     let mut ptx = String::new();
     for (name, src) in SOURCES {
         if name == "flash_attention.cu" {

@@ -13,43 +13,17 @@
 
 mod common;
 
-use common::{prepare_data, stderr, tiny_train_args};
+use common::dist::{metrics, run_ranks};
+use common::gpu::{no_gpu, on_two_gpus, one_rank_nccl, small_cfg, two_gpus};
+use common::model::{first_diff, patterned_batch};
+use common::{nanogpt, prepare_data, stderr, tiny_train_args};
 use nanogpt::cuda::discover::{SearchEnv, SearchPlan};
-use nanogpt::dist::nccl::{self, NcclProcessGroup};
-use nanogpt::dist::{rendezvous, tcp, DistOptions, LaunchInfo, ProcessGroup, SingleProcess};
-use nanogpt::engine::cuda::{stack, CudaEngine};
+use nanogpt::dist::nccl;
+use nanogpt::dist::ProcessGroup;
+use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
-use nanogpt::model::{GptConfig, ParamLayout};
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
-
-/// `nanogpt` in `cwd`: the binary named by NANOGPT_BIN when set (scripts/gpu_check.sh runs
-/// these tests on a machine where the build directory does not exist), else this build's.
-fn nanogpt(cwd: &Path) -> Command {
-    let ours = common::nanogpt(cwd);
-    let Some(bin) = std::env::var_os("NANOGPT_BIN").filter(|b| !b.is_empty()) else {
-        return ours;
-    };
-    let mut cmd = Command::new(bin);
-    cmd.current_dir(cwd);
-    for (k, v) in ours.get_envs() {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
-    cmd
-}
-
-/// The number of GPUs when one is usable (see `stack::gpus_for_test`).
-fn gpus(test: &str) -> Option<usize> {
-    stack::gpus_for_test(test).map(|g| g.len())
-}
-
-fn nccl_or_panic(test: &str) -> &'static nanogpt::cuda::nccl::Nccl {
-    nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU is present but NCCL is not: {e}"))
-}
+use std::process::Output;
 
 // ------------------------------------------------------------------ no GPU needed
 
@@ -124,7 +98,6 @@ fn selection_follows_backend_engine_and_world_size() {
 /// Two CPU ranks of `nanogpt train` over loopback (torchrun's variables).
 fn two_cpu_ranks(cwd: &Path, out: &str, backend: &str) -> Vec<Output> {
     let data = prepare_data(&cwd.join("data"));
-    let port = nanogpt::dist::test_port();
     let args = tiny_train_args(
         &data,
         &cwd.join(out),
@@ -136,33 +109,7 @@ fn two_cpu_ranks(cwd: &Path, out: &str, backend: &str) -> Vec<Output> {
             "--dist_timeout=20",
         ],
     );
-    let children: Vec<_> = (0..2)
-        .map(|r| {
-            nanogpt(cwd)
-                .arg("train")
-                .args(&args)
-                .env("RANK", r.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("LOCAL_WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env_remove("SLURM_PROCID")
-                .env_remove("SLURM_NTASKS")
-                .env_remove("OMPI_COMM_WORLD_RANK")
-                .env_remove("OMPI_COMM_WORLD_SIZE")
-                .env_remove("PMI_RANK")
-                .env_remove("PMI_SIZE")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect()
+    run_ranks(cwd, 2, |_| args.clone())
 }
 
 #[test]
@@ -188,12 +135,9 @@ fn nccl_with_the_cpu_engine_uses_the_tcp_ring_and_says_so_once() {
 
 /// A tiny CUDA engine on `device` with gradients from one training batch.
 fn engine_with_grads(device: usize) -> CudaEngine {
-    let cfg = GptConfig::new(2, 2, 32, 16, 50, true, 0.0).unwrap();
-    let params = ParamLayout::new(&cfg).init_params(&cfg, 3);
-    let mut eng = CudaEngine::new(cfg, params, 3, device).unwrap();
+    let mut eng = common::gpu::engine(&small_cfg(), device, Precision::F32);
     let (b, t) = (2, 16);
-    let inputs: Vec<u32> = (0..b * t).map(|i| (i * 7 % 50) as u32).collect();
-    let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 50) as i32).collect();
+    let (inputs, targets) = patterned_batch(b * t, 0);
     eng.zero_grad();
     eng.forward_backward(
         Batch {
@@ -211,11 +155,9 @@ fn engine_with_grads(device: usize) -> CudaEngine {
 #[test]
 fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
     let test = "one_rank_nccl_group";
-    if gpus(test).is_none() {
+    if no_gpu(test) {
         return;
     }
-    let st = stack::stack().unwrap();
-    let nccl = nccl_or_panic(test);
     // The engine's context is current after device_grads, as in the trainer.
     let mut eng = engine_with_grads(0);
     let before = eng.grads();
@@ -224,13 +166,7 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
         "the batch produced gradients"
     );
     assert!(eng.device_grads().is_some());
-    let mut pg = NcclProcessGroup::new(
-        Box::new(SingleProcess),
-        nccl,
-        &st.driver,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let mut pg = one_rank_nccl(test);
     assert_eq!((pg.rank(), pg.world_size(), pg.device()), (0, 1, 0));
     let d = pg.describe();
     assert!(d.starts_with("nccl 2.") && d.contains("cuda:0"), "{d}");
@@ -241,12 +177,11 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
     pg.all_reduce_sum_device(g.ptr, g.len, g.stream)
         .expect("the NCCL group reduces device memory")
         .unwrap();
-    let after = eng.grads();
-    let first_diff = after
-        .iter()
-        .zip(&before)
-        .position(|(a, b)| a.to_bits() != b.to_bits());
-    assert_eq!(first_diff, None, "1-rank NCCL sum changed the gradients");
+    assert_eq!(
+        first_diff(&eng.grads(), &before),
+        None,
+        "1-rank NCCL sum changed the gradients"
+    );
 
     // Host edits through grads_mut reach the device before the reduction.
     eng.grads_mut()[5] = 123.25;
@@ -259,7 +194,7 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
     assert_eq!(after[6].to_bits(), before[6].to_bits());
 
     // A plain device buffer over several MiB, with an odd length.
-    let ctx = st.driver.context(0).unwrap();
+    let ctx = stack::stack().unwrap().driver.context(0).unwrap();
     let n = (3 << 20) + 5;
     let input: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 0.25 - 50.0).collect();
     let buf = ctx.upload(&input).unwrap();
@@ -269,8 +204,8 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
         .unwrap();
     let mut out = vec![0f32; n];
     buf.copy_to_host(&mut out).unwrap();
-    let first_diff = out.iter().zip(&input).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "1-rank NCCL sum of a device buffer");
+    let differs = out.iter().zip(&input).position(|(a, b)| a != b);
+    assert_eq!(differs, None, "1-rank NCCL sum of a device buffer");
 
     // Host collectives still work, and finish tears the communicator down.
     let mut host = [1.5f32, -2.0];
@@ -288,56 +223,29 @@ fn one_rank_nccl_group_sums_device_buffers_and_engine_gradients_in_place() {
 #[test]
 fn two_ranks_as_threads_sum_device_buffers_exactly() {
     let test = "two_ranks_as_threads";
-    let Some(n_gpus) = gpus(test) else { return };
-    if n_gpus < 2 {
-        eprintln!("{test}: skipped: needs 2 GPUs, this machine has {n_gpus}");
+    if !two_gpus(test) {
         return;
     }
-    let nccl = nccl_or_panic(test);
-    let port = nanogpt::dist::test_port();
     let n = (1 << 20) + 3;
-    let handles: Vec<_> = (0..2usize)
-        .map(|r| {
-            std::thread::spawn(move || {
-                let st = stack::stack().unwrap();
-                let info = LaunchInfo {
-                    rank: r,
-                    world_size: 2,
-                    local_world_size: 2,
-                    local_rank: r,
-                    master_port: port,
-                    ..LaunchInfo::single()
-                };
-                let opts = DistOptions {
-                    timeout: Duration::from_secs(60),
-                    fingerprint: vec![],
-                };
-                let rd = rendezvous::rendezvous(&info, &opts).unwrap();
-                let host = tcp::TcpProcessGroup::connect(rd, opts.timeout).unwrap();
-                let ctx = st.driver.context(r).unwrap();
-                let mut pg =
-                    NcclProcessGroup::new(Box::new(host), nccl, &st.driver, opts.timeout).unwrap();
-                assert_eq!(pg.device(), r);
-                // Integers below 2^24 sum exactly in f32 whatever NCCL's order.
-                let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
-                let buf = ctx.upload(&input).unwrap();
-                let stream = ctx.stream().unwrap();
-                for _ in 0..3 {
-                    buf.copy_from_host(&input).unwrap();
-                    pg.all_reduce_sum_device(buf.ptr, n, stream.s as u64)
-                        .unwrap()
-                        .unwrap();
-                }
-                let mut out = vec![0f32; n];
-                buf.copy_to_host(&mut out).unwrap();
-                let mut host = [r as f32 + 1.0];
-                pg.all_reduce_sum(&mut host).unwrap();
-                pg.finish().unwrap();
-                (out, host[0])
-            })
-        })
-        .collect();
-    let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let outs = on_two_gpus(test, move |r, ctx, mut pg| {
+        assert_eq!(pg.device(), r);
+        // Integers below 2^24 sum exactly in f32 whatever NCCL's order.
+        let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
+        let buf = ctx.upload(&input).unwrap();
+        let stream = ctx.stream().unwrap();
+        for _ in 0..3 {
+            buf.copy_from_host(&input).unwrap();
+            pg.all_reduce_sum_device(buf.ptr, n, stream.s as u64)
+                .unwrap()
+                .unwrap();
+        }
+        let mut out = vec![0f32; n];
+        buf.copy_to_host(&mut out).unwrap();
+        let mut host = [r as f32 + 1.0];
+        pg.all_reduce_sum(&mut host).unwrap();
+        pg.finish().unwrap();
+        (out, host[0])
+    });
     for (r, (out, host)) in outs.iter().enumerate() {
         assert_eq!(*host, 3.0, "rank {r}: host sum");
         for (i, &x) in out.iter().enumerate() {
@@ -347,27 +255,17 @@ fn two_ranks_as_threads_sum_device_buffers_exactly() {
     }
 }
 
-fn metrics(out_dir: &Path) -> Vec<(String, u64, f64)> {
-    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    let mut t = Vec::new();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let it = v["iter"].as_u64().unwrap();
-        match v["kind"].as_str().unwrap() {
-            "train" => t.push(("loss".into(), it, v["loss"].as_f64().unwrap())),
-            "eval" => t.push(("val_loss".into(), it, v["val_loss"].as_f64().unwrap())),
-            _ => {}
-        }
-    }
+/// The training losses and validation losses of `out_dir`'s metrics.jsonl.
+fn train_and_val_losses(out_dir: &Path) -> Vec<(String, u64, f64)> {
+    let mut t = metrics(out_dir);
+    t.retain(|r| r.0 != "train_loss");
     t
 }
 
 #[test]
 fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
     let test = "two_gpu_processes";
-    let Some(n_gpus) = gpus(test) else { return };
-    if n_gpus < 2 {
-        eprintln!("{test}: skipped: needs 2 GPUs, this machine has {n_gpus}");
+    if !two_gpus(test) {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -403,7 +301,7 @@ fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
             .unwrap();
         let err = stderr(&o);
         assert!(o.status.success(), "{backend}: {err}");
-        (metrics(&out), err)
+        (train_and_val_losses(&out), err)
     };
     let (with_nccl, err) = run("nccl");
     assert!(err.contains("(nccl 2."), "the NCCL group was used: {err}");

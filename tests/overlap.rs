@@ -7,106 +7,23 @@
 
 mod common;
 
-use common::{nanogpt, prepare_data, tiny_train_args};
+use common::dist::{
+    assert_same_checkpoint, assert_stopped_naming_rank_1, fault_in_rank_1, loss_bits, run_ranks_ok,
+    UNTIL_A_FAULT,
+};
+use common::{prepare_data, tiny_train_args};
 use nanogpt::dist::overlap::BucketPlan;
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::{Batch, Engine, GradReady, Recompute};
 use nanogpt::model::{GptConfig, ParamLayout};
-use nanogpt::train::checkpoint;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-const LAUNCHER_VARS: [&str; 12] = [
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_RANK",
-    "PMI_SIZE",
-];
-
-/// `nanogpt train <args>` as rank `rank` of `world` with torchrun's variables.
-fn rank_cmd(cwd: &Path, rank: usize, world: usize, port: u16, args: &[String]) -> Command {
-    let mut cmd = nanogpt(cwd);
-    for v in LAUNCHER_VARS {
-        cmd.env_remove(v);
-    }
-    cmd.arg("train")
-        .args(args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Runs `world` ranks to completion (each must succeed); returns rank 0's stderr.
-fn run_ranks(cwd: &Path, world: usize, args: &[String]) -> String {
-    let port = nanogpt::dist::test_port();
-    let children: Vec<Child> = (0..world)
-        .map(|r| rank_cmd(cwd, r, world, port, args).spawn().unwrap())
-        .collect();
-    let outs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    for (r, o) in outs.iter().enumerate() {
-        assert!(
-            o.status.success(),
-            "rank {r} of {world} failed ({}):\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    String::from_utf8_lossy(&outs[0].stderr).into_owned()
-}
-
-/// Every logged training and evaluation loss of `out_dir`, as f32 bits.
-fn losses(out_dir: &Path) -> Vec<(String, u64, u32)> {
-    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    let mut t = Vec::new();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let it = v["iter"].as_u64().unwrap();
-        let bits = |k: &str| (v[k].as_f64().unwrap() as f32).to_bits();
-        match v["kind"].as_str().unwrap() {
-            "train" => t.push(("loss".into(), it, bits("loss"))),
-            "eval" => {
-                t.push(("train_loss".into(), it, bits("train_loss")));
-                t.push(("val_loss".into(), it, bits("val_loss")));
-            }
-            _ => {}
-        }
-    }
-    t
-}
+use std::time::Duration;
 
 fn assert_same_run(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (losses(a), losses(b));
+    let (x, y) = (loss_bits(a), loss_bits(b));
     assert_eq!(x.len(), 5 + 3 * 2, "{what}: {x:?}");
     assert_eq!(x, y, "{what}: losses differ");
-    let load = |d: &Path| checkpoint::load(&d.join("ckpt.safetensors"), true).unwrap();
-    let (x, y) = (load(a), load(b));
-    assert_eq!(x.state.iter_num, y.state.iter_num, "{what}");
-    assert!(x.params == y.params, "{what}: parameters differ");
-    let (ox, oy) = (x.optimizer.unwrap(), y.optimizer.unwrap());
-    assert_eq!(ox.step, oy.step, "{what}");
-    assert!(ox.m == oy.m, "{what}: first moments differ");
-    assert!(ox.v == oy.v, "{what}: second moments differ");
+    assert_same_checkpoint(a, b, what);
 }
 
 /// A 4-block model, 2 micro-steps per rank, dropout and clipping active.
@@ -138,14 +55,14 @@ fn overlap_on_and_off_agree_bit_for_bit_on_2_and_3_ranks_with_zero_0_and_1() {
             let z = format!("--zero_stage={zero}");
             let off = cwd.join(format!("off_w{world}_z{zero}"));
             let on = cwd.join(format!("on_w{world}_z{zero}"));
-            let log_off = run_ranks(
+            let log_off = run_ranks_ok(
                 cwd,
                 world,
                 &run_args(&data, &off, world, &[&z, "--overlap_grad_reduce=False"]),
             );
             assert!(!log_off.contains("overlapped"), "{log_off}");
             // bucket_cap_mb=0: one bucket per block, plus ln_f and the embeddings.
-            let log_on = run_ranks(
+            let log_on = run_ranks_ok(
                 cwd,
                 world,
                 &run_args(&data, &on, world, &[&z, "--bucket_cap_mb=0"]),
@@ -160,7 +77,7 @@ fn overlap_on_and_off_agree_bit_for_bit_on_2_and_3_ranks_with_zero_0_and_1() {
     }
     // Default buckets (25 MiB): the tiny model is one bucket.
     let one = cwd.join("on_w2_default");
-    let log = run_ranks(cwd, 2, &run_args(&data, &one, 2, &[]));
+    let log = run_ranks_ok(cwd, 2, &run_args(&data, &one, 2, &[]));
     assert!(log.contains("in 1 buckets"), "{log}");
     assert_same_run(&cwd.join("off_w2_z0"), &one, "2 ranks, one bucket");
 }
@@ -237,82 +154,17 @@ fn the_cpu_engine_reports_every_gradient_once_in_backward_order_with_final_value
 
 #[test]
 fn a_killed_rank_stops_the_others_during_overlapped_training() {
-    let root = tempfile::tempdir().unwrap();
-    let cwd = root.path();
-    let data = prepare_data(&cwd.join("data"));
-    let out = cwd.join("out");
-    let args = run_args(
-        &data,
-        &out,
-        3,
-        &[
-            "--max_iters=1000000",
-            "--eval_interval=1000000",
-            "--dist_timeout=3",
-            "--bucket_cap_mb=0",
-        ],
-    );
-    let port = nanogpt::dist::test_port();
-    let mut children: Vec<Child> = (0..3)
-        .map(|r| rank_cmd(cwd, r, 3, port, &args).spawn().unwrap())
-        .collect();
-    let (tx, rx) = mpsc::channel();
-    let mut readers = Vec::new();
-    for (r, c) in children.iter_mut().enumerate() {
-        let err = c.stderr.take().unwrap();
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut text = String::new();
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if r == 0 && line.starts_with("iter 3:") {
-                    let _ = tx.send(());
-                }
-                text.push_str(&line);
-                text.push('\n');
-            }
-            text
-        }));
-    }
-    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-        children.iter_mut().for_each(|c| {
-            let _ = c.kill();
-        });
-        panic!("rank 0 never reached iteration 3");
-    }
-    children[1].kill().unwrap();
-    let t0 = Instant::now();
+    let args = |data: &Path, out: &Path| {
+        let mut e = UNTIL_A_FAULT.to_vec();
+        e.push("--bucket_cap_mb=0");
+        run_args(data, out, 3, &e)
+    };
     let limit = Duration::from_secs(3);
-    let mut codes = Vec::new();
-    for r in [0usize, 2] {
-        loop {
-            if let Some(st) = children[r].try_wait().unwrap() {
-                codes.push((r, st, t0.elapsed()));
-                break;
-            }
-            if t0.elapsed() > limit + Duration::from_secs(10) {
-                children.iter_mut().for_each(|c| {
-                    let _ = c.kill();
-                });
-                panic!("rank {r} still runs {:?} after the fault", t0.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let _ = children[1].wait();
-    let texts: Vec<String> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    let after = fault_in_rank_1(args, |c| c.kill().unwrap(), limit);
+    let rank0 = &after.stderr[0];
     assert!(
-        texts[0].contains("overlapped with the backward pass"),
-        "{}",
-        texts[0]
+        rank0.contains("overlapped with the backward pass"),
+        "{rank0}"
     );
-    for (r, st, took) in codes {
-        let text = &texts[r];
-        assert!(st.code().is_some_and(|c| c != 0), "rank {r}: {st}\n{text}");
-        assert!(took <= limit, "rank {r} took {took:?}\n{text}");
-        assert!(
-            text.contains("rank 1") && text.contains("exited"),
-            "rank {r}:\n{text}"
-        );
-        assert!(!text.contains("panicked"), "rank {r}:\n{text}");
-    }
+    assert_stopped_naming_rank_1(&after, "exited", limit);
 }

@@ -3,6 +3,8 @@
 //! from the cache, and bad answers (404, corrupt or truncated parquet) that fail clearly and
 //! leave no output behind.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,33 +15,14 @@ use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+
+use common::bpe::{corpus_texts, expected, sha256_hex};
 
 const REPO: &str = "fake-org/fake-owt";
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bpe")
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The fixture corpus as `parts` parquet files (bytes), written with the arrow writer.
 fn parquet_shards(parts: usize) -> Vec<Vec<u8>> {
-    let texts: Vec<String> = std::fs::read_to_string(fixtures().join("corpus.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let texts = corpus_texts();
     texts
         .chunks(texts.len().div_ceil(parts))
         .map(|chunk| {
@@ -264,14 +247,7 @@ fn prepare_to(
 }
 
 fn expected_train_sha() -> String {
-    let v: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("corpus_expected.json")).unwrap(),
-    )
-    .unwrap();
-    v["expected"]["0.05"]["train.bin"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    expected("0.05", "train.bin").1
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -304,7 +280,7 @@ fn download_resume_and_offline() {
         assert!(ok, "{err}");
     }
     let train = std::fs::read(dir.path().join("out/train.bin")).unwrap();
-    assert_eq!(sha256(&train), expected_train_sha());
+    assert_eq!(sha256_hex(&train), expected_train_sha());
     {
         let st = hub.state.lock().unwrap();
         let resumed = st.log.iter().any(|(t, r)| {
@@ -340,7 +316,7 @@ fn download_resume_and_offline() {
     let (ok, err) = prepare(dir.path(), "http://127.0.0.1:1", true, &[]);
     assert!(ok, "{err}");
     assert_eq!(
-        sha256(&std::fs::read(dir.path().join("out/train.bin")).unwrap()),
+        sha256_hex(&std::fs::read(dir.path().join("out/train.bin")).unwrap()),
         expected_train_sha()
     );
 

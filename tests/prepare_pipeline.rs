@@ -2,6 +2,8 @@
 //! synthetic corpus (jsonl and parquet), restart after interruptions in both passes,
 //! llm.c shard output read back by the loader, and the command line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,43 +13,11 @@ use nanogpt::data::sources::{Format, Source};
 use nanogpt::data::{DataLoader, Split};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
-use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bpe")
-}
-
-fn expected(test_size: &str, file: &str) -> (u64, String) {
-    let v: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("corpus_expected.json")).unwrap(),
-    )
-    .unwrap();
-    let e = &v["expected"][test_size][file];
-    (
-        e["tokens"].as_u64().unwrap(),
-        e["sha256"].as_str().unwrap().to_string(),
-    )
-}
+use common::bpe::{corpus_texts, expected, fixtures, sha256_hex};
 
 fn sha256_file(p: &Path) -> String {
-    Sha256::digest(std::fs::read(p).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn corpus_texts() -> Vec<String> {
-    std::fs::read_to_string(fixtures().join("corpus.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+    sha256_hex(&std::fs::read(p).unwrap())
 }
 
 /// The fixture corpus as `parts` parquet files with small row groups.
@@ -237,23 +207,18 @@ fn nanogpt(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `nanogpt prepare jsonl --input <the fixture corpus> <args>` in `dir`.
+fn prepare_corpus(dir: &Path, args: &[&str]) -> std::process::Output {
+    let corpus = fixtures().join("corpus.jsonl");
+    let mut all = vec!["prepare", "jsonl", "--input", corpus.to_str().unwrap()];
+    all.extend_from_slice(args);
+    nanogpt(dir, &all)
+}
+
 #[test]
 fn command_line_prepare_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = fixtures().join("corpus.jsonl");
-    let o = nanogpt(
-        dir.path(),
-        &[
-            "prepare",
-            "jsonl",
-            "--input",
-            corpus.to_str().unwrap(),
-            "--out_dir",
-            "d",
-            "--num_proc",
-            "2",
-        ],
-    );
+    let o = prepare_corpus(dir.path(), &["--out_dir", "d", "--num_proc", "2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -266,19 +231,7 @@ fn command_line_prepare_and_its_errors() {
         expected("0.0005", "train.bin").1
     );
 
-    let o = nanogpt(
-        dir.path(),
-        &[
-            "prepare",
-            "jsonl",
-            "--input",
-            corpus.to_str().unwrap(),
-            "--column",
-            "body",
-            "--out_dir",
-            "e",
-        ],
-    );
+    let o = prepare_corpus(dir.path(), &["--column", "body", "--out_dir", "e"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(

@@ -4,6 +4,9 @@
 //! micro-steps and several AdamW steps; switching the level on a live engine keeps it so;
 //! and the activation memory shrinks by exactly the buffers that are no longer kept.
 
+mod common;
+
+use common::model::perturbed_params;
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::{Batch, Engine, Recompute};
 use nanogpt::model::{GptConfig, ParamLayout};
@@ -18,14 +21,6 @@ const LEVELS: [Recompute; 3] = [
 
 fn cfg(bias: bool, dropout: f32) -> GptConfig {
     GptConfig::new(3, 2, 32, 16, 67, bias, dropout).expect("a valid small model")
-}
-
-/// GPT-2 initialisation plus noise, so that LayerNorm weights and biases are not trivial.
-fn params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
-    let mut p = ParamLayout::new(cfg).init_params(cfg, seed);
-    let mut rng = Rng::new(seed + 1);
-    p.iter_mut().for_each(|x| *x += (rng.normal() * 0.1) as f32);
-    p
 }
 
 fn data(cfg: &GptConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
@@ -70,7 +65,7 @@ fn same_vec(what: &str, got: &[f32], want: &[f32]) {
 fn check(bias: bool, dropout: f32, b: usize, ts: &[usize]) {
     let cfg = cfg(bias, dropout);
     let layout = ParamLayout::new(&cfg);
-    let p = params(&cfg, 3);
+    let p = perturbed_params(&cfg, 3);
     let hp = AdamWConfig {
         grad_clip: 1.0,
         ..AdamWConfig::default()
@@ -161,7 +156,7 @@ fn gradients_are_bit_identical_with_dropout() {
 fn switching_levels_between_steps() {
     let cfg = cfg(true, 0.1);
     let layout = ParamLayout::new(&cfg);
-    let p = params(&cfg, 9);
+    let p = perturbed_params(&cfg, 9);
     let hp = AdamWConfig::default();
     let mut base = engine(&cfg, &p, Recompute::Nothing);
     let mut moving = engine(&cfg, &p, Recompute::GeluLayerNorm);
@@ -205,7 +200,7 @@ fn switching_levels_between_steps() {
 #[test]
 fn activation_memory_shrinks_by_the_recomputed_buffers() {
     let cfg = cfg(false, 0.0);
-    let e = engine(&cfg, &params(&cfg, 1), Recompute::Nothing);
+    let e = engine(&cfg, &perturbed_params(&cfg, 1), Recompute::Nothing);
     let (l, c) = (cfg.n_layer as u64, cfg.n_embd as u64);
     for (b, t) in [(2usize, 16usize), (4, 8)] {
         let n = (b * t) as u64;

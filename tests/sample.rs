@@ -5,24 +5,42 @@
 mod common;
 
 use common::{
-    assert_contains_all, corpus, expect_clean_failure, expect_ok, split_samples, trained_run,
+    assert_contains_all, corpus, expect_clean_failure, expect_ok, sample_cpu, split_samples,
+    trained_run,
 };
 use nanogpt::config::DeviceSpec;
 use nanogpt::rng::Rng;
 use nanogpt::sample::{generate, SamplingParams};
 use nanogpt::train::checkpoint;
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::PathBuf;
+use std::process::Output;
 
-fn sample(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args: Vec<String> = vec![
-        "sample".into(),
-        format!("--out_dir={}", out.display()),
-        "--device=cpu".into(),
-        "--threads=1".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    common::run(root, &args)
+/// A tiny model trained in a temporary directory, to sample from.
+struct Trained {
+    root: tempfile::TempDir,
+    out: PathBuf,
+}
+
+impl Trained {
+    fn new(max_iters: u64) -> Trained {
+        let root = tempfile::tempdir().unwrap();
+        let out = trained_run(root.path(), max_iters, &[]);
+        Trained { root, out }
+    }
+
+    /// `nanogpt sample` of this run on the CPU with `extra` arguments.
+    fn sample(&self, extra: &[&str]) -> Output {
+        sample_cpu(self.root.path(), &self.out, extra)
+    }
+
+    /// The stdout of a successful [`Trained::sample`] and its `n` samples.
+    fn samples(&self, extra: &[&str], n: usize) -> (String, Vec<String>) {
+        let stdout = expect_ok(&self.sample(extra));
+        let samples = split_samples(&stdout);
+        assert_eq!(samples.len(), n, "{stdout}");
+        (stdout, samples)
+    }
 }
 
 /// Asserts that every character of `text` occurs in the training corpus.
@@ -38,8 +56,7 @@ fn assert_in_vocab(text: &str) {
 
 #[test]
 fn near_greedy_sampling_is_finite_and_deterministic() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 30, &[]);
+    let run = Trained::new(30);
     let args = [
         "--temperature=0.01",
         "--top_k=0",
@@ -48,11 +65,9 @@ fn near_greedy_sampling_is_finite_and_deterministic() {
         "--max_new_tokens=30",
         "--start=the king",
     ];
-    let first = expect_ok(&sample(root.path(), &out, &args));
-    let second = expect_ok(&sample(root.path(), &out, &args));
+    let (first, samples) = run.samples(&args, 2);
+    let second = expect_ok(&run.sample(&args));
     assert_eq!(first, second, "same seed, same checkpoint: same text");
-    let samples = split_samples(&first);
-    assert_eq!(samples.len(), 2, "{first}");
     for s in &samples {
         assert!(s.starts_with("the king"), "{s:?}");
         assert_eq!(s.chars().count(), "the king".len() + 30, "{s:?}");
@@ -62,9 +77,8 @@ fn near_greedy_sampling_is_finite_and_deterministic() {
 
 #[test]
 fn seed_changes_samples_at_temperature_one() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let run = |seed: &str| {
+    let run = Trained::new(10);
+    let sample = |seed: &str| {
         let s = format!("--seed={seed}");
         let args = [
             "--temperature=1.0",
@@ -72,28 +86,22 @@ fn seed_changes_samples_at_temperature_one() {
             "--max_new_tokens=40",
             s.as_str(),
         ];
-        split_samples(&expect_ok(&sample(root.path(), &out, &args)))
+        split_samples(&expect_ok(&run.sample(&args)))
     };
-    let a = run("1");
-    assert_eq!(a, run("1"));
+    let a = sample("1");
+    assert_eq!(a, sample("1"));
     assert_ne!(
         a,
-        run("2"),
+        sample("2"),
         "40 tokens at temperature 1 from two seeds should differ"
     );
 }
 
 #[test]
 fn num_samples_prints_that_many_samples() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=3", "--max_new_tokens=10", "--start=my lord"],
-    ));
-    let samples = split_samples(&stdout);
-    assert_eq!(samples.len(), 3, "{stdout}");
+    let run = Trained::new(10);
+    let args = ["--num_samples=3", "--max_new_tokens=10", "--start=my lord"];
+    let (stdout, samples) = run.samples(&args, 3);
     assert_eq!(
         stdout
             .lines()
@@ -112,15 +120,9 @@ fn num_samples_prints_that_many_samples() {
 
 #[test]
 fn generation_longer_than_block_size() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]); // block_size 16
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=2", "--max_new_tokens=75", "--start=a"],
-    ));
-    let samples = split_samples(&stdout);
-    assert_eq!(samples.len(), 2, "{stdout}");
+    let run = Trained::new(10); // block_size 16
+    let args = ["--num_samples=2", "--max_new_tokens=75", "--start=a"];
+    let (_, samples) = run.samples(&args, 2);
     for s in &samples {
         assert_eq!(s.chars().count(), 1 + 75, "{s:?}");
         assert_in_vocab(s);
@@ -128,13 +130,7 @@ fn generation_longer_than_block_size() {
     // A prompt longer than block_size is cut to the last tokens that fit.
     let long_prompt: String = corpus(200).chars().take(50).collect();
     let start = format!("--start={long_prompt}");
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=1", "--max_new_tokens=20", &start],
-    ));
-    let samples = split_samples(&stdout);
-    assert_eq!(samples.len(), 1);
+    let (_, samples) = run.samples(&["--num_samples=1", "--max_new_tokens=20", &start], 1);
     assert!(
         samples[0].starts_with(long_prompt.trim()),
         "{:?}",
@@ -148,19 +144,12 @@ fn generation_longer_than_block_size() {
 
 #[test]
 fn start_text_from_a_file() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
+    let run = Trained::new(10);
     let prompt = "good night,\nsweet prince ";
-    let file = root.path().join("prompt.txt");
+    let file = run.root.path().join("prompt.txt");
     std::fs::write(&file, prompt).unwrap();
     let start = format!("--start=FILE:{}", file.display());
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=2", "--max_new_tokens=8", &start],
-    ));
-    let samples = split_samples(&stdout);
-    assert_eq!(samples.len(), 2, "{stdout}");
+    let (_, samples) = run.samples(&["--num_samples=2", "--max_new_tokens=8", &start], 2);
     for s in &samples {
         assert!(
             s.starts_with(prompt),
@@ -169,70 +158,46 @@ fn start_text_from_a_file() {
         assert_eq!(s.chars().count(), prompt.chars().count() + 8);
     }
     // A relative FILE: path is read from the working directory.
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &[
-            "--num_samples=1",
-            "--max_new_tokens=3",
-            "--start=FILE:prompt.txt",
-        ],
-    ));
+    let stdout = expect_ok(&run.sample(&[
+        "--num_samples=1",
+        "--max_new_tokens=3",
+        "--start=FILE:prompt.txt",
+    ]));
     assert!(split_samples(&stdout)[0].starts_with(prompt));
 }
 
 #[test]
 fn bad_start_texts_are_clear_errors() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let err = expect_clean_failure(&sample(
-        root.path(),
-        &out,
-        &["--start=FILE:no_such_prompt.txt"],
-    ));
+    let run = Trained::new(10);
+    let err = expect_clean_failure(&run.sample(&["--start=FILE:no_such_prompt.txt"]));
     assert_contains_all(&err, &["no_such_prompt.txt", "start"]);
     // 'Z' never occurs in the corpus.
-    let err = expect_clean_failure(&sample(root.path(), &out, &["--start=Zebra"]));
+    let err = expect_clean_failure(&run.sample(&["--start=Zebra"]));
     assert_contains_all(&err, &["'Z'", "vocabulary"]);
-    let err = expect_clean_failure(&sample(root.path(), &out, &["--temperature=0"]));
+    let err = expect_clean_failure(&run.sample(&["--temperature=0"]));
     assert_contains_all(&err, &["temperature"]);
 }
 
 #[test]
 fn missing_start_file_error_does_not_repeat_itself() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let err = expect_clean_failure(&sample(
-        root.path(),
-        &out,
-        &["--start=FILE:no_such_prompt.txt"],
-    ));
+    let run = Trained::new(10);
+    let err = expect_clean_failure(&run.sample(&["--start=FILE:no_such_prompt.txt"]));
     assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
 }
 
 #[test]
 fn start_keeps_surrounding_whitespace_like_nanogpt() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let stdout = expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=1", "--max_new_tokens=5", "--start=the "],
-    ));
+    let run = Trained::new(10);
+    let stdout = expect_ok(&run.sample(&["--num_samples=1", "--max_new_tokens=5", "--start=the "]));
     assert!(split_samples(&stdout)[0].starts_with("the "), "{stdout}");
-    expect_ok(&sample(
-        root.path(),
-        &out,
-        &["--num_samples=1", "--max_new_tokens=5", "--start= "],
-    ));
+    expect_ok(&run.sample(&["--num_samples=1", "--max_new_tokens=5", "--start= "]));
 }
 
 /// `generate` directly: several sequences decoded together far past block_size.
 #[test]
 fn generate_refills_the_cache_window() {
-    let root = tempfile::tempdir().unwrap();
-    let out = trained_run(root.path(), 10, &[]);
-    let ckpt = checkpoint::load(&out.join("ckpt.safetensors"), false).unwrap();
+    let trained = Trained::new(10);
+    let ckpt = checkpoint::load(&trained.out.join("ckpt.safetensors"), false).unwrap();
     let mut model = ckpt.state.model.clone();
     model.dropout = 0.0;
     let (block, vocab) = (model.block_size, model.vocab_size);

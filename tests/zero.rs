@@ -6,95 +6,12 @@
 
 mod common;
 
-use common::{nanogpt, prepare_data, tiny_train_args};
-use nanogpt::train::checkpoint;
+use common::dist::{assert_same_checkpoint, loss_bits, run_ranks_ok, short_run_args, train_alone};
+use common::prepare_data;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
-/// Launcher variables that must not leak into the ranks from the test's environment.
-const LAUNCHER_VARS: [&str; 12] = [
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_RANK",
-    "PMI_SIZE",
-];
-
-fn clean(cmd: &mut Command) -> &mut Command {
-    for v in LAUNCHER_VARS {
-        cmd.env_remove(v);
-    }
-    cmd
-}
-
-/// Runs `nanogpt train <args>` as `world` ranks with torchrun's variables; every rank must
-/// succeed. Returns rank 0's stderr.
-fn run_ranks(cwd: &Path, world: usize, args: &[String]) -> String {
-    let port = nanogpt::dist::test_port();
-    let children: Vec<_> = (0..world)
-        .map(|r| {
-            let mut cmd = nanogpt(cwd);
-            clean(&mut cmd)
-                .arg("train")
-                .args(args)
-                .env("RANK", r.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    for (r, o) in outs.iter().enumerate() {
-        assert!(
-            o.status.success(),
-            "rank {r} of {world} failed ({}):\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    String::from_utf8_lossy(&outs[0].stderr).into_owned()
-}
-
-/// (kind, iter, value bits) of metrics.jsonl: every training loss and eval loss, as the
-/// bits of the logged f32, for exact comparison.
-fn losses(out_dir: &Path) -> Vec<(String, u64, u32)> {
-    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    let mut t = Vec::new();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let it = v["iter"].as_u64().unwrap();
-        let bits = |k: &str| (v[k].as_f64().unwrap() as f32).to_bits();
-        match v["kind"].as_str().unwrap() {
-            "train" => t.push(("loss".into(), it, bits("loss"))),
-            "eval" => {
-                t.push(("train_loss".into(), it, bits("train_loss")));
-                t.push(("val_loss".into(), it, bits("val_loss")));
-            }
-            _ => {}
-        }
-    }
-    t
-}
-
-fn assert_same_losses(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (losses(a), losses(b));
+fn assert_same_loss_bits(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (loss_bits(a), loss_bits(b));
     assert_eq!(x.len(), 7 + 3 * 2, "{what}: {x:?}");
     for (p, q) in x.iter().zip(&y) {
         assert_eq!(
@@ -110,21 +27,16 @@ fn assert_same_losses(a: &Path, b: &Path, what: &str) {
     assert_eq!(x.len(), y.len(), "{what}");
 }
 
-/// Parameters, AdamW moments and step of `out_dir`'s latest checkpoint are identical.
-fn assert_same_checkpoint(a: &Path, b: &Path, what: &str) {
-    let load = |d: &Path| checkpoint::load(&d.join("ckpt.safetensors"), true).unwrap();
-    let (x, y) = (load(a), load(b));
-    assert_eq!(x.state.iter_num, y.state.iter_num, "{what}");
-    assert!(x.params == y.params, "{what}: parameters differ");
-    let (ox, oy) = (x.optimizer.unwrap(), y.optimizer.unwrap());
-    assert_eq!(ox.step, oy.step, "{what}");
+/// Parameters, AdamW moments and step of `out_dir`'s latest checkpoint are identical, the
+/// whole moments were saved, and every rank's shard of them was updated.
+fn assert_same_whole_checkpoint(a: &Path, b: &Path, what: &str) {
+    let (x, _) = assert_same_checkpoint(a, b, what);
+    let ox = x.optimizer.unwrap();
     assert_eq!(
         ox.m.len(),
         x.params.len(),
         "{what}: whole first moments saved"
     );
-    assert!(ox.m == oy.m, "{what}: first moments differ");
-    assert!(ox.v == oy.v, "{what}: second moments differ");
     // Every rank's shard was updated (rows of unused tokens keep zero moments).
     for r in nanogpt::dist::shard_ranges(ox.v.len(), 3) {
         assert!(
@@ -134,22 +46,12 @@ fn assert_same_checkpoint(a: &Path, b: &Path, what: &str) {
     }
 }
 
-/// A short run in which 1, 2 and 3 ranks divide the accumulation; clipping is active
-/// (grad_clip 0.05 is below the norms of this model), and so is dropout.
+/// The short data-parallel run with clipping active (grad_clip 0.05 is below the norms of
+/// this model) as well as dropout.
 fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut e = vec![
-        "--gradient_accumulation_steps=6",
-        "--batch_size=2",
-        "--max_iters=6",
-        "--eval_interval=3",
-        "--eval_iters=3",
-        "--log_interval=1",
-        "--dropout=0.1",
-        "--grad_clip=0.05",
-        "--dist_timeout=20",
-    ];
+    let mut e = vec!["--grad_clip=0.05"];
     e.extend_from_slice(extra);
-    tiny_train_args(data, out, &e)
+    short_run_args(data, out, &e)
 }
 
 #[test]
@@ -162,8 +64,8 @@ fn zero1_matches_zero0_bit_for_bit_on_2_and_3_ranks_and_resumes_across_stages() 
     for world in [2usize, 3] {
         let z0 = dir(&format!("z0w{world}"));
         let z1 = dir(&format!("z1w{world}"));
-        let log0 = run_ranks(cwd, world, &run_args(&data, &z0, &[]));
-        let log1 = run_ranks(cwd, world, &run_args(&data, &z1, &["--zero_stage=1"]));
+        let log0 = run_ranks_ok(cwd, world, &run_args(&data, &z0, &[]));
+        let log1 = run_ranks_ok(cwd, world, &run_args(&data, &z1, &["--zero_stage=1"]));
         assert!(
             log0.contains("AdamW state: ") && log0.contains("(moments of all"),
             "{log0}"
@@ -174,45 +76,45 @@ fn zero1_matches_zero0_bit_for_bit_on_2_and_3_ranks_and_resumes_across_stages() 
             "{log1}"
         );
         assert!(log1.contains("norm "), "{log1}");
-        assert_same_losses(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
-        assert_same_checkpoint(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
+        assert_same_loss_bits(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
+        assert_same_whole_checkpoint(&z0, &z1, &format!("{world} ranks, zero_stage 0 vs 1"));
     }
 
     // Stage 0 to iteration 3, then stage 1 to 6: the straight stage-0 run, bit for bit.
     let a = dir("z0then1");
-    run_ranks(cwd, 2, &run_args(&data, &a, &["--max_iters=3"]));
-    run_ranks(
+    run_ranks_ok(cwd, 2, &run_args(&data, &a, &["--max_iters=3"]));
+    run_ranks_ok(
         cwd,
         2,
         &run_args(&data, &a, &["--zero_stage=1", "--init_from=resume"]),
     );
-    assert_same_losses(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
-    assert_same_checkpoint(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
+    assert_same_loss_bits(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
+    assert_same_whole_checkpoint(&dir("z0w2"), &a, "zero_stage 0 then 1 (resumed at 3)");
 
     // Stage 1 to 3, then stage 0 to 6; and stage 1 on 2 ranks, resumed with stage 1 on 3.
     let b = dir("z1then0");
-    run_ranks(
+    run_ranks_ok(
         cwd,
         2,
         &run_args(&data, &b, &["--max_iters=3", "--zero_stage=1"]),
     );
-    run_ranks(cwd, 2, &run_args(&data, &b, &["--init_from=resume"]));
-    assert_same_losses(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
-    assert_same_checkpoint(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
+    run_ranks_ok(cwd, 2, &run_args(&data, &b, &["--init_from=resume"]));
+    assert_same_loss_bits(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
+    assert_same_whole_checkpoint(&dir("z0w2"), &b, "zero_stage 1 then 0 (resumed at 3)");
     let c = dir("z1w2then3");
-    run_ranks(
+    run_ranks_ok(
         cwd,
         2,
         &run_args(&data, &c, &["--max_iters=3", "--zero_stage=1"]),
     );
-    run_ranks(
+    run_ranks_ok(
         cwd,
         3,
         &run_args(&data, &c, &["--zero_stage=1", "--init_from=resume"]),
     );
     // Same as stage 1 on 3 ranks from the start, except for float summation order across
     // the first three iterations' 2-rank sums: compare within rounding.
-    let (x, y) = (losses(&dir("z1w3")), losses(&c));
+    let (x, y) = (loss_bits(&dir("z1w3")), loss_bits(&c));
     assert_eq!(x.len(), y.len());
     for (p, q) in x.iter().zip(&y) {
         let (u, v) = (f32::from_bits(p.2), f32::from_bits(q.2));
@@ -234,11 +136,7 @@ fn one_rank_accepts_zero_stage_1_with_a_note_and_trains_as_stage_0() {
     let run = |out: &Path, extra: &[&str]| {
         let mut args = run_args(&data, out, &["--dist_env=none", "--max_iters=3"]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let o = clean(&mut nanogpt(cwd))
-            .arg("train")
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = train_alone(cwd, &args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{err}");
         err
@@ -247,13 +145,12 @@ fn one_rank_accepts_zero_stage_1_with_a_note_and_trains_as_stage_0() {
     let err = run(&b, &["--zero_stage=1"]);
     assert!(err.contains("zero_stage = 1 with a single rank"), "{err}");
     assert!(err.contains("(moments of all"), "{err}");
-    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(loss_bits(&a), loss_bits(&b));
 
-    let o = clean(&mut nanogpt(cwd))
-        .arg("train")
-        .args(run_args(&data, &a, &["--dist_env=none", "--zero_stage=2"]))
-        .output()
-        .unwrap();
+    let o = train_alone(
+        cwd,
+        &run_args(&data, &a, &["--dist_env=none", "--zero_stage=2"]),
+    );
     let err = common::expect_clean_failure(&o);
     common::assert_contains_all(&err, &["zero_stage", "expected 0 (off) or 1"]);
 }
@@ -287,32 +184,22 @@ fn adamw_memory_per_rank_for_gpt2_124m_on_8_ranks() {
 // that a failure.
 
 mod gpu {
-    use nanogpt::dist::nccl::{self, NcclProcessGroup};
-    use nanogpt::dist::SingleProcess;
-    use nanogpt::dist::{rendezvous, shard_ranges, tcp, DistOptions, LaunchInfo, ProcessGroup};
-    use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
+    use crate::common::gpu::{self, no_gpu, on_two_gpus, one_rank_nccl, small_cfg, two_gpus};
+    use crate::common::model::{first_diff, patterned_batch};
+    use nanogpt::dist::{shard_ranges, ProcessGroup};
+    use nanogpt::engine::cuda::{CudaEngine, Precision};
     use nanogpt::engine::{Batch, Engine};
-    use nanogpt::model::{GptConfig, ParamLayout};
     use nanogpt::optim::{adamw, AdamWConfig};
-    use std::time::Duration;
 
     const B: usize = 2;
     const T: usize = 16;
 
-    fn batch_tokens(seed: usize) -> (Vec<u32>, Vec<i32>) {
-        let inputs = (0..B * T).map(|i| ((i * 7 + seed) % 50) as u32).collect();
-        let targets = (0..B * T).map(|i| ((i * 11 + seed) % 50) as i32).collect();
-        (inputs, targets)
-    }
-
     fn engine(precision: Precision) -> CudaEngine {
-        let cfg = GptConfig::new(2, 2, 32, 16, 50, true, 0.0).unwrap();
-        let params = ParamLayout::new(&cfg).init_params(&cfg, 3);
-        CudaEngine::with_precision(cfg, params, 3, 0, precision).unwrap()
+        gpu::engine(&small_cfg(), 0, precision)
     }
 
     fn loss(e: &mut CudaEngine, seed: usize) -> f32 {
-        let (inputs, targets) = batch_tokens(seed);
+        let (inputs, targets) = patterned_batch(B * T, seed);
         e.loss(Batch {
             inputs: &inputs,
             targets: &targets,
@@ -322,13 +209,6 @@ mod gpu {
         .unwrap()
     }
 
-    fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
-        a.iter()
-            .zip(b)
-            .position(|(x, y)| x.to_bits() != y.to_bits())
-            .map(|i| (i, a[i], b[i]))
-    }
-
     /// Three engines, each holding one shard's moments, step their shards with the global
     /// norm; their parameters and moments must equal one engine's whole step bit for bit
     /// (the same adamw_update kernel on offset pointers), and after gathering the
@@ -336,7 +216,7 @@ mod gpu {
     #[test]
     fn cuda_sharded_steps_equal_the_whole_step() {
         let test = "cuda_sharded_steps_equal_the_whole_step";
-        if stack::gpus_for_test(test).is_none() {
+        if no_gpu(test) {
             return;
         }
         for precision in [Precision::F32, Precision::Bf16] {
@@ -416,13 +296,11 @@ mod gpu {
     #[test]
     fn one_rank_nccl_reduce_scatter_and_all_gather_on_the_device() {
         let test = "one_rank_nccl_reduce_scatter_and_all_gather";
-        if stack::gpus_for_test(test).is_none() {
+        if no_gpu(test) {
             return;
         }
-        let st = stack::stack().unwrap();
-        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
         let mut eng = engine(Precision::Bf16);
-        let (inputs, targets) = batch_tokens(0);
+        let (inputs, targets) = patterned_batch(B * T, 0);
         eng.zero_grad();
         eng.forward_backward(
             Batch {
@@ -436,13 +314,7 @@ mod gpu {
         .unwrap();
         let before = eng.grads();
         let g = eng.device_grads().unwrap();
-        let mut pg = NcclProcessGroup::new(
-            Box::new(SingleProcess),
-            nccl,
-            &st.driver,
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        let mut pg = one_rank_nccl(test);
         let ranges = shard_ranges(g.len, 1);
         pg.reduce_scatter_sum_device(g.ptr, g.len, &ranges, g.stream)
             .expect("the NCCL group reduce-scatters device memory")
@@ -477,66 +349,33 @@ mod gpu {
     #[test]
     fn two_ranks_reduce_scatter_and_all_gather_device_buffers_exactly() {
         let test = "two_ranks_reduce_scatter_and_all_gather";
-        let Some(gpus) = stack::gpus_for_test(test) else {
-            return;
-        };
-        if gpus.len() < 2 {
-            eprintln!(
-                "{test}: skipped: needs 2 GPUs, this machine has {}",
-                gpus.len()
-            );
+        if !two_gpus(test) {
             return;
         }
-        let nccl = nccl::nccl().unwrap_or_else(|e| panic!("{test}: a GPU but no NCCL: {e}"));
-        let port = nanogpt::dist::test_port();
         let n = (1 << 20) + 21;
-        let handles: Vec<_> = (0..2usize)
-            .map(|r| {
-                std::thread::spawn(move || {
-                    let st = stack::stack().unwrap();
-                    let info = LaunchInfo {
-                        rank: r,
-                        world_size: 2,
-                        local_world_size: 2,
-                        local_rank: r,
-                        master_port: port,
-                        ..LaunchInfo::single()
-                    };
-                    let opts = DistOptions {
-                        timeout: Duration::from_secs(60),
-                        fingerprint: vec![],
-                    };
-                    let rd = rendezvous::rendezvous(&info, &opts).unwrap();
-                    let host = tcp::TcpProcessGroup::connect(rd, opts.timeout).unwrap();
-                    let ctx = st.driver.context(r).unwrap();
-                    let mut pg =
-                        NcclProcessGroup::new(Box::new(host), nccl, &st.driver, opts.timeout)
-                            .unwrap();
-                    let ranges = shard_ranges(n, 2);
-                    let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
-                    let buf = ctx.upload(&input).unwrap();
-                    let stream = ctx.stream().unwrap();
-                    pg.reduce_scatter_sum_device(buf.ptr, n, &ranges, stream.s as u64)
-                        .unwrap()
-                        .unwrap();
-                    let mut summed = vec![0f32; n];
-                    buf.copy_to_host(&mut summed).unwrap();
-                    let mine = summed[ranges[r].clone()].to_vec();
-                    // Each rank writes a marker into its own range, then all gather.
-                    let mut mark = summed.clone();
-                    mark[ranges[r].clone()].iter_mut().for_each(|x| *x += 0.5);
-                    buf.copy_from_host(&mark).unwrap();
-                    pg.all_gather_device(buf.ptr, n, &ranges, stream.s as u64)
-                        .unwrap()
-                        .unwrap();
-                    let mut gathered = vec![0f32; n];
-                    buf.copy_to_host(&mut gathered).unwrap();
-                    pg.finish().unwrap();
-                    (mine, gathered, ranges)
-                })
-            })
-            .collect();
-        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let outs = on_two_gpus(test, move |r, ctx, mut pg| {
+            let ranges = shard_ranges(n, 2);
+            let input: Vec<f32> = (0..n).map(|i| ((i * (r + 3)) % 4099) as f32).collect();
+            let buf = ctx.upload(&input).unwrap();
+            let stream = ctx.stream().unwrap();
+            pg.reduce_scatter_sum_device(buf.ptr, n, &ranges, stream.s as u64)
+                .unwrap()
+                .unwrap();
+            let mut summed = vec![0f32; n];
+            buf.copy_to_host(&mut summed).unwrap();
+            let mine = summed[ranges[r].clone()].to_vec();
+            // Each rank writes a marker into its own range, then all gather.
+            let mut mark = summed.clone();
+            mark[ranges[r].clone()].iter_mut().for_each(|x| *x += 0.5);
+            buf.copy_from_host(&mark).unwrap();
+            pg.all_gather_device(buf.ptr, n, &ranges, stream.s as u64)
+                .unwrap()
+                .unwrap();
+            let mut gathered = vec![0f32; n];
+            buf.copy_to_host(&mut gathered).unwrap();
+            pg.finish().unwrap();
+            (mine, gathered, ranges)
+        });
         let want = |i: usize| ((i * 3) % 4099 + (i * 4) % 4099) as f32;
         for (r, (mine, gathered, ranges)) in outs.iter().enumerate() {
             for (k, &x) in mine.iter().enumerate() {

@@ -74,6 +74,14 @@ def init(cfg, seed):
     return p
 
 
+def attention(q, k, v, mask, low):
+    """Causal attention of q, k, v (B, H, T, hs) under the boolean (T, T) `mask`: exact
+    whether `low` or not (tools/flash_emulate/attention_tolerance.py replaces it with the
+    bf16 rounding of the fused kernels)."""
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
 def forward(p, cfg, idx, low):
     L, H, C = cfg["L"], cfg["H"], cfg["C"]
     B, T = idx.shape
@@ -85,9 +93,7 @@ def forward(p, cfg, idx, low):
         q, k, v = h.split(C, dim=-1)
         sh = lambda t: t.view(B, T, H, C // H).transpose(1, 2)
         q, k, v = sh(q), sh(k), sh(v)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(C // H)
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        y = attention(q, k, v, mask, low).transpose(1, 2).reshape(B, T, C)
         x = x + mm(y, p[f"{l}.proj_w"], low) + p[f"{l}.proj_b"]
         h = mm(ln(x, p[f"{l}.ln2_w"], p[f"{l}.ln2_b"]), p[f"{l}.fc_w"], low) + p[f"{l}.fc_b"]
         h = torch.nn.functional.gelu(h, approximate="tanh")

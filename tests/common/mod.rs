@@ -1,6 +1,19 @@
 //! Shared helpers of the integration tests: a small synthetic character corpus, prepared
 //! data directories, tiny-model training arguments, and running the `nanogpt` binary.
-#![allow(dead_code)] // each test file uses a different subset of these helpers
+//! The submodules hold the helpers of groups of tests: [`dist`] (several ranks on loopback),
+//! [`gpu`] (GPU tests), [`model`] (parameters and batches for comparing engines),
+//! [`emulate`] (the kernel emulators), [`nvrtc`] (kernel compilation) and [`bpe`] (the BPE
+//! preparation fixtures).
+// Each test file uses a different subset of these helpers and of the submodules' (this
+// attribute covers the submodules too).
+#![allow(dead_code)]
+
+pub mod bpe;
+pub mod dist;
+pub mod emulate;
+pub mod gpu;
+pub mod model;
+pub mod nvrtc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -101,12 +114,13 @@ pub fn trained_run(root: &Path, max_iters: u64, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// A `nanogpt` command running in `cwd`: the binary named by NANOGPT_BIN (set by
-/// scripts/gpu_check.sh, whose test binaries run on another machine than they were built
-/// on), else the one cargo built with these tests.
+/// A `nanogpt` command running in `cwd`: the binary named by NANOGPT_BIN when set and not
+/// empty (scripts/gpu_check.sh sets it: its test binaries run on another machine than they
+/// were built on), else the one cargo built with these tests.
 pub fn nanogpt(cwd: &Path) -> Command {
-    let bin =
-        std::env::var_os("NANOGPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nanogpt").into());
+    let bin = std::env::var_os("NANOGPT_BIN")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_nanogpt").into());
     let mut cmd = Command::new(bin);
     // Tests never touch the network: the Hugging Face Hub is offline with an empty cache.
     cmd.current_dir(cwd)
@@ -119,6 +133,19 @@ pub fn nanogpt(cwd: &Path) -> Command {
 /// Runs `nanogpt <args>` in `cwd`.
 pub fn run<S: AsRef<std::ffi::OsStr>>(cwd: &Path, args: &[S]) -> Output {
     nanogpt(cwd).args(args).output().expect("starting nanogpt")
+}
+
+/// Runs `nanogpt sample` in `cwd` on the CPU (one thread) from the run in `out`, with
+/// `extra` arguments.
+pub fn sample_cpu(cwd: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = vec![
+        "sample".into(),
+        format!("--out_dir={}", out.display()),
+        "--device=cpu".into(),
+        "--threads=1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(cwd, &args)
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     std::vector<Case> quick_cases = {
         {2, 1, 2, 16, 32, 32, 32}, {2, 33, 3, 32, 32, 32, 32}, {2, 70, 2, 128, 32, 16, 16},
-        {2, 97, 2, 64, 32, 32, 32},
+        {2, 97, 2, 64, 32, 32, 32}, {1, 70, 2, 80, 32, 32, 16},
     };
     std::vector<Case> cases = {
         {1, 1, 1, 16, 32, 32, 32}, {2, 7, 2, 16, 32, 32, 32}, {1, 64, 2, 64, 32, 32, 32},
@@ -190,6 +190,11 @@ int main(int argc, char** argv) {
         {2, 1, 2, 16, 32, 32, 32}, {2, 33, 3, 32, 32, 32, 32}, {2, 64, 2, 128, 32, 16, 16},
         {2, 97, 3, 64, 32, 32, 32}, {2, 130, 2, 16, 32, 32, 32}, {2, 150, 2, 128, 32, 16, 16},
         {2, 45, 2, 64, 32, 32, 32}, {2, 200, 2, 32, 32, 32, 32},
+        // The other head sizes the bf16 kernels take (multiples of 16 up to 128), with the
+        // fp32 tiles src/engine/cuda/flash.rs picks for them: T below, across and past the
+        // 64-row bf16 tiles.
+        {2, 45, 2, 48, 32, 32, 32}, {1, 70, 2, 80, 32, 32, 16}, {2, 33, 1, 96, 32, 32, 16},
+        {1, 97, 1, 112, 32, 32, 16},
     };
     if (quick) cases = quick_cases;
     const double TOL_F32 = 1e-4, TOL_BF16 = 2e-2, TOL_BF16_MODEL = 2e-3;
