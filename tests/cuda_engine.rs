@@ -97,7 +97,9 @@ fn check_trained_params(
     let mut worst = (0f64, String::new());
     for t in &layout.tensors {
         let r = t.offset..t.offset + t.len;
-        let scale = want[r.clone()].iter().fold(0f64, |m, w| m.max(w.abs() as f64));
+        let scale = want[r.clone()]
+            .iter()
+            .fold(0f64, |m, w| m.max(w.abs() as f64));
         let mut err = 0f64;
         for i in r {
             let d = (got[i] - want[i]).abs();
