@@ -441,7 +441,9 @@ int main(int argc, char** argv) {
             int lda = ar + pad, ldb = br + pad, ldc = m + pad;
             long long sa = (long long)lda * ac + 3, sb = (long long)ldb * bc + 1, sc = (long long)ldc * n + 2;
             std::vector<float> A(sa * batch), B(sb * batch), C(sc * batch), C0;
-            for (auto& x : A) x = rnd(); for (auto& x : B) x = rnd(); for (auto& x : C) x = beta == 0 ? NAN : rnd();
+            for (auto& x : A) x = rnd();
+            for (auto& x : B) x = rnd();
+            for (auto& x : C) x = beta == 0 ? NAN : rnd();
             if (alpha == 0) A[0] = NAN;  // A not read when alpha == 0
             C0 = C;
             for (int bmode = 0; bmode < 2; bmode++) {
@@ -480,11 +482,13 @@ int main(int argc, char** argv) {
         CHECK(cublasSgemm_v2(g, 0, 0, 0, 4, 4, &one, A.data(), 1, B.data(), 4, &zero, C.data(), 1) == 0, "m = 0");
         CHECK(cublasSgemmStridedBatched(g, 0, 0, 4, 4, 4, &one, A.data(), 4, 0, B.data(), 4, 0, &zero, C.data(), 4, 16, -1) == 7, "neg batch");
         // k = 0: C = beta C
-        for (auto& c : C) c = 3; float h2 = 0.5f;
+        for (auto& c : C) c = 3;
+        float h2 = 0.5f;
         CHECK(cublasSgemm_v2(g, 0, 0, 4, 4, 0, &one, nullptr, 4, nullptr, 1, &h2, C.data(), 4) == 0 && C[5] == 1.5f, "k = 0");
         // speed
         int m = 512, n = 512, k = 2048; std::vector<float> X((size_t)m * k), Y((size_t)k * n), Z((size_t)m * n);
-        for (auto& x : X) x = rnd(); for (auto& y : Y) y = rnd();
+        for (auto& x : X) x = rnd();
+        for (auto& y : Y) y = rnd();
         auto t0 = std::chrono::steady_clock::now();
         CHECK(cublasSgemm_v2(g, 0, 1, m, n, k, &one, X.data(), m, Y.data(), n, &zero, Z.data(), m) == 0, "speed");
         printf("cuBLAS sgemm 512x512x2048 NT: %.3f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -54,6 +54,7 @@ enum : CUresult {
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
+    INVALID_CONTEXT = 201,
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
     ILLEGAL_ADDRESS = 700,
@@ -88,8 +89,11 @@ struct State {
     std::map<uintptr_t, Allocation> allocations;  // by the user's address
     unsigned long long allocated = 0;
     std::vector<EmuKernel> kernels;
-    int context_tag = 0;
+    int contexts[64] = {};  // one primary context per device: its address is the handle
 };
+
+// The device whose context the calling thread has made current (cuCtxSetCurrent).
+thread_local int current_device = -1;
 
 State& state() {
     static State s;
@@ -164,6 +168,7 @@ const char* error_name(CUresult e) {
         case NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
         case INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
         case INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
         case INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
         case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
         case ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -182,6 +187,7 @@ const char* error_text(CUresult e) {
         case NO_DEVICE: return "no CUDA-capable device is detected";
         case INVALID_DEVICE: return "invalid device ordinal";
         case INVALID_IMAGE: return "device kernel image is invalid";
+        case INVALID_CONTEXT: return "invalid device context";
         case INVALID_HANDLE: return "invalid resource handle";
         case NOT_FOUND: return "named symbol not found";
         case ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
@@ -241,7 +247,7 @@ CUresult cuInit(unsigned flags) {
     if (flags != 0) return INVALID_VALUE;
     State& s = state();
     if (!s.initialised) {
-        s.devices = env_int("GPU_EMULATE_DEVICES", 1);
+        s.devices = std::clamp(env_int("GPU_EMULATE_DEVICES", 1), 0, 64);
         s.cc = env_int("GPU_EMULATE_CC", 90);
         s.kernels = emu_kernels_main();
         for (auto& k : emu_kernels_flash()) s.kernels.push_back(std::move(k));
@@ -310,7 +316,7 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
     NEED_INIT;
     if (!ctx) return INVALID_VALUE;
     if (!valid_device(d)) return INVALID_DEVICE;
-    *ctx = &state().context_tag;
+    *ctx = &state().contexts[d];
     return SUCCESS;
 }
 
@@ -323,7 +329,24 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
 CUresult cuCtxSetCurrent(CUcontext ctx) {
     LOCKED;
     NEED_INIT;
-    return ctx == nullptr || ctx == &state().context_tag ? SUCCESS : INVALID_VALUE;
+    int* c = static_cast<int*>(ctx);
+    State& s = state();
+    if (c == nullptr) {
+        current_device = -1;
+        return SUCCESS;
+    }
+    if (c < s.contexts || c >= s.contexts + s.devices) return INVALID_VALUE;
+    current_device = int(c - s.contexts);
+    return SUCCESS;
+}
+
+CUresult cuCtxGetDevice(CUdevice* d) {
+    LOCKED;
+    NEED_INIT;
+    if (!d) return INVALID_VALUE;
+    if (current_device < 0) return INVALID_CONTEXT;
+    *d = current_device;
+    return SUCCESS;
 }
 
 CUresult cuCtxSynchronize() {
@@ -497,6 +520,12 @@ CUresult cuStreamDestroy_v2(CUstream s) {
     if (!s) return INVALID_HANDLE;
     delete static_cast<int*>(s);
     return SUCCESS;
+}
+
+CUresult cuStreamQuery(CUstream) {
+    LOCKED;
+    NEED_INIT;
+    return SUCCESS;  // all work is done before each call returns
 }
 
 CUresult cuStreamWaitEvent(CUstream, CUevent e, unsigned flags) {
