@@ -9,6 +9,10 @@
 //   one 8-byte store when out and in are co-aligned): block 256 threads,
 //   grid ceil(ceil((n + 3) / 4) / 256) (kernels.rs: grid_vec).
 //
+// cast_bf16_to_f32(out, in, n)  out[i] = in[i] widened (exact). out: float[n], in: bf16 bits.
+//   The fp32 copy of a bf16-only activation for a product cuBLASLt cannot run in bf16.
+//   Same geometry as cast_f32_to_bf16.
+//
 // The rounding is bf16_rne (kernels/common.cuh).
 
 extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ out,
@@ -23,4 +27,14 @@ extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ out,
 #pragma unroll
     for (int k = 0; k < 4; k++) b[k] = bf16_rne(v[k]);
     st4_bf16(out, g, n, b);
+}
+
+extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out,
+                                            const unsigned short* __restrict__ in, long long n) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        long long i = 4 * t + k;
+        if (i < n) out[i] = bf16_to_f32(in[i]);
+    }
 }

@@ -3,8 +3,11 @@
 // Shapes: x, out, dout, dx [N, C]; w, b, dw, db [C]; mean, rstd [N];
 //         parts [P, 2C] (per row group: partial dw in [0, C), partial db in [C, 2C)).
 //
-// layernorm_forward(out, mean, rstd, x, w, b_or_null, N, C)
+// layernorm_forward(out, out_bf16, mean, rstd, x, w, b_or_null, N, C)
 //   out = (x - mean) * rstd * w (+ b), rstd = 1 / sqrt(var + eps), biased variance.
+//   Written to out (fp32) and/or out_bf16 (bf16 bits, the fp32 value rounded to nearest
+//   even by bf16_rne); either may be null. The bf16 mode keeps LayerNorm outputs, which
+//   only matrix products read, in bf16 alone.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
 // layernorm_backward_dx(dx, dout, x, w, mean, rstd, N, C)
@@ -17,14 +20,14 @@
 //   Launch: 2-D; block 256, grid (ceil(ceil(C / 4) / 256), P). Deterministic. The groups
 //   are then summed in order into dw and db by reduce_parts_add (elementwise.cu).
 //
-// residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias_or_null, N, C)
+// residual_layernorm_forward(res, out, out_bf16, mean, rstd, a, b, w, bias_or_null, N, C)
 //   res = a + b, then out = LayerNorm(res) exactly as layernorm_forward computes it (same
 //   sums in the same order, same expressions): the residual add followed by the next
 //   LayerNorm in one pass. res may be the same buffer as a or b (each element is read and
 //   then written by the same thread, and only that thread reads it back).
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
-// layernorm_recompute(out, x, mean, rstd, w, b_or_null, N, C)
+// layernorm_recompute(out, out_bf16, x, mean, rstd, w, b_or_null, N, C)
 //   out = (x - mean) * rstd * w (+ b) with the mean and rstd the forward pass saved: bit for
 //   bit the output layernorm_forward / residual_layernorm_forward wrote (the same ln_apply,
 //   whose arithmetic is spelled out in round-to-nearest intrinsics so that the compiler
@@ -35,9 +38,9 @@
 //
 // Vectorised access (kernels/common.cuh): in the warp-per-row kernels lane l owns the
 // groups of four channels starting at 4l, 4l + 128, 4l + 256, ... of its row and adds its
-// elements in that order (then warp_sum); a group is one 16-byte access when C % 4 == 0
-// and every pointer the kernel touches per row is 16-byte aligned, else element by
-// element; the sums are the same either way, so results do not depend on alignment.
+// elements in that order (then warp_sum); a group is one 16-byte access (8-byte for bf16)
+// when C % 4 == 0 and every pointer the kernel touches per row is 16-byte (bf16: 8-byte)
+// aligned, else element by element; the sums are the same either way, so results do not depend on alignment.
 // layernorm_backward_parts: thread t owns channels [4t, 4t + 4) (grid
 // (ceil(ceil(C / 4) / 256), P)) and adds the rows of its group in order (per channel,
 // the order of one channel per thread).
@@ -52,6 +55,23 @@ __device__ __forceinline__ float ln_apply(float x, float m, float r, float w, fl
     return y;
 }
 
+// Stores one group of outputs: fp32 to o and/or bf16 to ob (each may be null).
+__device__ __forceinline__ void ln_store(float* o, unsigned short* ob, Group4 g, long long n,
+                                         const float (&y)[4]) {
+    if (o) st4(o, g, n, y);
+    if (ob) {
+        unsigned short h[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) h[e] = bf16_rne(y[e]);
+        st4_bf16(ob, g, n, h);
+    }
+}
+
+// Whether the outputs allow vector stores: each null, or aligned (fp32: 16 bytes; bf16: 8).
+__device__ __forceinline__ bool ln_outs_aligned(const float* o, const unsigned short* ob) {
+    return (o == nullptr || vec_aligned(o)) && (ob == nullptr || vec_shift(ob, 2) == 0);
+}
+
 // Lane `lane`'s k-th group of a row of c channels: channels [4 (lane + 32k), + 4).
 __device__ __forceinline__ Group4 row_group(int lane, int k, int c, bool vec) {
     return group4((long long)lane + 32ll * k, c, 0, vec);
@@ -63,10 +83,12 @@ __device__ __forceinline__ bool row_has(Group4 g, int k, int c) {
 
 // The rest of one row's LayerNorm, for the warp that owns the row, once each lane has summed
 // its elements of xr into s (its groups in order): mean, variance (two-pass), normalise,
-// scale and shift; writes o, mean[row] and rstd[row]. Every lane of the warp must call it.
-// xr may have been written by this lane in this kernel (plain loads).
+// scale and shift; writes o and/or ob (see ln_store), mean[row] and rstd[row]. Every lane
+// of the warp must call it. xr may have been written by this lane in this kernel (plain
+// loads).
 __device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o,
-                                              float* mean, float* rstd, const float* w,
+                                              unsigned short* ob, float* mean, float* rstd,
+                                              const float* w,
                                               const float* b, int row, int c, int lane,
                                               bool vec) {
     float m = warp_sum(s) / (float)c;
@@ -94,7 +116,7 @@ __device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o
         if (has_b) ld4_ro(bv, b, g, c);
 #pragma unroll
         for (int e = 0; e < 4; e++) y[e] = ln_apply(x[e], m, r, wv[e], bv[e], has_b);
-        st4(o, g, c, y);
+        ln_store(o, ob, g, c, y);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -103,6 +125,7 @@ __device__ __forceinline__ void layernorm_row(const float* xr, float s, float* o
 }
 
 extern "C" __global__ void layernorm_forward(float* __restrict__ out,
+                                             unsigned short* __restrict__ out_bf16,
                                              float* __restrict__ mean,
                                              float* __restrict__ rstd,
                                              const float* __restrict__ x,
@@ -112,9 +135,10 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;  // whole warps exit together
-    bool vec = c % 4 == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(w) &&
-               (b == nullptr || vec_aligned(b));
-    const float* xr = x + (long long)row * c;
+    bool vec = c % 4 == 0 && ln_outs_aligned(out, out_bf16) && vec_aligned(x) &&
+               vec_aligned(w) && (b == nullptr || vec_aligned(b));
+    long long base = (long long)row * c;
+    const float* xr = x + base;
     float s = 0.0f;
     for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
         Group4 g = row_group(lane, k, c, vec);
@@ -124,7 +148,8 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
         for (int e = 0; e < 4; e++)
             if (row_has(g, e, c)) s += v[e];
     }
-    layernorm_row(xr, s, out + (long long)row * c, mean, rstd, w, b, row, c, lane, vec);
+    layernorm_row(xr, s, out ? out + base : nullptr, out_bf16 ? out_bf16 + base : nullptr,
+                  mean, rstd, w, b, row, c, lane, vec);
 }
 
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
@@ -210,6 +235,7 @@ extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
 
 extern "C" __global__ void residual_layernorm_forward(float* res,
                                                       float* __restrict__ out,
+                                                      unsigned short* __restrict__ out_bf16,
                                                       float* __restrict__ mean,
                                                       float* __restrict__ rstd,
                                                       const float* a,
@@ -220,8 +246,9 @@ extern "C" __global__ void residual_layernorm_forward(float* res,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;  // whole warps exit together
-    bool vec = c % 4 == 0 && vec_aligned(res) && vec_aligned(out) && vec_aligned(a) &&
-               vec_aligned(b) && vec_aligned(w) && (bias == nullptr || vec_aligned(bias));
+    bool vec = c % 4 == 0 && vec_aligned(res) && ln_outs_aligned(out, out_bf16) &&
+               vec_aligned(a) && vec_aligned(b) && vec_aligned(w) &&
+               (bias == nullptr || vec_aligned(bias));
     long long base = (long long)row * c;
     float* xr = res + base;
     float s = 0.0f;
@@ -237,10 +264,12 @@ extern "C" __global__ void residual_layernorm_forward(float* res,
         }
         st4(xr, g, c, av);
     }
-    layernorm_row(xr, s, out + base, mean, rstd, w, bias, row, c, lane, vec);
+    layernorm_row(xr, s, out ? out + base : nullptr, out_bf16 ? out_bf16 + base : nullptr,
+                  mean, rstd, w, bias, row, c, lane, vec);
 }
 
 extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
+                                               unsigned short* __restrict__ out_bf16,
                                                const float* __restrict__ x,
                                                const float* __restrict__ mean,
                                                const float* __restrict__ rstd,
@@ -248,8 +277,8 @@ extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
                                                const float* __restrict__ b,
                                                int n_rows, int c) {
     long long n = (long long)n_rows * c;
-    bool vec = c % 4 == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(w) &&
-               (b == nullptr || vec_aligned(b));
+    bool vec = c % 4 == 0 && ln_outs_aligned(out, out_bf16) && vec_aligned(x) &&
+               vec_aligned(w) && (b == nullptr || vec_aligned(b));
     Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, 0, vec);
     if (g.e0 >= n) return;
     bool has_b = b != nullptr;
@@ -278,5 +307,5 @@ extern "C" __global__ void layernorm_recompute(float* __restrict__ out,
             }
         }
     }
-    st4(out, g, n, y);
+    ln_store(out, out_bf16, g, n, y);
 }

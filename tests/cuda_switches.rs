@@ -429,3 +429,57 @@ fn an_unknown_name_in_nanogpt_cuda_disable_is_an_error() {
         "child test failed:\n{text}"
     );
 }
+
+/// `bf16_acts` changes where a LayerNorm output is rounded to bf16 (in the LayerNorm
+/// kernel, or by a cast right before the product), not what it is rounded to: the bf16
+/// engine gives the same bits with it on and off, in losses, every gradient and the
+/// parameters after AdamW steps, with the LayerNorm outputs kept (recompute 0) and
+/// recomputed in the backward pass (recompute 2), for T = block size and a shorter T.
+#[test]
+fn bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product() {
+    if no_gpu("bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product") {
+        return;
+    }
+    use nanogpt::engine::Recompute;
+    use nanogpt::optim::AdamWConfig;
+    let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();
+    let p = perturbed_params(&cfg, 11);
+    let off = Switches::parse("bf16_acts").expect("bf16_acts is a known optimisation");
+    for rc in [Recompute::Nothing, Recompute::GeluLayerNorm] {
+        let mut on_e = engine(&cfg, &p, Precision::Bf16, Switches::default());
+        let mut off_e = engine(&cfg, &p, Precision::Bf16, off);
+        for e in [&mut on_e, &mut off_e] {
+            e.set_recompute(rc);
+        }
+        for (step, t) in [16usize, 11].into_iter().enumerate() {
+            let (inputs, targets) = random_batch(&cfg, 2, t, 20 + step as u64);
+            let batch = Batch {
+                inputs: &inputs,
+                targets: &targets,
+                b: 2,
+                t,
+            };
+            let what = format!("recompute={} T={t}", rc.level());
+            let mut seen = Vec::new();
+            for e in [&mut on_e, &mut off_e] {
+                e.zero_grad();
+                let loss = e.forward_backward(batch, 1.0).unwrap();
+                let eval = e.loss(batch).unwrap();
+                let norm = e.step(&AdamWConfig::default(), 1e-2);
+                seen.push((loss, eval, e.grads(), norm, e.params()));
+            }
+            let (a, b) = (&seen[0], &seen[1]);
+            assert_eq!(
+                a.0.to_bits(),
+                b.0.to_bits(),
+                "{what}: loss {} vs {}",
+                a.0,
+                b.0
+            );
+            assert_eq!(a.1.to_bits(), b.1.to_bits(), "{what}: eval loss");
+            assert!(a.2 == b.2, "{what}: gradients differ");
+            assert_eq!(a.3.to_bits(), b.3.to_bits(), "{what}: gradient norm");
+            assert!(a.4 == b.4, "{what}: parameters after the step differ");
+        }
+    }
+}

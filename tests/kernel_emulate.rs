@@ -23,6 +23,7 @@ const CHECKED: &[&str] = &[
     "adamw_update",
     "add_inplace",
     "bias_broadcast",
+    "cast_bf16_to_f32",
     "cast_f32_to_bf16",
     "colsum_parts",
     "cross_entropy_forward_backward",
@@ -143,5 +144,17 @@ fn vectorised_kernels_emit_wide_global_accesses() {
         adamw.contains("st.global.v2.u32"),
         "adamw_update: no 8-byte bf16 store"
     );
+    // The LayerNorm kernels' bf16 outputs (the bf16 mode): one 8-byte store per four.
+    for k in [
+        "layernorm_forward",
+        "residual_layernorm_forward",
+        "layernorm_recompute",
+    ] {
+        let body = entry(&ptx, k).unwrap_or_else(|| panic!("no entry {k} in the PTX"));
+        assert!(
+            body.contains("st.global.v2.u32"),
+            "{k}: no 8-byte bf16 store"
+        );
+    }
     eprintln!("checked the PTX of {} vectorised kernels", table.len());
 }

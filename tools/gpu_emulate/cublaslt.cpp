@@ -25,7 +25,8 @@
 //   (written, not accumulated). Bias and aux vectors have the type BIAS_DATA_TYPE /
 //   EPILOGUE_AUX_DATA_TYPE when set (CUDA_R_32F or CUDA_R_16BF), else the type of D.
 // - cublasLtMatmulAlgoGetHeuristic offers one algorithm that needs no workspace; preference
-//   attributes are accepted and stored but choose nothing.
+//   attributes are accepted and stored but choose nothing. With GPU_EMULATE_LT_NO_BF16=1 it
+//   offers none for bf16 inputs (NOT_SUPPORTED), to exercise a caller's fp32 fallback.
 //
 // Not emulated (CUBLAS_STATUS_NOT_SUPPORTED): other types and compute types, matrix layout
 // attributes (order, batches), device-vector pointer modes, the ReLU bit-mask and
@@ -38,6 +39,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -643,6 +645,10 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void* lightHandle, void* operation
     Problem p;
     cublasStatus_t s = check_problem(*op, *a, *b, *c, *d, &p);
     if (s != SUCCESS) return s;
+    // GPU_EMULATE_LT_NO_BF16=1: no algorithm for bf16 inputs, as the real library answers
+    // for shapes it cannot run, so that a caller's fallback can be exercised.
+    const char* no_bf16 = std::getenv("GPU_EMULATE_LT_NO_BF16");
+    if (no_bf16 && std::strcmp(no_bf16, "1") == 0 && a->type == R_16BF) return NOT_SUPPORTED;
     cublasLtMatmulHeuristicResult_t r;
     std::memset(&r, 0, sizeof r);
     r.algo.data[0] = ALGO_TAG;

@@ -60,6 +60,7 @@ std::vector<EmuKernel> emu_kernels_main() {
         EMU_KERNEL(dec, decode_kv_append),
         EMU_KERNEL(dec, decode_attention),
         EMU_KERNEL(cst, cast_f32_to_bf16),
+        EMU_KERNEL(cst, cast_bf16_to_f32),
         EMU_KERNEL(doc, doctor_selftest),
     };
 }

@@ -297,6 +297,25 @@ static void check_unary() {
                 exact(k, c, "out", out.get(), want);
                 guards(k, c, out, in);
             }
+            {
+                // Scalar by design (the rare fallback of a bf16-only operand): exact widening.
+                std::string k = "cast_bf16_to_f32", c = begin(k, "n=" + std::to_string(n), s);
+                std::vector<unsigned short> v(n);
+                for (long long i = 0; i < n; i++) v[i] = ref_bf16(x[i]);
+                if (n > 2) v[1] = 0x7fc1, v[2] = 0xff80;  // a NaN payload, -inf
+                Buf<float> out(n, off_first(s));
+                Buf<unsigned short> in(n, off_rest(s));
+                in.set(v);
+                emulate_serial(grid_vec(n), BLOCK, [&] { cst::cast_bf16_to_f32(out.p, in.p, n); });
+                end(k, c, s, false);
+                std::vector<float> want(n);
+                for (long long i = 0; i < n; i++) {
+                    uint32_t u = (uint32_t)v[i] << 16;
+                    std::memcpy(&want[i], &u, 4);
+                }
+                exact(k, c, "out", out.get(), want);
+                guards(k, c, out, in);
+            }
         }
 }
 
@@ -477,7 +496,7 @@ static void check_layernorm() {
                     xb.set(x), wb.set(w), bb.set(bv);
                     const float* bp = with_bias ? bb.p : nullptr;
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::layernorm_forward(out.p, mean.p, rstd.p, xb.p, wb.p, bp, rows, c);
+                        ln::layernorm_forward(out.p, nullptr, mean.p, rstd.p, xb.p, wb.p, bp, rows, c);
                     });
                     end(k, cs, s, vec);
                     fw = {out.get(), mean.get(), rstd.get()};
@@ -500,11 +519,65 @@ static void check_layernorm() {
                     xb.set(x), wb.set(w), bb.set(bv), mean.set(fw.mean), rstd.set(fw.rstd);
                     const float* bp = with_bias ? bb.p : nullptr;
                     emulate_serial(grid_vec(n), BLOCK, [&] {
-                        ln::layernorm_recompute(out.p, xb.p, mean.p, rstd.p, wb.p, bp, rows, c);
+                        ln::layernorm_recompute(out.p, nullptr, xb.p, mean.p, rstd.p, wb.p, bp, rows, c);
                     });
                     end(k, cs, s, vec);
                     exact(k, cs, "out vs layernorm_forward", out.get(), fw.out);
                     guards(k, cs, out, xb, wb, bb, mean, rstd);
+                }
+                {
+                    // bf16 outputs alone (the bf16 mode's LayerNorm outputs): the fp32
+                    // output rounded by bf16_rne, bit for bit, from each of the three
+                    // kernels; 8-byte vector stores where the rows allow.
+                    std::vector<unsigned short> want(n);
+                    for (long long i = 0; i < n; i++) want[i] = ref_bf16(fw.out[i]);
+                    bool vec16 = s != MIXED && c % 4 == 0;  // bf16 first: 2-byte shift only
+                    vec16 = vec && vec16;
+                    {
+                        std::string k = "layernorm_forward", cs = begin(k, shape + " bf16 out", s);
+                        Buf<unsigned short> ob(n, off_first(s));
+                        Buf<float> xb(n, off_rest(s)), wb(c, off_rest(s)), bb(c, off_rest(s));
+                        Buf<float> mean(rows, 0), rstd(rows, 0);
+                        xb.set(x), wb.set(w), bb.set(bv);
+                        emulate(grid_rows(rows), BLOCK, [&] {
+                            ln::layernorm_forward(nullptr, ob.p, mean.p, rstd.p, xb.p, wb.p,
+                                                  with_bias ? bb.p : nullptr, rows, c);
+                        });
+                        end(k, cs, s, vec16);
+                        exact(k, cs, "bf16 out", ob.get(), want);
+                        exact(k, cs, "mean", mean.get(), fw.mean);
+                        guards(k, cs, ob, xb, wb, bb, mean, rstd);
+                    }
+                    {
+                        std::string k = "layernorm_recompute", cs = begin(k, shape + " bf16 out", s);
+                        Buf<unsigned short> ob(n, off_first(s));
+                        Buf<float> xb(n, off_rest(s)), wb(c, off_rest(s)), bb(c, off_rest(s));
+                        Buf<float> mean(rows, 0), rstd(rows, 0);
+                        xb.set(x), wb.set(w), bb.set(bv), mean.set(fw.mean), rstd.set(fw.rstd);
+                        emulate_serial(grid_vec(n), BLOCK, [&] {
+                            ln::layernorm_recompute(nullptr, ob.p, xb.p, mean.p, rstd.p, wb.p,
+                                                    with_bias ? bb.p : nullptr, rows, c);
+                        });
+                        end(k, cs, s, vec16);
+                        exact(k, cs, "bf16 out", ob.get(), want);
+                        guards(k, cs, ob, xb, wb, bb, mean, rstd);
+                    }
+                    {
+                        // res = x - a_in + a_in is not x in floats: feed a = x, b = 0.
+                        std::string k = "residual_layernorm_forward", cs = begin(k, shape + " bf16 out", s);
+                        Buf<float> res(n, off_first(s)), a(n, off_rest(s)), b(n, off_rest(s));
+                        Buf<unsigned short> ob(n, off_rest(s));
+                        Buf<float> wb(c, off_rest(s)), bb(c, off_rest(s)), mean(rows, 0), rstd(rows, 0);
+                        a.set(x), b.set(std::vector<float>(n, 0.0f)), wb.set(w), bb.set(bv);
+                        emulate(grid_rows(rows), BLOCK, [&] {
+                            ln::residual_layernorm_forward(res.p, nullptr, ob.p, mean.p, rstd.p, a.p, b.p,
+                                                           wb.p, with_bias ? bb.p : nullptr, rows, c);
+                        });
+                        end(k, cs, s, vec);
+                        exact(k, cs, "bf16 out", ob.get(), want);
+                        exact(k, cs, "res", res.get(), x);
+                        guards(k, cs, res, a, b, ob, wb, bb, mean, rstd);
+                    }
                 }
                 for (int alias : {0, 1, 2}) {  // res separate, res = a, res = b
                     std::string k = "residual_layernorm_forward";
@@ -518,7 +591,7 @@ static void check_layernorm() {
                     abuf.set(a_in), bbuf.set(b_in), wb.set(w), bb.set(bv);
                     const float* biasp = with_bias ? bb.p : nullptr;
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::residual_layernorm_forward(res.p, out.p, mean.p, rstd.p, ap, bp2, wb.p, biasp, rows, c);
+                        ln::residual_layernorm_forward(res.p, out.p, nullptr, mean.p, rstd.p, ap, bp2, wb.p, biasp, rows, c);
                     });
                     end(k, cs, s, vec);
                     std::vector<float> sum(n);
@@ -528,7 +601,7 @@ static void check_layernorm() {
                     Buf<float> o2(n, 0), xb(n, 0), m2(rows, 0), r2(rows, 0), wb2(c, 0), bb2(c, 0);
                     xb.set(sum), wb2.set(w), bb2.set(bv);
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::layernorm_forward(o2.p, m2.p, r2.p, xb.p, wb2.p, with_bias ? bb2.p : nullptr, rows, c);
+                        ln::layernorm_forward(o2.p, nullptr, m2.p, r2.p, xb.p, wb2.p, with_bias ? bb2.p : nullptr, rows, c);
                     });
                     exact(k, cs, "out vs layernorm_forward", out.get(), o2.get());
                     exact(k, cs, "mean vs layernorm_forward", mean.get(), m2.get());

@@ -24,7 +24,7 @@
 //! the largest pass so far; it is kept across resets and prefills with the same `n_seq`.
 
 use super::kernels::{grid_vec, Arg, BLOCK};
-use super::{at, cuda_err, Buf, CResult, CudaEngine};
+use super::{at, cuda_err, Buf, CResult, CudaEngine, LnOut, Src};
 use crate::cuda::cublas::Operand;
 use crate::cuda::driver::Context;
 use crate::engine::{EngineError, Result};
@@ -232,7 +232,7 @@ impl CudaEngine {
         for (l, o) in lay.blocks.iter().enumerate() {
             let (kc, vc) = (cache.k[l].ptr, cache.v[l].ptr);
             self.layernorm_fwd(
-                sc.ln.ptr,
+                LnOut::F32(sc.ln.ptr),
                 sc.mean.ptr,
                 sc.rstd.ptr,
                 sc.x.ptr,
@@ -240,7 +240,15 @@ impl CudaEngine {
                 o.ln1_b,
                 rows,
             )?;
-            self.linear_fwd(sc.qkv.ptr, sc.ln.ptr, o.qkv_w, o.qkv_b, c, 3 * c, rows)?;
+            self.linear_fwd(
+                sc.qkv.ptr,
+                Src::Act(sc.ln.ptr),
+                o.qkv_w,
+                o.qkv_b,
+                c,
+                3 * c,
+                rows,
+            )?;
             self.run(
                 self.k.decode_kv_append,
                 grid_vec(rows * c),
@@ -273,7 +281,7 @@ impl CudaEngine {
             )?;
             self.linear_fwd(
                 sc.tmp.ptr,
-                sc.atty.ptr,
+                Src::Act(sc.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
                 c,
@@ -284,7 +292,7 @@ impl CudaEngine {
                 sc.x.ptr,
                 sc.x.ptr,
                 sc.tmp.ptr,
-                sc.ln.ptr,
+                LnOut::F32(sc.ln.ptr),
                 sc.mean.ptr,
                 sc.rstd.ptr,
                 o.ln2_w,
@@ -294,7 +302,7 @@ impl CudaEngine {
             self.linear_gelu_fwd(
                 sc.gelu.ptr,
                 sc.fch.ptr,
-                sc.ln.ptr,
+                Src::Act(sc.ln.ptr),
                 o.fc_w,
                 o.fc_b,
                 c,
@@ -303,7 +311,7 @@ impl CudaEngine {
             )?;
             self.linear_fwd(
                 sc.tmp.ptr,
-                sc.gelu.ptr,
+                Src::Act(sc.gelu.ptr),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 4 * c,
@@ -313,7 +321,7 @@ impl CudaEngine {
             self.add(sc.x.ptr, sc.tmp.ptr, rows * c)?;
         }
         self.layernorm_fwd(
-            sc.ln.ptr,
+            LnOut::F32(sc.ln.ptr),
             sc.mean.ptr,
             sc.rstd.ptr,
             sc.x.ptr,

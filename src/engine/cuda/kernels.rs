@@ -203,6 +203,7 @@ kernel_table!(
     decode_kv_append,
     decode_attention,
     cast_f32_to_bf16,
+    cast_bf16_to_f32,
     flash_attn_fwd_f32,
     flash_attn_fwd_bf16,
     flash_attn_bwd_dot,

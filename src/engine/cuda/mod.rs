@@ -16,7 +16,10 @@
 //! and the tied LM head runs its products through cuBLASLt with bf16 operands and fp32
 //! accumulation (`CUBLAS_COMPUTE_32F`), forward and backward (dX, and dW accumulated into the
 //! fp32 gradients with beta = 1); the fp32 activations that feed those products are rounded
-//! into bf16 scratch buffers (`kernels/cast.cu`) right before each one. LayerNorm, softmax,
+//! into bf16 scratch buffers (`kernels/cast.cu`) right before each one, except the LayerNorm
+//! outputs (ln1, ln2, lnf), which only products read: the LayerNorm kernels write them in
+//! bf16 alone ([`LnOut`], switch `bf16_acts`; the same bits as rounding an fp32 output, at
+//! half the memory and with no cast pass). LayerNorm, softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -146,6 +149,9 @@ struct Bf16State {
     workspace: Buf,
     params: Buf,
     scratch: [RefCell<Option<Buf>>; 2],
+    /// fp32 copy of a bf16-only operand ([`Src::Bf16`]) for a product cuBLASLt cannot run
+    /// in bf16 (computed in fp32 instead).
+    widened: RefCell<Option<Buf>>,
     warned: Cell<bool>,
 }
 
@@ -158,6 +164,36 @@ enum Src {
     Param(usize),
     /// An fp32 tensor (first) already rounded to bf16 (second) by [`CudaEngine::rounded`].
     Rounded(u64, u64),
+    /// An activation stored in bf16 only (the bf16 mode's LayerNorm outputs, [`LnOut`]).
+    Bf16(u64),
+}
+
+/// Where a LayerNorm writes its output (`kernels/layernorm.cu`): an fp32 buffer, or, in the
+/// bf16 mode with the `bf16_acts` switch on, a bf16 buffer. A LayerNorm output is read only
+/// by matrix products (the next linear layer forward, its weight gradient backward), which
+/// take bf16 operands in that mode: stored in bf16 it is written at half the bytes and never
+/// rounded by a separate cast pass.
+#[derive(Clone, Copy, Debug)]
+enum LnOut {
+    F32(u64),
+    Bf16(u64),
+}
+
+impl LnOut {
+    /// The kernels' `out, out_bf16` arguments (the unused one null).
+    fn args(self) -> [Arg; 2] {
+        match self {
+            LnOut::F32(p) => [Arg::Ptr(p), Arg::Ptr(0)],
+            LnOut::Bf16(p) => [Arg::Ptr(0), Arg::Ptr(p)],
+        }
+    }
+    /// The output as a product operand.
+    fn src(self) -> Src {
+        match self {
+            LnOut::F32(p) => Src::Act(p),
+            LnOut::Bf16(p) => Src::Bf16(p),
+        }
+    }
 }
 
 /// A linear-layer product operand: source, used transposed or not, row stride.
@@ -260,6 +296,8 @@ struct Acts {
     b: usize,
     t_cap: usize,
     recompute: Recompute,
+    /// LayerNorm outputs (ln1, ln2, lnf, `ln_shared`) are bf16 ([`LnOut::Bf16`]).
+    ln_bf16: bool,
     inputs: Buf,
     targets: Buf,
     encoded: Buf,
@@ -295,16 +333,21 @@ impl Acts {
         b: usize,
         t_cap: usize,
         recompute: Recompute,
+        ln_bf16: bool,
     ) -> CResult<Acts> {
         let (n, c) = (b * t_cap, cfg.n_embd);
         let z = |len: usize| ctx.alloc(4 * len);
+        // LayerNorm outputs: fp32, or bf16 with `ln_bf16`.
+        let zl = |len: usize| ctx.alloc(if ln_bf16 { 2 } else { 4 } * len);
+        // A LayerNorm output buffer of `len` values when `keep`, else none.
+        let opt_ln = |keep: bool, len: usize| if keep { zl(len).map(Some) } else { Ok(None) };
         // A buffer of `len` floats when `keep`, else none.
         let opt = |keep: bool, len: usize| if keep { z(len).map(Some) } else { Ok(None) };
         let (ln_own, gelu_own) = (!recompute.layernorm(), !recompute.gelu());
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             layers.push(LayerActs {
-                ln1: opt(ln_own, n * c)?,
+                ln1: opt_ln(ln_own, n * c)?,
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
                 qkv: z(n * 3 * c)?,
@@ -312,7 +355,7 @@ impl Acts {
                 lse: OnceCell::new(),
                 atty: z(n * c)?,
                 res2: z(n * c)?,
-                ln2: opt(ln_own, n * c)?,
+                ln2: opt_ln(ln_own, n * c)?,
                 ln2_mean: z(n)?,
                 ln2_rstd: z(n)?,
                 fch: z(n * 4 * c)?,
@@ -324,11 +367,12 @@ impl Acts {
             b,
             t_cap,
             recompute,
+            ln_bf16,
             inputs: z(n)?,
             targets: z(n)?,
             encoded: z(n * c)?,
             layers,
-            lnf: z(n * c)?,
+            lnf: zl(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
             logits: z(n * cfg.vocab_size)?,
@@ -344,15 +388,16 @@ impl Acts {
             ln_parts: z(PARTS * 2 * c)?,
             bias_parts: z(PARTS * 4 * c)?,
             gelu_shared: opt(!gelu_own, n * 4 * c)?,
-            ln_shared: opt(!ln_own, n * c)?,
+            ln_shared: opt_ln(!ln_own, n * c)?,
         })
     }
 
     /// Bytes [`Acts::new`] allocates for `b` rows of `t_cap` tokens at `recompute`, plus
     /// the attention buffers a training step allocates on first use: the fused path's
     /// logsumexp and scratch vector (`fused`), else the plain path's T x T matrices (and
-    /// the dropout-masked copy when `attn_dropout`). The GPU test of recomputation checks
-    /// it against [`CudaEngine::memory_report`]'s figures.
+    /// the dropout-masked copy when `attn_dropout`), with the LayerNorm outputs in bf16
+    /// when `ln_bf16`. The GPU test of recomputation checks it against
+    /// [`CudaEngine::memory_report`]'s figures.
     fn planned_bytes(
         cfg: &GptConfig,
         b: usize,
@@ -360,17 +405,23 @@ impl Acts {
         recompute: Recompute,
         fused: bool,
         attn_dropout: bool,
+        ln_bf16: bool,
     ) -> u64 {
         let (n, c, nh, l) = (b * t_cap, cfg.n_embd, cfg.n_head, cfg.n_layer);
-        let ln = if recompute.layernorm() { 0 } else { 2 * n * c };
+        // LayerNorm outputs (values): per layer ln1 and ln2, or the shared one; lnf.
+        let ln_values = if recompute.layernorm() {
+            n * c
+        } else {
+            l * 2 * n * c
+        } + n * c;
+        let ln_bytes = (if ln_bf16 { 2 } else { 4 } * ln_values) as u64;
         let gelu = if recompute.gelu() { 0 } else { n * 4 * c };
         // ln stats (4N), qkv, atty, res2, fch, res3
-        let layer = ln + gelu + 4 * n + 3 * n * c + 2 * n * c + n * 4 * c + n * c;
-        let shared = if recompute.gelu() { n * 4 * c } else { 0 }
-            + if recompute.layernorm() { n * c } else { 0 };
+        let layer = gelu + 4 * n + 3 * n * c + 2 * n * c + n * 4 * c + n * c;
+        let shared = if recompute.gelu() { n * 4 * c } else { 0 };
         let once = 2 * n // inputs, targets
             + n * c // encoded
-            + n * c + 2 * n // lnf, mean, rstd
+            + 2 * n // lnf's mean, rstd
             + n * cfg.vocab_size // logits
             + 3 * n * c + n * 4 * c + n * 3 * c // dres, dtmp, dln, dfch, dqkv
             + PARTS * 2 * c + PARTS * 4 * c;
@@ -380,14 +431,25 @@ impl Acts {
         } else {
             l * tt + tt + if attn_dropout { tt } else { 0 }
         };
-        4 * (l * layer + shared + once + attention) as u64 + 8 * n as u64 // row_loss: f64
+        4 * (l * layer + shared + once + attention) as u64 + ln_bytes + 8 * n as u64
+        // row_loss: f64
     }
 
-    fn ln1(&self, l: usize) -> u64 {
-        self.own_or_shared(self.layers[l].ln1.as_ref(), &self.ln_shared)
+    fn ln1(&self, l: usize) -> LnOut {
+        self.ln_out(self.own_or_shared(self.layers[l].ln1.as_ref(), &self.ln_shared))
     }
-    fn ln2(&self, l: usize) -> u64 {
-        self.own_or_shared(self.layers[l].ln2.as_ref(), &self.ln_shared)
+    fn ln2(&self, l: usize) -> LnOut {
+        self.ln_out(self.own_or_shared(self.layers[l].ln2.as_ref(), &self.ln_shared))
+    }
+    fn lnf(&self) -> LnOut {
+        self.ln_out(self.lnf.ptr)
+    }
+    fn ln_out(&self, ptr: u64) -> LnOut {
+        if self.ln_bf16 {
+            LnOut::Bf16(ptr)
+        } else {
+            LnOut::F32(ptr)
+        }
     }
     fn gelu(&self, l: usize) -> u64 {
         self.own_or_shared(self.layers[l].fch_gelu.as_ref(), &self.gelu_shared)
@@ -405,7 +467,8 @@ impl Acts {
 
 /// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
 /// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the fused
-/// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too).
+/// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too), with
+/// the LayerNorm outputs in bf16 when `ln_bf16` (the bf16 mode with `bf16_acts` on).
 pub fn activation_bytes(
     cfg: &GptConfig,
     b: usize,
@@ -413,8 +476,9 @@ pub fn activation_bytes(
     recompute: Recompute,
     fused: bool,
     attn_dropout: bool,
+    ln_bf16: bool,
 ) -> u64 {
-    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout)
+    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout, ln_bf16)
 }
 
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
@@ -569,6 +633,7 @@ impl CudaEngine {
                         .alloc(2 * total)
                         .map_err(|e| oom("bf16 parameter copy", e))?,
                     scratch: [RefCell::new(None), RefCell::new(None)],
+                    widened: RefCell::new(None),
                     warned: Cell::new(false),
                 })
             }
@@ -734,13 +799,42 @@ impl CudaEngine {
     fn bf16_operand(&self, bf: &Bf16State, o: Lin, (rows, cols): (usize, usize)) -> CResult<u64> {
         Ok(match o.src {
             Src::Param(off) => bf.params.ptr + 2 * off as u64,
-            Src::Rounded(_, q) => q,
+            Src::Rounded(_, q) | Src::Bf16(q) => q,
             Src::Act(p) => {
                 let n = MatmulShape::extent(rows, cols, o.ld);
                 let q = self.scratch(bf, SLOT_ACT, n)?;
                 self.cast_bf16(q, p, n)?;
                 q
             }
+        })
+    }
+
+    /// Operand `o` (stored `rows x cols`) with an fp32 source: a [`Src::Bf16`] activation is
+    /// widened (exactly) into the bf16 mode's fp32 scratch; the others have one already.
+    fn fp32_operand(&self, o: Lin, (rows, cols): (usize, usize)) -> CResult<Lin> {
+        let Src::Bf16(q) = o.src else {
+            return Ok(o);
+        };
+        let bf = self
+            .bf
+            .as_ref()
+            .expect("bf16-only activations exist only in the bf16 mode");
+        let n = MatmulShape::extent(rows, cols, o.ld);
+        let mut cell = bf.widened.borrow_mut();
+        if cell.as_ref().is_none_or(|b| b.bytes < 4 * n) {
+            self.stream.synchronize()?;
+            *cell = None;
+            *cell = Some(self.ctx.alloc(4 * n)?);
+        }
+        let wide = cell.as_ref().expect("allocated just above").ptr;
+        self.run(
+            self.k.cast_bf16_to_f32,
+            grid_vec(n),
+            &[Arg::Ptr(wide), Arg::Ptr(q), Arg::I64(n as i64)],
+        )?;
+        Ok(Lin {
+            src: Src::Act(wide),
+            ..o
         })
     }
 
@@ -807,10 +901,12 @@ impl CudaEngine {
                 "bias and GELU epilogues overwrite a contiguous C"
             ),
         }
+        // An fp32 view of an operand that has one (not Src::Bf16: see fp32_operand).
         let fp32 = |o: Lin| Operand {
             ptr: match o.src {
                 Src::Act(p) | Src::Rounded(p, _) => p,
                 Src::Param(off) => self.p(off),
+                Src::Bf16(_) => unreachable!("a bf16-only operand is widened first"),
             },
             trans: o.trans,
             ld: o.ld,
@@ -822,6 +918,10 @@ impl CudaEngine {
                 debug_assert!(
                     !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
                     "one activation scratch slot: at most one Src::Act operand per product"
+                );
+                debug_assert!(
+                    !(matches!(a.src, Src::Bf16(_)) && matches!(b.src, Src::Bf16(_))),
+                    "one widening slot: at most one Src::Bf16 operand per product"
                 );
                 let shape = MatmulShape {
                     m,
@@ -881,7 +981,27 @@ impl CudaEngine {
             }
             _ => (c, beta),
         };
-        let sgemm = || self.gemm(m, n, k, fp32(a), fp32(b), beta, Operand::n(out, ldc), 1);
+        let shape_ab = MatmulShape {
+            m,
+            n,
+            k,
+            trans_a: a.trans,
+            trans_b: b.trans,
+            lda: a.ld,
+            ldb: b.ld,
+            ldc,
+            ab: ElemType::F32,
+            c: ElemType::F32,
+            align: [0; 3],
+        }
+        .stored();
+        let sgemm = || -> CResult<()> {
+            let (wa, wb) = (
+                self.fp32_operand(a, shape_ab[0])?,
+                self.fp32_operand(b, shape_ab[1])?,
+            );
+            self.gemm(m, n, k, fp32(wa), fp32(wb), beta, Operand::n(out, ldc), 1)
+        };
         match lt {
             None => sgemm()?,
             Some((bf, shape, pa, pb)) => {
@@ -1055,14 +1175,14 @@ impl CudaEngine {
     fn linear_fwd(
         &self,
         out: u64,
-        inp: u64,
+        inp: Src,
         w: usize,
         b: Option<usize>,
         ic: usize,
         oc: usize,
         rows: usize,
     ) -> CResult<()> {
-        let (x, wl) = (Lin::n(Src::Act(inp), ic), Lin::n(Src::Param(w), oc));
+        let (x, wl) = (Lin::n(inp, ic), Lin::n(Src::Param(w), oc));
         match b {
             Some(bo) => self.mm_ep(rows, oc, ic, x, wl, 0.0, out, oc, Post::Bias(self.p(bo))),
             None if self.fusing() => self.mm(rows, oc, ic, x, wl, 0.0, out, oc),
@@ -1080,7 +1200,7 @@ impl CudaEngine {
         &self,
         out: u64,
         pre: u64,
-        inp: u64,
+        inp: Src,
         w: usize,
         b: Option<usize>,
         ic: usize,
@@ -1091,7 +1211,7 @@ impl CudaEngine {
             rows,
             oc,
             ic,
-            Lin::n(Src::Act(inp), ic),
+            Lin::n(inp, ic),
             Lin::n(Src::Param(w), oc),
             0.0,
             out,
@@ -1113,7 +1233,7 @@ impl CudaEngine {
         &self,
         dinp: u64,
         dout: u64,
-        inp: u64,
+        inp: Src,
         w: usize,
         b: Option<usize>,
         gelu_pre: Option<u64>,
@@ -1131,7 +1251,7 @@ impl CudaEngine {
             ic,
             oc,
             rows,
-            Lin::t(Src::Act(inp), ic),
+            Lin::t(inp, ic),
             Lin::n(d, oc),
             1.0,
             self.g(w),
@@ -1161,7 +1281,7 @@ impl CudaEngine {
         res: u64,
         a: u64,
         b: u64,
-        out: u64,
+        out: LnOut,
         mean: u64,
         rstd: u64,
         w: usize,
@@ -1183,7 +1303,8 @@ impl CudaEngine {
             grid_rows(rows),
             &[
                 Arg::Ptr(res),
-                Arg::Ptr(out),
+                out.args()[0],
+                out.args()[1],
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
                 Arg::Ptr(a),
@@ -1199,7 +1320,7 @@ impl CudaEngine {
     #[allow(clippy::too_many_arguments)]
     fn layernorm_fwd(
         &self,
-        out: u64,
+        out: LnOut,
         mean: u64,
         rstd: u64,
         x: u64,
@@ -1211,7 +1332,8 @@ impl CudaEngine {
             self.k.layernorm_forward,
             grid_rows(rows),
             &[
-                Arg::Ptr(out),
+                out.args()[0],
+                out.args()[1],
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
                 Arg::Ptr(x),
@@ -1546,12 +1668,20 @@ impl CudaEngine {
     // ---------------------------------------------------------------- passes
 
     fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
-        let rc = self.recompute;
-        if !matches!(&self.acts, Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc) {
+        let (rc, lb) = (self.recompute, self.ln_bf16());
+        if !matches!(&self.acts,
+            Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.ln_bf16 == lb)
+        {
             self.acts = None; // free the old shape first
-            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc)?);
+            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc, lb)?);
         }
         Ok(())
+    }
+
+    /// Whether LayerNorm outputs are stored in bf16 ([`LnOut`]): the bf16 mode with the
+    /// `bf16_acts` switch on.
+    fn ln_bf16(&self) -> bool {
+        self.bf.is_some() && self.switches.bf16_acts
     }
 
     /// The recomputation of ln1 / ln2 (`recompute=2`): `out` (rows, C) from the LayerNorm
@@ -1559,7 +1689,7 @@ impl CudaEngine {
     #[allow(clippy::too_many_arguments)]
     fn layernorm_recompute(
         &self,
-        out: u64,
+        out: LnOut,
         x: u64,
         mean: u64,
         rstd: u64,
@@ -1572,7 +1702,8 @@ impl CudaEngine {
             self.k.layernorm_recompute,
             grid_vec(rows * c),
             &[
-                Arg::Ptr(out),
+                out.args()[0],
+                out.args()[1],
                 Arg::Ptr(x),
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
@@ -1643,12 +1774,12 @@ impl CudaEngine {
                     n,
                 )?;
             }
-            self.linear_fwd(la.qkv.ptr, a.ln1(l), o.qkv_w, o.qkv_b, c, 3 * c, n)?;
+            self.linear_fwd(la.qkv.ptr, a.ln1(l).src(), o.qkv_w, o.qkv_b, c, 3 * c, n)?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop, training)?;
             self.linear_fwd(
                 la.res2.ptr,
-                la.atty.ptr,
+                Src::Act(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
                 c,
@@ -1669,10 +1800,20 @@ impl CudaEngine {
                 o.ln2_b,
                 n,
             )?;
-            self.linear_gelu_fwd(a.gelu(l), la.fch.ptr, a.ln2(l), o.fc_w, o.fc_b, c, 4 * c, n)?;
+            let gelu = a.gelu(l);
+            self.linear_gelu_fwd(
+                gelu,
+                la.fch.ptr,
+                a.ln2(l).src(),
+                o.fc_w,
+                o.fc_b,
+                c,
+                4 * c,
+                n,
+            )?;
             self.linear_fwd(
                 la.res3.ptr,
-                a.gelu(l),
+                Src::Act(gelu),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 4 * c,
@@ -1693,7 +1834,7 @@ impl CudaEngine {
                     no.ln1_b,
                 ),
                 _ => (
-                    a.lnf.ptr,
+                    a.lnf(),
                     a.lnf_mean.ptr,
                     a.lnf_rstd.ptr,
                     lay.lnf_w,
@@ -1715,7 +1856,7 @@ impl CudaEngine {
         }
         if !ln_done {
             self.layernorm_fwd(
-                a.lnf.ptr,
+                a.lnf(),
                 a.lnf_mean.ptr,
                 a.lnf_rstd.ptr,
                 a.encoded.ptr,
@@ -1729,7 +1870,7 @@ impl CudaEngine {
             n,
             v,
             c,
-            Lin::n(Src::Act(a.lnf.ptr), c),
+            Lin::n(a.lnf().src(), c),
             Lin::t(Src::Param(lay.wte), c),
             0.0,
             a.logits.ptr,
@@ -1781,7 +1922,7 @@ impl CudaEngine {
             c,
             n,
             Lin::t(dlogits, v),
-            Lin::n(Src::Act(a.lnf.ptr), c),
+            Lin::n(a.lnf().src(), c),
             1.0,
             self.g(lay.wte),
             c,
@@ -1836,7 +1977,7 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dfch.ptr,
                 gbranch,
-                a.gelu(l),
+                Src::Act(a.gelu(l)),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 Some(la.fch.ptr),
@@ -1859,7 +2000,7 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dln.ptr,
                 a.dfch.ptr,
-                a.ln2(l),
+                a.ln2(l).src(),
                 o.fc_w,
                 o.fc_b,
                 None,
@@ -1890,7 +2031,7 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dln.ptr,
                 gbranch,
-                la.atty.ptr,
+                Src::Act(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
                 None,
@@ -1915,7 +2056,7 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dln.ptr,
                 a.dqkv.ptr,
-                a.ln1(l),
+                a.ln1(l).src(),
                 o.qkv_w,
                 o.qkv_b,
                 None,
@@ -2410,6 +2551,7 @@ impl Engine for CudaEngine {
             recompute,
             fused,
             attn_dropout,
+            self.ln_bf16(),
         ))
     }
 }

@@ -192,10 +192,12 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let (b, t, c) = (a(2)?, a(3)?, a(4)?);
             f * b * t * c + 2.0 * f * t * c
         }
-        // x read, out written, mean and rstd written, weight (and bias) read.
+        // x read, out written (fp32 and/or bf16), mean and rstd written, weight (and bias)
+        // read.
         "layernorm_forward" => {
-            let (n, c) = (a(6)?, a(7)?);
-            2.0 * f * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 5)?)
+            let (n, c) = (a(7)?, a(8)?);
+            let out = f * present(args, 0)? + 2.0 * present(args, 1)?;
+            (f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 6)?)
         }
         // dout and x read, dx read and written (+=), mean, rstd and weight read.
         "layernorm_backward_dx" => {
@@ -839,16 +841,35 @@ mod tests {
                 "layernorm_forward",
                 &[
                     Ptr(1),
-                    Ptr(2),
+                    Ptr(0),
                     Ptr(3),
                     Ptr(4),
                     Ptr(5),
+                    Ptr(6),
                     Ptr(0),
                     I32(8192),
                     I32(768)
                 ]
             ),
             Some(8.0 * n * c + 8.0 * n + 4.0 * c)
+        );
+        // bf16 output only: x read in fp32, out written in bf16.
+        assert_eq!(
+            kb(
+                "layernorm_forward",
+                &[
+                    Ptr(0),
+                    Ptr(2),
+                    Ptr(3),
+                    Ptr(4),
+                    Ptr(5),
+                    Ptr(6),
+                    Ptr(7),
+                    I32(8192),
+                    I32(768)
+                ]
+            ),
+            Some(6.0 * n * c + 8.0 * n + 8.0 * c)
         );
         assert_eq!(
             kb("gelu_forward", &[Ptr(1), Ptr(2), I64(1000)]),

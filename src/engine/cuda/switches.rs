@@ -10,6 +10,9 @@
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
+//! - `bf16_acts`: in bf16 mode, LayerNorm outputs stored in bf16 only, written so by the
+//!   LayerNorm kernels (otherwise fp32, rounded into bf16 scratch before each product that
+//!   reads them; no effect in fp32 mode)
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
@@ -22,10 +25,18 @@ pub struct Switches {
     pub flash_bf16: bool,
     pub epilogues: bool,
     pub fused_ln: bool,
+    pub bf16_acts: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 5] = ["flash", "flash_bf16", "epilogues", "fused_ln", "all"];
+pub const NAMES: [&str; 6] = [
+    "flash",
+    "flash_bf16",
+    "epilogues",
+    "fused_ln",
+    "bf16_acts",
+    "all",
+];
 
 impl Default for Switches {
     fn default() -> Self {
@@ -34,6 +45,7 @@ impl Default for Switches {
             flash_bf16: true,
             epilogues: true,
             fused_ln: true,
+            bf16_acts: true,
         }
     }
 }
@@ -48,12 +60,14 @@ impl Switches {
                 "flash_bf16" => s.flash_bf16 = false,
                 "epilogues" => s.epilogues = false,
                 "fused_ln" => s.fused_ln = false,
+                "bf16_acts" => s.bf16_acts = false,
                 "all" => {
                     s = Switches {
                         flash: false,
                         flash_bf16: false,
                         epilogues: false,
                         fused_ln: false,
+                        bf16_acts: false,
                     }
                 }
                 other => {
@@ -87,6 +101,9 @@ impl Switches {
         if !self.fused_ln {
             off.push("fused_ln");
         }
+        if !self.bf16_acts {
+            off.push("bf16_acts");
+        }
         off
     }
 }
@@ -99,7 +116,7 @@ mod tests {
     fn names_turn_optimisations_off_and_typos_are_errors() {
         assert_eq!(Switches::parse("").unwrap(), Switches::default());
         let s = Switches::parse("flash, fused_ln").unwrap();
-        assert!(!s.flash && s.flash_bf16 && s.epilogues && !s.fused_ln);
+        assert!(!s.flash && s.flash_bf16 && s.epilogues && !s.fused_ln && s.bf16_acts);
         assert_eq!(s.disabled(), ["flash", "fused_ln"]);
         let s = Switches::parse("flash_bf16").unwrap();
         assert!(s.flash && !s.flash_bf16 && s.epilogues && s.fused_ln);
@@ -107,8 +124,10 @@ mod tests {
         let all = Switches::parse("all").unwrap();
         assert_eq!(
             all.disabled(),
-            ["flash", "flash_bf16", "epilogues", "fused_ln"]
+            ["flash", "flash_bf16", "epilogues", "fused_ln", "bf16_acts"]
         );
+        let s = Switches::parse("bf16_acts").unwrap();
+        assert_eq!(s.disabled(), ["bf16_acts"]);
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
             err.contains("\"flsh\"") && err.contains("epilogues"),
