@@ -11,7 +11,8 @@
 //
 // cast_bf16_to_f32(out, in, n)  out[i] = in[i] widened (exact). out: float[n], in: bf16 bits.
 //   The fp32 copy of a bf16-only activation for a product cuBLASLt cannot run in bf16.
-//   Same geometry as cast_f32_to_bf16.
+//   Same geometry and vector accesses (an 8-byte load, a 16-byte store) as
+//   cast_f32_to_bf16.
 //
 // The rounding is bf16_rne (kernels/common.cuh).
 
@@ -31,10 +32,21 @@ extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ out,
 
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out,
                                             const unsigned short* __restrict__ in, long long n) {
-    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int s = vec_shift(out, 4);
+    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, s,
+                      vec_shift(in, 2) == s);
+    if (g.e0 >= n) return;
+    float v[4];
+    if (g.full) {
+        VEC_ACCESS(in + g.e0, 8);
+        uint2 t = *reinterpret_cast<const uint2*>(in + g.e0);
+        v[0] = bf16_to_f32((unsigned short)(t.x & 0xffffu));  // little endian: element 0 low
+        v[1] = bf16_to_f32((unsigned short)(t.x >> 16));
+        v[2] = bf16_to_f32((unsigned short)(t.y & 0xffffu));
+        v[3] = bf16_to_f32((unsigned short)(t.y >> 16));
+    } else {
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
-        long long i = 4 * t + k;
-        if (i < n) out[i] = bf16_to_f32(in[i]);
+        for (int k = 0; k < 4; k++) v[k] = in_range(g.e0 + k, n) ? bf16_to_f32(in[g.e0 + k]) : 0.0f;
     }
+    st4(out, g, n, v);
 }

@@ -127,9 +127,12 @@ fn vectorised_kernels_emit_wide_global_accesses() {
                 .any(|l| l.contains("ld.global") && l.contains(".v4.f32")),
             "{k}: no 16-byte load in its PTX"
         );
+        // A 16-byte store of four 32-bit values; the compiler may type the registers as
+        // .u32 or .b32 when it moves the same bits (e.g. a value computed once for two stores).
+        let wide = |t: &str| body.contains(&store.replace(".f32", t));
         assert!(
-            store.is_empty() || body.contains(store),
-            "{k}: no {store} in its PTX"
+            store.is_empty() || body.contains(store) || wide(".u32") || wide(".b32"),
+            "{k}: no {store} (or .u32/.b32) in its PTX"
         );
     }
     // Read-only inputs go through the non-coherent (__ldg) path.
@@ -144,11 +147,13 @@ fn vectorised_kernels_emit_wide_global_accesses() {
         adamw.contains("st.global.v2.u32"),
         "adamw_update: no 8-byte bf16 store"
     );
-    // The LayerNorm kernels' bf16 outputs (the bf16 mode): one 8-byte store per four.
+    // The LayerNorm kernels' bf16 outputs and the bf16 logits gradient (the bf16 mode): one
+    // 8-byte store per four.
     for k in [
         "layernorm_forward",
         "residual_layernorm_forward",
         "layernorm_recompute",
+        "cross_entropy_forward_backward",
     ] {
         let body = entry(&ptx, k).unwrap_or_else(|| panic!("no entry {k} in the PTX"));
         assert!(

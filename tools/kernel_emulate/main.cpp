@@ -298,7 +298,7 @@ static void check_unary() {
                 guards(k, c, out, in);
             }
             {
-                // Scalar by design (the rare fallback of a bf16-only operand): exact widening.
+                // Exact widening (the fallback of a bf16-only operand).
                 std::string k = "cast_bf16_to_f32", c = begin(k, "n=" + std::to_string(n), s);
                 std::vector<unsigned short> v(n);
                 for (long long i = 0; i < n; i++) v[i] = ref_bf16(x[i]);
@@ -307,7 +307,7 @@ static void check_unary() {
                 Buf<unsigned short> in(n, off_rest(s));
                 in.set(v);
                 emulate_serial(grid_vec(n), BLOCK, [&] { cst::cast_bf16_to_f32(out.p, in.p, n); });
-                end(k, c, s, false);
+                end(k, c, s, co && shift_vec(n, off_first(s)));
                 std::vector<float> want(n);
                 for (long long i = 0; i < n; i++) {
                     uint32_t u = (uint32_t)v[i] << 16;
@@ -687,7 +687,7 @@ static void check_cross_entropy() {
                 lg.set(x), tb.set(tg);
                 float grad_k = 0.25f;
                 emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
-                    xent::cross_entropy_forward_backward(lg.p, loss.p, tb.p, rows, v, grad_k, write_grad);
+                    xent::cross_entropy_forward_backward(lg.p, nullptr, loss.p, tb.p, rows, v, grad_k, write_grad);
                 });
                 // Some row that loads its logits has a whole aligned group.
                 bool expect = false;
@@ -716,6 +716,23 @@ static void check_cross_entropy() {
                     std::vector<double> ws(n);
                     for (long long i = 0; i < n; i++) gs[i] = got[i] / grad_k, ws[i] = wg[i] / grad_k;
                     within_tol(k, cs, "logit gradient / grad_k", gs, ws, TOL);
+                    // The bf16 gradient (the bf16 mode): the fp32 gradient above rounded by
+                    // bf16_rne, bit for bit, the logits untouched, the same row losses.
+                    std::string cb = begin(k, "V=" + std::to_string(v) + " bf16 gradient", s);
+                    Buf<float> lg2(n, off_first(s));
+                    Buf<unsigned short> gb(n, off_first(s));
+                    Buf<double> loss2(rows, 0);
+                    lg2.set(x);
+                    emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                        xent::cross_entropy_forward_backward(lg2.p, gb.p, loss2.p, tb.p, rows, v, grad_k, 1);
+                    });
+                    end(k, cb, s, expect);
+                    std::vector<unsigned short> want(n);
+                    for (long long i = 0; i < n; i++) want[i] = ref_bf16(got[i]);
+                    exact(k, cb, "bf16 gradient", gb.get(), want);
+                    exact(k, cb, "logits", lg2.get(), x);
+                    exact(k, cb, "row loss", loss2.get(), loss.get());
+                    guards(k, cb, lg2, gb, loss2);
                 } else {
                     exact(k, cs, "logits (no gradient asked)", lg.get(), x);
                 }

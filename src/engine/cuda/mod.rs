@@ -19,7 +19,9 @@
 //! into bf16 scratch buffers (`kernels/cast.cu`) right before each one, except the LayerNorm
 //! outputs (ln1, ln2, lnf), which only products read: the LayerNorm kernels write them in
 //! bf16 alone ([`LnOut`], switch `bf16_acts`; the same bits as rounding an fp32 output, at
-//! half the memory and with no cast pass). LayerNorm, softmax,
+//! half the memory and with no cast pass), and the logits gradient, which the cross-entropy
+//! kernel writes in bf16 for the LM head's two backward products (same switch, same bits;
+//! the fp32 gradient is never written). LayerNorm, softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -149,9 +151,9 @@ struct Bf16State {
     workspace: Buf,
     params: Buf,
     scratch: [RefCell<Option<Buf>>; 2],
-    /// fp32 copy of a bf16-only operand ([`Src::Bf16`]) for a product cuBLASLt cannot run
-    /// in bf16 (computed in fp32 instead).
-    widened: RefCell<Option<Buf>>,
+    /// fp32 copies of bf16-only operands ([`Src::Bf16`]; A, B) for a product cuBLASLt
+    /// cannot run in bf16 (computed in fp32 instead).
+    widened: [RefCell<Option<Buf>>; 2],
     warned: Cell<bool>,
 }
 
@@ -633,7 +635,7 @@ impl CudaEngine {
                         .alloc(2 * total)
                         .map_err(|e| oom("bf16 parameter copy", e))?,
                     scratch: [RefCell::new(None), RefCell::new(None)],
-                    widened: RefCell::new(None),
+                    widened: [RefCell::new(None), RefCell::new(None)],
                     warned: Cell::new(false),
                 })
             }
@@ -810,8 +812,9 @@ impl CudaEngine {
     }
 
     /// Operand `o` (stored `rows x cols`) with an fp32 source: a [`Src::Bf16`] activation is
-    /// widened (exactly) into the bf16 mode's fp32 scratch; the others have one already.
-    fn fp32_operand(&self, o: Lin, (rows, cols): (usize, usize)) -> CResult<Lin> {
+    /// widened (exactly) into the bf16 mode's fp32 scratch `slot` (0 for A, 1 for B); the
+    /// others have one already.
+    fn fp32_operand(&self, o: Lin, (rows, cols): (usize, usize), slot: usize) -> CResult<Lin> {
         let Src::Bf16(q) = o.src else {
             return Ok(o);
         };
@@ -820,7 +823,7 @@ impl CudaEngine {
             .as_ref()
             .expect("bf16-only activations exist only in the bf16 mode");
         let n = MatmulShape::extent(rows, cols, o.ld);
-        let mut cell = bf.widened.borrow_mut();
+        let mut cell = bf.widened[slot].borrow_mut();
         if cell.as_ref().is_none_or(|b| b.bytes < 4 * n) {
             self.stream.synchronize()?;
             *cell = None;
@@ -919,10 +922,6 @@ impl CudaEngine {
                     !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
                     "one activation scratch slot: at most one Src::Act operand per product"
                 );
-                debug_assert!(
-                    !(matches!(a.src, Src::Bf16(_)) && matches!(b.src, Src::Bf16(_))),
-                    "one widening slot: at most one Src::Bf16 operand per product"
-                );
                 let shape = MatmulShape {
                     m,
                     n,
@@ -997,8 +996,8 @@ impl CudaEngine {
         .stored();
         let sgemm = || -> CResult<()> {
             let (wa, wb) = (
-                self.fp32_operand(a, shape_ab[0])?,
-                self.fp32_operand(b, shape_ab[1])?,
+                self.fp32_operand(a, shape_ab[0], 0)?,
+                self.fp32_operand(b, shape_ab[1], 1)?,
             );
             self.gemm(m, n, k, fp32(wa), fp32(wb), beta, Operand::n(out, ldc), 1)
         };
@@ -1905,8 +1904,13 @@ impl CudaEngine {
         let cfg = &self.cfg;
         let lay = &self.layout;
         let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
-        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf
-        let dlogits = self.rounded(a.logits.ptr, n * v)?;
+        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. With bf16
+        // activations the cross-entropy kernel wrote dlogits in bf16 to the gradient scratch
+        // (see `cross_entropy`); otherwise it is in `logits`, rounded here in the bf16 mode.
+        let dlogits = match &self.bf {
+            Some(bf) if self.ln_bf16() => Src::Bf16(self.scratch(bf, SLOT_GRAD, n * v)?),
+            _ => self.rounded(a.logits.ptr, n * v)?,
+        };
         self.mm(
             n,
             c,
@@ -2109,7 +2113,9 @@ impl CudaEngine {
     }
 
     /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
-    /// become d(mean loss * scale)/d(logits). Returns the mean loss over counted positions.
+    /// become d(mean loss * scale)/d(logits), or, with bf16 activations ([`CudaEngine::ln_bf16`]),
+    /// that gradient goes in bf16 to the gradient scratch (the logits stay). Returns the
+    /// mean loss over counted positions.
     fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<f32> {
         let a = self
             .acts
@@ -2119,11 +2125,18 @@ impl CudaEngine {
         let count = targets.iter().filter(|&&t| t >= 0).count();
         let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         a.targets.copy_from_host(targets)?;
+        let grad_bf16 = match (&self.bf, grad_scale) {
+            (Some(bf), Some(_)) if self.ln_bf16() => {
+                self.scratch(bf, SLOT_GRAD, n * self.cfg.vocab_size)?
+            }
+            _ => 0,
+        };
         self.run(
             self.k.cross_entropy_forward_backward,
             (n as u32, 1, 1),
             &[
                 Arg::Ptr(a.logits.ptr),
+                Arg::Ptr(grad_bf16),
                 Arg::Ptr(a.row_loss.ptr),
                 Arg::Ptr(a.targets.ptr),
                 Arg::I32(n as i32),

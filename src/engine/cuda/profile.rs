@@ -240,10 +240,12 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let (rows, t) = (a(2)?, a(3)?);
             f * rows * ((t + 1.0) + t)
         }
-        // Logits read (and overwritten by their gradient), targets read, f64 losses written.
+        // Logits read (and overwritten by their gradient, or the gradient written in bf16),
+        // targets read, f64 losses written.
         "cross_entropy_forward_backward" => {
-            let (n, v, grad) = (a(3)?, a(4)?, a(6)?);
-            f * n * v * (1.0 + grad.min(1.0)) + f * n + 8.0 * n
+            let (n, v, grad) = (a(4)?, a(5)?, a(7)?);
+            let grad_bytes = if present(args, 1)? > 0.0 { 2.0 } else { f };
+            f * n * v + grad.min(1.0) * grad_bytes * n * v + f * n + 8.0 * n
         }
         // Gradients read; one f64 partial per block written.
         "sumsq_parts" => f * a(2)? + 8.0 * grid.0 as f64,
@@ -905,9 +907,35 @@ mod tests {
         assert_eq!(
             kb(
                 "cross_entropy_forward_backward",
-                &[Ptr(1), Ptr(2), Ptr(3), I32(2), I32(5), F32(0.5), I32(1)]
+                &[
+                    Ptr(1),
+                    Ptr(0),
+                    Ptr(2),
+                    Ptr(3),
+                    I32(2),
+                    I32(5),
+                    F32(0.5),
+                    I32(1)
+                ]
             ),
             Some(4.0 * 10.0 * 2.0 + 8.0 + 16.0)
+        );
+        // The gradient in bf16: 4 bytes read, 2 written per logit.
+        assert_eq!(
+            kb(
+                "cross_entropy_forward_backward",
+                &[
+                    Ptr(1),
+                    Ptr(9),
+                    Ptr(2),
+                    Ptr(3),
+                    I32(2),
+                    I32(5),
+                    F32(0.5),
+                    I32(1)
+                ]
+            ),
+            Some(6.0 * 10.0 + 8.0 + 16.0)
         );
         assert_eq!(
             kernel_bytes("sumsq_parts", (1024, 1, 1), &[Ptr(1), Ptr(2), I64(100)]),
