@@ -180,7 +180,7 @@ inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k)
     emu_fiber_body = &k;
     while (emu_fiber_pool.size() < threads) {
         auto f = std::make_unique<EmuFiber>();
-        f->stack = std::make_unique<char[]>(EMU_FIBER_STACK);
+        f->stack.reset(new char[EMU_FIBER_STACK]);  // not zeroed: untouched pages stay unmapped
         emu_fiber_pool.push_back(std::move(f));
     }
     for (unsigned z = 0; z < grid.z; z++)
