@@ -614,7 +614,11 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
 // recomputed rows of P sum to 1 up to fp32 rounding). Needs sm_80+, hs a multiple of 16,
 // at most 128. 128 threads (4 warps), static shared memory only (no dynamic).
 //
-// flash_attn_bwd_dkdv_bf16(qkv, dy, lse, dvec, dqkv, T, C, NH, scale)
+// Both write dq | dk | dv to dqkv in fp32, or, when dqkv_bf16 is not null (dqkv then
+// unused), to dqkv_bf16 in bf16 (the same fp32 values rounded to nearest even, two adjacent
+// elements per 4-byte store): the bf16 mode's qkv backward products read them in bf16.
+//
+// flash_attn_bwd_dkdv_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale)
 //   Block: FBB_KROWS = 64 keys (16 per warp), grid (ceil(T / 64), NH, B); loops over query
 //   tiles of FBB_QCOLS = 32 from the block's first key to T. Each warp computes the
 //   transposed products with its keys as the M rows:
@@ -634,7 +638,7 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
 //   tiles (64 x (hs + 8) each) are staged through the same bytes before the loop.
 //   At hs = 128: 2 * 2 * 32 * 136 + 2 * 2 * 128 * 40 + 2 * 4 * 32 = 38144 bytes.
 //
-// flash_attn_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, T, C, NH, scale)
+// flash_attn_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale)
 //   Block: FBB_QROWS = 64 queries (16 per warp), grid (ceil(T / 64), NH, B); loops over key
 //   tiles of FBB_KCOLS = 32 up to the diagonal.
 //     S (16 x 32) = Q K^T:  A = Q rows (registers), B from Ks (row-major).
@@ -736,19 +740,28 @@ __device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
 
 // Writes the 16 x hs C-layout accumulators `acc` (rows r0 + g, r0 + g + 8), times `mul`,
 // to out[t * ld_out + d] for rows t < T.
-__device__ __forceinline__ void fa_store_rows(float* out, long long ld_out, const float (*acc)[4],
+// Rows of an accumulator tile times `mul`, to out (fp32) or, when out_bf16 is not null, to
+// out_bf16 (bf16, the same values rounded; a pair of adjacent elements is one 4-byte store:
+// ld_out and the column offsets are even). Both point at the tile's row 0, column 0.
+__device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf16,
+                                              long long ld_out, const float (*acc)[4],
                                               float mul, int r0, int T, int hs) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int t = r0 + g + 8 * r;
         if (t < T) {
-            float* o = out + (long long)t * ld_out;
 #pragma unroll
             for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
                 if (dt * 8 < hs) {
-                    o[dt * 8 + 2 * q] = acc[dt][2 * r] * mul;
-                    o[dt * 8 + 2 * q + 1] = acc[dt][2 * r + 1] * mul;
+                    float lo = acc[dt][2 * r] * mul, hi = acc[dt][2 * r + 1] * mul;
+                    long long i = (long long)t * ld_out + dt * 8 + 2 * q;
+                    if (out_bf16) {
+                        *reinterpret_cast<unsigned*>(out_bf16 + i) = fa_pack_bf16(lo, hi);
+                    } else {
+                        out[i] = lo;
+                        out[i + 1] = hi;
+                    }
                 }
             }
         }
@@ -758,7 +771,8 @@ __device__ __forceinline__ void fa_store_rows(float* out, long long ld_out, cons
 extern "C" __global__ void __launch_bounds__(FBB_THREADS)
 flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
                          const float* __restrict__ lse, const float* __restrict__ dvec,
-                         float* __restrict__ dqkv, int T, int C, int NH, float scale) {
+                         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
+                         int T, int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS + 4 * FBB_QCOLS];
     const int hs = C / NH, ld = hs + FB_KPAD;
@@ -826,16 +840,21 @@ flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict_
         fa_mma_xb(dv, st, dYt, hs);
         fa_mma_xb(dk, dpt, Qt, hs);
     }
-    float* out = dqkv + (long long)b * T * c3 + (long long)h * hs;
-    fa_store_rows(out + C, c3, dk, scale, k0 + wr, T, hs);
-    fa_store_rows(out + 2 * C, c3, dv, 1.0f, k0 + wr, T, hs);
+    long long base = (long long)b * T * c3 + (long long)h * hs;
+    float* out = dqkv_bf16 ? nullptr : dqkv + base;
+    unsigned short* outb = dqkv_bf16 ? dqkv_bf16 + base : nullptr;
+    fa_store_rows(out ? out + C : nullptr, outb ? outb + C : nullptr, c3, dk, scale, k0 + wr, T,
+                  hs);
+    fa_store_rows(out ? out + 2 * C : nullptr, outb ? outb + 2 * C : nullptr, c3, dv, 1.0f,
+                  k0 + wr, T, hs);
 #endif
 }
 
 extern "C" __global__ void __launch_bounds__(FBB_THREADS)
 flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
                        const float* __restrict__ lse, const float* __restrict__ dvec,
-                       float* __restrict__ dqkv, int T, int C, int NH, float scale) {
+                       float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
+                       int T, int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS];
     const int hs = C / NH, ld = hs + FB_KPAD;
@@ -898,7 +917,8 @@ flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ 
             }
         fa_mma_xb(dq, dp, Kt, hs);
     }
-    fa_store_rows(dqkv + (long long)b * T * c3 + (long long)h * hs, c3, dq, scale, q0 + wr, T,
-                  hs);
+    long long base = (long long)b * T * c3 + (long long)h * hs;
+    fa_store_rows(dqkv_bf16 ? nullptr : dqkv + base, dqkv_bf16 ? dqkv_bf16 + base : nullptr, c3,
+                  dq, scale, q0 + wr, T, hs);
 #endif
 }

@@ -209,7 +209,7 @@ fn flash_attention_matches_float64_attention() {
             unsafe {
                 flash::flash_backward(
                     &g.stream, &g.k, math, d_qkv.ptr, d_y.ptr, d_lse.ptr, d_dy.ptr, d_dvec.ptr,
-                    d_dqkv.ptr, s,
+                    d_dqkv.ptr, 0, s,
                 )
             }
             .expect("backward launch");
@@ -410,7 +410,7 @@ fn flash_attention_matches_the_plain_path() {
                     .unwrap();
                 flash::flash_backward(
                     &g.stream, &g.k, math, d_qkv.ptr, fy.ptr, flse.ptr, d_dy.ptr, fdvec.ptr,
-                    fd.ptr, s,
+                    fd.ptr, 0, s,
                 )
                 .unwrap();
             }
@@ -483,7 +483,7 @@ fn flash_attention_timing() {
     // SAFETY: as above.
     let backward = |math| unsafe {
         flash::flash_backward(
-            &g.stream, &g.k, math, qkv.ptr, y.ptr, lse.ptr, dy.ptr, dvec.ptr, dqkv.ptr, s,
+            &g.stream, &g.k, math, qkv.ptr, y.ptr, lse.ptr, dy.ptr, dvec.ptr, dqkv.ptr, 0, s,
         )
         .unwrap()
     };

@@ -167,11 +167,31 @@ static void run_bf16(const Case& cs, const std::vector<float>& qkv, const std::v
         flash_attn_bwd_dot(y.data(), dy.data(), dvec.data(), B, T, C, NH);
     });
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
-        flash_attn_bwd_dkdv_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), T, C, NH, scale);
+        flash_attn_bwd_dkdv_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), nullptr, T, C, NH, scale);
     });
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
-        flash_attn_bwd_dq_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), T, C, NH, scale);
+        flash_attn_bwd_dq_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), nullptr, T, C, NH, scale);
     });
+}
+
+// The bf16 backward kernels writing dqkv in bf16 (the engine's bf16 mode): the fp32 output
+// of run_bf16 rounded to nearest even, bit for bit. Returns whether it is.
+static bool bf16_output_matches(const Case& cs, const std::vector<float>& qkv,
+                                const std::vector<float>& dy, std::vector<float>& lse,
+                                std::vector<float>& dvec, const std::vector<float>& dqkv) {
+    int B = cs.B, T = cs.T, NH = cs.NH, C = NH * cs.hs;
+    float scale = 1.0f / std::sqrt((float)cs.hs);
+    unsigned tiles = (T + 63) / 64;
+    std::vector<unsigned short> out(qkv.size(), 0xffff);
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dkdv_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), nullptr, out.data(), T, C, NH, scale);
+    });
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dq_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), nullptr, out.data(), T, C, NH, scale);
+    });
+    for (size_t i = 0; i < out.size(); i++)
+        if (out[i] != fa_f2bf(dqkv[i])) return false;
+    return true;
 }
 
 int main(int argc, char** argv) {
@@ -220,6 +240,10 @@ int main(int argc, char** argv) {
 
         std::vector<float> y16, lse16, dvec16, dqkv16;
         run_bf16(cs, qkv, dy, y16, lse16, dvec16, dqkv16);
+        bool okb16 = bf16_output_matches(cs, qkv, dy, lse16, dvec16, dqkv16);
+        std::printf("%s   bf16 backward, bf16 output: %s\n", okb16 ? "ok  " : "FAIL",
+                    okb16 ? "the fp32 output rounded, bit for bit" : "differs from the fp32 output rounded");
+        failures += !okb16;
         double ey16 = rel(y16, y_ref), el16 = rel(lse16, lse_ref);
         bool okf = ey16 < TOL_BF16 && el16 < TOL_BF16;
         std::printf("%s   bf16 forward: y %.2e lse %.2e\n", okf ? "ok  " : "FAIL", ey16, el16);

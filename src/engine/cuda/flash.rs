@@ -289,6 +289,8 @@ pub unsafe fn flash_forward(
 
 /// dqkv (B*T, 3C, overwritten) from dy (B*T, C), using the forward's y and lse (from a
 /// forward with the same `math`); `dvec` (B*NH*T floats) is scratch. Enqueued on `stream`.
+/// With `dqkv_bf16` not 0 (only for [`FlashMath::Bf16`]) the gradient goes there in bf16
+/// instead (the same values rounded to nearest even) and `dqkv` is not written.
 ///
 /// # Safety
 /// As [`flash_forward`]; `dqkv` and `dvec` must not overlap any input.
@@ -303,8 +305,13 @@ pub unsafe fn flash_backward(
     dy: u64,
     dvec: u64,
     dqkv: u64,
+    dqkv_bf16: u64,
     shape: AttnShape,
 ) -> CResult<()> {
+    assert!(
+        dqkv_bf16 == 0 || math == FlashMath::Bf16,
+        "only the bf16 backward kernels write a bf16 gradient"
+    );
     let cfg = backward_config(&shape, math)?;
     let (b, t, c, nh) = (
         shape.b as i32,
@@ -337,8 +344,9 @@ pub unsafe fn flash_backward(
         Arg::I32(nh),
     ];
     if math == FlashMath::Bf16 {
-        // (.., T, C, NH, scale): the tile sizes are compiled in.
+        // (.., dqkv, dqkv_bf16, T, C, NH, scale): the tile sizes are compiled in.
         let mut args = common.to_vec();
+        args.insert(5, Arg::Ptr(dqkv_bf16));
         args.push(Arg::F32(scale(&shape)));
         launch(stream, k.flash_attn_bwd_dkdv_bf16, &cfg.dkdv, &args)?;
         return launch(stream, k.flash_attn_bwd_dq_bf16, &cfg.dq, &args);

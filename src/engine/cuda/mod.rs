@@ -20,8 +20,10 @@
 //! outputs (ln1, ln2, lnf), which only products read: the LayerNorm kernels write them in
 //! bf16 alone ([`LnOut`], switch `bf16_acts`; the same bits as rounding an fp32 output, at
 //! half the memory and with no cast pass), and the logits gradient, which the cross-entropy
-//! kernel writes in bf16 for the LM head's two backward products (same switch, same bits;
-//! the fp32 gradient is never written). LayerNorm, softmax,
+//! kernel writes in bf16 for the LM head's two backward products, and, on the bf16 fused
+//! attention path, the qkv gradient, which the attention backward kernels write in bf16
+//! for the qkv backward products (same switch, same bits; the fp32 gradients are never
+//! written). LayerNorm, softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -1042,7 +1044,10 @@ impl CudaEngine {
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
             ),
-            Post::BiasGrad { db, tmp } => self.colsum_add(db, fp32(b).ptr, k, n, tmp),
+            Post::BiasGrad { db, tmp } => {
+                let wb = self.fp32_operand(b, shape_ab[1], 1)?;
+                self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
+            }
             Post::None | Post::Bias(_) => Ok(()),
         }
     }
@@ -1231,7 +1236,7 @@ impl CudaEngine {
     fn linear_bwd(
         &self,
         dinp: u64,
-        dout: u64,
+        dout: Src,
         inp: Src,
         w: usize,
         b: Option<usize>,
@@ -1241,7 +1246,10 @@ impl CudaEngine {
         rows: usize,
         scratch: u64,
     ) -> CResult<()> {
-        let d = self.rounded(dout, rows * oc)?;
+        let d = match dout {
+            Src::Act(p) => self.rounded(p, rows * oc)?,
+            other => other,
+        };
         let bias_grad = b.map_or(Post::None, |bo| Post::BiasGrad {
             db: self.g(bo),
             tmp: scratch,
@@ -1536,6 +1544,9 @@ impl CudaEngine {
 
     /// dqkv (N, 3C, overwritten) from dy (N, C), on the path the forward took (the same
     /// `b`, `t` and `drop` choose it).
+    /// The attention backward: the gradient of qkv from `dy`, in `dqkv` (fp32), or, on the
+    /// bf16 fused path with bf16 activations, in bf16 in the gradient scratch, for the qkv
+    /// backward products (same bits as rounding the fp32 gradient). Returns where it is.
     fn attention_bwd(
         &self,
         a: &Acts,
@@ -1544,7 +1555,7 @@ impl CudaEngine {
         b: usize,
         t: usize,
         drop: Dropout,
-    ) -> CResult<()> {
+    ) -> CResult<Src> {
         if let Some(math) = self.fused_attention(b, t, true) {
             let shape = self.attn_shape(b, t);
             let lse = la
@@ -1561,7 +1572,17 @@ impl CudaEngine {
                 FlashMath::F32 => "flash_attn_bwd (fp32)",
                 FlashMath::Bf16 => "flash_attn_bwd (bf16 mma)",
             };
-            return profile::region(&self.profiler, &self.stream, name, || unsafe {
+            let out = match &self.bf {
+                Some(bf) if math == FlashMath::Bf16 && self.ln_bf16() => {
+                    Src::Bf16(self.scratch(bf, SLOT_GRAD, b * t * 3 * self.cfg.n_embd)?)
+                }
+                _ => Src::Act(a.dqkv.ptr),
+            };
+            let dqkv_bf16 = match out {
+                Src::Bf16(p) => p,
+                _ => 0,
+            };
+            profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_backward(
                     &self.stream,
                     &self.k,
@@ -1572,9 +1593,11 @@ impl CudaEngine {
                     dy,
                     dvec,
                     a.dqkv.ptr,
+                    dqkv_bf16,
                     shape,
                 )
-            });
+            })?;
+            return Ok(out);
         }
         let tt = self.tt_elems(a);
         let att = la
@@ -1661,7 +1684,7 @@ impl CudaEngine {
                 nh,
             )?;
         }
-        Ok(())
+        Ok(Src::Act(a.dqkv.ptr))
     }
 
     // ---------------------------------------------------------------- passes
@@ -1980,7 +2003,7 @@ impl CudaEngine {
             // dfch = d(pre-activation of the GELU)
             self.linear_bwd(
                 a.dfch.ptr,
-                gbranch,
+                Src::Act(gbranch),
                 Src::Act(a.gelu(l)),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
@@ -2003,7 +2026,7 @@ impl CudaEngine {
             }
             self.linear_bwd(
                 a.dln.ptr,
-                a.dfch.ptr,
+                Src::Act(a.dfch.ptr),
                 a.ln2(l).src(),
                 o.fc_w,
                 o.fc_b,
@@ -2034,7 +2057,7 @@ impl CudaEngine {
             };
             self.linear_bwd(
                 a.dln.ptr,
-                gbranch,
+                Src::Act(gbranch),
                 Src::Act(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
@@ -2045,7 +2068,7 @@ impl CudaEngine {
                 bias_scratch,
             )?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
-            self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
+            let dqkv = self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
             if la.ln1.is_none() {
                 self.layernorm_recompute(
                     a.ln1(l),
@@ -2059,7 +2082,7 @@ impl CudaEngine {
             }
             self.linear_bwd(
                 a.dln.ptr,
-                a.dqkv.ptr,
+                dqkv,
                 a.ln1(l).src(),
                 o.qkv_w,
                 o.qkv_b,

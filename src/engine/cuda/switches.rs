@@ -10,9 +10,10 @@
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
-//! - `bf16_acts`: in bf16 mode, LayerNorm outputs and the logits gradient stored in bf16
-//!   only, written so by the LayerNorm and cross-entropy kernels (otherwise fp32, rounded
-//!   into bf16 scratch before each product that reads them; no effect in fp32 mode)
+//! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient and (bf16 fused
+//!   attention) the qkv gradient stored in bf16 only, written so by the LayerNorm,
+//!   cross-entropy and attention-backward kernels (otherwise fp32, rounded into bf16
+//!   scratch before each product that reads them; no effect in fp32 mode)
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
