@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds the CPU emulation of the CUDA stack (libcuda.so.1, libcublasLt.so.13,
-# libcublas.so.13; see driver.cpp) into the directory given as the first argument (default
-# $TMPDIR/gpu_emulate). Put that directory first on LD_LIBRARY_PATH, with a real NVRTC
-# (pip install nvidia-cuda-nvrtc) findable, and the CUDA engine runs on the CPU.
+# libcublas.so.13, libnccl.so.2; see driver.cpp and nccl.cpp) into the directory given as the
+# first argument (default $TMPDIR/gpu_emulate). Put that directory first on LD_LIBRARY_PATH,
+# with a real NVRTC (pip install nvidia-cuda-nvrtc) findable, and the CUDA engine runs on the
+# CPU.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-${TMPDIR:-/tmp}/gpu_emulate}
 mkdir -p "$out"
-# Hidden visibility: the libraries export their API only (driver.cpp, cublas*.cpp).
+# Hidden visibility: the libraries export their API only (driver.cpp, cublas*.cpp, nccl.cpp).
 flags=(-std=c++20 -O2 -fPIC -fvisibility=hidden -fvisibility-inlines-hidden -ffp-contract=off
        -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Wno-sign-compare)
 g++ "${flags[@]}" -c -o "$out/kernels.o" "$here/kernels.cpp" &
@@ -17,4 +18,5 @@ wait %1 && wait %2 && wait %3
 g++ -shared -o "$out/libcuda.so.1" "$out/driver.o" "$out/kernels.o" "$out/kernels_flash.o"
 g++ "${flags[@]}" -shared -o "$out/libcublasLt.so.13" "$here/cublaslt.cpp"
 g++ "${flags[@]}" -shared -o "$out/libcublas.so.13" "$here/cublas.cpp"
+g++ "${flags[@]}" -shared -o "$out/libnccl.so.2" "$here/nccl.cpp"
 echo "$out"

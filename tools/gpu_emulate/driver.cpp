@@ -396,6 +396,27 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     return SUCCESS;
 }
 
+// Of a pointer into a live allocation: CU_POINTER_ATTRIBUTE_MEMORY_TYPE (2: always
+// CU_MEMORYTYPE_DEVICE), _RANGE_START_ADDR (11) and _RANGE_SIZE (12), the allocation's start
+// and byte size (the NCCL stand-in, nccl.cpp, checks its buffers with them); any other
+// pointer is INVALID_VALUE, as host memory the driver does not know is.
+CUresult cuPointerGetAttribute(void* data, int attribute, CUdeviceptr p) {
+    LOCKED;
+    NEED_INIT;
+    if (!data) return INVALID_VALUE;
+    auto& a = state().allocations;
+    auto it = a.upper_bound(p);
+    if (it == a.begin()) return INVALID_VALUE;
+    --it;
+    if (p >= it->first + it->second.bytes) return INVALID_VALUE;
+    switch (attribute) {
+        case 2: *static_cast<unsigned*>(data) = 2; return SUCCESS;
+        case 11: *static_cast<CUdeviceptr*>(data) = it->first; return SUCCESS;
+        case 12: *static_cast<size_t*>(data) = it->second.bytes; return SUCCESS;
+        default: return NOT_SUPPORTED;
+    }
+}
+
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     LOCKED;
     NEED_INIT;
