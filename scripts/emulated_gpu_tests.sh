@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # emulated_gpu_tests.sh: runs the CUDA engine's GPU tests on a machine without a GPU, on the
 # CPU emulation of the CUDA stack in tools/gpu_emulate (an emulated driver that runs the
-# engine's own kernels/*.cu compiled for the CPU, and CPU stand-ins for cuBLASLt and
-# cuBLAS; kernels are still compiled by the real NVRTC, which must be installed:
-# pip install nvidia-cuda-nvrtc).
+# engine's own kernels/*.cu compiled for the CPU, and CPU stand-ins for cuBLASLt, cuBLAS and
+# NCCL; kernels are still compiled by the real NVRTC, which must be installed:
+# pip install nvidia-cuda-nvrtc). Two GPUs are emulated, so that the two-GPU tests run too.
 #
 # What this checks: everything the engine does around the GPU (buffer sizes and offsets,
 # launch geometry, kernel arguments, the order of operations, which products and epilogues
 # it asks cuBLASLt for, fused and plain attention, recomputation, decoding) against the CPU
 # engine, with the same tests and tolerances as on a GPU; writes out of bounds and reads of
-# memory nothing wrote are caught by the emulated driver. What it cannot check: the real
-# cuBLASLt's choices and limits, the GPU's own arithmetic (FMA contraction, tensor-core
-# accumulation order), timing and memory on real hardware, NCCL. Those need
-# scripts/gpu_check.sh on a GPU.
+# memory nothing wrote are caught by the emulated driver. The NCCL process group's calls
+# (in-place all-reduce, ZeRO-1's grouped reduces and broadcasts, overlapped buckets) run on
+# 1 rank and on 2 ranks as threads and as processes, with buffers, counts and roots checked
+# by the NCCL stand-in. What it cannot check: the real cuBLASLt's choices and limits, the
+# GPU's own arithmetic (FMA contraction, tensor-core accumulation order), timing and memory
+# on real hardware, NCCL's own transports and its asynchronous completion (an emulated
+# collective returns when it is done, so a stalled peer blocks the call rather than leaving
+# the stream pending). Those need scripts/gpu_check.sh on a GPU.
 #
 # Usage: scripts/emulated_gpu_tests.sh [extra cargo test arguments, e.g. -- test_name]
 set -euo pipefail
@@ -25,8 +29,10 @@ export LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Every GPU test must run here: a skip is a failure.
 export NANOGPT_REQUIRE_GPU=1
 export XDG_CACHE_HOME="$PWD/target/gpu_emulate/cache"
+export GPU_EMULATE_DEVICES=2
+# (tests/nccl.rs and tests/zero.rs also hold tests that need no GPU; they run here as well.)
 tests=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_epilogues cuda_recompute
-       cuda_profile)
+       cuda_profile cuda_overlap nccl zero)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 cargo test --release "${args[@]}" "$@"
