@@ -22,9 +22,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 emu=$(tools/gpu_emulate/build.sh "$PWD/target/gpu_emulate")
-# The cuBLASLt and cuBLAS stand-ins against float64 first.
+# The cuBLASLt and cuBLAS stand-ins against float64 first, then the NCCL stand-in.
 g++ -std=c++17 -O2 -Wall -o "$emu/blas_check" tools/gpu_emulate/blas_check.cpp -ldl
 "$emu/blas_check" "$emu" | tail -n 1
+g++ -std=c++17 -O2 -Wall -pthread -o "$emu/nccl_check" tools/gpu_emulate/nccl_check.cpp -ldl
+"$emu/nccl_check" "$emu" | tail -n 1
 export LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Every GPU test must run here: a skip is a failure.
 export NANOGPT_REQUIRE_GPU=1
