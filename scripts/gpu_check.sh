@@ -48,6 +48,9 @@
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
 #                      batch size -> bench_memory_124m_bf16.log
 #      bench-memory-r2 B = 16, 32, 64 with --recompute=2 -> bench_memory_124m_bf16_r2.log
+#      bench-acts-off  bench-124m-bf16 with NANOGPT_CUDA_DISABLE=bf16_acts (LayerNorm outputs
+#                      and the logits and qkv gradients in fp32 with cast passes): what bf16
+#                      activation storage is worth -> bench_124m_bf16_acts_off.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
@@ -169,6 +172,8 @@ bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2
     --batch_sizes=4,8,16
 bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=16,32,64 --recompute=2
+step bench-acts-off 60 "$out/bench_124m_bf16_acts_off.log" env NANOGPT_CUDA_DISABLE=bf16_acts \
+    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
