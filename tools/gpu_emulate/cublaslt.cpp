@@ -45,7 +45,7 @@
 #include <mutex>
 #include <vector>
 
-typedef int cublasStatus_t;
+#include "cublas_status.h"
 
 typedef struct {
     uint64_t data[8];
@@ -63,20 +63,6 @@ static_assert(sizeof(cublasLtMatmulHeuristicResult_t) == 96,
               "cublasLtMatmulHeuristicResult_t is 96 bytes, as in cublasLt.h");
 
 namespace {
-
-// cublasStatus_t (cublas_api.h).
-enum : cublasStatus_t {
-    SUCCESS = 0,
-    NOT_INITIALIZED = 1,
-    ALLOC_FAILED = 3,
-    INVALID_VALUE = 7,
-    ARCH_MISMATCH = 8,
-    MAPPING_ERROR = 11,
-    EXECUTION_FAILED = 13,
-    INTERNAL_ERROR = 14,
-    NOT_SUPPORTED = 15,
-    LICENSE_ERROR = 16,
-};
 
 // cudaDataType_t (library_types.h); -1 is "unset" for the bias and aux data types.
 constexpr int32_t R_32F = 0;
@@ -492,22 +478,6 @@ void run(const Problem& p, float alpha, float beta, const void* A, const void* B
             for (size_t i = 0; i < m; i++) sum[i] += a[i + q * m];
         }
         for (size_t i = 0; i < m; i++) store(const_cast<void*>(op.bias), p.bias_type, i, sum[i]);
-    }
-}
-
-const char* status_name(cublasStatus_t s) {
-    switch (s) {
-    case SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
-    case EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
-    case NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    case LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
-    default: return "<unknown>";
     }
 }
 

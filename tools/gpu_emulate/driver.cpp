@@ -107,13 +107,13 @@ int env_int(const char* name, int fallback) {
 
 bool valid_device(CUdevice d) { return d >= 0 && d < state().devices; }
 
-// The allocation holding [p, p + bytes), or null.
-const Allocation* holding(uintptr_t p, size_t bytes) {
+// The allocation holding [p, p + bytes) (its user address and record), or null.
+const std::pair<const uintptr_t, Allocation>* holding(uintptr_t p, size_t bytes) {
     auto& a = state().allocations;
     auto it = a.upper_bound(p);
     if (it == a.begin()) return nullptr;
     --it;
-    if (p + bytes <= it->first + it->second.bytes) return &it->second;
+    if (p + bytes <= it->first + it->second.bytes) return &*it;
     return nullptr;
 }
 
@@ -404,11 +404,9 @@ CUresult cuPointerGetAttribute(void* data, int attribute, CUdeviceptr p) {
     LOCKED;
     NEED_INIT;
     if (!data) return INVALID_VALUE;
-    auto& a = state().allocations;
-    auto it = a.upper_bound(p);
-    if (it == a.begin()) return INVALID_VALUE;
-    --it;
-    if (p >= it->first + it->second.bytes) return INVALID_VALUE;
+    // A pointer inside the allocation (one past its end is not).
+    auto it = holding(p, 1);
+    if (!it) return INVALID_VALUE;
     switch (attribute) {
         case 2: *static_cast<unsigned*>(data) = 2; return SUCCESS;
         case 11: *static_cast<CUdeviceptr*>(data) = it->first; return SUCCESS;

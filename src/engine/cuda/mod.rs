@@ -917,6 +917,22 @@ impl CudaEngine {
             ld: o.ld,
             stride: 0,
         };
+        // The product as cuBLASLt plans it (bf16 A and B, fp32 C); its stored operand sizes
+        // also serve the fp32 fallback.
+        let shape = MatmulShape {
+            m,
+            n,
+            k,
+            trans_a: a.trans,
+            trans_b: b.trans,
+            lda: a.ld,
+            ldb: b.ld,
+            ldc,
+            ab: ElemType::Bf16,
+            c: ElemType::F32,
+            align: [0; 3],
+        };
+        let [sa, sb, _] = shape.stored();
         let lt = match &self.bf {
             None => None,
             Some(bf) => {
@@ -924,21 +940,7 @@ impl CudaEngine {
                     !(matches!(a.src, Src::Act(_)) && matches!(b.src, Src::Act(_))),
                     "one activation scratch slot: at most one Src::Act operand per product"
                 );
-                let shape = MatmulShape {
-                    m,
-                    n,
-                    k,
-                    trans_a: a.trans,
-                    trans_b: b.trans,
-                    lda: a.ld,
-                    ldb: b.ld,
-                    ldc,
-                    ab: ElemType::Bf16,
-                    c: ElemType::F32,
-                    align: [0; 3],
-                };
                 crate::cuda::cublaslt::col_major(&shape)?;
-                let [sa, sb, _] = shape.stored();
                 let pa = self.bf16_operand(bf, a, sa)?;
                 let pb = self.bf16_operand(bf, b, sb)?;
                 Some((bf, shape, pa, pb))
@@ -982,25 +984,8 @@ impl CudaEngine {
             }
             _ => (c, beta),
         };
-        let shape_ab = MatmulShape {
-            m,
-            n,
-            k,
-            trans_a: a.trans,
-            trans_b: b.trans,
-            lda: a.ld,
-            ldb: b.ld,
-            ldc,
-            ab: ElemType::F32,
-            c: ElemType::F32,
-            align: [0; 3],
-        }
-        .stored();
         let sgemm = || -> CResult<()> {
-            let (wa, wb) = (
-                self.fp32_operand(a, shape_ab[0], 0)?,
-                self.fp32_operand(b, shape_ab[1], 1)?,
-            );
+            let (wa, wb) = (self.fp32_operand(a, sa, 0)?, self.fp32_operand(b, sb, 1)?);
             self.gemm(m, n, k, fp32(wa), fp32(wb), beta, Operand::n(out, ldc), 1)
         };
         match lt {
@@ -1045,7 +1030,7 @@ impl CudaEngine {
                 &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
             ),
             Post::BiasGrad { db, tmp } => {
-                let wb = self.fp32_operand(b, shape_ab[1], 1)?;
+                let wb = self.fp32_operand(b, sb, 1)?;
                 self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
             }
             Post::None | Post::Bias(_) => Ok(()),
@@ -1305,13 +1290,14 @@ impl CudaEngine {
             }
             return self.layernorm_fwd(out, mean, rstd, res, w, bias, rows);
         }
+        let [out_f32, out_bf16] = out.args();
         self.run(
             self.k.residual_layernorm_forward,
             grid_rows(rows),
             &[
                 Arg::Ptr(res),
-                out.args()[0],
-                out.args()[1],
+                out_f32,
+                out_bf16,
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
                 Arg::Ptr(a),
@@ -1335,12 +1321,13 @@ impl CudaEngine {
         b: Option<usize>,
         rows: usize,
     ) -> CResult<()> {
+        let [out_f32, out_bf16] = out.args();
         self.run(
             self.k.layernorm_forward,
             grid_rows(rows),
             &[
-                out.args()[0],
-                out.args()[1],
+                out_f32,
+                out_bf16,
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
                 Arg::Ptr(x),
@@ -1572,15 +1559,9 @@ impl CudaEngine {
                 FlashMath::F32 => "flash_attn_bwd (fp32)",
                 FlashMath::Bf16 => "flash_attn_bwd (bf16 mma)",
             };
-            let out = match &self.bf {
-                Some(bf) if math == FlashMath::Bf16 && self.ln_bf16() => {
-                    Src::Bf16(self.scratch(bf, SLOT_GRAD, b * t * 3 * self.cfg.n_embd)?)
-                }
-                _ => Src::Act(a.dqkv.ptr),
-            };
-            let dqkv_bf16 = match out {
-                Src::Bf16(p) => p,
-                _ => 0,
+            let bf16_out = match math {
+                FlashMath::Bf16 => self.bf16_grad(b * t * 3 * self.cfg.n_embd)?,
+                FlashMath::F32 => None,
             };
             profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_backward(
@@ -1593,11 +1574,11 @@ impl CudaEngine {
                     dy,
                     dvec,
                     a.dqkv.ptr,
-                    dqkv_bf16,
+                    bf16_out.unwrap_or(0),
                     shape,
                 )
             })?;
-            return Ok(out);
+            return Ok(bf16_out.map_or(Src::Act(a.dqkv.ptr), Src::Bf16));
         }
         let tt = self.tt_elems(a);
         let att = la
@@ -1690,7 +1671,7 @@ impl CudaEngine {
     // ---------------------------------------------------------------- passes
 
     fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
-        let (rc, lb) = (self.recompute, self.ln_bf16());
+        let (rc, lb) = (self.recompute, self.bf16_acts());
         if !matches!(&self.acts,
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.ln_bf16 == lb)
         {
@@ -1700,10 +1681,21 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Whether LayerNorm outputs are stored in bf16 ([`LnOut`]): the bf16 mode with the
-    /// `bf16_acts` switch on.
-    fn ln_bf16(&self) -> bool {
+    /// Whether activations only products read are stored in bf16 (LayerNorm outputs,
+    /// [`LnOut`]; the logits and qkv gradients, [`CudaEngine::bf16_grad`]): the bf16 mode with
+    /// the `bf16_acts` switch on.
+    fn bf16_acts(&self) -> bool {
         self.bf.is_some() && self.switches.bf16_acts
+    }
+
+    /// Where a kernel writes a gradient of `elems` values that only the next products read,
+    /// in bf16: the gradient scratch, with bf16 activations ([`CudaEngine::bf16_acts`]); else
+    /// `None` (the gradient stays fp32 and the products round it).
+    fn bf16_grad(&self, elems: usize) -> CResult<Option<u64>> {
+        match &self.bf {
+            Some(bf) if self.bf16_acts() => self.scratch(bf, SLOT_GRAD, elems).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The recomputation of ln1 / ln2 (`recompute=2`): `out` (rows, C) from the LayerNorm
@@ -1720,12 +1712,13 @@ impl CudaEngine {
         rows: usize,
     ) -> CResult<()> {
         let c = self.cfg.n_embd;
+        let [out_f32, out_bf16] = out.args();
         self.run(
             self.k.layernorm_recompute,
             grid_vec(rows * c),
             &[
-                out.args()[0],
-                out.args()[1],
+                out_f32,
+                out_bf16,
                 Arg::Ptr(x),
                 Arg::Ptr(mean),
                 Arg::Ptr(rstd),
@@ -1930,9 +1923,9 @@ impl CudaEngine {
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. With bf16
         // activations the cross-entropy kernel wrote dlogits in bf16 to the gradient scratch
         // (see `cross_entropy`); otherwise it is in `logits`, rounded here in the bf16 mode.
-        let dlogits = match &self.bf {
-            Some(bf) if self.ln_bf16() => Src::Bf16(self.scratch(bf, SLOT_GRAD, n * v)?),
-            _ => self.rounded(a.logits.ptr, n * v)?,
+        let dlogits = match self.bf16_grad(n * v)? {
+            Some(q) => Src::Bf16(q),
+            None => self.rounded(a.logits.ptr, n * v)?,
         };
         self.mm(
             n,
@@ -2136,7 +2129,7 @@ impl CudaEngine {
     }
 
     /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
-    /// become d(mean loss * scale)/d(logits), or, with bf16 activations ([`CudaEngine::ln_bf16`]),
+    /// become d(mean loss * scale)/d(logits), or, with bf16 activations ([`CudaEngine::bf16_grad`]),
     /// that gradient goes in bf16 to the gradient scratch (the logits stay). Returns the
     /// mean loss over counted positions.
     fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<f32> {
@@ -2148,11 +2141,9 @@ impl CudaEngine {
         let count = targets.iter().filter(|&&t| t >= 0).count();
         let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         a.targets.copy_from_host(targets)?;
-        let grad_bf16 = match (&self.bf, grad_scale) {
-            (Some(bf), Some(_)) if self.ln_bf16() => {
-                self.scratch(bf, SLOT_GRAD, n * self.cfg.vocab_size)?
-            }
-            _ => 0,
+        let grad_bf16 = match grad_scale {
+            Some(_) => self.bf16_grad(n * self.cfg.vocab_size)?.unwrap_or(0),
+            None => 0,
         };
         self.run(
             self.k.cross_entropy_forward_backward,
@@ -2587,7 +2578,7 @@ impl Engine for CudaEngine {
             recompute,
             fused,
             attn_dropout,
-            self.ln_bf16(),
+            self.bf16_acts(),
         ))
     }
 }
