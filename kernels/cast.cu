@@ -37,16 +37,6 @@ extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out,
                       vec_shift(in, 2) == s);
     if (g.e0 >= n) return;
     float v[4];
-    if (g.full) {
-        VEC_ACCESS(in + g.e0, 8);
-        uint2 t = *reinterpret_cast<const uint2*>(in + g.e0);
-        v[0] = bf16_to_f32((unsigned short)(t.x & 0xffffu));  // little endian: element 0 low
-        v[1] = bf16_to_f32((unsigned short)(t.x >> 16));
-        v[2] = bf16_to_f32((unsigned short)(t.y & 0xffffu));
-        v[3] = bf16_to_f32((unsigned short)(t.y >> 16));
-    } else {
-#pragma unroll
-        for (int k = 0; k < 4; k++) v[k] = in_range(g.e0 + k, n) ? bf16_to_f32(in[g.e0 + k]) : 0.0f;
-    }
+    ld4_bf16(v, in, g, n);
     st4(out, g, n, v);
 }

@@ -126,6 +126,23 @@ __device__ __forceinline__ void st4(float* p, Group4 g, long long n, const float
         if (in_range(g.e0 + k, n)) p[g.e0 + k] = v[k];
 }
 
+// v[k] = the bf16 value p[e0 + k] widened to fp32 (exact) for the group's elements (0
+// elsewhere): one 8-byte load for a full group. p is read-only while the kernel runs.
+__device__ __forceinline__ void ld4_bf16(float (&v)[4], const unsigned short* p, Group4 g,
+                                         long long n) {
+    if (g.full) {
+        VEC_ACCESS(p + g.e0, 8);
+        uint2 t = *reinterpret_cast<const uint2*>(p + g.e0);
+        v[0] = bf16_to_f32((unsigned short)(t.x & 0xffffu));  // little endian: element 0 low
+        v[1] = bf16_to_f32((unsigned short)(t.x >> 16));
+        v[2] = bf16_to_f32((unsigned short)(t.y & 0xffffu));
+        v[3] = bf16_to_f32((unsigned short)(t.y >> 16));
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = in_range(g.e0 + k, n) ? bf16_to_f32(p[g.e0 + k]) : 0.0f;
+}
+
 // p[e0 + k] = bf16 bits b[k] (one 8-byte access for a full group: the shift of a bf16
 // array is counted in 2-byte elements against an 8-byte boundary).
 __device__ __forceinline__ void st4_bf16(unsigned short* p, Group4 g, long long n,

@@ -1,5 +1,5 @@
-// elementwise.cu: GELU (tanh approximation), bias broadcast and bias gradient, residual
-// add, dropout with the CPU engine's counter-based mask (fp32).
+// elementwise.cu: GELU (tanh approximation; fp32, or bf16 out), bias broadcast and bias
+// gradient, residual add, dropout with the CPU engine's counter-based mask (fp32).
 //
 // The 1-D kernels move four elements per thread (kernels/common.cuh, "vectorised
 // access"): block 256 threads, grid ceil(ceil((n + 3) / 4) / 256) (kernels.rs: grid_vec).
@@ -8,6 +8,18 @@
 //
 // gelu_forward(out, x, n)            out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 // gelu_backward_inplace(d, x, n)     d *= gelu'(x)
+// gelu_forward_bf16(out, pre_out, x, x_bf16, n)
+//                                    The bf16 MLP chain (engine switch bf16_mlp): out[i] =
+//                                    bf16(gelu(v)) with v = x[i] (fp32; then pre_out, when
+//                                    not null, gets bf16(x[i]): the saved pre-activation)
+//                                    or, x null, v = x_bf16[i] widened (the GELU recomputed
+//                                    from the saved bf16 pre-activation; pre_out null).
+//                                    out, pre_out, x_bf16: bf16 bits. What cuBLASLt's
+//                                    GELU_AUX epilogue with a bf16 D writes, unfused.
+// gelu_backward_bf16(out, d, x_bf16, n)
+//                                    out[i] = bf16(d[i] * gelu'(x_bf16[i] widened)), d fp32:
+//                                    the DGELU epilogue with a bf16 D and bf16 GELU input,
+//                                    unfused.
 // bias_broadcast(out, b_or_null, rows, cols)
 //                                    out[r, c] = b[c] (or 0): the start of an accumulating
 //                                    GEMM, as the CPU engine's linear layer. Thread t owns
@@ -81,6 +93,50 @@ extern "C" __global__ void gelu_backward_inplace(float* __restrict__ d,
 #pragma unroll
     for (int k = 0; k < 4; k++) dv[k] *= gelu_grad(v[k]);
     st4(d, g, n, dv);
+}
+
+extern "C" __global__ void gelu_forward_bf16(unsigned short* __restrict__ out,
+                                             unsigned short* __restrict__ pre_out,
+                                             const float* __restrict__ x,
+                                             const unsigned short* __restrict__ x_bf16,
+                                             long long n) {
+    int s = vec_shift(out, 2);
+    bool co = x != nullptr
+                  ? vec_shift(x, 4) == s && (pre_out == nullptr || vec_shift(pre_out, 2) == s)
+                  : vec_shift(x_bf16, 2) == s;
+    Group4 g = group4(thread_1d(), n, s, co);
+    if (g.e0 >= n) return;
+    float v[4];
+    unsigned short b[4];
+    if (x != nullptr) {
+        ld4_ro(v, x, g, n);
+        if (pre_out != nullptr) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) b[k] = bf16_rne(v[k]);
+            st4_bf16(pre_out, g, n, b);
+        }
+    } else {
+        ld4_bf16(v, x_bf16, g, n);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) b[k] = bf16_rne(gelu(v[k]));
+    st4_bf16(out, g, n, b);
+}
+
+extern "C" __global__ void gelu_backward_bf16(unsigned short* __restrict__ out,
+                                              const float* __restrict__ d,
+                                              const unsigned short* __restrict__ x_bf16,
+                                              long long n) {
+    int s = vec_shift(out, 2);
+    Group4 g = group4(thread_1d(), n, s, vec_shift(d, 4) == s && vec_shift(x_bf16, 2) == s);
+    if (g.e0 >= n) return;
+    float v[4], dv[4];
+    ld4_bf16(v, x_bf16, g, n);
+    ld4_ro(dv, d, g, n);
+    unsigned short b[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) b[k] = bf16_rne(dv[k] * gelu_grad(v[k]));
+    st4_bf16(out, g, n, b);
 }
 
 extern "C" __global__ void bias_broadcast(float* __restrict__ out, const float* __restrict__ b,

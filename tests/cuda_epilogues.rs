@@ -446,18 +446,22 @@ fn fused_engine_tracks_the_cpu_engine() {
     if no_gpu("fused_engine_tracks_the_cpu_engine") {
         return;
     }
+    // With the bf16 MLP chain (the default) and without it (fp32 pre-activation, GELU
+    // output and its gradient).
     for (label, cfg) in configs() {
         let (params, inputs, targets) = setup(&cfg);
-        let mut cpu = CpuEngine::new(cfg.clone(), params.clone(), 7, 2).unwrap();
-        let mut on = bf16_engine(&cfg, &params, "");
-        compare(
-            &format!("{label}: fused bf16 vs cpu"),
-            &cfg,
-            &mut on,
-            &mut cpu,
-            &inputs,
-            &targets,
-            &BF16_VS_CPU,
-        );
+        for disable in ["", "bf16_mlp"] {
+            let mut cpu = CpuEngine::new(cfg.clone(), params.clone(), 7, 2).unwrap();
+            let mut on = bf16_engine(&cfg, &params, disable);
+            compare(
+                &format!("{label}: fused bf16 (off: {disable:?}) vs cpu"),
+                &cfg,
+                &mut on,
+                &mut cpu,
+                &inputs,
+                &targets,
+                &BF16_VS_CPU,
+            );
+        }
     }
 }

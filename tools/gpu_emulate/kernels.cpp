@@ -46,6 +46,8 @@ std::vector<EmuKernel> emu_kernels_main() {
         EMU_KERNEL(ln, layernorm_recompute),
         EMU_KERNEL(ew, gelu_forward),
         EMU_KERNEL(ew, gelu_backward_inplace),
+        EMU_KERNEL(ew, gelu_forward_bf16),
+        EMU_KERNEL(ew, gelu_backward_bf16),
         EMU_KERNEL(ew, bias_broadcast),
         EMU_KERNEL(ew, add_inplace),
         EMU_KERNEL(ew, dropout_apply),

@@ -3,7 +3,8 @@
 //   aligned  every pointer 16-byte aligned (vector path where the length allows);
 //   shifted  every pointer one element past a 16-byte boundary (the kernels that work with
 //            a shift still use vector accesses; the others fall back to scalar accesses);
-//   mixed    the first pointer one element off, the others aligned (scalar accesses);
+//   mixed    the first pointer one element off, the others aligned (scalar accesses; the
+//            bf16 GELU kernels put each of their pointers off in turn);
 // with lengths that are multiples of 4, not multiples of 4, and tiny (1..7). Every buffer has
 // NaN guard elements on both sides, which must come back untouched (no out-of-bounds write;
 // an out-of-bounds read would put a NaN into the result). The shim counts the vector
@@ -12,10 +13,11 @@
 //
 // Elementwise, cast, copy, AdamW and the ordered column sums: bit for bit against the
 // reference (the same expressions per element; built with -ffp-contract=off, as the
-// reference). LayerNorm and cross-entropy (reductions whose per-thread order the kernels
-// document): against a float64 reference within a tight tolerance, plus the bit-for-bit
-// contracts between kernels (layernorm_recompute and residual_layernorm_forward against
-// layernorm_forward, LayerNorm results independent of pointer alignment).
+// reference; the fp32 GELU references are in turn checked against float64). LayerNorm and
+// cross-entropy (reductions whose per-thread order the kernels document): against a float64
+// reference within a tight tolerance, plus the bit-for-bit contracts between kernels
+// (layernorm_recompute and residual_layernorm_forward against layernorm_forward, LayerNorm
+// results independent of pointer alignment).
 //
 // Build and run: tools/kernel_emulate/run.sh. Prints one line per kernel, then PASS or FAIL,
 // and exits non-zero on failure.
@@ -199,6 +201,20 @@ static unsigned short ref_bf16(float x) {
     if (rem > 0x8000u || (rem == 0x8000u && (lo & 1u))) lo += 1;  // carries into the exponent
     return (unsigned short)lo;
 }
+static float ref_widen(unsigned short b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// v with specials and bf16 ties among its values: NaN, infinities, overflow, exact ties.
+static std::vector<float> with_specials(std::vector<float> v) {
+    const uint32_t specials[] = {0x7fc00001u, 0xff800000u, 0x7f7fffffu, 0x3f808000u,
+                                 0x3f818000u, 0x80000001u, 0x00000000u};
+    long long n = (long long)v.size();
+    for (long long i = 0; i < n && i < 7; i++) std::memcpy(&v[(i * 5) % n], &specials[i], 4);
+    return v;
+}
 
 // ------------------------------------------------------------------ 1-D elementwise kernels
 static const std::vector<long long> LENGTHS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 64, 255, 1000, 1027, 2053};
@@ -282,11 +298,7 @@ static void check_unary() {
             }
             {
                 std::string k = "cast_f32_to_bf16", c = begin(k, "n=" + std::to_string(n), s);
-                std::vector<float> v = x;
-                // Specials and ties among the values: NaN, infinities, overflow, exact ties.
-                const uint32_t specials[] = {0x7fc00001u, 0xff800000u, 0x7f7fffffu, 0x3f808000u,
-                                             0x3f818000u, 0x80000001u, 0x00000000u};
-                for (long long i = 0; i < n && i < 7; i++) std::memcpy(&v[(i * 5) % n], &specials[i], 4);
+                std::vector<float> v = with_specials(x);
                 Buf<unsigned short> out(n, off_first(s));
                 Buf<float> in(n, off_rest(s));
                 in.set(v);
@@ -309,14 +321,97 @@ static void check_unary() {
                 emulate_serial(grid_vec(n), BLOCK, [&] { cst::cast_bf16_to_f32(out.p, in.p, n); });
                 end(k, c, s, co && shift_vec(n, off_first(s)));
                 std::vector<float> want(n);
-                for (long long i = 0; i < n; i++) {
-                    uint32_t u = (uint32_t)v[i] << 16;
-                    std::memcpy(&want[i], &u, 4);
-                }
+                for (long long i = 0; i < n; i++) want[i] = ref_widen(v[i]);
                 exact(k, c, "out", out.get(), want);
                 guards(k, c, out, in);
             }
         }
+}
+
+// ------------------------------------------------------------------ bf16 GELU
+// Offset of buffer i of a case (buffer 0: the output): all aligned, all one element off,
+// or (mixed) buffer `odd` one element off and the others aligned.
+static size_t off_odd(Sit s, int i, int odd) { return s == MIXED ? i == odd : off_first(s); }
+
+// gelu_forward_bf16 (fp32 input with and without pre_out, bf16 input) and
+// gelu_backward_bf16: bit for bit the bf16 rounding of the fp32 references above, at the
+// widened bf16 input where the input is bf16. Mixed cases put each pointer off in turn, so
+// every pointer of the kernel's co-alignment test is exercised.
+static void check_gelu_bf16() {
+    for (long long n : LENGTHS)
+        for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
+            auto x = with_specials(randn(n, 2.0f)), d0 = randn(n);
+            std::vector<unsigned short> xb(n);
+            for (long long i = 0; i < n; i++) xb[i] = ref_bf16(x[i]);
+            bool vec = s != MIXED && shift_vec(n, off_first(s));
+            // The case name: n, the mode, and in a mixed case the pointer that is off.
+            auto shape = [&](const std::string& mode, const char* odd) {
+                std::string name = "n=" + std::to_string(n) + mode;
+                return s == MIXED ? name + "; " + odd + " off" : name;
+            };
+            const char* mode_name[] = {" fp32 x + pre_out", " fp32 x", " bf16 x"};
+            const std::vector<const char*> bufs[] = {  // buffer 0 the output, the last the input
+                {"out", "pre_out", "x"}, {"out", "x"}, {"out", "x_bf16"}};
+            for (int mode : {0, 1, 2}) {
+                int nb = (int)bufs[mode].size();
+                for (int odd = 0; odd < (s == MIXED ? nb : 1); odd++) {
+                    std::string k = "gelu_forward_bf16";
+                    std::string c = begin(k, shape(mode_name[mode], bufs[mode][odd]), s);
+                    size_t oi = off_odd(s, nb - 1, odd);  // x or x_bf16
+                    Buf<unsigned short> out(n, off_odd(s, 0, odd)), pre(n, off_odd(s, 1, odd)), inb(n, oi);
+                    Buf<float> in(n, oi);
+                    in.set(x), inb.set(xb);
+                    unsigned short* pp = mode == 0 ? pre.p : nullptr;
+                    const float* xp = mode == 2 ? nullptr : in.p;
+                    const unsigned short* xbp = mode == 2 ? inb.p : nullptr;
+                    emulate_serial(grid_vec(n), BLOCK, [&] { ew::gelu_forward_bf16(out.p, pp, xp, xbp, n); });
+                    end(k, c, s, vec);
+                    std::vector<unsigned short> want(n);
+                    for (long long i = 0; i < n; i++)
+                        want[i] = ref_bf16(ref_gelu(mode == 2 ? ref_widen(xb[i]) : x[i]));
+                    exact(k, c, "out", out.get(), want);
+                    if (mode == 0) exact(k, c, "pre_out", pre.get(), xb);
+                    exact(k, c, "x", in.get(), x);
+                    exact(k, c, "x_bf16", inb.get(), xb);
+                    guards(k, c, out, pre, in, inb);
+                }
+            }
+            const char* names[] = {"out", "d", "x_bf16"};
+            for (int odd = 0; odd < (s == MIXED ? 3 : 1); odd++) {
+                std::string k = "gelu_backward_bf16", c = begin(k, shape("", names[odd]), s);
+                Buf<unsigned short> out(n, off_odd(s, 0, odd)), inb(n, off_odd(s, 2, odd));
+                Buf<float> d(n, off_odd(s, 1, odd));
+                d.set(d0), inb.set(xb);
+                emulate_serial(grid_vec(n), BLOCK, [&] { ew::gelu_backward_bf16(out.p, d.p, inb.p, n); });
+                end(k, c, s, vec);
+                std::vector<unsigned short> want(n);
+                for (long long i = 0; i < n; i++) want[i] = ref_bf16(d0[i] * ref_gelu_grad(ref_widen(xb[i])));
+                exact(k, c, "out", out.get(), want);
+                exact(k, c, "d", d.get(), d0);
+                exact(k, c, "x_bf16", inb.get(), xb);
+                guards(k, c, out, d, inb);
+            }
+        }
+}
+
+// The fp32 GELU references (which mirror the kernels' expressions) against float64: GELU
+// itself and its derivative by central differences of the float64 GELU, so a formula wrong
+// in both the kernels and the references cannot pass the bit-exact checks.
+static void check_gelu_reference() {
+    std::string k = "gelu reference vs float64", c = begin(k, "v in [-10, 10]", ALIGNED);
+    auto g64 = [](double v) {
+        return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    };
+    std::vector<float> g, dg;
+    std::vector<double> wg, wdg;
+    const double h = 1e-4;
+    for (int i = -4000; i <= 4000; i++) {
+        float v = i / 400.0f;
+        g.push_back(ref_gelu(v)), wg.push_back(g64(v));
+        dg.push_back(ref_gelu_grad(v)), wdg.push_back((g64(v + h) - g64(v - h)) / (2 * h));
+    }
+    within_tol(k, c, "gelu", g, wg, 1e-6);
+    within_tol(k, c, "gelu'", dg, wdg, 1e-5);
 }
 
 static void check_adamw() {
@@ -833,6 +928,8 @@ int main() {
     check_layernorm();
     check_cross_entropy();
     check_embedding();
+    check_gelu_bf16();  // last: the earlier checks draw the same random data as without it
+    check_gelu_reference();
     for (auto& [name, t] : tallies) {
         char err[64];
         if (t.exact)

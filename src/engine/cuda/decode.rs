@@ -308,6 +308,7 @@ impl CudaEngine {
                 c,
                 4 * c,
                 rows,
+                false,
             )?;
             self.linear_fwd(
                 sc.tmp.ptr,

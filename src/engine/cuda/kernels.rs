@@ -189,6 +189,8 @@ kernel_table!(
     layernorm_recompute,
     gelu_forward,
     gelu_backward_inplace,
+    gelu_forward_bf16,
+    gelu_backward_bf16,
     bias_broadcast,
     add_inplace,
     dropout_apply,

@@ -23,7 +23,14 @@
 //! kernel writes in bf16 for the LM head's two backward products, and, on the bf16 fused
 //! attention path, the qkv gradient, which the attention backward kernels write in bf16
 //! for the qkv backward products (same switch, same bits; the fp32 gradients are never
-//! written). LayerNorm, softmax,
+//! written). The MLP chain is bf16 too (switch `bf16_mlp`, [`Bf16Storage`]): the fc product
+//! writes its pre-activation and GELU output in bf16 (`GELU_AUX_BIAS` with a bf16 output,
+//! adding the bias's bf16 copy as autocast does; the GELU is taken before rounding), the
+//! MLP projection reads the GELU output as it is, and its input-gradient product writes the
+//! pre-activation gradient in bf16 for the fc backward products (`DGELU`, the derivative
+//! taken at the bf16 pre-activation, as llm.c does: the one value this switch changes).
+//! Unfused, the same values come from the product in fp32 scratch and `gelu_forward_bf16`
+//! / `gelu_backward_bf16`. LayerNorm, softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -61,9 +68,10 @@
 //! run that only ever takes the fused form (dropout = 0) never holds them. The fused form
 //! needs a logsumexp buffer per layer and one shared scratch vector of B * NH * T floats.
 //! For GPT-2 124M (12 layers, 12 heads, C 768, vocabulary 50257) at B = 8, T = 1024 the
-//! activations take 6.32 GiB with the fused form: 12 x 384 MiB of per-layer (B*T, k*C)
-//! tensors, 1.53 GiB of logits, 0.23 GiB of backward scratch and 4.9 MiB of logsumexp
-//! and scratch vectors. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
+//! activations take 6.32 GiB with the fused form and every activation in fp32: 12 x 384
+//! MiB of per-layer (B*T, k*C) tensors, 1.53 GiB of logits, 0.23 GiB of backward scratch
+//! and 4.9 MiB of logsumexp and scratch vectors; the bf16 mode's default storage (bf16
+//! LayerNorm outputs and MLP chain) takes 4.86 GiB. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
 //! floats) and 384 MiB for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout
 //! (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
 //!
@@ -78,9 +86,11 @@
 //! bits). For GPT-2 124M at T = 1024 level 1 saves 11 x B x 12 MiB and level 2 another
 //! 23 x B x 3 MiB (see BENCHMARKS.md). One exception to bit-identical gradients: where the
 //! fc product runs cuBLASLt's GELU epilogue (bf16 with `epilogues` on), the forward's GELU is
-//! cuBLASLt's and the recomputed one `gelu_forward`'s, so the MLP projection's weight
-//! gradient can differ where the two round a value to different bf16 neighbours; the loss
-//! and every other gradient stay bit-identical.
+//! cuBLASLt's and the recomputed one `gelu_forward`'s, and with the bf16 MLP chain the
+//! forward's GELU is taken at the fp32 pre-activation and the recomputed one at its saved
+//! bf16 rounding; so the MLP projection's weight gradient can differ where the two round a
+//! value to different bf16 neighbours; the loss and every other gradient stay
+//! bit-identical.
 //!
 //! The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
@@ -156,6 +166,9 @@ struct Bf16State {
     /// fp32 copies of bf16-only operands ([`Src::Bf16`]; A, B) for a product cuBLASLt
     /// cannot run in bf16 (computed in fp32 instead).
     widened: [RefCell<Option<Buf>>; 2],
+    /// The fp32 values of a bf16 product output (the bf16 MLP chain) when the product and
+    /// its GELU run unfused ([`CudaEngine::wide_out`]); allocated on first use.
+    wide_out: RefCell<Option<Buf>>,
     warned: Cell<bool>,
 }
 
@@ -235,14 +248,40 @@ enum Post {
     /// `C = op(A) op(B) + bias`, the fp32 bias at this address broadcast over the rows
     /// (beta 0, ldc = n).
     Bias(u64),
-    /// `pre = op(A) op(B) (+ bias; 0 = none)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n).
-    Gelu { bias: u64, pre: u64 },
-    /// `C = (op(A) op(B)) * gelu'(pre)` (beta 0, ldc = n).
-    DGelu { pre: u64 },
+    /// `pre = op(A) op(B) (+ bias)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n). With
+    /// `bf16`, `pre` and C are bf16 (the bf16 MLP chain): both rounded from the fp32 value,
+    /// the GELU taken before rounding, and the fused epilogue adds the bias's bf16 copy
+    /// (cuBLASLt's bias has C's type).
+    Gelu {
+        bias: BiasPtrs,
+        pre: u64,
+        bf16: bool,
+    },
+    /// `C = (op(A) op(B)) * gelu'(pre)` (beta 0, ldc = n). With `bf16`, `pre` and C are
+    /// bf16.
+    DGelu { pre: u64, bf16: bool },
     /// `C = op(A) op(B) + beta C` and `db += column sums of B` (B stored k x n with row
     /// stride n, not transposed): the bias gradient next to the weight gradient
     /// `dW += X^T dY`. `tmp` holds `PARTS * n` fp32 values.
     BiasGrad { db: u64, tmp: u64 },
+}
+
+impl Post {
+    /// Whether C (and the GELU input) are bf16.
+    fn bf16_out(self) -> bool {
+        matches!(
+            self,
+            Post::Gelu { bf16: true, .. } | Post::DGelu { bf16: true, .. }
+        )
+    }
+}
+
+/// A bias vector (0 = none): the fp32 parameter, and its bf16 copy for a fused epilogue
+/// on a product with a bf16 C (0 in fp32 mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BiasPtrs {
+    f32: u64,
+    bf16: u64,
 }
 
 /// The cuBLASLt epilogue of `post` on a product with `n` columns (None: nothing to fuse).
@@ -253,8 +292,11 @@ fn epilogue_args(post: Post, n: usize) -> Option<EpilogueArgs> {
     let (ep, bias, aux) = match post {
         Post::None => return None,
         Post::Bias(b) => (Epilogue::Bias, b, 0),
-        Post::Gelu { bias, pre } => (Epilogue::GeluAux { bias: bias != 0 }, bias, pre),
-        Post::DGelu { pre } => (Epilogue::DGelu, 0, pre),
+        Post::Gelu { bias, pre, bf16 } => {
+            let b = if bf16 { bias.bf16 } else { bias.f32 };
+            (Epilogue::GeluAux { bias: b != 0 }, b, pre)
+        }
+        Post::DGelu { pre, .. } => (Epilogue::DGelu, 0, pre),
         Post::BiasGrad { tmp, .. } => (Epilogue::BiasGradB, tmp, 0),
     };
     Some(EpilogueArgs {
@@ -272,6 +314,32 @@ fn cuda_err(e: CudaError) -> EngineError {
 /// Address of element `elems` of an f32 buffer starting at `ptr`.
 fn at(ptr: u64, elems: usize) -> u64 {
     ptr + 4 * elems as u64
+}
+
+/// Which activations the bf16 mode stores in bf16 only: the LayerNorm outputs (`ln`,
+/// switch `bf16_acts`; [`LnOut`]) and the MLP's pre-activation, GELU output and
+/// pre-activation gradient (`mlp`, switch `bf16_mlp`). Both false in fp32 mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bf16Storage {
+    pub ln: bool,
+    pub mlp: bool,
+}
+
+impl Bf16Storage {
+    fn ln_bytes(self) -> usize {
+        if self.ln {
+            2
+        } else {
+            4
+        }
+    }
+    fn mlp_bytes(self) -> usize {
+        if self.mlp {
+            2
+        } else {
+            4
+        }
+    }
 }
 
 /// Saved activations of one transformer block. `ln1`, `ln2` (level 2) and `fch_gelu`
@@ -300,8 +368,9 @@ struct Acts {
     b: usize,
     t_cap: usize,
     recompute: Recompute,
-    /// LayerNorm outputs (ln1, ln2, lnf, `ln_shared`) are bf16 ([`LnOut::Bf16`]).
-    ln_bf16: bool,
+    /// LayerNorm outputs (ln1, ln2, lnf, `ln_shared`) are bf16 ([`LnOut::Bf16`]) with
+    /// `ln`; fch, the GELU outputs and dfch with `mlp`.
+    storage: Bf16Storage,
     inputs: Buf,
     targets: Buf,
     encoded: Buf,
@@ -337,16 +406,17 @@ impl Acts {
         b: usize,
         t_cap: usize,
         recompute: Recompute,
-        ln_bf16: bool,
+        storage: Bf16Storage,
     ) -> CResult<Acts> {
         let (n, c) = (b * t_cap, cfg.n_embd);
         let z = |len: usize| ctx.alloc(4 * len);
-        // LayerNorm outputs: fp32, or bf16 with `ln_bf16`.
-        let zl = |len: usize| ctx.alloc(if ln_bf16 { 2 } else { 4 } * len);
+        // LayerNorm outputs and the MLP chain: fp32, or bf16 (see Bf16Storage).
+        let zl = |len: usize| ctx.alloc(storage.ln_bytes() * len);
+        let zm = |len: usize| ctx.alloc(storage.mlp_bytes() * len);
         // A LayerNorm output buffer of `len` values when `keep`, else none.
         let opt_ln = |keep: bool, len: usize| if keep { zl(len).map(Some) } else { Ok(None) };
-        // A buffer of `len` floats when `keep`, else none.
-        let opt = |keep: bool, len: usize| if keep { z(len).map(Some) } else { Ok(None) };
+        // A GELU output buffer of `len` values when `keep`, else none.
+        let opt_mlp = |keep: bool, len: usize| if keep { zm(len).map(Some) } else { Ok(None) };
         let (ln_own, gelu_own) = (!recompute.layernorm(), !recompute.gelu());
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
@@ -362,8 +432,8 @@ impl Acts {
                 ln2: opt_ln(ln_own, n * c)?,
                 ln2_mean: z(n)?,
                 ln2_rstd: z(n)?,
-                fch: z(n * 4 * c)?,
-                fch_gelu: opt(gelu_own, n * 4 * c)?,
+                fch: zm(n * 4 * c)?,
+                fch_gelu: opt_mlp(gelu_own, n * 4 * c)?,
                 res3: z(n * c)?,
             });
         }
@@ -371,7 +441,7 @@ impl Acts {
             b,
             t_cap,
             recompute,
-            ln_bf16,
+            storage,
             inputs: z(n)?,
             targets: z(n)?,
             encoded: z(n * c)?,
@@ -384,14 +454,14 @@ impl Acts {
             dres: z(n * c)?,
             dtmp: z(n * c)?,
             dln: z(n * c)?,
-            dfch: z(n * 4 * c)?,
+            dfch: zm(n * 4 * c)?,
             dqkv: z(n * 3 * c)?,
             datt: OnceCell::new(),
             patt: OnceCell::new(),
             dvec: OnceCell::new(),
             ln_parts: z(PARTS * 2 * c)?,
             bias_parts: z(PARTS * 4 * c)?,
-            gelu_shared: opt(!gelu_own, n * 4 * c)?,
+            gelu_shared: opt_mlp(!gelu_own, n * 4 * c)?,
             ln_shared: opt_ln(!ln_own, n * c)?,
         })
     }
@@ -399,8 +469,8 @@ impl Acts {
     /// Bytes [`Acts::new`] allocates for `b` rows of `t_cap` tokens at `recompute`, plus
     /// the attention buffers a training step allocates on first use: the fused path's
     /// logsumexp and scratch vector (`fused`), else the plain path's T x T matrices (and
-    /// the dropout-masked copy when `attn_dropout`), with the LayerNorm outputs in bf16
-    /// when `ln_bf16`. The GPU test of recomputation checks it against
+    /// the dropout-masked copy when `attn_dropout`), with the activations `storage` names
+    /// in bf16. The GPU test of recomputation checks it against
     /// [`CudaEngine::memory_report`]'s figures.
     fn planned_bytes(
         cfg: &GptConfig,
@@ -409,7 +479,7 @@ impl Acts {
         recompute: Recompute,
         fused: bool,
         attn_dropout: bool,
-        ln_bf16: bool,
+        storage: Bf16Storage,
     ) -> u64 {
         let (n, c, nh, l) = (b * t_cap, cfg.n_embd, cfg.n_head, cfg.n_layer);
         // LayerNorm outputs (values): per layer ln1 and ln2, or the shared one; lnf.
@@ -418,16 +488,17 @@ impl Acts {
         } else {
             l * 2 * n * c
         } + n * c;
-        let ln_bytes = (if ln_bf16 { 2 } else { 4 } * ln_values) as u64;
-        let gelu = if recompute.gelu() { 0 } else { n * 4 * c };
-        // ln stats (4N), qkv, atty, res2, fch, res3
-        let layer = gelu + 4 * n + 3 * n * c + 2 * n * c + n * 4 * c + n * c;
-        let shared = if recompute.gelu() { n * 4 * c } else { 0 };
+        // The MLP chain (values): fch per layer, the GELU outputs per layer or the shared
+        // one, dfch.
+        let gelu_values = if recompute.gelu() { 1 } else { l } * n * 4 * c;
+        let mlp_values = l * n * 4 * c + gelu_values + n * 4 * c;
+        // ln stats (4N), qkv, atty, res2, res3
+        let layer = 4 * n + 3 * n * c + 2 * n * c + n * c;
         let once = 2 * n // inputs, targets
             + n * c // encoded
             + 2 * n // lnf's mean, rstd
             + n * cfg.vocab_size // logits
-            + 3 * n * c + n * 4 * c + n * 3 * c // dres, dtmp, dln, dfch, dqkv
+            + 3 * n * c + n * 3 * c // dres, dtmp, dln, dqkv
             + PARTS * 2 * c + PARTS * 4 * c;
         let tt = b * nh * t_cap * t_cap;
         let attention = if fused {
@@ -435,8 +506,10 @@ impl Acts {
         } else {
             l * tt + tt + if attn_dropout { tt } else { 0 }
         };
-        4 * (l * layer + shared + once + attention) as u64 + ln_bytes + 8 * n as u64
-        // row_loss: f64
+        (4 * (l * layer + once + attention)
+            + storage.ln_bytes() * ln_values
+            + storage.mlp_bytes() * mlp_values
+            + 8 * n) as u64 // row_loss: f64
     }
 
     fn ln1(&self, l: usize) -> LnOut {
@@ -449,7 +522,7 @@ impl Acts {
         self.ln_out(self.lnf.ptr)
     }
     fn ln_out(&self, ptr: u64) -> LnOut {
-        if self.ln_bf16 {
+        if self.storage.ln {
             LnOut::Bf16(ptr)
         } else {
             LnOut::F32(ptr)
@@ -457,6 +530,14 @@ impl Acts {
     }
     fn gelu(&self, l: usize) -> u64 {
         self.own_or_shared(self.layers[l].fch_gelu.as_ref(), &self.gelu_shared)
+    }
+    /// An activation of the MLP chain (fch, GELU output, dfch) as a product operand.
+    fn mlp_src(&self, ptr: u64) -> Src {
+        if self.storage.mlp {
+            Src::Bf16(ptr)
+        } else {
+            Src::Act(ptr)
+        }
     }
 
     /// The layer's own buffer, or the shared one when the layer keeps none.
@@ -472,7 +553,7 @@ impl Acts {
 /// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
 /// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the fused
 /// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too), with
-/// the LayerNorm outputs in bf16 when `ln_bf16` (the bf16 mode with `bf16_acts` on).
+/// the activations `storage` names in bf16.
 pub fn activation_bytes(
     cfg: &GptConfig,
     b: usize,
@@ -480,9 +561,9 @@ pub fn activation_bytes(
     recompute: Recompute,
     fused: bool,
     attn_dropout: bool,
-    ln_bf16: bool,
+    storage: Bf16Storage,
 ) -> u64 {
-    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout, ln_bf16)
+    Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout, storage)
 }
 
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
@@ -638,6 +719,7 @@ impl CudaEngine {
                         .map_err(|e| oom("bf16 parameter copy", e))?,
                     scratch: [RefCell::new(None), RefCell::new(None)],
                     widened: [RefCell::new(None), RefCell::new(None)],
+                    wide_out: RefCell::new(None),
                     warned: Cell::new(false),
                 })
             }
@@ -779,13 +861,29 @@ impl CudaEngine {
     /// bf16 scratch `slot` with room for `elems` values, grown (after the stream has
     /// finished with the old buffer) when too small.
     fn scratch(&self, bf: &Bf16State, slot: usize, elems: usize) -> CResult<u64> {
-        let mut cell = bf.scratch[slot].borrow_mut();
-        if cell.as_ref().is_none_or(|b| b.bytes < 2 * elems) {
+        self.grown(&bf.scratch[slot], 2 * elems)
+    }
+
+    /// The buffer in `cell`, replaced (after the stream has finished with the old one) by
+    /// a larger one when it holds fewer than `bytes`.
+    fn grown(&self, cell: &RefCell<Option<Buf>>, bytes: usize) -> CResult<u64> {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|b| b.bytes < bytes) {
             self.stream.synchronize()?;
             *cell = None;
-            *cell = Some(self.ctx.alloc(2 * elems)?);
+            *cell = Some(self.ctx.alloc(bytes)?);
         }
-        Ok(cell.as_ref().expect("scratch allocated just above").ptr)
+        Ok(cell.as_ref().expect("allocated just above").ptr)
+    }
+
+    /// fp32 scratch for `elems` values of a product whose output is stored in bf16 (and
+    /// its bias), when the product runs without its fused epilogue (the bf16 mode only).
+    fn wide_out(&self, elems: usize) -> CResult<u64> {
+        let bf = self
+            .bf
+            .as_ref()
+            .expect("bf16 outputs exist only in the bf16 mode");
+        self.grown(&bf.wide_out, 4 * elems)
     }
 
     /// The fp32 tensor at `ptr` (`elems` values) as a product operand; the bf16 mode rounds
@@ -825,13 +923,7 @@ impl CudaEngine {
             .as_ref()
             .expect("bf16-only activations exist only in the bf16 mode");
         let n = MatmulShape::extent(rows, cols, o.ld);
-        let mut cell = bf.widened[slot].borrow_mut();
-        if cell.as_ref().is_none_or(|b| b.bytes < 4 * n) {
-            self.stream.synchronize()?;
-            *cell = None;
-            *cell = Some(self.ctx.alloc(4 * n)?);
-        }
-        let wide = cell.as_ref().expect("allocated just above").ptr;
+        let wide = self.grown(&bf.widened[slot], 4 * n)?;
         self.run(
             self.k.cast_bf16_to_f32,
             grid_vec(n),
@@ -906,6 +998,10 @@ impl CudaEngine {
                 "bias and GELU epilogues overwrite a contiguous C"
             ),
         }
+        assert!(
+            !post.bf16_out() || self.bf.is_some(),
+            "bf16 outputs exist only in the bf16 mode"
+        );
         // An fp32 view of an operand that has one (not Src::Bf16: see fp32_operand).
         let fp32 = |o: Lin| Operand {
             ptr: match o.src {
@@ -948,9 +1044,17 @@ impl CudaEngine {
         };
         if let (Some((bf, shape, pa, pb)), true) = (lt, self.switches().epilogues) {
             if let Some(args) = epilogue_args(post, n) {
+                let shape = MatmulShape {
+                    c: if post.bf16_out() {
+                        ElemType::Bf16
+                    } else {
+                        ElemType::F32
+                    },
+                    ..shape
+                };
                 // SAFETY: pa, pb and c cover the shape (as in the plain product below); the
-                // bias is the layer's fp32 bias (n values) or `tmp` (at least n values), the
-                // GELU input an m x n fp32 activation of row stride n.
+                // bias is the layer's bias of C's type (n values) or `tmp` (at least n fp32
+                // values), the GELU input an m x n activation of C's type, row stride n.
                 let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
                     bf.lt.matmul_ep(
                         shape,
@@ -972,16 +1076,42 @@ impl CudaEngine {
                 }
             }
         }
-        // Unfused: the separate kernels around the product.
+        // Unfused: the separate kernels around the product, which writes fp32 (a bf16 C
+        // gets its values from an fp32 scratch).
         let (out, beta) = match post {
             Post::Bias(bias) => {
                 self.bias_broadcast(c, bias, m, n)?;
                 (c, 1.0)
             }
-            Post::Gelu { bias, pre } => {
-                self.bias_broadcast(pre, bias, m, n)?;
+            Post::Gelu {
+                bias,
+                pre,
+                bf16: false,
+            } => {
+                self.bias_broadcast(pre, bias.f32, m, n)?;
                 (pre, 1.0)
             }
+            Post::Gelu {
+                bias, bf16: true, ..
+            } => {
+                // The values in fp32 scratch, then the bias: its bf16 copy widened (what
+                // the fused epilogue adds) into the n values past them.
+                let out = self.wide_out(m * n + n)?;
+                let b32 = if bias.bf16 != 0 {
+                    let b32 = at(out, m * n);
+                    self.run(
+                        self.k.cast_bf16_to_f32,
+                        grid_vec(n),
+                        &[Arg::Ptr(b32), Arg::Ptr(bias.bf16), Arg::I64(n as i64)],
+                    )?;
+                    b32
+                } else {
+                    0
+                };
+                self.bias_broadcast(out, b32, m, n)?;
+                (out, 1.0)
+            }
+            Post::DGelu { bf16: true, .. } => (self.wide_out(m * n)?, 0.0),
             _ => (c, beta),
         };
         let sgemm = || -> CResult<()> {
@@ -1018,16 +1148,31 @@ impl CudaEngine {
                 }
             }
         }
+        let len = Arg::I64((m * n) as i64);
         match post {
-            Post::Gelu { pre, .. } => self.run(
+            Post::Gelu {
+                pre, bf16: false, ..
+            } => self.run(
                 self.k.gelu_forward,
                 grid_vec(m * n),
-                &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
+                &[Arg::Ptr(c), Arg::Ptr(pre), len],
             ),
-            Post::DGelu { pre } => self.run(
+            Post::Gelu {
+                pre, bf16: true, ..
+            } => self.run(
+                self.k.gelu_forward_bf16,
+                grid_vec(m * n),
+                &[Arg::Ptr(c), Arg::Ptr(pre), Arg::Ptr(out), Arg::Ptr(0), len],
+            ),
+            Post::DGelu { pre, bf16: false } => self.run(
                 self.k.gelu_backward_inplace,
                 grid_vec(m * n),
-                &[Arg::Ptr(c), Arg::Ptr(pre), Arg::I64((m * n) as i64)],
+                &[Arg::Ptr(c), Arg::Ptr(pre), len],
+            ),
+            Post::DGelu { pre, bf16: true } => self.run(
+                self.k.gelu_backward_bf16,
+                grid_vec(m * n),
+                &[Arg::Ptr(c), Arg::Ptr(out), Arg::Ptr(pre), len],
             ),
             Post::BiasGrad { db, tmp } => {
                 let wb = self.fp32_operand(b, sb, 1)?;
@@ -1183,7 +1328,8 @@ impl CudaEngine {
     }
 
     /// pre (rows, oc) = inp (rows, ic) @ W [ic, oc] + b; out = gelu(pre). Fused: one
-    /// cuBLASLt call writes both (`GELU_AUX_BIAS`, or `GELU_AUX` without a bias).
+    /// cuBLASLt call writes both (`GELU_AUX_BIAS`, or `GELU_AUX` without a bias). With
+    /// `bf16` (the bf16 MLP chain) `pre` and `out` are bf16 ([`Post::Gelu`]).
     #[allow(clippy::too_many_arguments)]
     fn linear_gelu_fwd(
         &self,
@@ -1195,7 +1341,15 @@ impl CudaEngine {
         ic: usize,
         oc: usize,
         rows: usize,
+        bf16: bool,
     ) -> CResult<()> {
+        let bias = BiasPtrs {
+            f32: self.p_opt(b),
+            bf16: match (&self.bf, b) {
+                (Some(bf), Some(off)) => bf.params.ptr + 2 * off as u64,
+                _ => 0,
+            },
+        };
         self.mm_ep(
             rows,
             oc,
@@ -1205,18 +1359,15 @@ impl CudaEngine {
             0.0,
             out,
             oc,
-            Post::Gelu {
-                bias: self.p_opt(b),
-                pre,
-            },
+            Post::Gelu { bias, pre, bf16 },
         )
     }
 
     /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten), or with
-    /// `gelu_pre` (the layer's input was gelu(gelu_pre)) dinp = (dout W^T) * gelu'(gelu_pre),
-    /// the gradient of the pre-activation. Fused: the bias gradient is the `BGRADA`
-    /// epilogue of the dW product (written to `scratch`, then added to the gradient) and
-    /// the GELU derivative the `DGELU` epilogue of the dinp product.
+    /// `dgelu` a [`Post::DGelu`] (the layer's input was gelu(pre)) dinp = (dout W^T) *
+    /// gelu'(pre), the gradient of the pre-activation. Fused: the bias gradient is the
+    /// `BGRADA` epilogue of the dW product (written to `scratch`, then added to the
+    /// gradient) and the GELU derivative the `DGELU` epilogue of the dinp product.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -1225,7 +1376,7 @@ impl CudaEngine {
         inp: Src,
         w: usize,
         b: Option<usize>,
-        gelu_pre: Option<u64>,
+        dgelu: Post,
         ic: usize,
         oc: usize,
         rows: usize,
@@ -1250,7 +1401,10 @@ impl CudaEngine {
             oc,
             bias_grad,
         )?;
-        let dgelu = gelu_pre.map_or(Post::None, |pre| Post::DGelu { pre });
+        assert!(
+            matches!(dgelu, Post::None | Post::DGelu { .. }),
+            "the input gradient takes only the GELU derivative"
+        );
         self.mm_ep(
             rows,
             ic,
@@ -1671,21 +1825,31 @@ impl CudaEngine {
     // ---------------------------------------------------------------- passes
 
     fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
-        let (rc, lb) = (self.recompute, self.bf16_acts());
+        let (rc, st) = (self.recompute, self.bf16_storage());
         if !matches!(&self.acts,
-            Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.ln_bf16 == lb)
+            Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
             self.acts = None; // free the old shape first
-            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc, lb)?);
+            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc, st)?);
         }
         Ok(())
+    }
+
+    /// The activations stored in bf16 only: none in fp32 mode, else those the
+    /// `bf16_acts` and `bf16_mlp` switches leave on.
+    fn bf16_storage(&self) -> Bf16Storage {
+        let bf16 = self.bf.is_some();
+        Bf16Storage {
+            ln: bf16 && self.switches.bf16_acts,
+            mlp: bf16 && self.switches.bf16_mlp,
+        }
     }
 
     /// Whether activations only products read are stored in bf16 (LayerNorm outputs,
     /// [`LnOut`]; the logits and qkv gradients, [`CudaEngine::bf16_grad`]): the bf16 mode with
     /// the `bf16_acts` switch on.
     fn bf16_acts(&self) -> bool {
-        self.bf.is_some() && self.switches.bf16_acts
+        self.bf16_storage().ln
     }
 
     /// Where a kernel writes a gradient of `elems` values that only the next products read,
@@ -1825,10 +1989,11 @@ impl CudaEngine {
                 c,
                 4 * c,
                 n,
+                a.storage.mlp,
             )?;
             self.linear_fwd(
                 la.res3.ptr,
-                Src::Act(gelu),
+                a.mlp_src(gelu),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
                 4 * c,
@@ -1973,17 +2138,19 @@ impl CudaEngine {
             };
             let la = &a.layers[l];
             if la.fch_gelu.is_none() {
-                // Recomputed with the forward's kernel (see the module docs for the fused
-                // GELU epilogue).
-                self.run(
-                    self.k.gelu_forward,
-                    grid_vec(n * 4 * c),
-                    &[
-                        Arg::Ptr(a.gelu(l)),
-                        Arg::Ptr(la.fch.ptr),
-                        Arg::I64((n * 4 * c) as i64),
-                    ],
-                )?;
+                // Recomputed with the forward's unfused kernel (see the module docs for the
+                // fused GELU epilogue and the bf16 MLP chain).
+                let len = Arg::I64((n * 4 * c) as i64);
+                let (gelu, pre) = (Arg::Ptr(a.gelu(l)), Arg::Ptr(la.fch.ptr));
+                if a.storage.mlp {
+                    self.run(
+                        self.k.gelu_forward_bf16,
+                        grid_vec(n * 4 * c),
+                        &[gelu, Arg::Ptr(0), Arg::Ptr(0), pre, len],
+                    )?;
+                } else {
+                    self.run(self.k.gelu_forward, grid_vec(n * 4 * c), &[gelu, pre, len])?;
+                }
             }
             // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
             let gbranch = match drop.map(|d| d.mlp_resid(l)) {
@@ -1997,10 +2164,13 @@ impl CudaEngine {
             self.linear_bwd(
                 a.dfch.ptr,
                 Src::Act(gbranch),
-                Src::Act(a.gelu(l)),
+                a.mlp_src(a.gelu(l)),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
-                Some(la.fch.ptr),
+                Post::DGelu {
+                    pre: la.fch.ptr,
+                    bf16: a.storage.mlp,
+                },
                 4 * c,
                 c,
                 n,
@@ -2019,11 +2189,11 @@ impl CudaEngine {
             }
             self.linear_bwd(
                 a.dln.ptr,
-                Src::Act(a.dfch.ptr),
+                a.mlp_src(a.dfch.ptr),
                 a.ln2(l).src(),
                 o.fc_w,
                 o.fc_b,
-                None,
+                Post::None,
                 c,
                 4 * c,
                 n,
@@ -2054,7 +2224,7 @@ impl CudaEngine {
                 Src::Act(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
-                None,
+                Post::None,
                 c,
                 c,
                 n,
@@ -2079,7 +2249,7 @@ impl CudaEngine {
                 a.ln1(l).src(),
                 o.qkv_w,
                 o.qkv_b,
-                None,
+                Post::None,
                 c,
                 3 * c,
                 n,
@@ -2578,7 +2748,7 @@ impl Engine for CudaEngine {
             recompute,
             fused,
             attn_dropout,
-            self.bf16_acts(),
+            self.bf16_storage(),
         ))
     }
 }
@@ -2595,11 +2765,17 @@ mod tests {
             (bias.ep, bias.bias, bias.aux, bias.aux_ld),
             (Epilogue::Bias, 0x1000, 0, 0)
         );
-        // fc: GELU input saved with the output's row stride (n = 4C).
+        // fc: GELU input saved with the output's row stride (n = 4C); the bias in C's
+        // type (fp32 parameter, or its bf16 copy for a bf16 C).
+        let bias = BiasPtrs {
+            f32: 0x1000,
+            bf16: 0x5000,
+        };
         let g = epilogue_args(
             Post::Gelu {
-                bias: 0x1000,
+                bias,
                 pre: 0x2000,
+                bf16: false,
             },
             192,
         )
@@ -2610,16 +2786,29 @@ mod tests {
         );
         let g = epilogue_args(
             Post::Gelu {
-                bias: 0,
+                bias,
                 pre: 0x2000,
+                bf16: true,
+            },
+            192,
+        )
+        .unwrap();
+        assert_eq!((g.ep, g.bias), (Epilogue::GeluAux { bias: true }, 0x5000));
+        let g = epilogue_args(
+            Post::Gelu {
+                bias: BiasPtrs { f32: 0, bf16: 0 },
+                pre: 0x2000,
+                bf16: true,
             },
             192,
         )
         .unwrap();
         assert_eq!(g.ep, Epilogue::GeluAux { bias: false });
         assert_eq!(g.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_GELU_AUX);
-        let d = epilogue_args(Post::DGelu { pre: 0x2000 }, 192).unwrap();
-        assert_eq!((d.ep, d.aux, d.aux_ld), (Epilogue::DGelu, 0x2000, 192));
+        for bf16 in [false, true] {
+            let d = epilogue_args(Post::DGelu { pre: 0x2000, bf16 }, 192).unwrap();
+            assert_eq!((d.ep, d.aux, d.aux_ld), (Epilogue::DGelu, 0x2000, 192));
+        }
         // dW = X^T dY: the bias gradient sums the row-major B (dY), cuBLASLt's A, and is
         // written to the scratch vector, never straight into the accumulating gradient.
         let bg = epilogue_args(

@@ -254,7 +254,16 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let n = a(4)?;
             7.0 * f * n + 2.0 * n * present(args, 11)?
         }
-        "cast_f32_to_bf16" => 6.0 * a(2)?,
+        "cast_f32_to_bf16" | "cast_bf16_to_f32" => 6.0 * a(2)?,
+        // bf16 GELU written; the saved bf16 pre-activation written when asked for; the
+        // input read in fp32 or bf16.
+        "gelu_forward_bf16" => {
+            let n = a(4)?;
+            let pre_out = present(args, 1)?;
+            n * (2.0 + 2.0 * pre_out + f * present(args, 2)? + 2.0 * present(args, 3)?)
+        }
+        // fp32 gradient and bf16 pre-activation read, bf16 gradient written.
+        "gelu_backward_bf16" => (f + 4.0) * a(3)?,
         _ => return None,
     })
 }
@@ -880,6 +889,30 @@ mod tests {
         assert_eq!(
             kb("gelu_backward_inplace", &[Ptr(1), Ptr(2), I64(1000)]),
             Some(12000.0)
+        );
+        // fp32 input with the saved pre-activation: 4 + 2 + 2 bytes per value; recomputed
+        // from the bf16 one: 2 + 2.
+        assert_eq!(
+            kb(
+                "gelu_forward_bf16",
+                &[Ptr(1), Ptr(2), Ptr(3), Ptr(0), I64(1000)]
+            ),
+            Some(8000.0)
+        );
+        assert_eq!(
+            kb(
+                "gelu_forward_bf16",
+                &[Ptr(1), Ptr(0), Ptr(0), Ptr(3), I64(1000)]
+            ),
+            Some(4000.0)
+        );
+        assert_eq!(
+            kb("gelu_backward_bf16", &[Ptr(1), Ptr(2), Ptr(3), I64(1000)]),
+            Some(8000.0)
+        );
+        assert_eq!(
+            kb("cast_bf16_to_f32", &[Ptr(1), Ptr(2), I64(10)]),
+            Some(60.0)
         );
         assert_eq!(
             kb("scale_inplace", &[Ptr(1), I64(10), F32(0.5)]),

@@ -14,6 +14,13 @@
 //!   attention) the qkv gradient stored in bf16 only, written so by the LayerNorm,
 //!   cross-entropy and attention-backward kernels (otherwise fp32, rounded into bf16
 //!   scratch before each product that reads them; no effect in fp32 mode)
+//! - `bf16_mlp`: in bf16 mode, the MLP's pre-activation, GELU output and pre-activation
+//!   gradient stored in bf16 only: the fc product writes the first two in bf16 (cuBLASLt's
+//!   GELU epilogue with a bf16 output, the bias its bf16 copy), the MLP projection's input
+//!   gradient product writes the third (the GELU-derivative epilogue reading the bf16
+//!   pre-activation). Unlike `bf16_acts` this changes a value: the GELU derivative is taken
+//!   at the bf16-rounded pre-activation, as llm.c does (otherwise fp32, with the GELU output
+//!   and the gradient rounded into scratch before the products that read them)
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
@@ -27,15 +34,17 @@ pub struct Switches {
     pub epilogues: bool,
     pub fused_ln: bool,
     pub bf16_acts: bool,
+    pub bf16_mlp: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 7] = [
     "flash",
     "flash_bf16",
     "epilogues",
     "fused_ln",
     "bf16_acts",
+    "bf16_mlp",
     "all",
 ];
 
@@ -47,6 +56,7 @@ impl Default for Switches {
             epilogues: true,
             fused_ln: true,
             bf16_acts: true,
+            bf16_mlp: true,
         }
     }
 }
@@ -62,6 +72,7 @@ impl Switches {
                 "epilogues" => s.epilogues = false,
                 "fused_ln" => s.fused_ln = false,
                 "bf16_acts" => s.bf16_acts = false,
+                "bf16_mlp" => s.bf16_mlp = false,
                 "all" => {
                     s = Switches {
                         flash: false,
@@ -69,6 +80,7 @@ impl Switches {
                         epilogues: false,
                         fused_ln: false,
                         bf16_acts: false,
+                        bf16_mlp: false,
                     }
                 }
                 other => {
@@ -105,6 +117,9 @@ impl Switches {
         if !self.bf16_acts {
             off.push("bf16_acts");
         }
+        if !self.bf16_mlp {
+            off.push("bf16_mlp");
+        }
         off
     }
 }
@@ -125,10 +140,20 @@ mod tests {
         let all = Switches::parse("all").unwrap();
         assert_eq!(
             all.disabled(),
-            ["flash", "flash_bf16", "epilogues", "fused_ln", "bf16_acts"]
+            [
+                "flash",
+                "flash_bf16",
+                "epilogues",
+                "fused_ln",
+                "bf16_acts",
+                "bf16_mlp"
+            ]
         );
         let s = Switches::parse("bf16_acts").unwrap();
         assert_eq!(s.disabled(), ["bf16_acts"]);
+        let s = Switches::parse("bf16_mlp").unwrap();
+        assert!(s.bf16_acts && !s.bf16_mlp);
+        assert_eq!(s.disabled(), ["bf16_mlp"]);
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
             err.contains("\"flsh\"") && err.contains("epilogues"),
