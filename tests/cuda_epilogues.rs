@@ -4,13 +4,15 @@
 //!
 //! 1. each epilogue on its own through `MatmulCache::matmul_ep`, on operands whose products
 //!    are exact in fp32, against float64 on the host (this also tells the tanh GELU from
-//!    the erf one, which differ by up to 4.7e-4 where the test looks);
+//!    the erf one, which differ by up to 4.7e-4 where the test looks), and the GELU ones
+//!    again with a bf16 output, bias and pre-activation (the bf16 MLP chain), within one
+//!    bf16 step;
 //! 2. the bf16 engine with every switch on against the same engine with `epilogues` and
 //!    `fused_ln` off (`NANOGPT_CUDA_DISABLE`), with and without biases, dropout 0 and 0.1,
 //!    over two accumulated micro-steps (a bias gradient that overwrote instead of adding
 //!    would be off by half);
 //! 3. the fused bf16 engine against the CPU engine, with the bf16 bounds of
-//!    tests/cuda_engine.rs.
+//!    tests/cuda_engine.rs, with the bf16 MLP chain and without it (`bf16_mlp` off).
 //!
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
@@ -221,6 +223,73 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
              written over the old contents)"
         );
         fused.push("BiasGradB");
+    }
+    // The bf16 MLP chain (switch `bf16_mlp`): the same GELU epilogues with a bf16 C, whose
+    // bias and GELU input then take C's type (cuBLASLt's default): bf16 bias, bf16 aux.
+    let bf_shape = MatmulShape {
+        c: ElemType::Bf16,
+        ..shape
+    };
+    let dbias16 = ctx
+        .upload(&bias.iter().map(|&x| bf16_bits(x)).collect::<Vec<u16>>())
+        .unwrap();
+    let (dc16, daux16) = (ctx.alloc(2 * m * n).unwrap(), ctx.alloc(2 * m * n).unwrap());
+    let run16 = |ep: Epilogue, bias_ptr: u64| -> Ran {
+        let args = EpilogueArgs {
+            ep,
+            bias: bias_ptr,
+            aux: daux16.ptr,
+            aux_ld: n,
+        };
+        // SAFETY: every buffer covers the shape (bf16 m x k, k x n, m x n, n-vector).
+        let r = unsafe {
+            lt.matmul_ep(
+                bf_shape, 1.0, da.ptr, db.ptr, 0.0, dc16.ptr, ws.ptr, &stream, args,
+            )
+        }
+        .unwrap_or_else(|e| panic!("{ep:?} with a bf16 output: {e}"));
+        stream.synchronize().unwrap();
+        r
+    };
+    let get16 = |buf: &nanogpt::cuda::driver::DeviceBuffer| {
+        let mut v = vec![0u16; m * n];
+        buf.copy_to_host(&mut v).unwrap();
+        v.into_iter()
+            .map(|h| f32::from_bits((h as u32) << 16))
+            .collect::<Vec<f32>>()
+    };
+    // Off by at most one bf16 step (2^-8 relative) plus `abs` (the GELU's own error).
+    let check16 = |what: &str, got: &[f32], want: &[f64], abs: f64| {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let bound = w.abs() / 256.0 + abs;
+            assert!(
+                (g as f64 - w).abs() <= bound,
+                "{what}: element {i} is {g}, expected {w:.6} (bound {bound:.2e}); run with \
+                 NANOGPT_CUDA_DISABLE=bf16_mlp"
+            );
+        }
+    };
+    daux16.zero().unwrap();
+    if run16(Epilogue::GeluAux { bias: true }, dbias16.ptr) == Ran::Lt {
+        let pre: Vec<f64> = (0..m * n).map(|i| prod[i] + bias[i % n] as f64).collect();
+        check16(
+            "GELU_AUX_BIAS bf16: pre-activation",
+            &get16(&daux16),
+            &pre,
+            1e-6,
+        );
+        let gelu: Vec<f64> = pre.iter().map(|&x| gelu_tanh(x)).collect();
+        check16("GELU_AUX_BIAS bf16: output", &get16(&dc16), &gelu, 2e-3);
+        fused.push("GeluAuxBias bf16");
+    }
+    let aux16: Vec<u16> = aux.iter().map(|&x| bf16_bits(x)).collect();
+    daux16.copy_from_host(&aux16).unwrap();
+    if run16(Epilogue::DGelu, 0) == Ran::Lt {
+        let want: Vec<f64> = (0..m * n)
+            .map(|i| prod[i] * gelu_tanh_grad(aux[i] as f64))
+            .collect();
+        check16("DGELU bf16", &get16(&dc16), &want, 4e-3);
+        fused.push("DGelu bf16");
     }
     eprintln!("fused by cuBLASLt: {fused:?}");
     for line in lt.epilogue_report() {
