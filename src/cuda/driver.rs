@@ -51,6 +51,11 @@ api! {
         fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CuDevicePtr, bytes: usize) -> CuResult;
         fn cuMemcpyDtoDAsync_v2(dst: CuDevicePtr, src: CuDevicePtr, bytes: usize, s: CuStream) -> CuResult;
         fn cuMemsetD8_v2(dst: CuDevicePtr, value: u8, n: usize) -> CuResult;
+        // cuda.h: `#define cuMemAllocHost cuMemAllocHost_v2`; cuMemFreeHost has no _v2 form.
+        fn cuMemAllocHost_v2(p: *mut *mut c_void, bytes: usize) -> CuResult;
+        fn cuMemFreeHost(p: *mut c_void) -> CuResult;
+        fn cuMemcpyHtoDAsync_v2(dst: CuDevicePtr, src: *const c_void, bytes: usize, s: CuStream) -> CuResult;
+        fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CuDevicePtr, bytes: usize, s: CuStream) -> CuResult;
         fn cuModuleLoadData(m: *mut CuModule, image: *const c_void) -> CuResult;
         fn cuModuleUnload(m: CuModule) -> CuResult;
         fn cuModuleGetFunction(f: *mut CuFunction, m: CuModule, name: *const c_char) -> CuResult;
@@ -328,6 +333,22 @@ impl<'a> Context<'a> {
         })
     }
 
+    /// Allocates `bytes` of page-locked host memory for asynchronous copies ([`Staging`]).
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedBuffer<'a>, CudaError> {
+        self.make_current()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: writes one host pointer.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemAllocHost_v2)(&mut ptr, bytes.max(1)) },
+            "cuMemAllocHost",
+        )?;
+        Ok(PinnedBuffer {
+            drv: self.drv,
+            ptr: ptr as *mut u8,
+            bytes,
+        })
+    }
+
     /// Allocates a buffer holding a copy of `data`.
     pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'a>, CudaError> {
         let buf = self.alloc(std::mem::size_of_val(data))?;
@@ -339,8 +360,9 @@ impl<'a> Context<'a> {
         let mut s: CuStream = std::ptr::null_mut();
         // Flags 0 (CU_STREAM_DEFAULT): the stream is ordered with the legacy default stream,
         // where the memsets and host copies of DeviceBuffer run; the engine relies on that
-        // ordering (zeroed gradients before the backward, the loss read after the kernels).
-        // A non-blocking stream would need explicit stream arguments for those.
+        // ordering (zeroed gradients before the backward, parameters read after the
+        // optimizer step). A non-blocking stream would need explicit stream arguments for
+        // those. (The per-micro-step copies go through [`Staging`] on the stream itself.)
         // SAFETY: writes one handle.
         self.drv.check(
             unsafe { (self.drv.api.cuStreamCreate)(&mut s, 0) },
@@ -464,6 +486,149 @@ impl Drop for DeviceBuffer<'_> {
     fn drop(&mut self) {
         // SAFETY: ptr came from cuMemAlloc and is freed once.
         unsafe { (self.drv.api.cuMemFree_v2)(self.ptr) };
+    }
+}
+
+/// Page-locked host memory (`cuMemAllocHost`); freed on drop.
+pub struct PinnedBuffer<'a> {
+    drv: &'a Driver,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl Drop for PinnedBuffer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemAllocHost and is freed once.
+        unsafe { (self.drv.api.cuMemFreeHost)(self.ptr as *mut c_void) };
+    }
+}
+
+/// A pinned host buffer for asynchronous copies between the host and a stream
+/// (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`): the host neither waits for the stream when
+/// it hands data over nor when it asks for data back, only when it reads the result. An
+/// event recorded after each copy through the buffer keeps the host from rewriting it
+/// before an upload has read it, or reading it before a download has landed.
+pub struct Staging<'a> {
+    buf: PinnedBuffer<'a>,
+    done: Event<'a>,
+    /// A copy through the buffer was enqueued and `done` recorded after it.
+    pending: std::cell::Cell<bool>,
+}
+
+impl<'a> Staging<'a> {
+    /// A staging buffer of `bytes` in `ctx`.
+    pub fn new(ctx: &Context<'a>, bytes: usize) -> Result<Staging<'a>, CudaError> {
+        Ok(Staging {
+            buf: ctx.alloc_pinned(bytes)?,
+            done: Event::untimed(ctx.drv)?,
+            pending: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Waits for the last copy through the buffer (if any) to complete.
+    fn settle(&self) -> Result<(), CudaError> {
+        if self.pending.get() {
+            self.done.synchronize()?;
+            self.pending.set(false);
+        }
+        Ok(())
+    }
+
+    fn fits(&self, bytes: usize, dev: &DeviceBuffer, what: &str) -> Result<(), CudaError> {
+        if bytes > self.buf.bytes || bytes > dev.bytes {
+            return Err(CudaError::Invalid(format!(
+                "{what} of {bytes} bytes does not fit the {}-byte staging buffer and the \
+                 {}-byte device buffer",
+                self.buf.bytes, dev.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues `dst[..data.len()] = data` on `stream`: `data` is copied into the pinned
+    /// buffer now (after the previous copy through it has completed) and reaches the GPU
+    /// in stream order, without the host waiting for the stream.
+    pub fn upload<T: bytemuck::Pod>(
+        &self,
+        data: &[T],
+        dst: &DeviceBuffer,
+        stream: &Stream,
+    ) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(data);
+        self.fits(bytes, dst, "an upload")?;
+        self.settle()?;
+        // SAFETY: the pinned buffer holds at least `bytes` and no copy is using it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, self.buf.ptr, bytes);
+        }
+        // SAFETY: `bytes` fit the pinned buffer and the device buffer; the buffer is not
+        // touched again before `done` (recorded below) completes.
+        self.buf.drv.check(
+            unsafe {
+                (self.buf.drv.api.cuMemcpyHtoDAsync_v2)(
+                    dst.ptr,
+                    self.buf.ptr as *const c_void,
+                    bytes,
+                    stream.s,
+                )
+            },
+            "cuMemcpyHtoDAsync",
+        )?;
+        self.done.record(stream)?;
+        self.pending.set(true);
+        Ok(())
+    }
+
+    /// Enqueues a copy of the first `bytes` of `src` into the pinned buffer on `stream`;
+    /// [`Staging::read`] waits for it and hands the values over.
+    pub fn download(
+        &self,
+        src: &DeviceBuffer,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<(), CudaError> {
+        self.fits(bytes, src, "a download")?;
+        self.settle()?;
+        // SAFETY: `bytes` fit both buffers; the host reads the pinned buffer only after
+        // `done` (recorded below) has completed.
+        self.buf.drv.check(
+            unsafe {
+                (self.buf.drv.api.cuMemcpyDtoHAsync_v2)(
+                    self.buf.ptr as *mut c_void,
+                    src.ptr,
+                    bytes,
+                    stream.s,
+                )
+            },
+            "cuMemcpyDtoHAsync",
+        )?;
+        self.done.record(stream)?;
+        self.pending.set(true);
+        Ok(())
+    }
+
+    /// The first `out.len()` values of the last download, once it has completed.
+    pub fn read<T: bytemuck::Pod>(&self, out: &mut [T]) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes > self.buf.bytes {
+            return Err(CudaError::Invalid(format!(
+                "a read of {bytes} bytes from a {}-byte staging buffer",
+                self.buf.bytes
+            )));
+        }
+        self.settle()?;
+        // SAFETY: the download has completed; `bytes` fit the pinned buffer and `out`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.buf.ptr, out.as_mut_ptr() as *mut u8, bytes);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        // Never free pinned memory a copy may still be using.
+        let _ = self.settle();
     }
 }
 

@@ -16,7 +16,13 @@
 //   point into a live allocation.
 // - streams and events: every operation completes before its call returns (so ordering
 //   between streams always holds); events record the host clock, so the profiler's
-//   timings are CPU times.
+//   timings are CPU times. One exception: an asynchronous device-to-host copy takes its
+//   data when enqueued but lands in host memory only at the next synchronising call
+//   (stream, event or context synchronise, stream query, a synchronous copy, freeing the
+//   pinned buffer); until then the host buffer holds 0xff bytes, so a host that reads the
+//   result without waiting for it sees NaN.
+// - pinned host memory (cuMemAllocHost): asynchronous copies must use it on the host side,
+//   as the engine's staging buffers do; a pageable or freed host pointer is refused.
 //
 // Not emulated: several threads per block dimension other than x, more than 48 KiB of
 // dynamic shared memory, peer access, graphs, and anything not listed in src/cuda/driver.rs.
@@ -81,8 +87,16 @@ struct Event {
     bool recorded = false;
 };
 
+// An asynchronous device-to-host copy not yet landed in host memory.
+struct PendingCopy {
+    void* dst;
+    std::vector<unsigned char> data;
+};
+
 struct State {
     std::recursive_mutex lock;
+    std::map<uintptr_t, size_t> pinned;  // cuMemAllocHost allocations: address -> bytes
+    std::vector<PendingCopy> pending;    // cuMemcpyDtoHAsync results, in order
     bool initialised = false;
     int devices = 1;
     int cc = 90;
@@ -115,6 +129,21 @@ const std::pair<const uintptr_t, Allocation>* holding(uintptr_t p, size_t bytes)
     --it;
     if (p + bytes <= it->first + it->second.bytes) return &*it;
     return nullptr;
+}
+
+// Whether [p, p + bytes) lies in one live pinned host allocation.
+bool in_pinned(const void* p, size_t bytes) {
+    auto& m = state().pinned;
+    auto it = m.upper_bound(reinterpret_cast<uintptr_t>(p));
+    if (it == m.begin()) return false;
+    --it;
+    return reinterpret_cast<uintptr_t>(p) + bytes <= it->first + it->second;
+}
+
+// Lands every pending asynchronous device-to-host copy (a synchronising call).
+void land_copies() {
+    for (auto& c : state().pending) std::memcpy(c.dst, c.data.data(), c.data.size());
+    state().pending.clear();
 }
 
 // "" when every guard is intact, else which allocation was written out of bounds.
@@ -352,6 +381,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 CUresult cuCtxSynchronize() {
     LOCKED;
     NEED_INIT;
+    land_copies();
     return SUCCESS;
 }
 
@@ -419,6 +449,7 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     LOCKED;
     NEED_INIT;
     if (!holding(dst, bytes) || (bytes && !src)) return INVALID_VALUE;
+    land_copies();
     std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
     return SUCCESS;
 }
@@ -427,7 +458,49 @@ CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
     LOCKED;
     NEED_INIT;
     if (!holding(src, bytes) || (bytes && !dst)) return INVALID_VALUE;
+    land_copies();
     std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+    return SUCCESS;
+}
+
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
+    LOCKED;
+    NEED_INIT;
+    if (!p || bytes == 0) return INVALID_VALUE;
+    void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (!m) return OUT_OF_MEMORY;
+    std::memset(m, 0xff, bytes);
+    state().pinned[reinterpret_cast<uintptr_t>(m)] = bytes;
+    *p = m;
+    return SUCCESS;
+}
+
+CUresult cuMemFreeHost(void* p) {
+    LOCKED;
+    NEED_INIT;
+    auto it = state().pinned.find(reinterpret_cast<uintptr_t>(p));
+    if (it == state().pinned.end()) return INVALID_VALUE;
+    land_copies();
+    state().pinned.erase(it);
+    std::free(p);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) {
+    LOCKED;
+    NEED_INIT;
+    if (!holding(dst, bytes) || !in_pinned(src, bytes)) return INVALID_VALUE;
+    std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) {
+    LOCKED;
+    NEED_INIT;
+    if (!holding(src, bytes) || !in_pinned(dst, bytes)) return INVALID_VALUE;
+    auto* from = reinterpret_cast<const unsigned char*>(src);
+    state().pending.push_back(PendingCopy{dst, std::vector<unsigned char>(from, from + bytes)});
+    std::memset(dst, 0xff, bytes);
     return SUCCESS;
 }
 
@@ -530,6 +603,7 @@ CUresult cuStreamCreate(CUstream* s, unsigned flags) {
 CUresult cuStreamSynchronize(CUstream) {
     LOCKED;
     NEED_INIT;
+    land_copies();
     return SUCCESS;
 }
 
@@ -544,6 +618,7 @@ CUresult cuStreamDestroy_v2(CUstream s) {
 CUresult cuStreamQuery(CUstream) {
     LOCKED;
     NEED_INIT;
+    land_copies();
     return SUCCESS;  // all work is done before each call returns
 }
 
@@ -575,7 +650,9 @@ CUresult cuEventRecord(CUevent e, CUstream) {
 CUresult cuEventSynchronize(CUevent e) {
     LOCKED;
     NEED_INIT;
-    return e ? SUCCESS : INVALID_HANDLE;
+    if (!e) return INVALID_HANDLE;
+    land_copies();
+    return SUCCESS;
 }
 
 CUresult cuEventDestroy_v2(CUevent e) {

@@ -92,6 +92,17 @@
 //! value to different bf16 neighbours; the loss and every other gradient stay
 //! bit-identical.
 //!
+//! Host and GPU overlap across micro-steps: the token inputs and targets reach the GPU
+//! through pinned staging buffers (`cuMemcpyHtoDAsync` on the compute stream) and the
+//! per-row losses come back the same way, read only after the backward pass has been
+//! enqueued ([`CudaEngine::train_step`]). The host therefore waits for the forward pass
+//! and the loss, never for the backward: while the GPU runs it, the trainer fetches the
+//! next micro-batch and enqueues its copies and kernels behind it, so the GPU does not go
+//! idle between micro-steps (before, a synchronous copy of the inputs waited for the
+//! previous backward pass and the loss read stalled the backward's launches). The copies
+//! are a few tens of KiB per micro-step, in stream order, so they need no copy stream of
+//! their own.
+//!
 //! The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
 //!
@@ -123,7 +134,7 @@ use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Recompute, Result};
 use crate::cuda::cublas::{Operand, Sgemm};
 use crate::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
-use crate::cuda::driver::{Context, DeviceBuffer, Stream};
+use crate::cuda::driver::{Context, DeviceBuffer, Staging, Stream};
 use crate::cuda::CudaError;
 use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
@@ -148,6 +159,10 @@ const LT_WORKSPACE: usize = 32 << 20;
 /// the two products of a backward step.
 const SLOT_ACT: usize = 0;
 const SLOT_GRAD: usize = 1;
+/// [`Acts::staged`]: token inputs, targets, per-row losses.
+const STAGE_INPUTS: usize = 0;
+const STAGE_TARGETS: usize = 1;
+const STAGE_LOSSES: usize = 2;
 
 /// The arithmetic of the linear layers and the LM head (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -380,6 +395,10 @@ struct Acts {
     lnf_rstd: Buf,
     logits: Buf,
     row_loss: Buf,
+    /// Pinned host staging of the token inputs, the targets and the per-row losses: the
+    /// host hands a micro-batch over and asks for its loss without waiting for the GPU
+    /// (see [`CudaEngine::train_step`]).
+    staged: [Staging<'static>; 3],
     dres: Buf,
     dtmp: Buf,
     dln: Buf,
@@ -451,6 +470,11 @@ impl Acts {
             lnf_rstd: z(n)?,
             logits: z(n * cfg.vocab_size)?,
             row_loss: ctx.alloc(8 * n)?,
+            staged: [
+                Staging::new(ctx, 4 * n)?,
+                Staging::new(ctx, 4 * n)?,
+                Staging::new(ctx, 8 * n)?,
+            ],
             dres: z(n * c)?,
             dtmp: z(n * c)?,
             dln: z(n * c)?,
@@ -564,6 +588,14 @@ pub fn activation_bytes(
     storage: Bf16Storage,
 ) -> u64 {
     Acts::planned_bytes(cfg, b, t, recompute, fused, attn_dropout, storage)
+}
+
+/// A loss enqueued by [`CudaEngine::cross_entropy`]: `rows` per-row losses on their way to
+/// the host, `count` of them counted (target not -1).
+#[derive(Clone, Copy, Debug)]
+struct PendingLoss {
+    rows: usize,
+    count: usize,
 }
 
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
@@ -1915,7 +1947,7 @@ impl CudaEngine {
         let cfg = &self.cfg;
         let lay = &self.layout;
         let (c, n) = (cfg.n_embd, b * t);
-        a.inputs.copy_from_host(inputs)?;
+        a.staged[STAGE_INPUTS].upload(inputs, &a.inputs, &self.stream)?;
         self.run(
             self.k.embedding_forward,
             grid_vec(n * c),
@@ -2300,9 +2332,10 @@ impl CudaEngine {
 
     /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
     /// become d(mean loss * scale)/d(logits), or, with bf16 activations ([`CudaEngine::bf16_grad`]),
-    /// that gradient goes in bf16 to the gradient scratch (the logits stay). Returns the
-    /// mean loss over counted positions.
-    fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<f32> {
+    /// that gradient goes in bf16 to the gradient scratch (the logits stay). Enqueued with
+    /// the copy of the per-row losses to pinned memory; [`CudaEngine::mean_loss`] waits for
+    /// them, so the backward pass can be enqueued first.
+    fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<PendingLoss> {
         let a = self
             .acts
             .as_ref()
@@ -2310,7 +2343,7 @@ impl CudaEngine {
         let n = targets.len();
         let count = targets.iter().filter(|&&t| t >= 0).count();
         let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        a.targets.copy_from_host(targets)?;
+        a.staged[STAGE_TARGETS].upload(targets, &a.targets, &self.stream)?;
         let grad_bf16 = match grad_scale {
             Some(_) => self.bf16_grad(n * self.cfg.vocab_size)?.unwrap_or(0),
             None => 0,
@@ -2329,11 +2362,19 @@ impl CudaEngine {
                 Arg::I32(grad_scale.is_some() as i32),
             ],
         )?;
-        let mut losses = vec![0f64; n];
-        a.row_loss.copy_to_host(&mut losses)?;
+        a.staged[STAGE_LOSSES].download(&a.row_loss, 8 * n, &self.stream)?;
+        Ok(PendingLoss { rows: n, count })
+    }
+
+    /// The mean loss over counted positions of a [`CudaEngine::cross_entropy`], once its
+    /// per-row losses have reached the host.
+    fn mean_loss(&self, pending: PendingLoss) -> CResult<f32> {
+        let a = self.acts.as_ref().expect("a loss follows a forward pass");
+        let mut losses = vec![0f64; pending.rows];
+        a.staged[STAGE_LOSSES].read(&mut losses)?;
         let sum: f64 = losses.iter().sum();
-        Ok(if count > 0 {
-            (sum / count as f64) as f32
+        Ok(if pending.count > 0 {
+            (sum / pending.count as f64) as f32
         } else {
             0.0
         })
@@ -2499,7 +2540,11 @@ impl CudaEngine {
 
 impl CudaEngine {
     /// Forward and backward of one training micro-batch (see
-    /// [`Engine::forward_backward_notify`] for `ready`).
+    /// [`Engine::forward_backward_notify`] for `ready`). The host waits only for the loss:
+    /// the inputs and targets go through pinned staging ([`Staging`]) and the backward pass
+    /// is enqueued before the loss is read, so when this returns the GPU is still running
+    /// the backward pass while the caller fetches the next micro-batch, whose copies and
+    /// kernels queue up behind it: no idle gap between micro-steps.
     fn train_step(
         &mut self,
         batch: Batch,
@@ -2511,12 +2556,12 @@ impl CudaEngine {
         let drop = self.dropout_seeds();
         self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)
             .map_err(cuda_err)?;
-        let loss = self
+        let pending = self
             .cross_entropy(batch.targets, Some(loss_scale))
             .map_err(cuda_err)?;
         self.backward(batch.b, batch.t, drop, ready)
             .map_err(cuda_err)?;
-        Ok(loss)
+        self.mean_loss(pending).map_err(cuda_err)
     }
 }
 
@@ -2551,7 +2596,8 @@ impl Engine for CudaEngine {
         super::check_batch(&self.cfg, &batch, true)?;
         self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
-        self.cross_entropy(batch.targets, None).map_err(cuda_err)
+        let pending = self.cross_entropy(batch.targets, None).map_err(cuda_err)?;
+        self.mean_loss(pending).map_err(cuda_err)
     }
 
     fn logits(&mut self, batch: Batch) -> Result<Vec<f32>> {
