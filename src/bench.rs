@@ -258,6 +258,8 @@ pub struct ProfileTable {
     pub floor_ms: f64,
     pub floor_covers_ms: f64,
     pub ceilings: Ceilings,
+    /// How the products ran ([`StepProfile::products`]).
+    pub products: Vec<String>,
 }
 
 impl ProfileTable {
@@ -318,6 +320,7 @@ impl ProfileTable {
             floor_covers_ms,
             ceilings,
             rows,
+            products: p.products.clone(),
         }
     }
 
@@ -391,6 +394,12 @@ impl ProfileTable {
             show(c.copy_gbps, "GB/s"),
             c.source
         ));
+        if !self.products.is_empty() {
+            s.push_str("\nHow the bf16 products ran (epilogues fused into cuBLASLt or not):\n");
+            for line in &self.products {
+                s.push_str(&format!("- {line}\n"));
+            }
+        }
         s
     }
 }
@@ -604,6 +613,7 @@ mod tests {
                 op("kernel@0x1", 0.25, None, None),
             ],
             wall_ms: 10.0,
+            products: vec!["GeluAux { bias: true } on a product: fused".into()],
         }
     }
 
@@ -668,6 +678,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Roofline floor 5.000 ms"), "{md}");
+        assert!(
+            md.ends_with("- GeluAux { bias: true } on a product: fused\n"),
+            "{md}"
+        );
         // Every table line has the same number of cells.
         for l in &lines[..6] {
             assert_eq!(l.matches('|').count(), 8, "{l}");

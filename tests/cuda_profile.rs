@@ -132,6 +132,14 @@ fn check_profile(label: &str, p: &StepProfile, precision: Precision) {
         None,
     );
     assert_eq!(t.rows.iter().map(|r| r.calls).sum::<usize>(), p.ops.len());
+    // bf16: how every product with an epilogue ran is listed (fp32 has none).
+    let with_epilogue = p.products.iter().filter(|l| l.contains("fused")).count();
+    assert_eq!(
+        with_epilogue > 0,
+        precision == Precision::Bf16,
+        "{label}: {:?}",
+        p.products
+    );
     eprintln!("{label}:\n{}", t.to_markdown());
 }
 

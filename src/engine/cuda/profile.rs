@@ -295,6 +295,10 @@ pub struct StepProfile {
     /// Host wall-clock milliseconds of the whole step (zero_grad, forward + backward per
     /// micro-step, optimizer step, including its final synchronisation).
     pub wall_ms: f64,
+    /// How the bf16 mode's products ran: each product with an epilogue ("... fused" or
+    /// "... unfused: why"), then each one cuBLASLt had no bf16 algorithm for (run in
+    /// fp32). Empty in fp32 mode.
+    pub products: Vec<String>,
 }
 
 /// Device memory: the engine's own allocations by purpose, and what the driver reports.
@@ -600,11 +604,18 @@ impl CudaEngine {
             n_head: self.cfg.n_head,
         };
         let ops = profiler.finish(&dims).map_err(cuda_err)?;
+        let mut products = self.epilogue_report();
+        products.extend(
+            self.gemm_fallbacks()
+                .into_iter()
+                .map(|s| format!("{s}: no bf16 algorithm, run in fp32")),
+        );
         Ok(StepProfile {
             device: self.name.clone(),
             dims,
             ops,
             wall_ms,
+            products,
         })
     }
 
