@@ -187,6 +187,13 @@ struct Bf16State {
     warned: Cell<bool>,
 }
 
+impl Bf16State {
+    /// Address of element `off` of the bf16 parameter copy (the layout's offsets).
+    fn param(&self, off: usize) -> u64 {
+        self.params.ptr + 2 * off as u64
+    }
+}
+
 /// Where an operand of a linear-layer product comes from (see [`CudaEngine::mm`]).
 #[derive(Clone, Copy, Debug)]
 enum Src {
@@ -341,19 +348,19 @@ pub struct Bf16Storage {
 }
 
 impl Bf16Storage {
-    fn ln_bytes(self) -> usize {
-        if self.ln {
+    /// Bytes per value of an activation stored in bf16 (`bf16`) or fp32.
+    fn value_bytes(bf16: bool) -> usize {
+        if bf16 {
             2
         } else {
             4
         }
     }
+    fn ln_bytes(self) -> usize {
+        Self::value_bytes(self.ln)
+    }
     fn mlp_bytes(self) -> usize {
-        if self.mlp {
-            2
-        } else {
-            4
-        }
+        Self::value_bytes(self.mlp)
     }
 }
 
@@ -932,7 +939,7 @@ impl CudaEngine {
     /// The bf16 address of operand `o`, stored `rows x cols` with row stride `o.ld`.
     fn bf16_operand(&self, bf: &Bf16State, o: Lin, (rows, cols): (usize, usize)) -> CResult<u64> {
         Ok(match o.src {
-            Src::Param(off) => bf.params.ptr + 2 * off as u64,
+            Src::Param(off) => bf.param(off),
             Src::Rounded(_, q) | Src::Bf16(q) => q,
             Src::Act(p) => {
                 let n = MatmulShape::extent(rows, cols, o.ld);
@@ -1378,7 +1385,7 @@ impl CudaEngine {
         let bias = BiasPtrs {
             f32: self.p_opt(b),
             bf16: match (&self.bf, b) {
-                (Some(bf), Some(off)) => bf.params.ptr + 2 * off as u64,
+                (Some(bf), Some(off)) => bf.param(off),
                 _ => 0,
             },
         };
@@ -2464,11 +2471,7 @@ impl CudaEngine {
                     Arg::F32(hp.eps),
                     Arg::F32(step_size),
                     Arg::F32(bc2_sqrt),
-                    Arg::Ptr(
-                        self.bf
-                            .as_ref()
-                            .map_or(0, |bf| bf.params.ptr + 2 * abs as u64),
-                    ),
+                    Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(abs))),
                 ],
             )?;
         }
