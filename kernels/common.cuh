@@ -127,7 +127,8 @@ __device__ __forceinline__ void st4(float* p, Group4 g, long long n, const float
 }
 
 // v[k] = the bf16 value p[e0 + k] widened to fp32 (exact) for the group's elements (0
-// elsewhere): one 8-byte load for a full group. p is read-only while the kernel runs.
+// elsewhere): one 8-byte load for a full group (plain loads: p may be written by this
+// kernel).
 __device__ __forceinline__ void ld4_bf16(float (&v)[4], const unsigned short* p, Group4 g,
                                          long long n) {
     if (g.full) {

@@ -1,28 +1,33 @@
 // cross_entropy.cu: softmax cross-entropy over the real vocabulary (padded rows of the
-// embedding never reach the logits), fused with the logits gradient (fp32, loss in fp64).
+// embedding never reach the logits), fused with the logits gradient (fp32 arithmetic, loss
+// in fp64), over fp32 or bf16 logits.
 //
 // Shapes: logits [N, V] row-major (V = vocab_size), targets [N] i32 (-1 = no loss),
 //         row_loss [N] f64.
 //
 // cross_entropy_forward_backward(logits, grad_bf16, row_loss, targets, N, V, grad_k,
 //                                write_grad)
-//   For a row with target t >= 0: row_loss = (max + log(sum exp(x - max))) - x[t].
-//   With write_grad != 0 the gradient grad_k * (softmax(x) - onehot(t)) (grad_k =
+//   fp32 logits. For a row with target t >= 0: row_loss = (max + log(sum exp(x - max))) -
+//   x[t]. With write_grad != 0 the gradient grad_k * (softmax(x) - onehot(t)) (grad_k =
 //   loss_scale / number of counted rows) overwrites the row in place, or, when grad_bf16
 //   is not null, goes to grad_bf16 [N, V] (bf16 bits, the same fp32 value rounded by
 //   bf16_rne; the logits are left as they are): the bf16 mode's LM-head products read it
 //   in bf16, with no fp32 gradient written and no cast pass. Rows with t = -1: row_loss = 0
 //   and, with write_grad, the row's gradient is zeroed.
-//   Launch: one block per row; block 256 threads (a power of two), grid N,
+// cross_entropy_bf16(logits, row_loss, targets, N, V, grad_k, write_grad)
+//   The same over bf16 logits (bits; widened exactly, same arithmetic), the gradient
+//   rounded by bf16_rne and written over the row in place: the bf16 mode with the LM head
+//   writing bf16 logits (engine switch bf16_logits), as torch autocast's logits are bf16.
+//   Launch (both): one block per row; block 256 threads (a power of two), grid N,
 //   shared memory 0 (static).
 //
 // Vectorised access (kernels/common.cuh): a row is split into groups of four logits
-// aligned to 16 bytes in memory (the row's shift s: rows start at any alignment when V is
-// not a multiple of 4); thread t owns groups t, t + 256, t + 512, ... and takes its
-// elements in order for its part of the max and of the sum, then the block combines the
-// threads' parts (block_reduce). Deterministic for a given V and buffer alignment. A bf16
-// gradient row uses 8-byte stores when it has the logits row's shift (both buffers equally
-// aligned), else element by element.
+// aligned to 16 bytes in memory (8 for bf16 logits; the row's shift s: rows start at any
+// alignment when V is not a multiple of 4); thread t owns groups t, t + 256, t + 512, ...
+// and takes its elements in order for its part of the max and of the sum, then the block
+// combines the threads' parts (block_reduce). Deterministic for a given V and buffer
+// alignment. A separate bf16 gradient row uses 8-byte stores when it has the logits row's
+// shift (both buffers equally aligned), else element by element.
 
 #define XENT_THREADS 256
 
@@ -48,8 +53,22 @@ __device__ float block_reduce(float v, bool is_max, float* sh) {
     return sh[0];
 }
 
-// Stores one group of gradients: fp32 in place (gb null) or bf16 to gb (gs: the group for
-// the bf16 row, vector only when co-aligned).
+// Loads of a group of logits, and of one logit, as fp32 (plain loads: the row is
+// overwritten by its gradient afterwards).
+__device__ __forceinline__ void xent_ld4(float (&v)[4], const float* x, Group4 g, int n) {
+    ld4(v, x, g, n);
+}
+__device__ __forceinline__ void xent_ld4(float (&v)[4], const unsigned short* x, Group4 g,
+                                         int n) {
+    ld4_bf16(v, x, g, n);
+}
+__device__ __forceinline__ float xent_ld1(const float* x, int i) { return x[i]; }
+__device__ __forceinline__ float xent_ld1(const unsigned short* x, int i) {
+    return bf16_to_f32(x[i]);
+}
+
+// Stores one group of gradients: fp32 logits in place (gb null) or bf16 to gb (gs: the
+// group for the bf16 row, vector only when co-aligned); bf16 logits in place.
 __device__ __forceinline__ void xent_store(float* x, unsigned short* gb, Group4 g, Group4 gs,
                                            int v, const float (&gr)[4]) {
     if (gb == nullptr) {
@@ -61,18 +80,24 @@ __device__ __forceinline__ void xent_store(float* x, unsigned short* gb, Group4 
     for (int e = 0; e < 4; e++) h[e] = bf16_rne(gr[e]);
     st4_bf16(gb, gs, v, h);
 }
+__device__ __forceinline__ void xent_store(unsigned short* x, unsigned short*, Group4 g,
+                                           Group4, int v, const float (&gr)[4]) {
+    unsigned short h[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = bf16_rne(gr[e]);
+    st4_bf16(x, g, v, h);
+}
 
-extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ logits,
-                                                          unsigned short* __restrict__ grad_bf16,
-                                                          double* __restrict__ row_loss,
-                                                          const int* __restrict__ targets,
-                                                          int n_rows, int v, float grad_k,
-                                                          int write_grad) {
-    __shared__ float sh[32];
+// One row of either kernel; T is float or unsigned short (bf16 bits), sh the block's
+// reduction scratch.
+template <typename T>
+__device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ grad_bf16,
+                         double* __restrict__ row_loss, const int* __restrict__ targets,
+                         int n_rows, int v, float grad_k, int write_grad, float* sh) {
     int row = blockIdx.x;
     if (row >= n_rows) return;
-    float* x = logits + (long long)row * v;
-    int shift = vec_shift(x, 4);
+    T* x = logits + (long long)row * v;
+    int shift = vec_shift(x, (int)sizeof(T));
     int groups = (v + shift + 3) / 4;
     unsigned short* gb = grad_bf16 ? grad_bf16 + (long long)row * v : nullptr;
     bool gb_vec = gb != nullptr && vec_shift(gb, 2) == shift;
@@ -86,12 +111,11 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
         }
         return;
     }
-    // The logits are overwritten below: plain loads, not the read-only path.
     float mx = __int_as_float(0xff800000);
     for (int t = threadIdx.x; t < groups; t += blockDim.x) {
         Group4 g = group4(t, v, shift, true);
         float xv[4];
-        ld4(xv, x, g, v);
+        xent_ld4(xv, x, g, v);
 #pragma unroll
         for (int e = 0; e < 4; e++)
             if (g.full || in_range(g.e0 + e, v)) mx = fmaxf(mx, xv[e]);
@@ -101,13 +125,13 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
     for (int t = threadIdx.x; t < groups; t += blockDim.x) {
         Group4 g = group4(t, v, shift, true);
         float xv[4];
-        ld4(xv, x, g, v);
+        xent_ld4(xv, x, g, v);
 #pragma unroll
         for (int e = 0; e < 4; e++)
             if (g.full || in_range(g.e0 + e, v)) s += expf(xv[e] - mx);
     }
     s = block_reduce(s, false, sh);
-    float target_logit = x[tgt];
+    float target_logit = xent_ld1(x, tgt);
     if (threadIdx.x == 0) {
         row_loss[row] = ((double)mx + log((double)s)) - (double)target_logit;
     }
@@ -117,7 +141,7 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
         for (int t = threadIdx.x; t < groups; t += blockDim.x) {
             Group4 g = group4(t, v, shift, true);
             float xv[4];
-            ld4(xv, x, g, v);
+            xent_ld4(xv, x, g, v);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 float gr = expf(xv[e] - mx) * scale;
@@ -127,4 +151,23 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
             xent_store(x, gb, g, group4(t, v, shift, gb_vec), v, xv);
         }
     }
+}
+
+extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ logits,
+                                                          unsigned short* __restrict__ grad_bf16,
+                                                          double* __restrict__ row_loss,
+                                                          const int* __restrict__ targets,
+                                                          int n_rows, int v, float grad_k,
+                                                          int write_grad) {
+    __shared__ float sh[32];
+    xent_row(logits, grad_bf16, row_loss, targets, n_rows, v, grad_k, write_grad, sh);
+}
+
+extern "C" __global__ void cross_entropy_bf16(unsigned short* __restrict__ logits,
+                                              double* __restrict__ row_loss,
+                                              const int* __restrict__ targets, int n_rows,
+                                              int v, float grad_k, int write_grad) {
+    __shared__ float sh[32];
+    xent_row(logits, (unsigned short*)nullptr, row_loss, targets, n_rows, v, grad_k,
+             write_grad, sh);
 }

@@ -12,7 +12,8 @@
 //!    over two accumulated micro-steps (a bias gradient that overwrote instead of adding
 //!    would be off by half);
 //! 3. the fused bf16 engine against the CPU engine, with the bf16 bounds of
-//!    tests/cuda_engine.rs, with the bf16 MLP chain and without it (`bf16_mlp` off).
+//!    tests/cuda_engine.rs, with the bf16 MLP chain and logits and without each
+//!    (`bf16_mlp`, `bf16_logits` off).
 //!
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
@@ -515,11 +516,11 @@ fn fused_engine_tracks_the_cpu_engine() {
     if no_gpu("fused_engine_tracks_the_cpu_engine") {
         return;
     }
-    // With the bf16 MLP chain (the default) and without it (fp32 pre-activation, GELU
-    // output and its gradient).
+    // With the bf16 MLP chain and logits (the default), and without each (fp32
+    // pre-activation, GELU output and its gradient; fp32 logits).
     for (label, cfg) in configs() {
         let (params, inputs, targets) = setup(&cfg);
-        for disable in ["", "bf16_mlp"] {
+        for disable in ["", "bf16_mlp", "bf16_logits"] {
             let mut cpu = CpuEngine::new(cfg.clone(), params.clone(), 7, 2).unwrap();
             let mut on = bf16_engine(&cfg, &params, disable);
             compare(

@@ -55,7 +55,6 @@ fn check_profile(label: &str, p: &StepProfile, precision: Precision) {
         "embedding_backward_wte",
         "embedding_backward_wpe",
         "layernorm_",
-        "cross_entropy_forward_backward",
         "sumsq_parts",
         "adamw_update",
         "reduce_parts_add",
@@ -71,9 +70,14 @@ fn check_profile(label: &str, p: &StepProfile, precision: Precision) {
         "gemm lm_head dW",
     ];
     if precision == Precision::F32 {
-        families.extend(["gelu_forward", "gelu_backward_inplace"]);
+        families.extend([
+            "gelu_forward",
+            "gelu_backward_inplace",
+            "cross_entropy_forward_backward",
+        ]);
     } else {
-        families.push("cast_f32_to_bf16");
+        // bf16 logits (the default): the cross-entropy over them.
+        families.extend(["cast_f32_to_bf16", "cross_entropy_bf16"]);
     }
     for f in families {
         assert!(

@@ -339,27 +339,27 @@ fn bf16_recompute_matches() {
 /// dropout), as BENCHMARKS.md quotes it: level 1 saves 11 x 12 MiB per batch row, level 2
 /// another 23 x 3 MiB (fp32 LayerNorm outputs); bf16 LayerNorm outputs (the bf16 mode with
 /// `bf16_acts`) halve the 25 of them (ln1, ln2 per layer, lnf) at level 0, and the bf16 MLP
-/// chain (`bf16_mlp`) the 25 (N, 4C) ones (fch and the GELU output per layer, dfch).
+/// chain (`bf16_mlp`) the 25 (N, 4C) ones (fch and the GELU output per layer, dfch), and
+/// bf16 logits (`bf16_logits`) the (N, V) logits.
 #[test]
 fn gpt2_activation_memory_per_level() {
     use cuda::Bf16Storage;
     let cfg = GptConfig::new(12, 12, 768, 1024, 50257, false, 0.0).unwrap();
     let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
     let fp32 = Bf16Storage::default();
-    let ln = Bf16Storage {
-        ln: true,
-        mlp: false,
-    };
-    let both = Bf16Storage {
-        ln: true,
-        mlp: true,
+    let ln = Bf16Storage { ln: true, ..fp32 };
+    let mlp = Bf16Storage { mlp: true, ..ln };
+    let all = Bf16Storage {
+        logits: true,
+        ..mlp
     };
     for b in [8usize, 16, 24, 32] {
         let level0 =
             |st| cuda::activation_bytes(&cfg, b, 1024, Recompute::Nothing, true, false, st);
         let row = (b * 1024 * 768) as u64;
         assert_eq!(level0(fp32) - level0(ln), 25 * row * 2, "B={b}");
-        assert_eq!(level0(ln) - level0(both), 25 * 4 * row * 2, "B={b}");
+        assert_eq!(level0(ln) - level0(mlp), 25 * 4 * row * 2, "B={b}");
+        assert_eq!(level0(mlp) - level0(all), row / 768 * 50257 * 2, "B={b}");
         let bytes = |rc| cuda::activation_bytes(&cfg, b, 1024, rc, true, false, fp32);
         let (b0, b1, b2) = (
             bytes(Recompute::Nothing),
@@ -376,7 +376,8 @@ fn gpt2_activation_memory_per_level() {
         );
     }
     // The module docs' figures for B = 8 at level 0 with the fused attention: 6.32 GiB in
-    // fp32 storage, 4.86 GiB with both bf16 storages (the bf16 mode's default).
+    // fp32 storage, 4.86 GiB with bf16 LayerNorm outputs and MLP chain, 4.09 GiB with the
+    // logits in bf16 too (the bf16 mode's default).
     let b0 = |st| {
         gib(cuda::activation_bytes(
             &cfg,
@@ -389,5 +390,6 @@ fn gpt2_activation_memory_per_level() {
         ))
     };
     assert!((b0(fp32) - 6.32).abs() < 0.01, "{:.3} GiB", b0(fp32));
-    assert!((b0(both) - 4.86).abs() < 0.01, "{:.3} GiB", b0(both));
+    assert!((b0(mlp) - 4.86).abs() < 0.01, "{:.3} GiB", b0(mlp));
+    assert!((b0(all) - 4.09).abs() < 0.01, "{:.3} GiB", b0(all));
 }

@@ -444,9 +444,16 @@ fn bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product() {
     use nanogpt::optim::AdamWConfig;
     let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();
     let p = perturbed_params(&cfg, 11);
-    let off = Switches::parse("bf16_acts").expect("bf16_acts is a known optimisation");
-    for rc in [Recompute::Nothing, Recompute::GeluLayerNorm] {
-        let mut on_e = engine(&cfg, &p, Precision::Bf16, Switches::default());
+    // With bf16 logits (the default; the logits gradient in place) and with fp32 logits
+    // (the gradient in bf16 scratch with `bf16_acts`, rounded before the products without).
+    for (base, rc) in [
+        ("", Recompute::Nothing),
+        ("", Recompute::GeluLayerNorm),
+        ("bf16_logits", Recompute::Nothing),
+    ] {
+        let on = Switches::parse(base).expect("known optimisations");
+        let off = Switches::parse(&format!("{base},bf16_acts")).expect("known optimisations");
+        let mut on_e = engine(&cfg, &p, Precision::Bf16, on);
         let mut off_e = engine(&cfg, &p, Precision::Bf16, off);
         for e in [&mut on_e, &mut off_e] {
             e.set_recompute(rc);
@@ -459,7 +466,7 @@ fn bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product() {
                 b: 2,
                 t,
             };
-            let what = format!("recompute={} T={t}", rc.level());
+            let what = format!("off: {base:?} recompute={} T={t}", rc.level());
             let mut seen = Vec::new();
             for e in [&mut on_e, &mut off_e] {
                 e.zero_grad();

@@ -56,6 +56,7 @@ std::vector<EmuKernel> emu_kernels_main() {
         EMU_KERNEL(att, causal_softmax_forward),
         EMU_KERNEL(att, causal_softmax_backward),
         EMU_KERNEL(xent, cross_entropy_forward_backward),
+        EMU_KERNEL(xent, cross_entropy_bf16),
         EMU_KERNEL(adam, sumsq_parts),
         EMU_KERNEL(adam, scale_inplace),
         EMU_KERNEL(adam, adamw_update),

@@ -24,7 +24,7 @@
 //! the largest pass so far; it is kept across resets and prefills with the same `n_seq`.
 
 use super::kernels::{grid_vec, Arg, BLOCK};
-use super::{at, cuda_err, Buf, CResult, CudaEngine, LnOut, Src};
+use super::{at, cuda_err, Buf, CResult, CudaEngine, LnOut, Out, Src};
 use crate::cuda::cublas::Operand;
 use crate::cuda::driver::Context;
 use crate::engine::{EngineError, Result};
@@ -300,7 +300,7 @@ impl CudaEngine {
                 rows,
             )?;
             self.linear_gelu_fwd(
-                sc.gelu.ptr,
+                Out::F32(sc.gelu.ptr),
                 sc.fch.ptr,
                 Src::Act(sc.ln.ptr),
                 o.fc_w,
@@ -308,7 +308,6 @@ impl CudaEngine {
                 c,
                 4 * c,
                 rows,
-                false,
             )?;
             self.linear_fwd(
                 sc.tmp.ptr,

@@ -199,6 +199,7 @@ kernel_table!(
     causal_softmax_forward,
     causal_softmax_backward,
     cross_entropy_forward_backward,
+    cross_entropy_bf16,
     sumsq_parts,
     scale_inplace,
     adamw_update,

@@ -30,7 +30,11 @@
 //! pre-activation gradient in bf16 for the fc backward products (`DGELU`, the derivative
 //! taken at the bf16 pre-activation, as llm.c does: the one value this switch changes).
 //! Unfused, the same values come from the product in fp32 scratch and `gelu_forward_bf16`
-//! / `gelu_backward_bf16`. LayerNorm, softmax,
+//! / `gelu_backward_bf16`. The LM head writes the logits in bf16 (switch `bf16_logits`;
+//! torch autocast's logits are bf16 too), the cross-entropy kernel `cross_entropy_bf16`
+//! reads them widened and writes their gradient over them in bf16, which the LM head's
+//! backward products read: half the bytes of the largest activation and no separate
+//! gradient buffer. LayerNorm, softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -71,7 +75,7 @@
 //! activations take 6.32 GiB with the fused form and every activation in fp32: 12 x 384
 //! MiB of per-layer (B*T, k*C) tensors, 1.53 GiB of logits, 0.23 GiB of backward scratch
 //! and 4.9 MiB of logsumexp and scratch vectors; the bf16 mode's default storage (bf16
-//! LayerNorm outputs and MLP chain) takes 4.86 GiB. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
+//! LayerNorm outputs, MLP chain and logits) takes 4.09 GiB. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
 //! floats) and 384 MiB for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout
 //! (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
 //!
@@ -132,6 +136,7 @@ pub mod switches;
 
 use super::dropout::{Dropout, DropoutSeeds};
 use super::{Batch, Engine, EngineError, OptimizerState, Recompute, Result};
+use crate::cuda::bf16::bf16_bits_to_f32;
 use crate::cuda::cublas::{Operand, Sgemm};
 use crate::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use crate::cuda::driver::{Context, DeviceBuffer, Staging, Stream};
@@ -270,32 +275,25 @@ enum Post {
     /// `C = op(A) op(B) + bias`, the fp32 bias at this address broadcast over the rows
     /// (beta 0, ldc = n).
     Bias(u64),
-    /// `pre = op(A) op(B) (+ bias)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n). With
-    /// `bf16`, `pre` and C are bf16 (the bf16 MLP chain): both rounded from the fp32 value,
-    /// the GELU taken before rounding, and the fused epilogue adds the bias's bf16 copy
-    /// (cuBLASLt's bias has C's type).
-    Gelu {
-        bias: BiasPtrs,
-        pre: u64,
-        bf16: bool,
-    },
-    /// `C = (op(A) op(B)) * gelu'(pre)` (beta 0, ldc = n). With `bf16`, `pre` and C are
-    /// bf16.
-    DGelu { pre: u64, bf16: bool },
+    /// `pre = op(A) op(B) (+ bias)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n, of C's
+    /// type). With a bf16 C (the bf16 MLP chain) `pre` and C are both rounded from the fp32
+    /// value, the GELU taken before rounding, and the fused epilogue adds the bias's bf16
+    /// copy (cuBLASLt's bias has C's type).
+    Gelu { bias: BiasPtrs, pre: u64 },
+    /// `C = (op(A) op(B)) * gelu'(pre)` (beta 0, ldc = n; `pre` of C's type).
+    DGelu { pre: u64 },
     /// `C = op(A) op(B) + beta C` and `db += column sums of B` (B stored k x n with row
     /// stride n, not transposed): the bias gradient next to the weight gradient
     /// `dW += X^T dY`. `tmp` holds `PARTS * n` fp32 values.
     BiasGrad { db: u64, tmp: u64 },
 }
 
-impl Post {
-    /// Whether C (and the GELU input) are bf16.
-    fn bf16_out(self) -> bool {
-        matches!(
-            self,
-            Post::Gelu { bf16: true, .. } | Post::DGelu { bf16: true, .. }
-        )
-    }
+/// The output C of a linear-layer product ([`CudaEngine::mm_ep`]): fp32, or, in the bf16
+/// mode, bf16 (cuBLASLt writes it rounded; unfused, the fp32 values go through scratch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Out {
+    F32(u64),
+    Bf16(u64),
 }
 
 /// A bias vector (0 = none): the fp32 parameter, and its bf16 copy for a fused epilogue
@@ -310,15 +308,16 @@ struct BiasPtrs {
 /// The bias gradient is the sum over k of the row-major B (`dY` in `dW = X^T dY`), which
 /// cuBLASLt sees as its A: `BGRADA`. cuBLASLt writes it (never accumulates), so it goes to
 /// `tmp` and is then added to the fp32 gradient, which accumulates over micro-steps.
-fn epilogue_args(post: Post, n: usize) -> Option<EpilogueArgs> {
+/// `bf16_out`: C is bf16 (the GELU's bias is then the bf16 copy).
+fn epilogue_args(post: Post, n: usize, bf16_out: bool) -> Option<EpilogueArgs> {
     let (ep, bias, aux) = match post {
         Post::None => return None,
         Post::Bias(b) => (Epilogue::Bias, b, 0),
-        Post::Gelu { bias, pre, bf16 } => {
-            let b = if bf16 { bias.bf16 } else { bias.f32 };
+        Post::Gelu { bias, pre } => {
+            let b = if bf16_out { bias.bf16 } else { bias.f32 };
             (Epilogue::GeluAux { bias: b != 0 }, b, pre)
         }
-        Post::DGelu { pre, .. } => (Epilogue::DGelu, 0, pre),
+        Post::DGelu { pre } => (Epilogue::DGelu, 0, pre),
         Post::BiasGrad { tmp, .. } => (Epilogue::BiasGradB, tmp, 0),
     };
     Some(EpilogueArgs {
@@ -339,12 +338,14 @@ fn at(ptr: u64, elems: usize) -> u64 {
 }
 
 /// Which activations the bf16 mode stores in bf16 only: the LayerNorm outputs (`ln`,
-/// switch `bf16_acts`; [`LnOut`]) and the MLP's pre-activation, GELU output and
-/// pre-activation gradient (`mlp`, switch `bf16_mlp`). Both false in fp32 mode.
+/// switch `bf16_acts`; [`LnOut`]), the MLP's pre-activation, GELU output and
+/// pre-activation gradient (`mlp`, switch `bf16_mlp`), and the logits with their gradient
+/// in place (`logits`, switch `bf16_logits`). All false in fp32 mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bf16Storage {
     pub ln: bool,
     pub mlp: bool,
+    pub logits: bool,
 }
 
 impl Bf16Storage {
@@ -361,6 +362,9 @@ impl Bf16Storage {
     }
     fn mlp_bytes(self) -> usize {
         Self::value_bytes(self.mlp)
+    }
+    fn logits_bytes(self) -> usize {
+        Self::value_bytes(self.logits)
     }
 }
 
@@ -475,7 +479,7 @@ impl Acts {
             lnf: zl(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
-            logits: z(n * cfg.vocab_size)?,
+            logits: ctx.alloc(storage.logits_bytes() * n * cfg.vocab_size)?,
             row_loss: ctx.alloc(8 * n)?,
             staged: [
                 Staging::new(ctx, 4 * n)?,
@@ -528,7 +532,6 @@ impl Acts {
         let once = 2 * n // inputs, targets
             + n * c // encoded
             + 2 * n // lnf's mean, rstd
-            + n * cfg.vocab_size // logits
             + 3 * n * c + n * 3 * c // dres, dtmp, dln, dqkv
             + PARTS * 2 * c + PARTS * 4 * c;
         let tt = b * nh * t_cap * t_cap;
@@ -540,6 +543,7 @@ impl Acts {
         (4 * (l * layer + once + attention)
             + storage.ln_bytes() * ln_values
             + storage.mlp_bytes() * mlp_values
+            + storage.logits_bytes() * n * cfg.vocab_size
             + 8 * n) as u64 // row_loss: f64
     }
 
@@ -561,6 +565,14 @@ impl Acts {
     }
     fn gelu(&self, l: usize) -> u64 {
         self.own_or_shared(self.layers[l].fch_gelu.as_ref(), &self.gelu_shared)
+    }
+    /// An activation of the MLP chain (fch, GELU output, dfch) as a product output.
+    fn mlp_out(&self, ptr: u64) -> Out {
+        if self.storage.mlp {
+            Out::Bf16(ptr)
+        } else {
+            Out::F32(ptr)
+        }
     }
     /// An activation of the MLP chain (fch, GELU output, dfch) as a product operand.
     fn mlp_src(&self, ptr: u64) -> Src {
@@ -1006,13 +1018,16 @@ impl CudaEngine {
         c: u64,
         ldc: usize,
     ) -> CResult<()> {
-        self.mm_ep(m, n, k, a, b, beta, c, ldc, Post::None)
+        self.mm_ep(m, n, k, a, b, beta, Out::F32(c), ldc, Post::None)
     }
 
-    /// [`CudaEngine::mm`] followed by `post`. With [`CudaEngine::fusing`] the product and
-    /// `post` are one cuBLASLt call (an epilogue), so the output is written once and not
-    /// read back; otherwise, or when cuBLASLt cannot run that epilogue on this shape, the
-    /// separate kernels run around the product (the same bf16 operands, rounded once).
+    /// [`CudaEngine::mm`] into `c` (fp32, or in the bf16 mode bf16: beta 0, contiguous),
+    /// followed by `post`. With [`CudaEngine::fusing`] the product and `post` are one
+    /// cuBLASLt call (an epilogue), so the output is written once and not read back, and a
+    /// bf16 C is always written by the product itself; otherwise, or when cuBLASLt cannot
+    /// run that epilogue or output on this shape, the separate kernels run around the
+    /// product (the same bf16 operands, rounded once; a bf16 C gets its values through
+    /// fp32 scratch).
     #[allow(clippy::too_many_arguments)]
     fn mm_ep(
         &self,
@@ -1022,7 +1037,7 @@ impl CudaEngine {
         a: Lin,
         b: Lin,
         beta: f32,
-        c: u64,
+        c: Out,
         ldc: usize,
         post: Post,
     ) -> CResult<()> {
@@ -1037,9 +1052,17 @@ impl CudaEngine {
                 "bias and GELU epilogues overwrite a contiguous C"
             ),
         }
+        let (c_ptr, c_bf16) = match c {
+            Out::F32(p) => (p, false),
+            Out::Bf16(p) => (p, true),
+        };
         assert!(
-            !post.bf16_out() || self.bf.is_some(),
-            "bf16 outputs exist only in the bf16 mode"
+            !c_bf16
+                || (self.bf.is_some()
+                    && beta == 0.0
+                    && ldc == n
+                    && matches!(post, Post::None | Post::Gelu { .. } | Post::DGelu { .. })),
+            "a bf16 C: bf16 mode, overwritten, contiguous, no bias (gradient) epilogue"
         );
         // An fp32 view of an operand that has one (not Src::Bf16: see fp32_operand).
         let fp32 = |o: Lin| Operand {
@@ -1081,10 +1104,13 @@ impl CudaEngine {
                 Some((bf, shape, pa, pb))
             }
         };
-        if let (Some((bf, shape, pa, pb)), true) = (lt, self.switches().epilogues) {
-            if let Some(args) = epilogue_args(post, n) {
+        if let Some((bf, shape, pa, pb)) = lt {
+            // One cuBLASLt call: the product with its epilogue fused, or, with nothing to
+            // fuse, a bf16 C written by the product itself.
+            let args = epilogue_args(post, n, c_bf16).filter(|_| self.switches().epilogues);
+            if args.is_some() || (c_bf16 && post == Post::None) {
                 let shape = MatmulShape {
-                    c: if post.bf16_out() {
+                    c: if c_bf16 {
                         ElemType::Bf16
                     } else {
                         ElemType::F32
@@ -1095,17 +1121,29 @@ impl CudaEngine {
                 // bias is the layer's bias of C's type (n values) or `tmp` (at least n fp32
                 // values), the GELU input an m x n activation of C's type, row stride n.
                 let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
-                    bf.lt.matmul_ep(
-                        shape,
-                        1.0,
-                        pa,
-                        pb,
-                        beta,
-                        c,
-                        bf.workspace.ptr,
-                        &self.stream,
-                        args,
-                    )
+                    match args {
+                        Some(args) => bf.lt.matmul_ep(
+                            shape,
+                            1.0,
+                            pa,
+                            pb,
+                            beta,
+                            c_ptr,
+                            bf.workspace.ptr,
+                            &self.stream,
+                            args,
+                        ),
+                        None => bf.lt.matmul(
+                            shape,
+                            1.0,
+                            pa,
+                            pb,
+                            beta,
+                            c_ptr,
+                            bf.workspace.ptr,
+                            &self.stream,
+                        ),
+                    }
                 })?;
                 if ran == Ran::Lt {
                     if let Post::BiasGrad { db, tmp } = post {
@@ -1117,22 +1155,16 @@ impl CudaEngine {
         }
         // Unfused: the separate kernels around the product, which writes fp32 (a bf16 C
         // gets its values from an fp32 scratch).
-        let (out, beta) = match post {
-            Post::Bias(bias) => {
+        let (out, beta) = match (post, c) {
+            (Post::Bias(bias), Out::F32(c)) => {
                 self.bias_broadcast(c, bias, m, n)?;
                 (c, 1.0)
             }
-            Post::Gelu {
-                bias,
-                pre,
-                bf16: false,
-            } => {
+            (Post::Gelu { bias, pre }, Out::F32(_)) => {
                 self.bias_broadcast(pre, bias.f32, m, n)?;
                 (pre, 1.0)
             }
-            Post::Gelu {
-                bias, bf16: true, ..
-            } => {
+            (Post::Gelu { bias, .. }, Out::Bf16(_)) => {
                 // The values in fp32 scratch, then the bias: its bf16 copy widened (what
                 // the fused epilogue adds) into the n values past them.
                 let out = self.wide_out(m * n + n)?;
@@ -1150,8 +1182,8 @@ impl CudaEngine {
                 self.bias_broadcast(out, b32, m, n)?;
                 (out, 1.0)
             }
-            Post::DGelu { bf16: true, .. } => (self.wide_out(m * n)?, 0.0),
-            _ => (c, beta),
+            (_, Out::Bf16(_)) => (self.wide_out(m * n)?, 0.0),
+            (_, Out::F32(c)) => (c, beta),
         };
         let sgemm = || -> CResult<()> {
             let (wa, wb) = (self.fp32_operand(a, sa, 0)?, self.fp32_operand(b, sb, 1)?);
@@ -1161,8 +1193,8 @@ impl CudaEngine {
             None => sgemm()?,
             Some((bf, shape, pa, pb)) => {
                 // SAFETY: pa, pb and out cover the shape (bf16 copies of the fp32 operands
-                // the caller passed, and the caller's fp32 C or GELU input); the workspace
-                // holds LT_WORKSPACE bytes.
+                // the caller passed, and the caller's fp32 C, GELU input or scratch); the
+                // workspace holds LT_WORKSPACE bytes.
                 let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
                     bf.lt.matmul(
                         shape,
@@ -1188,36 +1220,33 @@ impl CudaEngine {
             }
         }
         let len = Arg::I64((m * n) as i64);
-        match post {
-            Post::Gelu {
-                pre, bf16: false, ..
-            } => self.run(
+        match (post, c) {
+            (Post::None, Out::Bf16(c)) => self.cast_bf16(c, out, m * n),
+            (Post::Gelu { pre, .. }, Out::F32(c)) => self.run(
                 self.k.gelu_forward,
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), len],
             ),
-            Post::Gelu {
-                pre, bf16: true, ..
-            } => self.run(
+            (Post::Gelu { pre, .. }, Out::Bf16(c)) => self.run(
                 self.k.gelu_forward_bf16,
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), Arg::Ptr(out), Arg::Ptr(0), len],
             ),
-            Post::DGelu { pre, bf16: false } => self.run(
+            (Post::DGelu { pre }, Out::F32(c)) => self.run(
                 self.k.gelu_backward_inplace,
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(pre), len],
             ),
-            Post::DGelu { pre, bf16: true } => self.run(
+            (Post::DGelu { pre }, Out::Bf16(c)) => self.run(
                 self.k.gelu_backward_bf16,
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(out), Arg::Ptr(pre), len],
             ),
-            Post::BiasGrad { db, tmp } => {
+            (Post::BiasGrad { db, tmp }, _) => {
                 let wb = self.fp32_operand(b, sb, 1)?;
                 self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
             }
-            Post::None | Post::Bias(_) => Ok(()),
+            (Post::None | Post::Bias(_), _) => Ok(()),
         }
     }
 
@@ -1357,7 +1386,17 @@ impl CudaEngine {
     ) -> CResult<()> {
         let (x, wl) = (Lin::n(inp, ic), Lin::n(Src::Param(w), oc));
         match b {
-            Some(bo) => self.mm_ep(rows, oc, ic, x, wl, 0.0, out, oc, Post::Bias(self.p(bo))),
+            Some(bo) => self.mm_ep(
+                rows,
+                oc,
+                ic,
+                x,
+                wl,
+                0.0,
+                Out::F32(out),
+                oc,
+                Post::Bias(self.p(bo)),
+            ),
             None if self.fusing() => self.mm(rows, oc, ic, x, wl, 0.0, out, oc),
             None => {
                 self.bias_broadcast(out, 0, rows, oc)?;
@@ -1367,12 +1406,12 @@ impl CudaEngine {
     }
 
     /// pre (rows, oc) = inp (rows, ic) @ W [ic, oc] + b; out = gelu(pre). Fused: one
-    /// cuBLASLt call writes both (`GELU_AUX_BIAS`, or `GELU_AUX` without a bias). With
-    /// `bf16` (the bf16 MLP chain) `pre` and `out` are bf16 ([`Post::Gelu`]).
+    /// cuBLASLt call writes both (`GELU_AUX_BIAS`, or `GELU_AUX` without a bias). `pre`
+    /// has `out`'s type (bf16 in the bf16 MLP chain, [`Post::Gelu`]).
     #[allow(clippy::too_many_arguments)]
     fn linear_gelu_fwd(
         &self,
-        out: u64,
+        out: Out,
         pre: u64,
         inp: Src,
         w: usize,
@@ -1380,7 +1419,6 @@ impl CudaEngine {
         ic: usize,
         oc: usize,
         rows: usize,
-        bf16: bool,
     ) -> CResult<()> {
         let bias = BiasPtrs {
             f32: self.p_opt(b),
@@ -1398,7 +1436,7 @@ impl CudaEngine {
             0.0,
             out,
             oc,
-            Post::Gelu { bias, pre, bf16 },
+            Post::Gelu { bias, pre },
         )
     }
 
@@ -1410,7 +1448,7 @@ impl CudaEngine {
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
-        dinp: u64,
+        dinp: Out,
         dout: Src,
         inp: Src,
         w: usize,
@@ -1436,7 +1474,7 @@ impl CudaEngine {
             Lin::t(inp, ic),
             Lin::n(d, oc),
             1.0,
-            self.g(w),
+            Out::F32(self.g(w)),
             oc,
             bias_grad,
         )?;
@@ -1881,11 +1919,13 @@ impl CudaEngine {
         Bf16Storage {
             ln: bf16 && self.switches.bf16_acts,
             mlp: bf16 && self.switches.bf16_mlp,
+            logits: bf16 && self.switches.bf16_logits,
         }
     }
 
     /// Whether activations only products read are stored in bf16 (LayerNorm outputs,
-    /// [`LnOut`]; the logits and qkv gradients, [`CudaEngine::bf16_grad`]): the bf16 mode with
+    /// [`LnOut`]; the qkv gradient and, with fp32 logits, the logits gradient,
+    /// [`CudaEngine::bf16_grad`]): the bf16 mode with
     /// the `bf16_acts` switch on.
     fn bf16_acts(&self) -> bool {
         self.bf16_storage().ln
@@ -2020,7 +2060,7 @@ impl CudaEngine {
             )?;
             let gelu = a.gelu(l);
             self.linear_gelu_fwd(
-                gelu,
+                a.mlp_out(gelu),
                 la.fch.ptr,
                 a.ln2(l).src(),
                 o.fc_w,
@@ -2028,7 +2068,6 @@ impl CudaEngine {
                 c,
                 4 * c,
                 n,
-                a.storage.mlp,
             )?;
             self.linear_fwd(
                 la.res3.ptr,
@@ -2085,15 +2124,21 @@ impl CudaEngine {
             )?;
         }
         let v = cfg.vocab_size;
-        self.mm(
+        let logits = if a.storage.logits {
+            Out::Bf16(a.logits.ptr)
+        } else {
+            Out::F32(a.logits.ptr)
+        };
+        self.mm_ep(
             n,
             v,
             c,
             Lin::n(a.lnf().src(), c),
             Lin::t(Src::Param(lay.wte), c),
             0.0,
-            a.logits.ptr,
+            logits,
             v,
+            Post::None,
         )
     }
 
@@ -2124,12 +2169,17 @@ impl CudaEngine {
         let cfg = &self.cfg;
         let lay = &self.layout;
         let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
-        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. With bf16
-        // activations the cross-entropy kernel wrote dlogits in bf16 to the gradient scratch
-        // (see `cross_entropy`); otherwise it is in `logits`, rounded here in the bf16 mode.
-        let dlogits = match self.bf16_grad(n * v)? {
-            Some(q) => Src::Bf16(q),
-            None => self.rounded(a.logits.ptr, n * v)?,
+        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. The cross-entropy
+        // kernel wrote dlogits over bf16 logits, or in bf16 to the gradient scratch with
+        // bf16 activations (see `cross_entropy`); otherwise it is in `logits`, rounded here
+        // in the bf16 mode.
+        let dlogits = if a.storage.logits {
+            Src::Bf16(a.logits.ptr)
+        } else {
+            match self.bf16_grad(n * v)? {
+                Some(q) => Src::Bf16(q),
+                None => self.rounded(a.logits.ptr, n * v)?,
+            }
         };
         self.mm(
             n,
@@ -2201,15 +2251,12 @@ impl CudaEngine {
             };
             // dfch = d(pre-activation of the GELU)
             self.linear_bwd(
-                a.dfch.ptr,
+                a.mlp_out(a.dfch.ptr),
                 Src::Act(gbranch),
                 a.mlp_src(a.gelu(l)),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
-                Post::DGelu {
-                    pre: la.fch.ptr,
-                    bf16: a.storage.mlp,
-                },
+                Post::DGelu { pre: la.fch.ptr },
                 4 * c,
                 c,
                 n,
@@ -2227,7 +2274,7 @@ impl CudaEngine {
                 )?;
             }
             self.linear_bwd(
-                a.dln.ptr,
+                Out::F32(a.dln.ptr),
                 a.mlp_src(a.dfch.ptr),
                 a.ln2(l).src(),
                 o.fc_w,
@@ -2258,7 +2305,7 @@ impl CudaEngine {
                 _ => a.dres.ptr,
             };
             self.linear_bwd(
-                a.dln.ptr,
+                Out::F32(a.dln.ptr),
                 Src::Act(gbranch),
                 Src::Act(la.atty.ptr),
                 o.attn_proj_w,
@@ -2283,7 +2330,7 @@ impl CudaEngine {
                 )?;
             }
             self.linear_bwd(
-                a.dln.ptr,
+                Out::F32(a.dln.ptr),
                 dqkv,
                 a.ln1(l).src(),
                 o.qkv_w,
@@ -2338,8 +2385,9 @@ impl CudaEngine {
     }
 
     /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
-    /// become d(mean loss * scale)/d(logits), or, with bf16 activations ([`CudaEngine::bf16_grad`]),
-    /// that gradient goes in bf16 to the gradient scratch (the logits stay). Enqueued with
+    /// become d(mean loss * scale)/d(logits) (bf16 logits: in bf16, in place), or, with fp32
+    /// logits and bf16 activations ([`CudaEngine::bf16_grad`]), that gradient goes in bf16
+    /// to the gradient scratch (the logits stay). Enqueued with
     /// the copy of the per-row losses to pinned memory; [`CudaEngine::mean_loss`] waits for
     /// them, so the backward pass can be enqueued first.
     fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<PendingLoss> {
@@ -2351,24 +2399,48 @@ impl CudaEngine {
         let count = targets.iter().filter(|&&t| t >= 0).count();
         let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         a.staged[STAGE_TARGETS].upload(targets, &a.targets, &self.stream)?;
-        let grad_bf16 = match grad_scale {
-            Some(_) => self.bf16_grad(n * self.cfg.vocab_size)?.unwrap_or(0),
-            None => 0,
-        };
-        self.run(
-            self.k.cross_entropy_forward_backward,
-            (n as u32, 1, 1),
-            &[
-                Arg::Ptr(a.logits.ptr),
-                Arg::Ptr(grad_bf16),
-                Arg::Ptr(a.row_loss.ptr),
-                Arg::Ptr(a.targets.ptr),
-                Arg::I32(n as i32),
-                Arg::I32(self.cfg.vocab_size as i32),
-                Arg::F32(grad_scale.map_or(0.0, |s| s * inv)),
-                Arg::I32(grad_scale.is_some() as i32),
-            ],
-        )?;
+        let v = self.cfg.vocab_size;
+        let (grad_k, write_grad) = (
+            Arg::F32(grad_scale.map_or(0.0, |s| s * inv)),
+            Arg::I32(grad_scale.is_some() as i32),
+        );
+        let (loss, tgt) = (Arg::Ptr(a.row_loss.ptr), Arg::Ptr(a.targets.ptr));
+        let (rows, cols) = (Arg::I32(n as i32), Arg::I32(v as i32));
+        if a.storage.logits {
+            // bf16 logits: the gradient goes over them in place.
+            self.run(
+                self.k.cross_entropy_bf16,
+                (n as u32, 1, 1),
+                &[
+                    Arg::Ptr(a.logits.ptr),
+                    loss,
+                    tgt,
+                    rows,
+                    cols,
+                    grad_k,
+                    write_grad,
+                ],
+            )?;
+        } else {
+            let grad_bf16 = match grad_scale {
+                Some(_) => self.bf16_grad(n * v)?.unwrap_or(0),
+                None => 0,
+            };
+            self.run(
+                self.k.cross_entropy_forward_backward,
+                (n as u32, 1, 1),
+                &[
+                    Arg::Ptr(a.logits.ptr),
+                    Arg::Ptr(grad_bf16),
+                    loss,
+                    tgt,
+                    rows,
+                    cols,
+                    grad_k,
+                    write_grad,
+                ],
+            )?;
+        }
         a.staged[STAGE_LOSSES].download(&a.row_loss, 8 * n, &self.stream)?;
         Ok(PendingLoss { rows: n, count })
     }
@@ -2608,7 +2680,13 @@ impl Engine for CudaEngine {
         self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         let a = self.acts.as_ref().expect("forward allocated activations");
-        let mut out = vec![0f32; batch.b * batch.t * self.cfg.vocab_size];
+        let len = batch.b * batch.t * self.cfg.vocab_size;
+        if a.storage.logits {
+            let mut bits = vec![0u16; len];
+            a.logits.copy_to_host(&mut bits).map_err(cuda_err)?;
+            return Ok(bits.into_iter().map(bf16_bits_to_f32).collect());
+        }
+        let mut out = vec![0f32; len];
         a.logits.copy_to_host(&mut out).map_err(cuda_err)?;
         Ok(out)
     }
@@ -2808,8 +2886,8 @@ mod tests {
 
     #[test]
     fn each_post_step_maps_to_its_epilogue() {
-        assert_eq!(epilogue_args(Post::None, 8), None);
-        let bias = epilogue_args(Post::Bias(0x1000), 96).unwrap();
+        assert_eq!(epilogue_args(Post::None, 8, false), None);
+        let bias = epilogue_args(Post::Bias(0x1000), 96, false).unwrap();
         assert_eq!(
             (bias.ep, bias.bias, bias.aux, bias.aux_ld),
             (Epilogue::Bias, 0x1000, 0, 0)
@@ -2820,42 +2898,26 @@ mod tests {
             f32: 0x1000,
             bf16: 0x5000,
         };
-        let g = epilogue_args(
-            Post::Gelu {
-                bias,
-                pre: 0x2000,
-                bf16: false,
-            },
-            192,
-        )
-        .unwrap();
+        let g = epilogue_args(Post::Gelu { bias, pre: 0x2000 }, 192, false).unwrap();
         assert_eq!(
             (g.ep, g.bias, g.aux, g.aux_ld),
             (Epilogue::GeluAux { bias: true }, 0x1000, 0x2000, 192)
         );
-        let g = epilogue_args(
-            Post::Gelu {
-                bias,
-                pre: 0x2000,
-                bf16: true,
-            },
-            192,
-        )
-        .unwrap();
+        let g = epilogue_args(Post::Gelu { bias, pre: 0x2000 }, 192, true).unwrap();
         assert_eq!((g.ep, g.bias), (Epilogue::GeluAux { bias: true }, 0x5000));
         let g = epilogue_args(
             Post::Gelu {
                 bias: BiasPtrs { f32: 0, bf16: 0 },
                 pre: 0x2000,
-                bf16: true,
             },
             192,
+            true,
         )
         .unwrap();
         assert_eq!(g.ep, Epilogue::GeluAux { bias: false });
         assert_eq!(g.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_GELU_AUX);
         for bf16 in [false, true] {
-            let d = epilogue_args(Post::DGelu { pre: 0x2000, bf16 }, 192).unwrap();
+            let d = epilogue_args(Post::DGelu { pre: 0x2000 }, 192, bf16).unwrap();
             assert_eq!((d.ep, d.aux, d.aux_ld), (Epilogue::DGelu, 0x2000, 192));
         }
         // dW = X^T dY: the bias gradient sums the row-major B (dY), cuBLASLt's A, and is
@@ -2866,6 +2928,7 @@ mod tests {
                 tmp: 0x4000,
             },
             64,
+            false,
         )
         .unwrap();
         assert_eq!((bg.ep, bg.bias, bg.aux), (Epilogue::BiasGradB, 0x4000, 0));

@@ -242,6 +242,11 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
         }
         // Logits read (and overwritten by their gradient, or the gradient written in bf16),
         // targets read, f64 losses written.
+        // bf16 logits read, and overwritten by their bf16 gradient with write_grad.
+        "cross_entropy_bf16" => {
+            let (n, v, grad) = (a(3)?, a(4)?, a(6)?);
+            (2.0 + 2.0 * grad.min(1.0)) * n * v + f * n + 8.0 * n
+        }
         "cross_entropy_forward_backward" => {
             let (n, v, grad) = (a(4)?, a(5)?, a(7)?);
             let grad_bytes = if present(args, 1)? > 0.0 { 2.0 } else { f };
@@ -363,17 +368,18 @@ pub(super) struct Profiler {
     drv: &'static Driver,
     records: RefCell<Vec<Record>>,
     phase: Cell<Phase>,
-    /// The cross-entropy kernel: the backward pass starts after it.
-    loss_kernel: CuFunction,
+    /// The cross-entropy kernels (fp32 and bf16 logits): the backward pass starts after
+    /// either.
+    loss_kernels: [CuFunction; 2],
 }
 
 impl Profiler {
-    fn new(drv: &'static Driver, loss_kernel: CuFunction) -> Profiler {
+    fn new(drv: &'static Driver, loss_kernels: [CuFunction; 2]) -> Profiler {
         Profiler {
             drv,
             records: RefCell::new(Vec::with_capacity(4096)),
             phase: Cell::new(Phase::Forward),
-            loss_kernel,
+            loss_kernels,
         }
     }
 
@@ -476,7 +482,7 @@ pub(super) fn kernel(
         args: args.to_vec(),
     };
     p.time(stream, op, go, |_| true)?;
-    if f == p.loss_kernel {
+    if p.loss_kernels.contains(&f) {
         p.phase.set(Phase::Backward);
     }
     Ok(())
@@ -573,7 +579,13 @@ impl CudaEngine {
         self.ctx.make_current().map_err(cuda_err)?;
         self.stream.synchronize().map_err(cuda_err)?;
         let drv: &'static Driver = self.ctx.drv;
-        self.profiler = Some(Profiler::new(drv, self.k.cross_entropy_forward_backward));
+        self.profiler = Some(Profiler::new(
+            drv,
+            [
+                self.k.cross_entropy_forward_backward,
+                self.k.cross_entropy_bf16,
+            ],
+        ));
         let start = std::time::Instant::now();
         let ran = (|| -> Result<()> {
             self.zero_grad();
@@ -920,6 +932,15 @@ mod tests {
         assert_eq!(
             kb("gelu_backward_bf16", &[Ptr(1), Ptr(2), Ptr(3), I64(1000)]),
             Some(8000.0)
+        );
+        // 3 rows of 100 bf16 logits read and overwritten; targets (4 bytes) and the f64
+        // losses.
+        assert_eq!(
+            kb(
+                "cross_entropy_bf16",
+                &[Ptr(1), Ptr(2), Ptr(3), I32(3), I32(100), F32(0.5), I32(1)]
+            ),
+            Some(4.0 * 300.0 + 12.0 + 24.0)
         );
         assert_eq!(
             kb("cast_bf16_to_f32", &[Ptr(1), Ptr(2), I64(10)]),

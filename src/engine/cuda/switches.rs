@@ -10,8 +10,8 @@
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
-//! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient and (bf16 fused
-//!   attention) the qkv gradient stored in bf16 only, written so by the LayerNorm,
+//! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient (fp32 logits, with
+//!   `bf16_logits` off) and (bf16 fused attention) the qkv gradient stored in bf16 only, written so by the LayerNorm,
 //!   cross-entropy and attention-backward kernels (otherwise fp32, rounded into bf16
 //!   scratch before each product that reads them; no effect in fp32 mode)
 //! - `bf16_mlp`: in bf16 mode, the MLP's pre-activation, GELU output and pre-activation
@@ -21,6 +21,10 @@
 //!   pre-activation). Unlike `bf16_acts` this changes a value: the GELU derivative is taken
 //!   at the bf16-rounded pre-activation, as llm.c does (otherwise fp32, with the GELU output
 //!   and the gradient rounded into scratch before the products that read them)
+//! - `bf16_logits`: in bf16 mode, the LM head writes the logits in bf16 (as torch
+//!   autocast's are), the cross-entropy kernel reads them and writes their gradient over
+//!   them in bf16: half the bytes of the largest activation and no separate gradient
+//!   buffer (otherwise fp32 logits, and the gradient in bf16 scratch or rounded there)
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
@@ -35,16 +39,18 @@ pub struct Switches {
     pub fused_ln: bool,
     pub bf16_acts: bool,
     pub bf16_mlp: bool,
+    pub bf16_logits: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "flash",
     "flash_bf16",
     "epilogues",
     "fused_ln",
     "bf16_acts",
     "bf16_mlp",
+    "bf16_logits",
     "all",
 ];
 
@@ -57,6 +63,7 @@ impl Default for Switches {
             fused_ln: true,
             bf16_acts: true,
             bf16_mlp: true,
+            bf16_logits: true,
         }
     }
 }
@@ -73,6 +80,7 @@ impl Switches {
                 "fused_ln" => s.fused_ln = false,
                 "bf16_acts" => s.bf16_acts = false,
                 "bf16_mlp" => s.bf16_mlp = false,
+                "bf16_logits" => s.bf16_logits = false,
                 "all" => {
                     s = Switches {
                         flash: false,
@@ -81,6 +89,7 @@ impl Switches {
                         fused_ln: false,
                         bf16_acts: false,
                         bf16_mlp: false,
+                        bf16_logits: false,
                     }
                 }
                 other => {
@@ -120,6 +129,9 @@ impl Switches {
         if !self.bf16_mlp {
             off.push("bf16_mlp");
         }
+        if !self.bf16_logits {
+            off.push("bf16_logits");
+        }
         off
     }
 }
@@ -146,13 +158,14 @@ mod tests {
                 "epilogues",
                 "fused_ln",
                 "bf16_acts",
-                "bf16_mlp"
+                "bf16_mlp",
+                "bf16_logits"
             ]
         );
         let s = Switches::parse("bf16_acts").unwrap();
         assert_eq!(s.disabled(), ["bf16_acts"]);
         let s = Switches::parse("bf16_mlp").unwrap();
-        assert!(s.bf16_acts && !s.bf16_mlp);
+        assert!(s.bf16_acts && !s.bf16_mlp && s.bf16_logits);
         assert_eq!(s.disabled(), ["bf16_mlp"]);
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
