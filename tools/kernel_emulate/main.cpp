@@ -764,6 +764,23 @@ static void check_layernorm() {
 }
 
 // ------------------------------------------------------------------ cross-entropy
+// Float64 reference: row losses wl and gradients wg (0 for rows with target -1).
+static void ref_xent(const std::vector<float>& x, const std::vector<int>& tg, int v, float grad_k,
+                     std::vector<double>& wl, std::vector<double>& wg) {
+    int rows = (int)tg.size();
+    wl.assign(rows, 0.0), wg.assign(x.size(), 0.0);
+    for (int r = 0; r < rows; r++) {
+        if (tg[r] < 0) continue;
+        const float* xr = &x[(size_t)r * v];
+        double mx = -INFINITY, sum = 0;
+        for (int j = 0; j < v; j++) mx = std::max(mx, (double)xr[j]);
+        for (int j = 0; j < v; j++) sum += std::exp(xr[j] - mx);
+        wl[r] = mx + std::log(sum) - xr[tg[r]];
+        for (int j = 0; j < v; j++)
+            wg[(size_t)r * v + j] = grad_k * (std::exp(xr[j] - mx) / sum - (j == tg[r] ? 1.0 : 0.0));
+    }
+}
+
 static void check_cross_entropy() {
     const double TOL = 2e-5;
     const int rows = 5;
@@ -790,17 +807,8 @@ static void check_cross_entropy() {
                     if (tg[r] >= 0 || write_grad)
                         expect |= shift_vec(v, (off_first(s) + (size_t)r * v) % 4);
                 end(k, cs, s, expect);
-                std::vector<double> wl(rows), wg(n);
-                for (int r = 0; r < rows; r++) {
-                    const float* xr = &x[(size_t)r * v];
-                    double mx = -INFINITY, sum = 0;
-                    for (int j = 0; j < v; j++) mx = std::max(mx, (double)xr[j]);
-                    for (int j = 0; j < v; j++) sum += std::exp(xr[j] - mx);
-                    wl[r] = tg[r] < 0 ? 0.0 : mx + std::log(sum) - xr[tg[r]];
-                    for (int j = 0; j < v; j++)
-                        wg[(size_t)r * v + j] =
-                            tg[r] < 0 ? 0.0 : grad_k * (std::exp(xr[j] - mx) / sum - (j == tg[r] ? 1.0 : 0.0));
-                }
+                std::vector<double> wl, wg;
+                ref_xent(x, tg, v, grad_k, wl, wg);
                 std::vector<float> lf;
                 for (double l : loss.get()) lf.push_back((float)l);
                 within_tol(k, cs, "row loss", lf, wl, TOL);
@@ -832,6 +840,84 @@ static void check_cross_entropy() {
                     exact(k, cs, "logits (no gradient asked)", lg.get(), x);
                 }
                 guards(k, cs, lg, loss, tb);
+            }
+}
+
+// cross_entropy_bf16 (bf16 logits, the gradient rounded to bf16 in place) against
+// cross_entropy_forward_backward on a float copy of the widened logits. Both buffers start
+// `off` elements past an aligned boundary (16 bytes for fp32, 8 for bf16), so every row has
+// the same shift in both and the fp32 kernel takes the same groups, per-thread order and
+// arithmetic: the row losses bit for bit, the gradient bit for bit the bf16 rounding of the
+// fp32 one (zero in rows with target -1); both also against float64. off = 0..3 puts the
+// first row at every shift, and the later rows at the others when V is not a multiple of 4.
+static void check_cross_entropy_bf16() {
+    const int rows = 6;
+    const float GRAD_K[] = {0.25f, 1.0f / 3.0f, 1024.0f / 5.0f, 1.0f};
+    for (int v : {1, 2, 3, 4, 5, 7, 8, 50, 257, 1024, 2053, 4099})
+        for (size_t off : {0, 1, 2, 3})
+            for (int write_grad : {1, 0}) {
+                std::string k = "cross_entropy_bf16";
+                Sit s = off ? SHIFTED : ALIGNED;
+                std::string cs = begin(k, "V=" + std::to_string(v) + " off=" + std::to_string(off) +
+                                              (write_grad ? "" : " loss only"), s);
+                long long n = (long long)rows * v;
+                float grad_k = GRAD_K[off];
+                // Targets: first and last logit, two rows without loss; a -inf logit in row 4.
+                std::vector<int> tg(rows);
+                for (int r = 0; r < rows; r++)
+                    tg[r] = r == 2 || r == 5 ? -1 : r == 0 ? 0 : r == 1 ? v - 1 : (int)((r * 7919u + 13u) % (unsigned)v);
+                auto x = randn(n, 3.0f);
+                std::vector<unsigned short> xb(n);
+                std::vector<float> xw(n);
+                for (long long i = 0; i < n; i++) xb[i] = ref_bf16(x[i]);
+                if (v > 1) xb[(size_t)4 * v + (tg[4] + 1) % v] = 0xff80;
+                for (long long i = 0; i < n; i++) xw[i] = ref_widen(xb[i]);
+                Buf<unsigned short> lg(n, off);
+                Buf<double> loss(rows, 0);
+                Buf<int> tb(rows, 0);
+                lg.set(xb), tb.set(tg);
+                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                    xent::cross_entropy_bf16(lg.p, loss.p, tb.p, rows, v, grad_k, write_grad);
+                });
+                bool expect = false;
+                for (int r = 0; r < rows; r++)
+                    if (tg[r] >= 0 || write_grad) expect |= shift_vec(v, (off + (size_t)r * v) % 4);
+                end(k, cs, s, expect);
+                Buf<float> lf(n, off);
+                Buf<double> lossf(rows, 0);
+                lf.set(xw);
+                check(vec_shift(lf.p, 4) == vec_shift(lg.p, 2), k, cs + ": fp32 copy at another shift");
+                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                    xent::cross_entropy_forward_backward(lf.p, nullptr, lossf.p, tb.p, rows, v, grad_k, write_grad);
+                });
+                std::vector<double> wl, wg;
+                ref_xent(xw, tg, v, grad_k, wl, wg);
+                exact(k, cs, "row loss vs the fp32 kernel", loss.get(), lossf.get());
+                std::vector<float> lfl;
+                for (double l : loss.get()) lfl.push_back((float)l);
+                within_tol(k, cs, "row loss", lfl, wl, 2e-5);
+                auto got = lg.get();
+                if (write_grad) {
+                    auto g32 = lf.get();
+                    std::vector<unsigned short> want(n);
+                    for (long long i = 0; i < n; i++) want[i] = tg[i / v] < 0 ? 0 : ref_bf16(g32[i]);
+                    exact(k, cs, "bf16 gradient vs the fp32 kernel", got, want);
+                    // Each within half a bf16 ulp of float64, plus fp32 slack.
+                    for (long long i = 0; i < n; i++) {
+                        int e;
+                        std::frexp(wg[i], &e);
+                        double tol = (wg[i] == 0 ? 0 : std::ldexp(1.0, e - 9)) + 1e-5 * std::fabs(wg[i]) + 1e-6 * grad_k;
+                        if (!(std::fabs(ref_widen(got[i]) - wg[i]) <= tol)) {
+                            fail(k, cs + ": bf16 gradient off float64 by over half a bf16 ulp at element " +
+                                        std::to_string(i) + " (got " + std::to_string(ref_widen(got[i])) +
+                                        ", want " + std::to_string(wg[i]) + ")");
+                            break;
+                        }
+                    }
+                } else {
+                    exact(k, cs, "logits (no gradient asked)", got, xb);
+                }
+                guards(k, cs, lg, loss, tb, lf, lossf);
             }
 }
 
@@ -929,6 +1015,7 @@ int main() {
     check_cross_entropy();
     check_embedding();
     check_gelu_bf16();  // last: the earlier checks draw the same random data as without it
+    check_cross_entropy_bf16();  // after them for the same reason
     check_gelu_reference();
     for (auto& [name, t] : tallies) {
         char err[64];
