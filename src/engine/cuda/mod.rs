@@ -1120,31 +1120,7 @@ impl CudaEngine {
                 // SAFETY: pa, pb and c cover the shape (as in the plain product below); the
                 // bias is the layer's bias of C's type (n values) or `tmp` (at least n fp32
                 // values), the GELU input an m x n activation of C's type, row stride n.
-                let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
-                    match args {
-                        Some(args) => bf.lt.matmul_ep(
-                            shape,
-                            1.0,
-                            pa,
-                            pb,
-                            beta,
-                            c_ptr,
-                            bf.workspace.ptr,
-                            &self.stream,
-                            args,
-                        ),
-                        None => bf.lt.matmul(
-                            shape,
-                            1.0,
-                            pa,
-                            pb,
-                            beta,
-                            c_ptr,
-                            bf.workspace.ptr,
-                            &self.stream,
-                        ),
-                    }
-                })?;
+                let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, c_ptr, args)? };
                 if ran == Ran::Lt {
                     if let Post::BiasGrad { db, tmp } = post {
                         self.add(db, tmp, n)?;
@@ -1193,20 +1169,8 @@ impl CudaEngine {
             None => sgemm()?,
             Some((bf, shape, pa, pb)) => {
                 // SAFETY: pa, pb and out cover the shape (bf16 copies of the fp32 operands
-                // the caller passed, and the caller's fp32 C, GELU input or scratch); the
-                // workspace holds LT_WORKSPACE bytes.
-                let ran = profile::lt(&self.profiler, &self.stream, &shape, beta, || unsafe {
-                    bf.lt.matmul(
-                        shape,
-                        1.0,
-                        pa,
-                        pb,
-                        beta,
-                        out,
-                        bf.workspace.ptr,
-                        &self.stream,
-                    )
-                })?;
+                // the caller passed, and the caller's fp32 C, GELU input or scratch).
+                let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, out, None)? };
                 if ran == Ran::Unsupported {
                     if !bf.warned.replace(true) {
                         eprintln!(
@@ -1248,6 +1212,31 @@ impl CudaEngine {
             }
             (Post::None | Post::Bias(_), _) => Ok(()),
         }
+    }
+
+    /// One cuBLASLt product `c = op(a) op(b) + beta c` on the bf16 operands `ab`, with the
+    /// epilogue `args` when given, timed by the profiler when one runs.
+    ///
+    /// # Safety
+    /// As [`MatmulCache::matmul_ep`] (with `args`) or [`MatmulCache::matmul`]: the operands
+    /// and C cover `shape`; the workspace is the bf16 state's, of LT_WORKSPACE bytes.
+    unsafe fn lt_product(
+        &self,
+        bf: &Bf16State,
+        shape: MatmulShape,
+        (a, b): (u64, u64),
+        beta: f32,
+        c: u64,
+        args: Option<EpilogueArgs>,
+    ) -> CResult<Ran> {
+        let ws = bf.workspace.ptr;
+        // The calls below are the caller's contract (this function's Safety section).
+        profile::lt(&self.profiler, &self.stream, &shape, beta, || match args {
+            Some(args) => bf
+                .lt
+                .matmul_ep(shape, 1.0, a, b, beta, c, ws, &self.stream, args),
+            None => bf.lt.matmul(shape, 1.0, a, b, beta, c, ws, &self.stream),
+        })
     }
 
     // ---------------------------------------------------------------- small helpers
