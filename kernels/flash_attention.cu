@@ -23,9 +23,17 @@
 //   sm_80+, hs a multiple of 16 and at most 128; 64 query rows per block (16 per warp),
 //   key tiles of 64. Shared: static (see the kernel), no dynamic shared memory.
 //
+// flash_attn_fwd_bf16_io(qkv, y, lse, T, C, NH, scale)
+//   flash_attn_fwd_bf16 with qkv and y stored in bf16 (the bf16 mode's attention storage):
+//   the same arithmetic on the same bf16 values, so y is flash_attn_fwd_bf16's output
+//   rounded to bf16 and lse is the same, when qkv holds the values it would round.
+//
 // flash_attn_bwd_dot(y, dy, dvec, B, T, C, NH)
 //   dvec[(b*NH+h)*T+t] = sum_d y[.., h*hs+d] * dy[.., h*hs+d]  (the D of the backward).
 //   One warp per row; block 256 (8 rows), grid ceil(B*NH*T / 8).
+//
+// flash_attn_bwd_dot_bf16(y, dy, dvec, B, T, C, NH)
+//   The same with y and dy in bf16 (widened exactly; fp32 sums in the same order).
 //
 // flash_attn_bwd_dkdv_f32(qkv, dy, lse, dvec, dqkv, T, C, NH, bt, scale)
 //   Block: bt keys; loops over query tiles from the diagonal to T; accumulates dk and dv
@@ -182,25 +190,8 @@ flash_attn_fwd_f32(const float* __restrict__ qkv, float* __restrict__ y,
 
 // --------------------------------------------------------------------------- backward
 
-extern "C" __global__ void flash_attn_bwd_dot(const float* __restrict__ y,
-                                              const float* __restrict__ dy,
-                                              float* __restrict__ dvec, int B, int T, int C,
-                                              int NH) {
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const long long rows = (long long)B * NH * T;
-    if (row >= rows) return;
-    const int hs = C / NH;
-    const int t = (int)(row % T);
-    const long long bh = row / T;
-    const int h = (int)(bh % NH);
-    const long long b = bh / NH;
-    const long long off = (b * T + t) * C + (long long)h * hs;
-    float s = 0.0f;
-    for (int d = lane; d < hs; d += 32) s += y[off + d] * dy[off + d];
-    s = fa_warp_sum(s);
-    if (lane == 0) dvec[row] = s;
-}
+// flash_attn_bwd_dot (D of the backward, fp32 or bf16 y and dy): after the bf16 helpers
+// below.
 
 // P_rc and dS_rc of one (query r, key c) pair of the current tiles; 0 when masked.
 __device__ __forceinline__ void fa_p_ds(const float* Qs, const float* dOs, const float* Ks,
@@ -442,6 +433,59 @@ __device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) {
     return *reinterpret_cast<const unsigned*>(p);
 }
 
+// The bf16 kernels' storage types: fp32 (rounded to bf16 as tiles are loaded, fa_ld8) or
+// bf16 bits (the bf16 mode's attention storage, taken as they are). fa_float_of gives a
+// stored value in fp32, fa_put2 stores two adjacent outputs (rounded to nearest even for
+// bf16: one 4-byte store, so the element index must be even).
+__device__ __forceinline__ float fa_float_of(float x) { return x; }
+__device__ __forceinline__ float fa_float_of(unsigned short x) {
+    return __uint_as_float((unsigned)x << 16);
+}
+__device__ __forceinline__ void fa_put2(float* p, float lo, float hi) {
+    p[0] = lo;
+    p[1] = hi;
+}
+__device__ __forceinline__ void fa_put2(unsigned short* p, float lo, float hi) {
+    *reinterpret_cast<unsigned*>(p) = fa_pack_bf16(lo, hi);
+}
+
+// --------------------------------------------------------------------------- backward D
+
+// D_i = y_i . dy_i per (row, head): one warp per row, lanes over the head dimension.
+template <class S>
+__device__ __forceinline__ void fa_bwd_dot(const S* __restrict__ y, const S* __restrict__ dy,
+                                           float* __restrict__ dvec, int B, int T, int C,
+                                           int NH) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long rows = (long long)B * NH * T;
+    if (row >= rows) return;
+    const int hs = C / NH;
+    const int t = (int)(row % T);
+    const long long bh = row / T;
+    const int h = (int)(bh % NH);
+    const long long b = bh / NH;
+    const long long off = (b * T + t) * C + (long long)h * hs;
+    float s = 0.0f;
+    for (int d = lane; d < hs; d += 32) s += fa_float_of(y[off + d]) * fa_float_of(dy[off + d]);
+    s = fa_warp_sum(s);
+    if (lane == 0) dvec[row] = s;
+}
+
+extern "C" __global__ void flash_attn_bwd_dot(const float* __restrict__ y,
+                                              const float* __restrict__ dy,
+                                              float* __restrict__ dvec, int B, int T, int C,
+                                              int NH) {
+    fa_bwd_dot(y, dy, dvec, B, T, C, NH);
+}
+
+extern "C" __global__ void flash_attn_bwd_dot_bf16(const unsigned short* __restrict__ y,
+                                                   const unsigned short* __restrict__ dy,
+                                                   float* __restrict__ dvec, int B, int T,
+                                                   int C, int NH) {
+    fa_bwd_dot(y, dy, dvec, B, T, C, NH);
+}
+
 #ifdef __CUDA_ARCH__
 __device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2,
                                             unsigned a3, unsigned b0, unsigned b1) {
@@ -453,9 +497,72 @@ __device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, 
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(FB_THREADS)
-flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
-                    float* __restrict__ lse, int T, int C, int NH, float scale) {
+// Vector accesses are marked as in kernels/common.cuh (alignment checked by the CPU
+// emulators, nothing on the GPU).
+#ifndef VEC_ACCESS
+#define VEC_ACCESS(p, bytes)
+#endif
+
+// Eight consecutive values of a row as bf16 bits: one 16-byte load of bf16 storage, or two
+// of fp32 storage rounded (p 16-byte aligned: see fa_load_bf16).
+__device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const unsigned short* p) {
+    VEC_ACCESS(p, 16);
+    uint4 t = *reinterpret_cast<const uint4*>(p);
+    unsigned w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        v[2 * e] = (unsigned short)(w[e] & 0xffffu);
+        v[2 * e + 1] = (unsigned short)(w[e] >> 16);
+    }
+}
+__device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const float* p) {
+    VEC_ACCESS(p, 16);
+    VEC_ACCESS(p + 4, 16);
+    float4 a = *reinterpret_cast<const float4*>(p);
+    float4 b = *reinterpret_cast<const float4*>(p + 4);
+    float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = fa_f2bf(f[e]);
+}
+
+// Rounds rows [r0, r0 + rows) of one head's hs columns (src: row 0, column h*hs of its
+// third; rows ld_src values apart; fp32, or bf16 taken as is) to bf16 into
+// dst[r * ld + d] (row-major, when dst is not null) and dstt[d * ldt + r] (transposed,
+// when dstt is not null); rows >= T become zeros. Every thread of the block (128) takes
+// groups of 8 columns: one 16-byte global load (two for fp32) and, row-major, one 16-byte
+// shared store. Needs hs % 8 == 0 (the bf16 kernels take multiples of 16), src and
+// ld_src such that every row start is 16-byte aligned (flash.rs checks the buffers), and
+// dst rows 16-byte aligned (ld a multiple of 8, the tile arrays __align__(16)).
+template <class S>
+__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, unsigned short* dstt,
+                                             int ldt, const S* src, long long ld_src,
+                                             int r0, int rows, int T, int hs) {
+    const int groups = hs / 8;
+    for (int i = threadIdx.x; i < rows * groups; i += FB_THREADS) {
+        int r = i / groups, d = (i - r * groups) * 8, t = r0 + r;
+        unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (t < T) fa_ld8(v, src + (long long)t * ld_src + d);
+        if (dst) {
+            uint4 packed;
+            packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
+            packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
+            packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
+            packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
+            VEC_ACCESS(dst + r * ld + d, 16);
+            *reinterpret_cast<uint4*>(dst + r * ld + d) = packed;
+        }
+        if (dstt) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) dstt[(d + e) * ldt + r] = v[e];
+        }
+    }
+}
+
+// The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of).
+template <class S>
+__device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __restrict__ y,
+                                            float* __restrict__ lse, int T, int C, int NH,
+                                            float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     // K tile (row-major, also stages Q once) and V tile (transposed), bf16 bits.
     FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (FA_MAX_HS + FB_KPAD)];
@@ -466,13 +573,10 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS;
     const int h = blockIdx.y, b = blockIdx.z;
     const long long c3 = 3LL * C;
-    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
 
     // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
-    for (int i = tid; i < FB_ROWS * hs; i += FB_THREADS) {
-        int r = i / hs, d = i - r * hs, t = q0 + r;
-        Ks[r * ldk + d] = fa_f2bf(t < T ? qb[(long long)t * c3 + d] : 0.0f);
-    }
+    fa_load_bf16(Ks, ldk, nullptr, 0, qb, c3, q0, FB_ROWS, T, hs);
     __syncthreads();
     unsigned qf[FA_MAX_HS / 16][4];
     const int wr = warp * 16;  // this warp's first row in the tile
@@ -500,12 +604,8 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
     const int kend = min(T, q0 + FB_ROWS);
     for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
         __syncthreads();  // Q staging / the previous tile's fragment loads are done
-        for (int i = tid; i < FB_KEYS * hs; i += FB_THREADS) {
-            int r = i / hs, d = i - r * hs, t = k0 + r;
-            bool in = t < T;
-            Ks[r * ldk + d] = fa_f2bf(in ? qb[(long long)t * c3 + C + d] : 0.0f);
-            Vt[d * ldv + r] = fa_f2bf(in ? qb[(long long)t * c3 + 2 * C + d] : 0.0f);
-        }
+        fa_load_bf16(Ks, ldk, nullptr, 0, qb + C, c3, k0, FB_KEYS, T, hs);
+        fa_load_bf16(nullptr, 0, Vt, ldv, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
         __syncthreads();
         // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
         float s[FB_KEYS / 8][4];
@@ -584,18 +684,28 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
         int t = q0 + wr + g + 8 * r;
         if (t < T) {
             float inv = 1.0f / l[r];
-            float* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
+            S* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
 #pragma unroll
             for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
-                if (dt * 8 < hs) {
-                    yr[dt * 8 + 2 * q] = o[dt][2 * r] * inv;
-                    yr[dt * 8 + 2 * q + 1] = o[dt][2 * r + 1] * inv;
-                }
+                if (dt * 8 < hs)
+                    fa_put2(yr + dt * 8 + 2 * q, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
             }
             if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
         }
     }
 #endif
+}
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
+                    float* __restrict__ lse, int T, int C, int NH, float scale) {
+    fa_fwd_bf16(qkv, y, lse, T, C, NH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16_io(const unsigned short* __restrict__ qkv, unsigned short* __restrict__ y,
+                       float* __restrict__ lse, int T, int C, int NH, float scale) {
+    fa_fwd_bf16(qkv, y, lse, T, C, NH, scale);
 }
 
 // --------------------------------------------------------------------------- backward bf16
@@ -638,6 +748,11 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
 //   tiles (64 x (hs + 8) each) are staged through the same bytes before the loop.
 //   At hs = 128: 2 * 2 * 32 * 136 + 2 * 2 * 128 * 40 + 2 * 4 * 32 = 38144 bytes.
 //
+// flash_attn_bwd_dkdv_bf16_io(qkv, dy, lse, dvec, dqkv, T, C, NH, scale) and
+// flash_attn_bwd_dq_bf16_io(...): the same kernels with qkv, dy and dqkv all in bf16 (the
+// bf16 mode's attention storage; the values are loaded as they are, so the output is the
+// fp32-input kernels' bf16 output when their inputs hold the same values).
+//
 // flash_attn_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale)
 //   Block: FBB_QROWS = 64 queries (16 per warp), grid (ceil(T / 64), NH, B); loops over key
 //   tiles of FBB_KCOLS = 32 up to the diagonal.
@@ -655,6 +770,7 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
 // so the 8 groups (rows g) x 4 lanes (words q) of a fragment load hit 32 distinct banks.
 
 #define FBB_THREADS 128
+static_assert(FBB_THREADS == FB_THREADS, "fa_load_bf16 serves every bf16 kernel");
 #define FBB_KROWS 64   // keys per dk/dv block (4 warps x 16)
 #define FBB_QCOLS 32   // queries per tile of the dk/dv loop
 #define FBB_QROWS 64   // queries per dq block (4 warps x 16)
@@ -663,21 +779,6 @@ flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
 // Shared bytes (see above), at the largest head size.
 #define FBB_DKDV_SHORTS (2 * FBB_QCOLS * (FA_MAX_HS + FB_KPAD) + 2 * FA_MAX_HS * FBB_LDT)
 #define FBB_DQ_SHORTS (2 * FBB_QROWS * (FA_MAX_HS + FB_KPAD))
-
-// Rounds rows [r0, r0 + rows) of one head's hs columns (src: row 0, column h*hs of its
-// third; rows ld_src floats apart) to bf16 into dst[r * ld + d] (row-major, when dst is
-// not null) and dstt[d * ldt + r] (transposed, when dstt is not null); rows >= T become
-// zeros.
-__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, unsigned short* dstt,
-                                             int ldt, const float* src, long long ld_src,
-                                             int r0, int rows, int T, int hs) {
-    for (int i = threadIdx.x; i < rows * hs; i += FBB_THREADS) {
-        int r = i / hs, d = i - r * hs, t = r0 + r;
-        unsigned short v = fa_f2bf(t < T ? src[(long long)t * ld_src + d] : 0.0f);
-        if (dst) dst[r * ld + d] = v;
-        if (dstt) dstt[d * ldt + r] = v;
-    }
-}
 
 // The A fragments of the 16 rows [r0, r0 + 16) of a row-major bf16 tile (ld bf16 apart),
 // one per 16-wide chunk of the head dimension.
@@ -768,11 +869,15 @@ __device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
-                         const float* __restrict__ lse, const float* __restrict__ dvec,
-                         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
-                         int T, int C, int NH, float scale) {
+// The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits).
+template <class S>
+__device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
+                                                 const S* __restrict__ dy,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ dvec,
+                                                 float* __restrict__ dqkv,
+                                                 unsigned short* __restrict__ dqkv_bf16, int T,
+                                                 int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS + 4 * FBB_QCOLS];
     const int hs = C / NH, ld = hs + FB_KPAD;
@@ -782,8 +887,8 @@ flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict_
     const int h = blockIdx.y, b = blockIdx.z;
     const long long c3 = 3LL * C;
     const long long bh = (long long)b * NH + h;
-    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
-    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const S* gb = dy + (long long)b * T * C + (long long)h * hs;
     unsigned short* Qs = sm;
     unsigned short* dYs = Qs + FBB_QCOLS * ld;
     unsigned short* Qt = dYs + FBB_QCOLS * ld;
@@ -850,11 +955,15 @@ flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict_
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
-                       const float* __restrict__ lse, const float* __restrict__ dvec,
-                       float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
-                       int T, int C, int NH, float scale) {
+// The dq kernel for qkv and dy of storage type S (float or bf16 bits).
+template <class S>
+__device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
+                                               const S* __restrict__ dy,
+                                               const float* __restrict__ lse,
+                                               const float* __restrict__ dvec,
+                                               float* __restrict__ dqkv,
+                                               unsigned short* __restrict__ dqkv_bf16, int T,
+                                               int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS];
     const int hs = C / NH, ld = hs + FB_KPAD;
@@ -864,8 +973,8 @@ flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ 
     const int h = blockIdx.y, b = blockIdx.z;
     const long long c3 = 3LL * C;
     const long long bh = (long long)b * NH + h;
-    const float* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
-    const float* gb = dy + (long long)b * T * C + (long long)h * hs;
+    const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
+    const S* gb = dy + (long long)b * T * C + (long long)h * hs;
     unsigned short* Ks = sm;
     unsigned short* Vs = Ks + FBB_KCOLS * ld;
     unsigned short* Kt = Vs + FBB_KCOLS * ld;
@@ -921,4 +1030,39 @@ flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ 
     fa_store_rows(dqkv_bf16 ? nullptr : dqkv + base, dqkv_bf16 ? dqkv_bf16 + base : nullptr, c3,
                   dq, scale, q0 + wr, T, hs);
 #endif
+}
+
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
+                         const float* __restrict__ lse, const float* __restrict__ dvec,
+                         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
+                         int T, int C, int NH, float scale) {
+    fa_bwd_dkdv_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
+                       const float* __restrict__ lse, const float* __restrict__ dvec,
+                       float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
+                       int T, int C, int NH, float scale) {
+    fa_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);
+}
+
+// The bf16 mode's attention storage: qkv and dy in bf16, dq | dk | dv written in bf16.
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dkdv_bf16_io(const unsigned short* __restrict__ qkv,
+                            const unsigned short* __restrict__ dy,
+                            const float* __restrict__ lse, const float* __restrict__ dvec,
+                            unsigned short* __restrict__ dqkv, int T, int C, int NH,
+                            float scale) {
+    fa_bwd_dkdv_bf16(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FBB_THREADS)
+flash_attn_bwd_dq_bf16_io(const unsigned short* __restrict__ qkv,
+                          const unsigned short* __restrict__ dy,
+                          const float* __restrict__ lse, const float* __restrict__ dvec,
+                          unsigned short* __restrict__ dqkv, int T, int C, int NH,
+                          float scale) {
+    fa_bwd_dq_bf16(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, scale);
 }

@@ -55,6 +55,8 @@
 #                      GELU output and gradient in fp32) -> bench_124m_bf16_mlp_off.log
 #      bench-logits-off  the same with NANOGPT_CUDA_DISABLE=bf16_logits (fp32 logits)
 #                      -> bench_124m_bf16_logits_off.log
+#      bench-attn-off  the same with NANOGPT_CUDA_DISABLE=bf16_attn (q, k, v, the attention
+#                      output and its gradient in fp32) -> bench_124m_bf16_attn_off.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
@@ -181,6 +183,8 @@ step bench-acts-off 60 "$out/bench_124m_bf16_acts_off.log" env NANOGPT_CUDA_DISA
 step bench-mlp-off 60 "$out/bench_124m_bf16_mlp_off.log" env NANOGPT_CUDA_DISABLE=bf16_mlp \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 step bench-logits-off 60 "$out/bench_124m_bf16_logits_off.log" env NANOGPT_CUDA_DISABLE=bf16_logits \
+    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
+step bench-attn-off 60 "$out/bench_124m_bf16_attn_off.log" env NANOGPT_CUDA_DISABLE=bf16_attn \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing

@@ -12,8 +12,10 @@
 //!    over two accumulated micro-steps (a bias gradient that overwrote instead of adding
 //!    would be off by half);
 //! 3. the fused bf16 engine against the CPU engine, with the bf16 bounds of
-//!    tests/cuda_engine.rs, with the bf16 MLP chain and logits and without each
-//!    (`bf16_mlp`, `bf16_logits` off).
+//!    tests/cuda_engine.rs, with the bf16 MLP chain, logits and attention storage and
+//!    without each (`bf16_mlp`, `bf16_logits`, `bf16_attn` off);
+//! 4. the bf16 attention storage (`bf16_attn`) on against off, within the bf16 noise floor
+//!    ([`ATTN_ON_VS_OFF`]), with the qkv product's bf16 output and bias where it applies.
 //!
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
@@ -25,7 +27,7 @@ use common::gpu::no_gpu;
 use nanogpt::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
-use nanogpt::engine::{Batch, Engine};
+use nanogpt::engine::{Batch, Engine, Recompute};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::rng::Rng;
 use reference::{cosine, rel, rel_l2};
@@ -373,6 +375,26 @@ const BF16_VS_CPU: Tol = Tol {
     cosine: 0.999,
 };
 
+/// bf16 attention storage (`bf16_attn`) on against off. Both round q, k, v, the attention
+/// output and its gradient to bf16 before the products and attention kernels read them;
+/// storage changes two values: the qkv product adds its bias's bf16 copy (2^-9 relative of
+/// a bias), and the backward's D = y . dy sums the bf16 y and dy instead of fp32 ones
+/// (~2^-9 relative of D; dS = P (dP - D) carries it relative to |dP|, as the attention
+/// backward already carries the rounding of dP's operands, see tools/flash_emulate).
+/// Without biases the forward pass is the same bits on the emulated stack. With them, the
+/// bias's rounding flips the odd bf16 rounding of q, k, v, and every such flip spreads
+/// through the bf16 network like any other bf16 rounding: measured 5.2e-3 logits relative
+/// L2 between the two (each is ~6e-3 from the CPU engine). So the bounds are the bf16
+/// noise floor with 2x headroom, below [`BF16_VS_CPU`]'s: 1e-2 on logits, 3e-2 on
+/// gradients. A layout or type mix-up (fp32 bytes read as bf16, a gradient left in the
+/// wrong half of a buffer) is O(1).
+const ATTN_ON_VS_OFF: Tol = Tol {
+    logits: 1e-2,
+    loss: 2e-3,
+    grads: 3e-2,
+    cosine: 0.9995,
+};
+
 /// Logits, eval loss, and the gradients of two accumulated micro-steps (loss scale 0.5)
 /// of `got` against `want`, within `tol`.
 fn compare(
@@ -516,11 +538,12 @@ fn fused_engine_tracks_the_cpu_engine() {
     if no_gpu("fused_engine_tracks_the_cpu_engine") {
         return;
     }
-    // With the bf16 MLP chain and logits (the default), and without each (fp32
-    // pre-activation, GELU output and its gradient; fp32 logits).
+    // With the bf16 MLP chain, logits and attention storage (the default), and without
+    // each (fp32 pre-activation, GELU output and its gradient; fp32 logits; fp32 q, k, v
+    // and attention output).
     for (label, cfg) in configs() {
         let (params, inputs, targets) = setup(&cfg);
-        for disable in ["", "bf16_mlp", "bf16_logits"] {
+        for disable in ["", "bf16_mlp", "bf16_logits", "bf16_attn"] {
             let mut cpu = CpuEngine::new(cfg.clone(), params.clone(), 7, 2).unwrap();
             let mut on = bf16_engine(&cfg, &params, disable);
             compare(
@@ -533,5 +556,56 @@ fn fused_engine_tracks_the_cpu_engine() {
                 &BF16_VS_CPU,
             );
         }
+    }
+}
+
+#[test]
+fn bf16_attention_storage_tracks_fp32_storage() {
+    if no_gpu("bf16_attention_storage_tracks_fp32_storage") {
+        return;
+    }
+    for (label, cfg) in configs() {
+        let (params, inputs, targets) = setup(&cfg);
+        let mut on = bf16_engine(&cfg, &params, "");
+        let mut off = bf16_engine(&cfg, &params, "bf16_attn");
+        compare(
+            &format!("{label}: bf16 attention storage on vs off"),
+            &cfg,
+            &mut on,
+            &mut off,
+            &inputs,
+            &targets,
+            &ATTN_ON_VS_OFF,
+        );
+        // Where it applies (no dropout: every pass takes the bf16 fused attention), the
+        // qkv product writes q, k, v in bf16 with its bias as the epilogue (fused, or
+        // unfused with cuBLASLt's reason: the same values either way).
+        let qkv = format!("x{}x{} product", 3 * cfg.n_embd, cfg.n_embd);
+        let bf16_bias: Vec<String> = on
+            .epilogue_report()
+            .into_iter()
+            .filter(|l| l.starts_with("Bias on") && l.contains(&qkv) && l.contains("C Bf16"))
+            .collect();
+        eprintln!("{label}: qkv product with bf16 storage: {bf16_bias:?}");
+        // And the memory: q, k, v and the attention output (4C values per token and layer)
+        // take 2 bytes each instead of 4, exactly where it applies.
+        let acts = |e: &CudaEngine| {
+            e.activation_bytes(3, cfg.block_size, Recompute::Nothing)
+                .expect("the CUDA engine plans its memory")
+        };
+        let saved = (cfg.n_layer * 3 * cfg.block_size * 4 * cfg.n_embd * 2) as u64;
+        let want = if cfg.dropout == 0.0 { saved } else { 0 };
+        assert_eq!(
+            acts(&off) - acts(&on),
+            want,
+            "{label}: bytes bf16 storage saves"
+        );
+        assert_eq!(
+            !bf16_bias.is_empty(),
+            cfg.dropout == 0.0 && cfg.bias,
+            "{label}: a bf16 qkv output with a bias epilogue exactly where bf16 attention \
+             storage applies: {:?}",
+            on.epilogue_report()
+        );
     }
 }

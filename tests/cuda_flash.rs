@@ -20,9 +20,10 @@
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes; NANOGPT_REQUIRE_GPU=1
 //! makes that a failure.
 
+use nanogpt::cuda::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use nanogpt::cuda::cublas::{Operand, Sgemm};
 use nanogpt::cuda::driver::{Context, CuFunction, DeviceBuffer, Stream};
-use nanogpt::engine::cuda::flash::{self, AttnShape, FlashMath};
+use nanogpt::engine::cuda::flash::{self, AttnShape, FlashIo, FlashMath};
 use nanogpt::engine::cuda::kernels::{self, grid_rows, Arg, Kernels};
 use nanogpt::engine::cuda::stack;
 use nanogpt::rng::Rng;
@@ -61,6 +62,16 @@ impl Gpu {
     fn download(&self, buf: &DeviceBuffer, n: usize) -> Vec<f32> {
         self.stream.synchronize().expect("kernels ran");
         let mut out = vec![0f32; n];
+        buf.copy_to_host(&mut out).expect("download");
+        out
+    }
+    /// bf16 values (their bits).
+    fn upload_bf16(&self, bits: &[u16]) -> DeviceBuffer<'static> {
+        self.ctx.upload(bits).expect("upload")
+    }
+    fn download_bf16(&self, buf: &DeviceBuffer, n: usize) -> Vec<u16> {
+        self.stream.synchronize().expect("kernels ran");
+        let mut out = vec![0u16; n];
         buf.copy_to_host(&mut out).expect("download");
         out
     }
@@ -188,7 +199,16 @@ fn flash_attention_matches_float64_attention() {
             let d_lse = g.nans(s.rows());
             // SAFETY: buffers sized for `s` as flash.rs documents, all in g's context.
             unsafe {
-                flash::flash_forward(&g.stream, &g.k, math, d_qkv.ptr, d_y.ptr, d_lse.ptr, s)
+                flash::flash_forward(
+                    &g.stream,
+                    &g.k,
+                    math,
+                    FlashIo::F32,
+                    d_qkv.ptr,
+                    d_y.ptr,
+                    d_lse.ptr,
+                    s,
+                )
             }
             .expect("forward launch");
             let y = g.download(&d_y, n * s.c);
@@ -208,8 +228,18 @@ fn flash_attention_matches_float64_attention() {
             // SAFETY: as above; lse and y come from the forward with the same math.
             unsafe {
                 flash::flash_backward(
-                    &g.stream, &g.k, math, d_qkv.ptr, d_y.ptr, d_lse.ptr, d_dy.ptr, d_dvec.ptr,
-                    d_dqkv.ptr, 0, s,
+                    &g.stream,
+                    &g.k,
+                    math,
+                    FlashIo::F32,
+                    d_qkv.ptr,
+                    d_y.ptr,
+                    d_lse.ptr,
+                    d_dy.ptr,
+                    d_dvec.ptr,
+                    d_dqkv.ptr,
+                    0,
+                    s,
                 )
             }
             .expect("backward launch");
@@ -249,6 +279,225 @@ fn flash_attention_matches_float64_attention() {
             }
         }
     }
+}
+
+/// The exact f32 values of bf16 bits.
+fn widen(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|&b| bf16_bits_to_f32(b)).collect()
+}
+
+/// How many elements differ in their bits.
+fn differing<T: Copy, U: PartialEq>(a: &[T], b: &[T], bits: impl Fn(T) -> U) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(&x, &y)| bits(x) != bits(y))
+        .count()
+}
+
+/// bf16 storage ([`FlashIo::Bf16`]: qkv, y, dy and the gradient in bf16, the bf16 mode's
+/// attention storage) against fp32 storage with the bf16 kernels, on inputs that already
+/// hold bf16 values: both run the same arithmetic on the same bf16 operands, so they must
+/// agree bit for bit. The forward's y is the fp32-storage y rounded to bf16 and its lse the
+/// same; the backward (D from the bf16 y and dy, then dq, dk, dv in bf16) is the
+/// fp32-storage backward's bf16 gradient given the bf16 forward's y widened and its lse.
+/// Bf16 storage with the fp32 kernels is an error.
+#[test]
+fn flash_attention_bf16_storage_matches_fp32_storage() {
+    let Some(g) = gpu("flash_attention_bf16_storage_matches_fp32_storage") else {
+        return;
+    };
+    let mut rng = Rng::new(13);
+    for (b, t, nh, hs) in SHAPES {
+        if !hs.is_multiple_of(16) {
+            continue;
+        }
+        let s = AttnShape {
+            b,
+            t,
+            c: nh * hs,
+            nh,
+        };
+        let n = b * t;
+        let to_bf16 =
+            |v: Vec<f32>| -> Vec<u16> { v.iter().map(|&x| f32_to_bf16_bits(x)).collect() };
+        let qkv = to_bf16(randn(&mut rng, n * 3 * s.c));
+        let dy = to_bf16(randn(&mut rng, n * s.c));
+        let (d_qkv16, d_dy16) = (g.upload_bf16(&qkv), g.upload_bf16(&dy));
+        let (d_qkv, d_dy) = (g.upload(&widen(&qkv)), g.upload(&widen(&dy)));
+        let math = FlashMath::Bf16;
+
+        // Forward: bf16 storage (y filled with NaN bits) and fp32 storage.
+        let d_y16 = g.upload_bf16(&vec![0xffff; n * s.c]);
+        let (d_lse16, d_y, d_lse) = (g.nans(s.rows()), g.nans(n * s.c), g.nans(s.rows()));
+        // SAFETY: buffers sized for `s` (bf16 ones in bf16 values), all in g's context.
+        unsafe {
+            flash::flash_forward(
+                &g.stream,
+                &g.k,
+                math,
+                FlashIo::Bf16,
+                d_qkv16.ptr,
+                d_y16.ptr,
+                d_lse16.ptr,
+                s,
+            )
+            .expect("bf16-storage forward launch");
+            flash::flash_forward(
+                &g.stream,
+                &g.k,
+                math,
+                FlashIo::F32,
+                d_qkv.ptr,
+                d_y.ptr,
+                d_lse.ptr,
+                s,
+            )
+            .expect("fp32-storage forward launch");
+        }
+        let y16 = g.download_bf16(&d_y16, n * s.c);
+        let lse16 = g.download(&d_lse16, s.rows());
+        let (y, lse) = (g.download(&d_y, n * s.c), g.download(&d_lse, s.rows()));
+        assert!(
+            y.iter().chain(&lse).chain(&lse16).all(|v| v.is_finite()),
+            "{s:?}: forward output not finite (unwritten?)"
+        );
+        let rounded: Vec<u16> = y.iter().map(|&v| f32_to_bf16_bits(v)).collect();
+        let ey = differing(&y16, &rounded, |v| v);
+        let el = differing(&lse16, &lse, f32::to_bits);
+        eprintln!(
+            "{s:?} bf16 storage forward: y {ey} / {} differ, lse {el} / {} differ",
+            y.len(),
+            lse.len()
+        );
+        assert_eq!(
+            ey, 0,
+            "{s:?}: bf16-storage y is not the fp32-storage y rounded"
+        );
+        assert_eq!(
+            el, 0,
+            "{s:?}: bf16-storage lse differs from the fp32-storage lse"
+        );
+
+        // Backward: bf16 storage, and fp32 storage writing a bf16 gradient from the bf16
+        // forward's y (widened) and lse. Different fills: an element neither writes differs.
+        let d_yw = g.upload(&widen(&y16));
+        let (d_dvec16, d_dvec) = (g.nans(s.rows()), g.nans(s.rows()));
+        let d_dqkv16 = g.upload_bf16(&vec![0xffff; n * 3 * s.c]);
+        let d_dqkv_ref = g.upload_bf16(&vec![0xfffe; n * 3 * s.c]);
+        // SAFETY: as above; both backward passes read the bf16-storage forward's lse.
+        unsafe {
+            flash::flash_backward(
+                &g.stream,
+                &g.k,
+                math,
+                FlashIo::Bf16,
+                d_qkv16.ptr,
+                d_y16.ptr,
+                d_lse16.ptr,
+                d_dy16.ptr,
+                d_dvec16.ptr,
+                0,
+                d_dqkv16.ptr,
+                s,
+            )
+            .expect("bf16-storage backward launch");
+            flash::flash_backward(
+                &g.stream,
+                &g.k,
+                math,
+                FlashIo::F32,
+                d_qkv.ptr,
+                d_yw.ptr,
+                d_lse16.ptr,
+                d_dy.ptr,
+                d_dvec.ptr,
+                0,
+                d_dqkv_ref.ptr,
+                s,
+            )
+            .expect("fp32-storage backward launch");
+        }
+        let (dvec16, dvec) = (
+            g.download(&d_dvec16, s.rows()),
+            g.download(&d_dvec, s.rows()),
+        );
+        assert!(
+            dvec16.iter().all(|v| v.is_finite()),
+            "{s:?}: D not finite (unwritten?)"
+        );
+        let ed = differing(&dvec16, &dvec, f32::to_bits);
+        eprintln!("{s:?} bf16 storage D: {ed} / {} differ", dvec.len());
+        assert_eq!(
+            ed, 0,
+            "{s:?}: D from bf16 y and dy differs from D from them widened"
+        );
+        let dqkv16 = g.download_bf16(&d_dqkv16, n * 3 * s.c);
+        let dqkv_ref = g.download_bf16(&d_dqkv_ref, n * 3 * s.c);
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let (got, want) = (third(&dqkv16, s.c, part), third(&dqkv_ref, s.c, part));
+            let e = differing(&got, &want, |v| v);
+            eprintln!(
+                "{s:?} bf16 storage backward: {name} {e} / {} differ",
+                got.len()
+            );
+            assert_eq!(
+                e, 0,
+                "{s:?}: bf16-storage {name} differs from the fp32-storage bf16 {name}"
+            );
+        }
+    }
+
+    // Bf16 storage with the fp32 kernels: an error from both entry points, not a panic.
+    let s = AttnShape {
+        b: 1,
+        t: 4,
+        c: 32,
+        nh: 2,
+    };
+    let qkv = g.upload_bf16(&vec![0; 4 * 3 * s.c]);
+    let dy = g.upload_bf16(&vec![0; 4 * s.c]);
+    let y = g.upload_bf16(&vec![0; 4 * s.c]);
+    let dqkv = g.upload_bf16(&vec![0; 4 * 3 * s.c]);
+    let (lse, dvec) = (g.nans(s.rows()), g.nans(s.rows()));
+    // SAFETY: buffers sized for `s`; nothing is launched (the calls are refused).
+    let fwd = unsafe {
+        flash::flash_forward(
+            &g.stream,
+            &g.k,
+            FlashMath::F32,
+            FlashIo::Bf16,
+            qkv.ptr,
+            y.ptr,
+            lse.ptr,
+            s,
+        )
+    };
+    assert!(
+        fwd.is_err(),
+        "forward: bf16 storage with the fp32 kernels was accepted"
+    );
+    // SAFETY: as above.
+    let bwd = unsafe {
+        flash::flash_backward(
+            &g.stream,
+            &g.k,
+            FlashMath::F32,
+            FlashIo::Bf16,
+            qkv.ptr,
+            y.ptr,
+            lse.ptr,
+            dy.ptr,
+            dvec.ptr,
+            0,
+            dqkv.ptr,
+            s,
+        )
+    };
+    assert!(
+        bwd.is_err(),
+        "backward: bf16 storage with the fp32 kernels was accepted"
+    );
 }
 
 /// The engine's plain attention (see `CudaEngine::attention_fwd` / `attention_bwd`, no
@@ -406,11 +655,30 @@ fn flash_attention_matches_the_plain_path() {
             );
             // SAFETY: buffers sized for `s`.
             unsafe {
-                flash::flash_forward(&g.stream, &g.k, math, d_qkv.ptr, fy.ptr, flse.ptr, s)
-                    .unwrap();
+                flash::flash_forward(
+                    &g.stream,
+                    &g.k,
+                    math,
+                    FlashIo::F32,
+                    d_qkv.ptr,
+                    fy.ptr,
+                    flse.ptr,
+                    s,
+                )
+                .unwrap();
                 flash::flash_backward(
-                    &g.stream, &g.k, math, d_qkv.ptr, fy.ptr, flse.ptr, d_dy.ptr, fdvec.ptr,
-                    fd.ptr, 0, s,
+                    &g.stream,
+                    &g.k,
+                    math,
+                    FlashIo::F32,
+                    d_qkv.ptr,
+                    fy.ptr,
+                    flse.ptr,
+                    d_dy.ptr,
+                    fdvec.ptr,
+                    fd.ptr,
+                    0,
+                    s,
                 )
                 .unwrap();
             }
@@ -478,12 +746,33 @@ fn flash_attention_timing() {
     };
     // SAFETY: buffers sized for `s`; the backward reads the forward's y and lse.
     let forward = |math| unsafe {
-        flash::flash_forward(&g.stream, &g.k, math, qkv.ptr, y.ptr, lse.ptr, s).unwrap()
+        flash::flash_forward(
+            &g.stream,
+            &g.k,
+            math,
+            FlashIo::F32,
+            qkv.ptr,
+            y.ptr,
+            lse.ptr,
+            s,
+        )
+        .unwrap()
     };
     // SAFETY: as above.
     let backward = |math| unsafe {
         flash::flash_backward(
-            &g.stream, &g.k, math, qkv.ptr, y.ptr, lse.ptr, dy.ptr, dvec.ptr, dqkv.ptr, 0, s,
+            &g.stream,
+            &g.k,
+            math,
+            FlashIo::F32,
+            qkv.ptr,
+            y.ptr,
+            lse.ptr,
+            dy.ptr,
+            dvec.ptr,
+            dqkv.ptr,
+            0,
+            s,
         )
         .unwrap()
     };

@@ -339,8 +339,9 @@ fn bf16_recompute_matches() {
 /// dropout), as BENCHMARKS.md quotes it: level 1 saves 11 x 12 MiB per batch row, level 2
 /// another 23 x 3 MiB (fp32 LayerNorm outputs); bf16 LayerNorm outputs (the bf16 mode with
 /// `bf16_acts`) halve the 25 of them (ln1, ln2 per layer, lnf) at level 0, and the bf16 MLP
-/// chain (`bf16_mlp`) the 25 (N, 4C) ones (fch and the GELU output per layer, dfch), and
-/// bf16 logits (`bf16_logits`) the (N, V) logits.
+/// chain (`bf16_mlp`) the 25 (N, 4C) ones (fch and the GELU output per layer, dfch),
+/// bf16 logits (`bf16_logits`) the (N, V) logits, and bf16 attention storage (`bf16_attn`)
+/// q, k, v and the attention output of every layer (4C values per token).
 #[test]
 fn gpt2_activation_memory_per_level() {
     use cuda::Bf16Storage;
@@ -349,9 +350,13 @@ fn gpt2_activation_memory_per_level() {
     let fp32 = Bf16Storage::default();
     let ln = Bf16Storage { ln: true, ..fp32 };
     let mlp = Bf16Storage { mlp: true, ..ln };
-    let all = Bf16Storage {
+    let logits = Bf16Storage {
         logits: true,
         ..mlp
+    };
+    let all = Bf16Storage {
+        attn: true,
+        ..logits
     };
     for b in [8usize, 16, 24, 32] {
         let level0 =
@@ -359,7 +364,13 @@ fn gpt2_activation_memory_per_level() {
         let row = (b * 1024 * 768) as u64;
         assert_eq!(level0(fp32) - level0(ln), 25 * row * 2, "B={b}");
         assert_eq!(level0(ln) - level0(mlp), 25 * 4 * row * 2, "B={b}");
-        assert_eq!(level0(mlp) - level0(all), row / 768 * 50257 * 2, "B={b}");
+        assert_eq!(level0(mlp) - level0(logits), row / 768 * 50257 * 2, "B={b}");
+        assert_eq!(level0(logits) - level0(all), 12 * 4 * row * 2, "B={b}");
+        eprintln!(
+            "gpt2 B={b} T=1024, recompute 0: {:.2} GiB fp32 storage, {:.2} GiB bf16 (default)",
+            gib(level0(fp32)),
+            gib(level0(all))
+        );
         let bytes = |rc| cuda::activation_bytes(&cfg, b, 1024, rc, true, false, fp32);
         let (b0, b1, b2) = (
             bytes(Recompute::Nothing),
@@ -377,7 +388,8 @@ fn gpt2_activation_memory_per_level() {
     }
     // The module docs' figures for B = 8 at level 0 with the fused attention: 6.32 GiB in
     // fp32 storage, 4.86 GiB with bf16 LayerNorm outputs and MLP chain, 4.09 GiB with the
-    // logits in bf16 too (the bf16 mode's default).
+    // logits in bf16 too, 3.53 GiB with the attention's q, k, v and output in bf16 as well
+    // (the bf16 mode's default).
     let b0 = |st| {
         gib(cuda::activation_bytes(
             &cfg,
@@ -391,5 +403,6 @@ fn gpt2_activation_memory_per_level() {
     };
     assert!((b0(fp32) - 6.32).abs() < 0.01, "{:.3} GiB", b0(fp32));
     assert!((b0(mlp) - 4.86).abs() < 0.01, "{:.3} GiB", b0(mlp));
-    assert!((b0(all) - 4.09).abs() < 0.01, "{:.3} GiB", b0(all));
+    assert!((b0(logits) - 4.09).abs() < 0.01, "{:.3} GiB", b0(logits));
+    assert!((b0(all) - 3.53).abs() < 0.01, "{:.3} GiB", b0(all));
 }

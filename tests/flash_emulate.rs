@@ -2,7 +2,8 @@
 //! in tools/flash_emulate (g++, one thread per CUDA thread, mma.sync emulated from the
 //! documented fragment layouts): the fp32 kernels and the bf16 tensor-core forward and
 //! backward against a float64 attention, the bf16 backward also against the fp32 kernels
-//! and a float64 model of its own bf16 rounding (tolerances: tools/flash_emulate/main.cpp).
+//! and a float64 model of its own bf16 rounding (tolerances: tools/flash_emulate/main.cpp),
+//! and the bf16-storage (io) kernels bit for bit against the fp32-storage bf16 kernels.
 //! Runs the emulator's short case list (`run.sh quick`); `tools/flash_emulate/run.sh` runs
 //! them all.
 //!
@@ -31,4 +32,9 @@ fn flash_kernels_pass_the_cpu_emulator() {
             "no bf16 backward {part} line:\n{text}"
         );
     }
+    // The bf16-storage (io) kernels were checked bit for bit against the fp32-storage ones.
+    assert!(
+        text.contains("bf16 storage (io kernels):"),
+        "no bf16 storage line:\n{text}"
+    );
 }

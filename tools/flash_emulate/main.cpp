@@ -20,6 +20,14 @@
 //   kernels read): 2e-3 max. What remains is fp32 accumulation against float64 and the
 //   rare P or dS that rounds to the neighbouring bf16 value, so this bound is ten times
 //   tighter and checks the fragment layouts and masks element by element.
+// - bf16 backward with a bf16 gradient (dqkv_bf16): the fp32 gradient rounded to nearest
+//   even, bit for bit.
+// - bf16 storage (the _io kernels and flash_attn_bwd_dot_bf16: qkv, y, dy and dqkv in bf16):
+//   with qkv and dy rounded to bf16, bit for bit against the fp32-storage bf16 kernels given
+//   the same values widened: y is flash_attn_fwd_bf16's y rounded and lse the same; D from
+//   the bf16 y and dy is flash_attn_bwd_dot's on them widened; dq, dk, dv (from that lse
+//   and D) are the fp32-storage backward's bf16 output. No tolerance: both forms run the
+//   same arithmetic on the same bf16 operands, so any difference is a load or store mistake.
 #include "shim.h"
 #include "../../kernels/flash_attention.cu"
 #include <cstdio>
@@ -194,6 +202,93 @@ static bool bf16_output_matches(const Case& cs, const std::vector<float>& qkv,
     return true;
 }
 
+// The bf16-storage ("io") kernels against the fp32-storage bf16 kernels, bit for bit, on
+// inputs that already hold bf16 values (qkv and dy rounded): flash_attn_fwd_bf16_io's y is
+// flash_attn_fwd_bf16's y rounded and its lse the same; flash_attn_bwd_dot_bf16 is
+// flash_attn_bwd_dot on the widened values; the io backward's dqkv is the fp32-storage
+// backward's bf16 output given the same lse and D. Returns "" or what differs.
+static std::string io_mismatch(const Case& cs, const std::vector<float>& qkv,
+                               const std::vector<float>& dy) {
+    int B = cs.B, T = cs.T, NH = cs.NH, C = NH * cs.hs;
+    float scale = 1.0f / std::sqrt((float)cs.hs);
+    unsigned tiles = (T + 63) / 64, rows = B * NH * T;
+    std::vector<unsigned short> qkv_b(qkv.size()), dy_b(dy.size());
+    std::vector<float> qkv_w(qkv.size()), dy_w(dy.size());
+    for (size_t i = 0; i < qkv.size(); i++) qkv_w[i] = bf2f(qkv_b[i] = fa_f2bf(qkv[i]));
+    for (size_t i = 0; i < dy.size(); i++) dy_w[i] = bf2f(dy_b[i] = fa_f2bf(dy[i]));
+    auto finite = [](const std::vector<float>& v) {
+        for (float x : v)
+            if (!std::isfinite(x)) return false;
+        return true;
+    };
+    auto bits = [](float x) {
+        unsigned u;
+        std::memcpy(&u, &x, 4);
+        return u;
+    };
+    auto differing_bits = [&](const std::vector<float>& a, const std::vector<float>& b) {
+        size_t n = 0;
+        for (size_t i = 0; i < a.size(); i++) n += bits(a[i]) != bits(b[i]);
+        return n;
+    };
+    std::string why;
+    auto note = [&](const char* what, size_t n, size_t of) {
+        if (n) why += std::string(why.empty() ? "" : ", ") + what + " " + std::to_string(n) +
+                      "/" + std::to_string(of) + " differ";
+    };
+
+    // Forward: bf16 storage, and fp32 storage on the widened bf16 qkv.
+    std::vector<unsigned short> y_b(dy.size(), 0xffff);
+    std::vector<float> lse_b((size_t)B * NH * T, NAN), y(dy.size(), NAN), lse(lse_b.size(), NAN);
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_fwd_bf16_io(qkv_b.data(), y_b.data(), lse_b.data(), T, C, NH, scale);
+    });
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_fwd_bf16(qkv_w.data(), y.data(), lse.data(), T, C, NH, scale);
+    });
+    if (!finite(lse_b) || !finite(y)) why = "forward left values unwritten or not finite";
+    note("lse", differing_bits(lse_b, lse), lse.size());
+    size_t ny = 0;
+    for (size_t i = 0; i < y.size(); i++) ny += y_b[i] != fa_f2bf(y[i]);
+    note("y", ny, y.size());
+
+    // D: bf16 y and dy, against the fp32 kernel on the same values widened.
+    std::vector<float> y_w(y_b.size()), dvec_b(lse.size(), NAN), dvec(lse.size(), NAN);
+    for (size_t i = 0; i < y_b.size(); i++) y_w[i] = bf2f(y_b[i]);
+    emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
+        flash_attn_bwd_dot_bf16(y_b.data(), dy_b.data(), dvec_b.data(), B, T, C, NH);
+    });
+    emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
+        flash_attn_bwd_dot(y_w.data(), dy_w.data(), dvec.data(), B, T, C, NH);
+    });
+    if (!finite(dvec_b)) why += std::string(why.empty() ? "" : ", ") + "D not finite";
+    note("D", differing_bits(dvec_b, dvec), dvec.size());
+
+    // Backward: the io kernels, and the fp32-storage ones writing bf16, on the same values
+    // and the same lse and D. Different fills: an element neither writes still differs.
+    std::vector<unsigned short> dqkv_b(qkv.size(), 0xffff), dqkv_ref(qkv.size(), 0xfffe);
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dkdv_bf16_io(qkv_b.data(), dy_b.data(), lse_b.data(), dvec_b.data(), dqkv_b.data(), T, C, NH, scale);
+    });
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dq_bf16_io(qkv_b.data(), dy_b.data(), lse_b.data(), dvec_b.data(), dqkv_b.data(), T, C, NH, scale);
+    });
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dkdv_bf16(qkv_w.data(), dy_w.data(), lse_b.data(), dvec_b.data(), nullptr, dqkv_ref.data(), T, C, NH, scale);
+    });
+    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+        flash_attn_bwd_dq_bf16(qkv_w.data(), dy_w.data(), lse_b.data(), dvec_b.data(), nullptr, dqkv_ref.data(), T, C, NH, scale);
+    });
+    const char* names[3] = {"dq", "dk", "dv"};
+    for (int part = 0; part < 3; part++) {
+        auto got = third(dqkv_b, C, part), want = third(dqkv_ref, C, part);
+        size_t n = 0;
+        for (size_t i = 0; i < got.size(); i++) n += got[i] != want[i];
+        note(names[part], n, got.size());
+    }
+    return why;
+}
+
 int main(int argc, char** argv) {
     // fp32 cases (tile sizes as given) and, where hs is a multiple of 16, the bf16 kernels.
     // `main quick` runs the smaller list (the bf16 backward's shapes, for the cargo test).
@@ -244,6 +339,12 @@ int main(int argc, char** argv) {
         std::printf("%s   bf16 backward, bf16 output: %s\n", okb16 ? "ok  " : "FAIL",
                     okb16 ? "the fp32 output rounded, bit for bit" : "differs from the fp32 output rounded");
         failures += !okb16;
+        std::string io = io_mismatch(cs, qkv, dy);
+        std::printf("%s   bf16 storage (io kernels): %s\n", io.empty() ? "ok  " : "FAIL",
+                    io.empty() ? "y, lse, D and dqkv those of the fp32-storage kernels, bit "
+                                 "for bit"
+                               : io.c_str());
+        failures += !io.empty();
         double ey16 = rel(y16, y_ref), el16 = rel(lse16, lse_ref);
         bool okf = ey16 < TOL_BF16 && el16 < TOL_BF16;
         std::printf("%s   bf16 forward: y %.2e lse %.2e\n", okf ? "ok  " : "FAIL", ey16, el16);

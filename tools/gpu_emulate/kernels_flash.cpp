@@ -1,7 +1,7 @@
 // kernels_flash.cpp: the flash-attention kernels of kernels/flash_attention.cu (fp32 and bf16
-// tensor-core forms), compiled for the CPU under tools/flash_emulate/shim.h (shared memory,
-// mma.sync) after kernels/common.cuh, as NVRTC compiles them, and listed by name for the
-// emulated driver.
+// tensor-core forms, the bf16 ones also with bf16 storage), compiled for the CPU under
+// tools/flash_emulate/shim.h (shared memory, mma.sync) after kernels/common.cuh, as NVRTC
+// compiles them, and listed by name for the emulated driver.
 #include "../flash_emulate/shim.h"
 #include "registry.h"
 #include "../../kernels/common.cuh"
@@ -16,5 +16,9 @@ std::vector<EmuKernel> emu_kernels_flash() {
         emu_kernel("flash_attn_bwd_dq_f32", flash_attn_bwd_dq_f32),
         emu_kernel("flash_attn_bwd_dkdv_bf16", flash_attn_bwd_dkdv_bf16),
         emu_kernel("flash_attn_bwd_dq_bf16", flash_attn_bwd_dq_bf16),
+        emu_kernel("flash_attn_fwd_bf16_io", flash_attn_fwd_bf16_io),
+        emu_kernel("flash_attn_bwd_dot_bf16", flash_attn_bwd_dot_bf16),
+        emu_kernel("flash_attn_bwd_dkdv_bf16_io", flash_attn_bwd_dkdv_bf16_io),
+        emu_kernel("flash_attn_bwd_dq_bf16_io", flash_attn_bwd_dq_bf16_io),
     };
 }

@@ -146,6 +146,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 template <class T> inline T __ldg(const T* p) { return *p; }
 

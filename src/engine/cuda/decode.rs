@@ -241,7 +241,7 @@ impl CudaEngine {
                 rows,
             )?;
             self.linear_fwd(
-                sc.qkv.ptr,
+                Out::F32(sc.qkv.ptr),
                 Src::Act(sc.ln.ptr),
                 o.qkv_w,
                 o.qkv_b,
@@ -280,7 +280,7 @@ impl CudaEngine {
                 ],
             )?;
             self.linear_fwd(
-                sc.tmp.ptr,
+                Out::F32(sc.tmp.ptr),
                 Src::Act(sc.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
@@ -310,7 +310,7 @@ impl CudaEngine {
                 rows,
             )?;
             self.linear_fwd(
-                sc.tmp.ptr,
+                Out::F32(sc.tmp.ptr),
                 Src::Act(sc.gelu.ptr),
                 o.mlp_proj_w,
                 o.mlp_proj_b,

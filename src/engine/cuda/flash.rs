@@ -2,10 +2,10 @@
 //! configuration as pure functions (tile sizes, dynamic shared memory, grids) and the two
 //! entry points [`flash_forward`] / [`flash_backward`] over the engine's buffers.
 //!
-//! Buffers (fp32, device pointers): `qkv` (B*T, 3C) = q | k | v with head h in columns
-//! h*hs.. of each third; `y` (B*T, C); `lse` (B, NH, T), the per-row logsumexp written by
-//! the forward and read by the backward; `dy` (B*T, C); `dvec` (B, NH, T) scratch;
-//! `dqkv` (B*T, 3C), overwritten. Scale 1/sqrt(hs), causal mask, hs <= 128.
+//! Buffers (device pointers; fp32, or bf16 with [`FlashIo::Bf16`]): `qkv` (B*T, 3C) =
+//! q | k | v with head h in columns h*hs.. of each third; `y` (B*T, C); `lse` (B, NH, T),
+//! the per-row logsumexp written by the forward and read by the backward (fp32); `dy`
+//! (B*T, C); `dvec` (B, NH, T) fp32 scratch; `dqkv` (B*T, 3C), overwritten. Scale 1/sqrt(hs), causal mask, hs <= 128.
 //!
 //! Attention dropout is not supported: callers keep the plain path (GEMMs + masked softmax)
 //! when attention dropout is active. Forward and backward each have an fp32 SIMT and a bf16
@@ -52,6 +52,29 @@ pub enum FlashMath {
     /// inputs, and P and dS as product operands, are rounded to bf16 (relative error
     /// ~1e-3 to 1e-2).
     Bf16,
+}
+
+/// How the attention's tensors (`qkv`, `y`, `dy`, and the gradient `dqkv`) are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashIo {
+    /// fp32 (the bf16 kernels round them to bf16 as they load tiles; the bf16 backward may
+    /// still write its gradient in bf16, see [`flash_backward`]).
+    F32,
+    /// All bf16, read and written as they are: the bf16 mode's attention storage
+    /// (`flash_attn_*_bf16_io`, `flash_attn_bwd_dot_bf16`; [`FlashMath::Bf16`] only). The
+    /// same values as the fp32-storage kernels given inputs that already hold bf16 values,
+    /// except `D = y . dy`, which then sums the bf16 y and dy.
+    Bf16,
+}
+
+impl FlashIo {
+    /// Bytes per stored value.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            FlashIo::F32 => 4,
+            FlashIo::Bf16 => 2,
+        }
+    }
 }
 
 /// Attention geometry: batch rows, tokens per row, channels, heads.
@@ -241,24 +264,49 @@ unsafe fn launch(stream: &Stream, f: CuFunction, cfg: &LaunchConfig, args: &[Arg
     super::kernels::launch_shared(stream, f, cfg.grid, cfg.block, cfg.shared_bytes, args)
 }
 
+/// Refuses bf16 storage with the fp32 kernels (they exist for fp32 storage only), and, for
+/// the bf16 kernels, inputs that are not 16-byte aligned: they load tiles 16 bytes at a
+/// time (every row start is then aligned too, since the head size is a multiple of 16).
+fn check_io(math: FlashMath, io: FlashIo, inputs: &[(&str, u64)]) -> CResult<()> {
+    if io == FlashIo::Bf16 && math != FlashMath::Bf16 {
+        return Err(CudaError::Invalid(
+            "flash attention: bf16 storage needs the bf16 tensor-core kernels".into(),
+        ));
+    }
+    if math == FlashMath::Bf16 {
+        if let Some((what, p)) = inputs.iter().find(|(_, p)| p % 16 != 0) {
+            return Err(CudaError::Invalid(format!(
+                "flash attention: the bf16 kernels need 16-byte aligned inputs; {what} is at \
+                 {p:#x}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn scale(shape: &AttnShape) -> f32 {
     1.0 / (shape.hs() as f32).sqrt()
 }
 
-/// y (B*T, C) and lse (B, NH, T) from qkv (B*T, 3C), enqueued on `stream`.
+/// y (B*T, C) and lse (B, NH, T) from qkv (B*T, 3C), stored as `io` says, enqueued on
+/// `stream`.
 ///
 /// # Safety
 /// Every pointer must be a live device allocation of at least the size the module docs give
-/// for `shape`, in the stream's context; `y`/`lse` must not overlap `qkv`.
+/// for `shape` (in `io`'s value size), in the stream's context; `y`/`lse` must not overlap
+/// `qkv`.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn flash_forward(
     stream: &Stream,
     k: &Kernels,
     math: FlashMath,
+    io: FlashIo,
     qkv: u64,
     y: u64,
     lse: u64,
     shape: AttnShape,
 ) -> CResult<()> {
+    check_io(math, io, &[("qkv", qkv)])?;
     let cfg = forward_config(&shape, math)?;
     let (t, c, nh) = (shape.t as i32, shape.c as i32, shape.nh as i32);
     let common = [
@@ -282,7 +330,11 @@ pub unsafe fn flash_forward(
         FlashMath::Bf16 => {
             let mut args = common.to_vec();
             args.push(Arg::F32(scale(&shape)));
-            launch(stream, k.flash_attn_fwd_bf16, &cfg, &args)
+            let f = match io {
+                FlashIo::F32 => k.flash_attn_fwd_bf16,
+                FlashIo::Bf16 => k.flash_attn_fwd_bf16_io,
+            };
+            launch(stream, f, &cfg, &args)
         }
     }
 }
@@ -290,7 +342,8 @@ pub unsafe fn flash_forward(
 /// dqkv (B*T, 3C, overwritten) from dy (B*T, C), using the forward's y and lse (from a
 /// forward with the same `math`); `dvec` (B*NH*T floats) is scratch. Enqueued on `stream`.
 /// With `dqkv_bf16` not 0 (only for [`FlashMath::Bf16`]) the gradient goes there in bf16
-/// instead (the same values rounded to nearest even) and `dqkv` is not written.
+/// instead (the same values rounded to nearest even) and `dqkv` is not written. With
+/// [`FlashIo::Bf16`] (qkv, y and dy in bf16) the gradient always goes to `dqkv_bf16`.
 ///
 /// # Safety
 /// As [`flash_forward`]; `dqkv` and `dvec` must not overlap any input.
@@ -299,6 +352,7 @@ pub unsafe fn flash_backward(
     stream: &Stream,
     k: &Kernels,
     math: FlashMath,
+    io: FlashIo,
     qkv: u64,
     y: u64,
     lse: u64,
@@ -308,9 +362,14 @@ pub unsafe fn flash_backward(
     dqkv_bf16: u64,
     shape: AttnShape,
 ) -> CResult<()> {
+    check_io(math, io, &[("qkv", qkv), ("dy", dy)])?;
     assert!(
         dqkv_bf16 == 0 || math == FlashMath::Bf16,
         "only the bf16 backward kernels write a bf16 gradient"
+    );
+    assert!(
+        io == FlashIo::F32 || (dqkv == 0 && dqkv_bf16 != 0),
+        "bf16 storage: the gradient goes to dqkv_bf16"
     );
     let cfg = backward_config(&shape, math)?;
     let (b, t, c, nh) = (
@@ -319,9 +378,13 @@ pub unsafe fn flash_backward(
         shape.c as i32,
         shape.nh as i32,
     );
+    let dot = match io {
+        FlashIo::F32 => k.flash_attn_bwd_dot,
+        FlashIo::Bf16 => k.flash_attn_bwd_dot_bf16,
+    };
     launch(
         stream,
-        k.flash_attn_bwd_dot,
+        dot,
         &cfg.dot,
         &[
             Arg::Ptr(y),
@@ -344,12 +407,22 @@ pub unsafe fn flash_backward(
         Arg::I32(nh),
     ];
     if math == FlashMath::Bf16 {
-        // (.., dqkv, dqkv_bf16, T, C, NH, scale): the tile sizes are compiled in.
+        // (.., dqkv, dqkv_bf16, T, C, NH, scale), or with bf16 storage (.., dqkv_bf16, T,
+        // C, NH, scale): the tile sizes are compiled in.
         let mut args = common.to_vec();
-        args.insert(5, Arg::Ptr(dqkv_bf16));
+        let (dkdv, dq) = match io {
+            FlashIo::F32 => {
+                args.insert(5, Arg::Ptr(dqkv_bf16));
+                (k.flash_attn_bwd_dkdv_bf16, k.flash_attn_bwd_dq_bf16)
+            }
+            FlashIo::Bf16 => {
+                args[4] = Arg::Ptr(dqkv_bf16);
+                (k.flash_attn_bwd_dkdv_bf16_io, k.flash_attn_bwd_dq_bf16_io)
+            }
+        };
         args.push(Arg::F32(scale(&shape)));
-        launch(stream, k.flash_attn_bwd_dkdv_bf16, &cfg.dkdv, &args)?;
-        return launch(stream, k.flash_attn_bwd_dq_bf16, &cfg.dq, &args);
+        launch(stream, dkdv, &cfg.dkdv, &args)?;
+        return launch(stream, dq, &cfg.dq, &args);
     }
     let tiled = |bt: usize| {
         let mut args = common.to_vec();

@@ -34,7 +34,14 @@
 //! torch autocast's logits are bf16 too), the cross-entropy kernel `cross_entropy_bf16`
 //! reads them widened and writes their gradient over them in bf16, which the LM head's
 //! backward products read: half the bytes of the largest activation and no separate
-//! gradient buffer. LayerNorm, softmax,
+//! gradient buffer. With the bf16 fused attention (every pass of the shape takes it: no
+//! attention dropout) the attention's inputs and outputs are bf16 too (switch
+//! `bf16_attn`, [`Bf16Storage::attn`]): the qkv product writes q, k, v in bf16 (`BIAS`
+//! with a bf16 output, the bias's bf16 copy), the attention kernels read them as they are
+//! and write their output in bf16 (`flash::FlashIo::Bf16`), the projection reads it as it
+//! is, and the projection's input-gradient product writes the attention output's gradient
+//! in bf16 for the attention backward, whose `D = y . dy` then sums bf16 values. LayerNorm,
+//! softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
 //! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
@@ -75,9 +82,9 @@
 //! activations take 6.32 GiB with the fused form and every activation in fp32: 12 x 384
 //! MiB of per-layer (B*T, k*C) tensors, 1.53 GiB of logits, 0.23 GiB of backward scratch
 //! and 4.9 MiB of logsumexp and scratch vectors; the bf16 mode's default storage (bf16
-//! LayerNorm outputs, MLP chain and logits) takes 4.09 GiB. The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2
-//! floats) and 384 MiB for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout
-//! (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
+//! LayerNorm outputs, MLP chain, logits and attention inputs and outputs) takes 3.53 GiB.
+//! The plain form adds 384 MiB per layer for `att` (8 * 12 * 1024^2 floats) and 384 MiB
+//! for `datt`: 11.19 GiB, and 11.57 GiB with attention dropout (`patt`). (Parameters, gradients and AdamW moments come on top: 4 x 0.46 GiB.)
 //!
 //! Activation recomputation ([`Recompute`], config key `recompute`) works as in the CPU
 //! engine: at level 1 the GELU output, at level 2 also ln1 and ln2, live in one buffer
@@ -145,7 +152,7 @@ use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use decode::DecodeState;
-use flash::{AttnShape, FlashMath};
+use flash::{AttnShape, FlashIo, FlashMath};
 use kernels::{grid_cols4, grid_rows, grid_vec, launch, Arg, Kernels, BLOCK};
 use stack::Stack;
 use std::cell::{Cell, OnceCell, RefCell};
@@ -272,9 +279,10 @@ impl Lin {
 enum Post {
     /// Nothing more.
     None,
-    /// `C = op(A) op(B) + bias`, the fp32 bias at this address broadcast over the rows
-    /// (beta 0, ldc = n).
-    Bias(u64),
+    /// `C = op(A) op(B) + bias`, the bias broadcast over the rows (beta 0, ldc = n): the
+    /// fp32 parameter, or, with a bf16 C, its bf16 copy (cuBLASLt's bias has C's type; the
+    /// unfused path adds the same widened copy).
+    Bias(BiasPtrs),
     /// `pre = op(A) op(B) (+ bias)`, `C = gelu(pre)` (beta 0, ldc = n; `pre` m x n, of C's
     /// type). With a bf16 C (the bf16 MLP chain) `pre` and C are both rounded from the fp32
     /// value, the GELU taken before rounding, and the fused epilogue adds the bias's bf16
@@ -312,7 +320,7 @@ struct BiasPtrs {
 fn epilogue_args(post: Post, n: usize, bf16_out: bool) -> Option<EpilogueArgs> {
     let (ep, bias, aux) = match post {
         Post::None => return None,
-        Post::Bias(b) => (Epilogue::Bias, b, 0),
+        Post::Bias(b) => (Epilogue::Bias, if bf16_out { b.bf16 } else { b.f32 }, 0),
         Post::Gelu { bias, pre } => {
             let b = if bf16_out { bias.bf16 } else { bias.f32 };
             (Epilogue::GeluAux { bias: b != 0 }, b, pre)
@@ -340,12 +348,15 @@ fn at(ptr: u64, elems: usize) -> u64 {
 /// Which activations the bf16 mode stores in bf16 only: the LayerNorm outputs (`ln`,
 /// switch `bf16_acts`; [`LnOut`]), the MLP's pre-activation, GELU output and
 /// pre-activation gradient (`mlp`, switch `bf16_mlp`), and the logits with their gradient
-/// in place (`logits`, switch `bf16_logits`). All false in fp32 mode.
+/// in place (`logits`, switch `bf16_logits`), and the attention's q, k, v, output and
+/// output gradient (`attn`, switch `bf16_attn`, with the bf16 fused attention only). All
+/// false in fp32 mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bf16Storage {
     pub ln: bool,
     pub mlp: bool,
     pub logits: bool,
+    pub attn: bool,
 }
 
 impl Bf16Storage {
@@ -365,6 +376,17 @@ impl Bf16Storage {
     }
     fn logits_bytes(self) -> usize {
         Self::value_bytes(self.logits)
+    }
+    fn attn_bytes(self) -> usize {
+        Self::value_bytes(self.attn)
+    }
+    /// How the fused attention's tensors are stored.
+    fn attn_io(self) -> FlashIo {
+        if self.attn {
+            FlashIo::Bf16
+        } else {
+            FlashIo::F32
+        }
     }
 }
 
@@ -443,6 +465,7 @@ impl Acts {
         // LayerNorm outputs and the MLP chain: fp32, or bf16 (see Bf16Storage).
         let zl = |len: usize| ctx.alloc(storage.ln_bytes() * len);
         let zm = |len: usize| ctx.alloc(storage.mlp_bytes() * len);
+        let za = |len: usize| ctx.alloc(storage.attn_bytes() * len);
         // A LayerNorm output buffer of `len` values when `keep`, else none.
         let opt_ln = |keep: bool, len: usize| if keep { zl(len).map(Some) } else { Ok(None) };
         // A GELU output buffer of `len` values when `keep`, else none.
@@ -454,10 +477,10 @@ impl Acts {
                 ln1: opt_ln(ln_own, n * c)?,
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
-                qkv: z(n * 3 * c)?,
+                qkv: za(n * 3 * c)?,
                 att: OnceCell::new(),
                 lse: OnceCell::new(),
-                atty: z(n * c)?,
+                atty: za(n * c)?,
                 res2: z(n * c)?,
                 ln2: opt_ln(ln_own, n * c)?,
                 ln2_mean: z(n)?,
@@ -527,8 +550,9 @@ impl Acts {
         // one, dfch.
         let gelu_values = if recompute.gelu() { 1 } else { l } * n * 4 * c;
         let mlp_values = l * n * 4 * c + gelu_values + n * 4 * c;
-        // ln stats (4N), qkv, atty, res2, res3
-        let layer = 4 * n + 3 * n * c + 2 * n * c + n * c;
+        // ln stats (4N), res2, res3; qkv and atty (attention values)
+        let layer = 4 * n + 2 * n * c;
+        let attn_values = l * 4 * n * c;
         let once = 2 * n // inputs, targets
             + n * c // encoded
             + 2 * n // lnf's mean, rstd
@@ -544,6 +568,7 @@ impl Acts {
             + storage.ln_bytes() * ln_values
             + storage.mlp_bytes() * mlp_values
             + storage.logits_bytes() * n * cfg.vocab_size
+            + storage.attn_bytes() * attn_values
             + 8 * n) as u64 // row_loss: f64
     }
 
@@ -565,6 +590,22 @@ impl Acts {
     }
     fn gelu(&self, l: usize) -> u64 {
         self.own_or_shared(self.layers[l].fch_gelu.as_ref(), &self.gelu_shared)
+    }
+    /// The attention output (`atty`) as a product operand.
+    fn attn_src(&self, ptr: u64) -> Src {
+        if self.storage.attn {
+            Src::Bf16(ptr)
+        } else {
+            Src::Act(ptr)
+        }
+    }
+    /// An attention activation (q, k, v; the output's gradient) as a product output.
+    fn attn_out(&self, ptr: u64) -> Out {
+        if self.storage.attn {
+            Out::Bf16(ptr)
+        } else {
+            Out::F32(ptr)
+        }
     }
     /// An activation of the MLP chain (fch, GELU output, dfch) as a product output.
     fn mlp_out(&self, ptr: u64) -> Out {
@@ -1061,7 +1102,7 @@ impl CudaEngine {
                 || (self.bf.is_some()
                     && beta == 0.0
                     && ldc == n
-                    && matches!(post, Post::None | Post::Gelu { .. } | Post::DGelu { .. })),
+                    && !matches!(post, Post::BiasGrad { .. })),
             "a bf16 C: bf16 mode, overwritten, contiguous, no bias (gradient) epilogue"
         );
         // An fp32 view of an operand that has one (not Src::Bf16: see fp32_operand).
@@ -1133,14 +1174,14 @@ impl CudaEngine {
         // gets its values from an fp32 scratch).
         let (out, beta) = match (post, c) {
             (Post::Bias(bias), Out::F32(c)) => {
-                self.bias_broadcast(c, bias, m, n)?;
+                self.bias_broadcast(c, bias.f32, m, n)?;
                 (c, 1.0)
             }
             (Post::Gelu { bias, pre }, Out::F32(_)) => {
                 self.bias_broadcast(pre, bias.f32, m, n)?;
                 (pre, 1.0)
             }
-            (Post::Gelu { bias, .. }, Out::Bf16(_)) => {
+            (Post::Bias(bias) | Post::Gelu { bias, .. }, Out::Bf16(_)) => {
                 // The values in fp32 scratch, then the bias: its bf16 copy widened (what
                 // the fused epilogue adds) into the n values past them.
                 let out = self.wide_out(m * n + n)?;
@@ -1185,7 +1226,7 @@ impl CudaEngine {
         }
         let len = Arg::I64((m * n) as i64);
         match (post, c) {
-            (Post::None, Out::Bf16(c)) => self.cast_bf16(c, out, m * n),
+            (Post::None | Post::Bias(_), Out::Bf16(c)) => self.cast_bf16(c, out, m * n),
             (Post::Gelu { pre, .. }, Out::F32(c)) => self.run(
                 self.k.gelu_forward,
                 grid_vec(m * n),
@@ -1210,7 +1251,7 @@ impl CudaEngine {
                 let wb = self.fp32_operand(b, sb, 1)?;
                 self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
             }
-            (Post::None | Post::Bias(_), _) => Ok(()),
+            (Post::None | Post::Bias(_), Out::F32(_)) => Ok(()),
         }
     }
 
@@ -1365,7 +1406,7 @@ impl CudaEngine {
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(
         &self,
-        out: u64,
+        out: Out,
         inp: Src,
         w: usize,
         b: Option<usize>,
@@ -1374,23 +1415,28 @@ impl CudaEngine {
         rows: usize,
     ) -> CResult<()> {
         let (x, wl) = (Lin::n(inp, ic), Lin::n(Src::Param(w), oc));
-        match b {
-            Some(bo) => self.mm_ep(
-                rows,
-                oc,
-                ic,
-                x,
-                wl,
-                0.0,
-                Out::F32(out),
-                oc,
-                Post::Bias(self.p(bo)),
-            ),
-            None if self.fusing() => self.mm(rows, oc, ic, x, wl, 0.0, out, oc),
-            None => {
+        let post = b.map_or(Post::None, |_| Post::Bias(self.bias_ptrs(b)));
+        match (post, out) {
+            (Post::None, Out::F32(out)) if self.fusing() => {
+                self.mm(rows, oc, ic, x, wl, 0.0, out, oc)
+            }
+            (Post::None, Out::F32(out)) => {
                 self.bias_broadcast(out, 0, rows, oc)?;
                 self.mm(rows, oc, ic, x, wl, 1.0, out, oc)
             }
+            _ => self.mm_ep(rows, oc, ic, x, wl, 0.0, out, oc, post),
+        }
+    }
+
+    /// The bias at `b` (None: no bias) as an epilogue takes it: fp32, and its bf16 copy in
+    /// the bf16 mode.
+    fn bias_ptrs(&self, b: Option<usize>) -> BiasPtrs {
+        BiasPtrs {
+            f32: self.p_opt(b),
+            bf16: match (&self.bf, b) {
+                (Some(bf), Some(off)) => bf.param(off),
+                _ => 0,
+            },
         }
     }
 
@@ -1409,13 +1455,7 @@ impl CudaEngine {
         oc: usize,
         rows: usize,
     ) -> CResult<()> {
-        let bias = BiasPtrs {
-            f32: self.p_opt(b),
-            bf16: match (&self.bf, b) {
-                (Some(bf), Some(off)) => bf.param(off),
-                _ => 0,
-            },
-        };
+        let bias = self.bias_ptrs(b);
         self.mm_ep(
             rows,
             oc,
@@ -1664,6 +1704,18 @@ impl CudaEngine {
 
     /// y (N, C) from qkv (N, 3C); saves what the backward needs: lse (B, NH, T) on the
     /// fused path, att = P (B, NH, T, T) on the plain one.
+    /// The plain attention reads and writes fp32 q, k, v and output: refused when the
+    /// activations store them in bf16 ([`Bf16Storage::attn`], chosen only where every pass
+    /// takes the bf16 fused attention, so this never fires unless that choice is wrong).
+    fn plain_attention_allowed(a: &Acts) -> CResult<()> {
+        if a.storage.attn {
+            return Err(CudaError::Invalid(
+                "internal: the plain attention path met bf16 attention storage".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn attention_fwd(
         &self,
         a: &Acts,
@@ -1680,15 +1732,18 @@ impl CudaEngine {
             // SAFETY: qkv (N, 3C) and atty (N, C) are sized for (a.b, a.t_cap) >= (b, t);
             // lse holds B * NH * t_cap floats; all live in this context, and y/lse do not
             // overlap qkv.
-            let name = match math {
-                FlashMath::F32 => "flash_attn_fwd (fp32)",
-                FlashMath::Bf16 => "flash_attn_fwd (bf16 mma)",
+            let io = a.storage.attn_io();
+            let name = match (math, io) {
+                (FlashMath::F32, _) => "flash_attn_fwd (fp32)",
+                (FlashMath::Bf16, FlashIo::F32) => "flash_attn_fwd (bf16 mma)",
+                (FlashMath::Bf16, FlashIo::Bf16) => "flash_attn_fwd (bf16 mma, bf16 io)",
             };
             return profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_forward(
                     &self.stream,
                     &self.k,
                     math,
+                    io,
                     la.qkv.ptr,
                     la.atty.ptr,
                     lse,
@@ -1696,6 +1751,7 @@ impl CudaEngine {
                 )
             });
         }
+        Self::plain_attention_allowed(a)?;
         let tt = self.tt_elems(a);
         let att = self.lazy(&la.att, tt, "the attention matrix")?;
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
@@ -1775,31 +1831,40 @@ impl CudaEngine {
             // SAFETY: as in attention_fwd; dy (N, C) and dqkv (N, 3C) are sized for the
             // activations' capacity, dvec holds B * NH * t_cap floats, and neither dqkv nor
             // dvec overlaps an input.
-            let name = match math {
-                FlashMath::F32 => "flash_attn_bwd (fp32)",
-                FlashMath::Bf16 => "flash_attn_bwd (bf16 mma)",
+            let io = a.storage.attn_io();
+            let name = match (math, io) {
+                (FlashMath::F32, _) => "flash_attn_bwd (fp32)",
+                (FlashMath::Bf16, FlashIo::F32) => "flash_attn_bwd (bf16 mma)",
+                (FlashMath::Bf16, FlashIo::Bf16) => "flash_attn_bwd (bf16 mma, bf16 io)",
             };
-            let bf16_out = match math {
-                FlashMath::Bf16 => self.bf16_grad(b * t * 3 * self.cfg.n_embd)?,
-                FlashMath::F32 => None,
+            let elems = b * t * 3 * self.cfg.n_embd;
+            let bf16_out = match (math, &self.bf) {
+                // bf16 storage: the gradient is bf16 whatever `bf16_acts` says.
+                (FlashMath::Bf16, Some(bf)) if io == FlashIo::Bf16 => {
+                    Some(self.scratch(bf, SLOT_GRAD, elems)?)
+                }
+                (FlashMath::Bf16, _) => self.bf16_grad(elems)?,
+                (FlashMath::F32, _) => None,
             };
             profile::region(&self.profiler, &self.stream, name, || unsafe {
                 flash::flash_backward(
                     &self.stream,
                     &self.k,
                     math,
+                    io,
                     la.qkv.ptr,
                     la.atty.ptr,
                     lse,
                     dy,
                     dvec,
-                    a.dqkv.ptr,
+                    if io == FlashIo::Bf16 { 0 } else { a.dqkv.ptr },
                     bf16_out.unwrap_or(0),
                     shape,
                 )
             })?;
             return Ok(bf16_out.map_or(Src::Act(a.dqkv.ptr), Src::Bf16));
         }
+        Self::plain_attention_allowed(a)?;
         let tt = self.tt_elems(a);
         let att = la
             .att
@@ -1891,7 +1956,7 @@ impl CudaEngine {
     // ---------------------------------------------------------------- passes
 
     fn ensure_acts(&mut self, b: usize, t: usize, t_cap: usize) -> CResult<()> {
-        let (rc, st) = (self.recompute, self.bf16_storage());
+        let (rc, st) = (self.recompute, self.bf16_storage(b, t_cap.max(t)));
         if !matches!(&self.acts,
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
@@ -1901,14 +1966,19 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The activations stored in bf16 only: none in fp32 mode, else those the
-    /// `bf16_acts` and `bf16_mlp` switches leave on.
-    fn bf16_storage(&self) -> Bf16Storage {
+    /// The activations stored in bf16 only: none in fp32 mode, else those the `bf16_*`
+    /// switches leave on, for passes over `b` rows of up to `t` tokens (the attention's
+    /// storage depends on the path those passes take: bf16 only where every one of them,
+    /// training or not, takes the bf16 fused attention).
+    fn bf16_storage(&self, b: usize, t: usize) -> Bf16Storage {
         let bf16 = self.bf.is_some();
         Bf16Storage {
             ln: bf16 && self.switches.bf16_acts,
             mlp: bf16 && self.switches.bf16_mlp,
             logits: bf16 && self.switches.bf16_logits,
+            attn: bf16
+                && self.switches.bf16_attn
+                && self.fused_attention(b, t, true) == Some(FlashMath::Bf16),
         }
     }
 
@@ -1917,7 +1987,7 @@ impl CudaEngine {
     /// [`CudaEngine::bf16_grad`]): the bf16 mode with
     /// the `bf16_acts` switch on.
     fn bf16_acts(&self) -> bool {
-        self.bf16_storage().ln
+        self.bf.is_some() && self.switches.bf16_acts
     }
 
     /// Where a kernel writes a gradient of `elems` values that only the next products read,
@@ -2021,12 +2091,20 @@ impl CudaEngine {
                     n,
                 )?;
             }
-            self.linear_fwd(la.qkv.ptr, a.ln1(l).src(), o.qkv_w, o.qkv_b, c, 3 * c, n)?;
+            self.linear_fwd(
+                a.attn_out(la.qkv.ptr),
+                a.ln1(l).src(),
+                o.qkv_w,
+                o.qkv_b,
+                c,
+                3 * c,
+                n,
+            )?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop, training)?;
             self.linear_fwd(
-                la.res2.ptr,
-                Src::Act(la.atty.ptr),
+                Out::F32(la.res2.ptr),
+                a.attn_src(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
                 c,
@@ -2059,7 +2137,7 @@ impl CudaEngine {
                 n,
             )?;
             self.linear_fwd(
-                la.res3.ptr,
+                Out::F32(la.res3.ptr),
                 a.mlp_src(gelu),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
@@ -2293,10 +2371,12 @@ impl CudaEngine {
                 }
                 _ => a.dres.ptr,
             };
+            // The attention output's gradient: in bf16 over the first half of dln with bf16
+            // attention storage (the attention backward reads it so).
             self.linear_bwd(
-                Out::F32(a.dln.ptr),
+                a.attn_out(a.dln.ptr),
                 Src::Act(gbranch),
-                Src::Act(la.atty.ptr),
+                a.attn_src(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
                 Post::None,
@@ -2864,7 +2944,7 @@ impl Engine for CudaEngine {
             recompute,
             fused,
             attn_dropout,
-            self.bf16_storage(),
+            self.bf16_storage(b, t),
         ))
     }
 }
@@ -2876,17 +2956,19 @@ mod tests {
     #[test]
     fn each_post_step_maps_to_its_epilogue() {
         assert_eq!(epilogue_args(Post::None, 8, false), None);
-        let bias = epilogue_args(Post::Bias(0x1000), 96, false).unwrap();
-        assert_eq!(
-            (bias.ep, bias.bias, bias.aux, bias.aux_ld),
-            (Epilogue::Bias, 0x1000, 0, 0)
-        );
-        // fc: GELU input saved with the output's row stride (n = 4C); the bias in C's
-        // type (fp32 parameter, or its bf16 copy for a bf16 C).
+        // The bias in C's type (fp32 parameter, or its bf16 copy for a bf16 C).
         let bias = BiasPtrs {
             f32: 0x1000,
             bf16: 0x5000,
         };
+        let b = epilogue_args(Post::Bias(bias), 96, false).unwrap();
+        assert_eq!(
+            (b.ep, b.bias, b.aux, b.aux_ld),
+            (Epilogue::Bias, 0x1000, 0, 0)
+        );
+        let b = epilogue_args(Post::Bias(bias), 96, true).unwrap();
+        assert_eq!((b.ep, b.bias, b.aux), (Epilogue::Bias, 0x5000, 0));
+        // fc: GELU input saved with the output's row stride (n = 4C).
         let g = epilogue_args(Post::Gelu { bias, pre: 0x2000 }, 192, false).unwrap();
         assert_eq!(
             (g.ep, g.bias, g.aux, g.aux_ld),

@@ -25,6 +25,13 @@
 //!   autocast's are), the cross-entropy kernel reads them and writes their gradient over
 //!   them in bf16: half the bytes of the largest activation and no separate gradient
 //!   buffer (otherwise fp32 logits, and the gradient in bf16 scratch or rounded there)
+//! - `bf16_attn`: in bf16 mode with the bf16 fused attention, the attention's inputs and
+//!   outputs stored in bf16 only: the qkv product writes q, k, v in bf16 (its bias the
+//!   parameter's bf16 copy), the attention kernels read them and write their output in bf16
+//!   for the projection, and the projection's input-gradient product writes the attention
+//!   output's gradient in bf16 for the attention backward (otherwise fp32, rounded as the
+//!   kernels load them and by cast passes before the products). Changes two values: the qkv
+//!   bias is added in its bf16 copy, and the backward's D = y . dy sums bf16 y and dy
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
@@ -40,10 +47,11 @@ pub struct Switches {
     pub bf16_acts: bool,
     pub bf16_mlp: bool,
     pub bf16_logits: bool,
+    pub bf16_attn: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 9] = [
     "flash",
     "flash_bf16",
     "epilogues",
@@ -51,6 +59,7 @@ pub const NAMES: [&str; 8] = [
     "bf16_acts",
     "bf16_mlp",
     "bf16_logits",
+    "bf16_attn",
     "all",
 ];
 
@@ -64,6 +73,7 @@ impl Default for Switches {
             bf16_acts: true,
             bf16_mlp: true,
             bf16_logits: true,
+            bf16_attn: true,
         }
     }
 }
@@ -81,6 +91,7 @@ impl Switches {
                 "bf16_acts" => s.bf16_acts = false,
                 "bf16_mlp" => s.bf16_mlp = false,
                 "bf16_logits" => s.bf16_logits = false,
+                "bf16_attn" => s.bf16_attn = false,
                 "all" => {
                     s = Switches {
                         flash: false,
@@ -90,6 +101,7 @@ impl Switches {
                         bf16_acts: false,
                         bf16_mlp: false,
                         bf16_logits: false,
+                        bf16_attn: false,
                     }
                 }
                 other => {
@@ -132,6 +144,9 @@ impl Switches {
         if !self.bf16_logits {
             off.push("bf16_logits");
         }
+        if !self.bf16_attn {
+            off.push("bf16_attn");
+        }
         off
     }
 }
@@ -159,7 +174,8 @@ mod tests {
                 "fused_ln",
                 "bf16_acts",
                 "bf16_mlp",
-                "bf16_logits"
+                "bf16_logits",
+                "bf16_attn"
             ]
         );
         let s = Switches::parse("bf16_acts").unwrap();
@@ -167,6 +183,9 @@ mod tests {
         let s = Switches::parse("bf16_mlp").unwrap();
         assert!(s.bf16_acts && !s.bf16_mlp && s.bf16_logits);
         assert_eq!(s.disabled(), ["bf16_mlp"]);
+        let s = Switches::parse("bf16_attn").unwrap();
+        assert!(s.flash_bf16 && s.bf16_logits && !s.bf16_attn);
+        assert_eq!(s.disabled(), ["bf16_attn"]);
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
             err.contains("\"flsh\"") && err.contains("epilogues"),
