@@ -10,8 +10,11 @@
 //   only matrix products read, in bf16 alone.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
-// layernorm_backward_dx(dx, dout, x, w, mean, rstd, N, C)
+// layernorm_backward_dx(dx, dx_bf16, dout, x, w, mean, rstd, N, C)
 //   dx += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = w * dout.
+//   dx_bf16 (may be null): the updated dx rounded to bf16 as well (bf16_rne, the bits
+//   cast_f32_to_bf16 would give): the bf16 mode's copy of the residual-stream gradient for
+//   the two backward products of the next linear layer, with no separate cast pass.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
 // layernorm_backward_parts(parts, dout, x, mean, rstd, N, C, rows_per_part)
@@ -153,6 +156,7 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
 }
 
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
+                                                 unsigned short* __restrict__ dx_bf16,
                                                  const float* __restrict__ dout,
                                                  const float* __restrict__ x,
                                                  const float* __restrict__ w,
@@ -162,11 +166,12 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
-    bool vec = c % 4 == 0 && vec_aligned(dx) && vec_aligned(dout) && vec_aligned(x) &&
-               vec_aligned(w);
+    bool vec = c % 4 == 0 && ln_outs_aligned(dx, dx_bf16) && vec_aligned(dout) &&
+               vec_aligned(x) && vec_aligned(w);
     long long base = (long long)row * c;
     const float* xr = x + base;
     const float* dr = dout + base;
+    unsigned short* db = dx_bf16 ? dx_bf16 + base : nullptr;
     float m = mean[row], s = rstd[row];
     float a1 = 0.0f, a2 = 0.0f;
     for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
@@ -200,7 +205,7 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
             float dnorm = wv[e] * dv[e];
             o[e] += (dnorm - a1 - norm * a2) * s;
         }
-        st4(dx + base, g, c, o);
+        ln_store(dx + base, db, g, c, o);
     }
 }
 

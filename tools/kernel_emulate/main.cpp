@@ -709,7 +709,7 @@ static void check_layernorm() {
                     Buf<float> mean(rows, 0), rstd(rows, 0);
                     dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::layernorm_backward_dx(dx.p, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                        ln::layernorm_backward_dx(dx.p, nullptr, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
                     });
                     end(k, cs, s, vec);
                     std::vector<double> want(n);
@@ -733,6 +733,25 @@ static void check_layernorm() {
                     if (s != ALIGNED) exact(k, cs, "dx vs aligned", got, dx_by_sit[ALIGNED]);
                     dx_by_sit[s] = got;
                     guards(k, cs, dx, db, xb, wb, mean, rstd);
+                }
+                {
+                    // With the bf16 copy of dx (the bf16 mode's residual-stream gradient for
+                    // the next products): dx the same bits, the copy dx rounded by bf16_rne.
+                    std::string k = "layernorm_backward_dx", cs = begin(k, shape + " bf16 copy", s);
+                    Buf<float> dx(n, off_first(s)), db(n, off_rest(s)), xb(n, off_rest(s)), wb(c, off_rest(s));
+                    Buf<unsigned short> dxb(n, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
+                    emulate(grid_rows(rows), BLOCK, [&] {
+                        ln::layernorm_backward_dx(dx.p, dxb.p, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    auto got = dx.get();
+                    exact(k, cs, "dx vs without the copy", got, dx_by_sit[s]);
+                    std::vector<unsigned short> want(n);
+                    for (long long i = 0; i < n; i++) want[i] = ref_bf16(got[i]);
+                    exact(k, cs, "bf16 copy", dxb.get(), want);
+                    guards(k, cs, dx, dxb, db, xb, wb, mean, rstd);
                 }
                 {
                     std::string k = "layernorm_backward_parts", cs = begin(k, shape, s);

@@ -23,7 +23,9 @@
 //! kernel writes in bf16 for the LM head's two backward products, and, on the bf16 fused
 //! attention path, the qkv gradient, which the attention backward kernels write in bf16
 //! for the qkv backward products (same switch, same bits; the fp32 gradients are never
-//! written). The MLP chain is bf16 too (switch `bf16_mlp`, [`Bf16Storage`]): the fc product
+//! written). The LayerNorm backward writes the residual-stream gradient in bf16 as well
+//! as in fp32 (the fp32 one accumulates over the layers) for the next layer's backward
+//! products, so no cast pass reads it again (same switch, same bits). The MLP chain is bf16 too (switch `bf16_mlp`, [`Bf16Storage`]): the fc product
 //! writes its pre-activation and GELU output in bf16 (`GELU_AUX_BIAS` with a bf16 output,
 //! adding the bias's bf16 copy as autocast does; the GELU is taken before rounding), the
 //! MLP projection reads the GELU output as it is, and its input-gradient product writes the
@@ -1604,6 +1606,7 @@ impl CudaEngine {
     fn layernorm_bwd(
         &self,
         dx: u64,
+        dx_bf16: u64,
         dout: u64,
         x: u64,
         mean: u64,
@@ -1619,6 +1622,7 @@ impl CudaEngine {
             grid_rows(rows),
             &[
                 Arg::Ptr(dx),
+                Arg::Ptr(dx_bf16),
                 Arg::Ptr(dout),
                 Arg::Ptr(x),
                 Arg::Ptr(self.p(w)),
@@ -2000,6 +2004,39 @@ impl CudaEngine {
         }
     }
 
+    /// Where a LayerNorm backward also writes the residual-stream gradient `dres` (`elems`
+    /// values) in bf16, for the two backward products of the next linear layer when it
+    /// reads dres itself (`next_reads`: no residual dropout in between): the gradient
+    /// scratch, in the bf16 mode with `bf16_acts` (the bits a cast pass would give, without
+    /// the pass); else 0 (the products round dres themselves, [`CudaEngine::linear_bwd`]).
+    fn dres_bf16(&self, next_reads: bool, elems: usize) -> CResult<u64> {
+        match &self.bf {
+            Some(bf) if next_reads && self.bf16_acts() => self.scratch(bf, SLOT_GRAD, elems),
+            _ => Ok(0),
+        }
+    }
+
+    /// The gradient of a residual branch's output (`elems` values) as its backward products
+    /// read it: `dropout(dres)` in `dtmp` when residual dropout is active, else dres, with
+    /// its bf16 copy when the LayerNorm backward wrote one (`dres_bf16`,
+    /// [`CudaEngine::dres_bf16`]).
+    fn branch_grad(
+        &self,
+        a: &Acts,
+        drop: Option<Dropout>,
+        dres_bf16: u64,
+        elems: usize,
+    ) -> CResult<Src> {
+        Ok(match drop {
+            Some(d) if d.active() => {
+                self.dropout(a.dtmp.ptr, a.dres.ptr, elems, d)?;
+                Src::Act(a.dtmp.ptr)
+            }
+            _ if dres_bf16 != 0 => Src::Rounded(a.dres.ptr, dres_bf16),
+            _ => Src::Act(a.dres.ptr),
+        })
+    }
+
     /// The recomputation of ln1 / ln2 (`recompute=2`): `out` (rows, C) from the LayerNorm
     /// input `x` and the forward's saved `mean` and `rstd`, the same bits as the forward.
     #[allow(clippy::too_many_arguments)]
@@ -2269,9 +2306,25 @@ impl CudaEngine {
             c,
         )?;
         a.dres.zero()?;
+        // Whether residual dropout sits between dres and the branch of layer l that reads it
+        // (the MLP branch, `mlp`, or the attention branch).
+        let branch_dropout = |l: usize, mlp: bool| {
+            drop.is_some_and(|d| {
+                if mlp {
+                    d.mlp_resid(l).active()
+                } else {
+                    d.attn_resid(l).active()
+                }
+            })
+        };
         let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
+        let mut dres_bf16 = match cfg.n_layer {
+            0 => 0,
+            l => self.dres_bf16(!branch_dropout(l - 1, true), n * c)?,
+        };
         self.layernorm_bwd(
             a.dres.ptr,
+            dres_bf16,
             a.dln.ptr,
             last,
             a.lnf_mean.ptr,
@@ -2309,17 +2362,11 @@ impl CudaEngine {
                 }
             }
             // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
-            let gbranch = match drop.map(|d| d.mlp_resid(l)) {
-                Some(d) if d.active() => {
-                    self.dropout(a.dtmp.ptr, a.dres.ptr, n * c, d)?;
-                    a.dtmp.ptr
-                }
-                _ => a.dres.ptr,
-            };
+            let gbranch = self.branch_grad(a, drop.map(|d| d.mlp_resid(l)), dres_bf16, n * c)?;
             // dfch = d(pre-activation of the GELU)
             self.linear_bwd(
                 a.mlp_out(a.dfch.ptr),
-                Src::Act(gbranch),
+                gbranch,
                 a.mlp_src(a.gelu(l)),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
@@ -2352,8 +2399,10 @@ impl CudaEngine {
                 n,
                 bias_scratch,
             )?;
+            dres_bf16 = self.dres_bf16(!branch_dropout(l, false), n * c)?;
             self.layernorm_bwd(
                 a.dres.ptr,
+                dres_bf16,
                 a.dln.ptr,
                 la.res2.ptr,
                 la.ln2_mean.ptr,
@@ -2364,18 +2413,12 @@ impl CudaEngine {
                 a.ln_parts.ptr,
             )?;
             // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
-            let gbranch = match drop.map(|d| d.attn_resid(l)) {
-                Some(d) if d.active() => {
-                    self.dropout(a.dtmp.ptr, a.dres.ptr, n * c, d)?;
-                    a.dtmp.ptr
-                }
-                _ => a.dres.ptr,
-            };
+            let gbranch = self.branch_grad(a, drop.map(|d| d.attn_resid(l)), dres_bf16, n * c)?;
             // The attention output's gradient: in bf16 over the first half of dln with bf16
             // attention storage (the attention backward reads it so).
             self.linear_bwd(
                 a.attn_out(a.dln.ptr),
-                Src::Act(gbranch),
+                gbranch,
                 a.attn_src(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
@@ -2410,8 +2453,14 @@ impl CudaEngine {
                 n,
                 bias_scratch,
             )?;
+            // Below block 0 only the embeddings read dres: no copy.
+            dres_bf16 = match l {
+                0 => 0,
+                l => self.dres_bf16(!branch_dropout(l - 1, true), n * c)?,
+            };
             self.layernorm_bwd(
                 a.dres.ptr,
+                dres_bf16,
                 a.dln.ptr,
                 x,
                 la.ln1_mean.ptr,

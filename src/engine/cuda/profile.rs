@@ -199,10 +199,11 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let out = f * present(args, 0)? + 2.0 * present(args, 1)?;
             (f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 6)?)
         }
-        // dout and x read, dx read and written (+=), mean, rstd and weight read.
+        // dout and x read, dx read and written (+=) and, when given, written in bf16 too;
+        // mean, rstd and weight read.
         "layernorm_backward_dx" => {
-            let (n, c) = (a(6)?, a(7)?);
-            4.0 * f * n * c + 2.0 * f * n + f * c
+            let (n, c) = (a(7)?, a(8)?);
+            (4.0 * f + 2.0 * present(args, 1)?) * n * c + 2.0 * f * n + f * c
         }
         // dout, x, mean, rstd read; two partial sums per column per part written.
         "layernorm_backward_parts" => {

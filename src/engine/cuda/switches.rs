@@ -11,9 +11,12 @@
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm (otherwise two kernels)
 //! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient (fp32 logits, with
-//!   `bf16_logits` off) and (bf16 fused attention) the qkv gradient stored in bf16 only, written so by the LayerNorm,
-//!   cross-entropy and attention-backward kernels (otherwise fp32, rounded into bf16
-//!   scratch before each product that reads them; no effect in fp32 mode)
+//!   `bf16_logits` off) and (bf16 fused attention) the qkv gradient stored in bf16 only,
+//!   written so by the LayerNorm, cross-entropy and attention-backward kernels, and the
+//!   residual-stream gradient's bf16 copy for the next backward products written by the
+//!   LayerNorm backward alongside the fp32 gradient (otherwise fp32, rounded into bf16
+//!   scratch by a cast pass before the products that read them; the same bits either way;
+//!   no effect in fp32 mode)
 //! - `bf16_mlp`: in bf16 mode, the MLP's pre-activation, GELU output and pre-activation
 //!   gradient stored in bf16 only: the fc product writes the first two in bf16 (cuBLASLt's
 //!   GELU epilogue with a bf16 output, the bias its bf16 copy), the MLP projection's input
