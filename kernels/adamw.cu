@@ -1,4 +1,4 @@
-// adamw.cu: global gradient norm, clipping scale and the AdamW update with
+// adamw.cu: global gradient norm, and clipping with the AdamW update, with
 // torch.optim.AdamW's arithmetic (fp32 parameters, gradients and moments).
 //
 // The kernels move four elements per thread with 16-byte accesses where the pointers are
@@ -12,15 +12,22 @@
 //   Launch: block 256 threads (fixed), grid = the number of parts (fixed by the caller, so
 //   the result does not depend on the GPU); the host sums the parts in order.
 //
-// scale_inplace(x, n, s)        x *= s. Grid ceil(ceil((n + 3) / 4) / 256) (grid_vec).
-//
-// adamw_update(p, g, m, v, n, decay, b1, b2, eps, step_size, bc2_sqrt, p_bf16)
-//   p *= decay (1 - lr*wd for decayed tensors, 1 otherwise);
+// adamw_update(p, g, m, v, n, runs, n_runs, decay, clip, b1, b2, eps, step_size, bc2_sqrt,
+//              p_bf16)
+//   The whole optimizer step over n elements of the flat buffers in one launch:
+//   with clip != 1: g *= clip, written back (clip_grad_norm_'s scaling, fused);
+//   p *= decay where weight decay applies (decay = 1 - lr*wd), unchanged elsewhere;
 //   m += (g - m) (1 - b1); v = v b2 + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps), step_size = lr / (1 - b1^step),
 //   bc2_sqrt = sqrt(1 - b2^step). Grid ceil(ceil((n + 3) / 4) / 256) (grid_vec).
+//   runs: n_runs pairs (start, decays) of long long, starts ascending from 0 relative to p:
+//   elements [start_r, start_{r+1}) take weight decay when decays_r != 0 (the decayed and
+//   undecayed tensors of the layout, adjacent ones of a kind merged). Each element finds
+//   its run by binary search (a few dozen runs).
 //   p_bf16: nullptr, or (bf16 engine) the bf16 copy of p (unsigned short[n]), refreshed with
 //   the new p rounded to nearest even (bf16_rne, kernels/common.cuh).
+//   The arithmetic is the same, operation for operation, as a scale_inplace over g followed
+//   by one launch per run with its own decay factor.
 
 #define SUMSQ_THREADS 256
 
@@ -48,20 +55,26 @@ extern "C" __global__ void sumsq_parts(double* __restrict__ parts, const float* 
     if (threadIdx.x == 0) parts[blockIdx.x] = sh[0];
 }
 
-extern "C" __global__ void scale_inplace(float* __restrict__ x, long long n, float s) {
-    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, n, vec_shift(x, 4),
-                      true);
-    if (g.e0 >= n) return;
-    float v[4];
-    ld4(v, x, g, n);
-#pragma unroll
-    for (int k = 0; k < 4; k++) v[k] *= s;
-    st4(x, g, n, v);
+// Whether element i (relative to p) takes weight decay: the flag of the last run starting
+// at or before i.
+__device__ __forceinline__ bool adamw_decays(const long long* __restrict__ runs, int n_runs,
+                                             long long i) {
+    int lo = 0, hi = n_runs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (runs[2 * mid] <= i) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return runs[2 * lo + 1] != 0;
 }
 
-extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __restrict__ g,
+extern "C" __global__ void adamw_update(float* __restrict__ p, float* __restrict__ g,
                                         float* __restrict__ m, float* __restrict__ v,
-                                        long long n, float decay, float b1, float b2,
+                                        long long n, const long long* __restrict__ runs,
+                                        int n_runs, float decay, float clip, float b1, float b2,
                                         float eps, float step_size, float bc2_sqrt,
                                         unsigned short* __restrict__ p_bf16) {
     int s = vec_shift(p, 4);
@@ -71,14 +84,16 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
     if (q.e0 >= n) return;
     float pv[4], gv[4], mv[4], vv[4];
     ld4(pv, p, q, n);
-    ld4_ro(gv, g, q, n);
+    ld4(gv, g, q, n);
     ld4(mv, m, q, n);
     ld4(vv, v, q, n);
+    const bool clipping = clip != 1.0f;
     unsigned short b[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
+        if (clipping) gv[k] *= clip;
         float gi = gv[k];
-        float pi = pv[k] * decay;
+        float pi = adamw_decays(runs, n_runs, q.e0 + k) ? pv[k] * decay : pv[k];
         float mi = mv[k] + (gi - mv[k]) * (1.0f - b1);
         float vi = vv[k] * b2 + (1.0f - b2) * gi * gi;
         float denom = sqrtf(vi) / bc2_sqrt + eps;
@@ -89,6 +104,7 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
         b[k] = bf16_rne(pn);
     }
     st4(p, q, n, pv);
+    if (clipping) st4(g, q, n, gv);
     st4(m, q, n, mv);
     st4(v, q, n, vv);
     if (p_bf16 != nullptr) st4_bf16(p_bf16, q, n, b);

@@ -40,7 +40,6 @@ const CHECKED: &[&str] = &[
     "layernorm_recompute",
     "reduce_parts_add",
     "residual_layernorm_forward",
-    "scale_inplace",
     "sumsq_parts",
 ];
 
@@ -105,7 +104,6 @@ fn vectorised_kernels_emit_wide_global_accesses() {
         ("bias_broadcast", stores_v4),
         ("colsum_parts", stores_v4),
         ("reduce_parts_add", stores_v4),
-        ("scale_inplace", stores_v4),
         ("adamw_update", stores_v4),
         ("sumsq_parts", ""),
         ("cast_f32_to_bf16", "st.global.v2.u32"),

@@ -58,7 +58,6 @@ std::vector<EmuKernel> emu_kernels_main() {
         EMU_KERNEL(xent, cross_entropy_forward_backward),
         EMU_KERNEL(xent, cross_entropy_bf16),
         EMU_KERNEL(adam, sumsq_parts),
-        EMU_KERNEL(adam, scale_inplace),
         EMU_KERNEL(adam, adamw_update),
         EMU_KERNEL(dec, decode_kv_append),
         EMU_KERNEL(dec, decode_attention),

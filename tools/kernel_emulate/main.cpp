@@ -286,17 +286,6 @@ static void check_unary() {
                 guards(k, c, out, in);
             }
             {
-                std::string k = "scale_inplace", c = begin(k, "n=" + std::to_string(n), s);
-                Buf<float> b(n, off_first(s));
-                b.set(x);
-                emulate_serial(grid_vec(n), BLOCK, [&] { adam::scale_inplace(b.p, n, 0.37f); });
-                end(k, c, s, shift_vec(n, off_first(s)));  // one pointer: always co-aligned
-                std::vector<float> want(n);
-                for (long long i = 0; i < n; i++) want[i] = x[i] * 0.37f;
-                exact(k, c, "x", b.get(), want);
-                guards(k, c, b);
-            }
-            {
                 std::string k = "cast_f32_to_bf16", c = begin(k, "n=" + std::to_string(n), s);
                 std::vector<float> v = with_specials(x);
                 Buf<unsigned short> out(n, off_first(s));
@@ -414,29 +403,50 @@ static void check_gelu_reference() {
     within_tol(k, c, "gelu'", dg, wdg, 1e-5);
 }
 
+// adamw_update over several weight-decay runs (boundaries at arbitrary offsets, inside
+// groups of four too), with and without clipping, against the per-element reference of
+// torch.optim.AdamW after clip_grad_norm_: the same fp32 operations in the same order.
 static void check_adamw() {
     for (long long n : LENGTHS)
         for (Sit s : {ALIGNED, SHIFTED, MIXED})
-            for (bool with_bf16 : {false, true}) {
+            for (int variant = 0; variant < 4; variant++) {
+                bool with_bf16 = variant & 1, clipping = variant & 2;
                 std::string k = "adamw_update";
-                std::string c = begin(k, "n=" + std::to_string(n) + (with_bf16 ? " bf16 copy" : ""), s);
+                std::string c = begin(k, "n=" + std::to_string(n) + (with_bf16 ? " bf16 copy" : "") +
+                                             (clipping ? " clipped" : ""), s);
                 auto p0 = randn(n), g0 = randn(n, 0.1f), m0 = randn(n, 0.01f), v0 = randn(n, 1e-3f);
                 for (auto& x : v0) x = x * x;
+                // Runs: decayed from 0, then alternating at n/3 + 1 and 2n/3 + 2 (when inside).
+                std::vector<long long> runs = {0, 1};
+                for (long long start : {n / 3 + 1, 2 * n / 3 + 2})
+                    if (start > runs[runs.size() - 2] && start < n)
+                        runs.insert(runs.end(), {start, (long long)(runs.size() / 2 % 2 == 0)});
+                int n_runs = (int)runs.size() / 2;
+                auto decays = [&](long long i) {
+                    bool d = false;
+                    for (int r = 0; r < n_runs; r++)
+                        if (runs[2 * r] <= i) d = runs[2 * r + 1] != 0;
+                    return d;
+                };
                 Buf<float> p(n, off_first(s)), g(n, off_rest(s)), m(n, off_rest(s)), v(n, off_rest(s));
                 Buf<unsigned short> pb(n, off_rest(s));
-                p.set(p0), g.set(g0), m.set(m0), v.set(v0);
+                Buf<long long> rb(runs.size(), 0);
+                p.set(p0), g.set(g0), m.set(m0), v.set(v0), rb.set(runs);
                 float decay = 1.0f - 6e-4f * 0.1f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
                 float step_size = 6e-4f / (1.0f - 0.9f * 0.9f), bc2 = std::sqrt(1.0f - 0.95f * 0.95f);
+                float clip = clipping ? 0.37f : 1.0f;
                 unsigned short* pbp = with_bf16 ? pb.p : nullptr;
                 emulate_serial(grid_vec(n), BLOCK, [&] {
-                    adam::adamw_update(p.p, g.p, m.p, v.p, n, decay, b1, b2, eps, step_size, bc2, pbp);
+                    adam::adamw_update(p.p, g.p, m.p, v.p, n, rb.p, n_runs, decay, clip, b1, b2,
+                                       eps, step_size, bc2, pbp);
                 });
                 end(k, c, s, s != MIXED && shift_vec(n, off_first(s)));
-                std::vector<float> wp(n), wm(n), wv(n);
+                std::vector<float> wp(n), wm(n), wv(n), wg(g0);
                 std::vector<unsigned short> wb(n);
                 for (long long i = 0; i < n; i++) {
-                    float gi = g0[i];
-                    float pi = p0[i] * decay;
+                    if (clipping) wg[i] = g0[i] * clip;  // clip_grad_norm_, in place
+                    float gi = wg[i];
+                    float pi = p0[i] * (decays(i) ? decay : 1.0f);
                     float mi = m0[i] + (gi - m0[i]) * (1.0f - b1);
                     float vi = v0[i] * b2 + (1.0f - b2) * gi * gi;
                     float denom = sqrtf(vi) / bc2 + eps;
@@ -446,10 +456,11 @@ static void check_adamw() {
                     wb[i] = ref_bf16(wp[i]);
                 }
                 exact(k, c, "p", p.get(), wp);
+                exact(k, c, "g", g.get(), wg);
                 exact(k, c, "m", m.get(), wm);
                 exact(k, c, "v", v.get(), wv);
                 if (with_bf16) exact(k, c, "p_bf16", pb.get(), wb);
-                guards(k, c, p, g, m, v, pb);
+                guards(k, c, p, g, m, v, pb, rb);
             }
 }
 

@@ -201,7 +201,6 @@ kernel_table!(
     cross_entropy_forward_backward,
     cross_entropy_bf16,
     sumsq_parts,
-    scale_inplace,
     adamw_update,
     decode_kv_append,
     decode_attention,

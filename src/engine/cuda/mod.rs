@@ -675,6 +675,9 @@ pub struct CudaEngine {
     m: Buf,
     v: Buf,
     opt_shard: std::ops::Range<usize>,
+    /// The weight-decay runs of the shard they were built for, as `adamw_update` reads
+    /// them: (start, decays) pairs of i64 relative to the shard, and their count.
+    adamw_runs: Option<(std::ops::Range<usize>, Buf, usize)>,
     norm_parts: Buf,
     blas: Sgemm,
     k: Kernels,
@@ -843,6 +846,7 @@ impl CudaEngine {
             m,
             v,
             opt_shard: 0..total,
+            adamw_runs: None,
             norm_parts,
             blas,
             k,
@@ -2620,52 +2624,55 @@ impl CudaEngine {
     fn step_shard_inner(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) -> CResult<()> {
         self.sync_grads()?;
         let shard = self.opt_shard.clone();
-        if let Some(coef) = crate::optim::adamw::clip_coef(norm, hp.grad_clip) {
-            if !shard.is_empty() {
-                self.run(
-                    self.k.scale_inplace,
-                    grid_vec(shard.len()),
-                    &[
-                        Arg::Ptr(at(self.grads.ptr, shard.start)),
-                        Arg::I64(shard.len() as i64),
-                        Arg::F32(coef),
-                    ],
-                )?;
-            }
-        }
         self.step += 1;
+        if shard.is_empty() {
+            return self.stream.synchronize();
+        }
+        let clip = crate::optim::adamw::clip_coef(norm, hp.grad_clip).unwrap_or(1.0);
         let bc1 = 1.0 - (hp.beta1 as f64).powi(self.step as i32);
         let bc2 = 1.0 - (hp.beta2 as f64).powi(self.step as i32);
         let step_size = (lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        // `off` is relative to the shard: moments at `off`, parameters at shard.start + off.
-        for (off, len, decays) in crate::optim::adamw::runs_within(&self.runs, &shard) {
-            let decay = if decays {
-                1.0 - lr * hp.weight_decay
-            } else {
-                1.0
-            };
-            let abs = shard.start + off;
-            self.run(
-                self.k.adamw_update,
-                grid_vec(len),
-                &[
-                    Arg::Ptr(at(self.params.ptr, abs)),
-                    Arg::Ptr(at(self.grads.ptr, abs)),
-                    Arg::Ptr(at(self.m.ptr, off)),
-                    Arg::Ptr(at(self.v.ptr, off)),
-                    Arg::I64(len as i64),
-                    Arg::F32(decay),
-                    Arg::F32(hp.beta1),
-                    Arg::F32(hp.beta2),
-                    Arg::F32(hp.eps),
-                    Arg::F32(step_size),
-                    Arg::F32(bc2_sqrt),
-                    Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(abs))),
-                ],
-            )?;
-        }
+        let (runs, n_runs) = self.adamw_runs(&shard)?;
+        // One launch over the shard: clipping, weight decay where it applies, the update
+        // and the bf16 copy (see kernels/adamw.cu).
+        self.run(
+            self.k.adamw_update,
+            grid_vec(shard.len()),
+            &[
+                Arg::Ptr(at(self.params.ptr, shard.start)),
+                Arg::Ptr(at(self.grads.ptr, shard.start)),
+                Arg::Ptr(self.m.ptr),
+                Arg::Ptr(self.v.ptr),
+                Arg::I64(shard.len() as i64),
+                Arg::Ptr(runs),
+                Arg::I32(n_runs as i32),
+                Arg::F32(1.0 - lr * hp.weight_decay),
+                Arg::F32(clip),
+                Arg::F32(hp.beta1),
+                Arg::F32(hp.beta2),
+                Arg::F32(hp.eps),
+                Arg::F32(step_size),
+                Arg::F32(bc2_sqrt),
+                Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(shard.start))),
+            ],
+        )?;
         self.stream.synchronize()
+    }
+
+    /// The device table of `shard`'s weight-decay runs for `adamw_update` (address, count),
+    /// built on first use and again when the shard changes.
+    fn adamw_runs(&mut self, shard: &std::ops::Range<usize>) -> CResult<(u64, usize)> {
+        if !matches!(&self.adamw_runs, Some((r, _, _)) if r == shard) {
+            let table: Vec<i64> = crate::optim::adamw::runs_within(&self.runs, shard)
+                .into_iter()
+                .flat_map(|(off, _, decays)| [off as i64, decays as i64])
+                .collect();
+            let buf = self.ctx.upload(&table)?;
+            self.adamw_runs = Some((shard.clone(), buf, table.len() / 2));
+        }
+        let (_, buf, n) = self.adamw_runs.as_ref().expect("built just above");
+        Ok((buf.ptr, *n))
     }
 
     /// The moments of `opt_shard` on the host.
