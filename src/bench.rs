@@ -204,7 +204,10 @@ impl Ceilings {
 
     /// Roofline floor of one operation in ms: a product is bound by its FLOPs at the rate
     /// of its operand type and by its bytes at the copy bandwidth (when known); a kernel
-    /// by its bytes. `None` when a needed ceiling or formula is missing.
+    /// by its bytes. The fused attention gets a product's floor at the GEMM rate of its
+    /// arithmetic: optimistic (its softmax and tile bookkeeping run beside the tensor-core
+    /// products), so its share of the gap to the floor is an upper bound of what better
+    /// kernels could win. `None` when a needed ceiling or formula is missing.
     pub fn floor_ms(&self, op: &crate::engine::cuda::profile::OpTime) -> Option<f64> {
         let mem = match (op.bytes, self.copy_gbps) {
             (Some(b), Some(bw)) => Some(b / (bw * 1e9) * 1e3),
@@ -233,7 +236,7 @@ pub struct ProfileRow {
     pub total_ms: f64,
     /// Fraction of the profiled step's wall time.
     pub share: f64,
-    /// Achieved rate (matrix products).
+    /// Achieved rate (matrix products and the fused attention).
     pub tflops: Option<f64>,
     /// Achieved bytes read plus written per second (kernels with a formula).
     pub gbps: Option<f64>,
@@ -302,9 +305,10 @@ impl ProfileTable {
             let secs = r.total_ms / 1e3;
             r.share = if wall > 0.0 { r.total_ms / wall } else { 0.0 };
             if secs > 0.0 {
-                if r.kind == "gemm" {
-                    r.tflops = flops.map(|f| f / secs / 1e12);
-                } else {
+                // Products and the fused attention: TFLOP/s; kernels (and the attention,
+                // whose traffic matters too): GB/s.
+                r.tflops = flops.map(|f| f / secs / 1e12);
+                if r.kind != "gemm" {
                     r.gbps = bytes.map(|b| b / secs / 1e9);
                 }
             }
@@ -648,6 +652,27 @@ mod tests {
         assert_eq!((u.gbps, u.floor_ms), (None, None));
         assert!((t.floor_ms - 5.0).abs() < 1e-12);
         assert!((t.floor_covers_ms - 4.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fused_attention_rows_get_a_rate_traffic_and_a_product_floor() {
+        // 1e12 FLOPs in bf16 and 1e9 bytes over two calls of 1 ms.
+        let attn = OpTime {
+            kind: "attention",
+            ..op("flash_attn_fwd (bf16 mma)", 1.0, Some(5e11), Some(5e8))
+        };
+        let p = StepProfile {
+            ops: vec![attn.clone(), attn],
+            ..profile()
+        };
+        let t = ProfileTable::new(&p, ceilings(), None);
+        let a = t.rows.iter().find(|r| r.kind == "attention").unwrap();
+        assert_eq!((a.op.as_str(), a.calls), ("flash_attn_fwd (bf16 mma)", 2));
+        // 1e12 FLOPs in 2 ms = 500 TFLOP/s, 1e9 bytes in 2 ms = 500 GB/s.
+        assert!((a.tflops.unwrap() - 500.0).abs() < 1e-9);
+        assert!((a.gbps.unwrap() - 500.0).abs() < 1e-9);
+        // Compute-bound at the bf16 GEMM rate: 2 x 5e11 / 500e12 s = 2 x 1 ms.
+        assert!((a.floor_ms.unwrap() - 2.0).abs() < 1e-12);
     }
 
     #[test]

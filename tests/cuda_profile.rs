@@ -112,6 +112,15 @@ fn check_profile(label: &str, p: &StepProfile, precision: Precision) {
             o.name,
             o.ms
         );
+        if o.name.starts_with("flash_attn_") {
+            // The fused attention carries its FLOPs and bytes (profile::flash_work).
+            assert_eq!(o.kind, "attention", "{label}: {}", o.name);
+            assert!(
+                o.flops.is_some_and(|f| f > 0.0) && o.bytes.is_some_and(|b| b > 0.0),
+                "{label}: {} without its work: {o:?}",
+                o.name
+            );
+        }
         if o.kind == "gemm" {
             let flops = o.flops.expect("products carry FLOPs");
             assert!(flops > 0.0, "{label}: {}", o.name);

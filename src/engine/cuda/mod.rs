@@ -1746,7 +1746,14 @@ impl CudaEngine {
                 (FlashMath::Bf16, FlashIo::F32) => "flash_attn_fwd (bf16 mma)",
                 (FlashMath::Bf16, FlashIo::Bf16) => "flash_attn_fwd (bf16 mma, bf16 io)",
             };
-            return profile::region(&self.profiler, &self.stream, name, || unsafe {
+            let work = profile::flash_work(
+                &shape,
+                math == FlashMath::Bf16,
+                io.value_bytes(),
+                0, // no gradient in the forward
+                false,
+            );
+            return profile::region(&self.profiler, &self.stream, name, work, || unsafe {
                 flash::flash_forward(
                     &self.stream,
                     &self.k,
@@ -1854,7 +1861,15 @@ impl CudaEngine {
                 (FlashMath::Bf16, _) => self.bf16_grad(elems)?,
                 (FlashMath::F32, _) => None,
             };
-            profile::region(&self.profiler, &self.stream, name, || unsafe {
+            let grad_bytes = if bf16_out.is_some() { 2 } else { 4 };
+            let work = profile::flash_work(
+                &shape,
+                math == FlashMath::Bf16,
+                io.value_bytes(),
+                grad_bytes,
+                true,
+            );
+            profile::region(&self.profiler, &self.stream, name, work, || unsafe {
                 flash::flash_backward(
                     &self.stream,
                     &self.k,

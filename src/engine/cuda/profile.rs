@@ -40,8 +40,10 @@ pub struct GemmShape {
     pub batch: usize,
     pub trans_a: bool,
     pub trans_b: bool,
-    /// Bytes per element of A and B (2: bf16, 4: fp32); C is always fp32.
+    /// Bytes per element of A and B (2: bf16, 4: fp32).
     pub ab_bytes: usize,
+    /// Bytes per element of C (2: a bf16 output, 4: fp32).
+    pub c_bytes: usize,
     /// C is read as well as written (beta != 0).
     pub accumulate: bool,
 }
@@ -56,7 +58,7 @@ impl GemmShape {
     pub fn bytes(&self) -> f64 {
         let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
         let ab = self.ab_bytes as f64 * (m * k + k * n);
-        let c = 4.0 * m * n * if self.accumulate { 2.0 } else { 1.0 };
+        let c = self.c_bytes as f64 * m * n * if self.accumulate { 2.0 } else { 1.0 };
         (ab + c) * self.batch as f64
     }
 
@@ -277,16 +279,17 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
 pub struct OpTime {
     /// Kernel name, or the product's label ([`gemm_label`]).
     pub name: String,
-    /// `kernel` or `gemm`.
+    /// `kernel`, `gemm`, or `attention` (the fused attention, [`flash_work`]).
     pub kind: &'static str,
     pub phase: Phase,
     /// GPU milliseconds between the events around it.
     pub ms: f64,
-    /// Floating-point operations (matrix products only).
+    /// Floating-point operations (matrix products and the fused attention).
     pub flops: Option<f64>,
     /// Bytes read plus written, where there is a formula.
     pub bytes: Option<f64>,
-    /// Operand type of a matrix product (`bf16`, `fp32`).
+    /// Operand type of a matrix product, or the fused attention's arithmetic (`bf16`,
+    /// `fp32`): the rate its floor assumes.
     pub gemm_dtype: Option<&'static str>,
 }
 
@@ -351,8 +354,8 @@ enum RawOp {
         args: Vec<Arg>,
     },
     Gemm(GemmShape),
-    /// A region of work named by the caller ([`region`]).
-    Named(&'static str),
+    /// A region of work named by the caller ([`region`]), with what it computes and moves.
+    Named(&'static str, Work),
 }
 
 struct Record {
@@ -438,14 +441,18 @@ impl Profiler {
                         gemm_dtype: None,
                     }
                 }
-                RawOp::Named(name) => OpTime {
+                RawOp::Named(name, w) => OpTime {
                     name: name.to_string(),
-                    kind: "kernel",
+                    kind: if w.flops.is_some() {
+                        "attention"
+                    } else {
+                        "kernel"
+                    },
                     phase: r.phase,
                     ms,
-                    flops: None,
-                    bytes: None,
-                    gemm_dtype: None,
+                    flops: w.flops,
+                    bytes: w.bytes,
+                    gemm_dtype: w.dtype,
                 },
                 RawOp::Gemm(g) => OpTime {
                     name: gemm_label(dims, &g, r.phase),
@@ -487,20 +494,76 @@ pub(super) fn kernel(
     Ok(())
 }
 
-/// Times `go` (work it enqueues on `stream`) as one operation called `name`, for launches
-/// that do not go through `CudaEngine::run` (e.g. `region(&self.profiler, &self.stream,
-/// "flash_attn_bwd (bf16 mma)", || unsafe { flash::flash_backward(..) })`).
+/// Times `go` (work it enqueues on `stream`) as one operation called `name` that does
+/// `work`, for launches that do not go through `CudaEngine::run` (e.g. `region(&self.profiler,
+/// &self.stream, "flash_attn_bwd (bf16 mma)", work, || unsafe { flash::flash_backward(..) })`).
 /// (Not used by the plain path, whose launches all go through `run`.)
 #[inline]
 pub(super) fn region<R>(
     p: &Option<Profiler>,
     stream: &Stream,
     name: &'static str,
+    work: Work,
     go: impl FnOnce() -> CResult<R>,
 ) -> CResult<R> {
     match p {
         None => go(),
-        Some(p) => p.time(stream, RawOp::Named(name), go, |_| true),
+        Some(p) => p.time(stream, RawOp::Named(name, work), go, |_| true),
+    }
+}
+
+/// What an operation timed as a named [`region`] computes and moves, where known.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Work {
+    pub flops: Option<f64>,
+    pub bytes: Option<f64>,
+    /// The arithmetic's type (`bf16`, `fp32`): the rate of the floor, with `flops`.
+    pub dtype: Option<&'static str>,
+}
+
+/// The useful work of the fused causal attention over `shape` (forward, or `backward`),
+/// with q, k, v, the output and its gradient stored in `io_bytes` per value, the gradient
+/// of q, k, v written in `grad_bytes`, and bf16 (`bf16_math`) or fp32 arithmetic.
+///
+/// FLOPs: query i sees keys 0..=i, so a head of T tokens has T (T + 1) / 2 (query, key)
+/// pairs, and each product over them costs 2 hs FLOPs per pair. The forward computes two
+/// (S = Q K^T, O = P V); the backward seven: the dk/dv kernel recomputes S and dP = dY V^T
+/// and computes dV = P^T dY and dK = dS^T Q, the dq kernel recomputes S and dP and computes
+/// dQ = dS K. The masked halves of the diagonal tiles, which the kernels also compute, are
+/// not counted: this is the work a perfect kernel would do.
+///
+/// Bytes (each tensor once, the floor): forward, q, k, v read, the output and the
+/// logsumexp written; backward, q, k, v, the output and its gradient read, the logsumexp
+/// read, D written and read back, the gradient of q, k, v written.
+pub fn flash_work(
+    shape: &super::flash::AttnShape,
+    bf16_math: bool,
+    io_bytes: usize,
+    grad_bytes: usize,
+    backward: bool,
+) -> Work {
+    let (b, t, c, nh) = (
+        shape.b as f64,
+        shape.t as f64,
+        shape.c as f64,
+        shape.nh as f64,
+    );
+    let hs = shape.hs() as f64;
+    let pairs = b * nh * t * (t + 1.0) / 2.0;
+    let (n, e, rows) = (b * t, io_bytes as f64, b * nh * t);
+    let (products, bytes) = if backward {
+        let read = e * n * (3.0 * c + c + c);
+        (
+            7.0,
+            read + grad_bytes as f64 * n * 3.0 * c + 4.0 * rows * 3.0,
+        )
+    } else {
+        (2.0, e * n * (3.0 * c + c) + 4.0 * rows)
+    };
+    Work {
+        flops: Some(products * 2.0 * hs * pairs),
+        bytes: Some(bytes),
+        dtype: Some(if bf16_math { "bf16" } else { "fp32" }),
     }
 }
 
@@ -527,6 +590,7 @@ pub(super) fn sgemm(
         trans_a,
         trans_b,
         ab_bytes: 4,
+        c_bytes: 4,
         accumulate: beta != 0.0,
     };
     p.time(stream, RawOp::Gemm(g), go, |_| true)
@@ -553,6 +617,10 @@ pub(super) fn lt(
         trans_a: shape.trans_a,
         trans_b: shape.trans_b,
         ab_bytes: match shape.ab {
+            ElemType::Bf16 => 2,
+            ElemType::F32 => 4,
+        },
+        c_bytes: match shape.c {
             ElemType::Bf16 => 2,
             ElemType::F32 => 4,
         },
@@ -770,8 +838,56 @@ mod tests {
             trans_a: ta,
             trans_b: tb,
             ab_bytes: 2,
+            c_bytes: 4,
             accumulate: false,
         }
+    }
+
+    #[test]
+    fn a_bf16_output_counts_two_bytes_per_value() {
+        let fp32 = g(4, 8, 16, false, false);
+        let bf16 = GemmShape { c_bytes: 2, ..fp32 };
+        // A 4 x 16 and B 16 x 8 in bf16: 2 * (64 + 128) bytes; C 4 x 8.
+        assert_eq!(fp32.bytes(), 384.0 + 4.0 * 32.0);
+        assert_eq!(bf16.bytes(), 384.0 + 2.0 * 32.0);
+        let acc = GemmShape {
+            accumulate: true,
+            ..bf16
+        };
+        assert_eq!(acc.bytes(), 384.0 + 2.0 * 2.0 * 32.0);
+    }
+
+    #[test]
+    fn flash_attention_work_counts_the_causal_pairs() {
+        use super::super::flash::AttnShape;
+        // One head of T = 2 tokens, hs = 16: pairs (0,0), (1,0), (1,1).
+        let s = AttnShape {
+            b: 1,
+            t: 2,
+            c: 16,
+            nh: 1,
+        };
+        let fwd = flash_work(&s, true, 2, 0, false);
+        assert_eq!(fwd.flops, Some(2.0 * 2.0 * 16.0 * 3.0));
+        // q, k, v (2 x 48) read and y (2 x 16) written in bf16, lse (2 floats) written.
+        assert_eq!(fwd.bytes, Some(2.0 * (96.0 + 32.0) + 8.0));
+        assert_eq!(fwd.dtype, Some("bf16"));
+        let bwd = flash_work(&s, false, 4, 4, true);
+        assert_eq!(bwd.flops, Some(7.0 * 2.0 * 16.0 * 3.0));
+        // q, k, v, y, dy read (2 x 80 fp32), dq, dk, dv written (2 x 48 fp32), lse read,
+        // D written and read (3 x 2 floats).
+        assert_eq!(bwd.bytes, Some(4.0 * 160.0 + 4.0 * 96.0 + 24.0));
+        assert_eq!(bwd.dtype, Some("fp32"));
+        // GPT-2 124M at B = 8, T = 1024, one layer's forward: 2 products x 2 x 64 FLOPs
+        // over 8 x 12 x 1024 x 1025 / 2 pairs, 12.9 GFLOP.
+        let gpt2 = AttnShape {
+            b: 8,
+            t: 1024,
+            c: 768,
+            nh: 12,
+        };
+        let f = flash_work(&gpt2, true, 2, 2, false).flops.unwrap();
+        assert_eq!(f, 4.0 * 64.0 * 8.0 * 12.0 * 1024.0 * 1025.0 / 2.0);
     }
 
     #[test]
@@ -807,6 +923,7 @@ mod tests {
         let at = |m, n, k, ta, tb| GemmShape {
             batch: 12,
             ab_bytes: 4,
+            c_bytes: 4,
             ..g(m, n, k, ta, tb)
         };
         let r = |s, p| gemm_role(&GPT2, &s, p);
@@ -855,6 +972,7 @@ mod tests {
         let acc = GemmShape {
             accumulate: true,
             ab_bytes: 4,
+            c_bytes: 4,
             batch: 3,
             ..g(2, 3, 4, true, false)
         };
