@@ -17,6 +17,17 @@
 //   the two backward products of the next linear layer, with no separate cast pass.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
+// layernorm_backward(dx, dx_bf16, parts, dout, x, w, mean, rstd, N, C)
+//   layernorm_backward_dx and the weight and bias gradients' partial sums in one pass over
+//   dout and x: dx (and dx_bf16) exactly as layernorm_backward_dx writes them, and
+//   parts[p, c] = sum over the block's rows of norm * dout, parts[p, C + c] = sum of dout,
+//   for block p of LNB_ROWS = 32 rows [32p, min(N, 32p + 32)). Each lane sums its channels
+//   over the rows its warp owns (rows 32p + warp, + 8, ...: in order), then the eight warps'
+//   sums are added in warp order: deterministic. The parts are summed by reduce_parts_add
+//   as layernorm_backward_parts' are. Needs C <= 1024 (LNB_MAX_GROUPS groups of four
+//   channels per lane, held in registers); larger C takes the two kernels.
+//   Launch: block 256 threads, grid ceil(N / 32); parts holds ceil(N / 32) x 2C floats.
+//
 // layernorm_backward_parts(parts, dout, x, mean, rstd, N, C, rows_per_part)
 //   parts[p, c] = sum over the rows of group p of norm * dout; parts[p, C + c] = sum of dout.
 //   Row group p holds rows [p * rows_per_part, min(N, (p + 1) * rows_per_part)).
@@ -49,6 +60,8 @@
 // the order of one channel per thread).
 
 #define LN_EPS 1e-5f
+#define LNB_MAX_GROUPS 8  // layernorm_backward: channels per lane / 4 (c <= 1024)
+#define LNB_ROWS 32       // layernorm_backward: rows per block (4 per warp)
 
 // Normalise, scale and shift one element (has_b: whether there is a bias b).
 __device__ __forceinline__ float ln_apply(float x, float m, float r, float w, float b,
@@ -155,6 +168,41 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
                   mean, rstd, w, b, row, c, lane, vec);
 }
 
+// The two sums of a row's backward over one group: a1 += w * dout, a2 += w * dout * norm.
+__device__ __forceinline__ void ln_bwd_sums(float& a1, float& a2, const float (&xv)[4],
+                                            const float (&dv)[4], const float (&wv)[4],
+                                            Group4 g, int c, float m, float s) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        if (row_has(g, e, c)) {
+            float norm = (xv[e] - m) * s;
+            float dnorm = wv[e] * dv[e];
+            a1 += dnorm;
+            a2 += dnorm * norm;
+        }
+    }
+}
+
+// o += (w * dout - a1 - norm * a2) * rstd over one group (a1, a2 the row means).
+__device__ __forceinline__ void ln_bwd_update(float (&o)[4], const float (&xv)[4],
+                                              const float (&dv)[4], const float (&wv)[4],
+                                              float m, float s, float a1, float a2) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float norm = (xv[e] - m) * s;
+        float dnorm = wv[e] * dv[e];
+        o[e] += (dnorm - a1 - norm * a2) * s;
+    }
+}
+
+// Whether the backward kernels may use vector accesses on these pointers.
+__device__ __forceinline__ bool ln_bwd_vec(const float* dx, const unsigned short* dx_bf16,
+                                           const float* dout, const float* x, const float* w,
+                                           int c) {
+    return c % 4 == 0 && ln_outs_aligned(dx, dx_bf16) && vec_aligned(dout) && vec_aligned(x) &&
+           vec_aligned(w);
+}
+
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
                                                  unsigned short* __restrict__ dx_bf16,
                                                  const float* __restrict__ dout,
@@ -166,8 +214,7 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
-    bool vec = c % 4 == 0 && ln_outs_aligned(dx, dx_bf16) && vec_aligned(dout) &&
-               vec_aligned(x) && vec_aligned(w);
+    bool vec = ln_bwd_vec(dx, dx_bf16, dout, x, w, c);
     long long base = (long long)row * c;
     const float* xr = x + base;
     const float* dr = dout + base;
@@ -180,15 +227,7 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
         ld4_ro(xv, xr, g, c);
         ld4_ro(dv, dr, g, c);
         ld4_ro(wv, w, g, c);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            if (row_has(g, e, c)) {
-                float norm = (xv[e] - m) * s;
-                float dnorm = wv[e] * dv[e];
-                a1 += dnorm;
-                a2 += dnorm * norm;
-            }
-        }
+        ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
     }
     a1 = warp_sum(a1) / (float)c;
     a2 = warp_sum(a2) / (float)c;
@@ -199,14 +238,88 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
         ld4_ro(dv, dr, g, c);
         ld4_ro(wv, w, g, c);
         ld4(o, dx + base, g, c);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float norm = (xv[e] - m) * s;
-            float dnorm = wv[e] * dv[e];
-            o[e] += (dnorm - a1 - norm * a2) * s;
-        }
+        ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
         ln_store(dx + base, db, g, c, o);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+layernorm_backward(float* __restrict__ dx, unsigned short* __restrict__ dx_bf16,
+                   float* __restrict__ parts, const float* __restrict__ dout,
+                   const float* __restrict__ x, const float* __restrict__ w,
+                   const float* __restrict__ mean, const float* __restrict__ rstd, int n_rows,
+                   int c) {
+    __shared__ float acc[2 * 128 * LNB_MAX_GROUPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool vec = ln_bwd_vec(dx, dx_bf16, dout, x, w, c);
+    // This lane's sums of norm * dout (gw) and dout (gb) over its groups of channels,
+    // over the block's rows this warp owns, in row order.
+    float gw[LNB_MAX_GROUPS][4], gb[LNB_MAX_GROUPS][4];
+#pragma unroll
+    for (int k = 0; k < LNB_MAX_GROUPS; k++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gw[k][e] = gb[k][e] = 0.0f;
+    const int r1 = min(n_rows, (blockIdx.x + 1) * LNB_ROWS);
+    for (int row = blockIdx.x * LNB_ROWS + warp; row < r1; row += 8) {
+        long long base = (long long)row * c;
+        const float* xr = x + base;
+        const float* dr = dout + base;
+        unsigned short* db = dx_bf16 ? dx_bf16 + base : nullptr;
+        float m = mean[row], s = rstd[row];
+        float a1 = 0.0f, a2 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < LNB_MAX_GROUPS; k++) {
+            if (4 * (lane + 32 * k) < c) {
+                Group4 g = row_group(lane, k, c, vec);
+                float xv[4], dv[4], wv[4];
+                ld4_ro(xv, xr, g, c);
+                ld4_ro(dv, dr, g, c);
+                ld4_ro(wv, w, g, c);
+                ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
+            }
+        }
+        a1 = warp_sum(a1) / (float)c;
+        a2 = warp_sum(a2) / (float)c;
+#pragma unroll
+        for (int k = 0; k < LNB_MAX_GROUPS; k++) {
+            if (4 * (lane + 32 * k) < c) {
+                Group4 g = row_group(lane, k, c, vec);
+                float xv[4], dv[4], wv[4], o[4];
+                ld4_ro(xv, xr, g, c);
+                ld4_ro(dv, dr, g, c);
+                ld4_ro(wv, w, g, c);
+                ld4(o, dx + base, g, c);
+                ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
+                ln_store(dx + base, db, g, c, o);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (row_has(g, e, c)) {
+                        gw[k][e] += (xv[e] - m) * s * dv[e];
+                        gb[k][e] += dv[e];
+                    }
+                }
+            }
+        }
+    }
+    // The warps' sums in warp order into shared memory, then the block's partial sums out.
+    for (int wp = 0; wp < 8; wp++) {
+        if (warp == wp) {
+#pragma unroll
+            for (int k = 0; k < LNB_MAX_GROUPS; k++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int ch = 4 * (lane + 32 * k) + e;
+                    if (ch < c) {
+                        acc[ch] = wp == 0 ? gw[k][e] : acc[ch] + gw[k][e];
+                        acc[c + ch] = wp == 0 ? gb[k][e] : acc[c + ch] + gb[k][e];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    float* out = parts + (long long)blockIdx.x * 2 * c;
+    for (int i = threadIdx.x; i < 2 * c; i += blockDim.x) out[i] = acc[i];
 }
 
 extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,

@@ -41,6 +41,7 @@ std::vector<EmuKernel> emu_kernels_main() {
         EMU_KERNEL(emb, embedding_backward_wpe),
         EMU_KERNEL(ln, layernorm_forward),
         EMU_KERNEL(ln, layernorm_backward_dx),
+        EMU_KERNEL(ln, layernorm_backward),
         EMU_KERNEL(ln, layernorm_backward_parts),
         EMU_KERNEL(ln, residual_layernorm_forward),
         EMU_KERNEL(ln, layernorm_recompute),

@@ -552,7 +552,8 @@ static void check_columns() {
 
 // ------------------------------------------------------------------ LayerNorm
 static const std::vector<std::pair<int, int>> LN_SHAPES = {
-    {1, 1}, {3, 2}, {5, 3}, {9, 4}, {2, 5}, {3, 7}, {9, 8}, {4, 33}, {3, 64}, {2, 130}, {10, 256}, {3, 768}};
+    {1, 1}, {3, 2}, {5, 3}, {9, 4}, {2, 5}, {3, 7}, {9, 8}, {4, 33}, {3, 64}, {2, 130}, {10, 256}, {3, 768},
+    {70, 96}, {33, 1024}, {2, 1030}};
 
 struct LnOut {
     std::vector<float> out, mean, rstd;
@@ -763,6 +764,40 @@ static void check_layernorm() {
                     for (long long i = 0; i < n; i++) want[i] = ref_bf16(got[i]);
                     exact(k, cs, "bf16 copy", dxb.get(), want);
                     guards(k, cs, dx, dxb, db, xb, wb, mean, rstd);
+                }
+                if (c <= 1024) {
+                    // The fused backward: dx and its bf16 copy the bits of
+                    // layernorm_backward_dx; the blocks' partial sums, added in order as
+                    // reduce_parts_add does, against float64.
+                    std::string k = "layernorm_backward", cs = begin(k, shape, s);
+                    unsigned nb = (unsigned)((rows + 31) / 32);
+                    Buf<float> dx(n, off_first(s)), db(n, off_rest(s)), xb(n, off_rest(s)), wb(c, off_rest(s));
+                    Buf<unsigned short> dxb(n, off_rest(s));
+                    Buf<float> parts((size_t)nb * 2 * c, off_rest(s)), mean(rows, 0), rstd(rows, 0);
+                    dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
+                    emulate({nb, 1, 1}, BLOCK, [&] {
+                        ln::layernorm_backward(dx.p, dxb.p, parts.p, db.p, xb.p, wb.p, mean.p, rstd.p,
+                                               rows, c);
+                    });
+                    end(k, cs, s, vec);
+                    auto got = dx.get();
+                    exact(k, cs, "dx vs layernorm_backward_dx", got, dx_by_sit[s]);
+                    std::vector<unsigned short> want_b(n);
+                    for (long long i = 0; i < n; i++) want_b[i] = ref_bf16(got[i]);
+                    exact(k, cs, "bf16 copy", dxb.get(), want_b);
+                    auto pv = parts.get();
+                    std::vector<float> sums(2 * c, 0.0f);
+                    for (unsigned p = 0; p < nb; p++)
+                        for (int j = 0; j < 2 * c; j++) sums[j] += pv[(size_t)p * 2 * c + j];
+                    std::vector<double> want(2 * c, 0.0);
+                    for (int r = 0; r < rows; r++)
+                        for (int j = 0; j < c; j++) {
+                            size_t i = (size_t)r * c + j;
+                            want[j] += ((double)x[i] - fw.mean[r]) * fw.rstd[r] * dout[i];
+                            want[c + j] += dout[i];
+                        }
+                    within_tol(k, cs, "dw, db", sums, want, TOL);
+                    guards(k, cs, dx, dxb, parts, db, xb, wb, mean, rstd);
                 }
                 {
                     std::string k = "layernorm_backward_parts", cs = begin(k, shape, s);

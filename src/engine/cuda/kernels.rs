@@ -184,6 +184,7 @@ kernel_table!(
     embedding_backward_wpe,
     layernorm_forward,
     layernorm_backward_dx,
+    layernorm_backward,
     layernorm_backward_parts,
     residual_layernorm_forward,
     layernorm_recompute,

@@ -519,7 +519,7 @@ impl Acts {
             datt: OnceCell::new(),
             patt: OnceCell::new(),
             dvec: OnceCell::new(),
-            ln_parts: z(PARTS * 2 * c)?,
+            ln_parts: z(ln_parts_len(n, c))?,
             bias_parts: z(PARTS * 4 * c)?,
             gelu_shared: opt_mlp(!gelu_own, n * 4 * c)?,
             ln_shared: opt_ln(!ln_own, n * c)?,
@@ -559,7 +559,7 @@ impl Acts {
             + n * c // encoded
             + 2 * n // lnf's mean, rstd
             + 3 * n * c + n * 3 * c // dres, dtmp, dln, dqkv
-            + PARTS * 2 * c + PARTS * 4 * c;
+            + ln_parts_len(n, c) + PARTS * 4 * c;
         let tt = b * nh * t_cap * t_cap;
         let attention = if fused {
             (l + 1) * b * nh * t_cap
@@ -634,6 +634,17 @@ impl Acts {
             )
             .ptr
     }
+}
+
+/// Rows per block of the fused LayerNorm backward (`layernorm_backward`, LNB_ROWS in
+/// kernels/layernorm.cu), and the largest C it takes (LNB_MAX_GROUPS x 128).
+const LN_BWD_ROWS: usize = 32;
+const LN_BWD_MAX_C: usize = 1024;
+
+/// Floats of the LayerNorm backward's partial sums for `n` rows of `c` channels: two rows
+/// of `c` per part, for the fused kernel's blocks or the two-kernel path's parts.
+fn ln_parts_len(n: usize, c: usize) -> usize {
+    n.div_ceil(LN_BWD_ROWS).max(PARTS) * 2 * c
 }
 
 /// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
@@ -1621,12 +1632,9 @@ impl CudaEngine {
         scratch: u64,
     ) -> CResult<()> {
         let c = self.cfg.n_embd;
-        self.run(
-            self.k.layernorm_backward_dx,
-            grid_rows(rows),
-            &[
-                Arg::Ptr(dx),
-                Arg::Ptr(dx_bf16),
+        let (dx_args, stats) = (
+            [Arg::Ptr(dx), Arg::Ptr(dx_bf16)],
+            [
                 Arg::Ptr(dout),
                 Arg::Ptr(x),
                 Arg::Ptr(self.p(w)),
@@ -1635,22 +1643,36 @@ impl CudaEngine {
                 Arg::I32(rows as i32),
                 Arg::I32(c as i32),
             ],
-        )?;
-        let (np, rpp) = Self::parts(rows);
-        self.run(
-            self.k.layernorm_backward_parts,
-            (grid_cols4(c), np as u32, 1),
-            &[
-                Arg::Ptr(scratch),
-                Arg::Ptr(dout),
-                Arg::Ptr(x),
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::I32(rows as i32),
-                Arg::I32(c as i32),
-                Arg::I32(rpp as i32),
-            ],
-        )?;
+        );
+        let np = if self.switches.fused_ln && c <= LN_BWD_MAX_C {
+            // One pass: dx and the partial sums of the weight and bias gradients.
+            let np = rows.div_ceil(LN_BWD_ROWS);
+            let mut args = dx_args.to_vec();
+            args.push(Arg::Ptr(scratch));
+            args.extend(stats);
+            self.run(self.k.layernorm_backward, (np as u32, 1, 1), &args)?;
+            np
+        } else {
+            let mut args = dx_args.to_vec();
+            args.extend(stats);
+            self.run(self.k.layernorm_backward_dx, grid_rows(rows), &args)?;
+            let (np, rpp) = Self::parts(rows);
+            self.run(
+                self.k.layernorm_backward_parts,
+                (grid_cols4(c), np as u32, 1),
+                &[
+                    Arg::Ptr(scratch),
+                    Arg::Ptr(dout),
+                    Arg::Ptr(x),
+                    Arg::Ptr(mean),
+                    Arg::Ptr(rstd),
+                    Arg::I32(rows as i32),
+                    Arg::I32(c as i32),
+                    Arg::I32(rpp as i32),
+                ],
+            )?;
+            np
+        };
         let mut targets = vec![(self.g(w), scratch)];
         if let Some(bo) = b {
             targets.push((self.g(bo), at(scratch, c)));

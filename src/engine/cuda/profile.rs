@@ -207,6 +207,14 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let (n, c) = (a(7)?, a(8)?);
             (4.0 * f + 2.0 * present(args, 1)?) * n * c + 2.0 * f * n + f * c
         }
+        // layernorm_backward_dx's traffic, and two partial sums per column per block.
+        "layernorm_backward" => {
+            let (n, c) = (a(8)?, a(9)?);
+            (4.0 * f + 2.0 * present(args, 1)?) * n * c
+                + 2.0 * f * n
+                + f * c
+                + 2.0 * f * c * grid.0 as f64
+        }
         // dout, x, mean, rstd read; two partial sums per column per part written.
         "layernorm_backward_parts" => {
             let (n, c, rpp) = (a(5)?, a(6)?, a(7)?);
