@@ -201,6 +201,19 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let out = f * present(args, 0)? + 2.0 * present(args, 1)?;
             (f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 6)?)
         }
+        // a and b read, res written, then LayerNorm(res) as layernorm_forward (res read back
+        // by the lane that wrote it: from cache, not counted).
+        "residual_layernorm_forward" => {
+            let (n, c) = (a(9)?, a(10)?);
+            let out = f * present(args, 1)? + 2.0 * present(args, 2)?;
+            (3.0 * f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 8)?)
+        }
+        // x, mean and rstd read, out written (fp32 and/or bf16), weight (and bias) read.
+        "layernorm_recompute" => {
+            let (n, c) = (a(7)?, a(8)?);
+            let out = f * present(args, 0)? + 2.0 * present(args, 1)?;
+            (f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 6)?)
+        }
         // dout and x read, dx read and written (+=) and, when given, written in bf16 too;
         // mean, rstd and weight read.
         "layernorm_backward_dx" => {
@@ -1029,6 +1042,22 @@ mod tests {
                 ]
             ),
             Some(6.0 * n * c + 8.0 * n + 8.0 * c)
+        );
+        // The residual add and the next LayerNorm, bf16 output, no bias: a, b read, res
+        // written (fp32), out written (bf16).
+        let ptrs = |p: [u64; 9]| p.map(Ptr);
+        let mut args = ptrs([1, 0, 3, 4, 5, 6, 7, 8, 0]).to_vec();
+        args.extend([I32(8192), I32(768)]);
+        assert_eq!(
+            kb("residual_layernorm_forward", &args),
+            Some(14.0 * n * c + 8.0 * n + 4.0 * c)
+        );
+        // The recomputation (fp32 output, bias): x read, out written.
+        let mut args = ptrs([1, 0, 3, 4, 5, 6, 7, 0, 0])[..7].to_vec();
+        args.extend([I32(8192), I32(768)]);
+        assert_eq!(
+            kb("layernorm_recompute", &args),
+            Some(8.0 * n * c + 8.0 * n + 8.0 * c)
         );
         assert_eq!(
             kb("gelu_forward", &[Ptr(1), Ptr(2), I64(1000)]),
