@@ -203,6 +203,57 @@ __device__ __forceinline__ bool ln_bwd_vec(const float* dx, const unsigned short
            vec_aligned(w);
 }
 
+// The backward of one row for the warp that owns it (every lane calls it): dx += ... (and
+// its bf16 copy when dbr is not null), the lane's groups of channels in order. With
+// KMAX > 0 (c <= 128 KMAX) the groups are unrolled and each group's norm * dout and dout
+// are added to gw[k], gb[k] (the weight and bias gradients' sums); with KMAX = 0, any c and
+// no sums. The same arithmetic either way.
+template <int KMAX>
+__device__ __forceinline__ void ln_backward_row(float* dxr, unsigned short* dbr,
+                                                const float* dr, const float* xr,
+                                                const float* w, float m, float s, int c,
+                                                int lane, bool vec,
+                                                float (&gw)[KMAX > 0 ? KMAX : 1][4],
+                                                float (&gb)[KMAX > 0 ? KMAX : 1][4]) {
+    const int kend = KMAX > 0 ? KMAX : (c + 127) / 128;
+    float a1 = 0.0f, a2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kend; k++) {
+        if (4 * (lane + 32 * k) < c) {
+            Group4 g = row_group(lane, k, c, vec);
+            float xv[4], dv[4], wv[4];
+            ld4_ro(xv, xr, g, c);
+            ld4_ro(dv, dr, g, c);
+            ld4_ro(wv, w, g, c);
+            ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
+        }
+    }
+    a1 = warp_sum(a1) / (float)c;
+    a2 = warp_sum(a2) / (float)c;
+#pragma unroll
+    for (int k = 0; k < kend; k++) {
+        if (4 * (lane + 32 * k) < c) {
+            Group4 g = row_group(lane, k, c, vec);
+            float xv[4], dv[4], wv[4], o[4];
+            ld4_ro(xv, xr, g, c);
+            ld4_ro(dv, dr, g, c);
+            ld4_ro(wv, w, g, c);
+            ld4(o, dxr, g, c);
+            ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
+            ln_store(dxr, dbr, g, c, o);
+            if constexpr (KMAX > 0) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (row_has(g, e, c)) {
+                        gw[k][e] += (xv[e] - m) * s * dv[e];
+                        gb[k][e] += dv[e];
+                    }
+                }
+            }
+        }
+    }
+}
+
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
                                                  unsigned short* __restrict__ dx_bf16,
                                                  const float* __restrict__ dout,
@@ -214,33 +265,11 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
-    bool vec = ln_bwd_vec(dx, dx_bf16, dout, x, w, c);
     long long base = (long long)row * c;
-    const float* xr = x + base;
-    const float* dr = dout + base;
-    unsigned short* db = dx_bf16 ? dx_bf16 + base : nullptr;
-    float m = mean[row], s = rstd[row];
-    float a1 = 0.0f, a2 = 0.0f;
-    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
-        Group4 g = row_group(lane, k, c, vec);
-        float xv[4], dv[4], wv[4];
-        ld4_ro(xv, xr, g, c);
-        ld4_ro(dv, dr, g, c);
-        ld4_ro(wv, w, g, c);
-        ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
-    }
-    a1 = warp_sum(a1) / (float)c;
-    a2 = warp_sum(a2) / (float)c;
-    for (int k = 0; 4 * (lane + 32 * k) < c; k++) {
-        Group4 g = row_group(lane, k, c, vec);
-        float xv[4], dv[4], wv[4], o[4];
-        ld4_ro(xv, xr, g, c);
-        ld4_ro(dv, dr, g, c);
-        ld4_ro(wv, w, g, c);
-        ld4(o, dx + base, g, c);
-        ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
-        ln_store(dx + base, db, g, c, o);
-    }
+    float none[1][4];
+    ln_backward_row<0>(dx + base, dx_bf16 ? dx_bf16 + base : nullptr, dout + base, x + base, w,
+                       mean[row], rstd[row], c, lane, ln_bwd_vec(dx, dx_bf16, dout, x, w, c),
+                       none, none);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -262,44 +291,9 @@ layernorm_backward(float* __restrict__ dx, unsigned short* __restrict__ dx_bf16,
     const int r1 = min(n_rows, (blockIdx.x + 1) * LNB_ROWS);
     for (int row = blockIdx.x * LNB_ROWS + warp; row < r1; row += 8) {
         long long base = (long long)row * c;
-        const float* xr = x + base;
-        const float* dr = dout + base;
-        unsigned short* db = dx_bf16 ? dx_bf16 + base : nullptr;
-        float m = mean[row], s = rstd[row];
-        float a1 = 0.0f, a2 = 0.0f;
-#pragma unroll
-        for (int k = 0; k < LNB_MAX_GROUPS; k++) {
-            if (4 * (lane + 32 * k) < c) {
-                Group4 g = row_group(lane, k, c, vec);
-                float xv[4], dv[4], wv[4];
-                ld4_ro(xv, xr, g, c);
-                ld4_ro(dv, dr, g, c);
-                ld4_ro(wv, w, g, c);
-                ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
-            }
-        }
-        a1 = warp_sum(a1) / (float)c;
-        a2 = warp_sum(a2) / (float)c;
-#pragma unroll
-        for (int k = 0; k < LNB_MAX_GROUPS; k++) {
-            if (4 * (lane + 32 * k) < c) {
-                Group4 g = row_group(lane, k, c, vec);
-                float xv[4], dv[4], wv[4], o[4];
-                ld4_ro(xv, xr, g, c);
-                ld4_ro(dv, dr, g, c);
-                ld4_ro(wv, w, g, c);
-                ld4(o, dx + base, g, c);
-                ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
-                ln_store(dx + base, db, g, c, o);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    if (row_has(g, e, c)) {
-                        gw[k][e] += (xv[e] - m) * s * dv[e];
-                        gb[k][e] += dv[e];
-                    }
-                }
-            }
-        }
+        ln_backward_row<LNB_MAX_GROUPS>(dx + base, dx_bf16 ? dx_bf16 + base : nullptr,
+                                        dout + base, x + base, w, mean[row], rstd[row], c,
+                                        lane, vec, gw, gb);
     }
     // The warps' sums in warp order into shared memory, then the block's partial sums out.
     for (int wp = 0; wp < 8; wp++) {
