@@ -533,13 +533,22 @@ __device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const float* p) {
 // shared store. Needs hs % 8 == 0 (the bf16 kernels take multiples of 16), src and
 // ld_src such that every row start is 16-byte aligned (flash.rs checks the buffers), and
 // dst rows 16-byte aligned (ld a multiple of 8, the tile arrays __align__(16)).
+// Which thread takes which group: for a row-major tile alone, consecutive threads take
+// consecutive groups of a row (each warp reads whole 128-byte rows of global memory;
+// every quarter-warp's 16-byte stores cover the 32 banks once). With a transposed copy,
+// consecutive threads take the same group of consecutive rows instead, so that each of
+// the eight transposed 2-byte stores writes 16 consecutive words (two threads per word),
+// where consecutive groups of one row would all land in one bank (ldt * 8 / 2 words
+// apart: a multiple of 32 for ldt = 40 and 72); the other halves of the global sectors
+// are read by the neighbouring warps at the same time.
 template <class S>
 __device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, unsigned short* dstt,
                                              int ldt, const S* src, long long ld_src,
                                              int r0, int rows, int T, int hs) {
     const int groups = hs / 8;
     for (int i = threadIdx.x; i < rows * groups; i += FB_THREADS) {
-        int r = i / groups, d = (i - r * groups) * 8, t = r0 + r;
+        int r = dstt ? i % rows : i / groups;
+        int d = (dstt ? i / rows : i - r * groups) * 8, t = r0 + r;
         unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (t < T) fa_ld8(v, src + (long long)t * ld_src + d);
         if (dst) {
