@@ -1673,19 +1673,22 @@ impl CudaEngine {
             )?;
             np
         };
-        let mut targets = vec![(self.g(w), scratch)];
-        if let Some(bo) = b {
-            targets.push((self.g(bo), at(scratch, c)));
-        }
-        for (dst, src) in targets {
+        // The parts hold the weight's sums, then the bias's: one reduction when the bias
+        // follows the weight in the layout (as it does in GPT-2's), else one each.
+        let targets = match b {
+            Some(bo) if bo == w + c => vec![(w, 0, 2 * c)],
+            Some(bo) => vec![(w, 0, c), (bo, c, c)],
+            None => vec![(w, 0, c)],
+        };
+        for (dst, from, cols) in targets {
             self.run(
                 self.k.reduce_parts_add,
-                grid_vec(c),
+                grid_vec(cols),
                 &[
-                    Arg::Ptr(dst),
-                    Arg::Ptr(src),
+                    Arg::Ptr(self.g(dst)),
+                    Arg::Ptr(at(scratch, from)),
                     Arg::I32(np as i32),
-                    Arg::I32(c as i32),
+                    Arg::I32(cols as i32),
                     Arg::I32(2 * c as i32),
                 ],
             )?;
