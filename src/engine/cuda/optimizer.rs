@@ -1,0 +1,141 @@
+//! The CUDA engine's optimizer step: the global gradient norm (deterministic block sums),
+//! clipping and AdamW over the flat buffers in one launch (`kernels/adamw.cu`), on the whole
+//! layout or on one ZeRO-1 shard, and the AdamW moments' trips to and from the host.
+
+use super::kernels::{grid_vec, Arg};
+use super::{at, Buf, CResult, CudaEngine, NORM_PARTS};
+use crate::optim::AdamWConfig;
+
+impl CudaEngine {
+    /// Clipping and AdamW over the whole layout's shard; returns the pre-clip global norm.
+    pub(super) fn step_inner(&mut self, hp: &AdamWConfig, lr: f32) -> CResult<f32> {
+        let norm = crate::optim::adamw::norm_from_sumsq(self.sumsq_inner(0..self.layout.total)?);
+        self.step_shard_inner(hp, lr, norm)?;
+        Ok(norm)
+    }
+
+    /// Sum of squares of `grads[range]`: `NORM_PARTS` block sums in f64, added in order on
+    /// the host (deterministic for a given range).
+    pub(super) fn sumsq_inner(&mut self, range: std::ops::Range<usize>) -> CResult<f64> {
+        self.sync_grads()?;
+        self.run(
+            self.k.sumsq_parts,
+            (NORM_PARTS as u32, 1, 1),
+            &[
+                Arg::Ptr(self.norm_parts.ptr),
+                Arg::Ptr(at(self.grads.ptr, range.start)),
+                Arg::I64(range.len() as i64),
+            ],
+        )?;
+        let mut parts = vec![0f64; NORM_PARTS];
+        self.norm_parts.copy_to_host(&mut parts)?;
+        Ok(parts.iter().sum::<f64>())
+    }
+
+    /// Clip for the global pre-clip `norm`, then AdamW over `opt_shard` (the moments hold
+    /// exactly that range; parameter, gradient and bf16-copy pointers are offset to it).
+    pub(super) fn step_shard_inner(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) -> CResult<()> {
+        self.sync_grads()?;
+        let shard = self.opt_shard.clone();
+        self.step += 1;
+        if shard.is_empty() {
+            return self.stream.synchronize();
+        }
+        let clip = crate::optim::adamw::clip_coef(norm, hp.grad_clip).unwrap_or(1.0);
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(self.step as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let (runs, n_runs) = self.adamw_runs(&shard)?;
+        // One launch over the shard: clipping, weight decay where it applies, the update
+        // and the bf16 copy (see kernels/adamw.cu).
+        self.run(
+            self.k.adamw_update,
+            grid_vec(shard.len()),
+            &[
+                Arg::Ptr(at(self.params.ptr, shard.start)),
+                Arg::Ptr(at(self.grads.ptr, shard.start)),
+                Arg::Ptr(self.m.ptr),
+                Arg::Ptr(self.v.ptr),
+                Arg::I64(shard.len() as i64),
+                Arg::Ptr(runs),
+                Arg::I32(n_runs as i32),
+                Arg::F32(1.0 - lr * hp.weight_decay),
+                Arg::F32(clip),
+                Arg::F32(hp.beta1),
+                Arg::F32(hp.beta2),
+                Arg::F32(hp.eps),
+                Arg::F32(step_size),
+                Arg::F32(bc2_sqrt),
+                Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(shard.start))),
+            ],
+        )?;
+        self.stream.synchronize()
+    }
+
+    /// The device table of `shard`'s weight-decay runs for `adamw_update` (address, count),
+    /// built on first use and again when the shard changes.
+    pub(super) fn adamw_runs(&mut self, shard: &std::ops::Range<usize>) -> CResult<(u64, usize)> {
+        if !matches!(&self.adamw_runs, Some((r, _, _)) if r == shard) {
+            let table: Vec<i64> = crate::optim::adamw::runs_within(&self.runs, shard)
+                .into_iter()
+                .flat_map(|(off, _, decays)| [off as i64, decays as i64])
+                .collect();
+            let buf = self.ctx.upload(&table)?;
+            self.adamw_runs = Some((shard.clone(), buf, table.len() / 2));
+        }
+        let (_, buf, n) = self.adamw_runs.as_ref().expect("built just above");
+        Ok((buf.ptr, *n))
+    }
+
+    /// The moments of `opt_shard` on the host.
+    pub(super) fn moments_to_host(&self) -> CResult<(Vec<f32>, Vec<f32>)> {
+        self.ctx.make_current()?;
+        self.stream.synchronize()?;
+        let n = self.opt_shard.len();
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        if n > 0 {
+            self.m.copy_to_host(&mut m)?;
+            self.v.copy_to_host(&mut v)?;
+        }
+        Ok((m, v))
+    }
+
+    /// Replaces the moment buffers with ones for `range` holding `m` and `v`.
+    pub(super) fn moments_from_host(
+        &mut self,
+        range: std::ops::Range<usize>,
+        m: &[f32],
+        v: &[f32],
+    ) -> CResult<()> {
+        self.ctx.make_current()?;
+        self.stream.synchronize()?;
+        // Free the old buffers first, so that the peak is the larger of the two.
+        self.m = self.ctx.alloc(0)?;
+        self.v = self.ctx.alloc(0)?;
+        let up = |data: &[f32]| -> CResult<Buf> {
+            let b = self.ctx.alloc(4 * data.len())?;
+            if !data.is_empty() {
+                b.copy_from_host(data)?;
+            }
+            Ok(b)
+        };
+        self.m = up(m)?;
+        self.v = up(v)?;
+        self.opt_shard = range;
+        Ok(())
+    }
+}
+
+/// The layout's weight-decay runs `(offset, len, decays)` with adjacent runs of the same kind
+/// merged (GPT-2's alternate: weights decay, biases and LayerNorm parameters do not).
+pub(super) fn merge_runs(runs: Vec<(usize, usize, bool)>) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (off, len, d) in runs {
+        match out.last_mut() {
+            Some(last) if last.2 == d && last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len, d)),
+        }
+    }
+    out
+}
