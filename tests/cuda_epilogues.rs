@@ -5,8 +5,9 @@
 //! 1. each epilogue on its own through `MatmulCache::matmul_ep`, on operands whose products
 //!    are exact in fp32, against float64 on the host (this also tells the tanh GELU from
 //!    the erf one, which differ by up to 4.7e-4 where the test looks), and the GELU ones
-//!    again with a bf16 output, bias and pre-activation (the bf16 MLP chain), within one
-//!    bf16 step;
+//!    again with a bf16 output, bias and pre-activation (the bf16 MLP chain), and the bias
+//!    one with a bf16 output and bias (the qkv product with bf16 attention storage), within
+//!    one bf16 step;
 //! 2. the bf16 engine with every switch on against the same engine with `epilogues` and
 //!    `fused_ln` off (`NANOGPT_CUDA_DISABLE`), with and without biases, dropout 0 and 0.1,
 //!    over two accumulated micro-steps (a bias gradient that overwrote instead of adding
@@ -261,14 +262,20 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
             .map(|h| f32::from_bits((h as u32) << 16))
             .collect::<Vec<f32>>()
     };
-    // Off by at most one bf16 step (2^-8 relative) plus `abs` (the GELU's own error).
+    // Off by at most one bf16 step (2^-8 relative) plus `abs` (the GELU's own error); the
+    // switch that avoids the epilogue is named in the failure.
     let check16 = |what: &str, got: &[f32], want: &[f64], abs: f64| {
+        let switch = if what.starts_with("BIAS") {
+            "bf16_attn"
+        } else {
+            "bf16_mlp"
+        };
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             let bound = w.abs() / 256.0 + abs;
             assert!(
                 (g as f64 - w).abs() <= bound,
                 "{what}: element {i} is {g}, expected {w:.6} (bound {bound:.2e}); run with \
-                 NANOGPT_CUDA_DISABLE=bf16_mlp"
+                 NANOGPT_CUDA_DISABLE={switch}"
             );
         }
     };
@@ -284,6 +291,13 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
         let gelu: Vec<f64> = pre.iter().map(|&x| gelu_tanh(x)).collect();
         check16("GELU_AUX_BIAS bf16: output", &get16(&dc16), &gelu, 2e-3);
         fused.push("GeluAuxBias bf16");
+    }
+    // BIAS with a bf16 output and the bias's bf16 copy (the qkv product with bf16
+    // attention storage, switch `bf16_attn`).
+    if run16(Epilogue::Bias, dbias16.ptr) == Ran::Lt {
+        let want: Vec<f64> = (0..m * n).map(|i| prod[i] + bias[i % n] as f64).collect();
+        check16("BIAS bf16", &get16(&dc16), &want, 1e-6);
+        fused.push("Bias bf16");
     }
     let aux16: Vec<u16> = aux.iter().map(|&x| bf16_bits(x)).collect();
     daux16.copy_from_host(&aux16).unwrap();
