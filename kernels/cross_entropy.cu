@@ -2,10 +2,11 @@
 // embedding never reach the logits), fused with the logits gradient (fp32 arithmetic, loss
 // in fp64), over fp32 or bf16 logits.
 //
-// Shapes: logits [N, V] row-major (V = vocab_size), targets [N] i32 (-1 = no loss),
-//         row_loss [N] f64.
+// Shapes: logits [N, V] row-major with rows LD >= V values apart (V = vocab_size; the
+//         engine pads LD to a multiple of 8 so rows start aligned; columns V..LD are
+//         neither read nor written), targets [N] i32 (-1 = no loss), row_loss [N] f64.
 //
-// cross_entropy_forward_backward(logits, grad_bf16, row_loss, targets, N, V, grad_k,
+// cross_entropy_forward_backward(logits, grad_bf16, row_loss, targets, N, V, LD, grad_k,
 //                                write_grad)
 //   fp32 logits. For a row with target t >= 0: row_loss = (max + log(sum exp(x - max))) -
 //   x[t]. With write_grad != 0 the gradient grad_k * (softmax(x) - onehot(t)) (grad_k =
@@ -14,7 +15,7 @@
 //   bf16_rne; the logits are left as they are): the bf16 mode's LM-head products read it
 //   in bf16, with no fp32 gradient written and no cast pass. Rows with t = -1: row_loss = 0
 //   and, with write_grad, the row's gradient is zeroed.
-// cross_entropy_bf16(logits, row_loss, targets, N, V, grad_k, write_grad)
+// cross_entropy_bf16(logits, row_loss, targets, N, V, LD, grad_k, write_grad)
 //   The same over bf16 logits (bits; widened exactly, same arithmetic), the gradient
 //   rounded by bf16_rne and written over the row in place: the bf16 mode with the LM head
 //   writing bf16 logits (engine switch bf16_logits), as torch autocast's logits are bf16.
@@ -93,13 +94,13 @@ __device__ __forceinline__ void xent_store(unsigned short* x, unsigned short*, G
 template <typename T>
 __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ grad_bf16,
                          double* __restrict__ row_loss, const int* __restrict__ targets,
-                         int n_rows, int v, float grad_k, int write_grad, float* sh) {
+                         int n_rows, int v, int ld, float grad_k, int write_grad, float* sh) {
     int row = blockIdx.x;
     if (row >= n_rows) return;
-    T* x = logits + (long long)row * v;
+    T* x = logits + (long long)row * ld;
     int shift = vec_shift(x, (int)sizeof(T));
     int groups = (v + shift + 3) / 4;
-    unsigned short* gb = grad_bf16 ? grad_bf16 + (long long)row * v : nullptr;
+    unsigned short* gb = grad_bf16 ? grad_bf16 + (long long)row * ld : nullptr;
     bool gb_vec = gb != nullptr && vec_shift(gb, 2) == shift;
     int tgt = targets[row];
     if (tgt < 0) {
@@ -157,17 +158,17 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
                                                           unsigned short* __restrict__ grad_bf16,
                                                           double* __restrict__ row_loss,
                                                           const int* __restrict__ targets,
-                                                          int n_rows, int v, float grad_k,
-                                                          int write_grad) {
+                                                          int n_rows, int v, int ld,
+                                                          float grad_k, int write_grad) {
     __shared__ float sh[32];
-    xent_row(logits, grad_bf16, row_loss, targets, n_rows, v, grad_k, write_grad, sh);
+    xent_row(logits, grad_bf16, row_loss, targets, n_rows, v, ld, grad_k, write_grad, sh);
 }
 
 extern "C" __global__ void cross_entropy_bf16(unsigned short* __restrict__ logits,
                                               double* __restrict__ row_loss,
                                               const int* __restrict__ targets, int n_rows,
-                                              int v, float grad_k, int write_grad) {
+                                              int v, int ld, float grad_k, int write_grad) {
     __shared__ float sh[32];
-    xent_row(logits, (unsigned short*)nullptr, row_loss, targets, n_rows, v, grad_k,
+    xent_row(logits, (unsigned short*)nullptr, row_loss, targets, n_rows, v, ld, grad_k,
              write_grad, sh);
 }

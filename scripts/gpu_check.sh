@@ -43,6 +43,8 @@
 #                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
 #                      floors -> bench_profile_124m_bf16.log, profile_124m_bf16.json
+#      bench-124m-bf16-v50257  bench-124m-bf16 with GPT-2's real vocabulary (50257, as
+#                      `nanogpt train` on OpenWebText) -> bench_124m_bf16_v50257.log
 #      tests-profile   cuda_profile: the profile and memory report of a small model
 #                                                                 -> cuda_profile.log
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
@@ -173,6 +175,11 @@ else
 fi
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json"
+# GPT-2's real vocabulary (what `nanogpt train` uses on OpenWebText: 50257 real tokens, the
+# embedding padded to 50304): the LM head's products over 50257 columns, rows padded to
+# 50264 values, against the 50304 of the line above.
+bench bench-124m-bf16-v50257 60 bench_124m_bf16_v50257.log bfloat16 --n_layer=12 --n_head=12 \
+    --n_embd=768 --vocab_size=50257 --batch_size=8 --block_size=1024
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16

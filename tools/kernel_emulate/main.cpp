@@ -864,7 +864,7 @@ static void check_cross_entropy() {
                 lg.set(x), tb.set(tg);
                 float grad_k = 0.25f;
                 emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
-                    xent::cross_entropy_forward_backward(lg.p, nullptr, loss.p, tb.p, rows, v, grad_k, write_grad);
+                    xent::cross_entropy_forward_backward(lg.p, nullptr, loss.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 // Some row that loads its logits has a whole aligned group.
                 bool expect = false;
@@ -892,7 +892,7 @@ static void check_cross_entropy() {
                     Buf<double> loss2(rows, 0);
                     lg2.set(x);
                     emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
-                        xent::cross_entropy_forward_backward(lg2.p, gb.p, loss2.p, tb.p, rows, v, grad_k, 1);
+                        xent::cross_entropy_forward_backward(lg2.p, gb.p, loss2.p, tb.p, rows, v, v, grad_k, 1);
                     });
                     end(k, cb, s, expect);
                     std::vector<unsigned short> want(n);
@@ -942,7 +942,7 @@ static void check_cross_entropy_bf16() {
                 Buf<int> tb(rows, 0);
                 lg.set(xb), tb.set(tg);
                 emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
-                    xent::cross_entropy_bf16(lg.p, loss.p, tb.p, rows, v, grad_k, write_grad);
+                    xent::cross_entropy_bf16(lg.p, loss.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 bool expect = false;
                 for (int r = 0; r < rows; r++)
@@ -953,7 +953,7 @@ static void check_cross_entropy_bf16() {
                 lf.set(xw);
                 check(vec_shift(lf.p, 4) == vec_shift(lg.p, 2), k, cs + ": fp32 copy at another shift");
                 emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
-                    xent::cross_entropy_forward_backward(lf.p, nullptr, lossf.p, tb.p, rows, v, grad_k, write_grad);
+                    xent::cross_entropy_forward_backward(lf.p, nullptr, lossf.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 std::vector<double> wl, wg;
                 ref_xent(xw, tg, v, grad_k, wl, wg);
@@ -984,6 +984,82 @@ static void check_cross_entropy_bf16() {
                 }
                 guards(k, cs, lg, loss, tb, lf, lossf);
             }
+}
+
+// Rows `ld` > V apart (the engine pads the logits' row stride to a multiple of 8): the
+// three forms (fp32 in place, fp32 with a bf16 gradient, bf16 in place) give each row the
+// bits that row gets on its own (ld = V, one row, at the same alignment: a multiple-of-8
+// stride keeps every row at the first row's shift), and leave the padding as it was.
+static void check_cross_entropy_ld() {
+    const int rows = 4;
+    const float grad_k = 0.25f;
+    for (int v : {1, 5, 50, 257, 2053})
+        for (size_t off : {0, 1}) {
+            int ld = (v + 7) / 8 * 8 + (v % 8 == 0 ? 8 : 0);  // always past V
+            std::string k = "cross_entropy_bf16";
+            Sit s = off ? SHIFTED : ALIGNED;
+            std::string cs = begin(k, "V=" + std::to_string(v) + " ld=" + std::to_string(ld), s);
+            long long np = (long long)rows * ld;
+            std::vector<int> tg(rows);
+            for (int r = 0; r < rows; r++) tg[r] = r == 2 ? -1 : (int)((r * 7919u + 13u) % (unsigned)v);
+            auto x = randn((long long)rows * v, 3.0f);
+            std::vector<unsigned short> xbp(np, 0x7fc1);
+            std::vector<float> xp(np, NAN);
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < v; j++) {
+                    xbp[(size_t)r * ld + j] = ref_bf16(x[(size_t)r * v + j]);
+                    xp[(size_t)r * ld + j] = x[(size_t)r * v + j];
+                }
+            Buf<int> tb(rows, 0);
+            tb.set(tg);
+            Buf<unsigned short> pb(np, off), pgb(np, off);
+            Buf<float> pf(np, off), pf2(np, off);
+            Buf<double> q1(rows, 0), q2(rows, 0), q3(rows, 0);
+            pb.set(xbp), pf.set(xp), pf2.set(xp), pgb.set(std::vector<unsigned short>(np, 0x7fc1));
+            emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                xent::cross_entropy_bf16(pb.p, q1.p, tb.p, rows, v, ld, grad_k, 1);
+                xent::cross_entropy_forward_backward(pf.p, nullptr, q2.p, tb.p, rows, v, ld, grad_k, 1);
+                xent::cross_entropy_forward_backward(pf2.p, pgb.p, q3.p, tb.p, rows, v, ld, grad_k, 1);
+            });
+            end(k, cs, s, shift_vec(v, off));
+            auto [gb1, gf2, gb3, gl] = std::tuple{pb.get(), pf.get(), pgb.get(), pf2.get()};
+            auto [r1, r2, r3] = std::tuple{q1.get(), q2.get(), q3.get()};
+            for (int r = 0; r < rows; r++) {
+                // Row r alone, packed, at the same shift.
+                std::vector<unsigned short> xb1(xbp.begin() + (long)r * ld, xbp.begin() + (long)r * ld + v);
+                std::vector<float> xf1(xp.begin() + (long)r * ld, xp.begin() + (long)r * ld + v);
+                Buf<unsigned short> ob(v, off), og(v, off);
+                Buf<float> of(v, off), of2(v, off);
+                Buf<double> o1(1, 0), o2(1, 0), o3(1, 0);
+                Buf<int> ot(1, 0);
+                ob.set(xb1), of.set(xf1), of2.set(xf1), ot.set(std::vector<int>{tg[r]});
+                emulate({1, 1, 1}, BLOCK, [&] {
+                    xent::cross_entropy_bf16(ob.p, o1.p, ot.p, 1, v, v, grad_k, 1);
+                    xent::cross_entropy_forward_backward(of.p, nullptr, o2.p, ot.p, 1, v, v, grad_k, 1);
+                    xent::cross_entropy_forward_backward(of2.p, og.p, o3.p, ot.p, 1, v, v, grad_k, 1);
+                });
+                std::string cr = cs + " row " + std::to_string(r);
+                exact(k, cr, "row loss, bf16", std::vector<double>{r1[r]}, o1.get());
+                exact(k, cr, "row loss, fp32", std::vector<double>{r2[r]}, o2.get());
+                exact(k, cr, "row loss, bf16 gradient", std::vector<double>{r3[r]}, o3.get());
+                auto row = [&](const auto& all) {
+                    using T = typename std::decay_t<decltype(all)>::value_type;
+                    return std::vector<T>(all.begin() + (long)r * ld, all.begin() + (long)r * ld + v);
+                };
+                exact(k, cr, "bf16 gradient in place", row(gb1), ob.get());
+                exact(k, cr, "fp32 gradient in place", row(gf2), of.get());
+                exact(k, cr, "bf16 gradient", row(gb3), og.get());
+                exact(k, cr, "logits under a bf16 gradient", row(gl), of2.get());
+                // The padding: as it was.
+                for (int j = v; j < ld; j++) {
+                    size_t i = (size_t)r * ld + j;
+                    bool kept = gb1[i] == 0x7fc1 && gb3[i] == 0x7fc1 && std::isnan(gf2[i]) &&
+                                std::isnan(gl[i]);
+                    check(kept, k, cr + ": padding column " + std::to_string(j) + " written");
+                }
+            }
+            guards(k, cs, pb, pgb, pf, pf2, tb);
+        }
 }
 
 // ------------------------------------------------------------------ embedding, KV cache
@@ -1081,6 +1157,7 @@ int main() {
     check_embedding();
     check_gelu_bf16();  // last: the earlier checks draw the same random data as without it
     check_cross_entropy_bf16();  // after them for the same reason
+    check_cross_entropy_ld();
     check_gelu_reference();
     for (auto& [name, t] : tallies) {
         char err[64];

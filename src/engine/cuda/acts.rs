@@ -167,7 +167,12 @@ impl Acts {
             lnf: zl(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
-            logits: ctx.alloc(storage.logits_bytes() * n * cfg.vocab_size)?,
+            logits: {
+                // Zeroed once: the padding columns past the vocabulary are never written.
+                let buf = ctx.alloc(storage.logits_bytes() * n * logits_ld(cfg.vocab_size))?;
+                buf.zero()?;
+                buf
+            },
             row_loss: ctx.alloc(8 * n)?,
             staged: [
                 Staging::new(ctx, 4 * n)?,
@@ -232,7 +237,7 @@ impl Acts {
         (4 * (l * layer + once + attention)
             + storage.ln_bytes() * ln_values
             + storage.mlp_bytes() * mlp_values
-            + storage.logits_bytes() * n * cfg.vocab_size
+            + storage.logits_bytes() * n * logits_ld(cfg.vocab_size)
             + storage.attn_bytes() * attn_values
             + 8 * n) as u64 // row_loss: f64
     }
@@ -303,6 +308,14 @@ impl Acts {
 /// kernels/layernorm.cu), and the largest C it takes (LNB_MAX_GROUPS x 128).
 pub(super) const LN_BWD_ROWS: usize = 32;
 pub(super) const LN_BWD_MAX_C: usize = 1024;
+
+/// Row stride of the logits (and of their gradient) for a vocabulary of `v`: `v` rounded up
+/// to a multiple of 8 values, so that every row starts 16-byte aligned (bf16) and the LM
+/// head's three products get cuBLASLt's aligned kernels (GPT-2's 50257 is odd). The
+/// padding columns take part in no result.
+pub(super) fn logits_ld(v: usize) -> usize {
+    v.div_ceil(8) * 8
+}
 
 /// Floats of the LayerNorm backward's partial sums for `n` rows of `c` channels: two rows
 /// of `c` per part, for the fused kernel's blocks or the two-kernel path's parts.

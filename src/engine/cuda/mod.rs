@@ -122,7 +122,9 @@
 //! Activation layout per layer (N = B*T rows) is the CPU engine's: ln1 (N,C) -> qkv (N,3C)
 //! -> att (B,NH,T,T) (plain) or lse (B,NH,T) (fused) -> atty (N,C) -> res2 -> ln2 ->
 //! fch (N,4C) -> gelu -> res3. Activation buffers are sized for a (B, T capacity) and
-//! reused for any shorter T.
+//! reused for any shorter T. The logits (N, V) have rows padded to a multiple of 8 values
+//! (`acts::logits_ld`), so that the LM head's products see 16-byte-aligned rows whatever
+//! the vocabulary (GPT-2's 50257 is odd); the padding takes part in no result.
 //!
 //! Differences from the CPU engine that tests must allow for: fp32 sums run in a different
 //! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
@@ -166,7 +168,7 @@ use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 pub use acts::{activation_bytes, Bf16Storage};
-use acts::{Acts, LN_BWD_MAX_C, LN_BWD_ROWS};
+use acts::{logits_ld, Acts, LN_BWD_MAX_C, LN_BWD_ROWS};
 use decode::DecodeState;
 use flash::FlashMath;
 use kernels::{grid_cols4, grid_rows, grid_vec, launch, Arg, Kernels, BLOCK};
@@ -1078,7 +1080,7 @@ impl CudaEngine {
             Lin::t(Src::Param(lay.wte), c),
             0.0,
             logits,
-            v,
+            logits_ld(v),
             Post::None,
         )
     }
@@ -1110,23 +1112,24 @@ impl CudaEngine {
         let cfg = &self.cfg;
         let lay = &self.layout;
         let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
+        let ld = logits_ld(v);
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. The cross-entropy
         // kernel wrote dlogits over bf16 logits, or in bf16 to the gradient scratch with
         // bf16 activations (see `cross_entropy`); otherwise it is in `logits`, rounded here
-        // in the bf16 mode.
+        // in the bf16 mode (rows `ld` apart: the padding columns round along, unread).
         let dlogits = if a.storage.logits {
             Src::Bf16(a.logits.ptr)
         } else {
-            match self.bf16_grad(n * v)? {
+            match self.bf16_grad(n * ld)? {
                 Some(q) => Src::Bf16(q),
-                None => self.rounded(a.logits.ptr, n * v)?,
+                None => self.rounded(a.logits.ptr, n * ld)?,
             }
         };
         self.mm(
             n,
             c,
             v,
-            Lin::n(dlogits, v),
+            Lin::n(dlogits, ld),
             Lin::n(Src::Param(lay.wte), c),
             0.0,
             a.dln.ptr,
@@ -1136,7 +1139,7 @@ impl CudaEngine {
             v,
             c,
             n,
-            Lin::t(dlogits, v),
+            Lin::t(dlogits, ld),
             Lin::n(a.lnf().src(), c),
             1.0,
             self.g(lay.wte),
@@ -1360,7 +1363,11 @@ impl CudaEngine {
             Arg::I32(grad_scale.is_some() as i32),
         );
         let (loss, tgt) = (Arg::Ptr(a.row_loss.ptr), Arg::Ptr(a.targets.ptr));
-        let (rows, cols) = (Arg::I32(n as i32), Arg::I32(v as i32));
+        let (rows, cols, ld) = (
+            Arg::I32(n as i32),
+            Arg::I32(v as i32),
+            Arg::I32(logits_ld(v) as i32),
+        );
         if a.storage.logits {
             // bf16 logits: the gradient goes over them in place.
             self.run(
@@ -1372,13 +1379,14 @@ impl CudaEngine {
                     tgt,
                     rows,
                     cols,
+                    ld,
                     grad_k,
                     write_grad,
                 ],
             )?;
         } else {
             let grad_bf16 = match grad_scale {
-                Some(_) => self.bf16_grad(n * v)?.unwrap_or(0),
+                Some(_) => self.bf16_grad(n * logits_ld(v))?.unwrap_or(0),
                 None => 0,
             };
             self.run(
@@ -1391,6 +1399,7 @@ impl CudaEngine {
                     tgt,
                     rows,
                     cols,
+                    ld,
                     grad_k,
                     write_grad,
                 ],
@@ -1520,15 +1529,20 @@ impl Engine for CudaEngine {
         self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         let a = self.acts.as_ref().expect("forward allocated activations");
-        let len = batch.b * batch.t * self.cfg.vocab_size;
+        let v = self.cfg.vocab_size;
+        let (rows, ld) = (batch.b * batch.t, logits_ld(v));
+        // Rows are `ld` apart on the GPU: keep the first `v` values of each.
+        let unpad = |all: Vec<f32>| -> Vec<f32> {
+            all.chunks(ld).flat_map(|row| row[..v].to_vec()).collect()
+        };
         if a.storage.logits {
-            let mut bits = vec![0u16; len];
+            let mut bits = vec![0u16; rows * ld];
             a.logits.copy_to_host(&mut bits).map_err(cuda_err)?;
-            return Ok(bits.into_iter().map(bf16_bits_to_f32).collect());
+            return Ok(unpad(bits.into_iter().map(bf16_bits_to_f32).collect()));
         }
-        let mut out = vec![0f32; len];
+        let mut out = vec![0f32; rows * ld];
         a.logits.copy_to_host(&mut out).map_err(cuda_err)?;
-        Ok(out)
+        Ok(unpad(out))
     }
 
     fn zero_grad(&mut self) {

@@ -311,9 +311,9 @@ impl CudaEngine {
             !c_bf16
                 || (self.bf.is_some()
                     && beta == 0.0
-                    && ldc == n
+                    && (ldc == n || post == Post::None)
                     && !matches!(post, Post::BiasGrad { .. })),
-            "a bf16 C: bf16 mode, overwritten, contiguous, no bias (gradient) epilogue"
+            "a bf16 C: bf16 mode, overwritten, contiguous with an epilogue, no bias gradient"
         );
         // An fp32 view of an operand that has one (not Src::Bf16: see fp32_operand).
         let fp32 = |o: Lin| Operand {
@@ -409,7 +409,8 @@ impl CudaEngine {
                 self.bias_broadcast(out, b32, m, n)?;
                 (out, 1.0)
             }
-            (_, Out::Bf16(_)) => (self.wide_out(m * n)?, 0.0),
+            // (Rows ldc apart: the columns past n go through the cast unused.)
+            (_, Out::Bf16(_)) => (self.wide_out(m * ldc)?, 0.0),
             (_, Out::F32(c)) => (c, beta),
         };
         let sgemm = || -> CResult<()> {
@@ -436,7 +437,7 @@ impl CudaEngine {
         }
         let len = Arg::I64((m * n) as i64);
         match (post, c) {
-            (Post::None | Post::Bias(_), Out::Bf16(c)) => self.cast_bf16(c, out, m * n),
+            (Post::None | Post::Bias(_), Out::Bf16(c)) => self.cast_bf16(c, out, m * ldc),
             (Post::Gelu { pre, .. }, Out::F32(c)) => self.run(
                 self.k.gelu_forward,
                 grid_vec(m * n),

@@ -261,11 +261,11 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
         // targets read, f64 losses written.
         // bf16 logits read, and overwritten by their bf16 gradient with write_grad.
         "cross_entropy_bf16" => {
-            let (n, v, grad) = (a(3)?, a(4)?, a(6)?);
+            let (n, v, grad) = (a(3)?, a(4)?, a(7)?);
             (2.0 + 2.0 * grad.min(1.0)) * n * v + f * n + 8.0 * n
         }
         "cross_entropy_forward_backward" => {
-            let (n, v, grad) = (a(4)?, a(5)?, a(7)?);
+            let (n, v, grad) = (a(4)?, a(5)?, a(8)?);
             let grad_bytes = if present(args, 1)? > 0.0 { 2.0 } else { f };
             f * n * v + grad.min(1.0) * grad_bytes * n * v + f * n + 8.0 * n
         }
@@ -1092,7 +1092,16 @@ mod tests {
         assert_eq!(
             kb(
                 "cross_entropy_bf16",
-                &[Ptr(1), Ptr(2), Ptr(3), I32(3), I32(100), F32(0.5), I32(1)]
+                &[
+                    Ptr(1),
+                    Ptr(2),
+                    Ptr(3),
+                    I32(3),
+                    I32(100),
+                    I32(104),
+                    F32(0.5),
+                    I32(1)
+                ]
             ),
             Some(4.0 * 300.0 + 12.0 + 24.0)
         );
@@ -1129,6 +1138,7 @@ mod tests {
                     Ptr(3),
                     I32(2),
                     I32(5),
+                    I32(8),
                     F32(0.5),
                     I32(1)
                 ]
@@ -1146,6 +1156,7 @@ mod tests {
                     Ptr(3),
                     I32(2),
                     I32(5),
+                    I32(8),
                     F32(0.5),
                     I32(1)
                 ]
