@@ -26,11 +26,14 @@
 //                                    flat elements [4t, 4t + 4) (grid_vec(rows * cols));
 //                                    vector path when cols % 4 == 0 and out, b are aligned.
 // add_inplace(dst, src, n)           dst += src
-// dropout_apply(out, in, n, seed, threshold, scale)
+// dropout_apply(out, in, n, seeds, slot, threshold, scale)
 //                                    out[i] = keep(seed, i) ? in[i] * scale : 0, with i the
-//                                    flat element index; out may equal in. keep() is the
-//                                    splitmix64-style hash of src/engine/dropout.rs, so
-//                                    masks match the CPU engine bit for bit.
+//                                    flat element index and seed = seeds[slot] (the pass's
+//                                    seed table in device memory, so that a captured graph
+//                                    replays with the seeds of each new pass); out may equal
+//                                    in. keep() is the splitmix64-style hash of
+//                                    src/engine/dropout.rs, so masks match the CPU engine
+//                                    bit for bit.
 // colsum_parts(parts, m, rows, cols, rows_per_part)
 //                                    parts[p, c] = sum over rows [p*rpp, min(rows,(p+1)*rpp))
 //                                    (in order) of m[r, c]. Thread t owns columns
@@ -176,8 +179,9 @@ extern "C" __global__ void add_inplace(float* __restrict__ dst, const float* __r
 }
 
 extern "C" __global__ void dropout_apply(float* out, const float* in, long long n,
-                                         unsigned long long seed, unsigned int threshold,
-                                         float scale) {
+                                         const unsigned long long* __restrict__ seeds,
+                                         int slot, unsigned int threshold, float scale) {
+    const unsigned long long seed = seeds[slot];
     int s = vec_shift(out, 4);
     Group4 g = group4(thread_1d(), n, s, vec_shift(in, 4) == s);
     if (g.e0 >= n) return;

@@ -27,13 +27,15 @@ g++ -std=c++17 -O2 -Wall -o "$emu/blas_check" tools/gpu_emulate/blas_check.cpp -
 "$emu/blas_check" "$emu" | tail -n 1
 g++ -std=c++17 -O2 -Wall -pthread -o "$emu/nccl_check" tools/gpu_emulate/nccl_check.cpp -ldl
 "$emu/nccl_check" "$emu" | tail -n 1
+g++ -std=c++17 -O2 -Wall -pthread -o "$emu/graph_check" tools/gpu_emulate/graph_check.cpp -ldl
+"$emu/graph_check" "$emu" 2>/dev/null | tail -n 1  # (stderr: the refusals it provokes)
 export LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Every GPU test must run here: a skip is a failure.
 export NANOGPT_REQUIRE_GPU=1
 export XDG_CACHE_HOME="$PWD/target/gpu_emulate/cache"
 export GPU_EMULATE_DEVICES=2
 # (tests/nccl.rs and tests/zero.rs also hold tests that need no GPU; they run here as well.)
-tests=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_epilogues cuda_recompute
+tests=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_graphs cuda_epilogues cuda_recompute
        cuda_profile cuda_overlap nccl zero)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done

@@ -8,7 +8,7 @@
 #
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
-#    cuda_switches, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, cuda_overlap, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
+#    cuda_switches, cuda_graphs, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, cuda_overlap, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
 #    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
 #    tests read tests/fixtures/ relative to the working directory.
 #
@@ -29,6 +29,8 @@
 #                                                                 -> cuda_flash.log
 #      switches        cuda_switches: the engine with fused attention on vs off
 #                      (NANOGPT_CUDA_DISABLE=flash), fp32 and bf16 -> cuda_switches.log
+#      graphs          cuda_graphs: training micro-steps replayed as CUDA graphs give the
+#                      same bits as launch by launch, fp32 and bf16 -> cuda_graphs.log
 #      epilogues       cuda_epilogues: cuBLASLt epilogues vs float64, fused vs unfused
 #                      bf16 engine, fused bf16 vs the CPU engine -> cuda_epilogues.log
 #      recompute       cuda_recompute: recompute=1 and 2 vs 0 (fp32, bf16), bit-identical
@@ -62,6 +64,11 @@
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
+#      bench-small-bf16, bench-small-graphs-off, bench-124m-graphs-off: what CUDA graphs
+#                      are worth: nanoGPT's Shakespeare model size (6 x 384, T=256, B=64,
+#                      bf16) with and without them, and gpt2 124M bf16 without them
+#                      -> bench_small_bf16.log, bench_small_bf16_graphs_off.log,
+#                         bench_124m_bf16_graphs_off.log
 #      sample-*        `nanogpt sample` speed with the KV cache: a gpt2-sized model (12 x 768,
 #                      block 1024, character vocabulary) trained 2 iterations on this
 #                      repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
@@ -73,8 +80,8 @@
 set -u
 
 # The test binaries staged and run (each a tests/<name>.rs).
-test_binaries=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_epilogues
-    cuda_recompute nccl cuda_overlap zero cuda_profile)
+test_binaries=(cuda_engine cuda_auto cuda_decode cuda_flash cuda_switches cuda_graphs
+    cuda_epilogues cuda_recompute nccl cuda_overlap zero cuda_profile)
 
 if [ "${1:-}" = "--stage" ]; then
     set -e
@@ -159,6 +166,7 @@ gpu_test auto 45 cuda_auto cuda_auto.log
 gpu_test tests-decode 90 cuda_decode cuda_decode.log
 gpu_test flash 90 cuda_flash cuda_flash.log
 gpu_test switches 45 cuda_switches cuda_switches.log
+gpu_test graphs 45 cuda_graphs cuda_graphs.log
 gpu_test epilogues 60 cuda_epilogues cuda_epilogues.log
 gpu_test recompute 45 cuda_recompute cuda_recompute.log
 gpu_test nccl 60 nccl nccl.log
@@ -192,6 +200,12 @@ step bench-mlp-off 60 "$out/bench_124m_bf16_mlp_off.log" env NANOGPT_CUDA_DISABL
 step bench-logits-off 60 "$out/bench_124m_bf16_logits_off.log" env NANOGPT_CUDA_DISABLE=bf16_logits \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 step bench-attn-off 60 "$out/bench_124m_bf16_attn_off.log" env NANOGPT_CUDA_DISABLE=bf16_attn \
+    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
+small=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
+bench bench-small-bf16 30 bench_small_bf16.log bfloat16 "${small[@]}"
+step bench-small-graphs-off 30 "$out/bench_small_bf16_graphs_off.log" env NANOGPT_CUDA_DISABLE=graphs \
+    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${small[@]}"
+step bench-124m-graphs-off 60 "$out/bench_124m_bf16_graphs_off.log" env NANOGPT_CUDA_DISABLE=graphs \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
@@ -237,10 +251,11 @@ PY
 fi
 echo "--- summary ($out/summary.txt)" >&2
 cat "$summary" >&2
-for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log \
+for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switches.log cuda_graphs.log \
     cuda_epilogues.log cuda_recompute.log nccl.log cuda_overlap.log zero.log bench_124m_bf16.log torch_ref_124m_bf16.log \
     bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log bench_memory_124m_bf16_r2.log \
-    bench_124m.log cuda_flash_timing.log bench_small.log; do
+    bench_124m.log cuda_flash_timing.log bench_small.log bench_small_bf16.log \
+    bench_small_bf16_graphs_off.log bench_124m_bf16_graphs_off.log; do
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done

@@ -318,6 +318,9 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
         r.median_ms, r.min_ms, r.max_ms, r.tokens_per_s, r.gflops
     );
     println!("{}", serde_json::to_string(&r)?);
+    if let Some(line) = eng.launch_report() {
+        eprintln!("bench: {line}");
+    }
     if cfg.profiling() {
         match bench::profile(eng.as_mut(), &spec) {
             None => eprintln!(

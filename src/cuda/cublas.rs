@@ -131,6 +131,13 @@ impl Sgemm {
         Ok(g)
     }
 
+    /// Makes the handle enqueue its work on `stream` from now on.
+    pub fn set_stream(&self, stream: &crate::cuda::driver::Stream) -> Result<(), CudaError> {
+        // SAFETY: live handle and stream.
+        let s = unsafe { (self.api.cublasSetStream_v2)(self.handle, stream.s) };
+        self.check(s, "cublasSetStream")
+    }
+
     fn check(&self, s: c_int, call: &'static str) -> Result<(), CudaError> {
         if s == 0 {
             return Ok(());

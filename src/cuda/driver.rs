@@ -51,6 +51,7 @@ api! {
         fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CuDevicePtr, bytes: usize) -> CuResult;
         fn cuMemcpyDtoDAsync_v2(dst: CuDevicePtr, src: CuDevicePtr, bytes: usize, s: CuStream) -> CuResult;
         fn cuMemsetD8_v2(dst: CuDevicePtr, value: u8, n: usize) -> CuResult;
+        fn cuMemsetD8Async(dst: CuDevicePtr, value: u8, n: usize, s: CuStream) -> CuResult;
         // cuda.h: `#define cuMemAllocHost cuMemAllocHost_v2`; cuMemFreeHost has no _v2 form.
         fn cuMemAllocHost_v2(p: *mut *mut c_void, bytes: usize) -> CuResult;
         fn cuMemFreeHost(p: *mut c_void) -> CuResult;
@@ -100,6 +101,24 @@ type CuFuncGetName = unsafe extern "C" fn(*mut *const c_char, CuFunction) -> CuR
 /// A loaded driver.
 pub struct Driver {
     pub api: DriverApi,
+    /// The graph entry points, when this driver has them ([`super::graph`]).
+    pub graphs: Option<super::graph::GraphApi>,
+}
+
+/// Counts allocations and frees of device or pinned memory made through one [`Context`]
+/// value (shared with its buffers, which count their own frees): work captured into a graph
+/// ([`super::graph`]) holds raw pointers, so a change means a capture may point at memory
+/// that is gone.
+#[derive(Clone, Default)]
+struct MemoryEpoch(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl MemoryEpoch {
+    fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn bump(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the doctor reports about one GPU.
@@ -128,6 +147,7 @@ impl Driver {
     pub fn load(path: &Path) -> Result<Driver, CudaError> {
         Ok(Driver {
             api: DriverApi::load(path)?,
+            graphs: super::graph::GraphApi::load(path).ok(),
         })
     }
 
@@ -271,6 +291,7 @@ impl Driver {
             "cuDevicePrimaryCtxRetain",
         )?;
         let c = Context {
+            epoch: MemoryEpoch::default(),
             drv: self,
             dev,
             ctx,
@@ -283,6 +304,7 @@ impl Driver {
 /// A retained primary context; released on drop.
 pub struct Context<'a> {
     pub drv: &'a Driver,
+    epoch: MemoryEpoch,
     dev: CuDevice,
     ctx: CuContext,
 }
@@ -294,6 +316,12 @@ impl<'a> Context<'a> {
             unsafe { (self.drv.api.cuCtxSetCurrent)(self.ctx) },
             "cuCtxSetCurrent",
         )
+    }
+
+    /// Changes whenever device or pinned memory is allocated through this context value
+    /// or one of its buffers is freed.
+    pub fn memory_epoch(&self) -> u64 {
+        self.epoch.get()
     }
 
     pub fn synchronize(&self) -> Result<(), CudaError> {
@@ -326,7 +354,9 @@ impl<'a> Context<'a> {
             unsafe { (self.drv.api.cuMemAlloc_v2)(&mut ptr, bytes.max(1)) },
             "cuMemAlloc",
         )?;
+        self.epoch.bump();
         Ok(DeviceBuffer {
+            epoch: self.epoch.clone(),
             drv: self.drv,
             ptr,
             bytes,
@@ -342,7 +372,9 @@ impl<'a> Context<'a> {
             unsafe { (self.drv.api.cuMemAllocHost_v2)(&mut ptr, bytes.max(1)) },
             "cuMemAllocHost",
         )?;
+        self.epoch.bump();
         Ok(PinnedBuffer {
+            epoch: self.epoch.clone(),
             drv: self.drv,
             ptr: ptr as *mut u8,
             bytes,
@@ -407,6 +439,7 @@ impl Drop for Context<'_> {
 /// Device memory; freed on drop.
 pub struct DeviceBuffer<'a> {
     drv: &'a Driver,
+    epoch: MemoryEpoch,
     pub ptr: CuDevicePtr,
     pub bytes: usize,
 }
@@ -486,12 +519,14 @@ impl Drop for DeviceBuffer<'_> {
     fn drop(&mut self) {
         // SAFETY: ptr came from cuMemAlloc and is freed once.
         unsafe { (self.drv.api.cuMemFree_v2)(self.ptr) };
+        self.epoch.bump();
     }
 }
 
 /// Page-locked host memory (`cuMemAllocHost`); freed on drop.
 pub struct PinnedBuffer<'a> {
     drv: &'a Driver,
+    epoch: MemoryEpoch,
     ptr: *mut u8,
     bytes: usize,
 }
@@ -500,6 +535,7 @@ impl Drop for PinnedBuffer<'_> {
     fn drop(&mut self) {
         // SAFETY: ptr came from cuMemAllocHost and is freed once.
         unsafe { (self.drv.api.cuMemFreeHost)(self.ptr as *mut c_void) };
+        self.epoch.bump();
     }
 }
 
@@ -508,11 +544,18 @@ impl Drop for PinnedBuffer<'_> {
 /// it hands data over nor when it asks for data back, only when it reads the result. An
 /// event recorded after each copy through the buffer keeps the host from rewriting it
 /// before an upload has read it, or reading it before a download has landed.
+///
+/// Inside a graph capture ([`Staging::set_capturing`]) the copies are recorded without the
+/// event (an event recorded during a capture marks nothing at replay); after each launch of
+/// the graph [`Staging::launched`] records it, and [`Staging::fill`] hands the next data
+/// over to the recorded upload.
 pub struct Staging<'a> {
     buf: PinnedBuffer<'a>,
     done: Event<'a>,
     /// A copy through the buffer was enqueued and `done` recorded after it.
     pending: std::cell::Cell<bool>,
+    /// Copies are being recorded into a graph, not enqueued.
+    capturing: std::cell::Cell<bool>,
 }
 
 impl<'a> Staging<'a> {
@@ -522,7 +565,46 @@ impl<'a> Staging<'a> {
             buf: ctx.alloc_pinned(bytes)?,
             done: Event::untimed(ctx.drv)?,
             pending: std::cell::Cell::new(false),
+            capturing: std::cell::Cell::new(false),
         })
+    }
+
+    /// Waits for the last copy through the buffer, then (`on`) records copies into a graph
+    /// capture without the completion event, or (`!on`) enqueues them as usual again.
+    pub fn set_capturing(&self, on: bool) -> Result<(), CudaError> {
+        self.settle()?;
+        self.capturing.set(on);
+        Ok(())
+    }
+
+    /// After a graph holding a copy through this buffer was launched on `stream`: records
+    /// the completion event behind it, as [`Staging::upload`] and [`Staging::download`] do.
+    pub fn launched(&self, stream: &Stream) -> Result<(), CudaError> {
+        self.done.record(stream)?;
+        self.pending.set(true);
+        Ok(())
+    }
+
+    /// Copies `data` into the pinned buffer (after the previous copy through it has
+    /// completed), for a graph's recorded upload to `dst` to take at its next launch.
+    pub fn fill<T: bytemuck::Pod>(&self, data: &[T], dst: &DeviceBuffer) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(data);
+        self.fits(bytes, dst, "an upload")?;
+        self.settle()?;
+        // SAFETY: the pinned buffer holds at least `bytes` and no copy is using it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, self.buf.ptr, bytes);
+        }
+        Ok(())
+    }
+
+    /// Records `done` after a copy just enqueued, unless the copy went into a capture.
+    fn enqueued(&self, stream: &Stream) -> Result<(), CudaError> {
+        if !self.capturing.get() {
+            self.done.record(stream)?;
+            self.pending.set(true);
+        }
+        Ok(())
     }
 
     /// Waits for the last copy through the buffer (if any) to complete.
@@ -555,12 +637,7 @@ impl<'a> Staging<'a> {
         stream: &Stream,
     ) -> Result<(), CudaError> {
         let bytes = std::mem::size_of_val(data);
-        self.fits(bytes, dst, "an upload")?;
-        self.settle()?;
-        // SAFETY: the pinned buffer holds at least `bytes` and no copy is using it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, self.buf.ptr, bytes);
-        }
+        self.fill(data, dst)?;
         // SAFETY: `bytes` fit the pinned buffer and the device buffer; the buffer is not
         // touched again before `done` (recorded below) completes.
         self.buf.drv.check(
@@ -574,9 +651,7 @@ impl<'a> Staging<'a> {
             },
             "cuMemcpyHtoDAsync",
         )?;
-        self.done.record(stream)?;
-        self.pending.set(true);
-        Ok(())
+        self.enqueued(stream)
     }
 
     /// Enqueues a copy of the first `bytes` of `src` into the pinned buffer on `stream`;
@@ -602,9 +677,7 @@ impl<'a> Staging<'a> {
             },
             "cuMemcpyDtoHAsync",
         )?;
-        self.done.record(stream)?;
-        self.pending.set(true);
-        Ok(())
+        self.enqueued(stream)
     }
 
     /// The first `out.len()` values of the last download, once it has completed.
@@ -638,7 +711,12 @@ pub struct Stream<'a> {
     pub s: CuStream,
 }
 
-impl Stream<'_> {
+impl<'a> Stream<'a> {
+    /// The driver this stream belongs to.
+    pub fn driver(&self) -> &'a Driver {
+        self.drv
+    }
+
     /// Makes work enqueued on this stream from now on wait until `event`'s most recent
     /// record has completed (the event may be recorded again right after this call).
     pub fn wait_event(&self, event: &Event) -> Result<(), CudaError> {
@@ -655,6 +733,16 @@ impl Stream<'_> {
         self.drv.check(
             unsafe { (self.drv.api.cuStreamSynchronize)(self.s) },
             "cuStreamSynchronize",
+        )
+    }
+
+    /// Zeroes `buf` in stream order (also inside a graph capture, unlike
+    /// [`DeviceBuffer::zero`], which goes through the legacy default stream).
+    pub fn zero(&self, buf: &DeviceBuffer) -> Result<(), CudaError> {
+        // SAFETY: writes exactly the buffer, on a live stream.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemsetD8Async)(buf.ptr, 0, buf.bytes, self.s) },
+            "cuMemsetD8Async",
         )
     }
 

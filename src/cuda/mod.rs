@@ -1,5 +1,5 @@
 //! The CUDA stack, loaded at run time: which library files to use ([`discover`]), thin
-//! dynamically-loaded bindings for the few entry points we call ([`driver`], [`nvrtc`],
+//! dynamically-loaded bindings for the few entry points we call ([`driver`], [`graph`], [`nvrtc`],
 //! [`cublaslt`], [`nccl`], [`cublas`]), the bf16 reference conversions the kernels are
 //! checked against ([`bf16`]) and the table of GPU peak FLOP/s used for MFU ([`peak`]).
 //!
@@ -15,6 +15,7 @@ pub mod cublaslt;
 pub mod discover;
 mod dl;
 pub mod driver;
+pub mod graph;
 pub mod nccl;
 pub mod nvrtc;
 pub mod peak;

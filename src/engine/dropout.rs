@@ -16,16 +16,23 @@ pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
     (z >> 32) as u32 >= threshold
 }
 
-/// Dropout parameters for one site: `seed` and probability `p` (p = 0 disables).
+/// Dropout parameters for one site: `seed` and probability `p` (p = 0 disables). `slot`
+/// is the site's place in its pass's seed table ([`DropoutSeeds::table`]), for engines that
+/// keep the seeds in device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
     pub seed: u64,
     pub p: f32,
+    pub slot: usize,
 }
 
 impl Dropout {
     pub fn off() -> Self {
-        Dropout { seed: 0, p: 0.0 }
+        Dropout {
+            seed: 0,
+            p: 0.0,
+            slot: 0,
+        }
     }
     pub fn active(&self) -> bool {
         self.p > 0.0
@@ -76,8 +83,33 @@ impl DropoutSeeds {
         Dropout {
             seed: r.next_u64(),
             p: self.p,
+            slot: if which == 0 {
+                0
+            } else {
+                1 + 3 * layer + which as usize - 1
+            },
         }
     }
+
+    /// Every site's seed of a pass over `n_layer` layers, by slot: the embedding's, then
+    /// each layer's attention probabilities, attention residual and MLP residual.
+    pub fn table(&self, n_layer: usize) -> Vec<u64> {
+        let mut seeds = vec![self.embedding().seed];
+        for l in 0..n_layer {
+            seeds.extend([
+                self.attn_probs(l).seed,
+                self.attn_resid(l).seed,
+                self.mlp_resid(l).seed,
+            ]);
+        }
+        seeds
+    }
+
+    /// Slots in the seed table of a pass over `n_layer` layers.
+    pub fn slots(n_layer: usize) -> usize {
+        1 + 3 * n_layer
+    }
+
     pub fn embedding(&self) -> Dropout {
         self.site(usize::MAX >> 9, 0)
     }
@@ -89,5 +121,30 @@ impl DropoutSeeds {
     }
     pub fn mlp_resid(&self, l: usize) -> Dropout {
         self.site(l, 3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_site_finds_its_seed_at_its_slot_of_the_table() {
+        let seeds = DropoutSeeds::draw(&mut Rng::new(7), 0.1).expect("p > 0");
+        let layers = 3;
+        let table = seeds.table(layers);
+        assert_eq!(table.len(), DropoutSeeds::slots(layers));
+        let mut sites = vec![seeds.embedding()];
+        for l in 0..layers {
+            sites.extend([seeds.attn_probs(l), seeds.attn_resid(l), seeds.mlp_resid(l)]);
+        }
+        let mut slots: Vec<usize> = sites.iter().map(|d| d.slot).collect();
+        for d in &sites {
+            assert_eq!(table[d.slot], d.seed);
+        }
+        slots.sort();
+        slots.dedup();
+        assert_eq!(slots.len(), table.len(), "two sites share a slot");
+        assert!(DropoutSeeds::draw(&mut Rng::new(7), 0.0).is_none());
     }
 }

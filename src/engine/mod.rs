@@ -270,6 +270,12 @@ pub trait Engine: Send {
     fn memory_report(&self) -> Option<cuda::profile::MemoryReport> {
         None
     }
+
+    /// How the training micro-steps so far were launched (e.g. replayed as CUDA graphs),
+    /// for benchmark logs; `None` where there is nothing to say.
+    fn launch_report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One log line on the activation memory of a training step on `b` x `t` tokens at the

@@ -70,6 +70,7 @@ RESOLVED_PATH_GLOBS = ["src/**/*.rs"]
 # api! struct -> header group.
 API_STRUCTS = {
     "DriverApi": "driver",
+    "GraphApi": "driver",
     "NvrtcApi": "nvrtc",
     "CublasApi": "cublas",
     "CublasGemmApi": "cublas",
@@ -97,6 +98,8 @@ CONSTANTS = {
     "ATTR_CC_MINOR": ("driver", "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR"),
     "CU_STREAM_NON_BLOCKING": ("driver", "CU_STREAM_NON_BLOCKING"),
     "CU_EVENT_DISABLE_TIMING": ("driver", "CU_EVENT_DISABLE_TIMING"),
+    # src/cuda/graph.rs
+    "CU_STREAM_CAPTURE_MODE_THREAD_LOCAL": ("driver", "CU_STREAM_CAPTURE_MODE_THREAD_LOCAL"),
     # src/cuda/cublas.rs
     "cublas.rs:CUBLAS_OP_N": ("cublas", "CUBLAS_OP_N"),
     "cublas.rs:CUBLAS_OP_T": ("cublas", "CUBLAS_OP_T"),

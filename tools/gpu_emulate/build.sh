@@ -15,8 +15,11 @@ g++ "${flags[@]}" -c -o "$out/kernels.o" "$here/kernels.cpp" &
 g++ "${flags[@]}" -c -o "$out/kernels_flash.o" "$here/kernels_flash.cpp" &
 g++ "${flags[@]}" -c -o "$out/driver.o" "$here/driver.cpp" &
 wait %1 && wait %2 && wait %3
-g++ -shared -o "$out/libcuda.so.1" "$out/driver.o" "$out/kernels.o" "$out/kernels_flash.o"
-g++ "${flags[@]}" -shared -o "$out/libcublasLt.so.13" "$here/cublaslt.cpp"
-g++ "${flags[@]}" -shared -o "$out/libcublas.so.13" "$here/cublas.cpp"
+# The soname lets a library that asks the loader for libcuda.so.1 find this one once loaded,
+# however it was opened (the cuBLAS stand-ins look for the driver's capture hook that way).
+g++ -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so.1" "$out/driver.o" "$out/kernels.o" \
+    "$out/kernels_flash.o"
+g++ "${flags[@]}" -shared -o "$out/libcublasLt.so.13" "$here/cublaslt.cpp" -ldl
+g++ "${flags[@]}" -shared -o "$out/libcublas.so.13" "$here/cublas.cpp" -ldl
 g++ "${flags[@]}" -shared -o "$out/libnccl.so.2" "$here/nccl.cpp"
 echo "$out"

@@ -1,12 +1,18 @@
 // cublas.cpp: a CPU stand-in for NVIDIA's cuBLAS (libcublas.so.13), so that the CUDA engine
 // and its tests run on a machine without a GPU (with driver.cpp's libcuda.so.1, where a
-// device pointer is a host address and every stream is synchronous). It exports the entry
+// device pointer is a host address and work is done when enqueued). It exports the entry
 // points nanogpt loads (src/cuda/cublas.rs) with cublas_v2.h's C signatures:
 //
 // - cublasGetProperty: version 13.1.0; cublasGetStatusName.
-// - cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2 (the stream is kept and ignored:
-//   the work is done before each call returns), cublasSetMathMode (kept; every mode computes
-//   in plain fp32, TF32 is not emulated).
+// - cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2 (the stream the products go to),
+//   cublasSetMathMode (kept; every mode computes in plain fp32, TF32 is not emulated).
+// - Streams: a product is done before its call returns, unless the handle's stream is being
+//   captured into a graph (driver.cpp's stream capture): then its arguments are checked now,
+//   with the same status codes, alpha and beta are read now, and the product is recorded
+//   (gpu_emulate_defer, see cublas_status.h) and computed at each launch of the graph, where
+//   the driver first checks that A, B and C (pointers 0, 1, 2) are inside live allocations. On a stream whose
+//   capture was invalidated, or on the legacy stream while a blocking stream captures, the
+//   call is CUBLAS_STATUS_EXECUTION_FAILED and does nothing.
 // - cublasSgemm_v2 and cublasSgemmStridedBatched: column-major
 //   C = alpha op(A) op(B) + beta C, op CUBLAS_OP_N, or CUBLAS_OP_T / CUBLAS_OP_C (the same for
 //   real data), alpha and beta on the host (the default pointer mode), argument checks as
@@ -103,11 +109,13 @@ void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const f
 bool valid_op(int op) { return op == OP_N || op == OP_T || op == OP_C; }
 
 // cublasSgemmStridedBatched's checks and loop (cublasSgemm_v2 is one batch).
-cublasStatus_t sgemm_batched(void* handle, int transa, int transb, int m, int n, int k,
-                             const float* alpha, const float* A, int lda, long long strideA,
-                             const float* B, int ldb, long long strideB, const float* beta,
-                             float* C, int ldc, long long strideC, int batchCount) {
-    if (lookup(handle) == nullptr) return NOT_INITIALIZED;
+cublasStatus_t sgemm_batched(const char* what, void* handle, int transa, int transb, int m,
+                             int n, int k, const float* alpha, const float* A, int lda,
+                             long long strideA, const float* B, int ldb, long long strideB,
+                             const float* beta, float* C, int ldc, long long strideC,
+                             int batchCount) {
+    Handle* h = lookup(handle);
+    if (h == nullptr) return NOT_INITIALIZED;
     if (!valid_op(transa) || !valid_op(transb)) return INVALID_VALUE;
     if (m < 0 || n < 0 || k < 0 || batchCount < 0) return INVALID_VALUE;
     const bool ta = transa != OP_N, tb = transb != OP_N;
@@ -120,12 +128,16 @@ cublasStatus_t sgemm_batched(void* handle, int transa, int transb, int m, int n,
     const float al = *alpha, be = *beta;
     if (C == nullptr) return INVALID_VALUE;
     if (al != 0.0f && k > 0 && (A == nullptr || B == nullptr)) return INVALID_VALUE;
-    std::vector<float> scratch;
-    for (long long i = 0; i < batchCount; i++) {
-        sgemm(ta, tb, m, n, k, al, A + i * strideA, lda, B + i * strideB, ldb, be,
-              C + i * strideC, ldc, scratch);
-    }
-    return SUCCESS;
+    const bool reads_ab = al != 0.0f && k > 0;
+    auto work = [=] {
+        std::vector<float> scratch;
+        for (long long i = 0; i < batchCount; i++) {
+            sgemm(ta, tb, m, n, k, al, A + i * strideA, lda, B + i * strideB, ldb, be,
+                  C + i * strideC, ldc, scratch);
+        }
+    };
+    return run_on_stream(h->stream, what, {reads_ab ? A : nullptr, reads_ab ? B : nullptr, C},
+                         work);
 }
 
 }  // namespace
@@ -185,8 +197,8 @@ cublasStatus_t cublasSetMathMode(void* handle, int mode) {
 cublasStatus_t cublasSgemm_v2(void* handle, int transa, int transb, int m, int n, int k,
                               const float* alpha, const float* A, int lda, const float* B,
                               int ldb, const float* beta, float* C, int ldc) {
-    return sgemm_batched(handle, transa, transb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C,
-                         ldc, 0, 1);
+    return sgemm_batched("cublasSgemm", handle, transa, transb, m, n, k, alpha, A, lda, 0, B,
+                         ldb, 0, beta, C, ldc, 0, 1);
 }
 
 cublasStatus_t cublasSgemmStridedBatched(void* handle, int transa, int transb, int m, int n,
@@ -194,8 +206,8 @@ cublasStatus_t cublasSgemmStridedBatched(void* handle, int transa, int transb, i
                                          long long strideA, const float* B, int ldb,
                                          long long strideB, const float* beta, float* C,
                                          int ldc, long long strideC, int batchCount) {
-    return sgemm_batched(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb,
-                         strideB, beta, C, ldc, strideC, batchCount);
+    return sgemm_batched("cublasSgemmStridedBatched", handle, transa, transb, m, n, k, alpha, A,
+                         lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batchCount);
 }
 
 }  // extern "C"

@@ -1,8 +1,9 @@
 // cublaslt.cpp: a CPU stand-in for NVIDIA's cuBLASLt (libcublasLt.so.13), so that the CUDA
 // engine and its tests run on a machine without a GPU (with driver.cpp's libcuda.so.1, where a
-// device pointer is a host address and every stream is synchronous). It exports the entry
+// device pointer is a host address and work is done when enqueued). It exports the entry
 // points nanogpt loads (the CublasLtApi block of src/cuda/cublaslt.rs) with cublasLt.h's C
-// signatures and computes on the CPU, before returning, what cublasLtMatmul documents:
+// signatures and computes on the CPU, before returning (or at each launch of a graph, see
+// Streams below), what cublasLtMatmul documents:
 //
 //   D = epilogue(alpha op(A) op(B) + beta C), column-major, op from CUBLASLT_MATMUL_DESC_TRANSA
 //   and _TRANSB (CUBLAS_OP_N, or CUBLAS_OP_T / CUBLAS_OP_C, the same for real data).
@@ -34,7 +35,19 @@
 // listed in MatmulDesc below. Handles and descriptors are checked against a table of live
 // objects, so that a destroyed or foreign one is an error (NOT_INITIALIZED for a handle,
 // INVALID_VALUE for a descriptor) rather than a crash. Element pointers must be aligned to
-// their element size. Workspace and stream arguments are ignored.
+// their element size. The workspace argument is ignored.
+//
+// Streams: the product is done before cublasLtMatmul returns, unless its stream argument is
+// being captured into a graph (driver.cpp's stream capture). Then the arguments are checked
+// now, with the same status codes, and the product is recorded (gpu_emulate_defer, see
+// cublas_status.h) with everything it reads copied: the descriptors' and layouts' contents
+// (the caller may change or destroy them after the call), alpha and beta (read at each
+// launch instead in device pointer mode, as a GPU reads them), and the pointers. It is
+// computed at each launch of the graph, where the driver first checks that A, B, C, D and
+// the bias and aux vectors are inside live allocations (a failure names them by position:
+// pointer 0 is A, then B, C, D, bias, aux, and alpha and beta in device pointer mode). On a stream whose capture was
+// invalidated, or on the legacy stream while a blocking stream captures, the call is
+// CUBLAS_STATUS_EXECUTION_FAILED and does nothing.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -637,7 +650,6 @@ cublasStatus_t cublasLtMatmul(void* lightHandle, void* computeDesc, const void* 
                               size_t workspaceSizeInBytes, void* stream) {
     (void)workspace;
     (void)workspaceSizeInBytes;
-    (void)stream;
     if (lookup<Handle>(lightHandle, Kind::Handle) == nullptr) return NOT_INITIALIZED;
     const MatmulDesc* op = lookup<MatmulDesc>(computeDesc, Kind::MatmulDesc);
     const Layout* a = lookup<Layout>(Adesc, Kind::Layout);
@@ -673,8 +685,43 @@ cublasStatus_t cublasLtMatmul(void* lightHandle, void* computeDesc, const void* 
     if (p.steps.uses_aux() && (op->aux == nullptr || !aligned(op->aux, p.aux_type)))
         return INVALID_VALUE;
 
-    run(p, alpha_f, beta_f, A, B, C, D);
-    return SUCCESS;
+    // Everything the product reads, by value: the caller may change or destroy the
+    // descriptors once the call has returned, and a recorded product runs later. alpha and
+    // beta are taken now in host pointer mode, and read when the product runs in device
+    // pointer mode, as on a GPU.
+    struct Matmul {
+        MatmulDesc op;
+        Layout a, b, c, d;
+        Problem p;
+        const void *alpha_p, *beta_p;
+        float alpha, beta;
+        const void *A, *B, *C;
+        void* D;
+        void operator()() const {
+            Problem q = p;
+            q.op = &op;
+            q.a = &a;
+            q.b = &b;
+            q.c = &c;
+            q.d = &d;
+            float al = alpha, be = beta;
+            if (op.pointer_mode == POINTER_MODE_DEVICE) {
+                std::memcpy(&al, alpha_p, sizeof al);
+                std::memcpy(&be, beta_p, sizeof be);
+            }
+            run(q, al, be, A, B, C, D);
+        }
+    };
+    Matmul work{*op, *a, *b, *c, *d, p, alpha, beta, alpha_f, beta_f, A, B, C, D};
+    bool device_scalars = op->pointer_mode == POINTER_MODE_DEVICE;
+    return run_on_stream(stream, "cublasLtMatmul",
+                         {product || p.steps.bgrad_a ? A : nullptr,
+                          product || p.steps.bgrad_b ? B : nullptr,
+                          beta_f != 0.0f ? C : nullptr, D,
+                          p.steps.uses_bias() ? op->bias : nullptr,
+                          p.steps.uses_aux() ? op->aux : nullptr,
+                          device_scalars ? alpha : nullptr, device_scalars ? beta : nullptr},
+                         work);
 }
 
 }  // extern "C"

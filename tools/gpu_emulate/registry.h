@@ -4,10 +4,20 @@
 #pragma once
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// A launch's parameters copied by value (a launch recorded into a graph keeps them, as the
+// GPU's kernel node does, since the caller's kernelParams may change or go away).
+struct EmuBoundParams {
+    virtual ~EmuBoundParams() = default;
+    // In cuLaunchKernel's form: params[i] points at parameter i, inside this object.
+    std::vector<void*> params;
+};
 
 struct EmuKernel {
     std::string name;
@@ -16,6 +26,8 @@ struct EmuKernel {
     // Checks every pointer parameter before a launch: "" when all are null or inside an
     // allocation, else what is wrong.
     std::function<std::string(void**)> check_pointers;
+    // Copies the parameters `kernelParams` points at.
+    std::function<std::unique_ptr<EmuBoundParams>(void**)> bind;
 };
 
 // Defined by driver.cpp: "" when `p` is null or points into (or one past the end of) a live
@@ -47,11 +59,26 @@ std::string emu_check(void** p, std::index_sequence<I...>) {
 }
 
 template <class... A>
+struct EmuBoundTuple final : EmuBoundParams {
+    std::tuple<EmuBare<A>...> values;
+    template <std::size_t... I>
+    EmuBoundTuple(void** p, std::index_sequence<I...>)
+        : values(*static_cast<EmuBare<A>*>(p[I])...) {
+        params = {static_cast<void*>(&std::get<I>(values))...};
+    }
+    EmuBoundTuple(const EmuBoundTuple&) = delete;  // params point into this object
+    EmuBoundTuple& operator=(const EmuBoundTuple&) = delete;
+};
+
+template <class... A>
 EmuKernel emu_kernel(const char* name, void (*f)(A...)) {
     return EmuKernel{
         name,
         [f](void** p) { emu_invoke(f, p, std::index_sequence_for<A...>{}); },
         [](void** p) { return emu_check<A...>(p, std::index_sequence_for<A...>{}); },
+        [](void** p) -> std::unique_ptr<EmuBoundParams> {
+            return std::make_unique<EmuBoundTuple<A...>>(p, std::index_sequence_for<A...>{});
+        },
     };
 }
 

@@ -269,6 +269,8 @@ static void check_unary() {
                 std::string k = "dropout_apply";
                 std::string c = begin(k, "n=" + std::to_string(n) + (inplace ? " in place" : ""), s);
                 uint64_t seed = 0x1234567890abcdefull + n;
+                // The seed at slot 2 of a table whose other slots would drop differently.
+                const unsigned long long seeds[4] = {~seed, seed + 1, seed, seed ^ 0xff};
                 uint32_t threshold = 0x40000000u;  // p = 0.25
                 float scale = 1.0f / 0.75f;
                 Buf<float> out(n, off_first(s)), in(n, off_rest(s));
@@ -276,7 +278,7 @@ static void check_unary() {
                 out.set(x);
                 float* src = inplace ? out.p : in.p;
                 emulate_serial(grid_vec(n), BLOCK, [&] {
-                    ew::dropout_apply(out.p, src, n, seed, threshold, scale);
+                    ew::dropout_apply(out.p, src, n, seeds, 2, threshold, scale);
                 });
                 end(k, c, s, (co || inplace) && shift_vec(n, off_first(s)));
                 std::vector<float> want(n);

@@ -6,6 +6,7 @@
 use super::flash::FlashIo;
 use super::{Buf, CResult, LnOut, Out, Src, PARTS};
 use crate::cuda::driver::{Context, Staging};
+use crate::engine::dropout::DropoutSeeds;
 use crate::engine::Recompute;
 use crate::model::GptConfig;
 use std::cell::OnceCell;
@@ -93,10 +94,13 @@ pub(super) struct Acts {
     pub(super) lnf_rstd: Buf,
     pub(super) logits: Buf,
     pub(super) row_loss: Buf,
-    /// Pinned host staging of the token inputs, the targets and the per-row losses: the
-    /// host hands a micro-batch over and asks for its loss without waiting for the GPU
-    /// (see [`CudaEngine::train_step`]).
-    pub(super) staged: [Staging<'static>; 3],
+    /// Pinned host staging of the token inputs, the targets, the per-row losses and the
+    /// dropout seed table: the host hands a micro-batch over and asks for its loss without
+    /// waiting for the GPU (see [`CudaEngine::train_step`]).
+    pub(super) staged: [Staging<'static>; 4],
+    /// The dropout seeds of the current training pass, by slot
+    /// ([`crate::engine::dropout::DropoutSeeds::table`]), which `dropout_apply` reads.
+    pub(super) seeds: Buf,
     pub(super) dres: Buf,
     pub(super) dtmp: Buf,
     pub(super) dln: Buf,
@@ -178,7 +182,9 @@ impl Acts {
                 Staging::new(ctx, 4 * n)?,
                 Staging::new(ctx, 4 * n)?,
                 Staging::new(ctx, 8 * n)?,
+                Staging::new(ctx, 8 * DropoutSeeds::slots(cfg.n_layer))?,
             ],
+            seeds: ctx.alloc(8 * DropoutSeeds::slots(cfg.n_layer))?,
             dres: z(n * c)?,
             dtmp: z(n * c)?,
             dln: z(n * c)?,

@@ -116,6 +116,12 @@
 //! are a few tens of KiB per micro-step, in stream order, so they need no copy stream of
 //! their own.
 //!
+//! Launch overhead: a micro-step is a few hundred kernel launches and matrix products. Where
+//! it repeats exactly (same shape, no dropout, no gradient buckets handed out during the
+//! backward pass) it is captured once as a CUDA graph and then replayed with one launch
+//! ([`graphs`], switch `graphs`), with the same bits; the host then only fills the pinned
+//! input buffers and waits for the loss.
+//!
 //! The other kernels (`kernels/*.cu`) are compiled by NVRTC for
 //! the GPU when the engine starts and cached on disk ([`kernels`]).
 //!
@@ -150,6 +156,7 @@ mod acts;
 mod attention;
 mod decode;
 pub mod flash;
+pub mod graphs;
 pub mod kernels;
 mod optimizer;
 mod products;
@@ -195,6 +202,7 @@ const SLOT_GRAD: usize = 1;
 const STAGE_INPUTS: usize = 0;
 const STAGE_TARGETS: usize = 1;
 const STAGE_LOSSES: usize = 2;
+const STAGE_SEEDS: usize = 3;
 
 /// The arithmetic of the linear layers and the LM head (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,6 +255,8 @@ struct PendingLoss {
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
+    /// The captured training micro-step ([`graphs`]); first, as it points into the rest.
+    graphs: graphs::StepGraphs,
     /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
     profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
@@ -265,6 +275,11 @@ pub struct CudaEngine {
     blas: Sgemm,
     k: Kernels,
     stream: Stream<'static>,
+    /// Where a micro-step is recorded into a graph ([`graphs`]): a non-blocking stream, so
+    /// that the capture has no implicit tie to the legacy default stream, which other
+    /// threads (and the engine between micro-steps) use for copies and memsets. It is
+    /// swapped in as `stream` while the capture records.
+    capture_stream: Stream<'static>,
     ctx: Context<'static>,
     cfg: GptConfig,
     layout: ParamLayout,
@@ -343,6 +358,7 @@ impl CudaEngine {
         }
         let ctx = stack.driver.context(device).map_err(cuda_err)?;
         let stream = ctx.stream().map_err(cuda_err)?;
+        let capture_stream = ctx.stream_non_blocking().map_err(cuda_err)?;
         let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
         let k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
         let blas = Sgemm::new(&stack.cublas, &stream).map_err(|e| {
@@ -411,6 +427,7 @@ impl CudaEngine {
             Precision::F32 => None,
         };
         let engine = CudaEngine {
+            graphs: graphs::StepGraphs::default(),
             bf,
             acts: None,
             params: p,
@@ -423,6 +440,7 @@ impl CudaEngine {
             blas,
             k,
             stream,
+            capture_stream,
             ctx,
             runs: merge_runs(layout.decay_runs()),
             layout,
@@ -445,6 +463,12 @@ impl CudaEngine {
     /// The optimisations this engine uses.
     pub fn switches(&self) -> Switches {
         self.switches
+    }
+
+    /// How this engine's training micro-steps ran so far: captured into a CUDA graph,
+    /// replayed as one, or launch by launch ([`graphs`]).
+    pub fn graph_counts(&self) -> graphs::GraphCounts {
+        self.graphs.counts
     }
 
     /// Which attention a pass over `b` rows of `t` tokens takes: `Some(math)` for the fused
@@ -572,6 +596,13 @@ impl CudaEngine {
         if !d.active() {
             return Ok(());
         }
+        // The seed comes from the pass's table on the GPU (uploaded by `forward`).
+        let seeds = self
+            .acts
+            .as_ref()
+            .expect("dropout runs in a pass")
+            .seeds
+            .ptr;
         self.run(
             self.k.dropout_apply,
             grid_vec(n),
@@ -579,7 +610,8 @@ impl CudaEngine {
                 Arg::Ptr(out),
                 Arg::Ptr(inp),
                 Arg::I64(n as i64),
-                Arg::U64(d.seed),
+                Arg::Ptr(seeds),
+                Arg::I32(d.slot as i32),
                 Arg::U32(d.threshold()),
                 Arg::F32(d.scale()),
             ],
@@ -930,6 +962,9 @@ impl CudaEngine {
         let lay = &self.layout;
         let (c, n) = (cfg.n_embd, b * t);
         a.staged[STAGE_INPUTS].upload(inputs, &a.inputs, &self.stream)?;
+        if let Some(d) = drop {
+            a.staged[STAGE_SEEDS].upload(&d.table(cfg.n_layer), &a.seeds, &self.stream)?;
+        }
         self.run(
             self.k.embedding_forward,
             grid_vec(n * c),
@@ -1145,7 +1180,7 @@ impl CudaEngine {
             self.g(lay.wte),
             c,
         )?;
-        a.dres.zero()?;
+        self.stream.zero(&a.dres)?;
         // Whether residual dropout sits between dres and the branch of layer l that reads it
         // (the MLP branch, `mlp`, or the attention branch).
         let branch_dropout = |l: usize, mlp: bool| {
@@ -1478,6 +1513,22 @@ impl CudaEngine {
         super::check_batch(&self.cfg, &batch, true)?;
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
+        let key = (self.switches.graphs
+            && ready.is_none()
+            && self.profiler.is_none()
+            && self.ctx.drv.graphs.is_some())
+        .then(|| graphs::StepKey {
+            b: batch.b,
+            t: batch.t,
+            loss_scale: loss_scale.to_bits(),
+            counted: batch.targets.iter().filter(|&&t| t >= 0).count(),
+            recompute: self.recompute,
+        });
+        if let Some(key) = key {
+            if let Some(loss) = self.graph_step(key, &batch, drop).map_err(cuda_err)? {
+                return Ok(loss);
+            }
+        }
         self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)
             .map_err(cuda_err)?;
         let pending = self
@@ -1485,7 +1536,99 @@ impl CudaEngine {
             .map_err(cuda_err)?;
         self.backward(batch.b, batch.t, drop, ready)
             .map_err(cuda_err)?;
+        self.graphs.ran_direct(key, self.ctx.memory_epoch());
         self.mean_loss(pending).map_err(cuda_err)
+    }
+
+    /// The micro-step of `key` as one graph launch (captured first when [`graphs`] says
+    /// so); `None` when it is to run launch by launch instead.
+    fn graph_step(
+        &mut self,
+        key: graphs::StepKey,
+        batch: &Batch,
+        drop: Option<DropoutSeeds>,
+    ) -> CResult<Option<f32>> {
+        self.ctx.make_current()?;
+        let epoch = self.ctx.memory_epoch();
+        let pending = PendingLoss {
+            rows: batch.b * batch.t,
+            count: key.counted,
+        };
+        match self.graphs.plan(key, epoch) {
+            graphs::Plan::Direct => return Ok(None),
+            graphs::Plan::Replay(exec) => {
+                let a = self.acts.as_ref().expect("a captured step has activations");
+                a.staged[STAGE_INPUTS].fill(batch.inputs, &a.inputs)?;
+                a.staged[STAGE_TARGETS].fill(batch.targets, &a.targets)?;
+                if let Some(d) = drop {
+                    a.staged[STAGE_SEEDS].fill(&d.table(self.cfg.n_layer), &a.seeds)?;
+                }
+                exec.launch(&self.stream)?;
+            }
+            graphs::Plan::Capture => {
+                // Recording fills the staging buffers with this micro-batch as it goes.
+                let exec = match self.capture_step(batch, key, drop) {
+                    Ok(exec) if self.ctx.memory_epoch() == epoch => exec,
+                    outcome => {
+                        let why = match outcome {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "memory was allocated while recording".into(),
+                        };
+                        if self.graphs.refuse(key) {
+                            eprintln!(
+                                "CUDA graphs: the training step could not be captured ({why}); \
+                                 running it launch by launch (NANOGPT_CUDA_DISABLE=graphs \
+                                 does so from the start)"
+                            );
+                        }
+                        return Ok(None);
+                    }
+                };
+                self.graphs.captured(key, epoch, exec);
+                let exec = self.graphs.exec().expect("captured just above");
+                exec.launch(&self.stream)?;
+            }
+        }
+        self.graphs.counts.replays += 1;
+        let a = self.acts.as_ref().expect("a captured step has activations");
+        for staged in &a.staged {
+            staged.launched(&self.stream)?;
+        }
+        self.mean_loss(pending).map(Some)
+    }
+
+    /// Records forward, loss and backward of `batch` into a graph (nothing runs).
+    fn capture_step(
+        &mut self,
+        batch: &Batch,
+        key: graphs::StepKey,
+        drop: Option<DropoutSeeds>,
+    ) -> CResult<crate::cuda::graph::GraphExec<'static>> {
+        let loss_scale = f32::from_bits(key.loss_scale);
+        let staging = |engine: &Self, on: bool| -> CResult<()> {
+            if let Some(a) = &engine.acts {
+                for staged in &a.staged {
+                    staged.set_capturing(on)?;
+                }
+            }
+            Ok(())
+        };
+        // The first micro-step of this key ran launch by launch, so the activations exist.
+        staging(self, true)?;
+        std::mem::swap(&mut self.stream, &mut self.capture_stream);
+        let exec = self.blas.set_stream(&self.stream).and_then(|()| {
+            self.stream.begin_capture()?;
+            let recorded = (|| {
+                self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)?;
+                self.cross_entropy(batch.targets, Some(loss_scale))?;
+                self.backward(batch.b, batch.t, drop, None)
+            })();
+            self.stream.end_capture(recorded)
+        });
+        std::mem::swap(&mut self.stream, &mut self.capture_stream);
+        self.blas.set_stream(&self.stream)?;
+        staging(self, false)?;
+        exec
     }
 }
 
@@ -1711,6 +1854,23 @@ impl Engine for CudaEngine {
 
     fn memory_report(&self) -> Option<profile::MemoryReport> {
         Some(self.memory())
+    }
+
+    fn launch_report(&self) -> Option<String> {
+        let c = self.graphs.counts;
+        Some(format!(
+            "{} training micro-steps: {} replayed as CUDA graphs ({} captured), {} launched \
+             kernel by kernel{}",
+            c.replays + c.direct,
+            c.replays,
+            c.captures,
+            c.direct,
+            if self.switches.graphs {
+                ""
+            } else {
+                " (graphs switched off)"
+            }
+        ))
     }
 
     fn set_recompute(&mut self, recompute: Recompute) {

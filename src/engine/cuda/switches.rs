@@ -37,6 +37,11 @@
 //!   output's gradient in bf16 for the attention backward (otherwise fp32, rounded as the
 //!   kernels load them and by cast passes before the products). Changes two values: the qkv
 //!   bias is added in its bf16 copy, and the backward's D = y . dy sums bf16 y and dy
+//! - `graphs`: a training micro-step (forward, loss, backward) captured once as a CUDA
+//!   graph and replayed with one launch while its shape stays the same (not while
+//!   gradients are all-reduced bucket by bucket during the backward pass: see
+//!   `engine::cuda::graphs`); otherwise every kernel and product is
+//!   launched from the host, a few hundred per micro-step. The same bits either way
 //! - `all`: every one of the above
 //!
 //! An unknown name is an error listing the known ones, so that a typo never silently
@@ -53,10 +58,11 @@ pub struct Switches {
     pub bf16_mlp: bool,
     pub bf16_logits: bool,
     pub bf16_attn: bool,
+    pub graphs: bool,
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 10] = [
     "flash",
     "flash_bf16",
     "epilogues",
@@ -65,6 +71,7 @@ pub const NAMES: [&str; 9] = [
     "bf16_mlp",
     "bf16_logits",
     "bf16_attn",
+    "graphs",
     "all",
 ];
 
@@ -79,6 +86,7 @@ impl Default for Switches {
             bf16_mlp: true,
             bf16_logits: true,
             bf16_attn: true,
+            graphs: true,
         }
     }
 }
@@ -97,6 +105,7 @@ impl Switches {
                 "bf16_mlp" => s.bf16_mlp = false,
                 "bf16_logits" => s.bf16_logits = false,
                 "bf16_attn" => s.bf16_attn = false,
+                "graphs" => s.graphs = false,
                 "all" => {
                     s = Switches {
                         flash: false,
@@ -107,6 +116,7 @@ impl Switches {
                         bf16_mlp: false,
                         bf16_logits: false,
                         bf16_attn: false,
+                        graphs: false,
                     }
                 }
                 other => {
@@ -152,6 +162,9 @@ impl Switches {
         if !self.bf16_attn {
             off.push("bf16_attn");
         }
+        if !self.graphs {
+            off.push("graphs");
+        }
         off
     }
 }
@@ -180,7 +193,8 @@ mod tests {
                 "bf16_acts",
                 "bf16_mlp",
                 "bf16_logits",
-                "bf16_attn"
+                "bf16_attn",
+                "graphs"
             ]
         );
         let s = Switches::parse("bf16_acts").unwrap();
@@ -191,6 +205,9 @@ mod tests {
         let s = Switches::parse("bf16_attn").unwrap();
         assert!(s.flash_bf16 && s.bf16_logits && !s.bf16_attn);
         assert_eq!(s.disabled(), ["bf16_attn"]);
+        let s = Switches::parse("graphs").unwrap();
+        assert!(s.bf16_attn && !s.graphs);
+        assert_eq!(s.disabled(), ["graphs"]);
         let err = Switches::parse("flsh").unwrap_err();
         assert!(
             err.contains("\"flsh\"") && err.contains("epilogues"),
