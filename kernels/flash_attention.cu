@@ -28,6 +28,15 @@
 //   the same arithmetic on the same bf16 values, so y is flash_attn_fwd_bf16's output
 //   rounded to bf16 and lse is the same, when qkv holds the values it would round.
 //
+// Head size: every bf16 kernel (forward, backward, both storages) also comes as *_hs64,
+// the same code compiled for hs = 64 exactly (GPT-2's head size at every model size): its
+// register arrays and shared tiles are sized for 64 instead of FA_MAX_HS, and every loop
+// and guard over the head dimension is resolved at compile time. The same arithmetic in
+// the same order, so the same bits (tools/flash_emulate checks it); for sm_90 ptxas gives
+// it 127 (forward), 164 (dk/dv) and 126 (dq) registers per thread against 168-178, 254
+// and 224 for the generic form, and half the shared memory, so 3 to 4 blocks fit on a
+// multiprocessor instead of 2 to 3.
+//
 // flash_attn_bwd_dot(y, dy, dvec, B, T, C, NH)
 //   dvec[(b*NH+h)*T+t] = sum_d y[.., h*hs+d] * dy[.., h*hs+d]  (the D of the backward).
 //   One warp per row; block 256 (8 rows), grid ceil(B*NH*T / 8).
@@ -401,8 +410,9 @@ flash_attn_bwd_dq_f32(const float* __restrict__ qkv, const float* __restrict__ d
 // b0 is the pair K[n0+g][k0+2q, +1], contiguous in a row-major K tile. O += P V: A = P,
 // taken straight from the S accumulators (the C layout of two adjacent n-tiles is the A
 // layout of one 16-wide k chunk: a0 = S[2kc].c0,c1, a1 = S[2kc].c2,c3, a2 = S[2kc+1].c0,c1,
-// a3 = S[2kc+1].c2,c3), and B[k][n] = V[key k][d n], so V is stored transposed (Vt[d][key])
-// to make b0 the contiguous pair Vt[d0+g][kk+2q, +1]. Each warp owns 16 query rows; each
+// a3 = S[2kc+1].c2,c3), and B[k][n] = V[key k][d n]: the V tile is row-major too, and b0,
+// the pair V[kk+2q, +1][d0+g] of one column, comes from ldmatrix.trans (fa_mma_xb, which
+// also serves the backward's products by row-major tiles). Each warp owns 16 query rows; each
 // lane holds rows g and g+8 of them, so row max and row sum reduce over the 4 lanes of a
 // group (shuffles with xor 1 and 2). Inputs are rounded to bf16 (nearest even) when tiles
 // are loaded; scores, softmax, P's row sums and O stay fp32 (P is rounded to bf16 only as
@@ -497,6 +507,54 @@ __device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, 
 }
 #endif
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix", sm_75+): four 8 x 8 bf16 matrices from shared memory, each row
+// 16 contiguous bytes (16-byte aligned) whose address lane 8i + r gives for row r of matrix
+// i; with .trans, lane l receives in r[i] the elements (row 2q, column g) and (row 2q + 1,
+// column g) of matrix i (g = l >> 2, q = l & 3; the lower row in the low 16 bits).
+// That is the B fragment of mma.m16n8k16 for B[k][n] = R[k][n] stored row-major, k along
+// rows: [fa_mma_xb] reads the K, Q, dY and V tiles it multiplies by this way, so no tile is
+// ever stored transposed.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void fa_ldsm_x4_trans(unsigned (&r)[4], const unsigned short* row) {
+    unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+#endif
+
+// out (16 x hs, hs/8 n-tiles) += X B where X (16 x 16*KC) is given as the C-layout
+// accumulators x[2*KC][4] of a product (rounded to bf16 here: two adjacent n-tiles are the
+// A fragment of one 16-wide k chunk) and B[k][n] = R[k][n], R row-major (16*KC rows, ld
+// bf16 apart, 16-byte-aligned rows). The B fragments come from fa_ldsm_x4_trans: for the
+// 16-row chunk kk and columns d0 = 8*dt, matrices (rows kk.., columns d0..), (kk+8.., d0..),
+// (kk.., d0+8..), (kk+8.., d0+8..) are b0 and b1 of n-tile dt and of n-tile dt + 1 (hs is a
+// multiple of 16). Each out[dt] adds the k chunks in order.
+template <int KC, int HM>
+__device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
+                                          const unsigned short* R, int ld, int hs) {
+    const int lane = threadIdx.x & 31;
+    // The row this lane addresses: matrix lane >> 3, its row lane & 7.
+    const int mrow = (lane & 7) + ((lane >> 3) & 1) * 8, mcol = (lane >> 4) * 8;
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        unsigned a0 = fa_pack_bf16(x[2 * kc][0], x[2 * kc][1]);
+        unsigned a1 = fa_pack_bf16(x[2 * kc][2], x[2 * kc][3]);
+        unsigned a2 = fa_pack_bf16(x[2 * kc + 1][0], x[2 * kc + 1][1]);
+        unsigned a3 = fa_pack_bf16(x[2 * kc + 1][2], x[2 * kc + 1][3]);
+#pragma unroll
+        for (int dt = 0; dt < HM / 8; dt += 2) {
+            if (dt * 8 < hs) {
+                unsigned b[4];
+                fa_ldsm_x4_trans(b, R + (kc * 16 + mrow) * ld + dt * 8 + mcol);
+                fa_mma_bf16(out[dt], a0, a1, a2, a3, b[0], b[1]);
+                fa_mma_bf16(out[dt + 1], a0, a1, a2, a3, b[2], b[3]);
+            }
+        }
+    }
+}
+
 // Vector accesses are marked as in kernels/common.cuh (alignment checked by the CPU
 // emulators, nothing on the GPU).
 #ifndef VEC_ACCESS
@@ -527,56 +585,45 @@ __device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const float* p) {
 
 // Rounds rows [r0, r0 + rows) of one head's hs columns (src: row 0, column h*hs of its
 // third; rows ld_src values apart; fp32, or bf16 taken as is) to bf16 into
-// dst[r * ld + d] (row-major, when dst is not null) and dstt[d * ldt + r] (transposed,
-// when dstt is not null); rows >= T become zeros. Every thread of the block (128) takes
-// groups of 8 columns: one 16-byte global load (two for fp32) and, row-major, one 16-byte
-// shared store. Needs hs % 8 == 0 (the bf16 kernels take multiples of 16), src and
-// ld_src such that every row start is 16-byte aligned (flash.rs checks the buffers), and
-// dst rows 16-byte aligned (ld a multiple of 8, the tile arrays __align__(16)).
-// Which thread takes which group: for a row-major tile alone, consecutive threads take
-// consecutive groups of a row (each warp reads whole 128-byte rows of global memory;
-// every quarter-warp's 16-byte stores cover the 32 banks once). With a transposed copy,
-// consecutive threads take the same group of consecutive rows instead, so that each of
-// the eight transposed 2-byte stores writes 16 consecutive words (two threads per word),
-// where consecutive groups of one row would all land in one bank (ldt * 8 / 2 words
-// apart: a multiple of 32 for ldt = 40 and 72); the other halves of the global sectors
-// are read by the neighbouring warps at the same time.
+// dst[r * ld + d]; rows >= T become zeros. Every thread of the block (128) takes groups of
+// 8 columns: one 16-byte global load (two for fp32) and one 16-byte shared store;
+// consecutive threads take consecutive groups of a row (each warp reads whole 128-byte rows
+// of global memory; every quarter-warp's 16-byte stores cover the 32 banks once). Needs
+// hs % 8 == 0 (the bf16 kernels take multiples of 16), src and ld_src such that every row
+// start is 16-byte aligned (flash.rs checks the buffers), and dst rows 16-byte aligned (ld
+// a multiple of 8, the tile arrays __align__(16)). Tiles are only ever stored row-major:
+// products that need one transposed read it with ldmatrix.trans (fa_mma_xb).
 template <class S>
-__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, unsigned short* dstt,
-                                             int ldt, const S* src, long long ld_src,
-                                             int r0, int rows, int T, int hs) {
+__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, const S* src,
+                                             long long ld_src, int r0, int rows, int T,
+                                             int hs) {
     const int groups = hs / 8;
     for (int i = threadIdx.x; i < rows * groups; i += FB_THREADS) {
-        int r = dstt ? i % rows : i / groups;
-        int d = (dstt ? i / rows : i - r * groups) * 8, t = r0 + r;
+        int r = i / groups, d = (i - r * groups) * 8, t = r0 + r;
         unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (t < T) fa_ld8(v, src + (long long)t * ld_src + d);
-        if (dst) {
-            uint4 packed;
-            packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
-            packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
-            packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
-            packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
-            VEC_ACCESS(dst + r * ld + d, 16);
-            *reinterpret_cast<uint4*>(dst + r * ld + d) = packed;
-        }
-        if (dstt) {
-#pragma unroll
-            for (int e = 0; e < 8; e++) dstt[(d + e) * ldt + r] = v[e];
-        }
+        uint4 packed;
+        packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
+        packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
+        packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
+        packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
+        VEC_ACCESS(dst + r * ld + d, 16);
+        *reinterpret_cast<uint4*>(dst + r * ld + d) = packed;
     }
 }
 
-// The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of).
-template <class S>
+// The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of) and
+// head size HS (0: any multiple of 16 up to HM, C / NH; see "Head size" above).
+template <class S, int HS>
 __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __restrict__ y,
                                             float* __restrict__ lse, int T, int C, int NH,
                                             float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    // K tile (row-major, also stages Q once) and V tile (transposed), bf16 bits.
-    FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (FA_MAX_HS + FB_KPAD)];
-    FA_STATIC_SHARED __align__(16) unsigned short Vt[FA_MAX_HS * (FB_KEYS + FB_KPAD)];
-    const int hs = C / NH, ldk = hs + FB_KPAD, ldv = FB_KEYS + FB_KPAD;
+    // K tile (also stages Q once) and V tile, row-major, bf16 bits.
+    constexpr int HM = HS ? HS : FA_MAX_HS;
+    FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (HM + FB_KPAD)];
+    FA_STATIC_SHARED __align__(16) unsigned short Vs[FB_KEYS * (HM + FB_KPAD)];
+    const int hs = HS ? HS : C / NH, ldk = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS;
@@ -585,12 +632,12 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
 
     // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
-    fa_load_bf16(Ks, ldk, nullptr, 0, qb, c3, q0, FB_ROWS, T, hs);
+    fa_load_bf16(Ks, ldk, qb, c3, q0, FB_ROWS, T, hs);
     __syncthreads();
-    unsigned qf[FA_MAX_HS / 16][4];
+    unsigned qf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first row in the tile
 #pragma unroll
-    for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+    for (int kc = 0; kc < HM / 16; kc++) {
         if (kc * 16 < hs) {
             const unsigned short* p = Ks + (wr + g) * ldk + kc * 16 + 2 * q;
             qf[kc][0] = fa_ld32(p);
@@ -599,9 +646,9 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
             qf[kc][3] = fa_ld32(p + 8 * ldk + 8);
         }
     }
-    float o[FA_MAX_HS / 8][4];
+    float o[HM / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+    for (int dt = 0; dt < HM / 8; dt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
     // Running max and sum of rows g and g+8 of this warp's slice.
@@ -613,8 +660,8 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     const int kend = min(T, q0 + FB_ROWS);
     for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
         __syncthreads();  // Q staging / the previous tile's fragment loads are done
-        fa_load_bf16(Ks, ldk, nullptr, 0, qb + C, c3, k0, FB_KEYS, T, hs);
-        fa_load_bf16(nullptr, 0, Vt, ldv, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
+        fa_load_bf16(Ks, ldk, qb + C, c3, k0, FB_KEYS, T, hs);
+        fa_load_bf16(Vs, ldk, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
         __syncthreads();
         // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
         float s[FB_KEYS / 8][4];
@@ -623,7 +670,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 #pragma unroll
             for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
 #pragma unroll
-            for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+            for (int kc = 0; kc < HM / 16; kc++) {
                 if (kc * 16 < hs) {
                     const unsigned short* p = Ks + (nt * 8 + g) * ldk + kc * 16 + 2 * q;
                     fa_mma_bf16(s[nt], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], fa_ld32(p),
@@ -666,27 +713,14 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
             l[r] = l[r] * alpha[r] + sum[r];
         }
 #pragma unroll
-        for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+        for (int dt = 0; dt < HM / 8; dt++) {
             o[dt][0] *= alpha[0];
             o[dt][1] *= alpha[0];
             o[dt][2] *= alpha[1];
             o[dt][3] *= alpha[1];
         }
         // O += P V: 4 chunks of 16 keys, hs/8 n-tiles of the head dimension.
-#pragma unroll
-        for (int kc = 0; kc < FB_KEYS / 16; kc++) {
-            unsigned a0 = fa_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
-            unsigned a1 = fa_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
-            unsigned a2 = fa_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            unsigned a3 = fa_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-#pragma unroll
-            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
-                if (dt * 8 < hs) {
-                    const unsigned short* p = Vt + (dt * 8 + g) * ldv + kc * 16 + 2 * q;
-                    fa_mma_bf16(o[dt], a0, a1, a2, a3, fa_ld32(p), fa_ld32(p + 8));
-                }
-            }
-        }
+        fa_mma_xb<FB_KEYS / 16, HM>(o, s, Vs, ldk, hs);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -695,7 +729,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
             float inv = 1.0f / l[r];
             S* yr = y + ((long long)b * T + t) * C + (long long)h * hs;
 #pragma unroll
-            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+            for (int dt = 0; dt < HM / 8; dt++) {
                 if (dt * 8 < hs)
                     fa_put2(yr + dt * 8 + 2 * q, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
             }
@@ -708,13 +742,26 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 extern "C" __global__ void __launch_bounds__(FB_THREADS)
 flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
                     float* __restrict__ lse, int T, int C, int NH, float scale) {
-    fa_fwd_bf16(qkv, y, lse, T, C, NH, scale);
+    fa_fwd_bf16<float, 0>(qkv, y, lse, T, C, NH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16_hs64(const float* __restrict__ qkv, float* __restrict__ y,
+                         float* __restrict__ lse, int T, int C, int NH, float scale) {
+    fa_fwd_bf16<float, 64>(qkv, y, lse, T, C, NH, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FB_THREADS)
 flash_attn_fwd_bf16_io(const unsigned short* __restrict__ qkv, unsigned short* __restrict__ y,
                        float* __restrict__ lse, int T, int C, int NH, float scale) {
-    fa_fwd_bf16(qkv, y, lse, T, C, NH, scale);
+    fa_fwd_bf16<unsigned short, 0>(qkv, y, lse, T, C, NH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS)
+flash_attn_fwd_bf16_io_hs64(const unsigned short* __restrict__ qkv,
+                            unsigned short* __restrict__ y, float* __restrict__ lse, int T,
+                            int C, int NH, float scale) {
+    fa_fwd_bf16<unsigned short, 64>(qkv, y, lse, T, C, NH, scale);
 }
 
 // --------------------------------------------------------------------------- backward bf16
@@ -748,14 +795,13 @@ flash_attn_fwd_bf16_io(const unsigned short* __restrict__ qkv, unsigned short* _
 //       masked (key > query, or query >= T).
 //     dV (16 x hs) += P^T dY: A = P^T taken from the S^T accumulators (the C layout of two
 //       adjacent n-tiles is the A layout of one 16-wide k chunk, as in the forward),
-//       B[k][n] = dY[query k][d n]: dYt (dY transposed, dYt[d][query]),
-//       b0 = dYt[d0+g][kk+2q, +1].
-//     dK (16 x hs) += dS^T Q: A = dS^T from the dP^T accumulators, B from Qt (Q
-//       transposed) the same way. dk is scaled by `scale` when written.
-//   Shared (bf16 bits, one static array): Qs, dYs: 32 x (hs + 8) each; Qt, dYt:
-//   hs x (32 + 8) each; then lse and D of the query tile, 32 floats each. The K and V
-//   tiles (64 x (hs + 8) each) are staged through the same bytes before the loop.
-//   At hs = 128: 2 * 2 * 32 * 136 + 2 * 2 * 128 * 40 + 2 * 4 * 32 = 38144 bytes.
+//       B[k][n] = dY[query k][d n]: from dYs with ldmatrix.trans (fa_mma_xb).
+//     dK (16 x hs) += dS^T Q: A = dS^T from the dP^T accumulators, B from Qs the same way.
+//       dk is scaled by `scale` when written.
+//   Shared (bf16 bits, one static array): Qs, dYs: 32 x (hs + 8) each, then lse and D of
+//   the query tile, 32 floats each. The K and V tiles (64 x (hs + 8) each) are staged
+//   through the same bytes before the loop, which sets the size: at hs = 128,
+//   2 * 2 * 64 * 136 + 2 * 4 * 32 = 35072 bytes.
 //
 // flash_attn_bwd_dkdv_bf16_io(qkv, dy, lse, dvec, dqkv, T, C, NH, scale) and
 // flash_attn_bwd_dq_bf16_io(...): the same kernels with qkv, dy and dqkv all in bf16 (the
@@ -768,15 +814,16 @@ flash_attn_fwd_bf16_io(const unsigned short* __restrict__ qkv, unsigned short* _
 //     S (16 x 32) = Q K^T:  A = Q rows (registers), B from Ks (row-major).
 //     dP (16 x 32) = dY V^T: A = dY rows (registers), B from Vs (row-major).
 //     dS = P * (dP - D) in fp32 (lse and D of the warp's rows are held in registers).
-//     dQ (16 x hs) += dS K: A = dS from the dP accumulators, B[k][n] = K[key k][d n]: Kt
-//       (K transposed, Kt[d][key]), b0 = Kt[d0+g][kk+2q, +1]. dq is scaled when written.
-//   Shared (bf16 bits, one static array): Ks, Vs: 32 x (hs + 8) each; Kt: hs x (32 + 8).
+//     dQ (16 x hs) += dS K: A = dS from the dP accumulators, B[k][n] = K[key k][d n]:
+//       from Ks with ldmatrix.trans (fa_mma_xb). dq is scaled when written.
+//   Shared (bf16 bits, one static array): Ks, Vs: 32 x (hs + 8) each.
 //   The Q and dY tiles (64 x (hs + 8) each) are staged through the same bytes before the
 //   loop, which sets the size: 2 * 2 * 64 * 136 = 34816 bytes at hs = 128.
 //
 // Row padding of 8 bf16 keeps the fragment loads conflict-free: a row of hs + 8 bf16 is
-// (hs + 8) / 2 = 4 * (an odd number) words, and a transposed row of 40 bf16 is 20 = 4 * 5,
-// so the 8 groups (rows g) x 4 lanes (words q) of a fragment load hit 32 distinct banks.
+// (hs + 8) / 2 = 4 * (an odd number) words, so the 8 groups (rows g) x 4 lanes (words q) of
+// a fragment load hit 32 distinct banks, and so do the 8 rows of 16 bytes (4 words) of
+// each matrix an ldmatrix reads.
 
 #define FBB_THREADS 128
 static_assert(FBB_THREADS == FB_THREADS, "fa_load_bf16 serves every bf16 kernel");
@@ -784,18 +831,18 @@ static_assert(FBB_THREADS == FB_THREADS, "fa_load_bf16 serves every bf16 kernel"
 #define FBB_QCOLS 32   // queries per tile of the dk/dv loop
 #define FBB_QROWS 64   // queries per dq block (4 warps x 16)
 #define FBB_KCOLS 32   // keys per tile of the dq loop
-#define FBB_LDT (32 + FB_KPAD)  // row length of the transposed tiles (bf16)
 // Shared bytes (see above), at the largest head size.
-#define FBB_DKDV_SHORTS (2 * FBB_QCOLS * (FA_MAX_HS + FB_KPAD) + 2 * FA_MAX_HS * FBB_LDT)
-#define FBB_DQ_SHORTS (2 * FBB_QROWS * (FA_MAX_HS + FB_KPAD))
+#define FBB_DKDV_SHORTS(HM) (2 * FBB_KROWS * ((HM) + FB_KPAD))
+#define FBB_DQ_SHORTS(HM) (2 * FBB_QROWS * ((HM) + FB_KPAD))
 
 // The A fragments of the 16 rows [r0, r0 + 16) of a row-major bf16 tile (ld bf16 apart),
 // one per 16-wide chunk of the head dimension.
+template <int HM>
 __device__ __forceinline__ void fa_load_afrag(unsigned (*f)[4], const unsigned short* tile,
                                               int ld, int r0, int hs) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
-    for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+    for (int kc = 0; kc < HM / 16; kc++) {
         if (kc * 16 < hs) {
             const unsigned short* p = tile + (r0 + g) * ld + kc * 16 + 2 * q;
             f[kc][0] = fa_ld32(p);
@@ -808,6 +855,7 @@ __device__ __forceinline__ void fa_load_afrag(unsigned (*f)[4], const unsigned s
 
 // acc[nt] (16 x 8 per n-tile, 4 n-tiles: 16 x 32) = A B with A the 16 x hs fragments `a`
 // and B[k][n] = tile[n][k] (tile row-major, ld bf16 apart): the C layout of A tile^T.
+template <int HM>
 __device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[4],
                                            const unsigned short* tile, int ld, int hs) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -816,33 +864,11 @@ __device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
 #pragma unroll
-        for (int kc = 0; kc < FA_MAX_HS / 16; kc++) {
+        for (int kc = 0; kc < HM / 16; kc++) {
             if (kc * 16 < hs) {
                 const unsigned short* p = tile + (nt * 8 + g) * ld + kc * 16 + 2 * q;
                 fa_mma_bf16(acc[nt], a[kc][0], a[kc][1], a[kc][2], a[kc][3], fa_ld32(p),
                             fa_ld32(p + 8));
-            }
-        }
-    }
-}
-
-// out (16 x hs, hs/8 n-tiles) += X B where X (16 x 32) is given as the C-layout
-// accumulators x[4][4] (rounded to bf16 here) and B[k][n] = tt[n][k] (tt transposed,
-// rows FBB_LDT bf16 apart: tt[d][k]).
-__device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
-                                          const unsigned short* tt, int hs) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-#pragma unroll
-    for (int kc = 0; kc < 2; kc++) {
-        unsigned a0 = fa_pack_bf16(x[2 * kc][0], x[2 * kc][1]);
-        unsigned a1 = fa_pack_bf16(x[2 * kc][2], x[2 * kc][3]);
-        unsigned a2 = fa_pack_bf16(x[2 * kc + 1][0], x[2 * kc + 1][1]);
-        unsigned a3 = fa_pack_bf16(x[2 * kc + 1][2], x[2 * kc + 1][3]);
-#pragma unroll
-        for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
-            if (dt * 8 < hs) {
-                const unsigned short* p = tt + (dt * 8 + g) * FBB_LDT + kc * 16 + 2 * q;
-                fa_mma_bf16(out[dt], a0, a1, a2, a3, fa_ld32(p), fa_ld32(p + 8));
             }
         }
     }
@@ -853,6 +879,7 @@ __device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
 // Rows of an accumulator tile times `mul`, to out (fp32) or, when out_bf16 is not null, to
 // out_bf16 (bf16, the same values rounded; a pair of adjacent elements is one 4-byte store:
 // ld_out and the column offsets are even). Both point at the tile's row 0, column 0.
+template <int HM>
 __device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf16,
                                               long long ld_out, const float (*acc)[4],
                                               float mul, int r0, int T, int hs) {
@@ -862,7 +889,7 @@ __device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf
         int t = r0 + g + 8 * r;
         if (t < T) {
 #pragma unroll
-            for (int dt = 0; dt < FA_MAX_HS / 8; dt++) {
+            for (int dt = 0; dt < HM / 8; dt++) {
                 if (dt * 8 < hs) {
                     float lo = acc[dt][2 * r] * mul, hi = acc[dt][2 * r + 1] * mul;
                     long long i = (long long)t * ld_out + dt * 8 + 2 * q;
@@ -878,8 +905,9 @@ __device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf
     }
 }
 
-// The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits).
-template <class S>
+// The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits) and head size HS
+// (0: any, C / NH).
+template <class S, int HS>
 __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  const S* __restrict__ dy,
                                                  const float* __restrict__ lse,
@@ -888,8 +916,9 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  unsigned short* __restrict__ dqkv_bf16, int T,
                                                  int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS + 4 * FBB_QCOLS];
-    const int hs = C / NH, ld = hs + FB_KPAD;
+    constexpr int HM = HS ? HS : FA_MAX_HS;
+    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS(HM) + 4 * FBB_QCOLS];
+    const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int k0 = blockIdx.x * FBB_KROWS;  // the first key tiles see the most queries
@@ -900,22 +929,20 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
     const S* gb = dy + (long long)b * T * C + (long long)h * hs;
     unsigned short* Qs = sm;
     unsigned short* dYs = Qs + FBB_QCOLS * ld;
-    unsigned short* Qt = dYs + FBB_QCOLS * ld;
-    unsigned short* dYt = Qt + hs * FBB_LDT;
-    float* Ls = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS);
+    float* Ls = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS(HM));
     float* Ds = Ls + FBB_QCOLS;
 
     // K and V rows of this block, staged in the tile bytes, into A fragments.
-    fa_load_bf16(sm, ld, nullptr, 0, qb + C, c3, k0, FBB_KROWS, T, hs);
-    fa_load_bf16(sm + FBB_KROWS * ld, ld, nullptr, 0, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
+    fa_load_bf16(sm, ld, qb + C, c3, k0, FBB_KROWS, T, hs);
+    fa_load_bf16(sm + FBB_KROWS * ld, ld, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
     __syncthreads();
-    unsigned kf[FA_MAX_HS / 16][4], vf[FA_MAX_HS / 16][4];
+    unsigned kf[HM / 16][4], vf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first key row in the block
-    fa_load_afrag(kf, sm, ld, wr, hs);
-    fa_load_afrag(vf, sm + FBB_KROWS * ld, ld, wr, hs);
-    float dk[FA_MAX_HS / 8][4], dv[FA_MAX_HS / 8][4];
+    fa_load_afrag<HM>(kf, sm, ld, wr, hs);
+    fa_load_afrag<HM>(vf, sm + FBB_KROWS * ld, ld, wr, hs);
+    float dk[HM / 8][4], dv[HM / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+    for (int dt = 0; dt < HM / 8; dt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             dk[dt][e] = 0.0f;
@@ -926,8 +953,8 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
     // Queries i >= k0 can see this block's keys.
     for (int q0 = k0; q0 < T; q0 += FBB_QCOLS) {
         __syncthreads();  // fragment loads / the previous tile's readers are done
-        fa_load_bf16(Qs, ld, Qt, FBB_LDT, qb, c3, q0, FBB_QCOLS, T, hs);
-        fa_load_bf16(dYs, ld, dYt, FBB_LDT, gb, C, q0, FBB_QCOLS, T, hs);
+        fa_load_bf16(Qs, ld, qb, c3, q0, FBB_QCOLS, T, hs);
+        fa_load_bf16(dYs, ld, gb, C, q0, FBB_QCOLS, T, hs);
         for (int r = tid; r < FBB_QCOLS; r += FBB_THREADS) {
             int t = q0 + r;
             Ls[r] = t < T ? lse[bh * T + t] : 0.0f;
@@ -935,8 +962,8 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
         }
         __syncthreads();
         float st[4][4], dpt[4][4];  // S^T, then P^T; dP^T, then dS^T (16 keys x 32 queries)
-        fa_mma_abt(st, kf, Qs, ld, hs);
-        fa_mma_abt(dpt, vf, dYs, ld, hs);
+        fa_mma_abt<HM>(st, kf, Qs, ld, hs);
+        fa_mma_abt<HM>(dpt, vf, dYs, ld, hs);
         // Element e: key row g + 8*(e>>1), query column nt*8 + 2q + (e&1).
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
@@ -951,21 +978,22 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                 st[nt][e] = p;
                 dpt[nt][e] = ds;
             }
-        fa_mma_xb(dv, st, dYt, hs);
-        fa_mma_xb(dk, dpt, Qt, hs);
+        fa_mma_xb<FBB_QCOLS / 16, HM>(dv, st, dYs, ld, hs);
+        fa_mma_xb<FBB_QCOLS / 16, HM>(dk, dpt, Qs, ld, hs);
     }
     long long base = (long long)b * T * c3 + (long long)h * hs;
     float* out = dqkv_bf16 ? nullptr : dqkv + base;
     unsigned short* outb = dqkv_bf16 ? dqkv_bf16 + base : nullptr;
-    fa_store_rows(out ? out + C : nullptr, outb ? outb + C : nullptr, c3, dk, scale, k0 + wr, T,
+    fa_store_rows<HM>(out ? out + C : nullptr, outb ? outb + C : nullptr, c3, dk, scale, k0 + wr, T,
                   hs);
-    fa_store_rows(out ? out + 2 * C : nullptr, outb ? outb + 2 * C : nullptr, c3, dv, 1.0f,
+    fa_store_rows<HM>(out ? out + 2 * C : nullptr, outb ? outb + 2 * C : nullptr, c3, dv, 1.0f,
                   k0 + wr, T, hs);
 #endif
 }
 
-// The dq kernel for qkv and dy of storage type S (float or bf16 bits).
-template <class S>
+// The dq kernel for qkv and dy of storage type S (float or bf16 bits) and head size HS
+// (0: any, C / NH).
+template <class S, int HS>
 __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                                                const S* __restrict__ dy,
                                                const float* __restrict__ lse,
@@ -974,8 +1002,9 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                                                unsigned short* __restrict__ dqkv_bf16, int T,
                                                int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS];
-    const int hs = C / NH, ld = hs + FB_KPAD;
+    constexpr int HM = HS ? HS : FA_MAX_HS;
+    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS(HM)];
+    const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FBB_QROWS;  // the last see the most keys
@@ -986,19 +1015,18 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     const S* gb = dy + (long long)b * T * C + (long long)h * hs;
     unsigned short* Ks = sm;
     unsigned short* Vs = Ks + FBB_KCOLS * ld;
-    unsigned short* Kt = Vs + FBB_KCOLS * ld;
 
     // Q and dY rows of this block, staged in the tile bytes, into A fragments.
-    fa_load_bf16(sm, ld, nullptr, 0, qb, c3, q0, FBB_QROWS, T, hs);
-    fa_load_bf16(sm + FBB_QROWS * ld, ld, nullptr, 0, gb, C, q0, FBB_QROWS, T, hs);
+    fa_load_bf16(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
+    fa_load_bf16(sm + FBB_QROWS * ld, ld, gb, C, q0, FBB_QROWS, T, hs);
     __syncthreads();
-    unsigned qf[FA_MAX_HS / 16][4], gf[FA_MAX_HS / 16][4];
+    unsigned qf[HM / 16][4], gf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first query row in the block
-    fa_load_afrag(qf, sm, ld, wr, hs);
-    fa_load_afrag(gf, sm + FBB_QROWS * ld, ld, wr, hs);
-    float dq[FA_MAX_HS / 8][4];
+    fa_load_afrag<HM>(qf, sm, ld, wr, hs);
+    fa_load_afrag<HM>(gf, sm + FBB_QROWS * ld, ld, wr, hs);
+    float dq[HM / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < FA_MAX_HS / 8; dt++)
+    for (int dt = 0; dt < HM / 8; dt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dq[dt][e] = 0.0f;
     int qrow[2];
@@ -1014,12 +1042,12 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     const int kend = min(T, q0 + FBB_QROWS);  // keys [0, kend) can be seen by this block
     for (int k0 = 0; k0 < kend; k0 += FBB_KCOLS) {
         __syncthreads();  // fragment loads / the previous tile's readers are done
-        fa_load_bf16(Ks, ld, Kt, FBB_LDT, qb + C, c3, k0, FBB_KCOLS, T, hs);
-        fa_load_bf16(Vs, ld, nullptr, 0, qb + 2 * C, c3, k0, FBB_KCOLS, T, hs);
+        fa_load_bf16(Ks, ld, qb + C, c3, k0, FBB_KCOLS, T, hs);
+        fa_load_bf16(Vs, ld, qb + 2 * C, c3, k0, FBB_KCOLS, T, hs);
         __syncthreads();
         float s[4][4], dp[4][4];  // S; dP, then dS (16 queries x 32 keys)
-        fa_mma_abt(s, qf, Ks, ld, hs);
-        fa_mma_abt(dp, gf, Vs, ld, hs);
+        fa_mma_abt<HM>(s, qf, Ks, ld, hs);
+        fa_mma_abt<HM>(dp, gf, Vs, ld, hs);
         // Element e: query row g + 8*(e>>1), key column nt*8 + 2q + (e&1).
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
@@ -1033,45 +1061,48 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                 }
                 dp[nt][e] = ds;
             }
-        fa_mma_xb(dq, dp, Kt, hs);
+        fa_mma_xb<FBB_KCOLS / 16, HM>(dq, dp, Ks, ld, hs);
     }
     long long base = (long long)b * T * c3 + (long long)h * hs;
-    fa_store_rows(dqkv_bf16 ? nullptr : dqkv + base, dqkv_bf16 ? dqkv_bf16 + base : nullptr, c3,
+    fa_store_rows<HM>(dqkv_bf16 ? nullptr : dqkv + base, dqkv_bf16 ? dqkv_bf16 + base : nullptr, c3,
                   dq, scale, q0 + wr, T, hs);
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dkdv_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
-                         const float* __restrict__ lse, const float* __restrict__ dvec,
-                         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
-                         int T, int C, int NH, float scale) {
-    fa_bwd_dkdv_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);
-}
+// The backward entry points for head size HS (0: any, C / NH), named with SUFFIX: the
+// fp32-storage kernels, then (bf16 storage: qkv and dy in bf16, dq | dk | dv written in
+// bf16) the _io ones.
+#define FA_BWD_ENTRY_POINTS(SUFFIX, HS)                                                         \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS) flash_attn_bwd_dkdv_bf16##SUFFIX( \
+        const float* __restrict__ qkv, const float* __restrict__ dy,                           \
+        const float* __restrict__ lse, const float* __restrict__ dvec,                         \
+        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,        \
+        int NH, float scale) {                                                                 \
+        fa_bwd_dkdv_bf16<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);     \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS) flash_attn_bwd_dq_bf16##SUFFIX(   \
+        const float* __restrict__ qkv, const float* __restrict__ dy,                           \
+        const float* __restrict__ lse, const float* __restrict__ dvec,                         \
+        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,        \
+        int NH, float scale) {                                                                 \
+        fa_bwd_dq_bf16<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);       \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+        flash_attn_bwd_dkdv_bf16_io##SUFFIX(                                                   \
+            const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,     \
+            const float* __restrict__ lse, const float* __restrict__ dvec,                     \
+            unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {            \
+        fa_bwd_dkdv_bf16<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C,  \
+                                             NH, scale);                                       \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+        flash_attn_bwd_dq_bf16_io##SUFFIX(                                                     \
+            const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,     \
+            const float* __restrict__ lse, const float* __restrict__ dvec,                     \
+            unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {            \
+        fa_bwd_dq_bf16<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C,    \
+                                           NH, scale);                                         \
+    }
 
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ dy,
-                       const float* __restrict__ lse, const float* __restrict__ dvec,
-                       float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16,
-                       int T, int C, int NH, float scale) {
-    fa_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);
-}
-
-// The bf16 mode's attention storage: qkv and dy in bf16, dq | dk | dv written in bf16.
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dkdv_bf16_io(const unsigned short* __restrict__ qkv,
-                            const unsigned short* __restrict__ dy,
-                            const float* __restrict__ lse, const float* __restrict__ dvec,
-                            unsigned short* __restrict__ dqkv, int T, int C, int NH,
-                            float scale) {
-    fa_bwd_dkdv_bf16(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(FBB_THREADS)
-flash_attn_bwd_dq_bf16_io(const unsigned short* __restrict__ qkv,
-                          const unsigned short* __restrict__ dy,
-                          const float* __restrict__ lse, const float* __restrict__ dvec,
-                          unsigned short* __restrict__ dqkv, int T, int C, int NH,
-                          float scale) {
-    fa_bwd_dq_bf16(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, scale);
-}
+FA_BWD_ENTRY_POINTS(, 0)
+FA_BWD_ENTRY_POINTS(_hs64, 64)

@@ -9,8 +9,10 @@
 #    which runs `cargo build --release --tests` and copies, stripped of debug info,
 #    target/release/nanogpt and the newest cuda_engine, cuda_decode, cuda_flash,
 #    cuda_switches, cuda_graphs, cuda_epilogues, cuda_profile, cuda_auto, cuda_recompute, cuda_overlap, zero and nccl test binaries (target/release/deps/<name>-<hash>) to
-#    target/gpu-check/. Carry target/gpu-check/ together with the repository copy: the
-#    tests read tests/fixtures/ relative to the working directory.
+#    target/gpu-check/, and packs that directory into target/gpu-check.tar.gz (about 25 MB;
+#    the stripped binaries themselves are over 60 MB). Carry either together with the
+#    repository copy (the tests read tests/fixtures/ relative to the working directory):
+#    when target/gpu-check/ is missing on the GPU machine, the script unpacks the archive.
 #
 # 2. On the GPU machine, from the repository root:
 #
@@ -94,8 +96,11 @@ if [ "${1:-}" = "--stage" ]; then
         newest=$(ls -t target/release/deps/"$name"-* | grep -v '\.d$' | head -n 1)
         strip --strip-debug -o "$dest/$name" "$newest"
     done
-    ls -la "$dest"
-    echo "staged; carry $dest/ with the repository and run: scripts/gpu_check.sh OUTDIR"
+    tar -C target -czf target/gpu-check.tar.gz.tmp gpu-check
+    mv target/gpu-check.tar.gz.tmp target/gpu-check.tar.gz
+    ls -la "$dest" target/gpu-check.tar.gz
+    echo "staged; carry target/gpu-check.tar.gz (or $dest/) with the repository and run:" \
+        "scripts/gpu_check.sh OUTDIR"
     exit 0
 fi
 
@@ -107,6 +112,9 @@ fi
 
 out=$1
 bin=${NANOGPT_BIN_DIR:-target/gpu-check}
+if [ -z "${NANOGPT_BIN_DIR:-}" ] && [ ! -x "$bin/nanogpt" ] && [ -f target/gpu-check.tar.gz ]; then
+    tar -C target -xzf target/gpu-check.tar.gz
+fi
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"

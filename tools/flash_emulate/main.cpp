@@ -289,6 +289,59 @@ static std::string io_mismatch(const Case& cs, const std::vector<float>& qkv,
     return why;
 }
 
+// The head-size-64 kernels (_hs64: arrays, loops and guards fixed at compile time) against
+// the generic ones, bit for bit (the same arithmetic in the same order): forward, and
+// backward with fp32 and bf16 output, in both storages. Returns "" or what differs.
+static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
+                                 const std::vector<float>& dy) {
+    int B = cs.B, T = cs.T, NH = cs.NH, C = NH * cs.hs;
+    float scale = 1.0f / std::sqrt((float)cs.hs);
+    unsigned tiles = (T + 63) / 64, rows = B * NH * T;
+    dim3 grid{tiles, (unsigned)NH, (unsigned)B};
+    std::string why;
+    auto same = [&](const char* what, const void* a, const void* b, size_t bytes) {
+        if (std::memcmp(a, b, bytes) != 0)
+            why += std::string(why.empty() ? "" : ", ") + what + " differs";
+    };
+    // fp32 storage.
+    std::vector<float> y(dy.size(), NAN), y64(dy.size(), NAN), lse((size_t)rows, NAN),
+        lse64(lse.size(), NAN), dvec(lse.size(), NAN);
+    emulate(grid, 128, [&] { flash_attn_fwd_bf16(qkv.data(), y.data(), lse.data(), T, C, NH, scale); });
+    emulate(grid, 128, [&] { flash_attn_fwd_bf16_hs64(qkv.data(), y64.data(), lse64.data(), T, C, NH, scale); });
+    same("y", y.data(), y64.data(), 4 * y.size());
+    same("lse", lse.data(), lse64.data(), 4 * lse.size());
+    emulate({(rows + 7) / 8, 1, 1}, 256, [&] { flash_attn_bwd_dot(y.data(), dy.data(), dvec.data(), B, T, C, NH); });
+    std::vector<float> g(qkv.size(), NAN), g64(qkv.size(), 1.0f);
+    std::vector<unsigned short> gb(qkv.size(), 0xffff), gb64(qkv.size(), 0xfffe);
+    auto bwd = [&](auto dkdv, auto dq, float* out, unsigned short* outb) {
+        emulate(grid, 128, [&] { dkdv(qkv.data(), dy.data(), lse.data(), dvec.data(), out, outb, T, C, NH, scale); });
+        emulate(grid, 128, [&] { dq(qkv.data(), dy.data(), lse.data(), dvec.data(), out, outb, T, C, NH, scale); });
+    };
+    bwd(flash_attn_bwd_dkdv_bf16, flash_attn_bwd_dq_bf16, g.data(), nullptr);
+    bwd(flash_attn_bwd_dkdv_bf16_hs64, flash_attn_bwd_dq_bf16_hs64, g64.data(), nullptr);
+    same("dqkv", g.data(), g64.data(), 4 * g.size());
+    bwd(flash_attn_bwd_dkdv_bf16, flash_attn_bwd_dq_bf16, nullptr, gb.data());
+    bwd(flash_attn_bwd_dkdv_bf16_hs64, flash_attn_bwd_dq_bf16_hs64, nullptr, gb64.data());
+    same("dqkv (bf16 output)", gb.data(), gb64.data(), 2 * gb.size());
+    // bf16 storage.
+    std::vector<unsigned short> qb(qkv.size()), dyb(dy.size()), yb(dy.size(), 0xffff),
+        yb64(dy.size(), 0xfffe), ib(qkv.size(), 0xffff), ib64(qkv.size(), 0xfffe);
+    for (size_t i = 0; i < qkv.size(); i++) qb[i] = fa_f2bf(qkv[i]);
+    for (size_t i = 0; i < dy.size(); i++) dyb[i] = fa_f2bf(dy[i]);
+    emulate(grid, 128, [&] { flash_attn_fwd_bf16_io(qb.data(), yb.data(), lse.data(), T, C, NH, scale); });
+    emulate(grid, 128, [&] { flash_attn_fwd_bf16_io_hs64(qb.data(), yb64.data(), lse64.data(), T, C, NH, scale); });
+    same("y (bf16 storage)", yb.data(), yb64.data(), 2 * yb.size());
+    same("lse (bf16 storage)", lse.data(), lse64.data(), 4 * lse.size());
+    auto bwd_io = [&](auto dkdv, auto dq, unsigned short* out) {
+        emulate(grid, 128, [&] { dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+        emulate(grid, 128, [&] { dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+    };
+    bwd_io(flash_attn_bwd_dkdv_bf16_io, flash_attn_bwd_dq_bf16_io, ib.data());
+    bwd_io(flash_attn_bwd_dkdv_bf16_io_hs64, flash_attn_bwd_dq_bf16_io_hs64, ib64.data());
+    same("dqkv (bf16 storage)", ib.data(), ib64.data(), 2 * ib.size());
+    return why;
+}
+
 int main(int argc, char** argv) {
     // fp32 cases (tile sizes as given) and, where hs is a multiple of 16, the bf16 kernels.
     // `main quick` runs the smaller list (the bf16 backward's shapes, for the cargo test).
@@ -345,6 +398,12 @@ int main(int argc, char** argv) {
                                  "for bit"
                                : io.c_str());
         failures += !io.empty();
+        if (hs == 64) {
+            std::string h64 = hs64_mismatch(cs, qkv, dy);
+            std::printf("%s   head-size-64 kernels: %s\n", h64.empty() ? "ok  " : "FAIL",
+                        h64.empty() ? "the generic kernels' outputs, bit for bit" : h64.c_str());
+            failures += !h64.empty();
+        }
         double ey16 = rel(y16, y_ref), el16 = rel(lse16, lse_ref);
         bool okf = ey16 < TOL_BF16 && el16 < TOL_BF16;
         std::printf("%s   bf16 forward: y %.2e lse %.2e\n", okf ? "ok  " : "FAIL", ey16, el16);

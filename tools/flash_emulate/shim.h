@@ -2,7 +2,7 @@
 // machine without a GPU: the shared kernel emulator (tools/kernel_emulate/shim.h: one
 // fiber per CUDA thread, barriers for __syncthreads and warp shuffles) plus what the
 // flash-attention kernels need: dynamic and static shared memory as one NaN-filled array
-// per block, and mma.sync.
+// per block, mma.sync and ldmatrix.
 #pragma once
 #include "../kernel_emulate/shim.h"
 
@@ -47,4 +47,25 @@ inline void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigne
         for (int k = 0; k < 16; k++) acc += A[rows[e]][k] * B[k][cols[e]];
         c[e] += acc;
     }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 for one warp, as documented above
+// fa_ldsm_x4_trans in kernels/flash_attention.cu: every lane publishes the row address it
+// supplies (lane 8i + r: row r of matrix i, 16 bytes, which must be 16-byte aligned), then
+// takes from matrix i the elements (row 2q, column g) and (row 2q + 1, column g) into r[i].
+inline const unsigned short* ldsm_row[1024];
+inline void fa_ldsm_x4_trans(unsigned (&r)[4], const unsigned short* row) {
+    int t = threadIdx.x, w = t >> 5, lane = t & 31, g = lane >> 2, q = lane & 3;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+        emu_fail("ldmatrix: a row address is not 16-byte aligned");
+    ldsm_row[t] = row;
+    emu_warp_sync(w);
+    unsigned out[4];
+    for (int i = 0; i < 4; i++) {
+        const unsigned short* lo = ldsm_row[(w << 5) | (8 * i + 2 * q)];
+        const unsigned short* hi = ldsm_row[(w << 5) | (8 * i + 2 * q + 1)];
+        out[i] = (unsigned)lo[g] | ((unsigned)hi[g] << 16);
+    }
+    emu_warp_sync(w);
+    for (int i = 0; i < 4; i++) r[i] = out[i];
 }

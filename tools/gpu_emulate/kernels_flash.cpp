@@ -20,5 +20,11 @@ std::vector<EmuKernel> emu_kernels_flash() {
         emu_kernel("flash_attn_bwd_dot_bf16", flash_attn_bwd_dot_bf16),
         emu_kernel("flash_attn_bwd_dkdv_bf16_io", flash_attn_bwd_dkdv_bf16_io),
         emu_kernel("flash_attn_bwd_dq_bf16_io", flash_attn_bwd_dq_bf16_io),
+        emu_kernel("flash_attn_fwd_bf16_hs64", flash_attn_fwd_bf16_hs64),
+        emu_kernel("flash_attn_fwd_bf16_io_hs64", flash_attn_fwd_bf16_io_hs64),
+        emu_kernel("flash_attn_bwd_dkdv_bf16_hs64", flash_attn_bwd_dkdv_bf16_hs64),
+        emu_kernel("flash_attn_bwd_dq_bf16_hs64", flash_attn_bwd_dq_bf16_hs64),
+        emu_kernel("flash_attn_bwd_dkdv_bf16_io_hs64", flash_attn_bwd_dkdv_bf16_io_hs64),
+        emu_kernel("flash_attn_bwd_dq_bf16_io_hs64", flash_attn_bwd_dq_bf16_io_hs64),
     };
 }

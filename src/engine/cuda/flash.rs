@@ -36,6 +36,12 @@ pub const BF16_ROWS: usize = 64;
 pub const BF16_BWD_COLS: usize = 32;
 /// Largest head size the kernels handle (4 columns per lane of a warp).
 pub const MAX_HEAD_SIZE: usize = 128;
+/// The head size the bf16 kernels have a specialised form for (`*_hs64`: register arrays,
+/// loops and shared tiles fixed at compile time, the same arithmetic and bits as the
+/// generic form): GPT-2's, at every model size. Compiled for sm_90: 127-165 registers per
+/// thread against 168-254 for the generic form, and half the shared memory, so more
+/// blocks fit on a multiprocessor.
+pub const SPECIALISED_HEAD_SIZE: usize = 64;
 /// Dynamic shared memory a launch may use without opting in.
 pub const SHARED_LIMIT: usize = 48 * 1024;
 /// Query rows per block of the fp32 forward.
@@ -159,13 +165,13 @@ pub fn bwd_shared_bytes(bt: usize, hs: usize) -> usize {
 }
 
 /// Static shared memory of `flash_attn_bwd_dkdv_bf16` (sized for hs = 128; see the kernel
-/// header): Q and dY tiles row-major and transposed (bf16), then lse and D (fp32).
-pub const BF16_DKDV_SHARED: usize = 2
-    * (2 * BF16_BWD_COLS * (MAX_HEAD_SIZE + 8) + 2 * MAX_HEAD_SIZE * (BF16_BWD_COLS + 8))
-    + 4 * 2 * BF16_BWD_COLS;
+/// header): the staging of the block's K and V rows (bf16), which the loop's Q and dY tiles
+/// reuse (every tile row-major: the kernels read transposed operands with ldmatrix.trans),
+/// then lse and D of the query tile (fp32).
+pub const BF16_DKDV_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) + 4 * 2 * BF16_BWD_COLS;
 
 /// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q and dY
-/// rows (bf16), which the loop's K, V and transposed K tiles reuse.
+/// rows (bf16), which the loop's K and V tiles reuse.
 pub const BF16_DQ_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8);
 
 fn grid_tiles(shape: &AttnShape, rows: usize) -> (u32, u32, u32) {
@@ -330,9 +336,11 @@ pub unsafe fn flash_forward(
         FlashMath::Bf16 => {
             let mut args = common.to_vec();
             args.push(Arg::F32(scale(&shape)));
-            let f = match io {
-                FlashIo::F32 => k.flash_attn_fwd_bf16,
-                FlashIo::Bf16 => k.flash_attn_fwd_bf16_io,
+            let f = match (io, shape.hs() == SPECIALISED_HEAD_SIZE) {
+                (FlashIo::F32, false) => k.flash_attn_fwd_bf16,
+                (FlashIo::F32, true) => k.flash_attn_fwd_bf16_hs64,
+                (FlashIo::Bf16, false) => k.flash_attn_fwd_bf16_io,
+                (FlashIo::Bf16, true) => k.flash_attn_fwd_bf16_io_hs64,
             };
             launch(stream, f, &cfg, &args)
         }
@@ -410,14 +418,27 @@ pub unsafe fn flash_backward(
         // (.., dqkv, dqkv_bf16, T, C, NH, scale), or with bf16 storage (.., dqkv_bf16, T,
         // C, NH, scale): the tile sizes are compiled in.
         let mut args = common.to_vec();
+        let hs64 = shape.hs() == SPECIALISED_HEAD_SIZE;
         let (dkdv, dq) = match io {
             FlashIo::F32 => {
                 args.insert(5, Arg::Ptr(dqkv_bf16));
-                (k.flash_attn_bwd_dkdv_bf16, k.flash_attn_bwd_dq_bf16)
+                match hs64 {
+                    false => (k.flash_attn_bwd_dkdv_bf16, k.flash_attn_bwd_dq_bf16),
+                    true => (
+                        k.flash_attn_bwd_dkdv_bf16_hs64,
+                        k.flash_attn_bwd_dq_bf16_hs64,
+                    ),
+                }
             }
             FlashIo::Bf16 => {
                 args[4] = Arg::Ptr(dqkv_bf16);
-                (k.flash_attn_bwd_dkdv_bf16_io, k.flash_attn_bwd_dq_bf16_io)
+                match hs64 {
+                    false => (k.flash_attn_bwd_dkdv_bf16_io, k.flash_attn_bwd_dq_bf16_io),
+                    true => (
+                        k.flash_attn_bwd_dkdv_bf16_io_hs64,
+                        k.flash_attn_bwd_dq_bf16_io_hs64,
+                    ),
+                }
             }
         };
         args.push(Arg::F32(scale(&shape)));
@@ -504,11 +525,11 @@ mod tests {
 
     #[test]
     fn the_bf16_kernels_static_shared_memory_fits() {
-        // Ks: 64 x (128 + 8) bf16; Vt: 128 x (64 + 8) bf16 (see the kernel).
-        let bytes = 2 * (64 * (MAX_HEAD_SIZE + 8) + MAX_HEAD_SIZE * (64 + 8));
+        // Ks and Vs: 64 x (128 + 8) bf16 each (see the kernel).
+        let bytes = 2 * 2 * 64 * (MAX_HEAD_SIZE + 8);
         assert!(bytes <= SHARED_LIMIT, "{bytes}");
-        // The backward kernels' arrays (kernel header: 38144 and 34816 bytes at hs = 128).
-        assert_eq!(BF16_DKDV_SHARED, 38144);
+        // The backward kernels' arrays (kernel header: 35072 and 34816 bytes at hs = 128).
+        assert_eq!(BF16_DKDV_SHARED, 35072);
         assert_eq!(BF16_DQ_SHARED, 34816);
         const { assert!(BF16_DKDV_SHARED <= SHARED_LIMIT && BF16_DQ_SHARED <= SHARED_LIMIT) };
         // The dk/dv kernel stages the block's K and V rows through its tile bytes.

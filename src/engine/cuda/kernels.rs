@@ -218,6 +218,12 @@ kernel_table!(
     flash_attn_bwd_dot_bf16,
     flash_attn_bwd_dkdv_bf16_io,
     flash_attn_bwd_dq_bf16_io,
+    flash_attn_fwd_bf16_hs64,
+    flash_attn_fwd_bf16_io_hs64,
+    flash_attn_bwd_dkdv_bf16_hs64,
+    flash_attn_bwd_dq_bf16_hs64,
+    flash_attn_bwd_dkdv_bf16_io_hs64,
+    flash_attn_bwd_dq_bf16_io_hs64,
 );
 
 /// One kernel argument, with the exact C type of the parameter it fills.
