@@ -4,8 +4,8 @@
 //! with gradient accumulation, while the batch shape, the number of counted targets and the
 //! activation recomputation change (each a new capture), with evaluation passes in between,
 //! in fp32 and bf16 mode, and with dropout (new seeds every micro-step, handed to the replay
-//! through device memory). Graphs are checked to be really used (micro-steps replayed, a
-//! capture per new shape).
+//! through device memory). Graphs are checked to be really used (micro-steps and
+//! evaluation passes replayed, a capture per new shape).
 //!
 //! Without a GPU every GPU test prints "skipped: no GPU (why)" and passes;
 //! NANOGPT_REQUIRE_GPU=1 makes that a failure.
@@ -50,8 +50,14 @@ struct Phase {
 }
 
 /// Runs `phases` on an engine with graphs and one without and compares every loss,
-/// gradient and parameter bit for bit; returns the graph engine's counts.
-fn compare(label: &str, cfg: &GptConfig, precision: Precision, phases: &[Phase]) -> GraphCounts {
+/// gradient and parameter bit for bit; returns the graph engine's counts (training
+/// micro-steps, evaluation passes).
+fn compare(
+    label: &str,
+    cfg: &GptConfig,
+    precision: Precision,
+    phases: &[Phase],
+) -> (GraphCounts, GraphCounts) {
     let p = perturbed_params(cfg, 11);
     let mut with = engine(cfg, &p, precision, true);
     let mut without = engine(cfg, &p, precision, false);
@@ -110,13 +116,14 @@ fn compare(label: &str, cfg: &GptConfig, precision: Precision, phases: &[Phase])
             &without.params(),
         );
     }
-    let off = without.graph_counts();
-    assert_eq!(
-        (off.captures, off.replays),
-        (0, 0),
-        "{label}: graphs switched off were used"
-    );
-    with.graph_counts()
+    for off in [without.graph_counts(), without.eval_graph_counts()] {
+        assert_eq!(
+            (off.captures, off.replays),
+            (0, 0),
+            "{label}: graphs switched off were used"
+        );
+    }
+    (with.graph_counts(), with.eval_graph_counts())
 }
 
 fn schedule() -> Vec<Phase> {
@@ -143,8 +150,16 @@ fn check_modes(label: &str, cfg: &GptConfig) {
     for precision in [Precision::F32, Precision::Bf16] {
         let phases = schedule();
         let micro: u64 = phases.iter().map(|p| (p.accum * p.steps) as u64).sum();
-        let c = compare(label, cfg, precision, &phases);
-        eprintln!("{label} {precision:?}: {c:?} of {micro} micro-steps");
+        let (c, e) = compare(label, cfg, precision, &phases);
+        eprintln!("{label} {precision:?}: {c:?} of {micro} micro-steps; evaluation {e:?}");
+        // One evaluation pass per step; the second of a phase (same shape, same memory)
+        // is captured.
+        let evals: u64 = phases.iter().map(|p| p.steps as u64).sum();
+        assert_eq!(e.replays + e.direct, evals, "{label} {precision:?}: {e:?}");
+        assert!(
+            e.replays >= phases.len() as u64,
+            "{label} {precision:?}: {e:?}"
+        );
         assert_eq!(c.replays + c.direct, micro, "{label} {precision:?}: {c:?}");
         // Every phase changes the key, so each captures at least once, after at least one
         // micro-step run launch by launch (and again where the engine's buffers grew after
@@ -190,7 +205,8 @@ fn dropout_draws_new_masks_in_every_replay() {
             all_counted: true,
             recompute: Recompute::Nothing,
         }];
-        let c = compare("dropout", &cfg, precision, &phases);
+        let (c, e) = compare("dropout", &cfg, precision, &phases);
+        assert!(e.replays >= 1, "{precision:?}: evaluation {e:?}");
         assert_eq!(c.replays + c.direct, 8, "{precision:?}: {c:?}");
         assert!(c.captures >= 1 && c.replays >= 4, "{precision:?}: {c:?}");
     }

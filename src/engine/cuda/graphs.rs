@@ -1,6 +1,7 @@
 //! The training micro-step as one CUDA graph (switch `graphs`): the forward pass, the loss
 //! and the backward pass of a micro-batch, a few hundred kernel launches and matrix
-//! products, are recorded once ([`crate::cuda::graph`]) and then replayed with one launch,
+//! products, are recorded once ([`crate::cuda::graph`]) and then replayed with one launch
+//! (and likewise an evaluation pass, forward and loss, in a graph of its own),
 //! so that the host's launch costs (several microseconds each) stop bounding small models,
 //! whose kernels run for a few microseconds.
 //!
@@ -31,6 +32,9 @@ use crate::engine::Recompute;
 /// same key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct StepKey {
+    /// A training micro-step (forward, loss, backward), or an evaluation pass (forward and
+    /// loss: `Engine::loss`, which nanoGPT's `estimate_loss` runs `eval_iters` times per split).
+    pub train: bool,
     pub b: usize,
     pub t: usize,
     /// The loss scale's bits (the gradient's factor is a kernel argument).
@@ -121,6 +125,7 @@ mod tests {
 
     fn key(b: usize) -> StepKey {
         StepKey {
+            train: true,
             b,
             t: 64,
             loss_scale: 1f32.to_bits(),

@@ -255,8 +255,10 @@ struct PendingLoss {
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
     // while the context (last) is still alive.
-    /// The captured training micro-step ([`graphs`]); first, as it points into the rest.
+    /// The captured training micro-step and evaluation pass ([`graphs`]); first, as they
+    /// point into the rest.
     graphs: graphs::StepGraphs,
+    eval_graphs: graphs::StepGraphs,
     /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
     profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
@@ -428,6 +430,7 @@ impl CudaEngine {
         };
         let engine = CudaEngine {
             graphs: graphs::StepGraphs::default(),
+            eval_graphs: graphs::StepGraphs::default(),
             bf,
             acts: None,
             params: p,
@@ -469,6 +472,11 @@ impl CudaEngine {
     /// replayed as one, or launch by launch ([`graphs`]).
     pub fn graph_counts(&self) -> graphs::GraphCounts {
         self.graphs.counts
+    }
+
+    /// The same for its evaluation passes (`Engine::loss`).
+    pub fn eval_graph_counts(&self) -> graphs::GraphCounts {
+        self.eval_graphs.counts
     }
 
     /// Which attention a pass over `b` rows of `t` tokens takes: `Some(math)` for the fused
@@ -1513,17 +1521,9 @@ impl CudaEngine {
         super::check_batch(&self.cfg, &batch, true)?;
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
-        let key = (self.switches.graphs
-            && ready.is_none()
-            && self.profiler.is_none()
-            && self.ctx.drv.graphs.is_some())
-        .then(|| graphs::StepKey {
-            b: batch.b,
-            t: batch.t,
-            loss_scale: loss_scale.to_bits(),
-            counted: batch.targets.iter().filter(|&&t| t >= 0).count(),
-            recompute: self.recompute,
-        });
+        let key = self
+            .graph_key(&batch, Some(loss_scale))
+            .filter(|_| ready.is_none());
         if let Some(key) = key {
             if let Some(loss) = self.graph_step(key, &batch, drop).map_err(cuda_err)? {
                 return Ok(loss);
@@ -1540,8 +1540,31 @@ impl CudaEngine {
         self.mean_loss(pending).map_err(cuda_err)
     }
 
-    /// The micro-step of `key` as one graph launch (captured first when [`graphs`] says
-    /// so); `None` when it is to run launch by launch instead.
+    /// The graph key of a training micro-step (`loss_scale` given) or an evaluation pass
+    /// over `batch`; `None` where graphs do not apply (switched off, profiling, a driver
+    /// without them).
+    fn graph_key(&self, batch: &Batch, loss_scale: Option<f32>) -> Option<graphs::StepKey> {
+        (self.switches.graphs && self.profiler.is_none() && self.ctx.drv.graphs.is_some()).then(
+            || graphs::StepKey {
+                train: loss_scale.is_some(),
+                b: batch.b,
+                t: batch.t,
+                loss_scale: loss_scale.unwrap_or(0.0).to_bits(),
+                counted: batch.targets.iter().filter(|&&t| t >= 0).count(),
+                recompute: self.recompute,
+            },
+        )
+    }
+
+    fn graphs_of(&mut self, train: bool) -> &mut graphs::StepGraphs {
+        match train {
+            true => &mut self.graphs,
+            false => &mut self.eval_graphs,
+        }
+    }
+
+    /// The micro-step or evaluation pass of `key` as one graph launch (captured first when
+    /// [`graphs`] says so); `None` when it is to run launch by launch instead.
     fn graph_step(
         &mut self,
         key: graphs::StepKey,
@@ -1554,7 +1577,11 @@ impl CudaEngine {
             rows: batch.b * batch.t,
             count: key.counted,
         };
-        match self.graphs.plan(key, epoch) {
+        let plan = match key.train {
+            true => self.graphs.plan(key, epoch),
+            false => self.eval_graphs.plan(key, epoch),
+        };
+        match plan {
             graphs::Plan::Direct => return Ok(None),
             graphs::Plan::Replay(exec) => {
                 let a = self.acts.as_ref().expect("a captured step has activations");
@@ -1574,22 +1601,30 @@ impl CudaEngine {
                             Err(e) => e.to_string(),
                             Ok(_) => "memory was allocated while recording".into(),
                         };
-                        if self.graphs.refuse(key) {
+                        if self.graphs_of(key.train).refuse(key) {
+                            let what = match key.train {
+                                true => "the training step",
+                                false => "the evaluation pass",
+                            };
                             eprintln!(
-                                "CUDA graphs: the training step could not be captured ({why}); \
-                                 running it launch by launch (NANOGPT_CUDA_DISABLE=graphs \
-                                 does so from the start)"
+                                "CUDA graphs: {what} could not be captured ({why}); running it \
+                                 launch by launch (NANOGPT_CUDA_DISABLE=graphs does so from \
+                                 the start)"
                             );
                         }
                         return Ok(None);
                     }
                 };
-                self.graphs.captured(key, epoch, exec);
-                let exec = self.graphs.exec().expect("captured just above");
+                let graphs = match key.train {
+                    true => &mut self.graphs,
+                    false => &mut self.eval_graphs,
+                };
+                graphs.captured(key, epoch, exec);
+                let exec = graphs.exec().expect("captured just above");
                 exec.launch(&self.stream)?;
             }
         }
-        self.graphs.counts.replays += 1;
+        self.graphs_of(key.train).counts.replays += 1;
         let a = self.acts.as_ref().expect("a captured step has activations");
         for staged in &a.staged {
             staged.launched(&self.stream)?;
@@ -1597,7 +1632,8 @@ impl CudaEngine {
         self.mean_loss(pending).map(Some)
     }
 
-    /// Records forward, loss and backward of `batch` into a graph (nothing runs).
+    /// Records forward, loss and (training) backward of `batch` into a graph (nothing
+    /// runs).
     fn capture_step(
         &mut self,
         batch: &Batch,
@@ -1619,6 +1655,10 @@ impl CudaEngine {
         let exec = self.blas.set_stream(&self.stream).and_then(|()| {
             self.stream.begin_capture()?;
             let recorded = (|| {
+                if !key.train {
+                    self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)?;
+                    return self.cross_entropy(batch.targets, None).map(|_| ());
+                }
                 self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)?;
                 self.cross_entropy(batch.targets, Some(loss_scale))?;
                 self.backward(batch.b, batch.t, drop, None)
@@ -1661,9 +1701,16 @@ impl Engine for CudaEngine {
 
     fn loss(&mut self, batch: Batch) -> Result<f32> {
         super::check_batch(&self.cfg, &batch, true)?;
+        let key = self.graph_key(&batch, None);
+        if let Some(key) = key {
+            if let Some(loss) = self.graph_step(key, &batch, None).map_err(cuda_err)? {
+                return Ok(loss);
+            }
+        }
         self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         let pending = self.cross_entropy(batch.targets, None).map_err(cuda_err)?;
+        self.eval_graphs.ran_direct(key, self.ctx.memory_epoch());
         self.mean_loss(pending).map_err(cuda_err)
     }
 
@@ -1857,10 +1904,14 @@ impl Engine for CudaEngine {
     }
 
     fn launch_report(&self) -> Option<String> {
-        let c = self.graphs.counts;
+        let (c, e) = (self.graphs.counts, self.eval_graphs.counts);
+        let evals = match e.replays + e.direct {
+            0 => String::new(),
+            n => format!("; {n} evaluation passes: {} replayed", e.replays),
+        };
         Some(format!(
             "{} training micro-steps: {} replayed as CUDA graphs ({} captured), {} launched \
-             kernel by kernel{}",
+             kernel by kernel{evals}{}",
             c.replays + c.direct,
             c.replays,
             c.captures,
