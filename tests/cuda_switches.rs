@@ -490,3 +490,44 @@ fn bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product() {
         }
     }
 }
+
+/// `flash_hs64` off: the generic bf16 attention kernels instead of their head-size-64 forms,
+/// on a model with head size 64 (where the forms apply), in both attention storages: the
+/// same logits, losses and gradients, bit for bit.
+#[test]
+fn head_size_64_kernels_give_the_generic_kernels_bits() {
+    if no_gpu("head_size_64_kernels_give_the_generic_kernels_bits") {
+        return;
+    }
+    let cfg = GptConfig::new(2, 2, 128, 32, 96, true, 0.0).unwrap();
+    let p = perturbed_params(&cfg, 21);
+    let (b, t) = (2, 32);
+    let (inputs, targets) = random_batch(&cfg, b, t, 22);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    for extra in ["", ",bf16_attn"] {
+        let off = Switches::parse(&format!("flash_hs64{extra}")).unwrap();
+        let on = Switches::parse(extra.trim_start_matches(',')).unwrap();
+        assert!(on.flash_hs64 && !off.flash_hs64);
+        let mut with = engine(&cfg, &p, Precision::Bf16, on);
+        let mut without = engine(&cfg, &p, Precision::Bf16, off);
+        assert!(with.fused_attention(b, t, true) == Some(FlashMath::Bf16));
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert!(
+            bits(with.logits(batch).unwrap()) == bits(without.logits(batch).unwrap()),
+            "switches {extra:?}: logits differ"
+        );
+        let (la, lb) = (
+            with.forward_backward(batch, 1.0).unwrap(),
+            without.forward_backward(batch, 1.0).unwrap(),
+        );
+        assert_eq!(la.to_bits(), lb.to_bits(), "switches {extra:?}: loss");
+        let (ga, gb) = (with.grads(), without.grads());
+        assert!(ga.iter().any(|&g| g != 0.0));
+        assert!(bits(ga) == bits(gb), "switches {extra:?}: gradients differ");
+    }
+}

@@ -226,6 +226,19 @@ kernel_table!(
     flash_attn_bwd_dq_bf16_io_hs64,
 );
 
+impl Kernels {
+    /// Points the head-size-64 attention entry points at the generic kernels (the
+    /// `flash_hs64` switch off): the same results, the generic kernels' speed.
+    pub fn use_generic_attention(&mut self) {
+        self.flash_attn_fwd_bf16_hs64 = self.flash_attn_fwd_bf16;
+        self.flash_attn_fwd_bf16_io_hs64 = self.flash_attn_fwd_bf16_io;
+        self.flash_attn_bwd_dkdv_bf16_hs64 = self.flash_attn_bwd_dkdv_bf16;
+        self.flash_attn_bwd_dq_bf16_hs64 = self.flash_attn_bwd_dq_bf16;
+        self.flash_attn_bwd_dkdv_bf16_io_hs64 = self.flash_attn_bwd_dkdv_bf16_io;
+        self.flash_attn_bwd_dq_bf16_io_hs64 = self.flash_attn_bwd_dq_bf16_io;
+    }
+}
+
 /// One kernel argument, with the exact C type of the parameter it fills.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {

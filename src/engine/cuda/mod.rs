@@ -362,7 +362,10 @@ impl CudaEngine {
         let stream = ctx.stream().map_err(cuda_err)?;
         let capture_stream = ctx.stream_non_blocking().map_err(cuda_err)?;
         let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
-        let k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
+        let mut k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
+        if !switches.flash_hs64 {
+            k.use_generic_attention();
+        }
         let blas = Sgemm::new(&stack.cublas, &stream).map_err(|e| {
             EngineError::Other(format!(
                 "CUDA: {e}; {} (run `nanogpt doctor` for details)",

@@ -7,6 +7,9 @@
 //! - `flash_bf16`: the fused attention's bf16 tensor-core kernels in bf16 mode (otherwise
 //!   the fused attention runs in fp32 SIMT even in bf16 mode, forward and backward; no
 //!   effect in fp32 mode or with `flash` off)
+//! - `flash_hs64`: the bf16 attention kernels' forms compiled for head size 64 (GPT-2's at
+//!   every model size: fewer registers, more blocks per multiprocessor) where the head size
+//!   is 64 (otherwise the generic bf16 kernels; the same bits either way)
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm, and the LayerNorm
@@ -52,6 +55,7 @@
 pub struct Switches {
     pub flash: bool,
     pub flash_bf16: bool,
+    pub flash_hs64: bool,
     pub epilogues: bool,
     pub fused_ln: bool,
     pub bf16_acts: bool,
@@ -62,9 +66,10 @@ pub struct Switches {
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 10] = [
+pub const NAMES: [&str; 11] = [
     "flash",
     "flash_bf16",
+    "flash_hs64",
     "epilogues",
     "fused_ln",
     "bf16_acts",
@@ -80,6 +85,7 @@ impl Default for Switches {
         Switches {
             flash: true,
             flash_bf16: true,
+            flash_hs64: true,
             epilogues: true,
             fused_ln: true,
             bf16_acts: true,
@@ -99,6 +105,7 @@ impl Switches {
             match name {
                 "flash" => s.flash = false,
                 "flash_bf16" => s.flash_bf16 = false,
+                "flash_hs64" => s.flash_hs64 = false,
                 "epilogues" => s.epilogues = false,
                 "fused_ln" => s.fused_ln = false,
                 "bf16_acts" => s.bf16_acts = false,
@@ -110,6 +117,7 @@ impl Switches {
                     s = Switches {
                         flash: false,
                         flash_bf16: false,
+                        flash_hs64: false,
                         epilogues: false,
                         fused_ln: false,
                         bf16_acts: false,
@@ -143,6 +151,9 @@ impl Switches {
         }
         if !self.flash_bf16 {
             off.push("flash_bf16");
+        }
+        if !self.flash_hs64 {
+            off.push("flash_hs64");
         }
         if !self.epilogues {
             off.push("epilogues");
@@ -188,6 +199,7 @@ mod tests {
             [
                 "flash",
                 "flash_bf16",
+                "flash_hs64",
                 "epilogues",
                 "fused_ln",
                 "bf16_acts",
