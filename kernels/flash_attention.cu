@@ -739,31 +739,6 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(FB_THREADS)
-flash_attn_fwd_bf16(const float* __restrict__ qkv, float* __restrict__ y,
-                    float* __restrict__ lse, int T, int C, int NH, float scale) {
-    fa_fwd_bf16<float, 0>(qkv, y, lse, T, C, NH, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(FB_THREADS)
-flash_attn_fwd_bf16_hs64(const float* __restrict__ qkv, float* __restrict__ y,
-                         float* __restrict__ lse, int T, int C, int NH, float scale) {
-    fa_fwd_bf16<float, 64>(qkv, y, lse, T, C, NH, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(FB_THREADS)
-flash_attn_fwd_bf16_io(const unsigned short* __restrict__ qkv, unsigned short* __restrict__ y,
-                       float* __restrict__ lse, int T, int C, int NH, float scale) {
-    fa_fwd_bf16<unsigned short, 0>(qkv, y, lse, T, C, NH, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(FB_THREADS)
-flash_attn_fwd_bf16_io_hs64(const unsigned short* __restrict__ qkv,
-                            unsigned short* __restrict__ y, float* __restrict__ lse, int T,
-                            int C, int NH, float scale) {
-    fa_fwd_bf16<unsigned short, 64>(qkv, y, lse, T, C, NH, scale);
-}
-
 // --------------------------------------------------------------------------- backward bf16
 //
 // Tensor-core backward, flash-attention-2 style: the same contract as the fp32 backward
@@ -1069,40 +1044,40 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
 #endif
 }
 
-// The backward entry points for head size HS (0: any, C / NH), named with SUFFIX: the
-// fp32-storage kernels, then (bf16 storage: qkv and dy in bf16, dq | dk | dv written in
-// bf16) the _io ones.
-#define FA_BWD_ENTRY_POINTS(SUFFIX, HS)                                                         \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS) flash_attn_bwd_dkdv_bf16##SUFFIX( \
-        const float* __restrict__ qkv, const float* __restrict__ dy,                           \
-        const float* __restrict__ lse, const float* __restrict__ dvec,                         \
-        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,        \
-        int NH, float scale) {                                                                 \
-        fa_bwd_dkdv_bf16<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);     \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS) flash_attn_bwd_dq_bf16##SUFFIX(   \
-        const float* __restrict__ qkv, const float* __restrict__ dy,                           \
-        const float* __restrict__ lse, const float* __restrict__ dvec,                         \
-        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,        \
-        int NH, float scale) {                                                                 \
-        fa_bwd_dq_bf16<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);       \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
-        flash_attn_bwd_dkdv_bf16_io##SUFFIX(                                                   \
-            const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,     \
-            const float* __restrict__ lse, const float* __restrict__ dvec,                     \
-            unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {            \
-        fa_bwd_dkdv_bf16<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C,  \
-                                             NH, scale);                                       \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
-        flash_attn_bwd_dq_bf16_io##SUFFIX(                                                     \
-            const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,     \
-            const float* __restrict__ lse, const float* __restrict__ dvec,                     \
-            unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {            \
-        fa_bwd_dq_bf16<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C,    \
-                                           NH, scale);                                         \
+// The bf16 kernels' entry points: each a thin wrapper of its template for storage type S
+// (float, or bf16 bits for the _io kernels) and head size HS (0: any, C / NH; 64: the
+// _hs64 forms, see "Head size" at the top).
+#define FA_FWD_ENTRY(NAME, S, HS)                                                              \
+    extern "C" __global__ void __launch_bounds__(FB_THREADS)                                   \
+        NAME(const S* __restrict__ qkv, S* __restrict__ y, float* __restrict__ lse, int T,     \
+             int C, int NH, float scale) {                                                     \
+        fa_fwd_bf16<S, HS>(qkv, y, lse, T, C, NH, scale);                                      \
     }
+// fp32 storage: dq | dk | dv to dqkv in fp32, or to dqkv_bf16 when that is not null.
+#define FA_BWD_ENTRY(NAME, KERNEL, HS)                                                         \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+        NAME(const float* __restrict__ qkv, const float* __restrict__ dy,                      \
+             const float* __restrict__ lse, const float* __restrict__ dvec,                    \
+             float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,   \
+             int NH, float scale) {                                                            \
+        KERNEL<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);               \
+    }
+// bf16 storage: qkv and dy in bf16, dq | dk | dv written in bf16.
+#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS)                                                      \
+    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+        NAME(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,    \
+             const float* __restrict__ lse, const float* __restrict__ dvec,                    \
+             unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {           \
+        KERNEL<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH,        \
+                                   scale);                                                     \
+    }
+#define FA_BF16_ENTRY_POINTS(SUFFIX, HS)                                                       \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS)                                       \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS)                           \
+    FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS)                       \
+    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS)                           \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS)                 \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS)
 
-FA_BWD_ENTRY_POINTS(, 0)
-FA_BWD_ENTRY_POINTS(_hs64, 64)
+FA_BF16_ENTRY_POINTS(, 0)
+FA_BF16_ENTRY_POINTS(_hs64, 64)

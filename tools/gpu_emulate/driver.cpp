@@ -456,6 +456,15 @@ void record(Capture* cap, std::string what, std::function<CUresult()> run) {
     cap->ops.push_back(std::make_shared<const Op>(Op{std::move(what), std::move(run)}));
 }
 
+// An asynchronous operation whose arguments were checked: recorded into `cap` when the
+// stream captures, else done now. `op` checks its memory again (a replay may find it gone:
+// replay_fault; now it is there) and does the work.
+CUresult run_or_record(Capture* cap, const char* what, std::function<CUresult()> op) {
+    if (!cap) return op();
+    record(cap, what, std::move(op));
+    return SUCCESS;
+}
+
 // A recorded operation that finds its memory gone at a launch (what the GPU reports as an
 // illegal address).
 CUresult replay_fault(const std::string& what, const std::string& why) {
@@ -483,6 +492,17 @@ void copy_to_host_later(void* dst, CUdeviceptr src, size_t bytes) {
     auto* from = reinterpret_cast<const unsigned char*>(src);
     state().pending.push_back(PendingCopy{dst, std::vector<unsigned char>(from, from + bytes)});
     std::memset(dst, 0xff, bytes);
+}
+
+// Deletes `handle` if it is one of the live objects in `live`.
+template <class T>
+CUresult destroy_live(std::set<T*>& live, void* handle) {
+    auto it = live.find(static_cast<T*>(handle));
+    if (it == live.end()) return INVALID_HANDLE;
+    T* object = *it;
+    live.erase(it);
+    delete object;
+    return SUCCESS;
 }
 
 }  // namespace
@@ -768,20 +788,14 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CU
     Capture* cap;
     if (CUresult r = enqueue_on(s, "cuMemcpyHtoDAsync", &cap)) return r;
     if (!holding(dst, bytes) || !in_pinned(src, bytes)) return failed(cap, INVALID_VALUE);
-    if (cap) {
-        // The host buffer is read when the graph runs, as the GPU's copy node reads it.
-        record(cap, "cuMemcpyHtoDAsync", [dst, src, bytes]() -> CUresult {
-            const char* what = "cuMemcpyHtoDAsync";
-            if (!holding(dst, bytes))
-                return replay_fault(what, not_device(dst, bytes, "destination"));
-            if (!in_pinned(src, bytes)) return replay_fault(what, not_pinned(src, bytes, "source"));
-            std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
-            return SUCCESS;
-        });
+    // The host buffer is read when the copy runs, as the GPU's copy node reads it.
+    return run_or_record(cap, "cuMemcpyHtoDAsync", [dst, src, bytes]() -> CUresult {
+        const char* what = "cuMemcpyHtoDAsync";
+        if (!holding(dst, bytes)) return replay_fault(what, not_device(dst, bytes, "destination"));
+        if (!in_pinned(src, bytes)) return replay_fault(what, not_pinned(src, bytes, "source"));
+        std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
         return SUCCESS;
-    }
-    std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
-    return SUCCESS;
+    });
 }
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
@@ -790,19 +804,13 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream
     Capture* cap;
     if (CUresult r = enqueue_on(s, "cuMemcpyDtoHAsync", &cap)) return r;
     if (!holding(src, bytes) || !in_pinned(dst, bytes)) return failed(cap, INVALID_VALUE);
-    if (cap) {
-        record(cap, "cuMemcpyDtoHAsync", [dst, src, bytes]() -> CUresult {
-            const char* what = "cuMemcpyDtoHAsync";
-            if (!holding(src, bytes)) return replay_fault(what, not_device(src, bytes, "source"));
-            if (!in_pinned(dst, bytes))
-                return replay_fault(what, not_pinned(dst, bytes, "destination"));
-            copy_to_host_later(dst, src, bytes);
-            return SUCCESS;
-        });
+    return run_or_record(cap, "cuMemcpyDtoHAsync", [dst, src, bytes]() -> CUresult {
+        const char* what = "cuMemcpyDtoHAsync";
+        if (!holding(src, bytes)) return replay_fault(what, not_device(src, bytes, "source"));
+        if (!in_pinned(dst, bytes)) return replay_fault(what, not_pinned(dst, bytes, "destination"));
+        copy_to_host_later(dst, src, bytes);
         return SUCCESS;
-    }
-    copy_to_host_later(dst, src, bytes);
-    return SUCCESS;
+    });
 }
 
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
@@ -811,19 +819,13 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CU
     Capture* cap;
     if (CUresult r = enqueue_on(s, "cuMemcpyDtoDAsync", &cap)) return r;
     if (!holding(dst, bytes) || !holding(src, bytes)) return failed(cap, INVALID_VALUE);
-    if (cap) {
-        record(cap, "cuMemcpyDtoDAsync", [dst, src, bytes]() -> CUresult {
-            const char* what = "cuMemcpyDtoDAsync";
-            if (!holding(src, bytes)) return replay_fault(what, not_device(src, bytes, "source"));
-            if (!holding(dst, bytes))
-                return replay_fault(what, not_device(dst, bytes, "destination"));
-            std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
-            return SUCCESS;
-        });
+    return run_or_record(cap, "cuMemcpyDtoDAsync", [dst, src, bytes]() -> CUresult {
+        const char* what = "cuMemcpyDtoDAsync";
+        if (!holding(src, bytes)) return replay_fault(what, not_device(src, bytes, "source"));
+        if (!holding(dst, bytes)) return replay_fault(what, not_device(dst, bytes, "destination"));
+        std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
         return SUCCESS;
-    }
-    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
-    return SUCCESS;
+    });
 }
 
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
@@ -842,17 +844,12 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstrea
     Capture* cap;
     if (CUresult r = enqueue_on(s, "cuMemsetD8Async", &cap)) return r;
     if (!holding(dst, n)) return failed(cap, INVALID_VALUE);
-    if (cap) {
-        record(cap, "cuMemsetD8Async", [dst, value, n]() -> CUresult {
-            if (!holding(dst, n))
-                return replay_fault("cuMemsetD8Async", not_device(dst, n, "destination"));
-            std::memset(reinterpret_cast<void*>(dst), value, n);
-            return SUCCESS;
-        });
+    return run_or_record(cap, "cuMemsetD8Async", [dst, value, n]() -> CUresult {
+        if (!holding(dst, n))
+            return replay_fault("cuMemsetD8Async", not_device(dst, n, "destination"));
+        std::memset(reinterpret_cast<void*>(dst), value, n);
         return SUCCESS;
-    }
-    std::memset(reinterpret_cast<void*>(dst), value, n);
-    return SUCCESS;
+    });
 }
 
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
@@ -1149,23 +1146,13 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
 CUresult cuGraphExecDestroy(CUgraphExec exec) {
     LOCKED;
     NEED_INIT;
-    auto it = state().execs.find(static_cast<GraphExec*>(exec));
-    if (it == state().execs.end()) return INVALID_HANDLE;
-    GraphExec* e = *it;
-    state().execs.erase(it);
-    delete e;
-    return SUCCESS;
+    return destroy_live(state().execs, exec);
 }
 
 CUresult cuGraphDestroy(CUgraph graph) {
     LOCKED;
     NEED_INIT;
-    auto it = state().graphs.find(static_cast<Graph*>(graph));
-    if (it == state().graphs.end()) return INVALID_HANDLE;
-    Graph* g = *it;
-    state().graphs.erase(it);
-    delete g;
-    return SUCCESS;
+    return destroy_live(state().graphs, graph);
 }
 
 // For the cuBLAS stand-ins (cublas.cpp, cublaslt.cpp; see the top of this file): work `what`

@@ -44,6 +44,21 @@ pub(super) struct StepKey {
     pub recompute: Recompute,
 }
 
+/// Where the engine keeps the graphs of each kind of pass: `graphs[StepKey::slot()]`.
+pub(super) const EVAL: usize = 0;
+pub(super) const TRAIN: usize = 1;
+
+impl StepKey {
+    /// [`TRAIN`] or [`EVAL`].
+    pub fn slot(&self) -> usize {
+        if self.train {
+            TRAIN
+        } else {
+            EVAL
+        }
+    }
+}
+
 /// How the micro-steps of this engine ran, for reports and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphCounts {
@@ -99,15 +114,15 @@ impl StepGraphs {
         self.last_direct = key.map(|k| (k, epoch));
     }
 
-    /// A capture of `key` at `epoch` succeeded.
-    pub fn captured(&mut self, key: StepKey, epoch: u64, exec: GraphExec<'static>) {
+    /// A capture of `key` at `epoch` succeeded: keeps `exec` and hands it back to launch.
+    pub fn captured(
+        &mut self,
+        key: StepKey,
+        epoch: u64,
+        exec: GraphExec<'static>,
+    ) -> &GraphExec<'static> {
         self.counts.captures += 1;
-        self.current = Some((key, epoch, exec));
-    }
-
-    /// The graph of `key` at `epoch`, for its launch right after a capture.
-    pub fn exec(&self) -> Option<&GraphExec<'static>> {
-        self.current.as_ref().map(|(_, _, exec)| exec)
+        &self.current.insert((key, epoch, exec)).2
     }
 
     /// A capture of `key` failed: returns whether this is the first failure (to be said).

@@ -257,8 +257,8 @@ pub struct CudaEngine {
     // while the context (last) is still alive.
     /// The captured training micro-step and evaluation pass ([`graphs`]); first, as they
     /// point into the rest.
-    graphs: graphs::StepGraphs,
-    eval_graphs: graphs::StepGraphs,
+    /// By [`graphs::StepKey::slot`]: evaluation passes, training micro-steps.
+    graphs: [graphs::StepGraphs; 2],
     /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
     profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
@@ -432,8 +432,7 @@ impl CudaEngine {
             Precision::F32 => None,
         };
         let engine = CudaEngine {
-            graphs: graphs::StepGraphs::default(),
-            eval_graphs: graphs::StepGraphs::default(),
+            graphs: Default::default(),
             bf,
             acts: None,
             params: p,
@@ -474,12 +473,12 @@ impl CudaEngine {
     /// How this engine's training micro-steps ran so far: captured into a CUDA graph,
     /// replayed as one, or launch by launch ([`graphs`]).
     pub fn graph_counts(&self) -> graphs::GraphCounts {
-        self.graphs.counts
+        self.graphs[graphs::TRAIN].counts
     }
 
     /// The same for its evaluation passes (`Engine::loss`).
     pub fn eval_graph_counts(&self) -> graphs::GraphCounts {
-        self.eval_graphs.counts
+        self.graphs[graphs::EVAL].counts
     }
 
     /// Which attention a pass over `b` rows of `t` tokens takes: `Some(math)` for the fused
@@ -1539,7 +1538,7 @@ impl CudaEngine {
             .map_err(cuda_err)?;
         self.backward(batch.b, batch.t, drop, ready)
             .map_err(cuda_err)?;
-        self.graphs.ran_direct(key, self.ctx.memory_epoch());
+        self.graphs[graphs::TRAIN].ran_direct(key, self.ctx.memory_epoch());
         self.mean_loss(pending).map_err(cuda_err)
     }
 
@@ -1559,13 +1558,6 @@ impl CudaEngine {
         )
     }
 
-    fn graphs_of(&mut self, train: bool) -> &mut graphs::StepGraphs {
-        match train {
-            true => &mut self.graphs,
-            false => &mut self.eval_graphs,
-        }
-    }
-
     /// The micro-step or evaluation pass of `key` as one graph launch (captured first when
     /// [`graphs`] says so); `None` when it is to run launch by launch instead.
     fn graph_step(
@@ -1580,11 +1572,7 @@ impl CudaEngine {
             rows: batch.b * batch.t,
             count: key.counted,
         };
-        let plan = match key.train {
-            true => self.graphs.plan(key, epoch),
-            false => self.eval_graphs.plan(key, epoch),
-        };
-        match plan {
+        match self.graphs[key.slot()].plan(key, epoch) {
             graphs::Plan::Direct => return Ok(None),
             graphs::Plan::Replay(exec) => {
                 let a = self.acts.as_ref().expect("a captured step has activations");
@@ -1604,7 +1592,7 @@ impl CudaEngine {
                             Err(e) => e.to_string(),
                             Ok(_) => "memory was allocated while recording".into(),
                         };
-                        if self.graphs_of(key.train).refuse(key) {
+                        if self.graphs[key.slot()].refuse(key) {
                             let what = match key.train {
                                 true => "the training step",
                                 false => "the evaluation pass",
@@ -1618,16 +1606,12 @@ impl CudaEngine {
                         return Ok(None);
                     }
                 };
-                let graphs = match key.train {
-                    true => &mut self.graphs,
-                    false => &mut self.eval_graphs,
-                };
-                graphs.captured(key, epoch, exec);
-                let exec = graphs.exec().expect("captured just above");
-                exec.launch(&self.stream)?;
+                self.graphs[key.slot()]
+                    .captured(key, epoch, exec)
+                    .launch(&self.stream)?;
             }
         }
-        self.graphs_of(key.train).counts.replays += 1;
+        self.graphs[key.slot()].counts.replays += 1;
         let a = self.acts.as_ref().expect("a captured step has activations");
         for staged in &a.staged {
             staged.launched(&self.stream)?;
@@ -1713,7 +1697,7 @@ impl Engine for CudaEngine {
         self.forward(batch.inputs, batch.b, batch.t, None, false, batch.t)
             .map_err(cuda_err)?;
         let pending = self.cross_entropy(batch.targets, None).map_err(cuda_err)?;
-        self.eval_graphs.ran_direct(key, self.ctx.memory_epoch());
+        self.graphs[graphs::EVAL].ran_direct(key, self.ctx.memory_epoch());
         self.mean_loss(pending).map_err(cuda_err)
     }
 
@@ -1907,7 +1891,10 @@ impl Engine for CudaEngine {
     }
 
     fn launch_report(&self) -> Option<String> {
-        let (c, e) = (self.graphs.counts, self.eval_graphs.counts);
+        let (c, e) = (
+            self.graphs[graphs::TRAIN].counts,
+            self.graphs[graphs::EVAL].counts,
+        );
         let evals = match e.replays + e.direct {
             0 => String::new(),
             n => format!("; {n} evaluation passes: {} replayed", e.replays),
