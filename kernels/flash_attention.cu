@@ -33,9 +33,18 @@
 // register arrays and shared tiles are sized for 64 instead of FA_MAX_HS, and every loop
 // and guard over the head dimension is resolved at compile time. The same arithmetic in
 // the same order, so the same bits (tools/flash_emulate checks it); for sm_90 ptxas gives
-// it 127 (forward), 164 (dk/dv) and 126 (dq) registers per thread against 168-178, 254
-// and 224 for the generic form, and half the shared memory, so 3 to 4 blocks fit on a
+// it 128 (forward), 157 (dk/dv) and 124-126 (dq) registers per thread against 168, 255
+// and 232 for the generic form, and half the shared memory, so 3 to 4 blocks fit on a
 // multiprocessor instead of 2 to 3.
+//
+// Tile loads (bf16 kernels): with bf16 storage every tile reaches shared memory by
+// cp.async, issued one tile ahead of the products that read it, so the loads of the next
+// tile overlap the tensor-core work on this one (the forward: the V tile's copies run
+// while S = Q K^T and the softmax do, the next K tile's while P V does; the backward
+// kernels: two buffers of their loop's tiles, the next filled while the current is read).
+// fp32 storage rounds each value to bf16 on the way, so its loads are synchronous, in the
+// same places. Loads move data only: the same bits as synchronous loads (tools/flash_emulate
+// runs the kernels under schedules that expose a missing wait or barrier).
 //
 // flash_attn_bwd_dot(y, dy, dvec, B, T, C, NH)
 //   dvec[(b*NH+h)*T+t] = sum_d y[.., h*hs+d] * dy[.., h*hs+d]  (the D of the backward).
@@ -443,7 +452,7 @@ __device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) {
     return *reinterpret_cast<const unsigned*>(p);
 }
 
-// The bf16 kernels' storage types: fp32 (rounded to bf16 as tiles are loaded, fa_ld8) or
+// The bf16 kernels' storage types: fp32 (rounded to bf16 as tiles are loaded, fa_issue8) or
 // bf16 bits (the bf16 mode's attention storage, taken as they are). fa_float_of gives a
 // stored value in fp32, fa_put2 stores two adjacent outputs (rounded to nearest even for
 // bf16: one 4-byte store, so the element index must be even).
@@ -524,6 +533,44 @@ __device__ __forceinline__ void fa_ldsm_x4_trans(unsigned (&r)[4], const unsigne
 }
 #endif
 
+// cp.async (PTX ISA, "Data movement and conversion instructions: cp.async", sm_80+): a copy
+// from global to shared memory that goes around the registers and proceeds while the
+// issuing thread runs on, so a tile's loads overlap the products of the tile before it.
+//   fa_cp_async16(dst, src, valid)  16 bytes (.cg: cached in L2 only); src and dst 16-byte
+//                                   aligned. valid false: nothing is read (src-size 0) and
+//                                   dst is zero-filled; src must still be a valid address.
+//   fa_cp_async4(dst, src, valid)   the same for 4 bytes (.ca), 4-byte aligned.
+//   fa_cp_commit()                  closes this thread's group of copies issued since the
+//                                   last commit.
+//   fa_cp_wait<N>()                 waits until at most N of this thread's committed groups
+//                                   are in flight.
+// A copy is this thread's until it waits for it: other threads may read its bytes only
+// after the issuer's wait and a __syncthreads() after that. Each asm is a compiler memory
+// barrier ("memory"), so no shared access moves across it.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void fa_cp_async16(void* dst, const void* src, bool valid) {
+    unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(d), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void fa_cp_async4(void* dst, const void* src, bool valid) {
+    unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :
+                 : "r"(d), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void fa_cp_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void fa_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // out (16 x hs, hs/8 n-tiles) += X B where X (16 x 16*KC) is given as the C-layout
 // accumulators x[2*KC][4] of a product (rounded to bf16 here: two adjacent n-tiles are the
 // A fragment of one 16-wide k chunk) and B[k][n] = R[k][n], R row-major (16*KC rows, ld
@@ -561,65 +608,105 @@ __device__ __forceinline__ void fa_mma_xb(float (*out)[4], const float (*x)[4],
 #define VEC_ACCESS(p, bytes)
 #endif
 
-// Eight consecutive values of a row as bf16 bits: one 16-byte load of bf16 storage, or two
-// of fp32 storage rounded (p 16-byte aligned: see fa_load_bf16).
-__device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const unsigned short* p) {
-    VEC_ACCESS(p, 16);
-    uint4 t = *reinterpret_cast<const uint4*>(p);
-    unsigned w[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        v[2 * e] = (unsigned short)(w[e] & 0xffffu);
-        v[2 * e + 1] = (unsigned short)(w[e] >> 16);
+// One group of eight consecutive values of a tile row, to dst (16-byte aligned) as bf16
+// bits; valid false: zeros (src unread, but a valid address). bf16 storage: one 16-byte
+// cp.async, left in flight (the caller commits and waits), or with ASYNC false one 16-byte
+// load and store, done when this returns. fp32 storage (ASYNC has no effect): two 16-byte
+// loads rounded to nearest even and one 16-byte shared store, done when this returns.
+template <bool ASYNC>
+__device__ __forceinline__ void fa_issue8(unsigned short* dst, const unsigned short* src,
+                                          bool valid) {
+    VEC_ACCESS(dst, 16);
+    if (ASYNC) {
+        VEC_ACCESS(src, 16);
+        fa_cp_async16(dst, src, valid);
+        return;
     }
+    uint4 t;
+    t.x = t.y = t.z = t.w = 0u;
+    if (valid) {
+        VEC_ACCESS(src, 16);
+        t = *reinterpret_cast<const uint4*>(src);
+    }
+    *reinterpret_cast<uint4*>(dst) = t;
 }
-__device__ __forceinline__ void fa_ld8(unsigned short (&v)[8], const float* p) {
-    VEC_ACCESS(p, 16);
-    VEC_ACCESS(p + 4, 16);
-    float4 a = *reinterpret_cast<const float4*>(p);
-    float4 b = *reinterpret_cast<const float4*>(p + 4);
-    float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+template <bool ASYNC>
+__device__ __forceinline__ void fa_issue8(unsigned short* dst, const float* src, bool valid) {
+    unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (valid) {
+        VEC_ACCESS(src, 16);
+        VEC_ACCESS(src + 4, 16);
+        float4 a = *reinterpret_cast<const float4*>(src);
+        float4 b = *reinterpret_cast<const float4*>(src + 4);
+        float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-    for (int e = 0; e < 8; e++) v[e] = fa_f2bf(f[e]);
+        for (int e = 0; e < 8; e++) v[e] = fa_f2bf(f[e]);
+    }
+    uint4 packed;
+    packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
+    packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
+    packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
+    packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
+    VEC_ACCESS(dst, 16);
+    *reinterpret_cast<uint4*>(dst) = packed;
 }
 
-// Rounds rows [r0, r0 + rows) of one head's hs columns (src: row 0, column h*hs of its
-// third; rows ld_src values apart; fp32, or bf16 taken as is) to bf16 into
-// dst[r * ld + d]; rows >= T become zeros. Every thread of the block (128) takes groups of
-// 8 columns: one 16-byte global load (two for fp32) and one 16-byte shared store;
-// consecutive threads take consecutive groups of a row (each warp reads whole 128-byte rows
-// of global memory; every quarter-warp's 16-byte stores cover the 32 banks once). Needs
-// hs % 8 == 0 (the bf16 kernels take multiples of 16), src and ld_src such that every row
-// start is 16-byte aligned (flash.rs checks the buffers), and dst rows 16-byte aligned (ld
-// a multiple of 8, the tile arrays __align__(16)). Tiles are only ever stored row-major:
-// products that need one transposed read it with ldmatrix.trans (fa_mma_xb).
-template <class S>
-__device__ __forceinline__ void fa_load_bf16(unsigned short* dst, int ld, const S* src,
-                                             long long ld_src, int r0, int rows, int T,
-                                             int hs) {
+// Issues the loads of rows [r0, r0 + rows) of one head's hs columns (src: row 0, column
+// h*hs of its third; rows ld_src values apart; fp32, or bf16 taken as is) into
+// dst[r * ld + d] as bf16; rows >= T become zeros. With bf16 storage the copies are
+// cp.async, in flight until the caller's fa_cp_commit and fa_cp_wait; with fp32 storage
+// they are synchronous (rounded on the way), and the same commit and wait cost nothing, so
+// both storages run one schedule. ASYNC false (the flash_async switch off): synchronous
+// loads for bf16 storage too. Every thread of the block (128) takes groups of 8
+// columns; consecutive threads take consecutive groups of a row (each warp reads whole
+// 128-byte rows of global memory; every quarter-warp's 16-byte stores cover the 32 banks
+// once). Needs hs % 8 == 0 (the bf16 kernels take multiples of 16), src and ld_src such
+// that every row start is 16-byte aligned (flash.rs checks the buffers), and dst rows
+// 16-byte aligned (ld a multiple of 8, the tile arrays __align__(16)). Tiles are only ever
+// stored row-major: products that need one transposed read it with ldmatrix.trans
+// (fa_mma_xb).
+template <bool ASYNC, class S>
+__device__ __forceinline__ void fa_issue_tile(unsigned short* dst, int ld, const S* src,
+                                              long long ld_src, int r0, int rows, int T,
+                                              int hs) {
     const int groups = hs / 8;
     for (int i = threadIdx.x; i < rows * groups; i += FB_THREADS) {
         int r = i / groups, d = (i - r * groups) * 8, t = r0 + r;
-        unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (t < T) fa_ld8(v, src + (long long)t * ld_src + d);
-        uint4 packed;
-        packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
-        packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
-        packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
-        packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
-        VEC_ACCESS(dst + r * ld + d, 16);
-        *reinterpret_cast<uint4*>(dst + r * ld + d) = packed;
+        bool valid = t < T;
+        fa_issue8<ASYNC>(dst + r * ld + d, src + (long long)(valid ? t : 0) * ld_src + d,
+                         valid);
     }
 }
 
-// The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of) and
-// head size HS (0: any multiple of 16 up to HM, C / NH; see "Head size" above).
-template <class S, int HS>
+// Issues the copies of lse and D of rows [r0, r0 + rows) of head bh into Ls, Ds (zeros
+// past T): cp.async, or synchronous loads with ASYNC false.
+template <bool ASYNC>
+__device__ __forceinline__ void fa_issue_rows(float* Ls, float* Ds, const float* lse,
+                                              const float* dvec, long long bh, int r0,
+                                              int rows, int T) {
+    for (int r = threadIdx.x; r < rows; r += FB_THREADS) {
+        int t = r0 + r;
+        bool valid = t < T;
+        long long i = bh * T + (valid ? t : 0);
+        if (ASYNC) {
+            fa_cp_async4(Ls + r, lse + i, valid);
+            fa_cp_async4(Ds + r, dvec + i, valid);
+        } else {
+            Ls[r] = valid ? lse[i] : 0.0f;
+            Ds[r] = valid ? dvec[i] : 0.0f;
+        }
+    }
+}
+
+// The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of), head
+// size HS (0: any multiple of 16 up to HM, C / NH; see "Head size" above) and tile loads
+// by cp.async (ASYNC; see "Tile loads" above).
+template <class S, int HS, bool ASYNC>
 __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __restrict__ y,
                                             float* __restrict__ lse, int T, int C, int NH,
                                             float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    // K tile (also stages Q once) and V tile, row-major, bf16 bits.
+    // K tile and V tile (which also stages Q once), row-major, bf16 bits.
     constexpr int HM = HS ? HS : FA_MAX_HS;
     FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (HM + FB_KPAD)];
     FA_STATIC_SHARED __align__(16) unsigned short Vs[FB_KEYS * (HM + FB_KPAD)];
@@ -631,15 +718,19 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     const long long c3 = 3LL * C;
     const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
 
-    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
-    fa_load_bf16(Ks, ldk, qb, c3, q0, FB_ROWS, T, hs);
+    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block. Q is
+    // staged in the V tile, in one group of copies with the first K tile.
+    fa_issue_tile<ASYNC>(Vs, ldk, qb, c3, q0, FB_ROWS, T, hs);
+    fa_issue_tile<ASYNC>(Ks, ldk, qb + C, c3, 0, FB_KEYS, T, hs);
+    fa_cp_commit();
+    fa_cp_wait<0>();
     __syncthreads();
     unsigned qf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first row in the tile
 #pragma unroll
     for (int kc = 0; kc < HM / 16; kc++) {
         if (kc * 16 < hs) {
-            const unsigned short* p = Ks + (wr + g) * ldk + kc * 16 + 2 * q;
+            const unsigned short* p = Vs + (wr + g) * ldk + kc * 16 + 2 * q;
             qf[kc][0] = fa_ld32(p);
             qf[kc][1] = fa_ld32(p + 8 * ldk);
             qf[kc][2] = fa_ld32(p + 8);
@@ -657,12 +748,15 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
     qrow[1] = min(q0 + wr + g + 8, T - 1);
 
+    // Each key tile: the V tile's copies run while S = Q K^T and the softmax do, and the
+    // next K tile's while P V does (with bf16 storage; fp32 storage loads synchronously in
+    // the same places).
     const int kend = min(T, q0 + FB_ROWS);
     for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
-        __syncthreads();  // Q staging / the previous tile's fragment loads are done
-        fa_load_bf16(Ks, ldk, qb + C, c3, k0, FB_KEYS, T, hs);
-        fa_load_bf16(Vs, ldk, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
-        __syncthreads();
+        fa_cp_wait<0>();  // this thread's copies of the K tile
+        __syncthreads();  // the K tile complete; every warp done with Vs (Q, or the last P V)
+        fa_issue_tile<ASYNC>(Vs, ldk, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
+        fa_cp_commit();
         // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
         float s[FB_KEYS / 8][4];
 #pragma unroll
@@ -719,6 +813,12 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
             o[dt][2] *= alpha[1];
             o[dt][3] *= alpha[1];
         }
+        fa_cp_wait<0>();  // this thread's copies of the V tile
+        __syncthreads();  // the V tile complete; every warp done with Ks
+        if (k0 + FB_KEYS < kend) {
+            fa_issue_tile<ASYNC>(Ks, ldk, qb + C, c3, k0 + FB_KEYS, FB_KEYS, T, hs);
+            fa_cp_commit();
+        }
         // O += P V: 4 chunks of 16 keys, hs/8 n-tiles of the head dimension.
         fa_mma_xb<FB_KEYS / 16, HM>(o, s, Vs, ldk, hs);
     }
@@ -773,10 +873,10 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 //       B[k][n] = dY[query k][d n]: from dYs with ldmatrix.trans (fa_mma_xb).
 //     dK (16 x hs) += dS^T Q: A = dS^T from the dP^T accumulators, B from Qs the same way.
 //       dk is scaled by `scale` when written.
-//   Shared (bf16 bits, one static array): Qs, dYs: 32 x (hs + 8) each, then lse and D of
-//   the query tile, 32 floats each. The K and V tiles (64 x (hs + 8) each) are staged
-//   through the same bytes before the loop, which sets the size: at hs = 128,
-//   2 * 2 * 64 * 136 + 2 * 4 * 32 = 35072 bytes.
+//   Shared (bf16 bits, one static array): two buffers of the query tile (Qs, dYs:
+//   32 x (hs + 8) each), then lse and D of each buffer's queries, 32 floats each. The K
+//   and V rows (64 x (hs + 8) each) are staged through the bytes of the two buffers before
+//   the loop: at hs = 128, 2 * 2 * 64 * 136 + 2 * 2 * 4 * 32 = 35328 bytes.
 //
 // flash_attn_bwd_dkdv_bf16_io(qkv, dy, lse, dvec, dqkv, T, C, NH, scale) and
 // flash_attn_bwd_dq_bf16_io(...): the same kernels with qkv, dy and dqkv all in bf16 (the
@@ -791,9 +891,9 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 //     dS = P * (dP - D) in fp32 (lse and D of the warp's rows are held in registers).
 //     dQ (16 x hs) += dS K: A = dS from the dP accumulators, B[k][n] = K[key k][d n]:
 //       from Ks with ldmatrix.trans (fa_mma_xb). dq is scaled when written.
-//   Shared (bf16 bits, one static array): Ks, Vs: 32 x (hs + 8) each.
-//   The Q and dY tiles (64 x (hs + 8) each) are staged through the same bytes before the
-//   loop, which sets the size: 2 * 2 * 64 * 136 = 34816 bytes at hs = 128.
+//   Shared (bf16 bits, one static array): two buffers of the key tile (Ks, Vs:
+//   32 x (hs + 8) each). The Q and dY rows (64 x (hs + 8) each) are staged through the
+//   same bytes before the loop: 2 * 2 * 64 * 136 = 34816 bytes at hs = 128.
 //
 // Row padding of 8 bf16 keeps the fragment loads conflict-free: a row of hs + 8 bf16 is
 // (hs + 8) / 2 = 4 * (an odd number) words, so the 8 groups (rows g) x 4 lanes (words q) of
@@ -801,7 +901,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 // each matrix an ldmatrix reads.
 
 #define FBB_THREADS 128
-static_assert(FBB_THREADS == FB_THREADS, "fa_load_bf16 serves every bf16 kernel");
+static_assert(FBB_THREADS == FB_THREADS, "fa_issue_tile serves every bf16 kernel");
 #define FBB_KROWS 64   // keys per dk/dv block (4 warps x 16)
 #define FBB_QCOLS 32   // queries per tile of the dk/dv loop
 #define FBB_QROWS 64   // queries per dq block (4 warps x 16)
@@ -809,6 +909,11 @@ static_assert(FBB_THREADS == FB_THREADS, "fa_load_bf16 serves every bf16 kernel"
 // Shared bytes (see above), at the largest head size.
 #define FBB_DKDV_SHORTS(HM) (2 * FBB_KROWS * ((HM) + FB_KPAD))
 #define FBB_DQ_SHORTS(HM) (2 * FBB_QROWS * ((HM) + FB_KPAD))
+// One buffer of the loops' tiles: two tiles (Q and dY, or K and V) of 32 rows, ld apart.
+// Two buffers take the bytes that stage the block's own 64 rows of two tensors first.
+#define FBB_QTILE_SHORTS(ld) (2 * FBB_QCOLS * (ld))
+static_assert(FBB_QCOLS == FBB_KCOLS && 2 * FBB_QCOLS == FBB_KROWS && FBB_KROWS == FBB_QROWS,
+              "two tile buffers fill the staging bytes");
 
 // The A fragments of the 16 rows [r0, r0 + 16) of a row-major bf16 tile (ld bf16 apart),
 // one per 16-wide chunk of the head dimension.
@@ -880,9 +985,25 @@ __device__ __forceinline__ void fa_store_rows(float* out, unsigned short* out_bf
     }
 }
 
-// The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits) and head size HS
-// (0: any, C / NH).
-template <class S, int HS>
+// Issues the copies of the dk/dv kernel's query tile [q0, q0 + FBB_QCOLS) into buffer
+// `buf`: the Q and dY tiles at sm + buf * FBB_QTILE_SHORTS(ld), its lse and D at
+// LDs + buf * 2 * FBB_QCOLS.
+template <bool ASYNC, class S>
+__device__ __forceinline__ void fa_issue_query_tile(unsigned short* sm, int ld, float* LDs,
+                                                    const S* qb, const S* gb,
+                                                    const float* lse, const float* dvec,
+                                                    long long bh, long long c3, int C, int q0,
+                                                    int buf, int T, int hs) {
+    unsigned short* Qs = sm + buf * FBB_QTILE_SHORTS(ld);
+    fa_issue_tile<ASYNC>(Qs, ld, qb, c3, q0, FBB_QCOLS, T, hs);
+    fa_issue_tile<ASYNC>(Qs + FBB_QCOLS * ld, ld, gb, (long long)C, q0, FBB_QCOLS, T, hs);
+    float* Ls = LDs + buf * 2 * FBB_QCOLS;
+    fa_issue_rows<ASYNC>(Ls, Ls + FBB_QCOLS, lse, dvec, bh, q0, FBB_QCOLS, T);
+}
+
+// The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits), head size HS
+// (0: any, C / NH) and tile loads by cp.async (ASYNC).
+template <class S, int HS, bool ASYNC>
 __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  const S* __restrict__ dy,
                                                  const float* __restrict__ lse,
@@ -892,7 +1013,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     constexpr int HM = HS ? HS : FA_MAX_HS;
-    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS(HM) + 4 * FBB_QCOLS];
+    FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS(HM) + 8 * FBB_QCOLS];
     const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -902,19 +1023,21 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
     const long long bh = (long long)b * NH + h;
     const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
     const S* gb = dy + (long long)b * T * C + (long long)h * hs;
-    unsigned short* Qs = sm;
-    unsigned short* dYs = Qs + FBB_QCOLS * ld;
-    float* Ls = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS(HM));
-    float* Ds = Ls + FBB_QCOLS;
+    // Query tile buffer `buf` (0, 1): Qs, then dYs (FBB_QCOLS x ld each) from
+    // sm + buf * FBB_QTILE_SHORTS(ld); its lse and D after the tiles.
+    float* LDs = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS(HM));
 
     // K and V rows of this block, staged in the tile bytes, into A fragments.
-    fa_load_bf16(sm, ld, qb + C, c3, k0, FBB_KROWS, T, hs);
-    fa_load_bf16(sm + FBB_KROWS * ld, ld, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
+    fa_issue_tile<ASYNC>(sm, ld, qb + C, c3, k0, FBB_KROWS, T, hs);
+    fa_issue_tile<ASYNC>(sm + FBB_KROWS * ld, ld, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
+    fa_cp_commit();
+    fa_cp_wait<0>();
     __syncthreads();
     unsigned kf[HM / 16][4], vf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first key row in the block
     fa_load_afrag<HM>(kf, sm, ld, wr, hs);
     fa_load_afrag<HM>(vf, sm + FBB_KROWS * ld, ld, wr, hs);
+    __syncthreads();  // every warp has its fragments: the staging bytes become the buffers
     float dk[HM / 8][4], dv[HM / 8][4];
 #pragma unroll
     for (int dt = 0; dt < HM / 8; dt++)
@@ -925,17 +1048,22 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
         }
     const int krow[2] = {k0 + wr + g, k0 + wr + g + 8};
 
-    // Queries i >= k0 can see this block's keys.
-    for (int q0 = k0; q0 < T; q0 += FBB_QCOLS) {
-        __syncthreads();  // fragment loads / the previous tile's readers are done
-        fa_load_bf16(Qs, ld, qb, c3, q0, FBB_QCOLS, T, hs);
-        fa_load_bf16(dYs, ld, gb, C, q0, FBB_QCOLS, T, hs);
-        for (int r = tid; r < FBB_QCOLS; r += FBB_THREADS) {
-            int t = q0 + r;
-            Ls[r] = t < T ? lse[bh * T + t] : 0.0f;
-            Ds[r] = t < T ? dvec[bh * T + t] : 0.0f;
+    // Queries i >= k0 can see this block's keys. Each query tile's copies (Q, dY, lse, D)
+    // run while the products of the tile before it do, in the other buffer.
+    fa_issue_query_tile<ASYNC>(sm, ld, LDs, qb, gb, lse, dvec, bh, c3, C, k0, 0, T, hs);
+    fa_cp_commit();
+    for (int q0 = k0, buf = 0; q0 < T; q0 += FBB_QCOLS, buf ^= 1) {
+        fa_cp_wait<0>();  // this thread's copies of this tile
+        __syncthreads();  // the tile complete; every warp done with the other buffer
+        if (q0 + FBB_QCOLS < T) {
+            fa_issue_query_tile<ASYNC>(sm, ld, LDs, qb, gb, lse, dvec, bh, c3, C,
+                                       q0 + FBB_QCOLS, buf ^ 1, T, hs);
+            fa_cp_commit();
         }
-        __syncthreads();
+        const unsigned short* Qs = sm + buf * FBB_QTILE_SHORTS(ld);
+        const unsigned short* dYs = Qs + FBB_QCOLS * ld;
+        const float* Ls = LDs + buf * 2 * FBB_QCOLS;
+        const float* Ds = Ls + FBB_QCOLS;
         float st[4][4], dpt[4][4];  // S^T, then P^T; dP^T, then dS^T (16 keys x 32 queries)
         fa_mma_abt<HM>(st, kf, Qs, ld, hs);
         fa_mma_abt<HM>(dpt, vf, dYs, ld, hs);
@@ -966,9 +1094,9 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
 #endif
 }
 
-// The dq kernel for qkv and dy of storage type S (float or bf16 bits) and head size HS
-// (0: any, C / NH).
-template <class S, int HS>
+// The dq kernel for qkv and dy of storage type S (float or bf16 bits), head size HS (0:
+// any, C / NH) and tile loads by cp.async (ASYNC).
+template <class S, int HS, bool ASYNC>
 __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                                                const S* __restrict__ dy,
                                                const float* __restrict__ lse,
@@ -988,17 +1116,20 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     const long long bh = (long long)b * NH + h;
     const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
     const S* gb = dy + (long long)b * T * C + (long long)h * hs;
-    unsigned short* Ks = sm;
-    unsigned short* Vs = Ks + FBB_KCOLS * ld;
+    // Key tile buffer `buf` (0, 1): Ks, then Vs (FBB_KCOLS x ld each) from
+    // sm + buf * FBB_QTILE_SHORTS(ld).
 
     // Q and dY rows of this block, staged in the tile bytes, into A fragments.
-    fa_load_bf16(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
-    fa_load_bf16(sm + FBB_QROWS * ld, ld, gb, C, q0, FBB_QROWS, T, hs);
+    fa_issue_tile<ASYNC>(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
+    fa_issue_tile<ASYNC>(sm + FBB_QROWS * ld, ld, gb, (long long)C, q0, FBB_QROWS, T, hs);
+    fa_cp_commit();
+    fa_cp_wait<0>();
     __syncthreads();
     unsigned qf[HM / 16][4], gf[HM / 16][4];
     const int wr = warp * 16;  // this warp's first query row in the block
     fa_load_afrag<HM>(qf, sm, ld, wr, hs);
     fa_load_afrag<HM>(gf, sm + FBB_QROWS * ld, ld, wr, hs);
+    __syncthreads();  // every warp has its fragments: the staging bytes become the buffers
     float dq[HM / 8][4];
 #pragma unroll
     for (int dt = 0; dt < HM / 8; dt++)
@@ -1014,12 +1145,24 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
         dr[r] = in ? dvec[bh * T + qrow[r]] : 0.0f;
     }
 
-    const int kend = min(T, q0 + FBB_QROWS);  // keys [0, kend) can be seen by this block
-    for (int k0 = 0; k0 < kend; k0 += FBB_KCOLS) {
-        __syncthreads();  // fragment loads / the previous tile's readers are done
-        fa_load_bf16(Ks, ld, qb + C, c3, k0, FBB_KCOLS, T, hs);
-        fa_load_bf16(Vs, ld, qb + 2 * C, c3, k0, FBB_KCOLS, T, hs);
-        __syncthreads();
+    // Keys [0, kend) can be seen by this block. Each key tile's copies run while the
+    // products of the tile before it do, in the other buffer.
+    const int kend = min(T, q0 + FBB_QROWS);
+    fa_issue_tile<ASYNC>(sm, ld, qb + C, c3, 0, FBB_KCOLS, T, hs);
+    fa_issue_tile<ASYNC>(sm + FBB_KCOLS * ld, ld, qb + 2 * C, c3, 0, FBB_KCOLS, T, hs);
+    fa_cp_commit();
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += FBB_KCOLS, buf ^= 1) {
+        fa_cp_wait<0>();  // this thread's copies of this tile
+        __syncthreads();  // the tile complete; every warp done with the other buffer
+        if (k0 + FBB_KCOLS < kend) {
+            unsigned short* next = sm + (buf ^ 1) * FBB_QTILE_SHORTS(ld);
+            fa_issue_tile<ASYNC>(next, ld, qb + C, c3, k0 + FBB_KCOLS, FBB_KCOLS, T, hs);
+            fa_issue_tile<ASYNC>(next + FBB_KCOLS * ld, ld, qb + 2 * C, c3, k0 + FBB_KCOLS,
+                                 FBB_KCOLS, T, hs);
+            fa_cp_commit();
+        }
+        const unsigned short* Ks = sm + buf * FBB_QTILE_SHORTS(ld);
+        const unsigned short* Vs = Ks + FBB_KCOLS * ld;
         float s[4][4], dp[4][4];  // S; dP, then dS (16 queries x 32 keys)
         fa_mma_abt<HM>(s, qf, Ks, ld, hs);
         fa_mma_abt<HM>(dp, gf, Vs, ld, hs);
@@ -1045,13 +1188,14 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
 }
 
 // The bf16 kernels' entry points: each a thin wrapper of its template for storage type S
-// (float, or bf16 bits for the _io kernels) and head size HS (0: any, C / NH; 64: the
-// _hs64 forms, see "Head size" at the top).
-#define FA_FWD_ENTRY(NAME, S, HS)                                                              \
+// (float, or bf16 bits for the _io kernels), head size HS (0: any, C / NH; 64: the _hs64
+// forms, see "Head size" at the top) and tile loads by cp.async (ASYNC; the _io_sync
+// kernels load synchronously, for the flash_async switch).
+#define FA_FWD_ENTRY(NAME, S, HS, ASYNC)                                                       \
     extern "C" __global__ void __launch_bounds__(FB_THREADS)                                   \
         NAME(const S* __restrict__ qkv, S* __restrict__ y, float* __restrict__ lse, int T,     \
              int C, int NH, float scale) {                                                     \
-        fa_fwd_bf16<S, HS>(qkv, y, lse, T, C, NH, scale);                                      \
+        fa_fwd_bf16<S, HS, ASYNC>(qkv, y, lse, T, C, NH, scale);                               \
     }
 // fp32 storage: dq | dk | dv to dqkv in fp32, or to dqkv_bf16 when that is not null.
 #define FA_BWD_ENTRY(NAME, KERNEL, HS)                                                         \
@@ -1060,24 +1204,27 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,   \
              int NH, float scale) {                                                            \
-        KERNEL<float, HS>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);               \
+        KERNEL<float, HS, true>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);         \
     }
 // bf16 storage: qkv and dy in bf16, dq | dk | dv written in bf16.
-#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS)                                                      \
+#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS, ASYNC)                                               \
     extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
         NAME(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,    \
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {           \
-        KERNEL<unsigned short, HS>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH,        \
-                                   scale);                                                     \
+        KERNEL<unsigned short, HS, ASYNC>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, \
+                                          scale);                                              \
     }
 #define FA_BF16_ENTRY_POINTS(SUFFIX, HS)                                                       \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS)                                       \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS)                           \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS, true)                                 \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, true)                     \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16_io_sync##SUFFIX, unsigned short, HS, false)               \
     FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS)                       \
     FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS)                           \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS)                 \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS)
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, true)           \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, true)               \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io_sync##SUFFIX, fa_bwd_dkdv_bf16, HS, false)     \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io_sync##SUFFIX, fa_bwd_dq_bf16, HS, false)
 
 FA_BF16_ENTRY_POINTS(, 0)
 FA_BF16_ENTRY_POINTS(_hs64, 64)

@@ -23,8 +23,10 @@
 use nanogpt::cuda::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use nanogpt::cuda::cublas::{Operand, Sgemm};
 use nanogpt::cuda::driver::{Context, CuFunction, DeviceBuffer, Stream};
+use nanogpt::cuda::nvrtc::Target;
 use nanogpt::engine::cuda::flash::{self, AttnShape, FlashIo, FlashMath};
 use nanogpt::engine::cuda::kernels::{self, grid_rows, Arg, Kernels};
+use nanogpt::engine::cuda::profile;
 use nanogpt::engine::cuda::stack;
 use nanogpt::rng::Rng;
 
@@ -35,6 +37,7 @@ const TOL_BF16: f64 = 2e-2;
 /// context).
 struct Gpu {
     k: Kernels,
+    target: Target,
     stream: Stream<'static>,
     ctx: Context<'static>,
 }
@@ -48,10 +51,20 @@ fn gpu(test: &str) -> Option<Gpu> {
     let (ma, mi) = info.compute_capability;
     let target = kernels::target_for(s, ma * 10 + mi).expect("NVRTC target");
     let k = Kernels::load(s, &ctx, target).expect("kernels compile and load");
-    Some(Gpu { k, stream, ctx })
+    Some(Gpu {
+        k,
+        target,
+        stream,
+        ctx,
+    })
 }
 
 impl Gpu {
+    /// Another copy of the kernels (from the compile cache), to repoint entry points in.
+    fn kernels(&self) -> Kernels {
+        let s = stack::stack().expect("loaded above");
+        Kernels::load(s, &self.ctx, self.target).expect("kernels load")
+    }
     fn upload(&self, data: &[f32]) -> DeviceBuffer<'static> {
         self.ctx.upload(data).expect("upload")
     }
@@ -792,4 +805,72 @@ fn flash_attention_timing() {
         fb16 + fbb16,
         pf + pb
     );
+
+    // bf16 storage (the bf16 mode's default), per form of the kernels: head size 64 or
+    // generic (switch flash_hs64), tiles by cp.async or loaded synchronously (flash_async).
+    let bits = |v: Vec<f32>| v.into_iter().map(f32_to_bf16_bits).collect::<Vec<u16>>();
+    let qkv16 = g.upload_bf16(&bits(randn(&mut rng, n * 3 * s.c)));
+    let dy16 = g.upload_bf16(&bits(randn(&mut rng, n * s.c)));
+    let (y16, dqkv16) = (
+        g.upload_bf16(&vec![0; n * s.c]),
+        g.upload_bf16(&vec![0; n * 3 * s.c]),
+    );
+    let work = |backward| {
+        profile::flash_work(&s, true, 2, 2, backward)
+            .flops
+            .expect("attention FLOPs")
+    };
+    let (fwd_flops, bwd_flops) = (work(false), work(true));
+    for (label, synchronous, generic) in [
+        ("head size 64, cp.async (the default)", false, false),
+        ("head size 64, synchronous loads", true, false),
+        ("generic, cp.async", false, true),
+        ("generic, synchronous loads", true, true),
+    ] {
+        let mut k = g.kernels();
+        if synchronous {
+            k.use_synchronous_attention_loads();
+        }
+        if generic {
+            k.use_generic_attention();
+        }
+        // SAFETY: bf16 buffers sized for `s`; the backward reads this forward's y and lse.
+        let f = time(&format!("bf16 storage forward, {label}"), &|| unsafe {
+            flash::flash_forward(
+                &g.stream,
+                &k,
+                FlashMath::Bf16,
+                FlashIo::Bf16,
+                qkv16.ptr,
+                y16.ptr,
+                lse.ptr,
+                s,
+            )
+            .unwrap()
+        });
+        // SAFETY: as above.
+        let b = time(&format!("bf16 storage backward, {label}"), &|| unsafe {
+            flash::flash_backward(
+                &g.stream,
+                &k,
+                FlashMath::Bf16,
+                FlashIo::Bf16,
+                qkv16.ptr,
+                y16.ptr,
+                lse.ptr,
+                dy16.ptr,
+                dvec.ptr,
+                0,
+                dqkv16.ptr,
+                s,
+            )
+            .unwrap()
+        });
+        println!(
+            "attention bf16 storage, {label}: forward {:.1} TFLOP/s, backward {:.1} TFLOP/s \
+             (causal pairs only)",
+            fwd_flops / f / 1e9,
+            bwd_flops / b / 1e9
+        );
+    }
 }

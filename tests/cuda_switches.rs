@@ -499,6 +499,24 @@ fn head_size_64_kernels_give_the_generic_kernels_bits() {
     if no_gpu("head_size_64_kernels_give_the_generic_kernels_bits") {
         return;
     }
+    attention_switch_keeps_the_bits("flash_hs64", &["", ",bf16_attn"]);
+}
+
+/// `flash_async` off: the bf16-storage attention kernels load their tiles synchronously
+/// instead of by cp.async, with the head-size-64 kernels and the generic ones: the same
+/// logits, losses and gradients, bit for bit.
+#[test]
+fn asynchronous_tile_loads_give_the_synchronous_loads_bits() {
+    if no_gpu("asynchronous_tile_loads_give_the_synchronous_loads_bits") {
+        return;
+    }
+    attention_switch_keeps_the_bits("flash_async", &["", ",flash_hs64"]);
+}
+
+/// Engines with `switch` off and on (each also with the switches in `extras` off), on a
+/// bf16 model with head size 64 and the bf16 fused attention: logits, loss and gradients
+/// bit for bit the same.
+fn attention_switch_keeps_the_bits(switch: &str, extras: &[&str]) {
     let cfg = GptConfig::new(2, 2, 128, 32, 96, true, 0.0).unwrap();
     let p = perturbed_params(&cfg, 21);
     let (b, t) = (2, 32);
@@ -509,25 +527,32 @@ fn head_size_64_kernels_give_the_generic_kernels_bits() {
         b,
         t,
     };
-    for extra in ["", ",bf16_attn"] {
-        let off = Switches::parse(&format!("flash_hs64{extra}")).unwrap();
+    for extra in extras {
+        let off = Switches::parse(&format!("{switch}{extra}")).unwrap();
         let on = Switches::parse(extra.trim_start_matches(',')).unwrap();
-        assert!(on.flash_hs64 && !off.flash_hs64);
+        assert!(on != off && off.disabled().contains(&switch));
         let mut with = engine(&cfg, &p, Precision::Bf16, on);
         let mut without = engine(&cfg, &p, Precision::Bf16, off);
         assert!(with.fused_attention(b, t, true) == Some(FlashMath::Bf16));
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
         assert!(
             bits(with.logits(batch).unwrap()) == bits(without.logits(batch).unwrap()),
-            "switches {extra:?}: logits differ"
+            "{switch} off, switches {extra:?}: logits differ"
         );
         let (la, lb) = (
             with.forward_backward(batch, 1.0).unwrap(),
             without.forward_backward(batch, 1.0).unwrap(),
         );
-        assert_eq!(la.to_bits(), lb.to_bits(), "switches {extra:?}: loss");
+        assert_eq!(
+            la.to_bits(),
+            lb.to_bits(),
+            "{switch} off, switches {extra:?}: loss"
+        );
         let (ga, gb) = (with.grads(), without.grads());
         assert!(ga.iter().any(|&g| g != 0.0));
-        assert!(bits(ga) == bits(gb), "switches {extra:?}: gradients differ");
+        assert!(
+            bits(ga) == bits(gb),
+            "{switch} off, switches {extra:?}: gradients differ"
+        );
     }
 }

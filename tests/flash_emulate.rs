@@ -3,7 +3,9 @@
 //! documented fragment layouts): the fp32 kernels and the bf16 tensor-core forward and
 //! backward against a float64 attention, the bf16 backward also against the fp32 kernels
 //! and a float64 model of its own bf16 rounding (tolerances: tools/flash_emulate/main.cpp),
-//! and the bf16-storage (io) kernels bit for bit against the fp32-storage bf16 kernels.
+//! and the bf16-storage (io) kernels bit for bit against the fp32-storage bf16 kernels and
+//! against their forms with synchronous tile loads, under three schedules of the cp.async
+//! copies and the warps (tools/flash_emulate/run.sh).
 //! Runs the emulator's short case list (`run.sh quick`); `tools/flash_emulate/run.sh` runs
 //! them all.
 //!
@@ -37,4 +39,13 @@ fn flash_kernels_pass_the_cpu_emulator() {
         text.contains("bf16 storage (io kernels):"),
         "no bf16 storage line:\n{text}"
     );
+    // The cp.async tile loads were checked against synchronous ones, under each of the
+    // three schedules of copies and warps (run.sh).
+    assert!(
+        text.contains("synchronous tile loads (io_sync kernels):"),
+        "no synchronous tile loads line:\n{text}"
+    );
+    for schedule in ["schedule 1/3", "schedule 2/3", "schedule 3/3"] {
+        assert!(text.contains(schedule), "{schedule} did not run:\n{text}");
+    }
 }

@@ -28,6 +28,9 @@
 //   the bf16 y and dy is flash_attn_bwd_dot's on them widened; dq, dk, dv (from that lse
 //   and D) are the fp32-storage backward's bf16 output. No tolerance: both forms run the
 //   same arithmetic on the same bf16 operands, so any difference is a load or store mistake.
+// - synchronous tile loads (the _io_sync kernels, the flash_async switch off) against the
+//   cp.async loads of the io kernels: bit for bit, generic and head-size-64 forms. run.sh
+//   runs every case under three schedules of the copies and warps (see run.sh).
 #include "shim.h"
 #include "../../kernels/flash_attention.cu"
 #include <cstdio>
@@ -342,6 +345,50 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
     return why;
 }
 
+// The bf16-storage kernels with synchronous tile loads (_io_sync: the flash_async switch
+// off) against the cp.async ones, bit for bit (loads move data only): forward and
+// backward, generic and (hs = 64) head-size-64 forms. Returns "" or what differs.
+static std::string sync_mismatch(const Case& cs, const std::vector<float>& qkv,
+                                 const std::vector<float>& dy) {
+    int B = cs.B, T = cs.T, NH = cs.NH, C = NH * cs.hs;
+    float scale = 1.0f / std::sqrt((float)cs.hs);
+    unsigned tiles = (T + 63) / 64, rows = B * NH * T;
+    dim3 grid{tiles, (unsigned)NH, (unsigned)B};
+    std::vector<unsigned short> qb(qkv.size()), dyb(dy.size());
+    for (size_t i = 0; i < qkv.size(); i++) qb[i] = fa_f2bf(qkv[i]);
+    for (size_t i = 0; i < dy.size(); i++) dyb[i] = fa_f2bf(dy[i]);
+    std::string why;
+    // Different fills: an element one form leaves unwritten differs.
+    auto check = [&](const char* form, auto fwd, auto dkdv, auto dq, auto fwd_sync,
+                     auto dkdv_sync, auto dq_sync) {
+        std::vector<unsigned short> y(dy.size(), 0xffff), ys(dy.size(), 0xfffe),
+            g(qkv.size(), 0xffff), gs(qkv.size(), 0xfffe);
+        std::vector<float> lse((size_t)rows, NAN), lses(lse.size(), 1.0f), dvec(lse.size());
+        emulate(grid, 128, [&] { fwd(qb.data(), y.data(), lse.data(), T, C, NH, scale); });
+        emulate(grid, 128, [&] { fwd_sync(qb.data(), ys.data(), lses.data(), T, C, NH, scale); });
+        emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
+            flash_attn_bwd_dot_bf16(y.data(), dyb.data(), dvec.data(), B, T, C, NH);
+        });
+        auto bwd = [&](auto k_dkdv, auto k_dq, unsigned short* out) {
+            emulate(grid, 128, [&] { k_dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+            emulate(grid, 128, [&] { k_dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+        };
+        bwd(dkdv, dq, g.data());
+        bwd(dkdv_sync, dq_sync, gs.data());
+        bool same = y == ys && g == gs && std::memcmp(lse.data(), lses.data(), 4 * lse.size()) == 0;
+        if (!same) why += std::string(why.empty() ? "" : ", ") + form + " differ";
+    };
+    check("generic kernels", flash_attn_fwd_bf16_io, flash_attn_bwd_dkdv_bf16_io,
+          flash_attn_bwd_dq_bf16_io, flash_attn_fwd_bf16_io_sync,
+          flash_attn_bwd_dkdv_bf16_io_sync, flash_attn_bwd_dq_bf16_io_sync);
+    if (cs.hs == 64)
+        check("head-size-64 kernels", flash_attn_fwd_bf16_io_hs64,
+              flash_attn_bwd_dkdv_bf16_io_hs64, flash_attn_bwd_dq_bf16_io_hs64,
+              flash_attn_fwd_bf16_io_sync_hs64, flash_attn_bwd_dkdv_bf16_io_sync_hs64,
+              flash_attn_bwd_dq_bf16_io_sync_hs64);
+    return why;
+}
+
 int main(int argc, char** argv) {
     // fp32 cases (tile sizes as given) and, where hs is a multiple of 16, the bf16 kernels.
     // `main quick` runs the smaller list (the bf16 backward's shapes, for the cargo test).
@@ -398,6 +445,11 @@ int main(int argc, char** argv) {
                                  "for bit"
                                : io.c_str());
         failures += !io.empty();
+        std::string sync = sync_mismatch(cs, qkv, dy);
+        std::printf("%s   synchronous tile loads (io_sync kernels): %s\n",
+                    sync.empty() ? "ok  " : "FAIL",
+                    sync.empty() ? "the cp.async kernels' outputs, bit for bit" : sync.c_str());
+        failures += !sync.empty();
         if (hs == 64) {
             std::string h64 = hs64_mismatch(cs, qkv, dy);
             std::printf("%s   head-size-64 kernels: %s\n", h64.empty() ? "ok  " : "FAIL",

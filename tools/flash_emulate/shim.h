@@ -2,9 +2,10 @@
 // machine without a GPU: the shared kernel emulator (tools/kernel_emulate/shim.h: one
 // fiber per CUDA thread, barriers for __syncthreads and warp shuffles) plus what the
 // flash-attention kernels need: dynamic and static shared memory as one NaN-filled array
-// per block, mma.sync and ldmatrix.
+// per block, mma.sync, ldmatrix and cp.async.
 #pragma once
 #include "../kernel_emulate/shim.h"
+#include <vector>
 
 // flash_attention.cu declares `extern __shared__ float smem[]` (the array below) and its
 // static shared arrays through FA_STATIC_SHARED.
@@ -12,8 +13,69 @@
 #define __shared__
 #define FA_STATIC_SHARED static
 inline float smem[1 << 16];
-// NaN garbage, as uninitialised shared memory.
-inline const bool smem_hook = (emu_before_block = [] { std::memset(smem, 0xff, sizeof(smem)); }, true);
+
+// cp.async (fa_cp_async16/4, fa_cp_commit, fa_cp_wait<N>: see kernels/flash_attention.cu)
+// for one thread. Where a copy lands is the check:
+// - by default each copy lands when its issuer waits for its group, so a thread that
+//   reads a tile before the issuers' waits and the __syncthreads() after them (a missing
+//   wait or barrier) reads the tile's old bytes;
+// - with FLASH_EMU_CP_ASYNC=issue each copy lands as it is issued, so a copy into a tile
+//   another warp still reads (a missing barrier before the issue) changes what that warp
+//   reads (the fibers of a block run one after another, each up to its next barrier).
+// A kernel whose results are the same bits in both modes waits and synchronises where it
+// must. A block that leaves copies never waited for fails the next block.
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+    bool valid;
+};
+inline std::vector<EmuCopy> cp_open[1024];                 // issued, not committed
+inline std::vector<std::vector<EmuCopy>> cp_groups[1024];  // committed, oldest first
+inline const bool cp_at_issue = [] {
+    const char* m = std::getenv("FLASH_EMU_CP_ASYNC");
+    return m != nullptr && std::strcmp(m, "issue") == 0;
+}();
+inline void emu_cp_land(const EmuCopy& c) {
+    if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
+    else std::memset(c.dst, 0, c.bytes);
+}
+inline void emu_cp_async(void* dst, const void* src, int bytes, bool valid) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 ||
+        reinterpret_cast<uintptr_t>(src) % bytes != 0)
+        emu_fail("cp.async: an address is not aligned to the copy size");
+    EmuCopy c{dst, src, bytes, valid};
+    if (cp_at_issue) emu_cp_land(c);
+    else cp_open[threadIdx.x].push_back(c);
+}
+inline void fa_cp_async16(void* dst, const void* src, bool valid) {
+    emu_cp_async(dst, src, 16, valid);
+}
+inline void fa_cp_async4(void* dst, const void* src, bool valid) {
+    emu_cp_async(dst, src, 4, valid);
+}
+inline void fa_cp_commit() {
+    cp_groups[threadIdx.x].push_back(std::move(cp_open[threadIdx.x]));
+    cp_open[threadIdx.x].clear();
+}
+template <int N>
+inline void fa_cp_wait() {
+    auto& groups = cp_groups[threadIdx.x];
+    while (groups.size() > N) {
+        for (const EmuCopy& c : groups.front()) emu_cp_land(c);
+        groups.erase(groups.begin());
+    }
+}
+
+// Before each block: NaN garbage, as uninitialised shared memory, and no copy of the last
+// block left in flight.
+inline const bool smem_hook = (emu_before_block = [] {
+    std::memset(smem, 0xff, sizeof(smem));
+    for (int t = 0; t < 1024; t++) {
+        if (!cp_open[t].empty() || !cp_groups[t].empty())
+            emu_fail("cp.async: a block ended with copies it never waited for");
+    }
+}, true);
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for one warp, from the fragment
 // layouts documented in kernels/flash_attention.cu: every lane publishes its fragments,

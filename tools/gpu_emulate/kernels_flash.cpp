@@ -26,5 +26,11 @@ std::vector<EmuKernel> emu_kernels_flash() {
         emu_kernel("flash_attn_bwd_dq_bf16_hs64", flash_attn_bwd_dq_bf16_hs64),
         emu_kernel("flash_attn_bwd_dkdv_bf16_io_hs64", flash_attn_bwd_dkdv_bf16_io_hs64),
         emu_kernel("flash_attn_bwd_dq_bf16_io_hs64", flash_attn_bwd_dq_bf16_io_hs64),
+        emu_kernel("flash_attn_fwd_bf16_io_sync", flash_attn_fwd_bf16_io_sync),
+        emu_kernel("flash_attn_bwd_dkdv_bf16_io_sync", flash_attn_bwd_dkdv_bf16_io_sync),
+        emu_kernel("flash_attn_bwd_dq_bf16_io_sync", flash_attn_bwd_dq_bf16_io_sync),
+        emu_kernel("flash_attn_fwd_bf16_io_sync_hs64", flash_attn_fwd_bf16_io_sync_hs64),
+        emu_kernel("flash_attn_bwd_dkdv_bf16_io_sync_hs64", flash_attn_bwd_dkdv_bf16_io_sync_hs64),
+        emu_kernel("flash_attn_bwd_dq_bf16_io_sync_hs64", flash_attn_bwd_dq_bf16_io_sync_hs64),
     };
 }

@@ -6,6 +6,15 @@
 //                   __syncthreads some threads never reach) stops the run as a deadlock
 //                   instead of hanging;
 //   emulate_serial  the threads one after another, for kernels without barriers or shuffles.
+// The order in which emulate runs the fibers of a block (any order is one the GPU may run):
+//   by default     round robin over the threads, each up to its next barrier, so the warps
+//                  of a block advance nearly in step;
+//   EMU_SCHEDULE=warps (or warps_reversed)
+//                  each warp in turn (first to last, or last to first) runs as far as it can
+//                  (to a __syncthreads the others have not reached) before the next starts,
+//                  so one warp gets as far ahead of the others as a barrier lets it: a
+//                  missing barrier between a warp's write and another warp's read or write
+//                  of the same shared bytes shows up as a wrong result.
 //
 // Included (before the kernel sources) by tools/kernel_emulate/main.cpp, by the emulated
 // driver in tools/gpu_emulate and, with the flash-attention extras, by
@@ -169,6 +178,16 @@ inline void emu_vec_access(const void* p, unsigned bytes) {
 }
 #define VEC_ACCESS(p, bytes) emu_vec_access((p), (bytes))
 
+enum class EmuSchedule { RoundRobin, Warps, WarpsReversed };
+inline const EmuSchedule emu_schedule = [] {
+    const char* m = std::getenv("EMU_SCHEDULE");
+    if (m == nullptr || *m == 0) return EmuSchedule::RoundRobin;
+    if (std::strcmp(m, "warps") == 0) return EmuSchedule::Warps;
+    if (std::strcmp(m, "warps_reversed") == 0) return EmuSchedule::WarpsReversed;
+    std::fprintf(stderr, "emulator: EMU_SCHEDULE=%s: expected warps or warps_reversed\n", m);
+    std::exit(2);
+}();
+
 // Hook run before each block (the flash-attention shim fills its shared memory with NaN).
 inline std::function<void()> emu_before_block;
 
@@ -194,14 +213,30 @@ inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k)
                 if (threads % 32) emu_warp_fbars.back().expected = threads % 32;
                 for (unsigned t = 0; t < threads; t++) emu_fiber_pool[t]->done = false;
                 unsigned live = threads;
-                while (live > 0) {
-                    unsigned long long before = emu_progress;
-                    for (unsigned t = 0; t < threads; t++) {
+                // Resumes the live threads of [first, end) once each.
+                auto pass = [&](unsigned first, unsigned end) {
+                    for (unsigned t = first; t < end; t++) {
                         EmuFiber& f = *emu_fiber_pool[t];
                         if (f.done) continue;
                         threadIdx = dim3{t, 0, 0};
                         emu_resume(f);
                         if (f.done) live--;
+                    }
+                };
+                const unsigned warps = (threads + 31) / 32;
+                while (live > 0) {
+                    unsigned long long before = emu_progress;
+                    if (emu_schedule == EmuSchedule::RoundRobin) {
+                        pass(0, threads);
+                    } else {
+                        for (unsigned i = 0; i < warps; i++) {
+                            unsigned w = emu_schedule == EmuSchedule::Warps ? i : warps - 1 - i;
+                            unsigned long long warp_before;
+                            do {  // until the warp makes no progress: blocked or done
+                                warp_before = emu_progress;
+                                pass(32 * w, std::min(threads, 32 * w + 32));
+                            } while (emu_progress != warp_before);
+                        }
                     }
                     if (live > 0 && emu_progress == before) {
                         emu_fail("deadlock: every live thread waits at a barrier no other "

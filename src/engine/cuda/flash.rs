@@ -165,13 +165,14 @@ pub fn bwd_shared_bytes(bt: usize, hs: usize) -> usize {
 }
 
 /// Static shared memory of `flash_attn_bwd_dkdv_bf16` (sized for hs = 128; see the kernel
-/// header): the staging of the block's K and V rows (bf16), which the loop's Q and dY tiles
-/// reuse (every tile row-major: the kernels read transposed operands with ldmatrix.trans),
-/// then lse and D of the query tile (fp32).
-pub const BF16_DKDV_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) + 4 * 2 * BF16_BWD_COLS;
+/// header): the staging of the block's K and V rows (bf16), which the loop's two buffers of
+/// Q and dY tiles reuse (every tile row-major: the kernels read transposed operands with
+/// ldmatrix.trans), then lse and D of each buffer's queries (fp32).
+pub const BF16_DKDV_SHARED: usize =
+    2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) + 2 * 4 * 2 * BF16_BWD_COLS;
 
 /// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q and dY
-/// rows (bf16), which the loop's K and V tiles reuse.
+/// rows (bf16), which the loop's two buffers of K and V tiles reuse.
 pub const BF16_DQ_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8);
 
 fn grid_tiles(shape: &AttnShape, rows: usize) -> (u32, u32, u32) {
@@ -528,8 +529,8 @@ mod tests {
         // Ks and Vs: 64 x (128 + 8) bf16 each (see the kernel).
         let bytes = 2 * 2 * 64 * (MAX_HEAD_SIZE + 8);
         assert!(bytes <= SHARED_LIMIT, "{bytes}");
-        // The backward kernels' arrays (kernel header: 35072 and 34816 bytes at hs = 128).
-        assert_eq!(BF16_DKDV_SHARED, 35072);
+        // The backward kernels' arrays (kernel header: 35328 and 34816 bytes at hs = 128).
+        assert_eq!(BF16_DKDV_SHARED, 35328);
         assert_eq!(BF16_DQ_SHARED, 34816);
         const { assert!(BF16_DKDV_SHARED <= SHARED_LIMIT && BF16_DQ_SHARED <= SHARED_LIMIT) };
         // The dk/dv kernel stages the block's K and V rows through its tile bytes.

@@ -224,9 +224,27 @@ kernel_table!(
     flash_attn_bwd_dq_bf16_hs64,
     flash_attn_bwd_dkdv_bf16_io_hs64,
     flash_attn_bwd_dq_bf16_io_hs64,
+    flash_attn_fwd_bf16_io_sync,
+    flash_attn_bwd_dkdv_bf16_io_sync,
+    flash_attn_bwd_dq_bf16_io_sync,
+    flash_attn_fwd_bf16_io_sync_hs64,
+    flash_attn_bwd_dkdv_bf16_io_sync_hs64,
+    flash_attn_bwd_dq_bf16_io_sync_hs64,
 );
 
 impl Kernels {
+    /// Points the bf16-storage attention entry points at their forms that load tiles
+    /// synchronously instead of by cp.async (the `flash_async` switch off): the same
+    /// results. Before [`Kernels::use_generic_attention`], which then keeps them.
+    pub fn use_synchronous_attention_loads(&mut self) {
+        self.flash_attn_fwd_bf16_io = self.flash_attn_fwd_bf16_io_sync;
+        self.flash_attn_bwd_dkdv_bf16_io = self.flash_attn_bwd_dkdv_bf16_io_sync;
+        self.flash_attn_bwd_dq_bf16_io = self.flash_attn_bwd_dq_bf16_io_sync;
+        self.flash_attn_fwd_bf16_io_hs64 = self.flash_attn_fwd_bf16_io_sync_hs64;
+        self.flash_attn_bwd_dkdv_bf16_io_hs64 = self.flash_attn_bwd_dkdv_bf16_io_sync_hs64;
+        self.flash_attn_bwd_dq_bf16_io_hs64 = self.flash_attn_bwd_dq_bf16_io_sync_hs64;
+    }
+
     /// Points the head-size-64 attention entry points at the generic kernels (the
     /// `flash_hs64` switch off): the same results, the generic kernels' speed.
     pub fn use_generic_attention(&mut self) {

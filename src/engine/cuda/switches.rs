@@ -10,6 +10,10 @@
 //! - `flash_hs64`: the bf16 attention kernels' forms compiled for head size 64 (GPT-2's at
 //!   every model size: fewer registers, more blocks per multiprocessor) where the head size
 //!   is 64 (otherwise the generic bf16 kernels; the same bits either way)
+//! - `flash_async`: with bf16 attention storage (`bf16_attn`), the bf16 attention kernels
+//!   load their tiles by cp.async, a tile ahead of the products that read it, so loads
+//!   overlap tensor-core work (otherwise synchronous loads, global memory to registers to
+//!   shared memory; the same bits either way)
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm, and the LayerNorm
@@ -56,6 +60,7 @@ pub struct Switches {
     pub flash: bool,
     pub flash_bf16: bool,
     pub flash_hs64: bool,
+    pub flash_async: bool,
     pub epilogues: bool,
     pub fused_ln: bool,
     pub bf16_acts: bool,
@@ -66,10 +71,11 @@ pub struct Switches {
 }
 
 /// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 12] = [
     "flash",
     "flash_bf16",
     "flash_hs64",
+    "flash_async",
     "epilogues",
     "fused_ln",
     "bf16_acts",
@@ -86,6 +92,7 @@ impl Default for Switches {
             flash: true,
             flash_bf16: true,
             flash_hs64: true,
+            flash_async: true,
             epilogues: true,
             fused_ln: true,
             bf16_acts: true,
@@ -106,6 +113,7 @@ impl Switches {
                 "flash" => s.flash = false,
                 "flash_bf16" => s.flash_bf16 = false,
                 "flash_hs64" => s.flash_hs64 = false,
+                "flash_async" => s.flash_async = false,
                 "epilogues" => s.epilogues = false,
                 "fused_ln" => s.fused_ln = false,
                 "bf16_acts" => s.bf16_acts = false,
@@ -118,6 +126,7 @@ impl Switches {
                         flash: false,
                         flash_bf16: false,
                         flash_hs64: false,
+                        flash_async: false,
                         epilogues: false,
                         fused_ln: false,
                         bf16_acts: false,
@@ -154,6 +163,9 @@ impl Switches {
         }
         if !self.flash_hs64 {
             off.push("flash_hs64");
+        }
+        if !self.flash_async {
+            off.push("flash_async");
         }
         if !self.epilogues {
             off.push("epilogues");
@@ -200,6 +212,7 @@ mod tests {
                 "flash",
                 "flash_bf16",
                 "flash_hs64",
+                "flash_async",
                 "epilogues",
                 "fused_ln",
                 "bf16_acts",
@@ -217,6 +230,9 @@ mod tests {
         let s = Switches::parse("bf16_attn").unwrap();
         assert!(s.flash_bf16 && s.bf16_logits && !s.bf16_attn);
         assert_eq!(s.disabled(), ["bf16_attn"]);
+        let s = Switches::parse("flash_async").unwrap();
+        assert!(s.flash_hs64 && !s.flash_async && s.bf16_attn);
+        assert_eq!(s.disabled(), ["flash_async"]);
         let s = Switches::parse("graphs").unwrap();
         assert!(s.bf16_attn && !s.graphs);
         assert_eq!(s.disabled(), ["graphs"]);
