@@ -4,7 +4,10 @@
 //! - run on the CPU by the emulator in tools/kernel_emulate (g++, the real kernels/*.cu with
 //!   kernels/common.cuh in front), each against a C++ reference, with aligned pointers,
 //!   pointers one element off (all of them, or only the first) and lengths that are not
-//!   multiples of 4 (tolerances and situations: tools/kernel_emulate/main.cpp). Without g++
+//!   multiples of 4 (tolerances and situations: tools/kernel_emulate/main.cpp), under three
+//!   schedules of the warps of a block (in step, and each warp as far ahead as its barriers
+//!   allow, first warp first and last warp first: a missing `__syncthreads` shows up as a
+//!   wrong result). Without g++
 //!   the test prints "skipped: no g++" and passes; NANOGPT_REQUIRE_EMULATOR=1 makes that a
 //!   failure.
 //! - compiled by NVRTC to PTX, where every one of them must contain 16-byte (or, for bf16
@@ -53,6 +56,17 @@ fn memory_bound_kernels_pass_the_cpu_emulator() {
     assert!(
         passed,
         "the kernel emulator failed (output above; rerun with tools/kernel_emulate/run.sh)"
+    );
+    for schedule in ["round robin", "warps", "warps_reversed"] {
+        assert!(
+            text.lines().any(|l| l == format!("schedule: {schedule}")),
+            "schedule {schedule} did not run:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines().filter(|l| *l == "PASS").count(),
+        3,
+        "a schedule did not pass:\n{text}"
     );
     for k in CHECKED {
         let line = text
