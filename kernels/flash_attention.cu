@@ -9,7 +9,7 @@
 // dqkv (B*T, 3C) receives dq | dk | dv (overwritten, every element of the first T rows).
 // scale is 1/sqrt(hs). Causal: query i attends to keys j <= i. No attention dropout.
 //
-// All kernels: 256 threads (8 warps) per block, one block per (tile, head, batch row):
+// The fp32 kernels: 256 threads (8 warps) per block, one block per (tile, head, batch row):
 // grid (ceil(T / tile rows), NH, B). Tile sizes are launch arguments (multiples of 8, at
 // most 32), chosen with the dynamic shared memory size by src/engine/cuda/flash.rs.
 // Rows past T are loaded as zeros and never written.
@@ -20,8 +20,11 @@
 //
 // flash_attn_fwd_bf16(qkv, y, lse, T, C, NH, scale)                  bf16 tensor cores
 //   Same contract with bf16 inputs to the products (fp32 accumulation and softmax); needs
-//   sm_80+, hs a multiple of 16 and at most 128; 64 query rows per block (16 per warp),
-//   key tiles of 64. Shared: static (see the kernel), no dynamic shared memory.
+//   sm_80+, hs a multiple of 16 and at most 128; 128 query rows per block (8 warps of 16
+//   rows, 256 threads), key tiles of 64: each K and V tile loaded serves 128 query rows
+//   (a warp whose rows see none of a tile's keys skips its products, so every row does
+//   the same arithmetic as with 64-row blocks). Shared: static (see the kernel), no
+//   dynamic shared memory.
 //
 // flash_attn_fwd_bf16_io(qkv, y, lse, T, C, NH, scale)
 //   flash_attn_fwd_bf16 with qkv and y stored in bf16 (the bf16 mode's attention storage):
@@ -33,9 +36,9 @@
 // register arrays and shared tiles are sized for 64 instead of FA_MAX_HS, and every loop
 // and guard over the head dimension is resolved at compile time. The same arithmetic in
 // the same order, so the same bits (tools/flash_emulate checks it); for sm_90 ptxas gives
-// it 128 (forward), 157 (dk/dv) and 124-126 (dq) registers per thread against 168, 255
-// and 232 for the generic form, and half the shared memory, so 3 to 4 blocks fit on a
-// multiprocessor instead of 2 to 3.
+// it 128 (forward), 157 (dk/dv) and 124-126 (dq) registers per thread against 179, 255
+// and 232 for the generic form, and half the shared memory, so 16 (forward: 2 blocks of
+// 8 warps), 12 and 16 warps fit on a multiprocessor instead of 8 to 12.
 //
 // Tile loads (bf16 kernels): with bf16 storage every tile reaches shared memory by
 // cp.async, issued one tile ahead of the products that read it, so the loads of the next
@@ -427,9 +430,10 @@ flash_attn_bwd_dq_f32(const float* __restrict__ qkv, const float* __restrict__ d
 // are loaded; scores, softmax, P's row sums and O stay fp32 (P is rounded to bf16 only as
 // the A operand of P V).
 
-#define FB_ROWS 64   // query rows per block (4 warps x 16)
-#define FB_KEYS 64   // keys per tile
-#define FB_THREADS 128
+#define FB_WARPS 8                 // warps per forward block, 16 query rows each
+#define FB_ROWS (16 * FB_WARPS)    // query rows per forward block: 128
+#define FB_THREADS (32 * FB_WARPS)
+#define FB_KEYS 64                 // keys per tile
 #define FB_KPAD 8    // bf16 padding per shared row (conflict-free fragment loads)
 
 #ifndef FA_STATIC_SHARED
@@ -657,20 +661,20 @@ __device__ __forceinline__ void fa_issue8(unsigned short* dst, const float* src,
 // cp.async, in flight until the caller's fa_cp_commit and fa_cp_wait; with fp32 storage
 // they are synchronous (rounded on the way), and the same commit and wait cost nothing, so
 // both storages run one schedule. ASYNC false (the flash_async switch off): synchronous
-// loads for bf16 storage too. Every thread of the block (128) takes groups of 8
-// columns; consecutive threads take consecutive groups of a row (each warp reads whole
+// loads for bf16 storage too. Every thread of the block (THREADS of them) takes groups of
+// 8 columns; consecutive threads take consecutive groups of a row (each warp reads whole
 // 128-byte rows of global memory; every quarter-warp's 16-byte stores cover the 32 banks
 // once). Needs hs % 8 == 0 (the bf16 kernels take multiples of 16), src and ld_src such
 // that every row start is 16-byte aligned (flash.rs checks the buffers), and dst rows
 // 16-byte aligned (ld a multiple of 8, the tile arrays __align__(16)). Tiles are only ever
 // stored row-major: products that need one transposed read it with ldmatrix.trans
 // (fa_mma_xb).
-template <bool ASYNC, class S>
+template <int THREADS, bool ASYNC, class S>
 __device__ __forceinline__ void fa_issue_tile(unsigned short* dst, int ld, const S* src,
                                               long long ld_src, int r0, int rows, int T,
                                               int hs) {
     const int groups = hs / 8;
-    for (int i = threadIdx.x; i < rows * groups; i += FB_THREADS) {
+    for (int i = threadIdx.x; i < rows * groups; i += THREADS) {
         int r = i / groups, d = (i - r * groups) * 8, t = r0 + r;
         bool valid = t < T;
         fa_issue8<ASYNC>(dst + r * ld + d, src + (long long)(valid ? t : 0) * ld_src + d,
@@ -684,7 +688,7 @@ template <bool ASYNC>
 __device__ __forceinline__ void fa_issue_rows(float* Ls, float* Ds, const float* lse,
                                               const float* dvec, long long bh, int r0,
                                               int rows, int T) {
-    for (int r = threadIdx.x; r < rows; r += FB_THREADS) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         int t = r0 + r;
         bool valid = t < T;
         long long i = bh * T + (valid ? t : 0);
@@ -706,11 +710,14 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                                             float* __restrict__ lse, int T, int C, int NH,
                                             float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    // K tile and V tile (which also stages Q once), row-major, bf16 bits.
+    // The K tile, then the V tile, row-major, bf16 bits; the block's Q rows are staged
+    // through the same bytes first.
     constexpr int HM = HS ? HS : FA_MAX_HS;
-    FA_STATIC_SHARED __align__(16) unsigned short Ks[FB_KEYS * (HM + FB_KPAD)];
-    FA_STATIC_SHARED __align__(16) unsigned short Vs[FB_KEYS * (HM + FB_KPAD)];
+    static_assert(FB_ROWS <= 2 * FB_KEYS, "Q is staged in the K and V tiles");
+    FA_STATIC_SHARED __align__(16) unsigned short KVs[2 * FB_KEYS * (HM + FB_KPAD)];
     const int hs = HS ? HS : C / NH, ldk = hs + FB_KPAD;
+    unsigned short* Ks = KVs;
+    unsigned short* Vs = KVs + FB_KEYS * ldk;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS;
@@ -718,10 +725,8 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     const long long c3 = 3LL * C;
     const S* qb = qkv + (long long)b * T * c3 + (long long)h * hs;
 
-    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block. Q is
-    // staged in the V tile, in one group of copies with the first K tile.
-    fa_issue_tile<ASYNC>(Vs, ldk, qb, c3, q0, FB_ROWS, T, hs);
-    fa_issue_tile<ASYNC>(Ks, ldk, qb + C, c3, 0, FB_KEYS, T, hs);
+    // Q fragments (A operand of S = Q K^T), kept in registers for the whole block.
+    fa_issue_tile<FB_THREADS, ASYNC>(KVs, ldk, qb, c3, q0, FB_ROWS, T, hs);
     fa_cp_commit();
     fa_cp_wait<0>();
     __syncthreads();
@@ -730,13 +735,16 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 #pragma unroll
     for (int kc = 0; kc < HM / 16; kc++) {
         if (kc * 16 < hs) {
-            const unsigned short* p = Vs + (wr + g) * ldk + kc * 16 + 2 * q;
+            const unsigned short* p = KVs + (wr + g) * ldk + kc * 16 + 2 * q;
             qf[kc][0] = fa_ld32(p);
             qf[kc][1] = fa_ld32(p + 8 * ldk);
             qf[kc][2] = fa_ld32(p + 8);
             qf[kc][3] = fa_ld32(p + 8 * ldk + 8);
         }
     }
+    __syncthreads();  // every warp has its Q fragments: the bytes become the K and V tiles
+    fa_issue_tile<FB_THREADS, ASYNC>(Ks, ldk, qb + C, c3, 0, FB_KEYS, T, hs);
+    fa_cp_commit();
     float o[HM / 8][4];
 #pragma unroll
     for (int dt = 0; dt < HM / 8; dt++)
@@ -750,77 +758,82 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 
     // Each key tile: the V tile's copies run while S = Q K^T and the softmax do, and the
     // next K tile's while P V does (with bf16 storage; fp32 storage loads synchronously in
-    // the same places).
+    // the same places). A warp whose 16 rows see no key of a tile (above the diagonal: the
+    // block's first warps, on its last tiles) takes part in the loads and barriers only.
     const int kend = min(T, q0 + FB_ROWS);
+    const int last_row = q0 + wr + 15;  // this warp's last query row
     for (int k0 = 0; k0 < kend; k0 += FB_KEYS) {
         fa_cp_wait<0>();  // this thread's copies of the K tile
-        __syncthreads();  // the K tile complete; every warp done with Vs (Q, or the last P V)
-        fa_issue_tile<ASYNC>(Vs, ldk, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
+        __syncthreads();  // the K tile complete; every warp done with Vs (the last P V)
+        fa_issue_tile<FB_THREADS, ASYNC>(Vs, ldk, qb + 2 * C, c3, k0, FB_KEYS, T, hs);
         fa_cp_commit();
-        // S (16 x 64 per warp) = Q K^T: 8 n-tiles of 8 keys.
-        float s[FB_KEYS / 8][4];
+        const bool sees = k0 <= last_row;  // the same for every lane of the warp
+        float s[FB_KEYS / 8][4];  // S, then P (16 x 64 per warp)
+        if (sees) {
+            // S = Q K^T: 8 n-tiles of 8 keys.
 #pragma unroll
-        for (int nt = 0; nt < FB_KEYS / 8; nt++) {
+            for (int nt = 0; nt < FB_KEYS / 8; nt++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+                for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
 #pragma unroll
-            for (int kc = 0; kc < HM / 16; kc++) {
-                if (kc * 16 < hs) {
-                    const unsigned short* p = Ks + (nt * 8 + g) * ldk + kc * 16 + 2 * q;
-                    fa_mma_bf16(s[nt], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], fa_ld32(p),
-                                fa_ld32(p + 8));
+                for (int kc = 0; kc < HM / 16; kc++) {
+                    if (kc * 16 < hs) {
+                        const unsigned short* p = Ks + (nt * 8 + g) * ldk + kc * 16 + 2 * q;
+                        fa_mma_bf16(s[nt], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3],
+                                    fa_ld32(p), fa_ld32(p + 8));
+                    }
                 }
             }
-        }
-        // Scale, mask, online softmax (element e is row g + 8*(e>>1), key 2q + (e&1)).
-        float mx[2] = {fa_neg_inf(), fa_neg_inf()};
+            // Scale, mask, online softmax (element e is row g + 8*(e>>1), key 2q + (e&1)).
+            float mx[2] = {fa_neg_inf(), fa_neg_inf()};
 #pragma unroll
-        for (int nt = 0; nt < FB_KEYS / 8; nt++)
+            for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int kj = k0 + nt * 8 + 2 * q + (e & 1);
-                float v = kj <= qrow[e >> 1] ? s[nt][e] * scale : fa_neg_inf();
-                s[nt][e] = v;
-                mx[e >> 1] = fmaxf(mx[e >> 1], v);
-            }
-        float alpha[2], sum[2] = {0.0f, 0.0f};
+                for (int e = 0; e < 4; e++) {
+                    int kj = k0 + nt * 8 + 2 * q + (e & 1);
+                    float v = kj <= qrow[e >> 1] ? s[nt][e] * scale : fa_neg_inf();
+                    s[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            float alpha[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 is in the first tile
-            alpha[r] = expf(m[r] - m_new);
-            m[r] = m_new;
-        }
-#pragma unroll
-        for (int nt = 0; nt < FB_KEYS / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = expf(s[nt][e] - m[e >> 1]);
-                s[nt][e] = p;
-                sum[e >> 1] += p;
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 is in the first tile
+                alpha[r] = expf(m[r] - m_new);
+                m[r] = m_new;
             }
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-            l[r] = l[r] * alpha[r] + sum[r];
-        }
+            for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
-        for (int dt = 0; dt < HM / 8; dt++) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
+                for (int e = 0; e < 4; e++) {
+                    float p = expf(s[nt][e] - m[e >> 1]);
+                    s[nt][e] = p;
+                    sum[e >> 1] += p;
+                }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+                sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+                l[r] = l[r] * alpha[r] + sum[r];
+            }
+#pragma unroll
+            for (int dt = 0; dt < HM / 8; dt++) {
+                o[dt][0] *= alpha[0];
+                o[dt][1] *= alpha[0];
+                o[dt][2] *= alpha[1];
+                o[dt][3] *= alpha[1];
+            }
         }
         fa_cp_wait<0>();  // this thread's copies of the V tile
         __syncthreads();  // the V tile complete; every warp done with Ks
         if (k0 + FB_KEYS < kend) {
-            fa_issue_tile<ASYNC>(Ks, ldk, qb + C, c3, k0 + FB_KEYS, FB_KEYS, T, hs);
+            fa_issue_tile<FB_THREADS, ASYNC>(Ks, ldk, qb + C, c3, k0 + FB_KEYS, FB_KEYS, T, hs);
             fa_cp_commit();
         }
         // O += P V: 4 chunks of 16 keys, hs/8 n-tiles of the head dimension.
-        fa_mma_xb<FB_KEYS / 16, HM>(o, s, Vs, ldk, hs);
+        if (sees) fa_mma_xb<FB_KEYS / 16, HM>(o, s, Vs, ldk, hs);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -901,7 +914,6 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 // each matrix an ldmatrix reads.
 
 #define FBB_THREADS 128
-static_assert(FBB_THREADS == FB_THREADS, "fa_issue_tile serves every bf16 kernel");
 #define FBB_KROWS 64   // keys per dk/dv block (4 warps x 16)
 #define FBB_QCOLS 32   // queries per tile of the dk/dv loop
 #define FBB_QROWS 64   // queries per dq block (4 warps x 16)
@@ -995,8 +1007,9 @@ __device__ __forceinline__ void fa_issue_query_tile(unsigned short* sm, int ld, 
                                                     long long bh, long long c3, int C, int q0,
                                                     int buf, int T, int hs) {
     unsigned short* Qs = sm + buf * FBB_QTILE_SHORTS(ld);
-    fa_issue_tile<ASYNC>(Qs, ld, qb, c3, q0, FBB_QCOLS, T, hs);
-    fa_issue_tile<ASYNC>(Qs + FBB_QCOLS * ld, ld, gb, (long long)C, q0, FBB_QCOLS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(Qs, ld, qb, c3, q0, FBB_QCOLS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(Qs + FBB_QCOLS * ld, ld, gb, (long long)C, q0, FBB_QCOLS, T,
+                                      hs);
     float* Ls = LDs + buf * 2 * FBB_QCOLS;
     fa_issue_rows<ASYNC>(Ls, Ls + FBB_QCOLS, lse, dvec, bh, q0, FBB_QCOLS, T);
 }
@@ -1028,8 +1041,9 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
     float* LDs = reinterpret_cast<float*>(sm + FBB_DKDV_SHORTS(HM));
 
     // K and V rows of this block, staged in the tile bytes, into A fragments.
-    fa_issue_tile<ASYNC>(sm, ld, qb + C, c3, k0, FBB_KROWS, T, hs);
-    fa_issue_tile<ASYNC>(sm + FBB_KROWS * ld, ld, qb + 2 * C, c3, k0, FBB_KROWS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm, ld, qb + C, c3, k0, FBB_KROWS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm + FBB_KROWS * ld, ld, qb + 2 * C, c3, k0, FBB_KROWS, T,
+                                      hs);
     fa_cp_commit();
     fa_cp_wait<0>();
     __syncthreads();
@@ -1120,8 +1134,9 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     // sm + buf * FBB_QTILE_SHORTS(ld).
 
     // Q and dY rows of this block, staged in the tile bytes, into A fragments.
-    fa_issue_tile<ASYNC>(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
-    fa_issue_tile<ASYNC>(sm + FBB_QROWS * ld, ld, gb, (long long)C, q0, FBB_QROWS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm + FBB_QROWS * ld, ld, gb, (long long)C, q0, FBB_QROWS, T,
+                                      hs);
     fa_cp_commit();
     fa_cp_wait<0>();
     __syncthreads();
@@ -1148,17 +1163,18 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     // Keys [0, kend) can be seen by this block. Each key tile's copies run while the
     // products of the tile before it do, in the other buffer.
     const int kend = min(T, q0 + FBB_QROWS);
-    fa_issue_tile<ASYNC>(sm, ld, qb + C, c3, 0, FBB_KCOLS, T, hs);
-    fa_issue_tile<ASYNC>(sm + FBB_KCOLS * ld, ld, qb + 2 * C, c3, 0, FBB_KCOLS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm, ld, qb + C, c3, 0, FBB_KCOLS, T, hs);
+    fa_issue_tile<FBB_THREADS, ASYNC>(sm + FBB_KCOLS * ld, ld, qb + 2 * C, c3, 0, FBB_KCOLS, T, hs);
     fa_cp_commit();
     for (int k0 = 0, buf = 0; k0 < kend; k0 += FBB_KCOLS, buf ^= 1) {
         fa_cp_wait<0>();  // this thread's copies of this tile
         __syncthreads();  // the tile complete; every warp done with the other buffer
         if (k0 + FBB_KCOLS < kend) {
             unsigned short* next = sm + (buf ^ 1) * FBB_QTILE_SHORTS(ld);
-            fa_issue_tile<ASYNC>(next, ld, qb + C, c3, k0 + FBB_KCOLS, FBB_KCOLS, T, hs);
-            fa_issue_tile<ASYNC>(next + FBB_KCOLS * ld, ld, qb + 2 * C, c3, k0 + FBB_KCOLS,
-                                 FBB_KCOLS, T, hs);
+            fa_issue_tile<FBB_THREADS, ASYNC>(next, ld, qb + C, c3, k0 + FBB_KCOLS, FBB_KCOLS, T,
+                                              hs);
+            fa_issue_tile<FBB_THREADS, ASYNC>(next + FBB_KCOLS * ld, ld, qb + 2 * C, c3,
+                                              k0 + FBB_KCOLS, FBB_KCOLS, T, hs);
             fa_cp_commit();
         }
         const unsigned short* Ks = sm + buf * FBB_QTILE_SHORTS(ld);

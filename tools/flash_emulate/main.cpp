@@ -39,6 +39,12 @@
 
 struct Case { int B, T, NH, hs, br, bc, bt; };
 
+// The bf16 forward's grid (FB_ROWS query rows per block, FB_THREADS threads); the bf16
+// backward kernels take 64 rows per block and 128 threads.
+static dim3 fwd_grid(const Case& cs) {
+    return {(unsigned)((cs.T + FB_ROWS - 1) / FB_ROWS), (unsigned)cs.NH, (unsigned)cs.B};
+}
+
 // `floor` bounds the denominator from below (see main: tensors whose exact value is 0).
 static double rel(const std::vector<float>& got, const std::vector<double>& want,
                   double floor = 1e-30) {
@@ -171,7 +177,7 @@ static void run_bf16(const Case& cs, const std::vector<float>& qkv, const std::v
     dvec.assign(lse.size(), NAN);
     dqkv.assign(qkv.size(), NAN);
     unsigned tiles = (T + 63) / 64, rows = B * NH * T;
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(fwd_grid(cs), FB_THREADS, [&] {
         flash_attn_fwd_bf16(qkv.data(), y.data(), lse.data(), T, C, NH, scale);
     });
     emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
@@ -243,10 +249,10 @@ static std::string io_mismatch(const Case& cs, const std::vector<float>& qkv,
     // Forward: bf16 storage, and fp32 storage on the widened bf16 qkv.
     std::vector<unsigned short> y_b(dy.size(), 0xffff);
     std::vector<float> lse_b((size_t)B * NH * T, NAN), y(dy.size(), NAN), lse(lse_b.size(), NAN);
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(fwd_grid(cs), FB_THREADS, [&] {
         flash_attn_fwd_bf16_io(qkv_b.data(), y_b.data(), lse_b.data(), T, C, NH, scale);
     });
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(fwd_grid(cs), FB_THREADS, [&] {
         flash_attn_fwd_bf16(qkv_w.data(), y.data(), lse.data(), T, C, NH, scale);
     });
     if (!finite(lse_b) || !finite(y)) why = "forward left values unwritten or not finite";
@@ -309,8 +315,8 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
     // fp32 storage.
     std::vector<float> y(dy.size(), NAN), y64(dy.size(), NAN), lse((size_t)rows, NAN),
         lse64(lse.size(), NAN), dvec(lse.size(), NAN);
-    emulate(grid, 128, [&] { flash_attn_fwd_bf16(qkv.data(), y.data(), lse.data(), T, C, NH, scale); });
-    emulate(grid, 128, [&] { flash_attn_fwd_bf16_hs64(qkv.data(), y64.data(), lse64.data(), T, C, NH, scale); });
+    emulate(fwd_grid(cs), FB_THREADS, [&] { flash_attn_fwd_bf16(qkv.data(), y.data(), lse.data(), T, C, NH, scale); });
+    emulate(fwd_grid(cs), FB_THREADS, [&] { flash_attn_fwd_bf16_hs64(qkv.data(), y64.data(), lse64.data(), T, C, NH, scale); });
     same("y", y.data(), y64.data(), 4 * y.size());
     same("lse", lse.data(), lse64.data(), 4 * lse.size());
     emulate({(rows + 7) / 8, 1, 1}, 256, [&] { flash_attn_bwd_dot(y.data(), dy.data(), dvec.data(), B, T, C, NH); });
@@ -331,8 +337,8 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
         yb64(dy.size(), 0xfffe), ib(qkv.size(), 0xffff), ib64(qkv.size(), 0xfffe);
     for (size_t i = 0; i < qkv.size(); i++) qb[i] = fa_f2bf(qkv[i]);
     for (size_t i = 0; i < dy.size(); i++) dyb[i] = fa_f2bf(dy[i]);
-    emulate(grid, 128, [&] { flash_attn_fwd_bf16_io(qb.data(), yb.data(), lse.data(), T, C, NH, scale); });
-    emulate(grid, 128, [&] { flash_attn_fwd_bf16_io_hs64(qb.data(), yb64.data(), lse64.data(), T, C, NH, scale); });
+    emulate(fwd_grid(cs), FB_THREADS, [&] { flash_attn_fwd_bf16_io(qb.data(), yb.data(), lse.data(), T, C, NH, scale); });
+    emulate(fwd_grid(cs), FB_THREADS, [&] { flash_attn_fwd_bf16_io_hs64(qb.data(), yb64.data(), lse64.data(), T, C, NH, scale); });
     same("y (bf16 storage)", yb.data(), yb64.data(), 2 * yb.size());
     same("lse (bf16 storage)", lse.data(), lse64.data(), 4 * lse.size());
     auto bwd_io = [&](auto dkdv, auto dq, unsigned short* out) {
@@ -364,8 +370,8 @@ static std::string sync_mismatch(const Case& cs, const std::vector<float>& qkv,
         std::vector<unsigned short> y(dy.size(), 0xffff), ys(dy.size(), 0xfffe),
             g(qkv.size(), 0xffff), gs(qkv.size(), 0xfffe);
         std::vector<float> lse((size_t)rows, NAN), lses(lse.size(), 1.0f), dvec(lse.size());
-        emulate(grid, 128, [&] { fwd(qb.data(), y.data(), lse.data(), T, C, NH, scale); });
-        emulate(grid, 128, [&] { fwd_sync(qb.data(), ys.data(), lses.data(), T, C, NH, scale); });
+        emulate(fwd_grid(cs), FB_THREADS, [&] { fwd(qb.data(), y.data(), lse.data(), T, C, NH, scale); });
+        emulate(fwd_grid(cs), FB_THREADS, [&] { fwd_sync(qb.data(), ys.data(), lses.data(), T, C, NH, scale); });
         emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
             flash_attn_bwd_dot_bf16(y.data(), dyb.data(), dvec.data(), B, T, C, NH);
         });

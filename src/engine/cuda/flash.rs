@@ -27,11 +27,16 @@ type CResult<T> = std::result::Result<T, CudaError>;
 
 /// Threads per block of the fp32 kernels (8 warps).
 pub const THREADS: u32 = 256;
-/// Threads per block of the bf16 kernels (4 warps of 16 rows).
+/// Threads per block of the bf16 backward kernels (4 warps of 16 rows).
 pub const BF16_THREADS: u32 = 128;
-/// Query rows per block of the bf16 forward and of `flash_attn_bwd_dq_bf16`, key rows per
-/// block of `flash_attn_bwd_dkdv_bf16`.
+/// Query rows per block of `flash_attn_bwd_dq_bf16`, key rows per block of
+/// `flash_attn_bwd_dkdv_bf16`.
 pub const BF16_ROWS: usize = 64;
+/// Threads per block of the bf16 forward (8 warps of 16 rows: each K and V tile loaded
+/// serves 128 query rows).
+pub const BF16_FWD_THREADS: u32 = 256;
+/// Query rows per block of the bf16 forward.
+pub const BF16_FWD_ROWS: usize = 128;
 /// Rows of the tiles the bf16 backward kernels loop over (queries for dk/dv, keys for dq).
 pub const BF16_BWD_COLS: usize = 32;
 /// Largest head size the kernels handle (4 columns per lane of a warp).
@@ -189,10 +194,10 @@ pub fn forward_config(shape: &AttnShape, math: FlashMath) -> CResult<LaunchConfi
     let hs = shape.hs();
     match math {
         FlashMath::Bf16 => Ok(LaunchConfig {
-            grid: grid_tiles(shape, BF16_ROWS),
-            block: BF16_THREADS,
+            grid: grid_tiles(shape, BF16_FWD_ROWS),
+            block: BF16_FWD_THREADS,
             shared_bytes: 0, // static shared memory only
-            tile_rows: BF16_ROWS,
+            tile_rows: BF16_FWD_ROWS,
             tile_cols: 64,
         }),
         FlashMath::F32 => {
@@ -521,12 +526,13 @@ mod tests {
             16
         );
         let g = forward_config(&shape(2, 100, 256, 2), FlashMath::Bf16).unwrap();
-        assert_eq!((g.grid, g.block, g.shared_bytes), ((2, 2, 2), 128, 0));
+        assert_eq!((g.grid, g.block, g.shared_bytes), ((1, 2, 2), 256, 0));
     }
 
     #[test]
     fn the_bf16_kernels_static_shared_memory_fits() {
-        // Ks and Vs: 64 x (128 + 8) bf16 each (see the kernel).
+        // The forward's K and V tiles: 64 x (128 + 8) bf16 each (see the kernel), which
+        // first stage its 128 Q rows.
         let bytes = 2 * 2 * 64 * (MAX_HEAD_SIZE + 8);
         assert!(bytes <= SHARED_LIMIT, "{bytes}");
         // The backward kernels' arrays (kernel header: 35328 and 34816 bytes at hs = 128).
@@ -538,10 +544,15 @@ mod tests {
     }
 
     #[test]
-    fn bf16_backward_grids_cover_every_row() {
+    fn bf16_grids_cover_every_row() {
         for hs in [16, 32, 64, 128] {
-            for t in [1, 31, 63, 64, 65, 100, 1024, 1025] {
+            for t in [1, 31, 63, 64, 65, 100, 127, 128, 129, 1024, 1025] {
                 let s = shape(2, t, 3 * hs, 3);
+                let f = forward_config(&s, FlashMath::Bf16).unwrap();
+                assert_eq!((f.block, f.shared_bytes), (BF16_FWD_THREADS, 0));
+                let rows = f.grid.0 as usize * BF16_FWD_ROWS;
+                assert!(rows >= t && rows < t + BF16_FWD_ROWS, "t={t}: {f:?}");
+                assert_eq!((f.grid.1, f.grid.2), (3, 2));
                 let bw = backward_config(&s, FlashMath::Bf16).unwrap();
                 for l in [bw.dkdv, bw.dq] {
                     assert_eq!((l.block, l.shared_bytes), (BF16_THREADS, 0));
