@@ -866,7 +866,8 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 // the fp32 accumulators, and rounded to bf16 only as the A operand of the next product.
 // lse must come from the bf16 forward (it recomputes S from the same bf16 q and k, so the
 // recomputed rows of P sum to 1 up to fp32 rounding). Needs sm_80+, hs a multiple of 16,
-// at most 128. 128 threads (4 warps), static shared memory only (no dynamic).
+// at most 128. 128 threads (4 warps; dq: 256, 8 warps), static shared memory only (no
+// dynamic).
 //
 // Both write dq | dk | dv to dqkv in fp32, or, when dqkv_bf16 is not null (dqkv then
 // unused), to dqkv_bf16 in bf16 (the same fp32 values rounded to nearest even, two adjacent
@@ -897,16 +898,17 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 // fp32-input kernels' bf16 output when their inputs hold the same values).
 //
 // flash_attn_bwd_dq_bf16(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale)
-//   Block: FBB_QROWS = 64 queries (16 per warp), grid (ceil(T / 64), NH, B); loops over key
-//   tiles of FBB_KCOLS = 32 up to the diagonal.
+//   Block: FBB_DQ_ROWS = 128 queries (8 warps of 16, 256 threads: each K and V tile loaded
+//   serves 128 queries), grid (ceil(T / 128), NH, B); loops over key tiles of FBB_KCOLS =
+//   32 up to the diagonal. A warp skips the products of a tile none of its rows sees.
 //     S (16 x 32) = Q K^T:  A = Q rows (registers), B from Ks (row-major).
 //     dP (16 x 32) = dY V^T: A = dY rows (registers), B from Vs (row-major).
 //     dS = P * (dP - D) in fp32 (lse and D of the warp's rows are held in registers).
 //     dQ (16 x hs) += dS K: A = dS from the dP accumulators, B[k][n] = K[key k][d n]:
 //       from Ks with ldmatrix.trans (fa_mma_xb). dq is scaled when written.
 //   Shared (bf16 bits, one static array): two buffers of the key tile (Ks, Vs:
-//   32 x (hs + 8) each). The Q and dY rows (64 x (hs + 8) each) are staged through the
-//   same bytes before the loop: 2 * 2 * 64 * 136 = 34816 bytes at hs = 128.
+//   32 x (hs + 8) each). The block's Q rows, then its dY rows (128 x (hs + 8) each), are
+//   staged through the same bytes before the loop: 128 * 136 * 2 = 34816 bytes at hs = 128.
 //
 // Row padding of 8 bf16 keeps the fragment loads conflict-free: a row of hs + 8 bf16 is
 // (hs + 8) / 2 = 4 * (an odd number) words, so the 8 groups (rows g) x 4 lanes (words q) of
@@ -916,15 +918,17 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
 #define FBB_THREADS 128
 #define FBB_KROWS 64   // keys per dk/dv block (4 warps x 16)
 #define FBB_QCOLS 32   // queries per tile of the dk/dv loop
-#define FBB_QROWS 64   // queries per dq block (4 warps x 16)
+#define FBB_DQ_WARPS 8  // warps per dq block, 16 query rows each
+#define FBB_DQ_ROWS (16 * FBB_DQ_WARPS)  // queries per dq block: 128
+#define FBB_DQ_THREADS (32 * FBB_DQ_WARPS)
 #define FBB_KCOLS 32   // keys per tile of the dq loop
 // Shared bytes (see above), at the largest head size.
 #define FBB_DKDV_SHORTS(HM) (2 * FBB_KROWS * ((HM) + FB_KPAD))
-#define FBB_DQ_SHORTS(HM) (2 * FBB_QROWS * ((HM) + FB_KPAD))
+#define FBB_DQ_SHORTS(HM) (FBB_DQ_ROWS * ((HM) + FB_KPAD))
 // One buffer of the loops' tiles: two tiles (Q and dY, or K and V) of 32 rows, ld apart.
 // Two buffers take the bytes that stage the block's own 64 rows of two tensors first.
 #define FBB_QTILE_SHORTS(ld) (2 * FBB_QCOLS * (ld))
-static_assert(FBB_QCOLS == FBB_KCOLS && 2 * FBB_QCOLS == FBB_KROWS && FBB_KROWS == FBB_QROWS,
+static_assert(4 * FBB_QCOLS == 2 * FBB_KROWS && 4 * FBB_KCOLS == FBB_DQ_ROWS,
               "two tile buffers fill the staging bytes");
 
 // The A fragments of the 16 rows [r0, r0 + 16) of a row-major bf16 tile (ld bf16 apart),
@@ -1124,7 +1128,7 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * FBB_QROWS;  // the last see the most keys
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FBB_DQ_ROWS;  // the last see the most keys
     const int h = blockIdx.y, b = blockIdx.z;
     const long long c3 = 3LL * C;
     const long long bh = (long long)b * NH + h;
@@ -1133,17 +1137,20 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     // Key tile buffer `buf` (0, 1): Ks, then Vs (FBB_KCOLS x ld each) from
     // sm + buf * FBB_QTILE_SHORTS(ld).
 
-    // Q and dY rows of this block, staged in the tile bytes, into A fragments.
-    fa_issue_tile<FBB_THREADS, ASYNC>(sm, ld, qb, c3, q0, FBB_QROWS, T, hs);
-    fa_issue_tile<FBB_THREADS, ASYNC>(sm + FBB_QROWS * ld, ld, gb, (long long)C, q0, FBB_QROWS, T,
-                                      hs);
+    // Q, then dY rows of this block, staged in turn in the tile bytes, into A fragments.
+    unsigned qf[HM / 16][4], gf[HM / 16][4];
+    const int wr = warp * 16;  // this warp's first query row in the block
+    fa_issue_tile<FBB_DQ_THREADS, ASYNC>(sm, ld, qb, c3, q0, FBB_DQ_ROWS, T, hs);
     fa_cp_commit();
     fa_cp_wait<0>();
     __syncthreads();
-    unsigned qf[HM / 16][4], gf[HM / 16][4];
-    const int wr = warp * 16;  // this warp's first query row in the block
     fa_load_afrag<HM>(qf, sm, ld, wr, hs);
-    fa_load_afrag<HM>(gf, sm + FBB_QROWS * ld, ld, wr, hs);
+    __syncthreads();  // every warp has its Q fragments
+    fa_issue_tile<FBB_DQ_THREADS, ASYNC>(sm, ld, gb, (long long)C, q0, FBB_DQ_ROWS, T, hs);
+    fa_cp_commit();
+    fa_cp_wait<0>();
+    __syncthreads();
+    fa_load_afrag<HM>(gf, sm, ld, wr, hs);
     __syncthreads();  // every warp has its fragments: the staging bytes become the buffers
     float dq[HM / 8][4];
 #pragma unroll
@@ -1161,22 +1168,26 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     }
 
     // Keys [0, kend) can be seen by this block. Each key tile's copies run while the
-    // products of the tile before it do, in the other buffer.
-    const int kend = min(T, q0 + FBB_QROWS);
-    fa_issue_tile<FBB_THREADS, ASYNC>(sm, ld, qb + C, c3, 0, FBB_KCOLS, T, hs);
-    fa_issue_tile<FBB_THREADS, ASYNC>(sm + FBB_KCOLS * ld, ld, qb + 2 * C, c3, 0, FBB_KCOLS, T, hs);
+    // products of the tile before it do, in the other buffer. A warp whose 16 rows see
+    // none of a tile's keys (above the diagonal) takes part in the loads and barriers only.
+    const int kend = min(T, q0 + FBB_DQ_ROWS);
+    const int last_row = q0 + wr + 15;  // this warp's last query row
+    fa_issue_tile<FBB_DQ_THREADS, ASYNC>(sm, ld, qb + C, c3, 0, FBB_KCOLS, T, hs);
+    fa_issue_tile<FBB_DQ_THREADS, ASYNC>(sm + FBB_KCOLS * ld, ld, qb + 2 * C, c3, 0, FBB_KCOLS,
+                                         T, hs);
     fa_cp_commit();
     for (int k0 = 0, buf = 0; k0 < kend; k0 += FBB_KCOLS, buf ^= 1) {
         fa_cp_wait<0>();  // this thread's copies of this tile
         __syncthreads();  // the tile complete; every warp done with the other buffer
         if (k0 + FBB_KCOLS < kend) {
             unsigned short* next = sm + (buf ^ 1) * FBB_QTILE_SHORTS(ld);
-            fa_issue_tile<FBB_THREADS, ASYNC>(next, ld, qb + C, c3, k0 + FBB_KCOLS, FBB_KCOLS, T,
-                                              hs);
-            fa_issue_tile<FBB_THREADS, ASYNC>(next + FBB_KCOLS * ld, ld, qb + 2 * C, c3,
-                                              k0 + FBB_KCOLS, FBB_KCOLS, T, hs);
+            fa_issue_tile<FBB_DQ_THREADS, ASYNC>(next, ld, qb + C, c3, k0 + FBB_KCOLS,
+                                                 FBB_KCOLS, T, hs);
+            fa_issue_tile<FBB_DQ_THREADS, ASYNC>(next + FBB_KCOLS * ld, ld, qb + 2 * C, c3,
+                                                 k0 + FBB_KCOLS, FBB_KCOLS, T, hs);
             fa_cp_commit();
         }
+        if (k0 > last_row || q0 + wr >= T) continue;  // the same for every lane of the warp
         const unsigned short* Ks = sm + buf * FBB_QTILE_SHORTS(ld);
         const unsigned short* Vs = Ks + FBB_KCOLS * ld;
         float s[4][4], dp[4][4];  // S; dP, then dS (16 queries x 32 keys)

@@ -47,6 +47,9 @@
 #                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
 #                      floors -> bench_profile_124m_bf16.log, profile_124m_bf16.json
+#      flash-timing    attention kernel times at gpt2 124M's shape: fused vs plain, and the
+#                      bf16-storage kernels per form (head size 64 or generic, cp.async or
+#                      synchronous loads) in TFLOP/s -> cuda_flash_timing.log
 #      bench-124m-bf16-v50257  bench-124m-bf16 with GPT-2's real vocabulary (50257, as
 #                      `nanogpt train` on OpenWebText) -> bench_124m_bf16_v50257.log
 #      tests-profile   cuda_profile: the profile and memory report of a small model
@@ -70,7 +73,6 @@
 #                      kernels' tiles loaded synchronously instead of by cp.async)
 #                      -> bench_124m_bf16_async_off.log
 #      bench-124m      the same in float32                        -> bench_124m.log
-#      flash-timing    fused vs plain attention kernel times      -> cuda_flash_timing.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
 #      bench-small-bf16, bench-small-graphs-off, bench-124m-graphs-off: what CUDA graphs
 #                      are worth: nanoGPT's Shakespeare model size (6 x 384, T=256, B=64,
@@ -197,6 +199,8 @@ else
 fi
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json"
+# Attention kernel times and TFLOP/s per form (head size 64 or generic, cp.async or not).
+step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 # GPT-2's real vocabulary (what `nanogpt train` uses on OpenWebText: 50257 real tokens, the
 # embedding padded to 50304): the LM head's products over 50257 columns, rows padded to
 # 50264 values, against the 50304 of the line above.
@@ -226,7 +230,6 @@ step bench-small-graphs-off 30 "$out/bench_small_bf16_graphs_off.log" env NANOGP
 step bench-124m-graphs-off 60 "$out/bench_124m_bf16_graphs_off.log" env NANOGPT_CUDA_DISABLE=graphs \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
-step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
     --batch_size=32 --vocab_size=65
 cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"

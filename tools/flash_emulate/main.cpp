@@ -39,10 +39,14 @@
 
 struct Case { int B, T, NH, hs, br, bc, bt; };
 
-// The bf16 forward's grid (FB_ROWS query rows per block, FB_THREADS threads); the bf16
-// backward kernels take 64 rows per block and 128 threads.
+// The bf16 forward's grid (FB_ROWS query rows per block, FB_THREADS threads) and the bf16
+// dq kernel's (FBB_DQ_ROWS, FBB_DQ_THREADS); the dk/dv kernel takes 64 rows per block and
+// 128 threads.
 static dim3 fwd_grid(const Case& cs) {
     return {(unsigned)((cs.T + FB_ROWS - 1) / FB_ROWS), (unsigned)cs.NH, (unsigned)cs.B};
+}
+static dim3 dq_grid(const Case& cs) {
+    return {(unsigned)((cs.T + FBB_DQ_ROWS - 1) / FBB_DQ_ROWS), (unsigned)cs.NH, (unsigned)cs.B};
 }
 
 // `floor` bounds the denominator from below (see main: tensors whose exact value is 0).
@@ -186,7 +190,7 @@ static void run_bf16(const Case& cs, const std::vector<float>& qkv, const std::v
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
         flash_attn_bwd_dkdv_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), nullptr, T, C, NH, scale);
     });
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(dq_grid(cs), FBB_DQ_THREADS, [&] {
         flash_attn_bwd_dq_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), dqkv.data(), nullptr, T, C, NH, scale);
     });
 }
@@ -203,7 +207,7 @@ static bool bf16_output_matches(const Case& cs, const std::vector<float>& qkv,
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
         flash_attn_bwd_dkdv_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), nullptr, out.data(), T, C, NH, scale);
     });
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(dq_grid(cs), FBB_DQ_THREADS, [&] {
         flash_attn_bwd_dq_bf16(qkv.data(), dy.data(), lse.data(), dvec.data(), nullptr, out.data(), T, C, NH, scale);
     });
     for (size_t i = 0; i < out.size(); i++)
@@ -279,13 +283,13 @@ static std::string io_mismatch(const Case& cs, const std::vector<float>& qkv,
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
         flash_attn_bwd_dkdv_bf16_io(qkv_b.data(), dy_b.data(), lse_b.data(), dvec_b.data(), dqkv_b.data(), T, C, NH, scale);
     });
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(dq_grid(cs), FBB_DQ_THREADS, [&] {
         flash_attn_bwd_dq_bf16_io(qkv_b.data(), dy_b.data(), lse_b.data(), dvec_b.data(), dqkv_b.data(), T, C, NH, scale);
     });
     emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
         flash_attn_bwd_dkdv_bf16(qkv_w.data(), dy_w.data(), lse_b.data(), dvec_b.data(), nullptr, dqkv_ref.data(), T, C, NH, scale);
     });
-    emulate({tiles, (unsigned)NH, (unsigned)B}, 128, [&] {
+    emulate(dq_grid(cs), FBB_DQ_THREADS, [&] {
         flash_attn_bwd_dq_bf16(qkv_w.data(), dy_w.data(), lse_b.data(), dvec_b.data(), nullptr, dqkv_ref.data(), T, C, NH, scale);
     });
     const char* names[3] = {"dq", "dk", "dv"};
@@ -324,7 +328,7 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
     std::vector<unsigned short> gb(qkv.size(), 0xffff), gb64(qkv.size(), 0xfffe);
     auto bwd = [&](auto dkdv, auto dq, float* out, unsigned short* outb) {
         emulate(grid, 128, [&] { dkdv(qkv.data(), dy.data(), lse.data(), dvec.data(), out, outb, T, C, NH, scale); });
-        emulate(grid, 128, [&] { dq(qkv.data(), dy.data(), lse.data(), dvec.data(), out, outb, T, C, NH, scale); });
+        emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { dq(qkv.data(), dy.data(), lse.data(), dvec.data(), out, outb, T, C, NH, scale); });
     };
     bwd(flash_attn_bwd_dkdv_bf16, flash_attn_bwd_dq_bf16, g.data(), nullptr);
     bwd(flash_attn_bwd_dkdv_bf16_hs64, flash_attn_bwd_dq_bf16_hs64, g64.data(), nullptr);
@@ -343,7 +347,7 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
     same("lse (bf16 storage)", lse.data(), lse64.data(), 4 * lse.size());
     auto bwd_io = [&](auto dkdv, auto dq, unsigned short* out) {
         emulate(grid, 128, [&] { dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-        emulate(grid, 128, [&] { dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+        emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
     };
     bwd_io(flash_attn_bwd_dkdv_bf16_io, flash_attn_bwd_dq_bf16_io, ib.data());
     bwd_io(flash_attn_bwd_dkdv_bf16_io_hs64, flash_attn_bwd_dq_bf16_io_hs64, ib64.data());
@@ -377,7 +381,7 @@ static std::string sync_mismatch(const Case& cs, const std::vector<float>& qkv,
         });
         auto bwd = [&](auto k_dkdv, auto k_dq, unsigned short* out) {
             emulate(grid, 128, [&] { k_dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-            emulate(grid, 128, [&] { k_dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
+            emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { k_dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
         };
         bwd(dkdv, dq, g.data());
         bwd(dkdv_sync, dq_sync, gs.data());

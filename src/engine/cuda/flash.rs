@@ -27,15 +27,14 @@ type CResult<T> = std::result::Result<T, CudaError>;
 
 /// Threads per block of the fp32 kernels (8 warps).
 pub const THREADS: u32 = 256;
-/// Threads per block of the bf16 backward kernels (4 warps of 16 rows).
+/// Threads per block of `flash_attn_bwd_dkdv_bf16` (4 warps of 16 key rows).
 pub const BF16_THREADS: u32 = 128;
-/// Query rows per block of `flash_attn_bwd_dq_bf16`, key rows per block of
-/// `flash_attn_bwd_dkdv_bf16`.
+/// Key rows per block of `flash_attn_bwd_dkdv_bf16`.
 pub const BF16_ROWS: usize = 64;
-/// Threads per block of the bf16 forward (8 warps of 16 rows: each K and V tile loaded
-/// serves 128 query rows).
+/// Threads per block of the bf16 forward and of `flash_attn_bwd_dq_bf16` (8 warps of 16
+/// query rows: each K and V tile loaded serves 128 query rows).
 pub const BF16_FWD_THREADS: u32 = 256;
-/// Query rows per block of the bf16 forward.
+/// Query rows per block of the bf16 forward and of `flash_attn_bwd_dq_bf16`.
 pub const BF16_FWD_ROWS: usize = 128;
 /// Rows of the tiles the bf16 backward kernels loop over (queries for dk/dv, keys for dq).
 pub const BF16_BWD_COLS: usize = 32;
@@ -176,9 +175,9 @@ pub fn bwd_shared_bytes(bt: usize, hs: usize) -> usize {
 pub const BF16_DKDV_SHARED: usize =
     2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) + 2 * 4 * 2 * BF16_BWD_COLS;
 
-/// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q and dY
-/// rows (bf16), which the loop's two buffers of K and V tiles reuse.
-pub const BF16_DQ_SHARED: usize = 2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8);
+/// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q rows, then
+/// its dY rows (bf16), which the loop's two buffers of K and V tiles reuse.
+pub const BF16_DQ_SHARED: usize = 2 * BF16_FWD_ROWS * (MAX_HEAD_SIZE + 8);
 
 fn grid_tiles(shape: &AttnShape, rows: usize) -> (u32, u32, u32) {
     (
@@ -236,17 +235,17 @@ pub fn backward_config(shape: &AttnShape, math: FlashMath) -> CResult<BackwardCo
         tile_cols: 0,
     };
     if math == FlashMath::Bf16 {
-        let tiled = LaunchConfig {
-            grid: grid_tiles(shape, BF16_ROWS),
-            block: BF16_THREADS,
+        let tiled = |rows, block| LaunchConfig {
+            grid: grid_tiles(shape, rows),
+            block,
             shared_bytes: 0, // static shared memory only
-            tile_rows: BF16_ROWS,
+            tile_rows: rows,
             tile_cols: BF16_BWD_COLS,
         };
         return Ok(BackwardConfig {
             dot,
-            dkdv: tiled,
-            dq: tiled,
+            dkdv: tiled(BF16_ROWS, BF16_THREADS),
+            dq: tiled(BF16_FWD_ROWS, BF16_FWD_THREADS),
         });
     }
     let hs = shape.hs();
@@ -554,10 +553,13 @@ mod tests {
                 assert!(rows >= t && rows < t + BF16_FWD_ROWS, "t={t}: {f:?}");
                 assert_eq!((f.grid.1, f.grid.2), (3, 2));
                 let bw = backward_config(&s, FlashMath::Bf16).unwrap();
-                for l in [bw.dkdv, bw.dq] {
-                    assert_eq!((l.block, l.shared_bytes), (BF16_THREADS, 0));
-                    let rows = l.grid.0 as usize * BF16_ROWS;
-                    assert!(rows >= t && rows < t + BF16_ROWS, "t={t}: {l:?}");
+                for (l, block, tile) in [
+                    (bw.dkdv, BF16_THREADS, BF16_ROWS),
+                    (bw.dq, BF16_FWD_THREADS, BF16_FWD_ROWS),
+                ] {
+                    assert_eq!((l.block, l.shared_bytes, l.tile_rows), (block, 0, tile));
+                    let rows = l.grid.0 as usize * tile;
+                    assert!(rows >= t && rows < t + tile, "t={t}: {l:?}");
                     assert_eq!((l.grid.1, l.grid.2), (3, 2));
                 }
                 assert_eq!(bw.dot, backward_config(&s, FlashMath::F32).unwrap().dot);
