@@ -757,43 +757,49 @@ fn flash_attention_timing() {
         println!("attention {s:?} {label}: {ms:.3} ms");
         ms
     };
-    // SAFETY: buffers sized for `s`; the backward reads the forward's y and lse.
-    let forward = |math| unsafe {
-        flash::flash_forward(
-            &g.stream,
-            &g.k,
-            math,
-            FlashIo::F32,
-            qkv.ptr,
-            y.ptr,
-            lse.ptr,
-            s,
-        )
-        .unwrap()
+    // The same in bf16 storage (the bf16 mode's default).
+    let bits = |v: Vec<f32>| v.into_iter().map(f32_to_bf16_bits).collect::<Vec<u16>>();
+    let qkv16 = g.upload_bf16(&bits(randn(&mut rng, n * 3 * s.c)));
+    let dy16 = g.upload_bf16(&bits(randn(&mut rng, n * s.c)));
+    let (y16, dqkv16) = (
+        g.upload_bf16(&vec![0; n * s.c]),
+        g.upload_bf16(&vec![0; n * 3 * s.c]),
+    );
+    // SAFETY: buffers sized for `s` in `io`'s storage; the backward reads the y and lse of
+    // the forward in the same storage.
+    let forward = |k: &Kernels, math, io| unsafe {
+        let (qkv, y) = match io {
+            FlashIo::F32 => (qkv.ptr, y.ptr),
+            FlashIo::Bf16 => (qkv16.ptr, y16.ptr),
+        };
+        flash::flash_forward(&g.stream, k, math, io, qkv, y, lse.ptr, s).unwrap()
     };
     // SAFETY: as above.
-    let backward = |math| unsafe {
+    let backward = |k: &Kernels, math, io| unsafe {
+        let (qkv, y, dy, dqkv, dqkv_bf16) = match io {
+            FlashIo::F32 => (qkv.ptr, y.ptr, dy.ptr, dqkv.ptr, 0),
+            FlashIo::Bf16 => (qkv16.ptr, y16.ptr, dy16.ptr, 0, dqkv16.ptr),
+        };
+        let d = dvec.ptr;
         flash::flash_backward(
-            &g.stream,
-            &g.k,
-            math,
-            FlashIo::F32,
-            qkv.ptr,
-            y.ptr,
-            lse.ptr,
-            dy.ptr,
-            dvec.ptr,
-            dqkv.ptr,
-            0,
-            s,
+            &g.stream, k, math, io, qkv, y, lse.ptr, dy, d, dqkv, dqkv_bf16, s,
         )
         .unwrap()
     };
-    let ff = time("flash forward fp32", &|| forward(FlashMath::F32));
-    let fb16 = time("flash forward bf16", &|| forward(FlashMath::Bf16));
-    let fbb16 = time("flash backward bf16", &|| backward(FlashMath::Bf16));
-    forward(FlashMath::F32);
-    let fb = time("flash backward fp32", &|| backward(FlashMath::F32));
+    let f32_io = FlashIo::F32;
+    let ff = time("flash forward fp32", &|| {
+        forward(&g.k, FlashMath::F32, f32_io)
+    });
+    let fb16 = time("flash forward bf16", &|| {
+        forward(&g.k, FlashMath::Bf16, f32_io)
+    });
+    let fbb16 = time("flash backward bf16", &|| {
+        backward(&g.k, FlashMath::Bf16, f32_io)
+    });
+    forward(&g.k, FlashMath::F32, f32_io);
+    let fb = time("flash backward fp32", &|| {
+        backward(&g.k, FlashMath::F32, f32_io)
+    });
     let pf = time("plain forward", &|| plain.forward(qkv.ptr, y.ptr));
     let pb = time("plain backward", &|| {
         plain.backward(qkv.ptr, dy.ptr, dqkv.ptr)
@@ -806,21 +812,15 @@ fn flash_attention_timing() {
         pf + pb
     );
 
-    // bf16 storage (the bf16 mode's default), per form of the kernels: head size 64 or
-    // generic (switch flash_hs64), tiles by cp.async or loaded synchronously (flash_async).
-    let bits = |v: Vec<f32>| v.into_iter().map(f32_to_bf16_bits).collect::<Vec<u16>>();
-    let qkv16 = g.upload_bf16(&bits(randn(&mut rng, n * 3 * s.c)));
-    let dy16 = g.upload_bf16(&bits(randn(&mut rng, n * s.c)));
-    let (y16, dqkv16) = (
-        g.upload_bf16(&vec![0; n * s.c]),
-        g.upload_bf16(&vec![0; n * 3 * s.c]),
-    );
+    // bf16 storage, per form of the kernels: head size 64 or generic (switch flash_hs64),
+    // tiles by cp.async or loaded synchronously (flash_async).
     let work = |backward| {
         profile::flash_work(&s, true, 2, 2, backward)
             .flops
             .expect("attention FLOPs")
     };
     let (fwd_flops, bwd_flops) = (work(false), work(true));
+    let bf16 = (FlashMath::Bf16, FlashIo::Bf16);
     for (label, synchronous, generic) in [
         ("head size 64, cp.async (the default)", false, false),
         ("head size 64, synchronous loads", true, false),
@@ -834,37 +834,11 @@ fn flash_attention_timing() {
         if generic {
             k.use_generic_attention();
         }
-        // SAFETY: bf16 buffers sized for `s`; the backward reads this forward's y and lse.
-        let f = time(&format!("bf16 storage forward, {label}"), &|| unsafe {
-            flash::flash_forward(
-                &g.stream,
-                &k,
-                FlashMath::Bf16,
-                FlashIo::Bf16,
-                qkv16.ptr,
-                y16.ptr,
-                lse.ptr,
-                s,
-            )
-            .unwrap()
+        let f = time(&format!("bf16 storage forward, {label}"), &|| {
+            forward(&k, bf16.0, bf16.1)
         });
-        // SAFETY: as above.
-        let b = time(&format!("bf16 storage backward, {label}"), &|| unsafe {
-            flash::flash_backward(
-                &g.stream,
-                &k,
-                FlashMath::Bf16,
-                FlashIo::Bf16,
-                qkv16.ptr,
-                y16.ptr,
-                lse.ptr,
-                dy16.ptr,
-                dvec.ptr,
-                0,
-                dqkv16.ptr,
-                s,
-            )
-            .unwrap()
+        let b = time(&format!("bf16 storage backward, {label}"), &|| {
+            backward(&k, bf16.0, bf16.1)
         });
         println!(
             "attention bf16 storage, {label}: forward {:.1} TFLOP/s, backward {:.1} TFLOP/s \
