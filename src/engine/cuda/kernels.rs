@@ -156,12 +156,25 @@ macro_rules! kernel_table {
             _modules: Vec<Module<'static>>,
         }
         impl Kernels {
-            /// Compiles (or reads from the cache) and loads every source for `target`.
+            /// Compiles (or reads from the cache) every source for `target`, one thread per
+            /// source (NVRTC compiles separate programs concurrently: a first start takes
+            /// about as long as the largest source), and loads them.
             pub fn load(stack: &Stack, ctx: &Context<'static>, target: Target) -> Result<Kernels, CudaError> {
+                let images: Vec<Result<Vec<u8>, CudaError>> = std::thread::scope(|scope| {
+                    let compiles: Vec<_> = SOURCES
+                        .iter()
+                        .map(|(name, src)| {
+                            scope.spawn(move || compiled_image(stack, name, src, target))
+                        })
+                        .collect();
+                    compiles
+                        .into_iter()
+                        .map(|c| c.join().expect("a kernel compile thread panicked"))
+                        .collect()
+                });
                 let mut modules = Vec::new();
-                for (name, src) in SOURCES {
-                    let image = compiled_image(stack, name, src, target)?;
-                    modules.push(ctx.load_module(&image)?);
+                for image in images {
+                    modules.push(ctx.load_module(&image?)?);
                 }
                 let find = |f: &str| -> Result<CuFunction, CudaError> {
                     for m in &modules {
