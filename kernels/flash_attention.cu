@@ -36,9 +36,9 @@
 // register arrays and shared tiles are sized for 64 instead of FA_MAX_HS, and every loop
 // and guard over the head dimension is resolved at compile time. The same arithmetic in
 // the same order, so the same bits (tools/flash_emulate checks it); for sm_90 ptxas gives
-// it 128 (forward), 157 (dk/dv) and 124-126 (dq) registers per thread against 179, 255
-// and 232 for the generic form, and half the shared memory, so 16 (forward: 2 blocks of
-// 8 warps), 12 and 16 warps fit on a multiprocessor instead of 8 to 12.
+// it 128 (forward), 160 (dk/dv) and 127 (dq) registers per thread against 198, 255 and
+// 204 for the generic form, and half the shared memory, so 16 (forward and dq: 2 blocks of
+// 8 warps) and 12 (dk/dv: 3 blocks of 4) warps fit on a multiprocessor instead of 8.
 //
 // Tile loads (bf16 kernels): with bf16 storage every tile reaches shared memory by
 // cp.async, issued one tile ahead of the products that read it, so the loads of the next
@@ -575,6 +575,31 @@ __device__ __forceinline__ void fa_cp_wait() {
 }
 #endif
 
+// The bf16 kernels' exponentials, in base 2 on the multiprocessor's special-function unit
+// (ex2.approx.ftz: relative error ~2^-22, 2^-inf = 0, results below 2^-126 flushed to 0),
+// FlashAttention-2's recipe: the accurate expf wraps that same ex2 in eight more
+// instructions (its PTX under NVRTC 13: range reduction by three fused multiply-adds, a
+// saturation, an exponent shift and a final multiply), and at head size 64 the softmax's
+// instructions, not the tensor cores, set the pace.
+// - The forward keeps its running max in base-2 units (m2 = scale log2 e max S), so a
+//   probability is one fused multiply-add and one ex2: fa_exp2(fmaf(s, scale * FA_LOG2E,
+//   -m2)). Its lse is written in natural units.
+// - The backward recomputes P = exp(scale s - lse) as fa_exp2(fmaf(s, scale, -lse) *
+//   FA_LOG2E): one rounding of the argument before the change of base, so P tracks the
+//   exact value as closely as expf did (tools/flash_emulate's check of the backward against
+//   a float64 model of the kernels' rounding: worst 1.0e-4, bound 2e-3); taking log2 e into
+//   both terms first rounded each, and flipped ten times more P and dS to the neighbouring
+//   bf16 value.
+#define FA_LOG2E 1.4426950408889634f
+#define FA_LN2 0.6931471805599453f
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif
+
 // out (16 x hs, hs/8 n-tiles) += X B where X (16 x 16*KC) is given as the C-layout
 // accumulators x[2*KC][4] of a product (rounded to bf16 here: two adjacent n-tiles are the
 // A fragment of one 16-wide k chunk) and B[k][n] = R[k][n], R row-major (16*KC rows, ld
@@ -750,8 +775,10 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     for (int dt = 0; dt < HM / 8; dt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
-    // Running max and sum of rows g and g+8 of this warp's slice.
+    // Running max (in base-2 units: scale log2 e times the largest score) and sum of rows g
+    // and g+8 of this warp's slice.
     float m[2] = {fa_neg_inf(), fa_neg_inf()}, l[2] = {0.0f, 0.0f};
+    const float scale_log2 = scale * FA_LOG2E;
     int qrow[2];
     qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
     qrow[1] = min(q0 + wr + g + 8, T - 1);
@@ -784,31 +811,34 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                     }
                 }
             }
-            // Scale, mask, online softmax (element e is row g + 8*(e>>1), key 2q + (e&1)).
+            // Mask (element e is row g + 8*(e>>1), key 2q + (e&1)) where the tile has a key
+            // past some row of this warp (the diagonal tile; keys past T), online softmax.
+            const bool unmasked = k0 + FB_KEYS - 1 <= min(q0 + wr, T - 1);
             float mx[2] = {fa_neg_inf(), fa_neg_inf()};
 #pragma unroll
             for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int kj = k0 + nt * 8 + 2 * q + (e & 1);
-                    float v = kj <= qrow[e >> 1] ? s[nt][e] * scale : fa_neg_inf();
-                    s[nt][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                    if (!unmasked && kj > qrow[e >> 1]) s[nt][e] = fa_neg_inf();
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
                 }
             float alpha[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 is in the first tile
-                alpha[r] = expf(m[r] - m_new);
+                // Finite: key 0 is in the first tile. scale > 0, so the largest scaled
+                // score is the largest score scaled.
+                float m_new = fmaxf(m[r], mx[r] * scale_log2);
+                alpha[r] = fa_exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
                 m[r] = m_new;
             }
 #pragma unroll
             for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float p = expf(s[nt][e] - m[e >> 1]);
+                    float p = fa_exp2(fmaf(s[nt][e], scale_log2, -m[e >> 1]));  // 0 if masked
                     s[nt][e] = p;
                     sum[e >> 1] += p;
                 }
@@ -846,7 +876,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                 if (dt * 8 < hs)
                     fa_put2(yr + dt * 8 + 2 * q, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
             }
-            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
+            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] * FA_LN2 + logf(l[r]);
         }
     }
 #endif
@@ -1085,15 +1115,17 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
         float st[4][4], dpt[4][4];  // S^T, then P^T; dP^T, then dS^T (16 keys x 32 queries)
         fa_mma_abt<HM>(st, kf, Qs, ld, hs);
         fa_mma_abt<HM>(dpt, vf, dYs, ld, hs);
-        // Element e: key row g + 8*(e>>1), query column nt*8 + 2q + (e&1).
+        // Element e: key row g + 8*(e>>1), query column nt*8 + 2q + (e&1). No mask where
+        // every query of the tile sees every key of this warp (below the diagonal, not past T).
+        const bool unmasked = q0 >= k0 + wr + 15 && q0 + FBB_QCOLS <= T;
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int c = nt * 8 + 2 * q + (e & 1), qi = q0 + c;
                 float p = 0.0f, ds = 0.0f;
-                if (qi < T && krow[e >> 1] <= qi) {
-                    p = expf(st[nt][e] * scale - Ls[c]);
+                if (unmasked || (qi < T && krow[e >> 1] <= qi)) {
+                    p = fa_exp2(fmaf(st[nt][e], scale, -Ls[c]) * FA_LOG2E);
                     ds = p * (dpt[nt][e] - Ds[c]);
                 }
                 st[nt][e] = p;
@@ -1193,15 +1225,17 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
         float s[4][4], dp[4][4];  // S; dP, then dS (16 queries x 32 keys)
         fa_mma_abt<HM>(s, qf, Ks, ld, hs);
         fa_mma_abt<HM>(dp, gf, Vs, ld, hs);
-        // Element e: query row g + 8*(e>>1), key column nt*8 + 2q + (e&1).
+        // Element e: query row g + 8*(e>>1), key column nt*8 + 2q + (e&1). No mask where
+        // every row of this warp sees every key of the tile (below the diagonal, not past T).
+        const bool unmasked = k0 + FBB_KCOLS - 1 <= q0 + wr && last_row < T;
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int r = e >> 1, kj = k0 + nt * 8 + 2 * q + (e & 1);
                 float ds = 0.0f;
-                if (qrow[r] < T && kj <= qrow[r]) {
-                    float p = expf(s[nt][e] * scale - lr[r]);
+                if (unmasked || (qrow[r] < T && kj <= qrow[r])) {
+                    float p = fa_exp2(fmaf(s[nt][e], scale, -lr[r]) * FA_LOG2E);
                     ds = p * (dp[nt][e] - dr[r]);
                 }
                 dp[nt][e] = ds;

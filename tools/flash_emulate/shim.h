@@ -14,6 +14,10 @@
 #define FA_STATIC_SHARED static
 inline float smem[1 << 16];
 
+// ex2.approx.ftz.f32 (fa_exp2 in kernels/flash_attention.cu): 2^x, here to the last bit;
+// the hardware's is within ~2^-22 relative, a difference the checks' tolerances cover.
+inline float fa_exp2(float x) { return std::exp2(x); }
+
 // cp.async (fa_cp_async16/4, fa_cp_commit, fa_cp_wait<N>: see kernels/flash_attention.cu)
 // for one thread. Where a copy lands is the check:
 // - by default each copy lands when its issuer waits for its group, so a thread that

@@ -42,8 +42,8 @@ pub const BF16_BWD_COLS: usize = 32;
 pub const MAX_HEAD_SIZE: usize = 128;
 /// The head size the bf16 kernels have a specialised form for (`*_hs64`: register arrays,
 /// loops and shared tiles fixed at compile time, the same arithmetic and bits as the
-/// generic form): GPT-2's, at every model size. Compiled for sm_90: 127-165 registers per
-/// thread against 168-254 for the generic form, and half the shared memory, so more
+/// generic form): GPT-2's, at every model size. Compiled for sm_90: 127-160 registers per
+/// thread against 198-255 for the generic form, and half the shared memory, so more
 /// blocks fit on a multiprocessor.
 pub const SPECIALISED_HEAD_SIZE: usize = 64;
 /// Dynamic shared memory a launch may use without opting in.
