@@ -448,8 +448,18 @@ __device__ __forceinline__ unsigned short fa_f2bf(float f) {
     return (unsigned short)(u >> 16);
 }
 
+// Two values as bf16 bits in one word (lo in the low half), each rounded to nearest even:
+// one cvt.rn.bf16x2.f32 on sm_80+ (PTX: the first source goes to the upper half), which
+// gives fa_f2bf's bits for every value but NaN (a NaN stays a NaN, with another payload);
+// fa_f2bf's six integer instructions per value elsewhere (and in the CPU emulators).
 __device__ __forceinline__ unsigned fa_pack_bf16(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
     return (unsigned)fa_f2bf(lo) | ((unsigned)fa_f2bf(hi) << 16);
+#endif
 }
 
 __device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) {
@@ -661,21 +671,18 @@ __device__ __forceinline__ void fa_issue8(unsigned short* dst, const unsigned sh
 }
 template <bool ASYNC>
 __device__ __forceinline__ void fa_issue8(unsigned short* dst, const float* src, bool valid) {
-    unsigned short v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint4 packed;
+    packed.x = packed.y = packed.z = packed.w = 0u;
     if (valid) {
         VEC_ACCESS(src, 16);
         VEC_ACCESS(src + 4, 16);
         float4 a = *reinterpret_cast<const float4*>(src);
         float4 b = *reinterpret_cast<const float4*>(src + 4);
-        float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int e = 0; e < 8; e++) v[e] = fa_f2bf(f[e]);
+        packed.x = fa_pack_bf16(a.x, a.y);
+        packed.y = fa_pack_bf16(a.z, a.w);
+        packed.z = fa_pack_bf16(b.x, b.y);
+        packed.w = fa_pack_bf16(b.z, b.w);
     }
-    uint4 packed;
-    packed.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
-    packed.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
-    packed.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
-    packed.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
     VEC_ACCESS(dst, 16);
     *reinterpret_cast<uint4*>(dst) = packed;
 }
@@ -1251,7 +1258,9 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
 // The bf16 kernels' entry points: each a thin wrapper of its template for storage type S
 // (float, or bf16 bits for the _io kernels), head size HS (0: any, C / NH; 64: the _hs64
 // forms, see "Head size" at the top) and tile loads by cp.async (ASYNC; the _io_sync
-// kernels load synchronously, for the flash_async switch).
+// kernels load synchronously, for the flash_async switch), bounded to the block size it is
+// launched with (THREADS: a launch with more threads than its bound fails; the engine's
+// test of the compiled kernels checks them against src/engine/cuda/flash.rs).
 #define FA_FWD_ENTRY(NAME, S, HS, ASYNC)                                                       \
     extern "C" __global__ void __launch_bounds__(FB_THREADS)                                   \
         NAME(const S* __restrict__ qkv, S* __restrict__ y, float* __restrict__ lse, int T,     \
@@ -1259,8 +1268,8 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
         fa_fwd_bf16<S, HS, ASYNC>(qkv, y, lse, T, C, NH, scale);                               \
     }
 // fp32 storage: dq | dk | dv to dqkv in fp32, or to dqkv_bf16 when that is not null.
-#define FA_BWD_ENTRY(NAME, KERNEL, HS)                                                         \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+#define FA_BWD_ENTRY(NAME, KERNEL, HS, THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                      \
         NAME(const float* __restrict__ qkv, const float* __restrict__ dy,                      \
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,   \
@@ -1268,8 +1277,8 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
         KERNEL<float, HS, true>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);         \
     }
 // bf16 storage: qkv and dy in bf16, dq | dk | dv written in bf16.
-#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS, ASYNC)                                               \
-    extern "C" __global__ void __launch_bounds__(FBB_THREADS)                                  \
+#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS, ASYNC, THREADS)                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                      \
         NAME(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,    \
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {           \
@@ -1280,12 +1289,16 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
     FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS, true)                                 \
     FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, true)                     \
     FA_FWD_ENTRY(flash_attn_fwd_bf16_io_sync##SUFFIX, unsigned short, HS, false)               \
-    FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS)                       \
-    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS)                           \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, true)           \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, true)               \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io_sync##SUFFIX, fa_bwd_dkdv_bf16, HS, false)     \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io_sync##SUFFIX, fa_bwd_dq_bf16, HS, false)
+    FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS, FBB_THREADS)          \
+    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS, FBB_DQ_THREADS)           \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, true,           \
+                    FBB_THREADS)                                                               \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, true,               \
+                    FBB_DQ_THREADS)                                                            \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io_sync##SUFFIX, fa_bwd_dkdv_bf16, HS, false,     \
+                    FBB_THREADS)                                                               \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io_sync##SUFFIX, fa_bwd_dq_bf16, HS, false,         \
+                    FBB_DQ_THREADS)
 
 FA_BF16_ENTRY_POINTS(, 0)
 FA_BF16_ENTRY_POINTS(_hs64, 64)

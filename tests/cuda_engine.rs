@@ -631,6 +631,17 @@ fn every_kernel_family_is_compiled_with_the_shared_helpers() {
     }
 }
 
+/// The launch bound of entry `name` in `ptx` (`.maxntid x, y, z` between its parameter list
+/// and its body: x * y * z threads), if it has one.
+fn launch_bound(ptx: &str, name: &str) -> Option<u32> {
+    let start = ptx.find(&format!(".entry {name}("))?;
+    let head = &ptx[start..start + ptx[start..].find('{')?];
+    let dims = head.split(".maxntid").nth(1)?.lines().next()?;
+    dims.split(',')
+        .map(|d| d.trim().parse::<u32>().ok())
+        .product()
+}
+
 #[test]
 fn every_engine_kernel_is_an_entry_point_of_its_sources() {
     use nanogpt::cuda::discover::{LibKind, SearchEnv, SearchPlan};
@@ -662,6 +673,47 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
         );
     }
     assert_eq!(kernels::KERNEL_NAMES.len(), 51);
+    // A kernel compiled with a launch bound (`.maxntid`) must be launched with at most that
+    // many threads: a larger block fails to launch on a GPU (the emulated driver does not
+    // model bounds, so this is where a mismatch shows up without one).
+    use nanogpt::engine::cuda::flash::{self, AttnShape, FlashMath};
+    let shape = AttnShape {
+        b: 1,
+        t: 256,
+        c: 128,
+        nh: 2,
+    };
+    let bf16_bwd = flash::backward_config(&shape, FlashMath::Bf16).unwrap();
+    let f32_bwd = flash::backward_config(&shape, FlashMath::F32).unwrap();
+    let mut bounded = 0;
+    for k in kernels::KERNEL_NAMES {
+        let Some(bound) = launch_bound(&ptx_all, k) else {
+            continue;
+        };
+        bounded += 1;
+        let block = match *k {
+            n if n.starts_with("flash_attn_fwd_bf16") => {
+                flash::forward_config(&shape, FlashMath::Bf16)
+                    .unwrap()
+                    .block
+            }
+            n if n.starts_with("flash_attn_bwd_dkdv_bf16") => bf16_bwd.dkdv.block,
+            n if n.starts_with("flash_attn_bwd_dq_bf16") => bf16_bwd.dq.block,
+            "flash_attn_fwd_f32" => flash::forward_config(&shape, FlashMath::F32).unwrap().block,
+            "flash_attn_bwd_dkdv_f32" => f32_bwd.dkdv.block,
+            "flash_attn_bwd_dq_f32" => f32_bwd.dq.block,
+            "layernorm_backward" => kernels::BLOCK,
+            other => panic!("{other} has a launch bound of {bound} threads: add its launch here"),
+        };
+        assert!(
+            block <= bound,
+            "{k} is launched with {block} threads but compiled for at most {bound}"
+        );
+    }
+    assert!(
+        bounded >= 20,
+        "only {bounded} kernels with a launch bound found"
+    );
     let a = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 90 }, (13, 0));
     let b = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 80 }, (13, 0));
     let c = kernels::cache_key(kernels::SOURCES[1].1, Target::Cubin { cc: 90 }, (13, 0));
