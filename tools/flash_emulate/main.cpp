@@ -49,6 +49,19 @@ static dim3 dq_grid(const Case& cs) {
     return {(unsigned)((cs.T + FBB_DQ_ROWS - 1) / FBB_DQ_ROWS), (unsigned)cs.NH, (unsigned)cs.B};
 }
 
+// The bf16-storage backward: dk and dv, then dq, of qkv `qb` and gradient `dyb` (bf16 bits)
+// into `out`, by the kernels `dkdv` and `dq` (one of the _io forms), from lse and D.
+template <class Dkdv, class Dq>
+static void bwd_io(const Case& cs, Dkdv dkdv, Dq dq, const unsigned short* qb,
+                   const unsigned short* dyb, const float* lse, const float* dvec,
+                   unsigned short* out) {
+    int T = cs.T, NH = cs.NH, C = NH * cs.hs;
+    float scale = 1.0f / std::sqrt((float)cs.hs);
+    dim3 grid{(unsigned)((T + 63) / 64), (unsigned)NH, (unsigned)cs.B};
+    emulate(grid, 128, [&] { dkdv(qb, dyb, lse, dvec, out, T, C, NH, scale); });
+    emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { dq(qb, dyb, lse, dvec, out, T, C, NH, scale); });
+}
+
 // `floor` bounds the denominator from below (see main: tensors whose exact value is 0).
 static double rel(const std::vector<float>& got, const std::vector<double>& want,
                   double floor = 1e-30) {
@@ -345,12 +358,10 @@ static std::string hs64_mismatch(const Case& cs, const std::vector<float>& qkv,
     emulate(fwd_grid(cs), FB_THREADS, [&] { flash_attn_fwd_bf16_io_hs64(qb.data(), yb64.data(), lse64.data(), T, C, NH, scale); });
     same("y (bf16 storage)", yb.data(), yb64.data(), 2 * yb.size());
     same("lse (bf16 storage)", lse.data(), lse64.data(), 4 * lse.size());
-    auto bwd_io = [&](auto dkdv, auto dq, unsigned short* out) {
-        emulate(grid, 128, [&] { dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-        emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-    };
-    bwd_io(flash_attn_bwd_dkdv_bf16_io, flash_attn_bwd_dq_bf16_io, ib.data());
-    bwd_io(flash_attn_bwd_dkdv_bf16_io_hs64, flash_attn_bwd_dq_bf16_io_hs64, ib64.data());
+    bwd_io(cs, flash_attn_bwd_dkdv_bf16_io, flash_attn_bwd_dq_bf16_io, qb.data(), dyb.data(),
+           lse.data(), dvec.data(), ib.data());
+    bwd_io(cs, flash_attn_bwd_dkdv_bf16_io_hs64, flash_attn_bwd_dq_bf16_io_hs64, qb.data(),
+           dyb.data(), lse.data(), dvec.data(), ib64.data());
     same("dqkv (bf16 storage)", ib.data(), ib64.data(), 2 * ib.size());
     return why;
 }
@@ -362,8 +373,7 @@ static std::string sync_mismatch(const Case& cs, const std::vector<float>& qkv,
                                  const std::vector<float>& dy) {
     int B = cs.B, T = cs.T, NH = cs.NH, C = NH * cs.hs;
     float scale = 1.0f / std::sqrt((float)cs.hs);
-    unsigned tiles = (T + 63) / 64, rows = B * NH * T;
-    dim3 grid{tiles, (unsigned)NH, (unsigned)B};
+    unsigned rows = B * NH * T;
     std::vector<unsigned short> qb(qkv.size()), dyb(dy.size());
     for (size_t i = 0; i < qkv.size(); i++) qb[i] = fa_f2bf(qkv[i]);
     for (size_t i = 0; i < dy.size(); i++) dyb[i] = fa_f2bf(dy[i]);
@@ -379,12 +389,8 @@ static std::string sync_mismatch(const Case& cs, const std::vector<float>& qkv,
         emulate({(rows + 7) / 8, 1, 1}, 256, [&] {
             flash_attn_bwd_dot_bf16(y.data(), dyb.data(), dvec.data(), B, T, C, NH);
         });
-        auto bwd = [&](auto k_dkdv, auto k_dq, unsigned short* out) {
-            emulate(grid, 128, [&] { k_dkdv(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-            emulate(dq_grid(cs), FBB_DQ_THREADS, [&] { k_dq(qb.data(), dyb.data(), lse.data(), dvec.data(), out, T, C, NH, scale); });
-        };
-        bwd(dkdv, dq, g.data());
-        bwd(dkdv_sync, dq_sync, gs.data());
+        bwd_io(cs, dkdv, dq, qb.data(), dyb.data(), lse.data(), dvec.data(), g.data());
+        bwd_io(cs, dkdv_sync, dq_sync, qb.data(), dyb.data(), lse.data(), dvec.data(), gs.data());
         bool same = y == ys && g == gs && std::memcmp(lse.data(), lses.data(), 4 * lse.size()) == 0;
         if (!same) why += std::string(why.empty() ? "" : ", ") + form + " differ";
     };

@@ -28,14 +28,14 @@ type CResult<T> = std::result::Result<T, CudaError>;
 /// Threads per block of the fp32 kernels (8 warps).
 pub const THREADS: u32 = 256;
 /// Threads per block of `flash_attn_bwd_dkdv_bf16` (4 warps of 16 key rows).
-pub const BF16_THREADS: u32 = 128;
+pub const BF16_KEY_THREADS: u32 = 128;
 /// Key rows per block of `flash_attn_bwd_dkdv_bf16`.
-pub const BF16_ROWS: usize = 64;
+pub const BF16_KEY_ROWS: usize = 64;
 /// Threads per block of the bf16 forward and of `flash_attn_bwd_dq_bf16` (8 warps of 16
 /// query rows: each K and V tile loaded serves 128 query rows).
-pub const BF16_FWD_THREADS: u32 = 256;
+pub const BF16_QUERY_THREADS: u32 = 256;
 /// Query rows per block of the bf16 forward and of `flash_attn_bwd_dq_bf16`.
-pub const BF16_FWD_ROWS: usize = 128;
+pub const BF16_QUERY_ROWS: usize = 128;
 /// Rows of the tiles the bf16 backward kernels loop over (queries for dk/dv, keys for dq).
 pub const BF16_BWD_COLS: usize = 32;
 /// Largest head size the kernels handle (4 columns per lane of a warp).
@@ -173,11 +173,11 @@ pub fn bwd_shared_bytes(bt: usize, hs: usize) -> usize {
 /// Q and dY tiles reuse (every tile row-major: the kernels read transposed operands with
 /// ldmatrix.trans), then lse and D of each buffer's queries (fp32).
 pub const BF16_DKDV_SHARED: usize =
-    2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) + 2 * 4 * 2 * BF16_BWD_COLS;
+    2 * 2 * BF16_KEY_ROWS * (MAX_HEAD_SIZE + 8) + 2 * 4 * 2 * BF16_BWD_COLS;
 
 /// Static shared memory of `flash_attn_bwd_dq_bf16`: the staging of the block's Q rows, then
 /// its dY rows (bf16), which the loop's two buffers of K and V tiles reuse.
-pub const BF16_DQ_SHARED: usize = 2 * BF16_FWD_ROWS * (MAX_HEAD_SIZE + 8);
+pub const BF16_DQ_SHARED: usize = 2 * BF16_QUERY_ROWS * (MAX_HEAD_SIZE + 8);
 
 fn grid_tiles(shape: &AttnShape, rows: usize) -> (u32, u32, u32) {
     (
@@ -193,10 +193,10 @@ pub fn forward_config(shape: &AttnShape, math: FlashMath) -> CResult<LaunchConfi
     let hs = shape.hs();
     match math {
         FlashMath::Bf16 => Ok(LaunchConfig {
-            grid: grid_tiles(shape, BF16_FWD_ROWS),
-            block: BF16_FWD_THREADS,
+            grid: grid_tiles(shape, BF16_QUERY_ROWS),
+            block: BF16_QUERY_THREADS,
             shared_bytes: 0, // static shared memory only
-            tile_rows: BF16_FWD_ROWS,
+            tile_rows: BF16_QUERY_ROWS,
             tile_cols: 64,
         }),
         FlashMath::F32 => {
@@ -244,8 +244,8 @@ pub fn backward_config(shape: &AttnShape, math: FlashMath) -> CResult<BackwardCo
         };
         return Ok(BackwardConfig {
             dot,
-            dkdv: tiled(BF16_ROWS, BF16_THREADS),
-            dq: tiled(BF16_FWD_ROWS, BF16_FWD_THREADS),
+            dkdv: tiled(BF16_KEY_ROWS, BF16_KEY_THREADS),
+            dq: tiled(BF16_QUERY_ROWS, BF16_QUERY_THREADS),
         });
     }
     let hs = shape.hs();
@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(BF16_DQ_SHARED, 34816);
         const { assert!(BF16_DKDV_SHARED <= SHARED_LIMIT && BF16_DQ_SHARED <= SHARED_LIMIT) };
         // The dk/dv kernel stages the block's K and V rows through its tile bytes.
-        const { assert!(2 * 2 * BF16_ROWS * (MAX_HEAD_SIZE + 8) <= BF16_DKDV_SHARED) };
+        const { assert!(2 * 2 * BF16_KEY_ROWS * (MAX_HEAD_SIZE + 8) <= BF16_DKDV_SHARED) };
     }
 
     #[test]
@@ -548,14 +548,14 @@ mod tests {
             for t in [1, 31, 63, 64, 65, 100, 127, 128, 129, 1024, 1025] {
                 let s = shape(2, t, 3 * hs, 3);
                 let f = forward_config(&s, FlashMath::Bf16).unwrap();
-                assert_eq!((f.block, f.shared_bytes), (BF16_FWD_THREADS, 0));
-                let rows = f.grid.0 as usize * BF16_FWD_ROWS;
-                assert!(rows >= t && rows < t + BF16_FWD_ROWS, "t={t}: {f:?}");
+                assert_eq!((f.block, f.shared_bytes), (BF16_QUERY_THREADS, 0));
+                let rows = f.grid.0 as usize * BF16_QUERY_ROWS;
+                assert!(rows >= t && rows < t + BF16_QUERY_ROWS, "t={t}: {f:?}");
                 assert_eq!((f.grid.1, f.grid.2), (3, 2));
                 let bw = backward_config(&s, FlashMath::Bf16).unwrap();
                 for (l, block, tile) in [
-                    (bw.dkdv, BF16_THREADS, BF16_ROWS),
-                    (bw.dq, BF16_FWD_THREADS, BF16_FWD_ROWS),
+                    (bw.dkdv, BF16_KEY_THREADS, BF16_KEY_ROWS),
+                    (bw.dq, BF16_QUERY_THREADS, BF16_QUERY_ROWS),
                 ] {
                     assert_eq!((l.block, l.shared_bytes, l.tile_rows), (block, 0, tile));
                     let rows = l.grid.0 as usize * tile;

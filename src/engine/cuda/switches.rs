@@ -54,53 +54,58 @@
 //! An unknown name is an error listing the known ones, so that a typo never silently
 //! measures the wrong thing.
 
-/// Which optimisations the engine may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Switches {
-    pub flash: bool,
-    pub flash_bf16: bool,
-    pub flash_hs64: bool,
-    pub flash_async: bool,
-    pub epilogues: bool,
-    pub fused_ln: bool,
-    pub bf16_acts: bool,
-    pub bf16_mlp: bool,
-    pub bf16_logits: bool,
-    pub bf16_attn: bool,
-    pub graphs: bool,
+/// Declares the switches once: the struct, the names `NAMES` accepts and the helpers that
+/// read and set a switch by its name, all in the order given.
+macro_rules! switches {
+    ($($name:ident),* $(,)?) => {
+        /// Which optimisations the engine may use.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct Switches {
+            $(pub $name: bool,)*
+        }
+
+        /// Names accepted in `NANOGPT_CUDA_DISABLE`.
+        pub const NAMES: &[&str] = &[$(stringify!($name),)* "all"];
+
+        impl Switches {
+            /// Every optimisation on, or every one off.
+            const fn every(on: bool) -> Switches {
+                Switches { $($name: on,)* }
+            }
+
+            /// The switch called `name`, if there is one (not `all`).
+            fn named(&mut self, name: &str) -> Option<&mut bool> {
+                match name {
+                    $(stringify!($name) => Some(&mut self.$name),)*
+                    _ => None,
+                }
+            }
+
+            /// Each switch's name and state, in declaration order.
+            fn each(&self) -> Vec<(&'static str, bool)> {
+                vec![$((stringify!($name), self.$name)),*]
+            }
+        }
+    };
 }
 
-/// Names accepted in `NANOGPT_CUDA_DISABLE`.
-pub const NAMES: [&str; 12] = [
-    "flash",
-    "flash_bf16",
-    "flash_hs64",
-    "flash_async",
-    "epilogues",
-    "fused_ln",
-    "bf16_acts",
-    "bf16_mlp",
-    "bf16_logits",
-    "bf16_attn",
-    "graphs",
-    "all",
-];
+switches!(
+    flash,
+    flash_bf16,
+    flash_hs64,
+    flash_async,
+    epilogues,
+    fused_ln,
+    bf16_acts,
+    bf16_mlp,
+    bf16_logits,
+    bf16_attn,
+    graphs,
+);
 
 impl Default for Switches {
     fn default() -> Self {
-        Switches {
-            flash: true,
-            flash_bf16: true,
-            flash_hs64: true,
-            flash_async: true,
-            epilogues: true,
-            fused_ln: true,
-            bf16_acts: true,
-            bf16_mlp: true,
-            bf16_logits: true,
-            bf16_attn: true,
-            graphs: true,
-        }
+        Switches::every(true)
     }
 }
 
@@ -109,36 +114,15 @@ impl Switches {
     pub fn parse(disable: &str) -> Result<Switches, String> {
         let mut s = Switches::default();
         for name in disable.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match name {
-                "flash" => s.flash = false,
-                "flash_bf16" => s.flash_bf16 = false,
-                "flash_hs64" => s.flash_hs64 = false,
-                "flash_async" => s.flash_async = false,
-                "epilogues" => s.epilogues = false,
-                "fused_ln" => s.fused_ln = false,
-                "bf16_acts" => s.bf16_acts = false,
-                "bf16_mlp" => s.bf16_mlp = false,
-                "bf16_logits" => s.bf16_logits = false,
-                "bf16_attn" => s.bf16_attn = false,
-                "graphs" => s.graphs = false,
-                "all" => {
-                    s = Switches {
-                        flash: false,
-                        flash_bf16: false,
-                        flash_hs64: false,
-                        flash_async: false,
-                        epilogues: false,
-                        fused_ln: false,
-                        bf16_acts: false,
-                        bf16_mlp: false,
-                        bf16_logits: false,
-                        bf16_attn: false,
-                        graphs: false,
-                    }
-                }
-                other => {
+            if name == "all" {
+                s = Switches::every(false);
+                continue;
+            }
+            match s.named(name) {
+                Some(on) => *on = false,
+                None => {
                     return Err(format!(
-                        "NANOGPT_CUDA_DISABLE: unknown optimisation {other:?}; known: {}",
+                        "NANOGPT_CUDA_DISABLE: unknown optimisation {name:?}; known: {}",
                         NAMES.join(", ")
                     ))
                 }
@@ -154,41 +138,11 @@ impl Switches {
 
     /// The optimisations that are off, for the engine's description ("" when none).
     pub fn disabled(&self) -> Vec<&'static str> {
-        let mut off = Vec::new();
-        if !self.flash {
-            off.push("flash");
-        }
-        if !self.flash_bf16 {
-            off.push("flash_bf16");
-        }
-        if !self.flash_hs64 {
-            off.push("flash_hs64");
-        }
-        if !self.flash_async {
-            off.push("flash_async");
-        }
-        if !self.epilogues {
-            off.push("epilogues");
-        }
-        if !self.fused_ln {
-            off.push("fused_ln");
-        }
-        if !self.bf16_acts {
-            off.push("bf16_acts");
-        }
-        if !self.bf16_mlp {
-            off.push("bf16_mlp");
-        }
-        if !self.bf16_logits {
-            off.push("bf16_logits");
-        }
-        if !self.bf16_attn {
-            off.push("bf16_attn");
-        }
-        if !self.graphs {
-            off.push("graphs");
-        }
-        off
+        self.each()
+            .into_iter()
+            .filter(|&(_, on)| !on)
+            .map(|(name, _)| name)
+            .collect()
     }
 }
 
