@@ -1,5 +1,5 @@
 // common.cuh: device helpers shared by the kernel families. Every kernels/*.cu is compiled
-// with this text in front of it (src/engine/cuda/kernels.rs: with_prelude), because NVRTC
+// with this text in front of it (src/engine/cuda/kernels.rs: kernel_source!), because NVRTC
 // runs without toolkit headers and the kernels include nothing.
 //
 // warp_sum(v), warp_max(v)   butterfly reductions over the 32 lanes of a warp; every lane
@@ -13,6 +13,17 @@
 //                            four elements per thread with one 16-byte (bf16: 8-byte)
 //                            access where the pointers allow, element by element where
 //                            not: see "vectorised access" below.
+// KERNEL_IN_PART(n)          whether this compilation emits part n of a kernel file that
+//                            is compiled as several programs (`#define KERNEL_PARTS <count>`
+//                            in the file; the engine compiles it once per part, with
+//                            -DKERNEL_PART=0 .. count-1, on separate threads): every part
+//                            when KERNEL_PART is not defined (the emulators, the tools).
+
+#ifdef KERNEL_PART
+#define KERNEL_IN_PART(n) (KERNEL_PART == (n))
+#else
+#define KERNEL_IN_PART(n) 1
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -36,7 +36,7 @@
 // register arrays and shared tiles are sized for 64 instead of FA_MAX_HS, and every loop
 // and guard over the head dimension is resolved at compile time. The same arithmetic in
 // the same order, so the same bits (tools/flash_emulate checks it); for sm_90 ptxas gives
-// it 128 (forward), 160 (dk/dv) and 127 (dq) registers per thread against 198, 255 and
+// it 128 (forward), 168 (dk/dv) and 125 (dq) registers per thread against 198, 255 and
 // 204 for the generic form, and half the shared memory, so 16 (forward and dq: 2 blocks of
 // 8 warps) and 12 (dk/dv: 3 blocks of 4) warps fit on a multiprocessor instead of 8.
 //
@@ -70,6 +70,12 @@
 // Backward formulas (P = softmax rows, dP = dy v^T, D_i = sum_j P_ij dP_ij = dy_i . y_i):
 //   dv = P^T dy,  dS = P * (dP - D),  dq = scale * dS k,  dk = scale * dS^T q.
 
+// Compiled as KERNEL_PARTS programs (see kernels/common.cuh): part 0 emits the fp32
+// kernels and the D dot products, parts 1-6 the bf16 kernels, three entry points each
+// (their templates take most of NVRTC's time), so a first start compiles them on separate
+// threads instead of one after another.
+#define KERNEL_PARTS 7
+
 #define FA_THREADS 256
 #define FA_MAX_HS 128
 #define FA_DCHUNKS 4  // FA_MAX_HS / 32: head-dimension columns per lane
@@ -101,6 +107,7 @@ __device__ __forceinline__ void fa_load_tile(float* dst, int ld_dst, const float
 
 // --------------------------------------------------------------------------- forward fp32
 
+#if KERNEL_IN_PART(0)
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attn_fwd_f32(const float* __restrict__ qkv, float* __restrict__ y,
                    float* __restrict__ lse, int T, int C, int NH, int br, int bc,
@@ -403,6 +410,7 @@ flash_attn_bwd_dq_f32(const float* __restrict__ qkv, const float* __restrict__ d
         }
     }
 }
+#endif  // KERNEL_IN_PART(0)
 
 // --------------------------------------------------------------------------- forward bf16
 //
@@ -505,6 +513,7 @@ __device__ __forceinline__ void fa_bwd_dot(const S* __restrict__ y, const S* __r
     if (lane == 0) dvec[row] = s;
 }
 
+#if KERNEL_IN_PART(0)
 extern "C" __global__ void flash_attn_bwd_dot(const float* __restrict__ y,
                                               const float* __restrict__ dy,
                                               float* __restrict__ dvec, int B, int T, int C,
@@ -518,6 +527,7 @@ extern "C" __global__ void flash_attn_bwd_dot_bf16(const unsigned short* __restr
                                                    int C, int NH) {
     fa_bwd_dot(y, dy, dvec, B, T, C, NH);
 }
+#endif  // KERNEL_IN_PART(0)
 
 #ifdef __CUDA_ARCH__
 __device__ __forceinline__ void fa_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2,
@@ -1285,20 +1295,34 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
         KERNEL<unsigned short, HS, ASYNC>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, \
                                           scale);                                              \
     }
-#define FA_BF16_ENTRY_POINTS(SUFFIX, HS)                                                       \
+// Three groups per head size (each one compilation part, see KERNEL_PARTS): fp32 storage,
+// bf16 storage with cp.async loads, bf16 storage with synchronous loads.
+#define FA_BF16_F32_STORAGE_ENTRY_POINTS(SUFFIX, HS)                                           \
     FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS, true)                                 \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, true)                     \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16_io_sync##SUFFIX, unsigned short, HS, false)               \
     FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS, FBB_THREADS)          \
-    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS, FBB_DQ_THREADS)           \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, true,           \
+    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS, FBB_DQ_THREADS)
+#define FA_BF16_IO_ENTRY_POINTS(SUFFIX, HS, ASYNC)                                             \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, ASYNC)                    \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, ASYNC,          \
                     FBB_THREADS)                                                               \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, true,               \
-                    FBB_DQ_THREADS)                                                            \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io_sync##SUFFIX, fa_bwd_dkdv_bf16, HS, false,     \
-                    FBB_THREADS)                                                               \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io_sync##SUFFIX, fa_bwd_dq_bf16, HS, false,         \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, ASYNC,              \
                     FBB_DQ_THREADS)
 
-FA_BF16_ENTRY_POINTS(, 0)
-FA_BF16_ENTRY_POINTS(_hs64, 64)
+#if KERNEL_IN_PART(1)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(, 0)
+#endif
+#if KERNEL_IN_PART(2)
+FA_BF16_IO_ENTRY_POINTS(, 0, true)
+#endif
+#if KERNEL_IN_PART(3)
+FA_BF16_IO_ENTRY_POINTS(_sync, 0, false)
+#endif
+#if KERNEL_IN_PART(4)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(_hs64, 64)
+#endif
+#if KERNEL_IN_PART(5)
+FA_BF16_IO_ENTRY_POINTS(_hs64, 64, true)
+#endif
+#if KERNEL_IN_PART(6)
+FA_BF16_IO_ENTRY_POINTS(_sync_hs64, 64, false)
+#endif

@@ -22,6 +22,10 @@
 #    time budget (GPU_CHECK_BUDGET, default 520 s); exit codes go to OUTDIR/summary.txt.
 #    Test binaries run with NANOGPT_REQUIRE_GPU=1 (a skipped GPU test is a failure):
 #      doctor          nanogpt doctor --require-gpu --json       -> doctor.json, doctor.stderr
+#      first-start     a one-layer bench with the kernel cache empty: how long NVRTC takes
+#                      to compile the engine's kernels on this machine's CPUs (its line
+#                      "compiled N of N kernel programs ... in S s" goes to summary.txt)
+#                                                                 -> first_start.log
 #      tests           cuda_engine: fp32 and bf16 engines vs the PyTorch fixtures and the
 #                      CPU engine                                 -> cuda_engine.log
 #      auto            cuda_auto: device=auto's check of the CUDA engine against the CPU
@@ -177,6 +181,10 @@ bench() { # name, limit, log, dtype, model flags...
 gpt2=(--n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024)
 
 step doctor 90 "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
+step first-start 60 "$out/first_start.log" "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 \
+    --n_layer=1 --n_head=2 --n_embd=128 --block_size=64 --batch_size=1 --vocab_size=256 \
+    --iters=1 --warmup=0
+grep -h "kernel programs" "$out/first_start.log" >> "$summary" 2>/dev/null
 gpu_test tests 150 cuda_engine cuda_engine.log
 gpu_test auto 45 cuda_auto cuda_auto.log
 gpu_test tests-decode 90 cuda_decode cuda_decode.log

@@ -655,8 +655,10 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
         eprintln!("skipped: NVRTC not found, kernel entry points not checked");
         return;
     };
+    let programs = kernels::Program::all();
     let mut ptx_all = String::new();
-    for (name, src) in kernels::SOURCES {
+    for program in &programs {
+        let name = program.name();
         // Turing (sm_75: T4s, fp32 only), Ampere and Hopper: the bf16 kernels' sm_80
         // instructions (mma.sync bf16, ldmatrix, cp.async) must stay out of the older build.
         for target in [
@@ -664,18 +666,35 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
             Target::Cubin { cc: 80 },
             Target::Cubin { cc: 90 },
         ] {
-            n.compile(src, name, target, &kernels::OPTIONS)
+            program
+                .compile(&n, target)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
-        let ptx = n
-            .compile(src, name, Target::Ptx { cc: 80 }, &kernels::OPTIONS)
+        let ptx = program
+            .compile(&n, Target::Ptx { cc: 80 })
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        ptx_all.push_str(&String::from_utf8_lossy(&ptx.image));
+        let ptx = String::from_utf8_lossy(&ptx.image).into_owned();
+        // A part that emits nothing is a part whose group was lost (or a count too high).
+        assert!(ptx.contains(".entry "), "{name} emits no kernel");
+        ptx_all.push_str(&ptx);
     }
+    // The attention kernels are compiled in parts (KERNEL_PARTS in the file).
+    let flash_parts = programs
+        .iter()
+        .filter(|p| p.file == "flash_attention.cu")
+        .count();
+    assert_eq!(
+        flash_parts, 7,
+        "flash_attention.cu is compiled as 7 programs"
+    );
+    assert_eq!(programs.len(), kernels::SOURCES.len() - 1 + 7);
+    // Every kernel is emitted by exactly one program: two would leave the kernel table
+    // taking whichever module it searched first.
     for k in kernels::KERNEL_NAMES {
+        let defined = ptx_all.matches(&format!(".entry {k}(")).count();
         assert!(
-            ptx_all.contains(&format!(".entry {k}(")),
-            "kernel {k} launched by the engine is not defined in kernels/*.cu"
+            defined == 1,
+            "kernel {k} launched by the engine is defined {defined} times in kernels/*.cu's programs (must be once)"
         );
     }
     assert_eq!(kernels::KERNEL_NAMES.len(), 51);
@@ -720,10 +739,16 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
         bounded >= 20,
         "only {bounded} kernels with a launch bound found"
     );
-    let a = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 90 }, (13, 0));
-    let b = kernels::cache_key(kernels::SOURCES[0].1, Target::Cubin { cc: 80 }, (13, 0));
-    let c = kernels::cache_key(kernels::SOURCES[1].1, Target::Cubin { cc: 90 }, (13, 0));
+    let key = |p: &kernels::Program, cc| kernels::cache_key(p, Target::Cubin { cc }, (13, 0));
+    let (a, b, c) = (
+        key(&programs[0], 90),
+        key(&programs[0], 80),
+        key(&programs[1], 90),
+    );
     assert!(a != b && a != c && a.len() == 16, "{a} {b} {c}");
+    // Parts of one file differ only in their options: their keys must differ too.
+    let parts: Vec<_> = programs.iter().filter(|p| p.part.is_some()).collect();
+    assert_ne!(key(parts[0], 90), key(parts[1], 90));
 }
 
 #[test]

@@ -32,6 +32,7 @@
 //   cp.async loads of the io kernels: bit for bit, generic and head-size-64 forms. run.sh
 //   runs every case under three schedules of the copies and warps (see run.sh).
 #include "shim.h"
+#include "../../kernels/common.cuh"  // (as the engine compiles it: KERNEL_IN_PART)
 #include "../../kernels/flash_attention.cu"
 #include <cstdio>
 #include <random>

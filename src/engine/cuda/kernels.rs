@@ -3,12 +3,12 @@
 //! typed arguments.
 //!
 //! Cache: `$XDG_CACHE_HOME/nanogpt/kernels` (else `~/.cache/nanogpt/kernels`), one file per
-//! source named `<file>-<key>.cubin`, the key a SHA-256 of (source, NVRTC options, target,
-//! NVRTC version). A cache that cannot be read or written only costs a recompile.
+//! program named `<file>-<key>.cubin` (`<file>-p<part>-<key>.cubin` for a part of a file
+//! compiled in parts), the key a SHA-256 of (source, NVRTC options, target, NVRTC version). A cache that cannot be read or written only costs a recompile.
 
 use super::stack::Stack;
 use crate::cuda::driver::{Context, CuFunction, Module, Stream};
-use crate::cuda::nvrtc::Target;
+use crate::cuda::nvrtc::{Compiled, Nvrtc, Target};
 use crate::cuda::CudaError;
 use sha2::{Digest, Sha256};
 use std::ffi::c_void;
@@ -50,6 +50,85 @@ pub const SOURCES: [(&str, &str); 9] = [
 /// NVRTC options for every engine kernel.
 pub const OPTIONS: [&str; 1] = ["--std=c++17"];
 
+/// One NVRTC program of the engine: a kernel family (`kernels/<file>` with the prelude), or
+/// one part of a family compiled as several programs. A file that declares
+/// `#define KERNEL_PARTS <n>` is compiled n times, with `-DKERNEL_PART=0` .. `n-1`, each
+/// emitting its share of the entry points (`KERNEL_IN_PART` in kernels/common.cuh), so that
+/// the parts compile on separate threads.
+#[derive(Clone, Copy, Debug)]
+pub struct Program {
+    /// The kernel file, e.g. `flash_attention.cu`.
+    pub file: &'static str,
+    /// Its source, with the prelude.
+    pub source: &'static str,
+    /// Which part of a file compiled in parts; `None`: the whole file.
+    pub part: Option<u32>,
+}
+
+impl Program {
+    /// Every program of the engine: one per kernel family, or one per part.
+    pub fn all() -> Vec<Program> {
+        SOURCES
+            .iter()
+            .flat_map(|&(file, source)| {
+                let parts = parts_of(source);
+                let whole = Program {
+                    file,
+                    source,
+                    part: None,
+                };
+                let split = (0..parts.unwrap_or(0)).map(move |k| Program {
+                    part: Some(k),
+                    ..whole
+                });
+                parts.is_none().then_some(whole).into_iter().chain(split)
+            })
+            .collect()
+    }
+
+    /// NVRTC options: [`OPTIONS`], and the part's `-DKERNEL_PART`.
+    pub fn options(&self) -> Vec<String> {
+        let mut o: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+        if let Some(k) = self.part {
+            o.push(format!("-DKERNEL_PART={k}"));
+        }
+        o
+    }
+
+    /// The program's name in messages and NVRTC logs: `kernels/<file>`, with its part.
+    pub fn name(&self) -> String {
+        match self.part {
+            None => format!("kernels/{}", self.file),
+            Some(k) => format!("kernels/{} (part {k})", self.file),
+        }
+    }
+
+    /// Compiles it with `nvrtc` for `target`.
+    pub fn compile(&self, nvrtc: &Nvrtc, target: Target) -> Result<Compiled, CudaError> {
+        let options = self.options();
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        nvrtc.compile(self.source, &self.name(), target, &options)
+    }
+
+    /// The start of its cache file's name: the file's stem, and `-p<k>` for a part.
+    fn cache_stem(&self) -> String {
+        let stem = self.file.trim_end_matches(".cu");
+        match self.part {
+            None => stem.to_string(),
+            Some(k) => format!("{stem}-p{k}"),
+        }
+    }
+}
+
+/// The part count a source declares (`#define KERNEL_PARTS <n>`, n >= 1), if any.
+pub fn parts_of(source: &str) -> Option<u32> {
+    source.lines().find_map(|line| {
+        let n = line.trim().strip_prefix("#define KERNEL_PARTS")?;
+        let n = n.split("//").next()?.trim().parse::<u32>().ok()?;
+        (n >= 1).then_some(n)
+    })
+}
+
 /// Threads per block of the 1-D and warp-per-row kernels (see each `.cu` header).
 pub const BLOCK: u32 = 256;
 
@@ -65,11 +144,12 @@ pub fn cache_dir() -> Option<PathBuf> {
         .map(|d| d.join("nanogpt").join("kernels"))
 }
 
-/// The cache key of one source for one target.
-pub fn cache_key(source: &str, target: Target, nvrtc_version: (i32, i32)) -> String {
+/// The cache key of one program for one target: a SHA-256 of its source, its NVRTC
+/// options, the target and NVRTC's version.
+pub fn cache_key(program: &Program, target: Target, nvrtc_version: (i32, i32)) -> String {
     let mut h = Sha256::new();
-    h.update(source.as_bytes());
-    for o in OPTIONS {
+    h.update(program.source.as_bytes());
+    for o in program.options() {
         h.update([0u8]);
         h.update(o.as_bytes());
     }
@@ -102,33 +182,34 @@ pub fn target_for(stack: &Stack, cc: u32) -> Result<Target, CudaError> {
         })
 }
 
-/// Compiles one source (or reads it from the cache).
-fn compiled_image(
-    stack: &Stack,
-    name: &str,
-    source: &str,
-    target: Target,
-) -> Result<Vec<u8>, CudaError> {
+/// One program's image, and whether it was compiled now (not read from the cache).
+struct Image {
+    bytes: Vec<u8>,
+    compiled: bool,
+}
+
+/// Compiles one program (or reads it from the cache).
+fn compiled_image(stack: &Stack, program: &Program, target: Target) -> Result<Image, CudaError> {
     let version = stack.nvrtc.version()?;
-    let key = cache_key(source, target, version);
+    let key = cache_key(program, target, version);
     let file = cache_dir().map(|d| {
-        let stem = name.trim_end_matches(".cu");
         let ext = match target {
             Target::Cubin { .. } => "cubin",
             Target::Ptx { .. } => "ptx",
         };
-        d.join(format!("{stem}-{key}.{ext}"))
+        d.join(format!("{}-{key}.{ext}", program.cache_stem()))
     });
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             if !bytes.is_empty() {
-                return Ok(bytes);
+                return Ok(Image {
+                    bytes,
+                    compiled: false,
+                });
             }
         }
     }
-    let c = stack
-        .nvrtc
-        .compile(source, &format!("kernels/{name}"), target, &OPTIONS)?;
+    let c = program.compile(&stack.nvrtc, target)?;
     if let Some(f) = &file {
         let saved = f
             .parent()
@@ -141,7 +222,10 @@ fn compiled_image(
             );
         }
     }
-    Ok(c.image)
+    Ok(Image {
+        bytes: c.image,
+        compiled: true,
+    })
 }
 
 /// Declares the kernel table: every entry point, looked up by name after loading.
@@ -156,25 +240,37 @@ macro_rules! kernel_table {
             _modules: Vec<Module<'static>>,
         }
         impl Kernels {
-            /// Compiles (or reads from the cache) every source for `target`, one thread per
-            /// source (NVRTC compiles separate programs concurrently: a first start takes
-            /// about as long as the largest source), and loads them.
+            /// Compiles (or reads from the cache) every [`Program`] for `target`, one thread
+            /// per program (NVRTC compiles separate programs concurrently: a first start
+            /// takes about as long as the largest program), and loads them.
             pub fn load(stack: &Stack, ctx: &Context<'static>, target: Target) -> Result<Kernels, CudaError> {
-                let images: Vec<Result<Vec<u8>, CudaError>> = std::thread::scope(|scope| {
-                    let compiles: Vec<_> = SOURCES
-                        .iter()
-                        .map(|(name, src)| {
-                            scope.spawn(move || compiled_image(stack, name, src, target))
-                        })
+                let started = std::time::Instant::now();
+                let images: Vec<Result<Image, CudaError>> = std::thread::scope(|scope| {
+                    let compiles: Vec<_> = Program::all()
+                        .into_iter()
+                        .map(|p| scope.spawn(move || compiled_image(stack, &p, target)))
                         .collect();
                     compiles
                         .into_iter()
                         .map(|c| c.join().expect("a kernel compile thread panicked"))
                         .collect()
                 });
+                let images = images.into_iter().collect::<Result<Vec<Image>, CudaError>>()?;
+                let compiled = images.iter().filter(|i| i.compiled).count();
+                if compiled > 0 {
+                    let cache = cache_dir().map_or("no cache directory: set HOME or XDG_CACHE_HOME".to_string(), |d| {
+                        format!("cached in {}; later starts read them", d.display())
+                    });
+                    eprintln!(
+                        "compiled {compiled} of {} kernel programs for {} in {:.1} s ({cache})",
+                        images.len(),
+                        target.describe(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
                 let mut modules = Vec::new();
-                for image in images {
-                    modules.push(ctx.load_module(&image?)?);
+                for image in &images {
+                    modules.push(ctx.load_module(&image.bytes)?);
                 }
                 let find = |f: &str| -> Result<CuFunction, CudaError> {
                     for m in &modules {
@@ -349,4 +445,38 @@ pub fn grid_cols4(cols: usize) -> u32 {
 /// Blocks for a warp-per-row launch over `rows` rows.
 pub fn grid_rows(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil((BLOCK / 32) as usize).max(1) as u32, 1, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_declares_its_part_count() {
+        assert_eq!(parts_of("x\n#define KERNEL_PARTS 7\ny"), Some(7));
+        assert_eq!(parts_of("  #define KERNEL_PARTS 3  // three\n"), Some(3));
+        assert_eq!(parts_of("#define KERNEL_PARTS 0\n"), None);
+        assert_eq!(parts_of("#define KERNEL_PARTSX 2\n#define FA 4\n"), None);
+        assert_eq!(parts_of("// KERNEL_IN_PART(n) ...\n"), None);
+        // The prelude only uses the count: it declares none (else every file would split).
+        assert_eq!(parts_of(PRELUDE), None);
+        let programs = Program::all();
+        let flash: Vec<_> = programs
+            .iter()
+            .filter(|p| p.file == "flash_attention.cu")
+            .collect();
+        assert_eq!(flash.len(), 7);
+        assert!(flash
+            .iter()
+            .enumerate()
+            .all(|(k, p)| p.part == Some(k as u32)));
+        assert_eq!(flash[3].options().last().unwrap(), "-DKERNEL_PART=3");
+        assert_eq!(flash[3].cache_stem(), "flash_attention-p3");
+        let whole = programs.iter().find(|p| p.file == "layernorm.cu").unwrap();
+        assert_eq!(
+            (whole.part, whole.cache_stem()),
+            (None, "layernorm".to_string())
+        );
+        assert_eq!(whole.options(), OPTIONS);
+    }
 }
