@@ -24,6 +24,7 @@ use common::gpu::no_gpu;
 use common::model::{perturbed_params, random_batch};
 use nanogpt::config::{DeviceSpec, Dtype};
 use nanogpt::engine::cpu::CpuEngine;
+use nanogpt::engine::cuda::switches::{self, Switches};
 use nanogpt::engine::cuda::{kernels, stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
@@ -152,11 +153,24 @@ fn matches_pytorch_fixtures() {
 
 // ------------------------------------------------------------------ CPU vs CUDA
 
-/// Both engines over the same perturbed parameters, plus a batch with ignored targets.
-fn pair(cfg: &GptConfig, seed: u64) -> (CpuEngine, CudaEngine, Vec<u32>, Vec<i32>, usize, usize) {
+/// The optimisations `NANOGPT_CUDA_DISABLE` leaves on (all by default), as the engine's
+/// own constructors read them: the tests below honour the variable, for debugging.
+fn env_switches() -> Switches {
+    Switches::from_env().unwrap_or_else(|e| panic!("NANOGPT_CUDA_DISABLE: {e}"))
+}
+
+/// Both engines over the same perturbed parameters (the CUDA engine in `precision` with
+/// `switches`), plus a batch with ignored targets.
+fn pair(
+    cfg: &GptConfig,
+    seed: u64,
+    precision: Precision,
+    switches: Switches,
+) -> (CpuEngine, CudaEngine, Vec<u32>, Vec<i32>, usize, usize) {
     let params = perturbed_params(cfg, seed);
     let cpu = CpuEngine::new(cfg.clone(), params.clone(), seed, 2).unwrap();
-    let gpu = CudaEngine::new(cfg.clone(), params, seed, 0).unwrap();
+    let gpu = CudaEngine::with_switches(cfg.clone(), params, seed, 0, precision, switches)
+        .unwrap_or_else(|e| panic!("CUDA engine ({precision:?}, {switches:?}): {e}"));
     let (b, t) = (3, cfg.block_size);
     let (inputs, targets) = random_batch(cfg, b, t, seed);
     (cpu, gpu, inputs, targets, b, t)
@@ -209,8 +223,8 @@ fn ten_steps(
     }
 }
 
-fn compare_training(cfg: GptConfig, label: &str) {
-    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 7);
+fn compare_training(cfg: GptConfig, label: &str, switches: Switches) {
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 7, Precision::F32, switches);
     let layout = ParamLayout::new(&cfg);
     let batch = Batch {
         inputs: &inputs,
@@ -271,10 +285,15 @@ fn training_matches_the_cpu_engine() {
         return;
     }
     // n_embd 48 over 3 heads (hs 16), vocab 67 padded to 128, T 12.
-    compare_training(GptConfig::new(2, 3, 48, 12, 67, true, 0.0).unwrap(), "bias");
+    compare_training(
+        GptConfig::new(2, 3, 48, 12, 67, true, 0.0).unwrap(),
+        "bias",
+        env_switches(),
+    );
     compare_training(
         GptConfig::new(2, 3, 48, 12, 67, false, 0.0).unwrap(),
         "no bias",
+        env_switches(),
     );
 }
 
@@ -286,6 +305,7 @@ fn dropout_matches_the_cpu_engine() {
     compare_training(
         GptConfig::new(2, 2, 32, 10, 50, true, 0.2).unwrap(),
         "dropout 0.2",
+        env_switches(),
     );
 }
 
@@ -295,7 +315,7 @@ fn gradients_edited_on_the_host_are_used_by_step() {
         return;
     }
     let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
-    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 3);
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 3, Precision::F32, env_switches());
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -329,7 +349,7 @@ fn decoding_matches_the_cpu_engine() {
         return;
     }
     let cfg = GptConfig::new(2, 2, 32, 16, 40, true, 0.0).unwrap();
-    let (mut cpu, mut gpu, _, _, _, _) = pair(&cfg, 11);
+    let (mut cpu, mut gpu, _, _, _, _) = pair(&cfg, 11, Precision::F32, env_switches());
     let prompt: Vec<u32> = vec![1, 5, 9, 2, 7, 7];
     let lc = cpu.decode_prefill(&prompt, 2).unwrap();
     let lg = gpu.decode_prefill(&prompt, 2).unwrap();
@@ -461,11 +481,8 @@ fn bf16_engine(cfg: &GptConfig, params: Vec<f32>, seed: u64) -> CudaEngine {
 }
 
 /// The bf16 engine and the CPU engine over `pair`'s parameters and batch.
-fn compare_bf16(cfg: GptConfig, label: &str, all_on_lt: bool) {
-    let (mut cpu, fp32, inputs, targets, b, t) = pair(&cfg, 7);
-    let params = fp32.params();
-    drop(fp32);
-    let mut gpu = bf16_engine(&cfg, params, 7);
+fn compare_bf16(cfg: GptConfig, label: &str, all_on_lt: bool, switches: Switches) {
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 7, Precision::Bf16, switches);
     assert_eq!(gpu.precision(), Precision::Bf16);
     assert!(gpu.device_name().contains("bf16"), "{}", gpu.device_name());
     let layout = ParamLayout::new(&cfg);
@@ -550,18 +567,53 @@ fn bf16_training_tracks_the_cpu_engine() {
         GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap(),
         "bf16 aligned",
         true,
+        env_switches(),
     );
     // Odd vocabulary (67) and n_embd 48: unaligned bf16 rows.
     compare_bf16(
         GptConfig::new(2, 3, 48, 12, 67, true, 0.0).unwrap(),
         "bf16 odd vocab",
         false,
+        env_switches(),
     );
     compare_bf16(
         GptConfig::new(2, 3, 48, 12, 67, false, 0.0).unwrap(),
         "bf16 no bias",
         false,
+        env_switches(),
     );
+}
+
+/// Requirement of every optimisation: the engine still tracks the CPU engine with it
+/// turned off. Each switch off in turn (and all of them off), in fp32 (the fp32 bounds)
+/// and in bf16 (the bf16 bounds), over a model whose every dimension is a multiple of 8
+/// (so every bf16 path applies: fused bf16 attention at head size 16, cuBLASLt epilogues),
+/// without dropout (attention dropout would take the plain attention path, leaving the fused
+/// one unswept; `dropout_matches_the_cpu_engine` covers dropout).
+#[test]
+fn every_optimisation_switched_off_still_tracks_the_cpu_engine() {
+    if no_gpu("every_optimisation_switched_off_still_tracks_the_cpu_engine") {
+        return;
+    }
+    assert_eq!(
+        switches::NAMES.len(),
+        12,
+        "a switch was added: it is swept here"
+    );
+    for name in switches::NAMES {
+        let off = Switches::parse(name).expect("a known switch");
+        compare_training(
+            GptConfig::new(2, 3, 48, 12, 67, true, 0.0).unwrap(),
+            &format!("fp32, {name} off"),
+            off,
+        );
+        compare_bf16(
+            GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap(),
+            &format!("bf16, {name} off"),
+            true,
+            off,
+        );
+    }
 }
 
 #[test]
@@ -570,7 +622,7 @@ fn bf16_master_weights_round_trip_exactly() {
         return;
     }
     let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();
-    let (_, fp32, inputs, targets, b, t) = pair(&cfg, 5);
+    let (_, fp32, inputs, targets, b, t) = pair(&cfg, 5, Precision::F32, env_switches());
     let params = fp32.params();
     drop(fp32);
     // Values bf16 cannot hold: the fp32 master copy must keep every bit.
