@@ -88,7 +88,13 @@
 #                      repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
 #                      1 x 200 on the CPU -> sample_*.log ("generated N tokens ... tokens/s")
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
-#    The script exits 0 only when every step exited 0.
+#    The script exits 0 only when every step it ran exited 0.
+#
+#    To rerun part of it (after a fix, with what is left of a GPU session's time):
+#    GPU_CHECK_ONLY=tests,flash runs only the steps named (comma-separated, the names
+#    above), GPU_CHECK_SKIP=doctor,torch-ref-124m runs all but those. Steps left out are
+#    listed in summary.txt as "not selected" and do not fail the run. The sample-* steps go
+#    together, selected by the name "sample".
 #
 # NANOGPT_BIN_DIR overrides where the binaries are looked for (default target/gpu-check).
 set -u
@@ -144,9 +150,23 @@ status=0
 budget=${GPU_CHECK_BUDGET:-520}
 started=$(date +%s)
 
+# Whether step $1 is selected by GPU_CHECK_ONLY / GPU_CHECK_SKIP (every name asked about is
+# remembered, so that a name in those lists that matches no step is reported at the end).
+known_steps=","
+selected() {
+    known_steps="$known_steps$1,"
+    local only=",${GPU_CHECK_ONLY:-},"
+    [ -z "${GPU_CHECK_ONLY:-}" ] || [[ $only == *",$1,"* ]] || return 1
+    [[ ",${GPU_CHECK_SKIP:-}," != *",$1,"* ]]
+}
+
 step() { # name, limit seconds, logfile, command...
     local name=$1 limit=$2 log=$3
     shift 3
+    if [ -z "${in_group:-}" ] && ! selected "$name"; then
+        echo "$name not selected (GPU_CHECK_ONLY / GPU_CHECK_SKIP)" >> "$summary"
+        return
+    fi
     local left=$(( budget - ($(date +%s) - started) ))
     if [ $left -lt 15 ]; then
         echo "$name skipped: time budget spent" | tee -a "$summary" >&2
@@ -240,24 +260,40 @@ step bench-124m-graphs-off 60 "$out/bench_124m_bf16_graphs_off.log" env NANOGPT_
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
     --batch_size=32 --vocab_size=65
-cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"
-step sample-prepare 20 "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
-    --input "$out/sample_corpus.txt" --out_dir "$out/sample-data"
-step sample-train 60 "$out/sample_train.log" "$bin/nanogpt" train --data_dir="$out/sample-data" \
-    --out_dir="$out/sample-run" --device=cuda --dtype=bfloat16 --n_layer=12 --n_head=12 \
-    --n_embd=768 --block_size=1024 --batch_size=2 --gradient_accumulation_steps=1 --max_iters=2 \
-    --eval_interval=2 --eval_iters=1 --log_interval=1 --always_save_checkpoint=True --dropout=0.0 \
-    --warmup_iters=1 --lr_decay_iters=2
-step sample-cuda-1x2000 60 "$out/sample_cuda_1x2000.log" "$bin/nanogpt" sample \
-    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=1 \
-    --max_new_tokens=2000 --seed=1
-step sample-cuda-8x1000 60 "$out/sample_cuda_8x1000.log" "$bin/nanogpt" sample \
-    --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=8 \
-    --max_new_tokens=1000 --seed=1
-step sample-cpu-1x200 40 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
-    --out_dir="$out/sample-run" --device=cpu --num_samples=1 --max_new_tokens=200 --seed=1
-grep -h "tokens/s" "$out"/sample_c*.log >> "$summary" 2>/dev/null
-rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 GB checkpoint
+# The sample-* steps depend on each other: selected together, as "sample".
+if selected sample; then
+    in_group=1
+    cat README.md src/*.rs src/*/*.rs > "$out/sample_corpus.txt"
+    step sample-prepare 20 "$out/sample_prepare.log" "$bin/nanogpt" prepare shakespeare_char \
+        --input "$out/sample_corpus.txt" --out_dir "$out/sample-data"
+    step sample-train 60 "$out/sample_train.log" "$bin/nanogpt" train --data_dir="$out/sample-data" \
+        --out_dir="$out/sample-run" --device=cuda --dtype=bfloat16 --n_layer=12 --n_head=12 \
+        --n_embd=768 --block_size=1024 --batch_size=2 --gradient_accumulation_steps=1 --max_iters=2 \
+        --eval_interval=2 --eval_iters=1 --log_interval=1 --always_save_checkpoint=True --dropout=0.0 \
+        --warmup_iters=1 --lr_decay_iters=2
+    step sample-cuda-1x2000 60 "$out/sample_cuda_1x2000.log" "$bin/nanogpt" sample \
+        --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=1 \
+        --max_new_tokens=2000 --seed=1
+    step sample-cuda-8x1000 60 "$out/sample_cuda_8x1000.log" "$bin/nanogpt" sample \
+        --out_dir="$out/sample-run" --device=cuda --dtype=float32 --num_samples=8 \
+        --max_new_tokens=1000 --seed=1
+    step sample-cpu-1x200 40 "$out/sample_cpu_1x200.log" "$bin/nanogpt" sample \
+        --out_dir="$out/sample-run" --device=cpu --num_samples=1 --max_new_tokens=200 --seed=1
+    grep -h "tokens/s" "$out"/sample_c*.log >> "$summary" 2>/dev/null
+    rm -rf "$out/sample-run" "$out/sample-data" "$out/sample_corpus.txt" # the 1.5 GB checkpoint
+    in_group=
+else
+    echo "sample not selected (GPU_CHECK_ONLY / GPU_CHECK_SKIP)" >> "$summary"
+fi
+
+# A misspelt name in GPU_CHECK_ONLY / GPU_CHECK_SKIP would silently select nothing.
+asked="${GPU_CHECK_ONLY:-},${GPU_CHECK_SKIP:-}"
+for name in ${asked//,/ }; do
+    if [[ $known_steps != *",$name,"* ]]; then
+        echo "GPU_CHECK_ONLY / GPU_CHECK_SKIP: no step is called $name" | tee -a "$summary" >&2
+        status=1
+    fi
+done
 
 # Side by side: the last JSON line of our bf16 bench and of the PyTorch reference.
 if command -v python3 > /dev/null; then
