@@ -215,7 +215,7 @@ AUTO_BOOL_KEYS = ("fused_adamw",)
 
 DEFAULTS = {
     "bench": dict(MODEL_KEYS, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                  dropout=0.0, iters=20, warmup=3, learning_rate=6e-4, beta1=0.9, beta2=0.95,
+                  gradient_accumulation_steps=1, dropout=0.0, iters=20, warmup=3, learning_rate=6e-4, beta1=0.9, beta2=0.95,
                   weight_decay=0.1, grad_clip=1.0, seed=1337, threads=0, **TRAINING_RUN_KEYS,
                   peak_flops=0.0),
     # nanoGPT's config/train_shakespeare_char.py on top of train.py's defaults
@@ -434,7 +434,9 @@ def report(human, record):
 
 
 def bench_run(cfg, rt, b, iters, warmup, compiled=True, quiet=False):
-    """Builds the model and optimizer for batch size b and times iters steps after warmup.
+    """Builds the model and optimizer for batch size b and times iters steps after warmup,
+    each of gradient_accumulation_steps micro-steps (loss scaled by their count, as nanoGPT
+    trains) and one optimizer step.
     Returns (model, median seconds, first-step seconds, final loss, peak bytes or None)."""
     torch.manual_seed(cfg["seed"])
     if rt.cuda:
@@ -448,18 +450,21 @@ def bench_run(cfg, rt, b, iters, warmup, compiled=True, quiet=False):
     data = torch.randint(cfg["vocab_size"], (b, t + 1))
     x, y = data[:, :-1].contiguous().to(rt.device), data[:, 1:].contiguous().to(rt.device)
     times, first, lossf = [], None, None
+    gas = cfg["gradient_accumulation_steps"]
     for i in range(warmup + iters):
         rt.sync()
         t0 = time.perf_counter()
-        with rt.autocast():
-            _, loss = run(x, y)
-        loss.backward()
+        for _ in range(gas):
+            with rt.autocast():
+                _, loss = run(x, y)
+                loss = loss / gas
+            loss.backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         rt.sync()
-        lossf = loss.item()
+        lossf = loss.item() * gas
         dt = time.perf_counter() - t0
         first = dt if first is None else first
         if i >= warmup:
@@ -505,6 +510,9 @@ def cmd_bench(cfg):
     auto = cfg["batch_size"] == "auto"
     if cfg["iters"] < 1 or cfg["warmup"] < 0 or (not auto and cfg["batch_size"] < 1):
         raise UsageError("--iters and --batch_size must be at least 1, --warmup at least 0")
+    if cfg["gradient_accumulation_steps"] < 1:
+        raise UsageError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']}: "
+                         "must be at least 1")
     if cfg["peak_flops"] < 0:
         raise UsageError(f"--peak_flops={cfg['peak_flops']}: must be positive (FLOP/s)")
     rt = Runtime(cfg)
@@ -535,7 +543,8 @@ def cmd_bench(cfg):
         raise UsageError(f"--batch_size={b}: out of GPU memory at block_size {t} ({msg}); "
                          "use a smaller --batch_size or --batch_size=auto")
     ms = median * 1e3
-    tps = b * t / median
+    gas = cfg["gradient_accumulation_steps"]
+    tps = b * t * gas / median
     fpt = model.flops_per_token()
     gflops = fpt * tps / 1e9
     mfu = fpt * tps / peak_flops if peak_flops else None
@@ -544,11 +553,13 @@ def cmd_bench(cfg):
         extra += f", MFU {mfu * 100:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s"
     if peak is not None:
         extra += f", peak memory {peak / 2**30:.2f} GiB"
-    report(f"{rt.label()} bench: {model_desc(cfg)}, batch {b}, {threads} threads: "
+    accum = f" x {gas} accumulated" if gas > 1 else ""
+    report(f"{rt.label()} bench: {model_desc(cfg)}, batch {b}{accum}, {threads} threads: "
            f"median {ms:.2f} ms/iter, {tps:.0f} tokens/s, {gflops:.2f} GFLOP/s{extra}",
            {"ms_per_iter": ms, "tokens_per_s": tps, "gflops": gflops,
             "flops_per_token": fpt, "params": model.num_params(), "threads": threads,
             "iters": cfg["iters"], "final_loss": lossf, "batch_size": b, "block_size": t,
+            "gradient_accumulation_steps": gas,
             **rt.record(), "sdpa": cfg["sdpa"], "mfu": mfu, "peak_flops": peak_flops,
             "peak_memory_bytes": peak, "first_iter_ms": first * 1e3})
 

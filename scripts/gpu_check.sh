@@ -56,6 +56,9 @@
 #                      synchronous loads) in TFLOP/s -> cuda_flash_timing.log
 #      bench-124m-bf16-v50257  bench-124m-bf16 with GPT-2's real vocabulary (50257, as
 #                      `nanogpt train` on OpenWebText) -> bench_124m_bf16_v50257.log
+#      bench-124m-bf16-accum8, torch-ref-124m-accum8  both again with 8 micro-steps per
+#                      optimizer step (how nanoGPT and llm.c train; AdamW shared by 8)
+#                      -> bench_124m_bf16_accum8.log, torch_ref_124m_bf16_accum8.log
 #      tests-profile   cuda_profile: the profile and memory report of a small model
 #                                                                 -> cuda_profile.log
 #      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
@@ -234,6 +237,17 @@ step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --
 # 50264 values, against the 50304 of the line above.
 bench bench-124m-bf16-v50257 60 bench_124m_bf16_v50257.log bfloat16 --n_layer=12 --n_head=12 \
     --n_embd=768 --vocab_size=50257 --batch_size=8 --block_size=1024
+# As nanoGPT trains: several micro-steps per optimizer step (its GPT-2 recipe accumulates 40
+# on one GPU; llm.c's GPT-2 figures also accumulate to a 0.5M-token batch), so AdamW's pass
+# over the parameters is shared by 8 micro-steps. Both engines, same model and batch.
+bench bench-124m-bf16-accum8 60 bench_124m_bf16_accum8.log bfloat16 "${gpt2[@]}" \
+    --gradient_accumulation_steps=8 --iters=5 --warmup=1
+if command -v python3 > /dev/null; then
+    step torch-ref-124m-accum8 120 "$out/torch_ref_124m_bf16_accum8.log" python3 \
+        bench/torch_reference.py bench --device=cuda --dtype=bfloat16 --compile=True --sdpa=True \
+        --fused_adamw=True --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 \
+        --block_size=1024 --batch_size=8 --gradient_accumulation_steps=8 --iters=5 --warmup=2
+fi
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16
@@ -295,23 +309,25 @@ for name in ${asked//,/ }; do
     fi
 done
 
-# Side by side: the last JSON line of our bf16 bench and of the PyTorch reference.
+# Side by side: the last JSON line of our bf16 benches and of the PyTorch reference's.
 if command -v python3 > /dev/null; then
-    python3 - "$out/bench_124m_bf16.log" "$out/torch_ref_124m_bf16.log" >> "$summary" 2>&1 <<'PY'
-import json, sys
-def last_json(path):
+    python3 - "$out" >> "$summary" 2>&1 <<'PY'
+import json, os, sys
+def last_json(name):
     try:
-        lines = [l for l in open(path) if l.startswith("{")]
+        lines = [l for l in open(os.path.join(sys.argv[1], name)) if l.startswith("{")]
         return json.loads(lines[-1]) if lines else None
-    except OSError:
+    except (OSError, ValueError):
         return None
-ours, ref = last_json(sys.argv[1]), last_json(sys.argv[2])
-if ours and ref:
-    print(f"gpt2 124M bf16 B=8 T=1024: nanogpt {ours['tokens_per_s']:.0f} tok/s, "
-          f"PyTorch+compile {ref['tokens_per_s']:.0f} tok/s, ratio "
-          f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
-else:
-    print("side-by-side: a bench log has no JSON line (see the logs)")
+for what, suffix in (("B=8", ""), ("B=8 x 8 accumulated", "_accum8")):
+    ours = last_json(f"bench_124m_bf16{suffix}.log")
+    ref = last_json(f"torch_ref_124m_bf16{suffix}.log")
+    if ours and ref:
+        print(f"gpt2 124M bf16 {what} T=1024: nanogpt {ours['tokens_per_s']:.0f} tok/s, "
+              f"PyTorch+compile {ref['tokens_per_s']:.0f} tok/s, ratio "
+              f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+    else:
+        print(f"side-by-side ({what}): a bench log has no JSON line (see the logs)")
 PY
 fi
 echo "--- summary ($out/summary.txt)" >&2
