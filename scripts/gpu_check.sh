@@ -79,6 +79,9 @@
 #      bench-async-off the same with NANOGPT_CUDA_DISABLE=flash_async (the bf16 attention
 #                      kernels' tiles loaded synchronously instead of by cp.async)
 #                      -> bench_124m_bf16_async_off.log
+#      bench-residual-off the same with NANOGPT_CUDA_DISABLE=fused_residual (the residual
+#                      adds by the LayerNorm kernels instead of the projection products)
+#                      -> bench_124m_bf16_residual_off.log
 #      bench-124m      the same in float32                        -> bench_124m.log
 #      bench-small     6 layers x 384, T=256, B=32, float32       -> bench_small.log
 #      bench-small-bf16, bench-small-graphs-off, bench-124m-graphs-off: what CUDA graphs
@@ -264,6 +267,8 @@ step bench-attn-off 60 "$out/bench_124m_bf16_attn_off.log" env NANOGPT_CUDA_DISA
 step bench-hs64-off 60 "$out/bench_124m_bf16_hs64_off.log" env NANOGPT_CUDA_DISABLE=flash_hs64 \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 step bench-async-off 60 "$out/bench_124m_bf16_async_off.log" env NANOGPT_CUDA_DISABLE=flash_async \
+    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
+step bench-residual-off 60 "$out/bench_124m_bf16_residual_off.log" env NANOGPT_CUDA_DISABLE=fused_residual \
     "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
 small=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
 bench bench-small-bf16 30 bench_small_bf16.log bfloat16 "${small[@]}"

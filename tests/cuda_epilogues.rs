@@ -25,7 +25,9 @@ mod common;
 mod reference;
 
 use common::gpu::no_gpu;
-use nanogpt::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran};
+use nanogpt::cuda::cublaslt::{
+    Cd, ElemType, Epilogue, EpilogueArgs, MatmulCache, MatmulShape, Ran,
+};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine, Recompute};
@@ -136,7 +138,15 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
         // SAFETY: every buffer covers the shape (m x k, k x n, m x n, n-vectors).
         let r = unsafe {
             lt.matmul_ep(
-                shape, 1.0, da.ptr, db.ptr, beta, dc.ptr, ws.ptr, &stream, args,
+                shape,
+                1.0,
+                da.ptr,
+                db.ptr,
+                beta,
+                Cd::in_place(dc.ptr),
+                ws.ptr,
+                &stream,
+                args,
             )
         }
         .unwrap_or_else(|e| panic!("{ep:?}: {e}"));
@@ -228,6 +238,33 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
         );
         fused.push("BiasGradB");
     }
+    // BIAS with D apart from C (switch `fused_residual`): D = AB + bias + C, the residual C
+    // left as it was.
+    let dres = ctx.upload(&c0).unwrap();
+    dc.zero().unwrap();
+    let args = EpilogueArgs {
+        ep: Epilogue::Bias,
+        bias: dbias.ptr,
+        aux: 0,
+        aux_ld: n,
+    };
+    let cd = Cd {
+        c: dres.ptr,
+        d: dc.ptr,
+    };
+    // SAFETY: every buffer covers the shape; C and D are separate m x n buffers.
+    let r = unsafe { lt.matmul_ep(shape, 1.0, da.ptr, db.ptr, 1.0, cd, ws.ptr, &stream, args) }
+        .unwrap_or_else(|e| panic!("BIAS with a residual: {e}"));
+    stream.synchronize().unwrap();
+    if r == Ran::Lt {
+        let want: Vec<f64> = (0..m * n)
+            .map(|i| prod[i] + bias[i % n] as f64 + c0[i] as f64)
+            .collect();
+        let e = max_abs(&get(&dc, m * n), &want);
+        assert!(e < 1e-5, "BIAS + residual C into D: max error {e:.2e}");
+        assert_eq!(get(&dres, m * n), c0, "the residual C was written");
+        fused.push("BiasResidual");
+    }
     // The bf16 MLP chain (switch `bf16_mlp`): the same GELU epilogues with a bf16 C, whose
     // bias and GELU input then take C's type (cuBLASLt's default): bf16 bias, bf16 aux.
     let bf_shape = MatmulShape {
@@ -248,7 +285,15 @@ fn cublaslt_epilogues_compute_what_the_engine_assumes() {
         // SAFETY: every buffer covers the shape (bf16 m x k, k x n, m x n, n-vector).
         let r = unsafe {
             lt.matmul_ep(
-                bf_shape, 1.0, da.ptr, db.ptr, 0.0, dc16.ptr, ws.ptr, &stream, args,
+                bf_shape,
+                1.0,
+                da.ptr,
+                db.ptr,
+                0.0,
+                Cd::in_place(dc16.ptr),
+                ws.ptr,
+                &stream,
+                args,
             )
         }
         .unwrap_or_else(|e| panic!("{ep:?} with a bf16 output: {e}"));
@@ -544,6 +589,20 @@ fn fused_steps_match_the_unfused_engine() {
         let e = rel_l2(&on.logits(batch).unwrap(), &ln_off.logits(batch).unwrap());
         eprintln!("{label}: fused_ln on vs off, logits relative L2 {e:.2e}");
         assert!(e < 1e-5, "{label}: fused_ln changes the logits by {e:.2e}");
+        // The residual adds inside the projection products: the same sums in another fp32
+        // order (cuBLASLt adds C and the bias to its accumulator; unfused, the bias goes
+        // first and the residual kernel adds the stream), so bounded as the epilogues are.
+        let mut on = bf16_engine(&cfg, &params, "");
+        let mut res_off = bf16_engine(&cfg, &params, "fused_residual");
+        compare(
+            &format!("{label}: fused_residual on vs off"),
+            &cfg,
+            &mut on,
+            &mut res_off,
+            &inputs,
+            &targets,
+            &FUSED_VS_UNFUSED,
+        );
     }
 }
 

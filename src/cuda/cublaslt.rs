@@ -181,6 +181,27 @@ pub fn alignment(ptr: CuDevicePtr) -> u32 {
     (1u64 << ptr.trailing_zeros().min(8)) as u32
 }
 
+/// Where a product reads C (when beta is not 0) and writes D: one buffer (in place), or D
+/// apart from C (`D = alpha op(A) op(B) + beta C` with C left as it was: a residual added
+/// by the product). Both have the shape's C layout; apart, they must not overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cd {
+    pub c: CuDevicePtr,
+    pub d: CuDevicePtr,
+}
+
+impl Cd {
+    /// C and D the same buffer.
+    pub fn in_place(p: CuDevicePtr) -> Cd {
+        Cd { c: p, d: p }
+    }
+
+    /// The alignment both pointers have (what the plan may assume of C and D).
+    fn alignment(&self) -> u32 {
+        alignment(self.c).min(alignment(self.d))
+    }
+}
+
 /// A product on row-major operands: `C (m x n) = alpha op(A) op(B) + beta C`, with `op(A)`
 /// `m x k` (stored `k x m` when `trans_a`), `op(B)` `k x n` (stored `n x k` when `trans_b`),
 /// leading dimensions the row strides as stored, `A` and `B` of type `ab`, `C` of type `c`,
@@ -682,9 +703,9 @@ impl Matmul<'_> {
     /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` (row-major, as planned).
     ///
     /// # Safety
-    /// `a`, `b` and `c` must cover the planned shape (see [`MatmulShape::extent`]) with at
-    /// least the planned alignments, `workspace` must hold the planned workspace bytes, and
-    /// `handle` must be a live handle of the current context.
+    /// `a`, `b`, C and D (`cd`) must cover the planned shape (see [`MatmulShape::extent`])
+    /// with at least the planned alignments, `workspace` must hold the planned workspace
+    /// bytes, and `handle` must be a live handle of the current context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run(
         &self,
@@ -693,11 +714,11 @@ impl Matmul<'_> {
         a: CuDevicePtr,
         b: CuDevicePtr,
         beta: f32,
-        c: CuDevicePtr,
+        cd: Cd,
         workspace: CuDevicePtr,
         stream: &Stream,
     ) -> Result<(), CudaError> {
-        // cuBLASLt's A is the row-major B (see col_major); D is C, in place.
+        // cuBLASLt's A is the row-major B (see col_major); C and D share one layout.
         let s = (self.lt.api.cublasLtMatmul)(
             handle,
             self.op,
@@ -707,9 +728,9 @@ impl Matmul<'_> {
             a as *const c_void,
             self.b,
             &beta as *const f32 as *const c_void,
-            c as *const c_void,
+            cd.c as *const c_void,
             self.c,
-            c as *mut c_void,
+            cd.d as *mut c_void,
             self.c,
             self.algo.algo.as_ptr() as *const c_void,
             workspace as *mut c_void,
@@ -763,7 +784,18 @@ impl MatmulTn<'_> {
             .as_ref()
             .expect("a MatmulTn holds its plan until dropped");
         // SAFETY: the caller allocated x, w, d and the workspace for the planned shape.
-        unsafe { plan.run(self.handle, 1.0, x, w, 0.0, d, workspace, stream) }
+        unsafe {
+            plan.run(
+                self.handle,
+                1.0,
+                x,
+                w,
+                0.0,
+                Cd::in_place(d),
+                workspace,
+                stream,
+            )
+        }
     }
 }
 
@@ -828,12 +860,12 @@ impl<'a> MatmulCache<'a> {
         a: CuDevicePtr,
         b: CuDevicePtr,
         beta: f32,
-        c: CuDevicePtr,
+        cd: Cd,
         workspace: CuDevicePtr,
         stream: &Stream,
         args: EpilogueArgs,
     ) -> Result<Ran, CudaError> {
-        shape.align = [alignment(a), alignment(b), alignment(c)];
+        shape.align = [alignment(a), alignment(b), cd.alignment()];
         col_major(&shape)?;
         let fits = epilogue_fits(&shape, &args)?;
         let key = EpilogueKey {
@@ -881,7 +913,7 @@ impl<'a> MatmulCache<'a> {
         };
         let r = p
             .set_epilogue_pointers(&args)
-            .and_then(|_| p.run(self.handle, alpha, a, b, beta, c, workspace, stream));
+            .and_then(|_| p.run(self.handle, alpha, a, b, beta, cd, workspace, stream));
         match r {
             Ok(()) => Ok(Ran::Lt),
             Err(CudaError::Invalid(why)) => {
@@ -923,14 +955,16 @@ impl<'a> MatmulCache<'a> {
         (ok, plans.len() - ok)
     }
 
-    /// Enqueues `c = alpha op(a) op(b) + beta c` on `stream` for the row-major product
-    /// `shape` (its `align` is filled in from the pointers), planning it on first use.
+    /// Enqueues `D = alpha op(a) op(b) + beta C` on `stream` for the row-major product
+    /// `shape` (C and D: `cd`; its `align` is filled in from the pointers), planning it on
+    /// first use.
     /// Returns [`Ran::Unsupported`] without enqueuing anything when cuBLASLt has no
     /// algorithm for the shape.
     ///
     /// # Safety
-    /// `a`, `b` and `c` must cover the shape (see [`MatmulShape::extent`]) and `workspace`
-    /// must hold the cache's workspace bytes, all in the current context.
+    /// `a`, `b`, C and D must cover the shape (see [`MatmulShape::extent`]), C and D either
+    /// the same buffer or not overlapping, and `workspace` must hold the cache's workspace
+    /// bytes, all in the current context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
@@ -939,11 +973,11 @@ impl<'a> MatmulCache<'a> {
         a: CuDevicePtr,
         b: CuDevicePtr,
         beta: f32,
-        c: CuDevicePtr,
+        cd: Cd,
         workspace: CuDevicePtr,
         stream: &Stream,
     ) -> Result<Ran, CudaError> {
-        shape.align = [alignment(a), alignment(b), alignment(c)];
+        shape.align = [alignment(a), alignment(b), cd.alignment()];
         // Shape errors are the caller's; after this check `plan`'s Invalid means "no
         // algorithm".
         col_major(&shape)?;
@@ -960,7 +994,7 @@ impl<'a> MatmulCache<'a> {
         };
         match plan {
             Some(p) => {
-                p.run(self.handle, alpha, a, b, beta, c, workspace, stream)?;
+                p.run(self.handle, alpha, a, b, beta, cd, workspace, stream)?;
                 Ok(Ran::Lt)
             }
             None => Ok(Ran::Unsupported),

@@ -305,6 +305,23 @@ pub struct CudaEngine {
 // touches the GPU makes it current first.
 unsafe impl Send for CudaEngine {}
 
+/// A LayerNorm's destination: output, mean, rstd, and the offsets of its weight and bias.
+type LnTarget = (LnOut, u64, u64, usize, Option<usize>);
+
+/// Where a block's projection product writes its branch: into `res`, to which
+/// [`CudaEngine::residual_then_layernorm`] then adds the residual stream, or, `fused`
+/// (switch `fused_residual`), `res = branch + stream` written by the product itself.
+fn residual_branch(fused: bool, res: u64, stream: u64) -> Out {
+    if fused {
+        Out::F32Residual {
+            out: res,
+            residual: stream,
+        }
+    } else {
+        Out::F32(res)
+    }
+}
+
 impl CudaEngine {
     /// A float32 engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
     pub fn new(cfg: GptConfig, params: Vec<f32>, seed: u64, device: usize) -> Result<Self> {
@@ -686,6 +703,23 @@ impl CudaEngine {
         )
     }
 
+    /// After a block's projection product (written as [`residual_branch`] says): `res +=
+    /// stream` unless the product added it (`fused`), then the LayerNorm `ln` of `res`.
+    fn residual_then_layernorm(
+        &self,
+        fused: bool,
+        res: u64,
+        stream: u64,
+        (out, mean, rstd, w, bias): LnTarget,
+        rows: usize,
+    ) -> CResult<()> {
+        if fused {
+            self.layernorm_fwd(out, mean, rstd, res, w, bias, rows)
+        } else {
+            self.residual_layernorm_fwd(res, res, stream, out, mean, rstd, w, bias, rows)
+        }
+    }
+
     /// res = a + b (res may be a or b), then LayerNorm(res) into out, mean, rstd.
     /// With the `fused_ln` switch one kernel does both; otherwise the residual add and
     /// [`CudaEngine::layernorm_fwd`] (same arithmetic, same result).
@@ -996,6 +1030,9 @@ impl CudaEngine {
         }
         // Each block ends with its residual add and the next LayerNorm (the next block's
         // ln1, or the final one) in one step; only the first LayerNorm runs on its own.
+        // With `fused_residual` the projection products add the residual stream themselves
+        // (see `residual_branch`) and the LayerNorms after them only normalise.
+        let fused_residual = self.bf.is_some() && self.switches().fused_residual && drop.is_none();
         let mut ln_done = false;
         for (l, o) in lay.blocks.iter().enumerate() {
             let x = if l == 0 {
@@ -1027,7 +1064,7 @@ impl CudaEngine {
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop, training)?;
             self.linear_fwd(
-                Out::F32(la.res2.ptr),
+                residual_branch(fused_residual, la.res2.ptr, x),
                 a.attn_src(la.atty.ptr),
                 o.attn_proj_w,
                 o.attn_proj_b,
@@ -1038,17 +1075,8 @@ impl CudaEngine {
             if let Some(d) = drop {
                 self.dropout(la.res2.ptr, la.res2.ptr, n * c, d.attn_resid(l))?;
             }
-            self.residual_layernorm_fwd(
-                la.res2.ptr,
-                la.res2.ptr,
-                x,
-                a.ln2(l),
-                la.ln2_mean.ptr,
-                la.ln2_rstd.ptr,
-                o.ln2_w,
-                o.ln2_b,
-                n,
-            )?;
+            let ln2 = (a.ln2(l), la.ln2_mean.ptr, la.ln2_rstd.ptr, o.ln2_w, o.ln2_b);
+            self.residual_then_layernorm(fused_residual, la.res2.ptr, x, ln2, n)?;
             let gelu = a.gelu(l);
             self.linear_gelu_fwd(
                 a.mlp_out(gelu),
@@ -1061,7 +1089,7 @@ impl CudaEngine {
                 n,
             )?;
             self.linear_fwd(
-                Out::F32(la.res3.ptr),
+                residual_branch(fused_residual, la.res3.ptr, la.res2.ptr),
                 a.mlp_src(gelu),
                 o.mlp_proj_w,
                 o.mlp_proj_b,
@@ -1074,7 +1102,7 @@ impl CudaEngine {
             }
             // At level 2 the next block's ln1 goes to the shared buffer: this block's ln2
             // there has been consumed by the fc product above.
-            let (ln, mean, rstd, w, bias) = match (a.layers.get(l + 1), lay.blocks.get(l + 1)) {
+            let next_ln = match (a.layers.get(l + 1), lay.blocks.get(l + 1)) {
                 (Some(nl), Some(no)) => (
                     a.ln1(l + 1),
                     nl.ln1_mean.ptr,
@@ -1090,17 +1118,7 @@ impl CudaEngine {
                     lay.lnf_b,
                 ),
             };
-            self.residual_layernorm_fwd(
-                la.res3.ptr,
-                la.res3.ptr,
-                la.res2.ptr,
-                ln,
-                mean,
-                rstd,
-                w,
-                bias,
-                n,
-            )?;
+            self.residual_then_layernorm(fused_residual, la.res3.ptr, la.res2.ptr, next_ln, n)?;
             ln_done = true;
         }
         if !ln_done {

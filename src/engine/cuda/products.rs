@@ -8,7 +8,7 @@
 use super::kernels::{grid_vec, Arg};
 use super::{at, profile, Bf16State, Buf, CResult, CudaEngine, SLOT_ACT, SLOT_GRAD};
 use crate::cuda::cublas::Operand;
-use crate::cuda::cublaslt::{ElemType, Epilogue, EpilogueArgs, MatmulShape, Ran};
+use crate::cuda::cublaslt::{Cd, ElemType, Epilogue, EpilogueArgs, MatmulShape, Ran};
 use std::cell::RefCell;
 
 /// Where an operand of a linear-layer product comes from (see [`CudaEngine::mm`]).
@@ -107,6 +107,13 @@ pub(super) enum Post {
 pub(super) enum Out {
     F32(u64),
     Bf16(u64),
+    /// fp32 `out = product (+ bias) + residual`, the residual (fp32, same shape) left as it
+    /// was: on cuBLASLt one call (`D = A B + bias + C`, C the residual, D apart from it),
+    /// otherwise the product into `out` and the residual added by a separate pass.
+    F32Residual {
+        out: u64,
+        residual: u64,
+    },
 }
 
 /// A bias vector (0 = none): the fp32 parameter, and its bf16 copy for a fused epilogue
@@ -303,9 +310,16 @@ impl CudaEngine {
                 "bias and GELU epilogues overwrite a contiguous C"
             ),
         }
-        let (c_ptr, c_bf16) = match c {
-            Out::F32(p) => (p, false),
-            Out::Bf16(p) => (p, true),
+        let (c_ptr, c_bf16, residual) = match c {
+            Out::F32(p) => (p, false, None),
+            Out::Bf16(p) => (p, true, None),
+            Out::F32Residual { out, residual } => {
+                assert!(
+                    beta == 0.0 && ldc == n && matches!(post, Post::None | Post::Bias(_)),
+                    "a residual output: overwritten, contiguous, at most a bias epilogue"
+                );
+                (out, false, Some(residual))
+            }
         };
         assert!(
             !c_bf16
@@ -359,7 +373,7 @@ impl CudaEngine {
             // One cuBLASLt call: the product with its epilogue fused, or, with nothing to
             // fuse, a bf16 C written by the product itself.
             let args = epilogue_args(post, n, c_bf16).filter(|_| self.switches().epilogues);
-            if args.is_some() || (c_bf16 && post == Post::None) {
+            if args.is_some() || (post == Post::None && (c_bf16 || residual.is_some())) {
                 let shape = MatmulShape {
                     c: if c_bf16 {
                         ElemType::Bf16
@@ -368,10 +382,16 @@ impl CudaEngine {
                     },
                     ..shape
                 };
-                // SAFETY: pa, pb and c cover the shape (as in the plain product below); the
+                // A residual is the product's C (beta 1), D the output apart from it.
+                let (beta, cd) = match residual {
+                    Some(r) => (1.0, Cd { c: r, d: c_ptr }),
+                    None => (beta, Cd::in_place(c_ptr)),
+                };
+                // SAFETY: pa, pb and c cover the shape (as in the plain product below), the
+                // residual too (the caller's m x n buffer, not overlapping the output); the
                 // bias is the layer's bias of C's type (n values) or `tmp` (at least n fp32
                 // values), the GELU input an m x n activation of C's type, row stride n.
-                let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, c_ptr, args)? };
+                let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, cd, args)? };
                 if ran == Ran::Lt {
                     if let Post::BiasGrad { db, tmp } = post {
                         self.add(db, tmp, n)?;
@@ -382,8 +402,9 @@ impl CudaEngine {
         }
         // Unfused: the separate kernels around the product, which writes fp32 (a bf16 C
         // gets its values from an fp32 scratch).
+        // (A residual output is computed as an fp32 one, the residual added at the end.)
         let (out, beta) = match (post, c) {
-            (Post::Bias(bias), Out::F32(c)) => {
+            (Post::Bias(bias), Out::F32(c) | Out::F32Residual { out: c, .. }) => {
                 self.bias_broadcast(c, bias.f32, m, n)?;
                 (c, 1.0)
             }
@@ -411,7 +432,7 @@ impl CudaEngine {
             }
             // (Rows ldc apart: the columns past n go through the cast unused.)
             (_, Out::Bf16(_)) => (self.wide_out(m * ldc)?, 0.0),
-            (_, Out::F32(c)) => (c, beta),
+            (_, Out::F32(c) | Out::F32Residual { out: c, .. }) => (c, beta),
         };
         let sgemm = || -> CResult<()> {
             let (wa, wb) = (self.fp32_operand(a, sa, 0)?, self.fp32_operand(b, sb, 1)?);
@@ -422,7 +443,8 @@ impl CudaEngine {
             Some((bf, shape, pa, pb)) => {
                 // SAFETY: pa, pb and out cover the shape (bf16 copies of the fp32 operands
                 // the caller passed, and the caller's fp32 C, GELU input or scratch).
-                let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, out, None)? };
+                let ran =
+                    unsafe { self.lt_product(bf, shape, (pa, pb), beta, Cd::in_place(out), None)? };
                 if ran == Ran::Unsupported {
                     if !bf.warned.replace(true) {
                         eprintln!(
@@ -434,6 +456,9 @@ impl CudaEngine {
                     sgemm()?;
                 }
             }
+        }
+        if let Some(r) = residual {
+            self.add(c_ptr, r, m * n)?;
         }
         let len = Arg::I64((m * n) as i64);
         match (post, c) {
@@ -462,12 +487,15 @@ impl CudaEngine {
                 let wb = self.fp32_operand(b, sb, 1)?;
                 self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
             }
-            (Post::None | Post::Bias(_), Out::F32(_)) => Ok(()),
+            (Post::None | Post::Bias(_), Out::F32(_) | Out::F32Residual { .. }) => Ok(()),
+            (Post::Gelu { .. } | Post::DGelu { .. }, Out::F32Residual { .. }) => {
+                unreachable!("a residual output takes at most a bias (asserted above)")
+            }
         }
     }
 
-    /// One cuBLASLt product `c = op(a) op(b) + beta c` on the bf16 operands `ab`, with the
-    /// epilogue `args` when given, timed by the profiler when one runs.
+    /// One cuBLASLt product `D = op(a) op(b) + beta C` (`cd`) on the bf16 operands `ab`,
+    /// with the epilogue `args` when given, timed by the profiler when one runs.
     ///
     /// # Safety
     /// As [`MatmulCache::matmul_ep`] (with `args`) or [`MatmulCache::matmul`]: the operands
@@ -478,7 +506,7 @@ impl CudaEngine {
         shape: MatmulShape,
         (a, b): (u64, u64),
         beta: f32,
-        c: u64,
+        cd: Cd,
         args: Option<EpilogueArgs>,
     ) -> CResult<Ran> {
         let ws = bf.workspace.ptr;
@@ -486,8 +514,8 @@ impl CudaEngine {
         profile::lt(&self.profiler, &self.stream, &shape, beta, || match args {
             Some(args) => bf
                 .lt
-                .matmul_ep(shape, 1.0, a, b, beta, c, ws, &self.stream, args),
-            None => bf.lt.matmul(shape, 1.0, a, b, beta, c, ws, &self.stream),
+                .matmul_ep(shape, 1.0, a, b, beta, cd, ws, &self.stream, args),
+            None => bf.lt.matmul(shape, 1.0, a, b, beta, cd, ws, &self.stream),
         })
     }
 

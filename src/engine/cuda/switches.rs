@@ -19,6 +19,12 @@
 //! - `fused_ln`: residual add fused with the following LayerNorm, and the LayerNorm
 //!   backward's input gradient and weight and bias gradient sums in one pass over its
 //!   inputs (C <= 1024; otherwise two kernels each)
+//! - `fused_residual`: in bf16 mode without dropout, each block's two residual adds done by
+//!   the projection products themselves (cuBLASLt's `D = A B + bias + C`, C the block's
+//!   residual stream, D the new one), so the LayerNorm after each reads one fp32 stream and
+//!   writes none (otherwise the product writes the branch and the residual-add LayerNorm
+//!   kernel, or with `fused_ln` off the add kernel, adds the stream to it: the same sum up
+//!   to the fp32 rounding order)
 //! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient (fp32 logits, with
 //!   `bf16_logits` off) and (bf16 fused attention) the qkv gradient stored in bf16 only,
 //!   written so by the LayerNorm, cross-entropy and attention-backward kernels, and the
@@ -96,6 +102,7 @@ switches!(
     flash_async,
     epilogues,
     fused_ln,
+    fused_residual,
     bf16_acts,
     bf16_mlp,
     bf16_logits,
