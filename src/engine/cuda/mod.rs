@@ -58,9 +58,11 @@
 //! the weight-gradient products (`BGRADA`; cuBLASLt overwrites its bias-gradient output,
 //! so it lands in scratch and is then added to the fp32 gradient, which accumulates over
 //! micro-steps). An epilogue cuBLASLt cannot run on a shape falls back to the separate
-//! kernels ([`CudaEngine::epilogue_report`]). In both precisions every residual add
-//! runs fused with the LayerNorm that follows it (`fused_ln`; the backward pass is
-//! unfused).
+//! kernels ([`CudaEngine::epilogue_report`]). In bf16 mode without dropout the residual
+//! adds are done by the attention and MLP projection products themselves (`D = A B + bias
+//! + C`, C the residual stream, D the new one: `fused_residual`), so the LayerNorm after
+//! each only normalises; otherwise every residual add runs fused with the LayerNorm that
+//! follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
 //!
 //! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
 //! stores the `T x T` matrix: the forward keeps one logsumexp per (row, head, position) and

@@ -176,6 +176,7 @@ mod tests {
                 "flash_async",
                 "epilogues",
                 "fused_ln",
+                "fused_residual",
                 "bf16_acts",
                 "bf16_mlp",
                 "bf16_logits",
@@ -183,6 +184,9 @@ mod tests {
                 "graphs"
             ]
         );
+        let s = Switches::parse("fused_residual").unwrap();
+        assert!(s.fused_ln && !s.fused_residual && s.bf16_acts);
+        assert_eq!(s.disabled(), ["fused_residual"]);
         let s = Switches::parse("bf16_acts").unwrap();
         assert_eq!(s.disabled(), ["bf16_acts"]);
         let s = Switches::parse("bf16_mlp").unwrap();
