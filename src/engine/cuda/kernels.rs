@@ -4,7 +4,10 @@
 //!
 //! Cache: `$XDG_CACHE_HOME/nanogpt/kernels` (else `~/.cache/nanogpt/kernels`), one file per
 //! program named `<file>-<key>.cubin` (`<file>-p<part>-<key>.cubin` for a part of a file
-//! compiled in parts), the key a SHA-256 of (source, NVRTC options, target, NVRTC version). A cache that cannot be read or written only costs a recompile.
+//! compiled in parts), the key a SHA-256 of (source, NVRTC options, target, NVRTC version).
+//! A cold program is compiled under a lock (`<file>.lock` beside it), so that processes
+//! starting together on one machine compile it once between them. A cache that cannot be
+//! read or written only costs a recompile.
 
 use super::stack::Stack;
 use crate::cuda::driver::{Context, CuFunction, Module, Stream};
@@ -12,7 +15,7 @@ use crate::cuda::nvrtc::{Compiled, Nvrtc, Target};
 use crate::cuda::CudaError;
 use sha2::{Digest, Sha256};
 use std::ffi::c_void;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `(file name, source)` of `kernels/<file>`, the source with `kernels/common.cuh` (the
 /// shared device helpers) in front of it: NVRTC runs without headers, so the kernels
@@ -183,9 +186,9 @@ pub fn target_for(stack: &Stack, cc: u32) -> Result<Target, CudaError> {
 }
 
 /// One program's image, and whether it was compiled now (not read from the cache).
-struct Image {
-    bytes: Vec<u8>,
-    compiled: bool,
+pub struct Image {
+    pub bytes: Vec<u8>,
+    pub compiled: bool,
 }
 
 /// Compiles one program (or reads it from the cache).
@@ -199,31 +202,69 @@ fn compiled_image(stack: &Stack, program: &Program, target: Target) -> Result<Im
         };
         d.join(format!("{}-{key}.{ext}", program.cache_stem()))
     });
-    if let Some(f) = &file {
-        if let Ok(bytes) = std::fs::read(f) {
-            if !bytes.is_empty() {
-                return Ok(Image {
-                    bytes,
-                    compiled: false,
-                });
-            }
-        }
+    cached_or_compiled(file.as_deref(), || {
+        Ok(program.compile(&stack.nvrtc, target)?.image)
+    })
+}
+
+/// The image cached in `file`, or, when there is none, `compile`'s, written there for the
+/// next start. Processes starting together on one machine (the ranks of a node) would
+/// otherwise all compile the same programs at once, each slowing the others: a cold one
+/// takes an exclusive lock on `<file>.lock` first (flock: released if the process dies),
+/// and whoever gets it second reads what the first wrote. Without a cache directory, or
+/// where the lock cannot be taken (a read-only or lockless file system), it compiles
+/// unlocked.
+pub fn cached_or_compiled(
+    file: Option<&Path>,
+    compile: impl FnOnce() -> Result<Vec<u8>, CudaError>,
+) -> Result<Image, CudaError> {
+    let read = |f: &Path| std::fs::read(f).ok().filter(|b| !b.is_empty());
+    let Some(f) = file else {
+        return Ok(Image {
+            bytes: compile()?,
+            compiled: true,
+        });
+    };
+    if let Some(bytes) = read(f) {
+        return Ok(Image {
+            bytes,
+            compiled: false,
+        });
     }
-    let c = program.compile(&stack.nvrtc, target)?;
-    if let Some(f) = &file {
-        let saved = f
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| crate::fsutil::write_atomic(f, &c.image));
-        if let Err(e) = saved {
-            eprintln!(
-                "note: could not cache compiled kernels in {}: {e} (they will be recompiled next time)",
-                f.display()
-            );
-        }
+    let _lock = f
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| {
+            let mut name = f.as_os_str().to_owned();
+            name.push(".lock");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(PathBuf::from(name))?;
+            lock.lock()?;
+            Ok(lock)
+        })
+        .ok();
+    if let Some(bytes) = read(f) {
+        return Ok(Image {
+            bytes,
+            compiled: false,
+        });
+    }
+    let bytes = compile()?;
+    let saved = f
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| crate::fsutil::write_atomic(f, &bytes));
+    if let Err(e) = saved {
+        eprintln!(
+            "note: could not cache compiled kernels in {}: {e} (they will be recompiled next time)",
+            f.display()
+        );
     }
     Ok(Image {
-        bytes: c.image,
+        bytes,
         compiled: true,
     })
 }
@@ -450,6 +491,39 @@ pub fn grid_rows(rows: usize) -> (u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cold_program_is_compiled_once_by_processes_starting_together() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kernels").join("x-0123.cubin");
+        let compiles = AtomicUsize::new(0);
+        let compile = || {
+            compiles.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(vec![7u8; 16])
+        };
+        // Four starts at once (threads: each opens the lock file itself, so they exclude
+        // each other as processes do): one compiles, the others read its file.
+        let images: Vec<Image> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| cached_or_compiled(Some(&file), compile).unwrap()))
+                .collect();
+            starts.into_iter().map(|s| s.join().unwrap()).collect()
+        });
+        assert_eq!(compiles.load(Ordering::SeqCst), 1);
+        assert_eq!(images.iter().filter(|i| i.compiled).count(), 1);
+        assert!(images.iter().all(|i| i.bytes == vec![7u8; 16]));
+        // A warm start reads it; no cache directory compiles every time.
+        let warm = cached_or_compiled(Some(&file), || panic!("compiled again")).unwrap();
+        assert!(!warm.compiled && warm.bytes == vec![7u8; 16]);
+        let uncached = cached_or_compiled(None, compile).unwrap();
+        assert!(uncached.compiled);
+        assert_eq!(compiles.load(Ordering::SeqCst), 2);
+        // An empty file (a cut write from before atomic writes) is not an image.
+        std::fs::write(&file, b"").unwrap();
+        assert!(cached_or_compiled(Some(&file), compile).unwrap().compiled);
+    }
 
     #[test]
     fn a_file_declares_its_part_count() {
