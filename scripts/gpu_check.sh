@@ -204,6 +204,24 @@ bench() { # name, limit, log, dtype, model flags...
     step "$name" "$limit" "$out/$log" "$bin/nanogpt" bench --device=cuda --dtype="$dtype" \
         --iters=10 --warmup=2 "$@"
 }
+bench_off() { # name, limit, log, switches to turn off (NANOGPT_CUDA_DISABLE), model flags...
+    local name=$1 limit=$2 log=$3 off=$4
+    shift 4
+    step "$name" "$limit" "$out/$log" env NANOGPT_CUDA_DISABLE="$off" "$bin/nanogpt" bench \
+        --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "$@"
+}
+torch_ref() { # name, limit, log, flags...: the PyTorch reference on gpt2 124M, bf16, B=8
+    local name=$1 limit=$2 log=$3
+    shift 3
+    if ! command -v python3 > /dev/null; then
+        selected "$name" || true # (a known step name all the same)
+        echo "$name skipped: no python3" | tee -a "$summary" >&2
+        return
+    fi
+    step "$name" "$limit" "$out/$log" python3 bench/torch_reference.py bench --device=cuda \
+        --dtype=bfloat16 --compile=True --sdpa=True --fused_adamw=True --n_layer=12 --n_head=12 \
+        --n_embd=768 --vocab_size=50304 --block_size=1024 --batch_size=8 "$@"
+}
 gpt2=(--n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --batch_size=8 --block_size=1024)
 
 step doctor 90 "$out/doctor.stderr" sh -c "\"$bin/nanogpt\" doctor --require-gpu --json > \"$out/doctor.json\""
@@ -223,14 +241,7 @@ gpu_test nccl 60 nccl nccl.log
 gpu_test overlap 45 cuda_overlap cuda_overlap.log
 gpu_test zero 45 zero zero.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
-if command -v python3 > /dev/null; then
-    step torch-ref-124m 150 "$out/torch_ref_124m_bf16.log" python3 bench/torch_reference.py bench \
-        --device=cuda --dtype=bfloat16 --compile=True --sdpa=True --fused_adamw=True \
-        --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --block_size=1024 \
-        --batch_size=8 --iters=10 --warmup=3
-else
-    echo "torch-ref-124m skipped: no python3" | tee -a "$summary" >&2
-fi
+torch_ref torch-ref-124m 150 torch_ref_124m_bf16.log --iters=10 --warmup=3
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json"
 # Attention kernel times and TFLOP/s per form (head size 64 or generic, cp.async or not).
@@ -245,37 +256,24 @@ bench bench-124m-bf16-v50257 60 bench_124m_bf16_v50257.log bfloat16 --n_layer=12
 # over the parameters is shared by 8 micro-steps. Both engines, same model and batch.
 bench bench-124m-bf16-accum8 60 bench_124m_bf16_accum8.log bfloat16 "${gpt2[@]}" \
     --gradient_accumulation_steps=8 --iters=5 --warmup=1
-if command -v python3 > /dev/null; then
-    step torch-ref-124m-accum8 120 "$out/torch_ref_124m_bf16_accum8.log" python3 \
-        bench/torch_reference.py bench --device=cuda --dtype=bfloat16 --compile=True --sdpa=True \
-        --fused_adamw=True --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 \
-        --block_size=1024 --batch_size=8 --gradient_accumulation_steps=8 --iters=5 --warmup=2
-fi
+torch_ref torch-ref-124m-accum8 120 torch_ref_124m_bf16_accum8.log \
+    --gradient_accumulation_steps=8 --iters=5 --warmup=2
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
 bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=4,8,16
 bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=16,32,64 --recompute=2
-step bench-acts-off 60 "$out/bench_124m_bf16_acts_off.log" env NANOGPT_CUDA_DISABLE=bf16_acts \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-mlp-off 60 "$out/bench_124m_bf16_mlp_off.log" env NANOGPT_CUDA_DISABLE=bf16_mlp \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-logits-off 60 "$out/bench_124m_bf16_logits_off.log" env NANOGPT_CUDA_DISABLE=bf16_logits \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-attn-off 60 "$out/bench_124m_bf16_attn_off.log" env NANOGPT_CUDA_DISABLE=bf16_attn \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-hs64-off 60 "$out/bench_124m_bf16_hs64_off.log" env NANOGPT_CUDA_DISABLE=flash_hs64 \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-async-off 60 "$out/bench_124m_bf16_async_off.log" env NANOGPT_CUDA_DISABLE=flash_async \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
-step bench-residual-off 60 "$out/bench_124m_bf16_residual_off.log" env NANOGPT_CUDA_DISABLE=fused_residual \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
+bench_off bench-acts-off 60 bench_124m_bf16_acts_off.log bf16_acts "${gpt2[@]}"
+bench_off bench-mlp-off 60 bench_124m_bf16_mlp_off.log bf16_mlp "${gpt2[@]}"
+bench_off bench-logits-off 60 bench_124m_bf16_logits_off.log bf16_logits "${gpt2[@]}"
+bench_off bench-attn-off 60 bench_124m_bf16_attn_off.log bf16_attn "${gpt2[@]}"
+bench_off bench-hs64-off 60 bench_124m_bf16_hs64_off.log flash_hs64 "${gpt2[@]}"
+bench_off bench-async-off 60 bench_124m_bf16_async_off.log flash_async "${gpt2[@]}"
+bench_off bench-residual-off 60 bench_124m_bf16_residual_off.log fused_residual "${gpt2[@]}"
 small=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
 bench bench-small-bf16 30 bench_small_bf16.log bfloat16 "${small[@]}"
-step bench-small-graphs-off 30 "$out/bench_small_bf16_graphs_off.log" env NANOGPT_CUDA_DISABLE=graphs \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${small[@]}"
-step bench-124m-graphs-off 60 "$out/bench_124m_bf16_graphs_off.log" env NANOGPT_CUDA_DISABLE=graphs \
-    "$bin/nanogpt" bench --device=cuda --dtype=bfloat16 --iters=10 --warmup=2 "${gpt2[@]}"
+bench_off bench-small-graphs-off 30 bench_small_bf16_graphs_off.log graphs "${small[@]}"
+bench_off bench-124m-graphs-off 60 bench_124m_bf16_graphs_off.log graphs "${gpt2[@]}"
 bench bench-124m 60 bench_124m.log float32 "${gpt2[@]}"
 bench bench-small 40 bench_small.log float32 --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \
     --batch_size=32 --vocab_size=65

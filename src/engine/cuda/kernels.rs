@@ -186,9 +186,9 @@ pub fn target_for(stack: &Stack, cc: u32) -> Result<Target, CudaError> {
 }
 
 /// One program's image, and whether it was compiled now (not read from the cache).
-pub struct Image {
-    pub bytes: Vec<u8>,
-    pub compiled: bool,
+struct Image {
+    bytes: Vec<u8>,
+    compiled: bool,
 }
 
 /// Compiles one program (or reads it from the cache).
@@ -214,22 +214,26 @@ fn compiled_image(stack: &Stack, program: &Program, target: Target) -> Result<Im
 /// and whoever gets it second reads what the first wrote. Without a cache directory, or
 /// where the lock cannot be taken (a read-only or lockless file system), it compiles
 /// unlocked.
-pub fn cached_or_compiled(
+fn cached_or_compiled(
     file: Option<&Path>,
     compile: impl FnOnce() -> Result<Vec<u8>, CudaError>,
 ) -> Result<Image, CudaError> {
-    let read = |f: &Path| std::fs::read(f).ok().filter(|b| !b.is_empty());
-    let Some(f) = file else {
-        return Ok(Image {
-            bytes: compile()?,
-            compiled: true,
-        });
-    };
-    if let Some(bytes) = read(f) {
-        return Ok(Image {
+    let cached = |f: &Path| {
+        let bytes = std::fs::read(f).ok().filter(|b| !b.is_empty())?;
+        Some(Image {
             bytes,
             compiled: false,
-        });
+        })
+    };
+    let compiled = |bytes| Image {
+        bytes,
+        compiled: true,
+    };
+    let Some(f) = file else {
+        return compile().map(compiled);
+    };
+    if let Some(image) = cached(f) {
+        return Ok(image);
     }
     let _lock = f
         .parent()
@@ -246,27 +250,17 @@ pub fn cached_or_compiled(
             Ok(lock)
         })
         .ok();
-    if let Some(bytes) = read(f) {
-        return Ok(Image {
-            bytes,
-            compiled: false,
-        });
+    if let Some(image) = cached(f) {
+        return Ok(image);
     }
     let bytes = compile()?;
-    let saved = f
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| crate::fsutil::write_atomic(f, &bytes));
-    if let Err(e) = saved {
+    if let Err(e) = crate::fsutil::write_atomic(f, &bytes) {
         eprintln!(
             "note: could not cache compiled kernels in {}: {e} (they will be recompiled next time)",
             f.display()
         );
     }
-    Ok(Image {
-        bytes,
-        compiled: true,
-    })
+    Ok(compiled(bytes))
 }
 
 /// Declares the kernel table: every entry point, looked up by name after loading.
