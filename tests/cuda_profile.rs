@@ -3,13 +3,15 @@
 //! of a training step appears with a resolved name and a positive time, every matrix
 //! product is recognised by role, the per-op sum stays within the step's wall time, the
 //! profiled step computes what an unprofiled one does, and the memory accounting matches
-//! the buffers' sizes.
+//! the buffers' sizes; and where a bf16 step's residual adds run (in the projection
+//! products, or, where a product cannot add them, in the LayerNorm after it).
 //!
 //! Without a GPU every test prints "skipped: no GPU (why)" and passes; NANOGPT_REQUIRE_GPU=1
 //! makes that a failure.
 
 use nanogpt::bench::{Ceilings, ProfileTable};
 use nanogpt::engine::cuda::profile::{Phase, StepProfile};
+use nanogpt::engine::cuda::switches::Switches;
 use nanogpt::engine::cuda::{stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
@@ -255,5 +257,73 @@ fn profile_of_a_bf16_step() {
         None => {}
         Some(major) if major < 8 => eprintln!("profile_of_a_bf16_step: skipped: bf16 needs sm_80"),
         Some(_) => profile_matches_plain_step(Precision::Bf16, "bf16"),
+    }
+}
+
+/// The forward kernels of one profiled bf16 step with `switches`, by name, in order.
+fn forward_kernels(switches: Switches) -> Vec<String> {
+    let cfg = cfg();
+    let (b, t) = (2, cfg.block_size);
+    let (inputs, targets) = tokens(&cfg, b, t);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let params = ParamLayout::new(&cfg).init_params(&cfg, 3);
+    let mut e = CudaEngine::with_switches(cfg, params, 3, 0, Precision::Bf16, switches)
+        .unwrap_or_else(|e| panic!("creating the bf16 engine ({switches:?}): {e}"));
+    let hp = AdamWConfig::default();
+    let p = e
+        .profile_step(batch, 1.0, 1, &hp, 1e-3)
+        .expect("the CUDA engine profiles")
+        .unwrap_or_else(|e| panic!("profiled step ({switches:?}): {e}"));
+    p.ops
+        .iter()
+        .filter(|o| o.phase == Phase::Forward)
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+#[test]
+fn residual_adds_run_in_the_products_or_else_in_the_layernorms() {
+    match gpu("residual_adds_run_in_the_products_or_else_in_the_layernorms") {
+        None => return,
+        Some(major) if major < 8 => {
+            eprintln!("residual_adds_run_in_the_products_or_else_in_the_layernorms: skipped: bf16 needs sm_80");
+            return;
+        }
+        Some(_) => {}
+    }
+    let layers = cfg().n_layer;
+    let count = |names: &[String], name: &str| names.iter().filter(|n| *n == name).count();
+    // Default: both adds of every block inside the projection products; every LayerNorm
+    // (two per block and the final one) only normalises.
+    let on = forward_kernels(Switches::default());
+    assert_eq!(
+        (
+            count(&on, "layernorm_forward"),
+            count(&on, "residual_layernorm_forward"),
+            count(&on, "add_inplace")
+        ),
+        (2 * layers + 1, 0, 0),
+        "default bf16 forward: {on:?}"
+    );
+    // With the epilogues off the biased projections cannot add the residual in the
+    // product: each add goes to the LayerNorm after it (one kernel), never a pass of
+    // its own.
+    for disable in ["epilogues", "fused_residual"] {
+        let off = Switches::parse(disable).expect("a known switch");
+        let names = forward_kernels(off);
+        assert_eq!(
+            (
+                count(&names, "layernorm_forward"),
+                count(&names, "residual_layernorm_forward"),
+                count(&names, "add_inplace")
+            ),
+            (1, 2 * layers, 0),
+            "bf16 forward with {disable} off: {names:?}"
+        );
     }
 }

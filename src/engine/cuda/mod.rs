@@ -61,7 +61,8 @@
 //! kernels ([`CudaEngine::epilogue_report`]). In bf16 mode without dropout the residual
 //! adds are done by the attention and MLP projection products themselves (`D = A B + bias
 //! + C`, C the residual stream, D the new one: `fused_residual`), so the LayerNorm after
-//! each only normalises; otherwise every residual add runs fused with the LayerNorm that
+//! each only normalises; otherwise, and wherever a product cannot add it (cuBLASLt
+//! declines, or `epilogues` is off), every residual add runs fused with the LayerNorm that
 //! follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
 //!
 //! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
@@ -312,7 +313,8 @@ type LnTarget = (LnOut, u64, u64, usize, Option<usize>);
 
 /// Where a block's projection product writes its branch: into `res`, to which
 /// [`CudaEngine::residual_then_layernorm`] then adds the residual stream, or, `fused`
-/// (switch `fused_residual`), `res = branch + stream` written by the product itself.
+/// (switch `fused_residual`), `res = branch + stream` written by the product itself
+/// where it can (the product says whether it did).
 fn residual_branch(fused: bool, res: u64, stream: u64) -> Out {
     if fused {
         Out::F32Residual {
@@ -706,16 +708,17 @@ impl CudaEngine {
     }
 
     /// After a block's projection product (written as [`residual_branch`] says): `res +=
-    /// stream` unless the product added it (`fused`), then the LayerNorm `ln` of `res`.
+    /// stream` unless the product `added` it, then the LayerNorm `ln` of `res` (one
+    /// kernel for both with `fused_ln`).
     fn residual_then_layernorm(
         &self,
-        fused: bool,
+        added: bool,
         res: u64,
         stream: u64,
         (out, mean, rstd, w, bias): LnTarget,
         rows: usize,
     ) -> CResult<()> {
-        if fused {
+        if added {
             self.layernorm_fwd(out, mean, rstd, res, w, bias, rows)
         } else {
             self.residual_layernorm_fwd(res, res, stream, out, mean, rstd, w, bias, rows)
@@ -1033,7 +1036,8 @@ impl CudaEngine {
         // Each block ends with its residual add and the next LayerNorm (the next block's
         // ln1, or the final one) in one step; only the first LayerNorm runs on its own.
         // With `fused_residual` the projection products add the residual stream themselves
-        // (see `residual_branch`) and the LayerNorms after them only normalise.
+        // where they can (see `residual_branch`) and the LayerNorms after them only
+        // normalise.
         let fused_residual = self.bf.is_some() && self.switches().fused_residual && drop.is_none();
         let mut ln_done = false;
         for (l, o) in lay.blocks.iter().enumerate() {
@@ -1065,7 +1069,7 @@ impl CudaEngine {
             )?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             self.attention_fwd(a, la, b, t, attn_drop, training)?;
-            self.linear_fwd(
+            let added = self.linear_fwd(
                 residual_branch(fused_residual, la.res2.ptr, x),
                 a.attn_src(la.atty.ptr),
                 o.attn_proj_w,
@@ -1078,7 +1082,7 @@ impl CudaEngine {
                 self.dropout(la.res2.ptr, la.res2.ptr, n * c, d.attn_resid(l))?;
             }
             let ln2 = (a.ln2(l), la.ln2_mean.ptr, la.ln2_rstd.ptr, o.ln2_w, o.ln2_b);
-            self.residual_then_layernorm(fused_residual, la.res2.ptr, x, ln2, n)?;
+            self.residual_then_layernorm(added, la.res2.ptr, x, ln2, n)?;
             let gelu = a.gelu(l);
             self.linear_gelu_fwd(
                 a.mlp_out(gelu),
@@ -1090,7 +1094,7 @@ impl CudaEngine {
                 4 * c,
                 n,
             )?;
-            self.linear_fwd(
+            let added = self.linear_fwd(
                 residual_branch(fused_residual, la.res3.ptr, la.res2.ptr),
                 a.mlp_src(gelu),
                 o.mlp_proj_w,
@@ -1120,7 +1124,7 @@ impl CudaEngine {
                     lay.lnf_b,
                 ),
             };
-            self.residual_then_layernorm(fused_residual, la.res3.ptr, la.res2.ptr, next_ln, n)?;
+            self.residual_then_layernorm(added, la.res3.ptr, la.res2.ptr, next_ln, n)?;
             ln_done = true;
         }
         if !ln_done {
@@ -1150,7 +1154,8 @@ impl CudaEngine {
             logits,
             logits_ld(v),
             Post::None,
-        )
+        )?;
+        Ok(())
     }
 
     /// Backward from dlogits (already in `logits`) to all parameter gradients (accumulated).

@@ -108,8 +108,10 @@ pub(super) enum Out {
     F32(u64),
     Bf16(u64),
     /// fp32 `out = product (+ bias) + residual`, the residual (fp32, same shape) left as it
-    /// was: on cuBLASLt one call (`D = A B + bias + C`, C the residual, D apart from it),
-    /// otherwise the product into `out` and the residual added by a separate pass.
+    /// was: on cuBLASLt one call (`D = A B + bias + C`, C the residual, D apart from it).
+    /// Where the product cannot add it, `out` gets the product (+ bias) only and
+    /// [`CudaEngine::mm_ep`] says so, leaving the add to the caller (which folds it into
+    /// the LayerNorm that follows rather than spend a pass on it).
     F32Residual {
         out: u64,
         residual: u64,
@@ -276,7 +278,8 @@ impl CudaEngine {
         c: u64,
         ldc: usize,
     ) -> CResult<()> {
-        self.mm_ep(m, n, k, a, b, beta, Out::F32(c), ldc, Post::None)
+        self.mm_ep(m, n, k, a, b, beta, Out::F32(c), ldc, Post::None)?;
+        Ok(())
     }
 
     /// [`CudaEngine::mm`] into `c` (fp32, or in the bf16 mode bf16: beta 0, contiguous),
@@ -286,6 +289,9 @@ impl CudaEngine {
     /// run that epilogue or output on this shape, the separate kernels run around the
     /// product (the same bf16 operands, rounded once; a bf16 C gets its values through
     /// fp32 scratch).
+    ///
+    /// Returns whether the residual of an [`Out::F32Residual`] was added (always false
+    /// for the other outputs): when not, `out` holds the product and bias only.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mm_ep(
         &self,
@@ -298,7 +304,7 @@ impl CudaEngine {
         c: Out,
         ldc: usize,
         post: Post,
-    ) -> CResult<()> {
+    ) -> CResult<bool> {
         match post {
             Post::None => {}
             Post::BiasGrad { .. } => assert!(
@@ -396,13 +402,13 @@ impl CudaEngine {
                     if let Post::BiasGrad { db, tmp } = post {
                         self.add(db, tmp, n)?;
                     }
-                    return Ok(());
+                    return Ok(residual.is_some());
                 }
             }
         }
         // Unfused: the separate kernels around the product, which writes fp32 (a bf16 C
         // gets its values from an fp32 scratch).
-        // (A residual output is computed as an fp32 one, the residual added at the end.)
+        // (A residual output is computed as an fp32 one, the residual left to the caller.)
         let (out, beta) = match (post, c) {
             (Post::Bias(bias), Out::F32(c) | Out::F32Residual { out: c, .. }) => {
                 self.bias_broadcast(c, bias.f32, m, n)?;
@@ -457,11 +463,9 @@ impl CudaEngine {
                 }
             }
         }
-        if let Some(r) = residual {
-            self.add(c_ptr, r, m * n)?;
-        }
         let len = Arg::I64((m * n) as i64);
-        match (post, c) {
+        // The epilogue's work as separate kernels.
+        let epilogue = match (post, c) {
             (Post::None | Post::Bias(_), Out::Bf16(c)) => self.cast_bf16(c, out, m * ldc),
             (Post::Gelu { pre, .. }, Out::F32(c)) => self.run(
                 self.k.gelu_forward,
@@ -491,7 +495,8 @@ impl CudaEngine {
             (Post::Gelu { .. } | Post::DGelu { .. }, Out::F32Residual { .. }) => {
                 unreachable!("a residual output takes at most a bias (asserted above)")
             }
-        }
+        };
+        epilogue.map(|()| false)
     }
 
     /// One cuBLASLt product `D = op(a) op(b) + beta C` (`cd`) on the bf16 operands `ab`,
@@ -520,7 +525,8 @@ impl CudaEngine {
     }
 
     /// out (rows, oc) = inp (rows, ic) @ W [ic, oc] + b. Fused: the bias is the product's
-    /// epilogue, and without a bias the product simply overwrites `out`.
+    /// epilogue, and without a bias the product simply overwrites `out`. Returns whether
+    /// the residual of an [`Out::F32Residual`] was added (as [`CudaEngine::mm_ep`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn linear_fwd(
         &self,
@@ -531,16 +537,18 @@ impl CudaEngine {
         ic: usize,
         oc: usize,
         rows: usize,
-    ) -> CResult<()> {
+    ) -> CResult<bool> {
         let (x, wl) = (Lin::n(inp, ic), Lin::n(Src::Param(w), oc));
         let post = b.map_or(Post::None, |_| Post::Bias(self.bias_ptrs(b)));
         match (post, out) {
             (Post::None, Out::F32(out)) if self.fusing() => {
-                self.mm(rows, oc, ic, x, wl, 0.0, out, oc)
+                self.mm(rows, oc, ic, x, wl, 0.0, out, oc)?;
+                Ok(false)
             }
             (Post::None, Out::F32(out)) => {
                 self.bias_broadcast(out, 0, rows, oc)?;
-                self.mm(rows, oc, ic, x, wl, 1.0, out, oc)
+                self.mm(rows, oc, ic, x, wl, 1.0, out, oc)?;
+                Ok(false)
             }
             _ => self.mm_ep(rows, oc, ic, x, wl, 0.0, out, oc, post),
         }
@@ -584,7 +592,8 @@ impl CudaEngine {
             out,
             oc,
             Post::Gelu { bias, pre },
-        )
+        )?;
+        Ok(())
     }
 
     /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten), or with
@@ -639,7 +648,8 @@ impl CudaEngine {
             dinp,
             ic,
             dgelu,
-        )
+        )?;
+        Ok(())
     }
 }
 

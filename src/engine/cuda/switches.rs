@@ -22,9 +22,9 @@
 //! - `fused_residual`: in bf16 mode without dropout, each block's two residual adds done by
 //!   the projection products themselves (cuBLASLt's `D = A B + bias + C`, C the block's
 //!   residual stream, D the new one), so the LayerNorm after each reads one fp32 stream and
-//!   writes none (otherwise the product writes the branch and the residual-add LayerNorm
-//!   kernel, or with `fused_ln` off the add kernel, adds the stream to it: the same sum up
-//!   to the fp32 rounding order)
+//!   writes none (otherwise, or where a product cannot add it, the product writes the
+//!   branch and the residual-add LayerNorm kernel, or with `fused_ln` off the add kernel,
+//!   adds the stream to it: the same sum up to the fp32 rounding order)
 //! - `bf16_acts`: in bf16 mode, LayerNorm outputs, the logits gradient (fp32 logits, with
 //!   `bf16_logits` off) and (bf16 fused attention) the qkv gradient stored in bf16 only,
 //!   written so by the LayerNorm, cross-entropy and attention-backward kernels, and the
