@@ -19,7 +19,7 @@ pub struct PrepareArgs {
     /// Corpus file(s): a path or a quoted glob (shakespeare_char: one text file)
     #[arg(long)]
     pub input: Option<String>,
-    /// Where to write train.bin, val.bin (default data/<dataset>)
+    /// Where to write train.bin, val.bin (default data/DATASET)
     #[arg(long = "out_dir", alias = "out-dir")]
     pub out_dir: Option<PathBuf>,
     /// Hugging Face Hub dataset repository to read (e.g. HuggingFaceFW/fineweb)

@@ -250,7 +250,7 @@ fn env_flag(value: Option<String>) -> bool {
 }
 
 impl HubClient {
-    /// Endpoint from HF_ENDPOINT (default https://huggingface.co), token from HF_TOKEN (sent as
+    /// Endpoint from HF_ENDPOINT (default <https://huggingface.co>), token from HF_TOKEN (sent as
     /// `Authorization: Bearer`; else the token file `huggingface-cli login` writes in
     /// HF_HOME), cache from HF_HUB_CACHE or HF_HOME/hub (default ~/.cache/huggingface/hub),
     /// offline from HF_HUB_OFFLINE=1 (also "true"/"yes").

@@ -931,7 +931,7 @@ impl<'a> MatmulCache<'a> {
     }
 
     /// Every product with an epilogue planned so far, in words, each ending in
-    /// "fused" or "unfused: <why>", sorted.
+    /// `"fused"` or `"unfused: <why>"`, sorted.
     pub fn epilogue_report(&self) -> Vec<String> {
         let plans = self.ep_plans.borrow();
         let mut v: Vec<String> = plans

@@ -5,7 +5,7 @@
 //! The file list is also saved as `.hub-files-*.json` in the output directory, so that a
 //! re-run with HF_HUB_OFFLINE=1 finds the same files in the cache without the network.
 //!
-//! [`OPENWEBTEXT`] is nanoGPT's OpenWebText: `Skylion007/openwebtext`,
+//! [`openwebtext`] is nanoGPT's OpenWebText: `Skylion007/openwebtext`,
 //! `plain_text/train-*.parquet`, column `text`.
 
 use std::path::{Path, PathBuf};

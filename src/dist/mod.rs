@@ -1,4 +1,4 @@
-//! Distributed data-parallel training: the launch environment ([`env`], [`hostlist`]), the
+//! Distributed data-parallel training: the launch environment ([`mod@env`], [`hostlist`]), the
 //! rendezvous of all ranks at rank 0 ([`rendezvous`]), the [`ProcessGroup`] collectives
 //! the trainer uses (a TCP ring on CPUs: [`tcp`]; NCCL for the gradients on GPUs: [`nccl`];
 //! one process: [`SingleProcess`]), and the local launcher behind `nanogpt launch`
@@ -7,7 +7,7 @@
 //! Failure model: every socket has read and write timeouts (`dist_timeout`), and each rank
 //! keeps its rendezvous connection to rank 0 open for the whole run. A rank that exits or
 //! crashes closes its connections, and a rank that stalls stops sending heartbeats; rank 0
-//! weighs what every rank saw ([`failure`]) and stops all ranks with a message naming the
+//! weighs what every rank saw (`failure.rs`) and stops all ranks with a message naming the
 //! rank that failed first, within a second of the evidence. The ring's own timeouts are a
 //! backstop. No rank ever waits forever.
 

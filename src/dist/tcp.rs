@@ -164,7 +164,7 @@ impl TcpProcessGroup {
 
     /// Starts the heartbeat thread and one watcher thread per rendezvous connection. A
     /// connection closed without the "finished" byte means that rank is gone; heartbeats
-    /// that stop mean it hangs. Rank 0 weighs such evidence ([`failure`]) and stops every
+    /// that stop mean it hangs. Rank 0 weighs such evidence (`dist::failure`) and stops every
     /// rank with a message naming the one that failed; the other ranks stop when rank 0
     /// tells them to, or at once when rank 0 itself is gone. For processes that run one
     /// job; [`super::init`] calls it.

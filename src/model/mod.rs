@@ -24,7 +24,7 @@ pub enum ModelError {
 /// Architecture hyper-parameters (nanoGPT's `GPTConfig`).
 ///
 /// `vocab_size` is the real vocabulary (e.g. 50257); the embedding table is padded to
-/// [`GptConfig::padded_vocab`] rows and padded logits never enter softmax or the loss.
+/// [`GptConfig::padded_vocab_size`] rows and padded logits never enter softmax or the loss.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
     pub n_layer: usize,

@@ -1,4 +1,4 @@
-//! Training: the loop ([`trainer`]), checkpoints ([`checkpoint`]), metrics log
+//! Training: the loop (`trainer`), checkpoints ([`checkpoint`]), metrics log
 //! ([`metrics`]) and the loss-curve plot ([`plot`]).
 pub mod checkpoint;
 pub mod metrics;

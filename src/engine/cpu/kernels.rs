@@ -39,7 +39,7 @@ pub fn embedding_forward(
     });
 }
 
-/// dwte[tok[n]] += dx[n]; dwpe[n % T] += dx[n]. Serial over rows so that repeated tokens
+/// `dwte[tok[n]] += dx[n]; dwpe[n % T] += dx[n]`. Serial over rows so that repeated tokens
 /// accumulate in a fixed order (deterministic).
 pub fn embedding_backward(
     dwte: &mut [f32],

@@ -1,7 +1,7 @@
 //! Vectorisable building blocks for the CPU kernels and runtime dispatch to AVX2+FMA.
 //!
 //! The default x86-64 target only guarantees SSE2, so hot loops are compiled twice: once
-//! for the baseline and once with `avx2,fma` enabled, chosen at run time ([`dispatch!`]).
+//! for the baseline and once with `avx2,fma` enabled, chosen at run time (`dispatch!`).
 //! Reductions use 8 independent lanes so the compiler can keep them in vector registers;
 //! the lane order is fixed, so results stay deterministic.
 

@@ -12,7 +12,7 @@ use crate::model::GptConfig;
 use std::cell::OnceCell;
 
 /// Which activations the bf16 mode stores in bf16 only: the LayerNorm outputs (`ln`,
-/// switch `bf16_acts`; [`LnOut`]), the MLP's pre-activation, GELU output and
+/// switch `bf16_acts`; `LnOut`), the MLP's pre-activation, GELU output and
 /// pre-activation gradient (`mlp`, switch `bf16_mlp`), and the logits with their gradient
 /// in place (`logits`, switch `bf16_logits`), and the attention's q, k, v, output and
 /// output gradient (`attn`, switch `bf16_attn`, with the bf16 fused attention only). All
@@ -96,7 +96,7 @@ pub(super) struct Acts {
     pub(super) row_loss: Buf,
     /// Pinned host staging of the token inputs, the targets, the per-row losses and the
     /// dropout seed table: the host hands a micro-batch over and asks for its loss without
-    /// waiting for the GPU (see [`CudaEngine::train_step`]).
+    /// waiting for the GPU (see `CudaEngine::train_step`).
     pub(super) staged: [Staging<'static>; 4],
     /// The dropout seeds of the current training pass, by slot
     /// ([`crate::engine::dropout::DropoutSeeds::table`]), which `dropout_apply` reads.
@@ -205,7 +205,7 @@ impl Acts {
     /// logsumexp and scratch vector (`fused`), else the plain path's T x T matrices (and
     /// the dropout-masked copy when `attn_dropout`), with the activations `storage` names
     /// in bf16. The GPU test of recomputation checks it against
-    /// [`CudaEngine::memory_report`]'s figures.
+    /// [`memory_report`](crate::engine::Engine::memory_report)'s figures.
     pub(super) fn planned_bytes(
         cfg: &GptConfig,
         b: usize,
@@ -330,9 +330,11 @@ pub(super) fn ln_parts_len(n: usize, c: usize) -> usize {
 }
 
 /// Bytes of the activation buffers a training step on `b` rows of `t` tokens allocates on
-/// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the fused
-/// attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too), with
-/// the activations `storage` names in bf16.
+/// the GPU at level `recompute` (what [`Engine::activation_bytes`] reports): with the
+/// fused attention (`fused`), or the plain one (with `attn_dropout`, its masked copy too),
+/// with the activations `storage` names in bf16.
+///
+/// [`Engine::activation_bytes`]: crate::engine::Engine::activation_bytes
 pub fn activation_bytes(
     cfg: &GptConfig,
     b: usize,

@@ -54,8 +54,11 @@ impl CudaEngine {
     /// y (N, C) from qkv (N, 3C); saves what the backward needs: lse (B, NH, T) on the
     /// fused path, att = P (B, NH, T, T) on the plain one.
     /// The plain attention reads and writes fp32 q, k, v and output: refused when the
-    /// activations store them in bf16 ([`Bf16Storage::attn`], chosen only where every pass
-    /// takes the bf16 fused attention, so this never fires unless that choice is wrong).
+    /// activations store them in bf16 ([`Bf16Storage::attn`], chosen only where every
+    /// pass takes the bf16 fused attention, so this never fires unless that choice is
+    /// wrong).
+    ///
+    /// [`Bf16Storage::attn`]: super::Bf16Storage::attn
     pub(super) fn plain_attention_allowed(a: &Acts) -> CResult<()> {
         if a.storage.attn {
             return Err(CudaError::Invalid(

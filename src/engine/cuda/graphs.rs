@@ -7,7 +7,7 @@
 //!
 //! A replay reruns the same launches with the same arguments and pointers, so the engine
 //! captures only what repeats exactly:
-//! - the same [`StepKey`] (batch shape, loss scale, number of counted targets, activation
+//! - the same `StepKey` (batch shape, loss scale, number of counted targets, activation
 //!   recomputation), since those are baked into kernel arguments;
 //! - the same memory: the engine's buffers grow on first use, so a micro-step first runs
 //!   launch by launch, and the next one with the same key is captured only if no memory

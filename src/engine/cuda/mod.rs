@@ -18,7 +18,7 @@
 //! fp32 gradients with beta = 1); the fp32 activations that feed those products are rounded
 //! into bf16 scratch buffers (`kernels/cast.cu`) right before each one, except the LayerNorm
 //! outputs (ln1, ln2, lnf), which only products read: the LayerNorm kernels write them in
-//! bf16 alone ([`LnOut`], switch `bf16_acts`; the same bits as rounding an fp32 output, at
+//! bf16 alone (`LnOut`, switch `bf16_acts`; the same bits as rounding an fp32 output, at
 //! half the memory and with no cast pass), and the logits gradient, which the cross-entropy
 //! kernel writes in bf16 for the LM head's two backward products, and, on the bf16 fused
 //! attention path, the qkv gradient, which the attention backward kernels write in bf16
@@ -46,7 +46,7 @@
 //! softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
-//! linear-layer products go through [`CudaEngine::mm`], which dispatches on the precision.
+//! linear-layer products go through `CudaEngine::mm`, which dispatches on the precision.
 //! A product shape cuBLASLt has no bf16 algorithm for runs in fp32 instead (said once on
 //! stderr; [`CudaEngine::gemm_fallbacks`] lists them).
 //!
@@ -93,7 +93,7 @@
 //!
 //! Activation recomputation ([`Recompute`], config key `recompute`) works as in the CPU
 //! engine: at level 1 the GELU output, at level 2 also ln1 and ln2, live in one buffer
-//! shared by all layers ([`Acts::gelu_shared`], [`Acts::ln_shared`]) instead of one per
+//! shared by all layers (`Acts::gelu_shared`, `Acts::ln_shared`) instead of one per
 //! layer. The forward pass writes them there (the fc product's GELU epilogue, the fused
 //! residual + LayerNorm kernel) and the next product consumes them at once; the backward
 //! pass recomputes each right before the weight gradient that reads it: the GELU with
@@ -111,7 +111,7 @@
 //! Host and GPU overlap across micro-steps: the token inputs and targets reach the GPU
 //! through pinned staging buffers (`cuMemcpyHtoDAsync` on the compute stream) and the
 //! per-row losses come back the same way, read only after the backward pass has been
-//! enqueued ([`CudaEngine::train_step`]). The host therefore waits for the forward pass
+//! enqueued (`CudaEngine::train_step`). The host therefore waits for the forward pass
 //! and the loss, never for the backward: while the GPU runs it, the trainer fetches the
 //! next micro-batch and enqueues its copies and kernels behind it, so the GPU does not go
 //! idle between micro-steps (before, a synchronous copy of the inputs waited for the
@@ -147,8 +147,10 @@
 //! Trait methods without a `Result` (`step`, `params`, `grads`, ...) panic with the CUDA
 //! error if the GPU fails underneath them (a lost device cannot be recovered from).
 //!
-//! Layout of the code: this file holds the engine's state, construction and the training
-//! passes (forward, backward, loss); `products.rs` the linear-layer products and their
+//! Layout of the code: this file holds the engine's state, construction, the small
+//! element-wise launches and the training step around the passes (staging, CUDA graphs, the
+//! `Engine` methods); `forward.rs`, `backward.rs` and `loss.rs` the passes themselves,
+//! `layernorm.rs` the LayerNorm launches; `products.rs` the linear-layer products and their
 //! epilogues, `attention.rs` the attention of a pass (fused or plain), `acts.rs` the
 //! activation buffers and their bf16 storage, `optimizer.rs` the gradient norm and AdamW
 //! step, `decode.rs` KV-cache decoding, `flash.rs` the fused attention's launches,
@@ -157,10 +159,14 @@
 
 mod acts;
 mod attention;
+mod backward;
 mod decode;
 pub mod flash;
+mod forward;
 pub mod graphs;
 pub mod kernels;
+mod layernorm;
+mod loss;
 mod optimizer;
 mod products;
 pub mod profile;
@@ -178,12 +184,13 @@ use crate::model::{GptConfig, ParamLayout};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 pub use acts::{activation_bytes, Bf16Storage};
-use acts::{logits_ld, Acts, LN_BWD_MAX_C, LN_BWD_ROWS};
+use acts::{logits_ld, Acts};
 use decode::DecodeState;
 use flash::FlashMath;
-use kernels::{grid_cols4, grid_rows, grid_vec, launch, Arg, Kernels, BLOCK};
+use kernels::{grid_cols4, grid_vec, launch, Arg, Kernels, BLOCK};
+use loss::PendingLoss;
 use optimizer::merge_runs;
-use products::{Lin, LnOut, Out, Post, Src};
+use products::{LnOut, Out, Src};
 use stack::Stack;
 use std::cell::{Cell, RefCell};
 use switches::Switches;
@@ -246,14 +253,6 @@ fn at(ptr: u64, elems: usize) -> u64 {
     ptr + 4 * elems as u64
 }
 
-/// A loss enqueued by [`CudaEngine::cross_entropy`]: `rows` per-row losses on their way to
-/// the host, `count` of them counted (target not -1).
-#[derive(Clone, Copy, Debug)]
-struct PendingLoss {
-    rows: usize,
-    count: usize,
-}
-
 /// The CUDA engine (float32 or bf16 mixed precision). See the module docs.
 pub struct CudaEngine {
     // Device memory and handles first: fields drop in order, and all of these must go
@@ -307,24 +306,6 @@ pub struct CudaEngine {
 // handles may be used from any thread once the context is current, and every method that
 // touches the GPU makes it current first.
 unsafe impl Send for CudaEngine {}
-
-/// A LayerNorm's destination: output, mean, rstd, and the offsets of its weight and bias.
-type LnTarget = (LnOut, u64, u64, usize, Option<usize>);
-
-/// Where a block's projection product writes its branch: into `res`, to which
-/// [`CudaEngine::residual_then_layernorm`] then adds the residual stream, or, `fused`
-/// (switch `fused_residual`), `res = branch + stream` written by the product itself
-/// where it can (the product says whether it did).
-fn residual_branch(fused: bool, res: u64, stream: u64) -> Out {
-    if fused {
-        Out::F32Residual {
-            out: res,
-            residual: stream,
-        }
-    } else {
-        Out::F32(res)
-    }
-}
 
 impl CudaEngine {
     /// A float32 engine on GPU `device` over `params` (flat, in [`ParamLayout`] order).
@@ -666,7 +647,7 @@ impl CudaEngine {
         (rows.div_ceil(rpp), rpp)
     }
 
-    /// dst[c] += sum over rows of m[r, c] (deterministic two-pass column sum).
+    /// `dst[c] += sum over rows of m[r, c]` (deterministic two-pass column sum).
     fn colsum_add(&self, dst: u64, m: u64, rows: usize, cols: usize, scratch: u64) -> CResult<()> {
         let (np, rpp) = Self::parts(rows);
         self.run(
@@ -693,7 +674,7 @@ impl CudaEngine {
         )
     }
 
-    /// out[r, c] = bias[c] (0 when `bias` is 0), out contiguous `rows x cols`.
+    /// `out[r, c] = bias[c]` (0 when `bias` is 0), out contiguous `rows x cols`.
     fn bias_broadcast(&self, out: u64, bias: u64, rows: usize, cols: usize) -> CResult<()> {
         self.run(
             self.k.bias_broadcast,
@@ -705,179 +686,6 @@ impl CudaEngine {
                 Arg::I32(cols as i32),
             ],
         )
-    }
-
-    /// After a block's projection product (written as [`residual_branch`] says): `res +=
-    /// stream` unless the product `added` it, then the LayerNorm `ln` of `res` (one
-    /// kernel for both with `fused_ln`).
-    fn residual_then_layernorm(
-        &self,
-        added: bool,
-        res: u64,
-        stream: u64,
-        (out, mean, rstd, w, bias): LnTarget,
-        rows: usize,
-    ) -> CResult<()> {
-        if added {
-            self.layernorm_fwd(out, mean, rstd, res, w, bias, rows)
-        } else {
-            self.residual_layernorm_fwd(res, res, stream, out, mean, rstd, w, bias, rows)
-        }
-    }
-
-    /// res = a + b (res may be a or b), then LayerNorm(res) into out, mean, rstd.
-    /// With the `fused_ln` switch one kernel does both; otherwise the residual add and
-    /// [`CudaEngine::layernorm_fwd`] (same arithmetic, same result).
-    #[allow(clippy::too_many_arguments)]
-    fn residual_layernorm_fwd(
-        &self,
-        res: u64,
-        a: u64,
-        b: u64,
-        out: LnOut,
-        mean: u64,
-        rstd: u64,
-        w: usize,
-        bias: Option<usize>,
-        rows: usize,
-    ) -> CResult<()> {
-        let c = self.cfg.n_embd;
-        if !self.switches().fused_ln {
-            if res == a {
-                self.add(res, b, rows * c)?;
-            } else {
-                assert_eq!(res, b, "the residual sum overwrites one of its terms");
-                self.add(res, a, rows * c)?;
-            }
-            return self.layernorm_fwd(out, mean, rstd, res, w, bias, rows);
-        }
-        let [out_f32, out_bf16] = out.args();
-        self.run(
-            self.k.residual_layernorm_forward,
-            grid_rows(rows),
-            &[
-                Arg::Ptr(res),
-                out_f32,
-                out_bf16,
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::Ptr(a),
-                Arg::Ptr(b),
-                Arg::Ptr(self.p(w)),
-                Arg::Ptr(self.p_opt(bias)),
-                Arg::I32(rows as i32),
-                Arg::I32(c as i32),
-            ],
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_fwd(
-        &self,
-        out: LnOut,
-        mean: u64,
-        rstd: u64,
-        x: u64,
-        w: usize,
-        b: Option<usize>,
-        rows: usize,
-    ) -> CResult<()> {
-        let [out_f32, out_bf16] = out.args();
-        self.run(
-            self.k.layernorm_forward,
-            grid_rows(rows),
-            &[
-                out_f32,
-                out_bf16,
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::Ptr(x),
-                Arg::Ptr(self.p(w)),
-                Arg::Ptr(self.p_opt(b)),
-                Arg::I32(rows as i32),
-                Arg::I32(self.cfg.n_embd as i32),
-            ],
-        )
-    }
-
-    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_bwd(
-        &self,
-        dx: u64,
-        dx_bf16: u64,
-        dout: u64,
-        x: u64,
-        mean: u64,
-        rstd: u64,
-        w: usize,
-        b: Option<usize>,
-        rows: usize,
-        scratch: u64,
-    ) -> CResult<()> {
-        let c = self.cfg.n_embd;
-        let (dx_args, stats) = (
-            [Arg::Ptr(dx), Arg::Ptr(dx_bf16)],
-            [
-                Arg::Ptr(dout),
-                Arg::Ptr(x),
-                Arg::Ptr(self.p(w)),
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::I32(rows as i32),
-                Arg::I32(c as i32),
-            ],
-        );
-        let np = if self.switches.fused_ln && c <= LN_BWD_MAX_C {
-            // One pass: dx and the partial sums of the weight and bias gradients.
-            let np = rows.div_ceil(LN_BWD_ROWS);
-            let mut args = dx_args.to_vec();
-            args.push(Arg::Ptr(scratch));
-            args.extend(stats);
-            self.run(self.k.layernorm_backward, (np as u32, 1, 1), &args)?;
-            np
-        } else {
-            let mut args = dx_args.to_vec();
-            args.extend(stats);
-            self.run(self.k.layernorm_backward_dx, grid_rows(rows), &args)?;
-            let (np, rpp) = Self::parts(rows);
-            self.run(
-                self.k.layernorm_backward_parts,
-                (grid_cols4(c), np as u32, 1),
-                &[
-                    Arg::Ptr(scratch),
-                    Arg::Ptr(dout),
-                    Arg::Ptr(x),
-                    Arg::Ptr(mean),
-                    Arg::Ptr(rstd),
-                    Arg::I32(rows as i32),
-                    Arg::I32(c as i32),
-                    Arg::I32(rpp as i32),
-                ],
-            )?;
-            np
-        };
-        // The parts hold the weight's sums, then the bias's: one reduction when the bias
-        // follows the weight in the layout (as it does in GPT-2's), else one each.
-        let targets = match b {
-            Some(bo) if bo == w + c => vec![(w, 0, 2 * c)],
-            Some(bo) => vec![(w, 0, c), (bo, c, c)],
-            None => vec![(w, 0, c)],
-        };
-        for (dst, from, cols) in targets {
-            self.run(
-                self.k.reduce_parts_add,
-                grid_vec(cols),
-                &[
-                    Arg::Ptr(self.g(dst)),
-                    Arg::Ptr(at(scratch, from)),
-                    Arg::I32(np as i32),
-                    Arg::I32(cols as i32),
-                    Arg::I32(2 * c as i32),
-                ],
-            )?;
-        }
-        Ok(())
     }
 
     // ---------------------------------------------------------------- passes
@@ -915,585 +723,6 @@ impl CudaEngine {
     /// the `bf16_acts` switch on.
     fn bf16_acts(&self) -> bool {
         self.bf.is_some() && self.switches.bf16_acts
-    }
-
-    /// Where a kernel writes a gradient of `elems` values that only the next products read,
-    /// in bf16: the gradient scratch, with bf16 activations ([`CudaEngine::bf16_acts`]); else
-    /// `None` (the gradient stays fp32 and the products round it).
-    fn bf16_grad(&self, elems: usize) -> CResult<Option<u64>> {
-        match &self.bf {
-            Some(bf) if self.bf16_acts() => self.scratch(bf, SLOT_GRAD, elems).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    /// Where a LayerNorm backward also writes the residual-stream gradient `dres` (`elems`
-    /// values) in bf16, for the two backward products of the next linear layer when it
-    /// reads dres itself (`next_reads`: no residual dropout in between): the gradient
-    /// scratch, in the bf16 mode with `bf16_acts` (the bits a cast pass would give, without
-    /// the pass); else 0 (the products round dres themselves, [`CudaEngine::linear_bwd`]).
-    fn dres_bf16(&self, next_reads: bool, elems: usize) -> CResult<u64> {
-        match &self.bf {
-            Some(bf) if next_reads && self.bf16_acts() => self.scratch(bf, SLOT_GRAD, elems),
-            _ => Ok(0),
-        }
-    }
-
-    /// The gradient of a residual branch's output (`elems` values) as its backward products
-    /// read it: `dropout(dres)` in `dtmp` when residual dropout is active, else dres, with
-    /// its bf16 copy when the LayerNorm backward wrote one (`dres_bf16`,
-    /// [`CudaEngine::dres_bf16`]).
-    fn branch_grad(
-        &self,
-        a: &Acts,
-        drop: Option<Dropout>,
-        dres_bf16: u64,
-        elems: usize,
-    ) -> CResult<Src> {
-        Ok(match drop {
-            Some(d) if d.active() => {
-                self.dropout(a.dtmp.ptr, a.dres.ptr, elems, d)?;
-                Src::Act(a.dtmp.ptr)
-            }
-            _ if dres_bf16 != 0 => Src::Rounded(a.dres.ptr, dres_bf16),
-            _ => Src::Act(a.dres.ptr),
-        })
-    }
-
-    /// The recomputation of ln1 / ln2 (`recompute=2`): `out` (rows, C) from the LayerNorm
-    /// input `x` and the forward's saved `mean` and `rstd`, the same bits as the forward.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_recompute(
-        &self,
-        out: LnOut,
-        x: u64,
-        mean: u64,
-        rstd: u64,
-        w: usize,
-        b: Option<usize>,
-        rows: usize,
-    ) -> CResult<()> {
-        let c = self.cfg.n_embd;
-        let [out_f32, out_bf16] = out.args();
-        self.run(
-            self.k.layernorm_recompute,
-            grid_vec(rows * c),
-            &[
-                out_f32,
-                out_bf16,
-                Arg::Ptr(x),
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::Ptr(self.p(w)),
-                Arg::Ptr(self.p_opt(b)),
-                Arg::I32(rows as i32),
-                Arg::I32(c as i32),
-            ],
-        )
-    }
-
-    /// Forward pass up to the logits (N, V). `drop` is None in evaluation; `training` says
-    /// whether a backward pass follows (see [`CudaEngine::fused_attention`]). `t_cap` is the
-    /// sequence capacity to allocate if the activations must be (re)allocated.
-    fn forward(
-        &mut self,
-        inputs: &[u32],
-        b: usize,
-        t: usize,
-        drop: Option<DropoutSeeds>,
-        training: bool,
-        t_cap: usize,
-    ) -> CResult<()> {
-        self.ctx.make_current()?;
-        self.ensure_acts(b, t, t_cap)?;
-        let a = self
-            .acts
-            .as_ref()
-            .expect("activations allocated just above");
-        let cfg = &self.cfg;
-        let lay = &self.layout;
-        let (c, n) = (cfg.n_embd, b * t);
-        a.staged[STAGE_INPUTS].upload(inputs, &a.inputs, &self.stream)?;
-        if let Some(d) = drop {
-            a.staged[STAGE_SEEDS].upload(&d.table(cfg.n_layer), &a.seeds, &self.stream)?;
-        }
-        self.run(
-            self.k.embedding_forward,
-            grid_vec(n * c),
-            &[
-                Arg::Ptr(a.encoded.ptr),
-                Arg::Ptr(a.inputs.ptr),
-                Arg::Ptr(self.p(lay.wte)),
-                Arg::Ptr(self.p(lay.wpe)),
-                Arg::I32(n as i32),
-                Arg::I32(t as i32),
-                Arg::I32(c as i32),
-            ],
-        )?;
-        if let Some(d) = drop {
-            self.dropout(a.encoded.ptr, a.encoded.ptr, n * c, d.embedding())?;
-        }
-        // Each block ends with its residual add and the next LayerNorm (the next block's
-        // ln1, or the final one) in one step; only the first LayerNorm runs on its own.
-        // With `fused_residual` the projection products add the residual stream themselves
-        // where they can (see `residual_branch`) and the LayerNorms after them only
-        // normalise.
-        let fused_residual = self.bf.is_some() && self.switches().fused_residual && drop.is_none();
-        let mut ln_done = false;
-        for (l, o) in lay.blocks.iter().enumerate() {
-            let x = if l == 0 {
-                a.encoded.ptr
-            } else {
-                a.layers[l - 1].res3.ptr
-            };
-            let la = &a.layers[l];
-            if !ln_done {
-                self.layernorm_fwd(
-                    a.ln1(l),
-                    la.ln1_mean.ptr,
-                    la.ln1_rstd.ptr,
-                    x,
-                    o.ln1_w,
-                    o.ln1_b,
-                    n,
-                )?;
-            }
-            self.linear_fwd(
-                a.attn_out(la.qkv.ptr),
-                a.ln1(l).src(),
-                o.qkv_w,
-                o.qkv_b,
-                c,
-                3 * c,
-                n,
-            )?;
-            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
-            self.attention_fwd(a, la, b, t, attn_drop, training)?;
-            let added = self.linear_fwd(
-                residual_branch(fused_residual, la.res2.ptr, x),
-                a.attn_src(la.atty.ptr),
-                o.attn_proj_w,
-                o.attn_proj_b,
-                c,
-                c,
-                n,
-            )?;
-            if let Some(d) = drop {
-                self.dropout(la.res2.ptr, la.res2.ptr, n * c, d.attn_resid(l))?;
-            }
-            let ln2 = (a.ln2(l), la.ln2_mean.ptr, la.ln2_rstd.ptr, o.ln2_w, o.ln2_b);
-            self.residual_then_layernorm(added, la.res2.ptr, x, ln2, n)?;
-            let gelu = a.gelu(l);
-            self.linear_gelu_fwd(
-                a.mlp_out(gelu),
-                la.fch.ptr,
-                a.ln2(l).src(),
-                o.fc_w,
-                o.fc_b,
-                c,
-                4 * c,
-                n,
-            )?;
-            let added = self.linear_fwd(
-                residual_branch(fused_residual, la.res3.ptr, la.res2.ptr),
-                a.mlp_src(gelu),
-                o.mlp_proj_w,
-                o.mlp_proj_b,
-                4 * c,
-                c,
-                n,
-            )?;
-            if let Some(d) = drop {
-                self.dropout(la.res3.ptr, la.res3.ptr, n * c, d.mlp_resid(l))?;
-            }
-            // At level 2 the next block's ln1 goes to the shared buffer: this block's ln2
-            // there has been consumed by the fc product above.
-            let next_ln = match (a.layers.get(l + 1), lay.blocks.get(l + 1)) {
-                (Some(nl), Some(no)) => (
-                    a.ln1(l + 1),
-                    nl.ln1_mean.ptr,
-                    nl.ln1_rstd.ptr,
-                    no.ln1_w,
-                    no.ln1_b,
-                ),
-                _ => (
-                    a.lnf(),
-                    a.lnf_mean.ptr,
-                    a.lnf_rstd.ptr,
-                    lay.lnf_w,
-                    lay.lnf_b,
-                ),
-            };
-            self.residual_then_layernorm(added, la.res3.ptr, la.res2.ptr, next_ln, n)?;
-            ln_done = true;
-        }
-        if !ln_done {
-            self.layernorm_fwd(
-                a.lnf(),
-                a.lnf_mean.ptr,
-                a.lnf_rstd.ptr,
-                a.encoded.ptr,
-                lay.lnf_w,
-                lay.lnf_b,
-                n,
-            )?;
-        }
-        let v = cfg.vocab_size;
-        let logits = if a.storage.logits {
-            Out::Bf16(a.logits.ptr)
-        } else {
-            Out::F32(a.logits.ptr)
-        };
-        self.mm_ep(
-            n,
-            v,
-            c,
-            Lin::n(a.lnf().src(), c),
-            Lin::t(Src::Param(lay.wte), c),
-            0.0,
-            logits,
-            logits_ld(v),
-            Post::None,
-        )?;
-        Ok(())
-    }
-
-    /// Backward from dlogits (already in `logits`) to all parameter gradients (accumulated).
-    /// The backward pass, enqueued on the compute stream; `ready` hears of each finished
-    /// range of the gradient buffer right after its last write is enqueued (see
-    /// [`Engine::forward_backward_notify`]).
-    fn backward(
-        &self,
-        b: usize,
-        t: usize,
-        drop: Option<DropoutSeeds>,
-        ready: Option<&mut (dyn FnMut(super::GradReady) + Send)>,
-    ) -> CResult<()> {
-        let mut ready = ready;
-        let stream = self.stream.s as u64;
-        let mut report = |range: std::ops::Range<usize>| {
-            if let Some(f) = ready.as_mut() {
-                f(super::GradReady {
-                    start: range.start,
-                    len: range.len(),
-                    host: None,
-                    stream: Some(stream),
-                });
-            }
-        };
-        let a = self.acts.as_ref().expect("backward runs after forward");
-        let cfg = &self.cfg;
-        let lay = &self.layout;
-        let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
-        let ld = logits_ld(v);
-        // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. The cross-entropy
-        // kernel wrote dlogits over bf16 logits, or in bf16 to the gradient scratch with
-        // bf16 activations (see `cross_entropy`); otherwise it is in `logits`, rounded here
-        // in the bf16 mode (rows `ld` apart: the padding columns round along, unread).
-        let dlogits = if a.storage.logits {
-            Src::Bf16(a.logits.ptr)
-        } else {
-            match self.bf16_grad(n * ld)? {
-                Some(q) => Src::Bf16(q),
-                None => self.rounded(a.logits.ptr, n * ld)?,
-            }
-        };
-        self.mm(
-            n,
-            c,
-            v,
-            Lin::n(dlogits, ld),
-            Lin::n(Src::Param(lay.wte), c),
-            0.0,
-            a.dln.ptr,
-            c,
-        )?;
-        self.mm(
-            v,
-            c,
-            n,
-            Lin::t(dlogits, ld),
-            Lin::n(a.lnf().src(), c),
-            1.0,
-            self.g(lay.wte),
-            c,
-        )?;
-        self.stream.zero(&a.dres)?;
-        // Whether residual dropout sits between dres and the branch of layer l that reads it
-        // (the MLP branch, `mlp`, or the attention branch).
-        let branch_dropout = |l: usize, mlp: bool| {
-            drop.is_some_and(|d| {
-                if mlp {
-                    d.mlp_resid(l).active()
-                } else {
-                    d.attn_resid(l).active()
-                }
-            })
-        };
-        let last = a.layers.last().map_or(a.encoded.ptr, |la| la.res3.ptr);
-        let mut dres_bf16 = match cfg.n_layer {
-            0 => 0,
-            l => self.dres_bf16(!branch_dropout(l - 1, true), n * c)?,
-        };
-        self.layernorm_bwd(
-            a.dres.ptr,
-            dres_bf16,
-            a.dln.ptr,
-            last,
-            a.lnf_mean.ptr,
-            a.lnf_rstd.ptr,
-            lay.lnf_w,
-            lay.lnf_b,
-            n,
-            a.ln_parts.ptr,
-        )?;
-        // ln_f is the end of the layout; block l runs up to block l + 1 (or ln_f).
-        let block_end = |l: usize| lay.blocks.get(l + 1).map_or(lay.lnf_w, |o| o.ln1_w);
-        report(lay.lnf_w..lay.total);
-        let bias_scratch = a.bias_parts.ptr;
-        for l in (0..cfg.n_layer).rev() {
-            let o = &lay.blocks[l];
-            let x = if l == 0 {
-                a.encoded.ptr
-            } else {
-                a.layers[l - 1].res3.ptr
-            };
-            let la = &a.layers[l];
-            if la.fch_gelu.is_none() {
-                // Recomputed with the forward's unfused kernel (see the module docs for the
-                // fused GELU epilogue and the bf16 MLP chain).
-                let len = Arg::I64((n * 4 * c) as i64);
-                let (gelu, pre) = (Arg::Ptr(a.gelu(l)), Arg::Ptr(la.fch.ptr));
-                if a.storage.mlp {
-                    self.run(
-                        self.k.gelu_forward_bf16,
-                        grid_vec(n * 4 * c),
-                        &[gelu, Arg::Ptr(0), Arg::Ptr(0), pre, len],
-                    )?;
-                } else {
-                    self.run(self.k.gelu_forward, grid_vec(n * 4 * c), &[gelu, pre, len])?;
-                }
-            }
-            // ---- MLP branch: res3 = res2 + dropout(gelu(ln2 @ Wfc + bfc) @ Wp + bp)
-            let gbranch = self.branch_grad(a, drop.map(|d| d.mlp_resid(l)), dres_bf16, n * c)?;
-            // dfch = d(pre-activation of the GELU)
-            self.linear_bwd(
-                a.mlp_out(a.dfch.ptr),
-                gbranch,
-                a.mlp_src(a.gelu(l)),
-                o.mlp_proj_w,
-                o.mlp_proj_b,
-                Post::DGelu { pre: la.fch.ptr },
-                4 * c,
-                c,
-                n,
-                bias_scratch,
-            )?;
-            if la.ln2.is_none() {
-                self.layernorm_recompute(
-                    a.ln2(l),
-                    la.res2.ptr,
-                    la.ln2_mean.ptr,
-                    la.ln2_rstd.ptr,
-                    o.ln2_w,
-                    o.ln2_b,
-                    n,
-                )?;
-            }
-            self.linear_bwd(
-                Out::F32(a.dln.ptr),
-                a.mlp_src(a.dfch.ptr),
-                a.ln2(l).src(),
-                o.fc_w,
-                o.fc_b,
-                Post::None,
-                c,
-                4 * c,
-                n,
-                bias_scratch,
-            )?;
-            dres_bf16 = self.dres_bf16(!branch_dropout(l, false), n * c)?;
-            self.layernorm_bwd(
-                a.dres.ptr,
-                dres_bf16,
-                a.dln.ptr,
-                la.res2.ptr,
-                la.ln2_mean.ptr,
-                la.ln2_rstd.ptr,
-                o.ln2_w,
-                o.ln2_b,
-                n,
-                a.ln_parts.ptr,
-            )?;
-            // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
-            let gbranch = self.branch_grad(a, drop.map(|d| d.attn_resid(l)), dres_bf16, n * c)?;
-            // The attention output's gradient: in bf16 over the first half of dln with bf16
-            // attention storage (the attention backward reads it so).
-            self.linear_bwd(
-                a.attn_out(a.dln.ptr),
-                gbranch,
-                a.attn_src(la.atty.ptr),
-                o.attn_proj_w,
-                o.attn_proj_b,
-                Post::None,
-                c,
-                c,
-                n,
-                bias_scratch,
-            )?;
-            let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
-            let dqkv = self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
-            if la.ln1.is_none() {
-                self.layernorm_recompute(
-                    a.ln1(l),
-                    x,
-                    la.ln1_mean.ptr,
-                    la.ln1_rstd.ptr,
-                    o.ln1_w,
-                    o.ln1_b,
-                    n,
-                )?;
-            }
-            self.linear_bwd(
-                Out::F32(a.dln.ptr),
-                dqkv,
-                a.ln1(l).src(),
-                o.qkv_w,
-                o.qkv_b,
-                Post::None,
-                c,
-                3 * c,
-                n,
-                bias_scratch,
-            )?;
-            // Below block 0 only the embeddings read dres: no copy.
-            dres_bf16 = match l {
-                0 => 0,
-                l => self.dres_bf16(!branch_dropout(l - 1, true), n * c)?,
-            };
-            self.layernorm_bwd(
-                a.dres.ptr,
-                dres_bf16,
-                a.dln.ptr,
-                x,
-                la.ln1_mean.ptr,
-                la.ln1_rstd.ptr,
-                o.ln1_w,
-                o.ln1_b,
-                n,
-                a.ln_parts.ptr,
-            )?;
-            report(o.ln1_w..block_end(l));
-        }
-        if let Some(d) = drop {
-            self.dropout(a.dres.ptr, a.dres.ptr, n * c, d.embedding())?;
-        }
-        self.run(
-            self.k.embedding_backward_wte,
-            grid_vec(n * c),
-            &[
-                Arg::Ptr(self.g(lay.wte)),
-                Arg::Ptr(a.dres.ptr),
-                Arg::Ptr(a.inputs.ptr),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-            ],
-        )?;
-        self.run(
-            self.k.embedding_backward_wpe,
-            grid_vec(t * c),
-            &[
-                Arg::Ptr(self.g(lay.wpe)),
-                Arg::Ptr(a.dres.ptr),
-                Arg::I32(b as i32),
-                Arg::I32(t as i32),
-                Arg::I32(c as i32),
-            ],
-        )?;
-        // wte (also written by the tied LM head) and wpe: the start of the layout.
-        report(0..lay.blocks.first().map_or(lay.lnf_w, |o| o.ln1_w));
-        Ok(())
-    }
-
-    /// Cross-entropy over the logits of the last forward pass; with `grad_scale` the logits
-    /// become d(mean loss * scale)/d(logits) (bf16 logits: in bf16, in place), or, with fp32
-    /// logits and bf16 activations ([`CudaEngine::bf16_grad`]), that gradient goes in bf16
-    /// to the gradient scratch (the logits stay). Enqueued with
-    /// the copy of the per-row losses to pinned memory; [`CudaEngine::mean_loss`] waits for
-    /// them, so the backward pass can be enqueued first.
-    fn cross_entropy(&self, targets: &[i32], grad_scale: Option<f32>) -> CResult<PendingLoss> {
-        let a = self
-            .acts
-            .as_ref()
-            .expect("cross-entropy runs after forward");
-        let n = targets.len();
-        let count = targets.iter().filter(|&&t| t >= 0).count();
-        let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        a.staged[STAGE_TARGETS].upload(targets, &a.targets, &self.stream)?;
-        let v = self.cfg.vocab_size;
-        let (grad_k, write_grad) = (
-            Arg::F32(grad_scale.map_or(0.0, |s| s * inv)),
-            Arg::I32(grad_scale.is_some() as i32),
-        );
-        let (loss, tgt) = (Arg::Ptr(a.row_loss.ptr), Arg::Ptr(a.targets.ptr));
-        let (rows, cols, ld) = (
-            Arg::I32(n as i32),
-            Arg::I32(v as i32),
-            Arg::I32(logits_ld(v) as i32),
-        );
-        if a.storage.logits {
-            // bf16 logits: the gradient goes over them in place.
-            self.run(
-                self.k.cross_entropy_bf16,
-                (n as u32, 1, 1),
-                &[
-                    Arg::Ptr(a.logits.ptr),
-                    loss,
-                    tgt,
-                    rows,
-                    cols,
-                    ld,
-                    grad_k,
-                    write_grad,
-                ],
-            )?;
-        } else {
-            let grad_bf16 = match grad_scale {
-                Some(_) => self.bf16_grad(n * logits_ld(v))?.unwrap_or(0),
-                None => 0,
-            };
-            self.run(
-                self.k.cross_entropy_forward_backward,
-                (n as u32, 1, 1),
-                &[
-                    Arg::Ptr(a.logits.ptr),
-                    Arg::Ptr(grad_bf16),
-                    loss,
-                    tgt,
-                    rows,
-                    cols,
-                    ld,
-                    grad_k,
-                    write_grad,
-                ],
-            )?;
-        }
-        a.staged[STAGE_LOSSES].download(&a.row_loss, 8 * n, &self.stream)?;
-        Ok(PendingLoss { rows: n, count })
-    }
-
-    /// The mean loss over counted positions of a [`CudaEngine::cross_entropy`], once its
-    /// per-row losses have reached the host.
-    fn mean_loss(&self, pending: PendingLoss) -> CResult<f32> {
-        let a = self.acts.as_ref().expect("a loss follows a forward pass");
-        let mut losses = vec![0f64; pending.rows];
-        a.staged[STAGE_LOSSES].read(&mut losses)?;
-        let sum: f64 = losses.iter().sum();
-        Ok(if pending.count > 0 {
-            (sum / pending.count as f64) as f32
-        } else {
-            0.0
-        })
     }
 
     fn dropout_seeds(&mut self) -> Option<DropoutSeeds> {
@@ -1542,6 +771,8 @@ impl CudaEngine {
     /// is enqueued before the loss is read, so when this returns the GPU is still running
     /// the backward pass while the caller fetches the next micro-batch, whose copies and
     /// kernels queue up behind it: no idle gap between micro-steps.
+    ///
+    /// [`Staging`]: crate::cuda::driver::Staging
     fn train_step(
         &mut self,
         batch: Batch,

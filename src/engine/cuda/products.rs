@@ -253,7 +253,7 @@ impl CudaEngine {
     }
 
     /// The products with a fused epilogue planned so far, each ending in "fused" or
-    /// "unfused: <why>" (then computed by separate kernels); empty in fp32 mode or with
+    /// `"unfused: <why>"` (then computed by separate kernels); empty in fp32 mode or with
     /// the `epilogues` switch off.
     pub fn epilogue_report(&self) -> Vec<String> {
         self.bf
@@ -505,6 +505,9 @@ impl CudaEngine {
     /// # Safety
     /// As [`MatmulCache::matmul_ep`] (with `args`) or [`MatmulCache::matmul`]: the operands
     /// and C cover `shape`; the workspace is the bf16 state's, of LT_WORKSPACE bytes.
+    ///
+    /// [`MatmulCache::matmul_ep`]: crate::cuda::cublaslt::MatmulCache::matmul_ep
+    /// [`MatmulCache::matmul`]: crate::cuda::cublaslt::MatmulCache::matmul
     pub(super) unsafe fn lt_product(
         &self,
         bf: &Bf16State,

@@ -1,10 +1,10 @@
 //! Per-operation timing of one training step on the CUDA engine, and its memory accounting.
 //!
-//! While a [`Profiler`] is installed (only inside [`CudaEngine::profiled_step`]), every kernel
+//! While a `Profiler` is installed (only inside `CudaEngine::profiled_step`), every kernel
 //! launch (`CudaEngine::run`) and every matrix product (`CudaEngine::gemm`, and the cuBLASLt
 //! call of `CudaEngine::mm`) is bracketed by a pair of CUDA events on the engine's stream.
 //! Without one, the hooks cost one branch on `Option::None`. Work launched some other way
-//! (e.g. through `flash.rs`'s own launcher) is timed by wrapping it in [`region`].
+//! (e.g. through `flash.rs`'s own launcher) is timed by wrapping it in `region`.
 //!
 //! What each operation moved and computed is estimated from its arguments: matrix products
 //! do `2 m n k` FLOPs per matrix and move their operands once; each kernel family has a
@@ -533,7 +533,7 @@ pub(super) fn region<R>(
     }
 }
 
-/// What an operation timed as a named [`region`] computes and moves, where known.
+/// What an operation timed as a named `region` computes and moves, where known.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Work {
     pub flops: Option<f64>,
