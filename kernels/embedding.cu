@@ -11,10 +11,20 @@
 //   x[n, c] = wte[tokens[n], c] + wpe[n % T, c]
 //   Launch: over N*C elements; block 256, grid ceil(ceil((N*C + 3) / 4) / 256) (grid_vec).
 //
-// embedding_backward_wte(dwte, dx, tokens, N, C)
-//   dwte[tokens[n], c] += dx[n, c], with atomicAdd (repeated tokens in a batch add in an
-//   unspecified order, so the last bits may differ from run to run).
-//   Launch: over N*C elements; block 256, grid ceil(ceil((N*C + 3) / 4) / 256) (grid_vec).
+// embedding_backward_wte(dwte, dx, table, N, C)
+//   dwte[tok, c] += dx[n, c] for every row n holding token tok, added in increasing n into
+//   the running value (the CPU engine's order, so the same bits). One block owns each
+//   token's row of dwte: no atomics, the same bits from run to run.
+//   table (u32, 3N + 2 values; built by the host for each micro-batch, see
+//   src/engine/cuda/embedding.rs):
+//     table[0]                   U, the number of distinct tokens
+//     table[1 + u], u <= U       where token u's rows start in `rows` (table[1 + U] = N)
+//     table[N + 2 + u], u < U    token u
+//     table[2N + 2 + i], i < N   `rows`: the row indices grouped by token, increasing
+//                                within a token
+//   Launch: grid (N, ceil(G / 256)), block 256, G = ceil((C + 3) / 4) groups of four
+//   channels (vectorised access over a dwte row). Blocks x >= U return at once: the grid
+//   depends only on the batch shape, so a CUDA graph can replay it for any batch.
 //
 // embedding_backward_wpe(dwpe, dx, B, T, C)
 //   dwpe[t, c] += sum over b (in order) of dx[b*T + t, c]  (deterministic, no atomics)
@@ -60,32 +70,31 @@ extern "C" __global__ void embedding_forward(float* __restrict__ x,
 
 extern "C" __global__ void embedding_backward_wte(float* __restrict__ dwte,
                                                   const float* __restrict__ dx,
-                                                  const unsigned int* __restrict__ tokens,
+                                                  const unsigned int* __restrict__ table,
                                                   int n_rows, int c) {
-    long long total = (long long)n_rows * c;
-    bool vec = c % 4 == 0 && vec_aligned(dx);
-    Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, total, 0, vec);
-    if (g.e0 >= total) return;
-    float d[4];
-    ld4_ro(d, dx, g, total);
-    if (g.full) {
-        int n = (int)(g.e0 / c);
-        int j = (int)(g.e0 % c);
-        float* dst = dwte + (long long)__ldg(tokens + n) * c + j;
+    unsigned int u = blockIdx.x;
+    if (u >= __ldg(table)) return;
+    const unsigned int* starts = table + 1;
+    const unsigned int* tokens = table + n_rows + 2;
+    const unsigned int* rows = table + 2 * (long long)n_rows + 2;
+    // Every row of dwte (and of dx) has dwte's (dx's) shift when C % 4 == 0.
+    int s = vec_shift(dwte, 4);
+    bool vec = c % 4 == 0 && vec_shift(dx, 4) == s;
+    Group4 g = group4((long long)blockIdx.y * blockDim.x + threadIdx.x, c, s, vec);
+    if (g.e0 >= c) return;
+    float* dst = dwte + (long long)__ldg(tokens + u) * c;
+    float acc[4];
+    ld4(acc, dst, g, c);
+    unsigned int end = __ldg(starts + u + 1);
+    // The loads do not depend on the sums: unrolled, several rows are in flight at once.
+#pragma unroll 4
+    for (unsigned int i = __ldg(starts + u); i < end; i++) {
+        float d[4];
+        ld4_ro(d, dx + (long long)__ldg(rows + i) * c, g, c);
 #pragma unroll
-        for (int e = 0; e < 4; e++) atomicAdd(dst + e, d[e]);
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            long long i = g.e0 + e;
-            if (i < total) {
-                int n = (int)(i / c);
-                int j = (int)(i % c);
-                long long tok = tokens[n];
-                atomicAdd(&dwte[tok * c + j], d[e]);
-            }
-        }
+        for (int e = 0; e < 4; e++) acc[e] += d[e];
     }
+    st4(dst, g, c, acc);
 }
 
 extern "C" __global__ void embedding_backward_wpe(float* __restrict__ dwpe,

@@ -27,7 +27,8 @@
 #                      "compiled N of N kernel programs ... in S s" goes to summary.txt)
 #                                                                 -> first_start.log
 #      tests           cuda_engine: fp32 and bf16 engines vs the PyTorch fixtures and the
-#                      CPU engine                                 -> cuda_engine.log
+#                      CPU engine; the same bits run to run and after a rebuild from saved
+#                      state (resume)                             -> cuda_engine.log
 #      auto            cuda_auto: device=auto's check of the CUDA engine against the CPU
 #                      engine passes, and auto then picks the GPU -> cuda_auto.log
 #      tests-decode    cuda_decode: KV-cache decoding vs the CPU engine -> cuda_decode.log

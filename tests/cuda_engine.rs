@@ -2,13 +2,13 @@
 //! fixtures of tools/make_reference.py: logits, loss, every parameter gradient, 10 AdamW
 //! steps with clipping, dropout (identical masks), gradients edited through `grads_mut`,
 //! and decoding. The bf16 mixed-precision mode against the CPU engine, with the tolerances
-//! explained at [`BF16`].
+//! explained at [`BF16`]. Training on the GPU against itself: the same bits every run, and
+//! an engine rebuilt from another's state continuing bit for bit (what resume relies on).
 //!
 //! Tolerances: errors are measured per tensor as max |a - b| / max |b| (relative to the
 //! tensor's scale). Both engines compute in fp32 (unit roundoff 6e-8) but sum in different
-//! orders (warp/block reductions, cuBLAS blocking, atomics for the token-embedding
-//! gradient, FMA contraction), so results differ in the last bits; through a few layers and
-//! reductions of at most a few thousand terms that stays below ~1e-6 of scale. 1e-4 leaves
+//! orders (warp/block reductions, cuBLAS blocking, FMA contraction), so results differ in
+//! the last bits; through a few layers and reductions of at most a few thousand terms that stays below ~1e-6 of scale. 1e-4 leaves
 //! two orders of magnitude of headroom and still catches any indexing, masking or formula
 //! mistake, which shows up as an O(1) error. The same bound is what the CPU engine meets
 //! against the float64 reference (tests/engine_reference.rs).
@@ -612,6 +612,126 @@ fn every_optimisation_switched_off_still_tracks_the_cpu_engine() {
             &format!("bf16, {name} off"),
             true,
             off,
+        );
+    }
+}
+
+/// A batch of 4 x 16 positions over 8 tokens (each 8 times, spread over the batch) for a
+/// model with a vocabulary of 96 or more.
+fn repeated_tokens() -> (Vec<u32>, Vec<i32>, usize, usize) {
+    let (b, t) = (4, 16);
+    let inputs = (0..b * t).map(|i| (i * 5 % 8) as u32).collect();
+    let targets = (0..b * t).map(|i| (i * 3 % 96) as i32).collect();
+    (inputs, targets, b, t)
+}
+
+/// `steps` AdamW steps (weight decay, clipping) of two accumulated micro-steps each; the
+/// bits of every loss and gradient norm.
+fn train_steps(e: &mut CudaEngine, batch: Batch, steps: usize) -> Vec<u32> {
+    let hp = ten_steps_config();
+    let mut scalars = Vec::new();
+    for _ in 0..steps {
+        e.zero_grad();
+        for _ in 0..2 {
+            scalars.push(e.forward_backward(batch, 0.5).unwrap().to_bits());
+        }
+        scalars.push(e.step(&hp, TEN_STEPS_LR).to_bits());
+    }
+    scalars
+}
+
+/// The number of parameters whose bits differ between two engines.
+fn params_differing(a: &CudaEngine, b: &CudaEngine) -> usize {
+    let (pa, pb) = (a.params(), b.params());
+    pa.iter()
+        .zip(&pb)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
+/// Training on the GPU gives the same bits every run: two engines over the same
+/// parameters, three steps over a batch in which every token repeats, compared bit for bit
+/// (losses, gradient norms, parameters), in fp32 and bf16. The emulated GPU runs blocks in
+/// one fixed order, so there this cannot fail; on a GPU it fails for any kernel whose
+/// result depends on the order its blocks run in (atomics adding into one place).
+/// tools/kernel_emulate runs the token-embedding gradient under both block orders.
+#[test]
+fn training_gives_the_same_bits_every_run() {
+    if no_gpu("training_gives_the_same_bits_every_run") {
+        return;
+    }
+    let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();
+    let (inputs, targets, b, t) = repeated_tokens();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let engine = || {
+            CudaEngine::with_switches(
+                cfg.clone(),
+                perturbed_params(&cfg, 5),
+                5,
+                0,
+                precision,
+                env_switches(),
+            )
+            .unwrap_or_else(|e| panic!("CUDA engine ({precision:?}): {e}"))
+        };
+        let (mut first, mut second) = (engine(), engine());
+        assert_eq!(
+            train_steps(&mut first, batch, 3),
+            train_steps(&mut second, batch, 3),
+            "{precision:?}: losses and gradient norms differ between two identical runs"
+        );
+        let differ = params_differing(&first, &second);
+        assert_eq!(
+            differ, 0,
+            "{precision:?}: {differ} parameters differ between two identical runs"
+        );
+    }
+}
+
+/// What `init_from=resume` relies on: an engine rebuilt from another's parameters, AdamW
+/// moments and step count, and dropout generator state continues bit for bit as the
+/// original would have (fp32 and bf16, dropout on).
+#[test]
+fn a_rebuilt_engine_continues_bit_for_bit() {
+    if no_gpu("a_rebuilt_engine_continues_bit_for_bit") {
+        return;
+    }
+    let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.1).unwrap();
+    let (inputs, targets, b, t) = repeated_tokens();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let engine = |params: Vec<f32>| {
+            CudaEngine::with_switches(cfg.clone(), params, 5, 0, precision, env_switches())
+                .unwrap_or_else(|e| panic!("CUDA engine ({precision:?}): {e}"))
+        };
+        let mut whole = engine(perturbed_params(&cfg, 5));
+        let uninterrupted = train_steps(&mut whole, batch, 4);
+        let mut before = engine(perturbed_params(&cfg, 5));
+        let mut resumed_run = train_steps(&mut before, batch, 2);
+        let mut after = engine(before.params());
+        after.set_optimizer_state(before.optimizer_state());
+        after.set_rng_state(before.rng_state());
+        drop(before);
+        resumed_run.extend(train_steps(&mut after, batch, 2));
+        assert_eq!(
+            resumed_run, uninterrupted,
+            "{precision:?}: the rebuilt engine's losses and gradient norms differ"
+        );
+        let differ = params_differing(&after, &whole);
+        assert_eq!(
+            differ, 0,
+            "{precision:?}: {differ} parameters differ after the rebuilt engine's steps"
         );
     }
 }

@@ -8,9 +8,9 @@
 //! the forward's own `ln_apply`) reproduce the forward's bits, and every other kernel and
 //! product runs on the same inputs in the same order, so the results are bit-identical,
 //! with two provisos the tests arrange for or allow:
-//! - the token-embedding gradient adds rows with atomics, in no fixed order when a token
-//!   repeats; the batches here hold each token at most once (a permutation of the
-//!   vocabulary), so that sum is exact too;
+//! - (the batches here hold each token at most once, a permutation of the vocabulary; the
+//!   token-embedding gradient adds a repeated token's rows in row order, without atomics,
+//!   so it would be bit-identical with repeats too);
 //! - with cuBLASLt's GELU epilogue (bf16, `epilogues` on) the forward's GELU comes from
 //!   cuBLASLt and the recomputed one from `gelu_forward`; they may differ in the last bits,
 //!   which moves the bf16-rounded operand of the MLP projection's weight gradient by one

@@ -130,7 +130,7 @@ fn vectorised_kernels_emit_wide_global_accesses() {
         ("layernorm_recompute", stores_v4),
         ("cross_entropy_forward_backward", stores_v4),
         ("embedding_forward", stores_v4),
-        ("embedding_backward_wte", ""),
+        ("embedding_backward_wte", stores_v4),
         ("embedding_backward_wpe", stores_v4),
         ("decode_kv_append", stores_v4),
     ];

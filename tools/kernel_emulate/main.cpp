@@ -173,6 +173,28 @@ static std::vector<float> randn(size_t n, float scale = 1.0f) {
     return v;
 }
 
+// The row table embedding_backward_wte reads (kernels/embedding.cu): distinct tokens U,
+// where each token's rows start (then N), the tokens, the rows grouped by token.
+static std::vector<unsigned> token_rows(const std::vector<unsigned>& tok) {
+    size_t n = tok.size();
+    std::vector<unsigned> rows(n);
+    for (size_t i = 0; i < n; i++) rows[i] = (unsigned)i;
+    std::stable_sort(rows.begin(), rows.end(), [&](unsigned a, unsigned b) { return tok[a] < tok[b]; });
+    std::vector<unsigned> t(3 * n + 2, 0);
+    unsigned u = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i == 0 || tok[rows[i]] != tok[rows[i - 1]]) {
+            t[1 + u] = (unsigned)i;
+            t[n + 2 + u] = tok[rows[i]];
+            u++;
+        }
+        t[2 * n + 2 + i] = rows[i];
+    }
+    t[0] = u;
+    t[1 + u] = (unsigned)n;
+    return t;
+}
+
 // ------------------------------------------------------------------ references
 static const float K_GELU = 0.7978846f;
 static float ref_gelu(float v) {
@@ -1068,7 +1090,7 @@ static void check_cross_entropy_ld() {
 static void check_embedding() {
     const int vocab = 11;
     for (auto [b, t, c] : std::vector<std::tuple<int, int, int>>{
-             {1, 1, 1}, {2, 3, 2}, {1, 5, 3}, {2, 2, 4}, {3, 2, 5}, {1, 3, 7}, {2, 4, 8}, {2, 3, 33}, {2, 5, 64}, {3, 2, 130}})
+             {1, 1, 1}, {2, 3, 2}, {1, 5, 3}, {2, 2, 4}, {3, 2, 5}, {1, 3, 7}, {2, 4, 8}, {2, 3, 33}, {2, 5, 64}, {3, 2, 130}, {4, 16, 64}})
         for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
             std::string shape = std::to_string(b) + "x" + std::to_string(t) + "x" + std::to_string(c);
             int n = b * t;
@@ -1091,16 +1113,23 @@ static void check_embedding() {
                 exact(k, cs, "x", x.get(), want);
                 guards(k, cs, x, we, wp, tb);
             }
-            {
-                // Serial emulation adds in flat element order, as the reference (on a GPU the
-                // atomics' order is unspecified).
-                std::string k = "embedding_backward_wte", cs = begin(k, shape, s);
+            // The token-embedding gradient adds each token's rows in row order, as the CPU
+            // engine does: the same bits whichever order the blocks run in (atomics would
+            // add repeated tokens in block order and fail the reversed run).
+            for (bool reversed : {false, true}) {
+                std::string k = "embedding_backward_wte",
+                            cs = begin(k, shape + (reversed ? ", blocks reversed" : ""), s);
                 auto d0 = randn((size_t)vocab * c);
                 Buf<float> dw(d0.size(), off_first(s)), dxb(nc, s == MIXED ? 0 : off_first(s));
-                Buf<unsigned> tb(n, 0);
-                dw.set(d0), dxb.set(dx), tb.set(tok);
-                emulate_serial(grid_vec(nc), BLOCK, [&] { emb::embedding_backward_wte(dw.p, dxb.p, tb.p, n, c); });
-                end(k, cs, s, (s == ALIGNED || s == MIXED) && c % 4 == 0);  // only dx is vectorised
+                auto table = token_rows(tok);
+                Buf<unsigned> tb(table.size(), 0);
+                dw.set(d0), dxb.set(dx), tb.set(table);
+                unsigned groups = (unsigned)((c + 3 + 3) / 4);
+                emu_blocks_reversed = reversed;
+                emulate_serial({(unsigned)n, (groups + BLOCK - 1) / BLOCK, 1}, BLOCK,
+                               [&] { emb::embedding_backward_wte(dw.p, dxb.p, tb.p, n, c); });
+                emu_blocks_reversed = false;
+                end(k, cs, s, s != MIXED && c % 4 == 0 && shift_vec(c, off_first(s)));
                 std::vector<float> want = d0;
                 for (int r = 0; r < n; r++)
                     for (int j = 0; j < c; j++) want[(size_t)tok[r] * c + j] += dx[(size_t)r * c + j];

@@ -191,6 +191,14 @@ inline const EmuSchedule emu_schedule = [] {
 // Hook run before each block (the flash-attention shim fills its shared memory with NaN).
 inline std::function<void()> emu_before_block;
 
+// Blocks run first to last, or with this set last to first (both are orders the GPU may
+// run them in): a kernel whose result depends on the order of its blocks (atomics adding
+// into one place) gives different bits under the two.
+inline bool emu_blocks_reversed = false;
+
+// Block index `i` of `n` in the order emu_blocks_reversed says.
+inline unsigned emu_block(unsigned i, unsigned n) { return emu_blocks_reversed ? n - 1 - i : i; }
+
 // Runs `k` over the grid with `threads` threads per block, one fiber each, on the calling
 // thread (see the top of this file).
 inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k) {
@@ -206,7 +214,7 @@ inline void emulate(dim3 grid, unsigned threads, const std::function<void()>& k)
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx_shared = dim3{x, y, z};
+                blockIdx_shared = dim3{emu_block(x, grid.x), emu_block(y, grid.y), emu_block(z, grid.z)};
                 if (emu_before_block) emu_before_block();
                 emu_block_fbar = EmuFiberBarrier{threads, 0, 0};
                 emu_warp_fbars.assign((threads + 31) / 32, EmuFiberBarrier{32, 0, 0});
@@ -257,7 +265,7 @@ inline void emulate_serial(dim3 grid, unsigned threads, const std::function<void
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx_shared = dim3{x, y, z};
+                blockIdx_shared = dim3{emu_block(x, grid.x), emu_block(y, grid.y), emu_block(z, grid.z)};
                 for (unsigned t = 0; t < threads; t++) {
                     threadIdx = dim3{t, 0, 0};
                     k();

@@ -3,6 +3,7 @@
 //! ([`Bf16Storage`]), and the byte count the engine plans and reports
 //! ([`activation_bytes`]).
 
+use super::embedding::table_len;
 use super::flash::FlashIo;
 use super::{Buf, CResult, LnOut, Out, Src, PARTS};
 use crate::cuda::driver::{Context, Staging};
@@ -94,10 +95,13 @@ pub(super) struct Acts {
     pub(super) lnf_rstd: Buf,
     pub(super) logits: Buf,
     pub(super) row_loss: Buf,
-    /// Pinned host staging of the token inputs, the targets, the per-row losses and the
-    /// dropout seed table: the host hands a micro-batch over and asks for its loss without
-    /// waiting for the GPU (see `CudaEngine::train_step`).
-    pub(super) staged: [Staging<'static>; 4],
+    /// Pinned host staging of the token inputs, the targets, the per-row losses, the
+    /// dropout seed table and the token rows: the host hands a micro-batch over and asks
+    /// for its loss without waiting for the GPU (see `CudaEngine::train_step`).
+    pub(super) staged: [Staging<'static>; 5],
+    /// The rows of a training micro-batch grouped by token (`embedding::token_rows`), for
+    /// the token-embedding gradient.
+    pub(super) token_rows: Buf,
     /// The dropout seeds of the current training pass, by slot
     /// ([`crate::engine::dropout::DropoutSeeds::table`]), which `dropout_apply` reads.
     pub(super) seeds: Buf,
@@ -183,7 +187,9 @@ impl Acts {
                 Staging::new(ctx, 4 * n)?,
                 Staging::new(ctx, 8 * n)?,
                 Staging::new(ctx, 8 * DropoutSeeds::slots(cfg.n_layer))?,
+                Staging::new(ctx, 4 * table_len(n))?,
             ],
+            token_rows: ctx.alloc(4 * table_len(n))?,
             seeds: ctx.alloc(8 * DropoutSeeds::slots(cfg.n_layer))?,
             dres: z(n * c)?,
             dtmp: z(n * c)?,
@@ -230,6 +236,7 @@ impl Acts {
         let layer = 4 * n + 2 * n * c;
         let attn_values = l * 4 * n * c;
         let once = 2 * n // inputs, targets
+            + table_len(n) // token rows
             + n * c // encoded
             + 2 * n // lnf's mean, rstd
             + 3 * n * c + n * 3 * c // dres, dtmp, dln, dqkv

@@ -282,17 +282,7 @@ impl CudaEngine {
         if let Some(d) = drop {
             self.dropout(a.dres.ptr, a.dres.ptr, n * c, d.embedding())?;
         }
-        self.run(
-            self.k.embedding_backward_wte,
-            grid_vec(n * c),
-            &[
-                Arg::Ptr(self.g(lay.wte)),
-                Arg::Ptr(a.dres.ptr),
-                Arg::Ptr(a.inputs.ptr),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-            ],
-        )?;
+        self.embedding_wte_backward(self.g(lay.wte), a.dres.ptr, a.token_rows.ptr, n, c)?;
         self.run(
             self.k.embedding_backward_wpe,
             grid_vec(t * c),

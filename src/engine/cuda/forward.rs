@@ -2,9 +2,10 @@
 //! attention, residual adds) and the LM head, up to the logits.
 
 use super::acts::logits_ld;
+use super::embedding::token_rows;
 use super::kernels::{grid_vec, Arg};
 use super::products::{Lin, Out, Post, Src};
-use super::{CResult, CudaEngine, STAGE_INPUTS, STAGE_SEEDS};
+use super::{CResult, CudaEngine, STAGE_INPUTS, STAGE_SEEDS, STAGE_TOKEN_ROWS};
 use crate::engine::dropout::{Dropout, DropoutSeeds};
 
 /// Where a block's projection product writes its branch: into `res`, to which
@@ -45,6 +46,11 @@ impl CudaEngine {
         let lay = &self.layout;
         let (c, n) = (cfg.n_embd, b * t);
         a.staged[STAGE_INPUTS].upload(inputs, &a.inputs, &self.stream)?;
+        if training {
+            // For the token-embedding gradient at the end of the backward pass.
+            let table = token_rows(inputs);
+            a.staged[STAGE_TOKEN_ROWS].upload(&table, &a.token_rows, &self.stream)?;
+        }
         if let Some(d) = drop {
             a.staged[STAGE_SEEDS].upload(&d.table(cfg.n_layer), &a.seeds, &self.stream)?;
         }

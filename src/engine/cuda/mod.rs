@@ -136,8 +136,9 @@
 //! the vocabulary (GPT-2's 50257 is odd); the padding takes part in no result.
 //!
 //! Differences from the CPU engine that tests must allow for: fp32 sums run in a different
-//! order (warp and block reductions, cuBLAS blocking), the token-embedding gradient is
-//! accumulated with atomics (order not fixed), and kernels may contract `a*b+c` into FMAs.
+//! order (warp and block reductions, cuBLAS blocking), and kernels may contract `a*b+c`
+//! into FMAs. No kernel uses atomics (the token-embedding gradient adds each token's rows
+//! in row order, `embedding.rs`), so a step gives the same bits from run to run.
 //!
 //! Decoding (`decode_*`) keeps a KV cache on the GPU (`decode.rs`): the prompt goes through
 //! the layers once, then each new token runs one position per sequence and attends over
@@ -161,6 +162,7 @@ mod acts;
 mod attention;
 mod backward;
 mod decode;
+mod embedding;
 pub mod flash;
 mod forward;
 pub mod graphs;
@@ -208,11 +210,13 @@ const LT_WORKSPACE: usize = 32 << 20;
 /// the two products of a backward step.
 const SLOT_ACT: usize = 0;
 const SLOT_GRAD: usize = 1;
-/// [`Acts::staged`]: token inputs, targets, per-row losses.
+/// [`Acts::staged`]: token inputs, targets, per-row losses, dropout seeds, and the token
+/// rows of a training micro-batch (`embedding::token_rows`).
 const STAGE_INPUTS: usize = 0;
 const STAGE_TARGETS: usize = 1;
 const STAGE_LOSSES: usize = 2;
 const STAGE_SEEDS: usize = 3;
+const STAGE_TOKEN_ROWS: usize = 4;
 
 /// The arithmetic of the linear layers and the LM head (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -837,6 +841,10 @@ impl CudaEngine {
                 let a = self.acts.as_ref().expect("a captured step has activations");
                 a.staged[STAGE_INPUTS].fill(batch.inputs, &a.inputs)?;
                 a.staged[STAGE_TARGETS].fill(batch.targets, &a.targets)?;
+                if key.train {
+                    let table = embedding::token_rows(batch.inputs);
+                    a.staged[STAGE_TOKEN_ROWS].fill(&table, &a.token_rows)?;
+                }
                 if let Some(d) = drop {
                     a.staged[STAGE_SEEDS].fill(&d.table(self.cfg.n_layer), &a.seeds)?;
                 }

@@ -184,10 +184,11 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let (n, c) = (a(4)?, a(6)?);
             f * n + 3.0 * f * n * c
         }
-        // dwte[tok] += dx: dx read, dwte read and written (atomics).
+        // dwte[tok] += dx: the row table and dx read, the batch's rows of dwte (at most
+        // one per row of dx) read and written once each.
         "embedding_backward_wte" => {
             let (n, c) = (a(3)?, a(4)?);
-            f * n + 3.0 * f * n * c
+            f * (3.0 * n + 2.0) + 3.0 * f * n * c
         }
         // dwpe += sum over b of dx.
         "embedding_backward_wpe" => {
@@ -776,7 +777,11 @@ impl CudaEngine {
             add(ACTIVATION_ITEMS[1], opt(&a.gelu_shared) + opt(&a.ln_shared));
             add(
                 ACTIVATION_ITEMS[2],
-                a.logits.bytes + a.row_loss.bytes + a.inputs.bytes + a.targets.bytes,
+                a.logits.bytes
+                    + a.row_loss.bytes
+                    + a.inputs.bytes
+                    + a.targets.bytes
+                    + a.token_rows.bytes,
             );
             add(
                 ACTIVATION_ITEMS[3],
