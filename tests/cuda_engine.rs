@@ -651,10 +651,11 @@ fn params_differing(a: &CudaEngine, b: &CudaEngine) -> usize {
 
 /// Training on the GPU gives the same bits every run: two engines over the same
 /// parameters, three steps over a batch in which every token repeats, compared bit for bit
-/// (losses, gradient norms, parameters), in fp32 and bf16. The emulated GPU runs blocks in
-/// one fixed order, so there this cannot fail; on a GPU it fails for any kernel whose
-/// result depends on the order its blocks run in (atomics adding into one place).
-/// tools/kernel_emulate runs the token-embedding gradient under both block orders.
+/// (losses, gradient norms, parameters), in fp32 and bf16. It fails for any kernel whose
+/// result depends on the order its blocks run in (atomics adding into one place): on a GPU,
+/// and on the emulated one, which runs each launch's blocks first to last or last to first
+/// (with the token-embedding gradient's former atomics, both this test and the next fail
+/// there).
 #[test]
 fn training_gives_the_same_bits_every_run() {
     if no_gpu("training_gives_the_same_bits_every_run") {

@@ -12,8 +12,9 @@
 // - modules: the image NVRTC compiled (cubin or PTX) is kept only to check that a function
 //   looked up in it is really there; the functions run the same kernels/*.cu sources
 //   compiled for the CPU (kernels.cpp, kernels_flash.cpp; tools/kernel_emulate/shim.h runs
-//   the threads of a block as fibers). Every pointer parameter of a launch must be null or
-//   point into a live allocation.
+//   the threads of a block as fibers; the blocks first to last or last to first, chosen
+//   per launch: emulate_launch). Every pointer parameter of a launch must be null or point
+//   into a live allocation.
 // - streams and events: every operation completes before its call returns (so ordering
 //   between streams always holds), unless recorded into a graph (below); events record the
 //   host clock, so the profiler's timings are CPU times. One exception: an asynchronous
@@ -897,6 +898,24 @@ CUresult cuFuncGetName(const char** name, CUfunction f) {
     return SUCCESS;
 }
 
+// Runs a launch's blocks first to last or last to first, chosen per launch by a hash of the
+// launch count (a GPU may run blocks in either order), so that the same work launched twice
+// is likely to see both orders: a kernel whose result depends on the order of its blocks
+// (atomics adding into one place) then gives different bits from run to run here as on a
+// GPU, and tests/cuda_engine.rs's determinism test fails. GPU_EMULATE_BLOCK_ORDER=forward
+// keeps the natural order.
+void emulate_launch(dim3 grid, unsigned bx, const std::function<void()>& body) {
+    static unsigned long long launches = 0;
+    static const bool mixed = [] {
+        const char* v = std::getenv("GPU_EMULATE_BLOCK_ORDER");
+        return !(v && std::strcmp(v, "forward") == 0);
+    }();
+    unsigned long long h = ++launches * 0x9E3779B97F4A7C15ull;
+    emu_blocks_reversed = mixed && (h >> 63) != 0;
+    emulate(grid, bx, body);
+    emu_blocks_reversed = false;
+}
+
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned shared, CUstream s,
                         void** params, void** extra) {
@@ -926,7 +945,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
             std::string bad = k->check_pointers(p);
             if (!bad.empty()) return replay_fault("launch of " + k->name, bad);
             emu_current = k->name;
-            emulate(grid, bx, [&] { k->body(p); });
+            emulate_launch(grid, bx, [&] { k->body(p); });
             return after_write(k->name.c_str());
         });
         return SUCCESS;
@@ -937,7 +956,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         return ILLEGAL_ADDRESS;
     }
     emu_current = k->name;
-    emulate(dim3{gx, gy, gz}, bx, [&] { k->body(params); });
+    emulate_launch(dim3{gx, gy, gz}, bx, [&] { k->body(params); });
     return after_write(k->name.c_str());
 }
 
