@@ -22,6 +22,7 @@ mod reference;
 
 use common::gpu::no_gpu;
 use common::model::{perturbed_params, random_batch};
+use common::{prepare_data, tiny_train_args, train};
 use nanogpt::config::{DeviceSpec, Dtype};
 use nanogpt::engine::cpu::CpuEngine;
 use nanogpt::engine::cuda::switches::{self, Switches};
@@ -29,6 +30,7 @@ use nanogpt::engine::cuda::{kernels, stack, CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
 use nanogpt::optim::AdamWConfig;
+use nanogpt::train::checkpoint;
 use reference::{check_engine, cosine, rel, rel_err, rel_l2, Reference, Tolerances};
 
 const TOL: f64 = 1e-4;
@@ -733,6 +735,74 @@ fn a_rebuilt_engine_continues_bit_for_bit() {
         assert_eq!(
             differ, 0,
             "{precision:?}: {differ} parameters differ after the rebuilt engine's steps"
+        );
+    }
+}
+
+/// `nanogpt train --device=cuda` interrupted at a checkpoint and resumed with
+/// `init_from=resume` repeats the uninterrupted run bit for bit (every training loss and
+/// evaluation, the final weights and AdamW state), in fp32 and bf16, with dropout and
+/// gradient accumulation on, as tests/train_resume.rs checks on the CPU.
+#[test]
+fn a_resumed_gpu_run_repeats_the_uninterrupted_one() {
+    if no_gpu("a_resumed_gpu_run_repeats_the_uninterrupted_one") {
+        return;
+    }
+    const K: u64 = 4;
+    let root = tempfile::tempdir().unwrap();
+    let data = prepare_data(&root.path().join("data"));
+    for dtype in ["float32", "bfloat16"] {
+        let args = |out: &std::path::Path, max_iters: u64, init_from: &str| {
+            let (max, eval, init, dt) = (
+                format!("--max_iters={max_iters}"),
+                format!("--eval_interval={K}"),
+                format!("--init_from={init_from}"),
+                format!("--dtype={dtype}"),
+            );
+            let extra = [
+                max.as_str(),
+                eval.as_str(),
+                init.as_str(),
+                dt.as_str(),
+                "--device=cuda",
+                "--dropout=0.1",
+                "--gradient_accumulation_steps=2",
+                "--grad_clip=1.0",
+                "--weight_decay=0.1",
+            ];
+            tiny_train_args(&data, out, &extra)
+        };
+        let (straight_dir, split_dir) = (root.path().join(dtype), root.path().join("split"));
+        let _ = std::fs::remove_dir_all(&split_dir);
+        let straight = train(&args(&straight_dir, 2 * K, "scratch")).unwrap();
+        let first = train(&args(&split_dir, K, "scratch")).unwrap();
+        let resumed = train(&args(&split_dir, 2 * K, "resume")).unwrap();
+        let bits = |l: &[(u64, f32)]| l.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
+        let mut split_losses = bits(&first.losses);
+        split_losses.retain(|&(i, _)| i < K);
+        split_losses.extend(bits(&resumed.losses));
+        assert_eq!(
+            split_losses,
+            bits(&straight.losses),
+            "{dtype}: training losses of the interrupted and resumed run"
+        );
+        let eval_bits = |e: &[(u64, f32, f32)]| {
+            e.iter()
+                .map(|&(i, t, v)| (i, t.to_bits(), v.to_bits()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            eval_bits(&resumed.evals),
+            eval_bits(&straight.evals[1..]),
+            "{dtype}: evaluations from iteration {K} on"
+        );
+        let a = checkpoint::load(&straight_dir.join("ckpt.safetensors"), true).unwrap();
+        let b = checkpoint::load(&split_dir.join("ckpt.safetensors"), true).unwrap();
+        assert_eq!(a.state.iter_num, 2 * K);
+        assert_eq!(a.params, b.params, "{dtype}: weights differ after resume");
+        assert_eq!(
+            a.optimizer, b.optimizer,
+            "{dtype}: AdamW state differs after resume"
         );
     }
 }
