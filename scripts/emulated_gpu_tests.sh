@@ -9,7 +9,9 @@
 # launch geometry, kernel arguments, the order of operations, which products and epilogues
 # it asks cuBLASLt for, fused and plain attention, recomputation, decoding) against the CPU
 # engine, with the same tests and tolerances as on a GPU; writes out of bounds and reads of
-# memory nothing wrote are caught by the emulated driver. The NCCL process group's calls
+# memory nothing wrote are caught by the emulated driver, and each launch's blocks run in one
+# of two orders, chosen per launch, so that a result depending on block order (which
+# tests/cuda_engine.rs's determinism and resume tests would catch) shows here too. The NCCL process group's calls
 # (in-place all-reduce, ZeRO-1's grouped reduces and broadcasts, overlapped buckets) run on
 # 1 rank and on 2 ranks as threads and as processes, with buffers, counts and roots checked
 # by the NCCL stand-in. What it cannot check: the real cuBLASLt's choices and limits, the
