@@ -18,6 +18,7 @@ fn main() {
         learning_rate: 6e-4,
         adamw: Default::default(),
         seed: 1,
+        tokens: None,
     };
     let r = run(&mut e, &spec).unwrap();
     println!(

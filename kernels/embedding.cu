@@ -19,17 +19,27 @@
 //   src/engine/cuda/embedding.rs):
 //     table[0]                   U, the number of distinct tokens
 //     table[1 + u], u <= U       where token u's rows start in `rows` (table[1 + U] = N)
-//     table[N + 2 + u], u < U    token u
+//     table[N + 2 + u], u < U    token u (distinct; in any order: the engine puts the
+//                                tokens with the most rows first, so that the longest
+//                                chains start first)
 //     table[2N + 2 + i], i < N   `rows`: the row indices grouped by token, increasing
 //                                within a token
-//   Launch: grid (N, ceil(G / 256)), block 256, G = ceil((C + 3) / 4) groups of four
-//   channels (vectorised access over a dwte row). Blocks x >= U return at once: the grid
-//   depends only on the batch shape, so a CUDA graph can replay it for any batch.
+//   The block reads its token's row indices WTE_CHUNK at a time into shared memory, and
+//   each thread loads WTE_IN_FLIGHT rows of dx before adding them (in row order): a token
+//   that fills a tenth of the batch is one block's chain of hundreds of loads.
+//   Launch: grid (N, ceil(G / block)), block min(256, 32 * ceil(G / 32)) threads (any
+//   number of whole warps up to 256 works), G = ceil((C + vec_shift(dwte, 4)) / 4) groups
+//   of four channels (vectorised access over a dwte row: an extra group when dwte is not
+//   16-byte aligned). Blocks x >= U return at once: the grid depends only
+//   on the batch shape, so a CUDA graph can replay it for any batch.
 //
 // embedding_backward_wpe(dwpe, dx, B, T, C)
 //   dwpe[t, c] += sum over b (in order) of dx[b*T + t, c]  (deterministic, no atomics)
 //   Launch: over T*C elements; block 256, grid ceil(ceil((T*C + 3) / 4) / 256) (grid_vec).
 //   16-byte accesses when dwpe and dx are co-aligned and T*C % 4 == 0.
+
+#define WTE_CHUNK 256     // row indices staged at once (embedding_backward_wte)
+#define WTE_IN_FLIGHT 8   // rows of dx each thread loads before adding them
 
 extern "C" __global__ void embedding_forward(float* __restrict__ x,
                                              const unsigned int* __restrict__ tokens,
@@ -68,12 +78,14 @@ extern "C" __global__ void embedding_forward(float* __restrict__ x,
     st4(x, g, total, out);
 }
 
-extern "C" __global__ void embedding_backward_wte(float* __restrict__ dwte,
-                                                  const float* __restrict__ dx,
-                                                  const unsigned int* __restrict__ table,
-                                                  int n_rows, int c) {
+extern "C" __global__ void __launch_bounds__(256)
+    embedding_backward_wte(float* __restrict__ dwte, const float* __restrict__ dx,
+                           const unsigned int* __restrict__ table, int n_rows, int c) {
+    // One chunk of the token's row indices, loaded by the block together (one coalesced
+    // load per chunk instead of one broadcast load per row in every thread).
+    __shared__ unsigned int chunk[WTE_CHUNK];
     unsigned int u = blockIdx.x;
-    if (u >= __ldg(table)) return;
+    if (u >= __ldg(table)) return;  // the whole block
     const unsigned int* starts = table + 1;
     const unsigned int* tokens = table + n_rows + 2;
     const unsigned int* rows = table + 2 * (long long)n_rows + 2;
@@ -81,20 +93,39 @@ extern "C" __global__ void embedding_backward_wte(float* __restrict__ dwte,
     int s = vec_shift(dwte, 4);
     bool vec = c % 4 == 0 && vec_shift(dx, 4) == s;
     Group4 g = group4((long long)blockIdx.y * blockDim.x + threadIdx.x, c, s, vec);
-    if (g.e0 >= c) return;
+    // Threads past the row still load indices and reach every barrier.
+    bool active = g.e0 < c;
     float* dst = dwte + (long long)__ldg(tokens + u) * c;
-    float acc[4];
-    ld4(acc, dst, g, c);
-    unsigned int end = __ldg(starts + u + 1);
-    // The loads do not depend on the sums: unrolled, several rows are in flight at once.
-#pragma unroll 4
-    for (unsigned int i = __ldg(starts + u); i < end; i++) {
-        float d[4];
-        ld4_ro(d, dx + (long long)__ldg(rows + i) * c, g, c);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (active) ld4(acc, dst, g, c);
+    unsigned int begin = __ldg(starts + u), end = __ldg(starts + u + 1);
+    for (unsigned int base = begin; base < end; base += WTE_CHUNK) {
+        unsigned int n = end - base < WTE_CHUNK ? end - base : WTE_CHUNK;
+        if (base != begin) __syncthreads();  // every thread is done with the last chunk
+        for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = __ldg(rows + base + i);
+        __syncthreads();
+        if (!active) continue;
+        // WTE_IN_FLIGHT rows are loaded before any is added, then added in row order: a
+        // frequent token is a long chain of loads in one block, bounded by memory latency,
+        // so the loads must overlap; the order of the sums stays the row order.
+        unsigned int k = 0;
+        for (; k + WTE_IN_FLIGHT <= n; k += WTE_IN_FLIGHT) {
+            float d[WTE_IN_FLIGHT][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[e] += d[e];
+            for (int r = 0; r < WTE_IN_FLIGHT; r++) ld4_ro(d[r], dx + (long long)chunk[k + r] * c, g, c);
+#pragma unroll
+            for (int r = 0; r < WTE_IN_FLIGHT; r++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[e] += d[r][e];
+        }
+        for (; k < n; k++) {
+            float d[4];
+            ld4_ro(d, dx + (long long)chunk[k] * c, g, c);
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[e] += d[e];
+        }
     }
-    st4(dst, g, c, acc);
+    if (active) st4(dst, g, c, acc);
 }
 
 extern "C" __global__ void embedding_backward_wpe(float* __restrict__ dwpe,

@@ -52,6 +52,13 @@
 #                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
 #                      floors -> bench_profile_124m_bf16.log, profile_124m_bf16.json
+#      prose           bench-profile again on GPT-2 BPE tokens of English prose (this
+#                      repository's README.md and BENCHMARKS.md, prepared here): real text
+#                      repeats tokens far more than the uniform random tokens above, and
+#                      the token-embedding gradient's time depends on that (its
+#                      embedding_backward_wte row against bench-profile's)
+#                      -> prose_prepare.log, bench_profile_124m_bf16_prose.log,
+#                         profile_124m_bf16_prose.json
 #      flash-timing    attention kernel times at gpt2 124M's shape: fused vs plain, and the
 #                      bf16-storage kernels per form (head size 64 or generic, cp.async or
 #                      synchronous loads) in TFLOP/s -> cuda_flash_timing.log
@@ -245,6 +252,21 @@ bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 torch_ref torch-ref-124m 150 torch_ref_124m_bf16.log --iters=10 --warmup=3
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json"
+# The same profile on real text's token frequencies (the two steps depend on each other:
+# selected together, as "prose").
+if selected prose; then
+    in_group=1
+    cat README.md BENCHMARKS.md > "$out/prose.txt"
+    step prose-prepare 20 "$out/prose_prepare.log" "$bin/nanogpt" prepare text \
+        --input "$out/prose.txt" --sample_by paragraph --out_dir "$out/prose-data"
+    bench bench-profile-prose 45 bench_profile_124m_bf16_prose.log bfloat16 "${gpt2[@]}" \
+        --iters=3 --warmup=1 --profile --profile_out="$out/profile_124m_bf16_prose.json" \
+        --data_dir="$out/prose-data"
+    grep -h "tokens from" "$out/bench_profile_124m_bf16_prose.log" >> "$summary" 2>/dev/null
+    in_group=
+else
+    echo "prose not selected (GPU_CHECK_ONLY / GPU_CHECK_SKIP)" >> "$summary"
+fi
 # Attention kernel times and TFLOP/s per form (head size 64 or generic, cp.async or not).
 step flash-timing 40 "$out/cuda_flash_timing.log" "$bin/cuda_flash" --ignored --nocapture flash_attention_timing
 # GPT-2's real vocabulary (what `nanogpt train` uses on OpenWebText: 50257 real tokens, the

@@ -22,6 +22,9 @@ pub struct BenchSpec {
     pub learning_rate: f32,
     pub adamw: AdamWConfig,
     pub seed: u64,
+    /// Inputs and targets of the batch (`batch_size * block_size` each), e.g. read from a
+    /// prepared dataset ([`data_batch`]); `None`: uniform random tokens from `seed`.
+    pub tokens: Option<(Vec<u32>, Vec<i32>)>,
 }
 
 /// Timings of one benchmark; `step_ms` holds every timed iteration.
@@ -58,7 +61,7 @@ pub fn run(
     spec: &BenchSpec,
 ) -> Result<BenchResult, crate::engine::EngineError> {
     let (b, t) = (spec.batch_size, spec.block_size);
-    let (inputs, targets) = synthetic_tokens(engine, spec);
+    let (inputs, targets) = batch_tokens(engine, spec);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -99,8 +102,12 @@ pub fn run(
     })
 }
 
-/// The benchmark's random inputs and next-token targets (`spec.seed`).
-fn synthetic_tokens(engine: &dyn Engine, spec: &BenchSpec) -> (Vec<u32>, Vec<i32>) {
+/// The benchmark's inputs and next-token targets: `spec.tokens`, or uniform random tokens
+/// from `spec.seed`.
+fn batch_tokens(engine: &dyn Engine, spec: &BenchSpec) -> (Vec<u32>, Vec<i32>) {
+    if let Some(tokens) = &spec.tokens {
+        return tokens.clone();
+    }
     let n = spec.batch_size * spec.block_size;
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::new(spec.seed);
@@ -109,13 +116,50 @@ fn synthetic_tokens(engine: &dyn Engine, spec: &BenchSpec) -> (Vec<u32>, Vec<i32
     (tokens[..n].to_vec(), targets)
 }
 
+/// One training batch of `batch_size` windows of `block_size` tokens from `data_dir`'s
+/// train split, drawn as `nanogpt train` draws its first batch with `seed`.
+pub fn data_batch(
+    data_dir: &std::path::Path,
+    batch_size: usize,
+    block_size: usize,
+    vocab_size: usize,
+    seed: u64,
+) -> Result<(Vec<u32>, Vec<i32>), crate::data::DataError> {
+    let mut loader =
+        crate::data::DataLoader::new(data_dir, batch_size, block_size, vocab_size, seed, 0)?;
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    loader.next_batch(crate::data::Split::Train, &mut inputs, &mut targets)?;
+    Ok((inputs, targets))
+}
+
+/// How often tokens repeat in `inputs`: distinct tokens and the most frequent one's share
+/// (what the token-embedding gradient's time depends on), as a line for the report.
+pub fn token_summary(inputs: &[u32]) -> String {
+    let mut sorted = inputs.to_vec();
+    sorted.sort_unstable();
+    let (mut distinct, mut longest, mut run) = (0usize, 0usize, 0usize);
+    for (i, tok) in sorted.iter().enumerate() {
+        if i == 0 || sorted[i - 1] != *tok {
+            distinct += 1;
+            run = 0;
+        }
+        run += 1;
+        longest = longest.max(run);
+    }
+    let share = 100.0 * longest as f64 / inputs.len().max(1) as f64;
+    format!(
+        "{} tokens, {distinct} distinct, the most frequent {longest} times ({share:.1}%)",
+        inputs.len()
+    )
+}
+
 /// One more training step of `spec` with every operation timed, or `None` when the engine
 /// has no per-operation timers.
 pub fn profile(
     engine: &mut dyn Engine,
     spec: &BenchSpec,
 ) -> Option<Result<StepProfile, crate::engine::EngineError>> {
-    let (inputs, targets) = synthetic_tokens(engine, spec);
+    let (inputs, targets) = batch_tokens(engine, spec);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -711,6 +755,18 @@ mod tests {
         for l in &lines[..6] {
             assert_eq!(l.matches('|').count(), 8, "{l}");
         }
+    }
+
+    #[test]
+    fn token_summary_counts_distinct_tokens_and_the_most_frequent() {
+        assert_eq!(
+            token_summary(&[5, 1, 5, 9, 5, 1, 0, 5]),
+            "8 tokens, 4 distinct, the most frequent 4 times (50.0%)"
+        );
+        assert_eq!(
+            token_summary(&[3]),
+            "1 tokens, 1 distinct, the most frequent 1 times (100.0%)"
+        );
     }
 
     #[test]

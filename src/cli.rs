@@ -7,7 +7,7 @@ use crate::data::bpe as prepare_bpe;
 use crate::data::prepare;
 use crate::engine;
 use crate::model::ParamLayout;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// Options of `nanogpt prepare`.
@@ -252,6 +252,28 @@ pub fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The batch `--data_dir` gives (with a line on how often its tokens repeat), or `None`
+/// for random tokens.
+fn bench_data(
+    cfg: &BenchConfig,
+    batch_size: usize,
+    vocab_size: usize,
+) -> Result<Option<(Vec<u32>, Vec<i32>)>> {
+    if cfg.data_dir.is_empty() {
+        return Ok(None);
+    }
+    let dir = Path::new(&cfg.data_dir);
+    let (inputs, targets) =
+        bench::data_batch(dir, batch_size, cfg.block_size, vocab_size, cfg.seed)
+            .with_context(|| format!("bench --data_dir: reading a batch from {}", dir.display()))?;
+    eprintln!(
+        "bench: tokens from {}: {}",
+        dir.display(),
+        bench::token_summary(&inputs)
+    );
+    Ok(Some((inputs, targets)))
+}
+
 type BenchOutcome = (bench::BenchResult, Option<bench::MemorySummary>);
 
 /// One benchmark run at `batch_size` (a fresh engine): timings, the profile when asked for,
@@ -284,6 +306,7 @@ fn bench_one(cfg: &BenchConfig, batch_size: usize, sweep: Option<usize>) -> Resu
         learning_rate: cfg.learning_rate as f32,
         adamw: cfg.adamw(),
         seed: cfg.seed,
+        tokens: bench_data(cfg, batch_size, model.vocab_size)?,
     };
     eprintln!(
         "bench: {} layers, {} heads, {} channels, block {}, batch {}, vocab {} (padded {}), {:.2}M parameters, {}",

@@ -29,7 +29,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Time training steps on synthetic tokens (--n_layer=.. --batch_size=.. ...)
+    /// Time training steps on random tokens or a dataset's (--n_layer=.. --data_dir=.. ...)
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

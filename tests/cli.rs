@@ -437,6 +437,47 @@ fn bench_batch_sizes_runs_each_size_and_tabulates() {
 }
 
 #[test]
+fn bench_reads_its_batch_from_a_data_dir_and_says_how_often_tokens_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let write = |name: &str, tokens: &[u16]| {
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::write(data.join(name), bytes).unwrap();
+    };
+    // One token repeated: every window of the batch is that token.
+    write("train.bin", &[5; 64]);
+    write("val.bin", &[5; 64]);
+    let out = run(
+        dir.path(),
+        &tiny_bench(&["--batch_size=2", "--data_dir=data"]),
+    );
+    expect_ok(&out);
+    assert_contains_all(
+        &stderr(&out),
+        &[
+            "tokens from data",
+            "32 tokens, 1 distinct, the most frequent 32 times (100.0%)",
+        ],
+    );
+    // A token outside the model's vocabulary (128) is refused, naming the file.
+    write("train.bin", &[5, 6, 300, 7].repeat(16));
+    let err = expect_clean_failure(&run(
+        dir.path(),
+        &tiny_bench(&["--batch_size=2", "--data_dir=data"]),
+    ));
+    assert_contains_all(
+        &err,
+        &["--data_dir", "train.bin", "300", "vocabulary of 128"],
+    );
+    let err = expect_clean_failure(&run(dir.path(), &tiny_bench(&["--data_dir=missing"])));
+    assert_contains_all(
+        &err,
+        &["missing", "train.bin", "not found", "nanogpt prepare"],
+    );
+}
+
+#[test]
 fn bench_prints_a_json_line_with_positive_rates() {
     let dir = tempfile::tempdir().unwrap();
     let stdout = expect_ok(&run(

@@ -971,6 +971,9 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
             "flash_attn_bwd_dkdv_f32" => f32_bwd.dkdv.block,
             "flash_attn_bwd_dq_f32" => f32_bwd.dq.block,
             "layernorm_backward" => kernels::BLOCK,
+            // A block of whole warps covering a row's groups of four channels, at most
+            // BLOCK (src/engine/cuda/embedding.rs, wte_launch).
+            "embedding_backward_wte" => kernels::BLOCK,
             other => panic!("{other} has a launch bound of {bound} threads: add its launch here"),
         };
         assert!(

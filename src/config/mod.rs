@@ -828,6 +828,10 @@ pub struct BenchConfig {
     pub batch_sizes: String,
     /// Activation recomputation: 0, 1 or 2 (as `nanogpt train`'s `recompute`).
     pub recompute: u64,
+    /// A prepared dataset (as `nanogpt train`'s `data_dir`): time a batch of its training
+    /// windows instead of uniform random tokens. Real text repeats tokens far more often,
+    /// which the token-embedding gradient's time depends on. Empty: random tokens.
+    pub data_dir: String,
 }
 
 impl Default for BenchConfig {
@@ -862,6 +866,7 @@ impl Default for BenchConfig {
             copy_gbps: None,
             batch_sizes: String::new(),
             recompute: 0,
+            data_dir: String::new(),
         }
     }
 }

@@ -174,7 +174,9 @@ static std::vector<float> randn(size_t n, float scale = 1.0f) {
 }
 
 // The row table embedding_backward_wte reads (kernels/embedding.cu): distinct tokens U,
-// where each token's rows start (then N), the tokens, the rows grouped by token.
+// where each token's rows start (then N), the tokens, the rows grouped by token. The kernel
+// takes the tokens in any order; this lists them in increasing order (the engine's host
+// code, most rows first: a second valid order).
 static std::vector<unsigned> token_rows(const std::vector<unsigned>& tok) {
     size_t n = tok.size();
     std::vector<unsigned> rows(n);
@@ -1090,7 +1092,7 @@ static void check_cross_entropy_ld() {
 static void check_embedding() {
     const int vocab = 11;
     for (auto [b, t, c] : std::vector<std::tuple<int, int, int>>{
-             {1, 1, 1}, {2, 3, 2}, {1, 5, 3}, {2, 2, 4}, {3, 2, 5}, {1, 3, 7}, {2, 4, 8}, {2, 3, 33}, {2, 5, 64}, {3, 2, 130}, {4, 16, 64}})
+             {1, 1, 1}, {2, 3, 2}, {1, 5, 3}, {2, 2, 4}, {3, 2, 5}, {1, 3, 7}, {2, 4, 8}, {2, 3, 33}, {2, 5, 64}, {3, 2, 130}, {4, 16, 64}, {8, 80, 12}, {5, 131, 7}})
         for (Sit s : {ALIGNED, SHIFTED, MIXED}) {
             std::string shape = std::to_string(b) + "x" + std::to_string(t) + "x" + std::to_string(c);
             int n = b * t;
@@ -1115,27 +1117,38 @@ static void check_embedding() {
             }
             // The token-embedding gradient adds each token's rows in row order, as the CPU
             // engine does: the same bits whichever order the blocks run in (atomics would
-            // add repeated tokens in block order and fail the reversed run).
-            for (bool reversed : {false, true}) {
-                std::string k = "embedding_backward_wte",
-                            cs = begin(k, shape + (reversed ? ", blocks reversed" : ""), s);
-                auto d0 = randn((size_t)vocab * c);
-                Buf<float> dw(d0.size(), off_first(s)), dxb(nc, s == MIXED ? 0 : off_first(s));
-                auto table = token_rows(tok);
-                Buf<unsigned> tb(table.size(), 0);
-                dw.set(d0), dxb.set(dx), tb.set(table);
-                unsigned groups = (unsigned)((c + 3 + 3) / 4);
-                emu_blocks_reversed = reversed;
-                emulate_serial({(unsigned)n, (groups + BLOCK - 1) / BLOCK, 1}, BLOCK,
-                               [&] { emb::embedding_backward_wte(dw.p, dxb.p, tb.p, n, c); });
-                emu_blocks_reversed = false;
-                end(k, cs, s, s != MIXED && c % 4 == 0 && shift_vec(c, off_first(s)));
-                std::vector<float> want = d0;
-                for (int r = 0; r < n; r++)
-                    for (int j = 0; j < c; j++) want[(size_t)tok[r] * c + j] += dx[(size_t)r * c + j];
-                exact(k, cs, "dwte", dw.get(), want);
-                guards(k, cs, dw, dxb, tb);
-            }
+            // add repeated tokens in block order and fail the reversed run). Skewed: token 0
+            // on 7 rows of 10, as a frequent token of real text on a smaller scale, so that
+            // its rows span several index chunks and end in a partial group of loads.
+            for (bool skewed : {false, true})
+                for (bool reversed : {false, true}) {
+                    std::string k = "embedding_backward_wte",
+                                cs = begin(k, shape + (skewed ? ", skewed" : "") + (reversed ? ", blocks reversed" : ""), s);
+                    std::vector<unsigned> tk = tok;
+                    if (skewed)
+                        for (int i = 0; i < n; i++)
+                            if (i % 10 < 7) tk[i] = 0;
+                    auto d0 = randn((size_t)vocab * c);
+                    Buf<float> dw(d0.size(), off_first(s)), dxb(nc, s == MIXED ? 0 : off_first(s));
+                    auto table = token_rows(tk);
+                    Buf<unsigned> tb(table.size(), 0);
+                    dw.set(d0), dxb.set(dx), tb.set(table);
+                    // The engine's launch (src/engine/cuda/embedding.rs, wte_launch): one
+                    // thread per group of four channels, whole warps, at most 256 a block.
+                    unsigned shift = (unsigned)((uintptr_t)dw.p % 16 / 4);
+                    unsigned groups = (unsigned)((c + shift + 3) / 4);
+                    unsigned block = std::min(256u, (groups + 31) / 32 * 32);
+                    emu_blocks_reversed = reversed;
+                    emulate({(unsigned)n, (groups + block - 1) / block, 1}, block,
+                            [&] { emb::embedding_backward_wte(dw.p, dxb.p, tb.p, n, c); });
+                    emu_blocks_reversed = false;
+                    end(k, cs, s, s != MIXED && c % 4 == 0 && shift_vec(c, off_first(s)));
+                    std::vector<float> want = d0;
+                    for (int r = 0; r < n; r++)
+                        for (int j = 0; j < c; j++) want[(size_t)tk[r] * c + j] += dx[(size_t)r * c + j];
+                    exact(k, cs, "dwte", dw.get(), want);
+                    guards(k, cs, dw, dxb, tb);
+                }
             {
                 std::string k = "embedding_backward_wpe", cs = begin(k, shape, s);
                 auto d0 = randn((size_t)t * c);

@@ -4,7 +4,8 @@
 //! to one thread block, which adds that token's rows in increasing order, as the CPU engine
 //! does. The gradient is then the same bits from run to run (atomics add repeated tokens
 //! in whatever order the GPU runs them), so a resumed run on the GPU repeats the losses of
-//! an uninterrupted one.
+//! an uninterrupted one. The most frequent tokens come first in the table, so that their
+//! blocks, the longest chains of additions, start first.
 
 use super::kernels::{Arg, BLOCK};
 use super::{CResult, CudaEngine};
@@ -16,8 +17,10 @@ pub(super) fn table_len(n: usize) -> usize {
 
 /// The row table of `tokens` (kernels/embedding.cu, `embedding_backward_wte`): the number
 /// of distinct tokens U; where each token's rows start (and N after the last); the tokens;
-/// the row indices grouped by token in increasing token order, increasing within a token.
-/// Entries past U's are left 0 (the kernel never reads them).
+/// the row indices grouped by token, increasing within a token. The tokens with the most
+/// rows come first (ties: the smaller token first): a GPU starts blocks roughly in index
+/// order, so the longest chains of additions start first instead of last. Entries past
+/// U's are left 0 (the kernel never reads them).
 pub(super) fn token_rows(tokens: &[u32]) -> Vec<u32> {
     let n = tokens.len();
     // (token, row) in one key: sorting the keys groups the rows by token, in row order.
@@ -27,22 +30,43 @@ pub(super) fn token_rows(tokens: &[u32]) -> Vec<u32> {
         .map(|(row, &tok)| (u64::from(tok) << 32) | row as u64)
         .collect();
     keys.sort_unstable();
+    // Each token's keys as a range of `keys`, in increasing token order.
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if keys[g.start] >> 32 == key >> 32 => g.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    // Most rows first; a stable sort, so tokens with as many rows stay in increasing order.
+    groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
     let mut table = vec![0u32; table_len(n)];
     let (head, rest) = table.split_at_mut(n + 2);
     let (distinct, rows) = rest.split_at_mut(n);
-    let mut count = 0usize;
-    for (i, key) in keys.iter().enumerate() {
-        let tok = (key >> 32) as u32;
-        if count == 0 || distinct[count - 1] != tok {
-            distinct[count] = tok;
-            head[1 + count] = i as u32;
-            count += 1;
+    let mut at = 0usize;
+    for (u, g) in groups.iter().enumerate() {
+        head[1 + u] = at as u32;
+        distinct[u] = (keys[g.start] >> 32) as u32;
+        for key in &keys[g.clone()] {
+            rows[at] = *key as u32;
+            at += 1;
         }
-        rows[i] = *key as u32;
     }
-    head[0] = count as u32;
-    head[1 + count] = n as u32;
+    head[0] = groups.len() as u32;
+    head[1 + groups.len()] = n as u32;
     table
+}
+
+/// `embedding_backward_wte`'s blocks per token and threads per block for `c` channels of a
+/// gradient at address `dwte`: one thread per group of four channels (kernels/common.cuh;
+/// an extra group when `dwte` is not 16-byte aligned), in whole warps, at most [`BLOCK`]
+/// (GPT-2's 768 channels: one block of 192). A block no wider than the row leaves no warp
+/// idle, and more blocks fit on a multiprocessor.
+pub(super) fn wte_launch(c: usize, dwte: u64) -> (u32, u32) {
+    let shift = (dwte % 16 / 4) as usize;
+    let groups = (c + shift).div_ceil(4);
+    let block = groups.div_ceil(32).clamp(1, BLOCK as usize / 32) * 32;
+    (groups.div_ceil(block) as u32, block as u32)
 }
 
 impl CudaEngine {
@@ -56,10 +80,11 @@ impl CudaEngine {
         n: usize,
         c: usize,
     ) -> CResult<()> {
-        let groups = (c + 3).div_ceil(4);
-        self.run(
+        let (grid_y, block) = wte_launch(c, dwte);
+        self.run_block(
             self.k.embedding_backward_wte,
-            (n as u32, groups.div_ceil(BLOCK as usize) as u32, 1),
+            (n as u32, grid_y, 1),
+            block,
             &[
                 Arg::Ptr(dwte),
                 Arg::Ptr(dx),
@@ -90,16 +115,50 @@ mod tests {
     }
 
     #[test]
-    fn the_row_table_groups_rows_by_token_in_row_order() {
+    fn the_row_table_groups_rows_by_token_in_row_order_most_rows_first() {
         let tokens = [7u32, 3, 7, 0, 3, 7, 50303];
         let t = token_rows(&tokens);
         let n = tokens.len();
         assert_eq!(t.len(), table_len(n));
         assert_eq!(t[0], 4, "distinct tokens");
-        assert_eq!(&t[1..6], &[0, 1, 3, 6, 7], "starts, then N");
-        assert_eq!(&t[n + 2..n + 6], &[0, 3, 7, 50303], "tokens");
-        assert_eq!(&t[2 * n + 2..], &[3, 1, 4, 0, 2, 5, 6], "rows");
+        // Most rows first: 7 (3 rows), 3 (2), then 0 and 50303 (1 each) in token order.
+        assert_eq!(&t[1..6], &[0, 3, 5, 6, 7], "starts, then N");
+        assert_eq!(&t[n + 2..n + 6], &[7, 3, 0, 50303], "tokens");
+        assert_eq!(&t[2 * n + 2..], &[0, 2, 5, 1, 4, 3, 6], "rows");
         assert!(t[6..n + 2].iter().all(|&x| x == 0), "unused starts stay 0");
+    }
+
+    #[test]
+    fn the_gradient_launch_covers_the_row_in_whole_warps() {
+        assert_eq!(
+            wte_launch(768, 1 << 20),
+            (1, 192),
+            "GPT-2: 192 groups of four"
+        );
+        assert_eq!(
+            wte_launch(768, (1 << 20) + 4),
+            (1, 224),
+            "shifted: 193 groups"
+        );
+        assert_eq!(wte_launch(1, 0), (1, 32));
+        assert_eq!(wte_launch(1024, 0), (1, 256));
+        assert_eq!(wte_launch(1600, 0), (2, 256), "GPT-2 XL: 400 groups");
+        for c in 1..3000 {
+            for shift in 0..4u64 {
+                let (y, block) = wte_launch(c, 4096 + 4 * shift);
+                // Group g holds channels [4g - shift, 4g - shift + 4).
+                let groups = (c as u32 + shift as u32).div_ceil(4);
+                assert!(block % 32 == 0 && block <= BLOCK, "c = {c}");
+                assert!(
+                    y * block >= groups,
+                    "c = {c}, shift {shift}: a channel left out"
+                );
+                assert!(
+                    (y - 1) * block < groups,
+                    "c = {c}: a block with nothing to do"
+                );
+            }
+        }
     }
 
     #[test]

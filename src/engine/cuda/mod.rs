@@ -581,9 +581,20 @@ impl CudaEngine {
         grid: (u32, u32, u32),
         args: &[Arg],
     ) -> CResult<()> {
+        self.run_block(f, grid, BLOCK, args)
+    }
+
+    /// [`Self::run`] with `block` threads per block instead of [`BLOCK`].
+    fn run_block(
+        &self,
+        f: crate::cuda::driver::CuFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> CResult<()> {
         // SAFETY: every call site passes the kernel's documented parameter list (see
         // kernels/*.cu) with buffers sized for the launch.
-        let go = || unsafe { launch(&self.stream, f, grid, BLOCK, args) };
+        let go = || unsafe { launch(&self.stream, f, grid, block, args) };
         profile::kernel(&self.profiler, &self.stream, f, grid, args, go)
     }
 
