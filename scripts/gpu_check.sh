@@ -108,9 +108,12 @@
 #    GPU_CHECK_ONLY=tests,flash runs only the steps named (comma-separated, the names
 #    above), GPU_CHECK_SKIP=doctor,torch-ref-124m runs all but those. Steps left out are
 #    listed in summary.txt as "not selected" and do not fail the run. The sample-* steps go
-#    together, selected by the name "sample".
+#    together, selected by the name "sample", and prose-prepare with bench-profile-prose
+#    by the name "prose".
 #
-# NANOGPT_BIN_DIR overrides where the binaries are looked for (default target/gpu-check).
+# NANOGPT_BIN_DIR overrides where the binaries are looked for (default target/gpu-check);
+# GPU_CHECK_LIMIT_SCALE (a whole number, default 1) multiplies every step's own limit (for
+# the emulated rehearsal, scripts/gpu_check_rehearsal.sh; the total budget still holds).
 set -u
 
 # The test binaries staged and run (each a tests/<name>.rs).
@@ -162,6 +165,7 @@ status=0
 # 520): a step gets at most its own limit and never more than what is left; steps past the
 # budget are listed as skipped.
 budget=${GPU_CHECK_BUDGET:-520}
+limit_scale=${GPU_CHECK_LIMIT_SCALE:-1}
 started=$(date +%s)
 
 # Whether step $1 is selected by GPU_CHECK_ONLY / GPU_CHECK_SKIP (every name asked about is
@@ -175,7 +179,7 @@ selected() {
 }
 
 step() { # name, limit seconds, logfile, command...
-    local name=$1 limit=$2 log=$3
+    local name=$1 limit=$(( $2 * limit_scale )) log=$3
     shift 3
     if [ -z "${in_group:-}" ] && ! selected "$name"; then
         echo "$name not selected (GPU_CHECK_ONLY / GPU_CHECK_SKIP)" >> "$summary"

@@ -23,7 +23,8 @@ pub struct BenchSpec {
     pub adamw: AdamWConfig,
     pub seed: u64,
     /// Inputs and targets of the batch (`batch_size * block_size` each), e.g. read from a
-    /// prepared dataset ([`data_batch`]); `None`: uniform random tokens from `seed`.
+    /// prepared dataset ([`crate::data::first_train_batch`]); `None`: uniform random tokens
+    /// from `seed`.
     pub tokens: Option<(Vec<u32>, Vec<i32>)>,
 }
 
@@ -114,22 +115,6 @@ fn batch_tokens(engine: &dyn Engine, spec: &BenchSpec) -> (Vec<u32>, Vec<i32>) {
     let tokens: Vec<u32> = (0..n + 1).map(|_| rng.below(vocab) as u32).collect();
     let targets = tokens[1..].iter().map(|&x| x as i32).collect();
     (tokens[..n].to_vec(), targets)
-}
-
-/// One training batch of `batch_size` windows of `block_size` tokens from `data_dir`'s
-/// train split, drawn as `nanogpt train` draws its first batch with `seed`.
-pub fn data_batch(
-    data_dir: &std::path::Path,
-    batch_size: usize,
-    block_size: usize,
-    vocab_size: usize,
-    seed: u64,
-) -> Result<(Vec<u32>, Vec<i32>), crate::data::DataError> {
-    let mut loader =
-        crate::data::DataLoader::new(data_dir, batch_size, block_size, vocab_size, seed, 0)?;
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-    loader.next_batch(crate::data::Split::Train, &mut inputs, &mut targets)?;
-    Ok((inputs, targets))
 }
 
 /// How often tokens repeat in `inputs`: distinct tokens and the most frequent one's share

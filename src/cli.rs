@@ -252,8 +252,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The batch `--data_dir` gives (with a line on how often its tokens repeat), or `None`
-/// for random tokens.
+/// The first training batch of `--data_dir` (with a line on how often its tokens repeat),
+/// or `None` for random tokens.
 fn bench_data(
     cfg: &BenchConfig,
     batch_size: usize,
@@ -264,7 +264,7 @@ fn bench_data(
     }
     let dir = Path::new(&cfg.data_dir);
     let (inputs, targets) =
-        bench::data_batch(dir, batch_size, cfg.block_size, vocab_size, cfg.seed)
+        crate::data::first_train_batch(dir, batch_size, cfg.block_size, vocab_size, cfg.seed)
             .with_context(|| format!("bench --data_dir: reading a batch from {}", dir.display()))?;
     eprintln!(
         "bench: tokens from {}: {}",

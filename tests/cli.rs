@@ -445,9 +445,9 @@ fn bench_reads_its_batch_from_a_data_dir_and_says_how_often_tokens_repeat() {
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::write(data.join(name), bytes).unwrap();
     };
-    // One token repeated: every window of the batch is that token.
+    // One token repeated: every window of the batch is that token. No val.bin: only the
+    // train split is read.
     write("train.bin", &[5; 64]);
-    write("val.bin", &[5; 64]);
     let out = run(
         dir.path(),
         &tiny_bench(&["--batch_size=2", "--data_dir=data"]),

@@ -828,8 +828,9 @@ pub struct BenchConfig {
     pub batch_sizes: String,
     /// Activation recomputation: 0, 1 or 2 (as `nanogpt train`'s `recompute`).
     pub recompute: u64,
-    /// A prepared dataset (as `nanogpt train`'s `data_dir`): time a batch of its training
-    /// windows instead of uniform random tokens. Real text repeats tokens far more often,
+    /// A prepared dataset (as `nanogpt train`'s `data_dir`): time its first training batch
+    /// (the windows `nanogpt train` with this seed draws first; only the train split is
+    /// read) instead of uniform random tokens. Real text repeats tokens far more often,
     /// which the token-embedding gradient's time depends on. Empty: random tokens.
     pub data_dir: String,
 }

@@ -574,8 +574,9 @@ fn known_keys_lists_every_field() {
     assert!(keys.iter().any(|k| k == "dist_env"));
     assert!(keys.iter().any(|k| k == "keep_checkpoints_at"));
     assert_eq!(SampleConfig::known_keys().len(), 14);
-    assert_eq!(BenchConfig::known_keys().len(), 29);
+    assert_eq!(BenchConfig::known_keys().len(), 30);
     for k in [
+        "data_dir",
         "profile",
         "profile_out",
         "json",

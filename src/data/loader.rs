@@ -215,6 +215,107 @@ impl SplitFiles {
     fn total_starts(&self) -> u64 {
         *self.starts.last().expect("prefix sums start with 0")
     }
+
+    /// Opens `split` of `data_dir` (see [`DataLoader::new`]): every file checked against
+    /// `vocab_size` and at least `block_size + 1` tokens long.
+    fn open(
+        data_dir: &Path,
+        split: Split,
+        block_size: usize,
+        vocab_size: usize,
+    ) -> Result<SplitFiles, DataError> {
+        let mut files = Vec::new();
+        for path in super::shards::split_files(data_dir, split)? {
+            let file = TokenFile::open(&path, vocab_size)?;
+            if file.len() < block_size + 1 {
+                return Err(DataError::TooShort {
+                    path: file.path().to_path_buf(),
+                    tokens: file.len(),
+                    block_size,
+                });
+            }
+            files.push(file);
+        }
+        Ok(SplitFiles::new(files, block_size))
+    }
+
+    /// Fills `inputs` and `targets` (`b` rows of `t` tokens) from windows drawn with `rng`
+    /// (see [`DataLoader::next_batch`]).
+    fn fill(
+        &self,
+        rng: &mut Rng,
+        (b, t): (usize, usize),
+        vocab: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<i32>,
+    ) -> Result<(), DataError> {
+        inputs.resize(b * t, 0);
+        targets.resize(b * t, 0);
+        let starts = self.total_starts();
+        for row in 0..b {
+            let (file, i) = self.locate(rng.below(starts));
+            let window = &file.data()[2 * i..2 * (i + t + 1)];
+            let x = &mut inputs[row * t..(row + 1) * t];
+            let y = &mut targets[row * t..(row + 1) * t];
+            let mut prev = u16::from_le_bytes([window[0], window[1]]);
+            if prev as usize >= vocab {
+                return Err(file.out_of_vocab(i, prev, vocab));
+            }
+            for (k, pair) in window[2..].chunks_exact(2).enumerate() {
+                let id = u16::from_le_bytes([pair[0], pair[1]]);
+                if id as usize >= vocab {
+                    return Err(file.out_of_vocab(i + k + 1, id, vocab));
+                }
+                x[k] = prev as u32;
+                y[k] = id as i32;
+                prev = id;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first training batch a [`DataLoader`] with these arguments (rank 0) gives, opening
+/// only the train split: inputs and targets, `batch_size * block_size` each.
+pub fn first_train_batch(
+    data_dir: &Path,
+    batch_size: usize,
+    block_size: usize,
+    vocab_size: usize,
+    seed: u64,
+) -> Result<(Vec<u32>, Vec<i32>), DataError> {
+    check_batch_shape(batch_size, block_size, vocab_size)?;
+    let train = SplitFiles::open(data_dir, Split::Train, block_size, vocab_size)?;
+    let mut rng = Rng::derive(seed, TRAIN_STREAM);
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    train.fill(
+        &mut rng,
+        (batch_size, block_size),
+        vocab_size,
+        &mut inputs,
+        &mut targets,
+    )?;
+    Ok((inputs, targets))
+}
+
+/// Every size of a batch must be at least 1.
+fn check_batch_shape(
+    batch_size: usize,
+    block_size: usize,
+    vocab_size: usize,
+) -> Result<(), DataError> {
+    for (key, v) in [
+        ("batch_size", batch_size),
+        ("block_size", block_size),
+        ("vocab_size", vocab_size),
+    ] {
+        if v == 0 {
+            return Err(DataError::InvalidSetting(format!(
+                "{key} is 0; it must be at least 1"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Random-window batch sampler over `train.bin` and `val.bin` of a data directory (or the
@@ -243,38 +344,9 @@ impl DataLoader {
         seed: u64,
         rank: u64,
     ) -> Result<DataLoader, DataError> {
-        if batch_size == 0 {
-            return Err(DataError::InvalidSetting(
-                "batch_size is 0; it must be at least 1".to_string(),
-            ));
-        }
-        if block_size == 0 {
-            return Err(DataError::InvalidSetting(
-                "block_size is 0; it must be at least 1".to_string(),
-            ));
-        }
-        if vocab_size == 0 {
-            return Err(DataError::InvalidSetting(
-                "vocab_size is 0; it must be at least 1".to_string(),
-            ));
-        }
-        let open = |split: Split| -> Result<SplitFiles, DataError> {
-            let mut files = Vec::new();
-            for path in super::shards::split_files(data_dir, split)? {
-                let file = TokenFile::open(&path, vocab_size)?;
-                if file.len() < block_size + 1 {
-                    return Err(DataError::TooShort {
-                        path: file.path().to_path_buf(),
-                        tokens: file.len(),
-                        block_size,
-                    });
-                }
-                files.push(file);
-            }
-            Ok(SplitFiles::new(files, block_size))
-        };
-        let train = open(Split::Train)?;
-        let val = open(Split::Val)?;
+        check_batch_shape(batch_size, block_size, vocab_size)?;
+        let train = SplitFiles::open(data_dir, Split::Train, block_size, vocab_size)?;
+        let val = SplitFiles::open(data_dir, Split::Val, block_size, vocab_size)?;
         let base = seed.wrapping_add(rank);
         Ok(DataLoader {
             train,
@@ -326,35 +398,17 @@ impl DataLoader {
         inputs: &mut Vec<u32>,
         targets: &mut Vec<i32>,
     ) -> Result<(), DataError> {
-        let (b, t) = (self.batch_size, self.block_size);
-        inputs.resize(b * t, 0);
-        targets.resize(b * t, 0);
         let (split_files, rng) = match split {
             Split::Train => (&self.train, &mut self.train_rng),
             Split::Val => (&self.val, &mut self.val_rng),
         };
-        let vocab = self.vocab_size;
-        let starts = split_files.total_starts();
-        for row in 0..b {
-            let (file, i) = split_files.locate(rng.below(starts));
-            let window = &file.data()[2 * i..2 * (i + t + 1)];
-            let x = &mut inputs[row * t..(row + 1) * t];
-            let y = &mut targets[row * t..(row + 1) * t];
-            let mut prev = u16::from_le_bytes([window[0], window[1]]);
-            if prev as usize >= vocab {
-                return Err(file.out_of_vocab(i, prev, vocab));
-            }
-            for (k, pair) in window[2..].chunks_exact(2).enumerate() {
-                let id = u16::from_le_bytes([pair[0], pair[1]]);
-                if id as usize >= vocab {
-                    return Err(file.out_of_vocab(i + k + 1, id, vocab));
-                }
-                x[k] = prev as u32;
-                y[k] = id as i32;
-                prev = id;
-            }
-        }
-        Ok(())
+        split_files.fill(
+            rng,
+            (self.batch_size, self.block_size),
+            self.vocab_size,
+            inputs,
+            targets,
+        )
     }
 
     /// Both RNG states (save in a checkpoint).
@@ -394,6 +448,24 @@ mod tests {
             (0..val_len).map(|i| (i % modulus) as u16),
         );
         dir
+    }
+
+    #[test]
+    fn the_first_train_batch_is_the_loaders_and_needs_no_val_split() {
+        let dir = counting_dir(5000, 40, 1000);
+        let mut loader = DataLoader::new(dir.path(), 3, 16, 1000, 7, 0).unwrap();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        loader.next_batch(Split::Train, &mut x, &mut y).unwrap();
+        let first = first_train_batch(dir.path(), 3, 16, 1000, 7).unwrap();
+        assert_eq!(first, (x, y));
+        // A val split shorter than a window stops the loader, not the first batch.
+        assert!(DataLoader::new(dir.path(), 3, 64, 1000, 7, 0).is_err());
+        std::fs::remove_file(dir.path().join("val.bin")).unwrap();
+        let (x, y) = first_train_batch(dir.path(), 3, 64, 1000, 7).unwrap();
+        assert_eq!((x.len(), y.len()), (192, 192));
+        assert!(x.iter().zip(&y).all(|(&a, &b)| (a + 1) % 1000 == b as u32));
+        let err = first_train_batch(dir.path(), 0, 64, 1000, 7).unwrap_err();
+        assert!(err.to_string().contains("batch_size is 0"), "{err}");
     }
 
     #[test]

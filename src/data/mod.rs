@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use loader::{DataLoader, LoaderState, TokenFile};
+pub use loader::{first_train_batch, DataLoader, LoaderState, TokenFile};
 pub use meta::{vocab_size_for, Meta};
 pub use prepare::{prepare_char, PrepareReport};
 
