@@ -51,7 +51,8 @@
 #                      bf16 autocast, torch.compile, scaled_dot_product_attention, fused
 #                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
-#                      floors -> bench_profile_124m_bf16.log, profile_124m_bf16.json
+#                      floors from the GEMM rate and copy bandwidth doctor measured
+#                      -> bench_profile_124m_bf16.log, profile_124m_bf16.json
 #      prose           bench-profile again on GPT-2 BPE tokens of English prose (this
 #                      repository's README.md and BENCHMARKS.md, prepared here): real text
 #                      repeats tokens far more than the uniform random tokens above, and
@@ -101,6 +102,9 @@
 #                      block 1024, character vocabulary) trained 2 iterations on this
 #                      repository's text, then 1 x 2000 and 8 x 1000 new tokens on cuda and
 #                      1 x 200 on the CPU -> sample_*.log ("generated N tokens ... tokens/s")
+#    At the end, scripts/gpu_report.py gathers the results as Markdown for BENCHMARKS.md
+#    (OUTDIR/report.md: throughput and MFU per run with its ratio to the default, the
+#    PyTorch ratio, the profiles, memory, attention and sampling figures, failed steps).
 #    Compiled kernels are cached under OUTDIR/kernel-cache (XDG_CACHE_HOME).
 #    The script exits 0 only when every step it ran exited 0.
 #
@@ -241,6 +245,13 @@ step first-start 60 "$out/first_start.log" "$bin/nanogpt" bench --device=cuda --
     --n_layer=1 --n_head=2 --n_embd=128 --block_size=64 --batch_size=1 --vocab_size=256 \
     --iters=1 --warmup=0
 grep -h "kernel programs" "$out/first_start.log" >> "$summary" 2>/dev/null
+# The profiles' roofline floors from the GEMM rate and copy bandwidth doctor measured on this
+# GPU (from the data sheet when doctor measured neither).
+ceilings=()
+if command -v python3 > /dev/null && [ -s "$out/doctor.json" ]; then
+    read -r -a ceilings < <(python3 scripts/gpu_report.py --ceilings "$out" 2>/dev/null) || true
+fi
+echo "profile ceilings: ${ceilings[*]:-from the data sheet}" >> "$summary"
 gpu_test tests 150 cuda_engine cuda_engine.log
 gpu_test auto 45 cuda_auto cuda_auto.log
 gpu_test tests-decode 90 cuda_decode cuda_decode.log
@@ -255,7 +266,7 @@ gpu_test zero 45 zero zero.log
 bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 torch_ref torch-ref-124m 150 torch_ref_124m_bf16.log --iters=10 --warmup=3
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
-    --profile --profile_out="$out/profile_124m_bf16.json"
+    --profile --profile_out="$out/profile_124m_bf16.json" ${ceilings[@]+"${ceilings[@]}"}
 # The same profile on real text's token frequencies (the two steps depend on each other:
 # selected together, as "prose").
 if selected prose; then
@@ -265,7 +276,7 @@ if selected prose; then
         --input "$out/prose.txt" --sample_by paragraph --out_dir "$out/prose-data"
     bench bench-profile-prose 45 bench_profile_124m_bf16_prose.log bfloat16 "${gpt2[@]}" \
         --iters=3 --warmup=1 --profile --profile_out="$out/profile_124m_bf16_prose.json" \
-        --data_dir="$out/prose-data"
+        --data_dir="$out/prose-data" ${ceilings[@]+"${ceilings[@]}"}
     grep -h "tokens from" "$out/bench_profile_124m_bf16_prose.log" >> "$summary" 2>/dev/null
     in_group=
 else
@@ -367,7 +378,14 @@ for f in cuda_engine.log cuda_auto.log cuda_decode.log cuda_flash.log cuda_switc
     bench_profile_124m_bf16.log cuda_profile.log bench_memory_124m_bf16.log bench_memory_124m_bf16_r2.log \
     bench_124m.log cuda_flash_timing.log bench_small.log bench_small_bf16.log \
     bench_small_bf16_graphs_off.log bench_124m_bf16_graphs_off.log; do
+    [ -f "$out/$f" ] || continue
     echo "--- tail of $f" >&2
     tail -n 25 "$out/$f" >&2
 done
+# Everything above as Markdown for BENCHMARKS.md.
+if command -v python3 > /dev/null; then
+    python3 scripts/gpu_report.py "$out" > "$out/report.md" ||
+        echo "scripts/gpu_report.py failed; the logs are all there" >&2
+    echo "--- Markdown report: $out/report.md" >&2
+fi
 exit $status
