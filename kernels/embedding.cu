@@ -30,8 +30,8 @@
 //   Launch: grid (N, ceil(G / block)), block min(256, 32 * ceil(G / 32)) threads (any
 //   number of whole warps up to 256 works), G = ceil((C + vec_shift(dwte, 4)) / 4) groups
 //   of four channels (vectorised access over a dwte row: an extra group when dwte is not
-//   16-byte aligned). Blocks x >= U return at once: the grid depends only
-//   on the batch shape, so a CUDA graph can replay it for any batch.
+//   16-byte aligned). Blocks x >= U return at once: the grid depends only on the batch
+//   shape, so a CUDA graph can replay it for any batch.
 //
 // embedding_backward_wpe(dwpe, dx, B, T, C)
 //   dwpe[t, c] += sum over b (in order) of dx[b*T + t, c]  (deterministic, no atomics)

@@ -1,8 +1,9 @@
 //! `nanogpt bench`: training-step throughput (forward + backward + AdamW) on synthetic
-//! tokens, reported as the median over timed iterations after warm-up, with model FLOP/s
-//! by nanoGPT's FLOPs-per-token formula (6N + 12*L*H*Q*T); with `--profile`, one more step
-//! timed per operation and summarised against a roofline ([`ProfileTable`]); device memory
-//! in use and the engine's own accounting of it ([`memory_summary`]).
+//! tokens or a prepared dataset's first training batch, reported as the median over timed
+//! iterations after warm-up, with model FLOP/s by nanoGPT's FLOPs-per-token formula
+//! (6N + 12*L*H*Q*T); with `--profile`, one more step timed per operation and summarised
+//! against a roofline ([`ProfileTable`]); device memory in use and the engine's own
+//! accounting of it ([`memory_summary`]).
 
 use crate::engine::cuda::profile::{MemoryReport, StepProfile};
 use crate::engine::{Batch, Engine};
@@ -56,7 +57,7 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Runs `warmup + iters` training steps on random tokens and times the last `iters`.
+/// Runs `warmup + iters` training steps on the benchmark's batch and times the last `iters`.
 pub fn run(
     engine: &mut dyn Engine,
     spec: &BenchSpec,
