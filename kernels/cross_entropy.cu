@@ -19,18 +19,30 @@
 //   The same over bf16 logits (bits; widened exactly, same arithmetic), the gradient
 //   rounded by bf16_rne and written over the row in place: the bf16 mode with the LM head
 //   writing bf16 logits (engine switch bf16_logits), as torch autocast's logits are bf16.
-//   Launch (both): one block per row; block 256 threads (a power of two), grid N,
-//   shared memory 0 (static).
+//   Launch (both): one block per row; block XENT_THREADS (512) threads (any whole number
+//   of warps up to 512 works), grid N, shared memory 0 (static).
+//
+// Two passes over a row: the first finds its max and its sum of exponentials together
+// (online, as FlashAttention's softmax: each thread keeps a running max m and the sum of
+// exp(x - m), rescaled when m grows; the block then combines the threads' pairs), the
+// second writes the gradient. Each thread loads XENT_IN_FLIGHT groups before using them.
+// A row of GPT-2's bf16 logits is ~100 KB; with two 512-thread blocks per multiprocessor
+// (at most 64 registers, __launch_bounds__) the rows being read at once (~26 MB on 132
+// multiprocessors) fit in L2, so the second pass reads its row from L2 and the logits
+// cross DRAM about once each way, while each multiprocessor keeps ~32 KB of loads in
+// flight.
 //
 // Vectorised access (kernels/common.cuh): a row is split into groups of four logits
 // aligned to 16 bytes in memory (8 for bf16 logits; the row's shift s: rows start at any
-// alignment when V is not a multiple of 4); thread t owns groups t, t + 256, t + 512, ...
-// and takes its elements in order for its part of the max and of the sum, then the block
-// combines the threads' parts (block_reduce). Deterministic for a given V and buffer
-// alignment. A separate bf16 gradient row uses 8-byte stores when it has the logits row's
+// alignment when V is not a multiple of 4); thread t owns groups t, t + B, t + 2B, ... (B
+// threads) and takes its elements in order for its part of the max and of the sum, then
+// the block combines the threads' parts (block_reduce). Deterministic for a given V, block
+// size and buffer alignment. A separate bf16 gradient row uses 8-byte stores when it has the logits row's
 // shift (both buffers equally aligned), else element by element.
 
-#define XENT_THREADS 256
+#define XENT_THREADS 512
+#define XENT_IN_FLIGHT 4  // groups of logits each thread loads before using them
+#define XENT_NEG_INF __int_as_float(0xff800000)
 
 __device__ float block_reduce(float v, bool is_max, float* sh) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -112,26 +124,40 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
         }
         return;
     }
-    float mx = __int_as_float(0xff800000);
-    for (int t = threadIdx.x; t < groups; t += blockDim.x) {
-        Group4 g = group4(t, v, shift, true);
-        float xv[4];
-        xent_ld4(xv, x, g, v);
+    // The thread's running max m and sum s of exp(x - m) (online softmax). A NaN logit
+    // makes s NaN (so the loss), as a two-pass sum would; a -inf logit adds nothing.
+    float m = XENT_NEG_INF, s = 0.0f;
+    // XENT_IN_FLIGHT groups are loaded before any is used, so that each thread has several
+    // loads in flight; they are then taken in order (t, t + B, t + 2B, ...).
+    for (int t0 = threadIdx.x; t0 < groups; t0 += XENT_IN_FLIGHT * blockDim.x) {
+        float xv[XENT_IN_FLIGHT][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            if (g.full || in_range(g.e0 + e, v)) mx = fmaxf(mx, xv[e]);
-    }
-    mx = block_reduce(mx, true, sh);
-    float s = 0.0f;
-    for (int t = threadIdx.x; t < groups; t += blockDim.x) {
-        Group4 g = group4(t, v, shift, true);
-        float xv[4];
-        xent_ld4(xv, x, g, v);
+        for (int k = 0; k < XENT_IN_FLIGHT; k++) {
+            int t = t0 + k * (int)blockDim.x;
+            if (t < groups) xent_ld4(xv[k], x, group4(t, v, shift, true), v);
+        }
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            if (g.full || in_range(g.e0 + e, v)) s += expf(xv[e] - mx);
+        for (int k = 0; k < XENT_IN_FLIGHT; k++) {
+            int t = t0 + k * (int)blockDim.x;
+            if (t >= groups) break;
+            Group4 g = group4(t, v, shift, true);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                if (!(g.full || in_range(g.e0 + e, v))) continue;
+                float xe = xv[k][e];
+                if (xe > m) {
+                    s = s * expf(m - xe) + 1.0f;
+                    m = xe;
+                } else if (!(xe == m && m == XENT_NEG_INF)) {
+                    s += expf(xe - m);
+                }
+            }
+        }
     }
-    s = block_reduce(s, false, sh);
+    float mx = block_reduce(m, true, sh);
+    // Each thread's sum rescaled to the row's max (a thread that saw no finite logit has
+    // s = 0, or NaN).
+    s = block_reduce(m == XENT_NEG_INF ? s : s * expf(m - mx), false, sh);
     float target_logit = xent_ld1(x, tgt);
     if (threadIdx.x == 0) {
         row_loss[row] = ((double)mx + log((double)s)) - (double)target_logit;
@@ -139,22 +165,32 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
     __syncthreads();  // every thread has read x[tgt] before it is overwritten
     if (write_grad) {
         float scale = grad_k / s;
-        for (int t = threadIdx.x; t < groups; t += blockDim.x) {
-            Group4 g = group4(t, v, shift, true);
-            float xv[4];
-            xent_ld4(xv, x, g, v);
+        for (int t0 = threadIdx.x; t0 < groups; t0 += XENT_IN_FLIGHT * blockDim.x) {
+            float xv[XENT_IN_FLIGHT][4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float gr = expf(xv[e] - mx) * scale;
-                if (g.e0 + e == tgt) gr -= grad_k;
-                xv[e] = gr;
+            for (int k = 0; k < XENT_IN_FLIGHT; k++) {
+                int t = t0 + k * (int)blockDim.x;
+                if (t < groups) xent_ld4(xv[k], x, group4(t, v, shift, true), v);
             }
-            xent_store(x, gb, g, group4(t, v, shift, gb_vec), v, xv);
+#pragma unroll
+            for (int k = 0; k < XENT_IN_FLIGHT; k++) {
+                int t = t0 + k * (int)blockDim.x;
+                if (t >= groups) break;
+                Group4 g = group4(t, v, shift, true);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float gr = expf(xv[k][e] - mx) * scale;
+                    if (g.e0 + e == tgt) gr -= grad_k;
+                    xv[k][e] = gr;
+                }
+                xent_store(x, gb, g, group4(t, v, shift, gb_vec), v, xv[k]);
+            }
         }
     }
 }
 
-extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ logits,
+extern "C" __global__ void __launch_bounds__(XENT_THREADS, 2)
+    cross_entropy_forward_backward(float* __restrict__ logits,
                                                           unsigned short* __restrict__ grad_bf16,
                                                           double* __restrict__ row_loss,
                                                           const int* __restrict__ targets,
@@ -164,7 +200,8 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ lo
     xent_row(logits, grad_bf16, row_loss, targets, n_rows, v, ld, grad_k, write_grad, sh);
 }
 
-extern "C" __global__ void cross_entropy_bf16(unsigned short* __restrict__ logits,
+extern "C" __global__ void __launch_bounds__(XENT_THREADS, 2)
+    cross_entropy_bf16(unsigned short* __restrict__ logits,
                                               double* __restrict__ row_loss,
                                               const int* __restrict__ targets, int n_rows,
                                               int v, int ld, float grad_k, int write_grad) {

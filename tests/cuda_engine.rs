@@ -974,6 +974,9 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
             // A block of whole warps covering a row's groups of four channels, at most
             // BLOCK (src/engine/cuda/embedding.rs, wte_launch).
             "embedding_backward_wte" => kernels::BLOCK,
+            "cross_entropy_bf16" | "cross_entropy_forward_backward" => {
+                nanogpt::engine::cuda::XENT_BLOCK
+            }
             other => panic!("{other} has a launch bound of {bound} threads: add its launch here"),
         };
         assert!(

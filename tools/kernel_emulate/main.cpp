@@ -875,7 +875,9 @@ static void ref_xent(const std::vector<float>& x, const std::vector<int>& tg, in
 static void check_cross_entropy() {
     const double TOL = 2e-5;
     const int rows = 5;
-    for (int v : {1, 2, 3, 4, 5, 7, 8, 50, 257, 1027, 2053})
+    // V > 4 * XENT_THREADS: threads take several groups, their running max grows along
+    // the row (GPT-2's 50257: 12 or 13 groups a thread).
+    for (int v : {1, 2, 3, 4, 5, 7, 8, 50, 257, 1027, 2053, 9001, 50257})
         for (Sit s : {ALIGNED, SHIFTED})
             for (int write_grad : {1, 0}) {
                 std::string k = "cross_entropy_forward_backward";
@@ -889,7 +891,7 @@ static void check_cross_entropy() {
                 Buf<int> tb(rows, 0);
                 lg.set(x), tb.set(tg);
                 float grad_k = 0.25f;
-                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
                     xent::cross_entropy_forward_backward(lg.p, nullptr, loss.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 // Some row that loads its logits has a whole aligned group.
@@ -917,7 +919,7 @@ static void check_cross_entropy() {
                     Buf<unsigned short> gb(n, off_first(s));
                     Buf<double> loss2(rows, 0);
                     lg2.set(x);
-                    emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                    emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
                         xent::cross_entropy_forward_backward(lg2.p, gb.p, loss2.p, tb.p, rows, v, v, grad_k, 1);
                     });
                     end(k, cb, s, expect);
@@ -932,6 +934,48 @@ static void check_cross_entropy() {
                 }
                 guards(k, cs, lg, loss, tb);
             }
+}
+
+// Logits a linear layer does not give but a caller might: -inf logits take no share of
+// the softmax (a finite loss, a zero gradient there) whether or not a thread has met a
+// finite logit before them; a NaN logit makes the row's loss NaN, not a finite number that
+// hides it.
+static void check_cross_entropy_special_values() {
+    const int rows = 3, v = 9001;
+    std::string k = "cross_entropy_forward_backward";
+    std::string cs = begin(k, "V=9001, -inf and NaN logits", ALIGNED);
+    auto x = randn((size_t)rows * v, 3.0f);
+    // Row 0: -inf on every thread's first group and on a stretch in the middle; row 1: as
+    // row 0 plus one NaN; row 2: plain.
+    for (int r = 0; r < 2; r++) {
+        for (int j = 0; j < 4 * XENT_THREADS; j += 3) x[(size_t)r * v + j] = -INFINITY;
+        for (int j = 6000; j < 6100; j++) x[(size_t)r * v + j] = -INFINITY;
+    }
+    x[(size_t)1 * v + 7777] = NAN;
+    std::vector<int> tg = {5, 5, 5};
+    Buf<float> lg(x.size(), 0);
+    Buf<double> loss(rows, 0);
+    Buf<int> tb(rows, 0);
+    lg.set(x), tb.set(tg);
+    const float grad_k = 0.5f;
+    emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
+        xent::cross_entropy_forward_backward(lg.p, nullptr, loss.p, tb.p, rows, v, v, grad_k, 1);
+    });
+    end(k, cs, ALIGNED, true);
+    std::vector<double> wl, wg;
+    ref_xent(x, tg, v, grad_k, wl, wg);
+    auto got_loss = loss.get();
+    auto got = lg.get();
+    if (!std::isfinite(got_loss[0]) || std::fabs(got_loss[0] - wl[0]) > 2e-5 * std::fabs(wl[0]) + 2e-5)
+        fail(k, cs + ": row with -inf logits: loss " + std::to_string(got_loss[0]) + ", want " + std::to_string(wl[0]));
+    for (int j = 0; j < v; j++)
+        if (x[j] == -INFINITY && got[j] != 0.0f) {
+            fail(k, cs + ": a -inf logit's gradient is not 0");
+            break;
+        }
+    if (!std::isnan(got_loss[1])) fail(k, cs + ": a NaN logit left the loss at " + std::to_string(got_loss[1]));
+    if (std::fabs(got_loss[2] - wl[2]) > 2e-5 * std::fabs(wl[2]) + 2e-5)
+        fail(k, cs + ": plain row: loss " + std::to_string(got_loss[2]) + ", want " + std::to_string(wl[2]));
 }
 
 // cross_entropy_bf16 (bf16 logits, the gradient rounded to bf16 in place) against
@@ -967,7 +1011,7 @@ static void check_cross_entropy_bf16() {
                 Buf<double> loss(rows, 0);
                 Buf<int> tb(rows, 0);
                 lg.set(xb), tb.set(tg);
-                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
                     xent::cross_entropy_bf16(lg.p, loss.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 bool expect = false;
@@ -978,7 +1022,7 @@ static void check_cross_entropy_bf16() {
                 Buf<double> lossf(rows, 0);
                 lf.set(xw);
                 check(vec_shift(lf.p, 4) == vec_shift(lg.p, 2), k, cs + ": fp32 copy at another shift");
-                emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+                emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
                     xent::cross_entropy_forward_backward(lf.p, nullptr, lossf.p, tb.p, rows, v, v, grad_k, write_grad);
                 });
                 std::vector<double> wl, wg;
@@ -1042,7 +1086,7 @@ static void check_cross_entropy_ld() {
             Buf<float> pf(np, off), pf2(np, off);
             Buf<double> q1(rows, 0), q2(rows, 0), q3(rows, 0);
             pb.set(xbp), pf.set(xp), pf2.set(xp), pgb.set(std::vector<unsigned short>(np, 0x7fc1));
-            emulate({(unsigned)rows, 1, 1}, BLOCK, [&] {
+            emulate({(unsigned)rows, 1, 1}, XENT_THREADS, [&] {
                 xent::cross_entropy_bf16(pb.p, q1.p, tb.p, rows, v, ld, grad_k, 1);
                 xent::cross_entropy_forward_backward(pf.p, nullptr, q2.p, tb.p, rows, v, ld, grad_k, 1);
                 xent::cross_entropy_forward_backward(pf2.p, pgb.p, q3.p, tb.p, rows, v, ld, grad_k, 1);
@@ -1059,7 +1103,7 @@ static void check_cross_entropy_ld() {
                 Buf<double> o1(1, 0), o2(1, 0), o3(1, 0);
                 Buf<int> ot(1, 0);
                 ob.set(xb1), of.set(xf1), of2.set(xf1), ot.set(std::vector<int>{tg[r]});
-                emulate({1, 1, 1}, BLOCK, [&] {
+                emulate({1, 1, 1}, XENT_THREADS, [&] {
                     xent::cross_entropy_bf16(ob.p, o1.p, ot.p, 1, v, v, grad_k, 1);
                     xent::cross_entropy_forward_backward(of.p, nullptr, o2.p, ot.p, 1, v, v, grad_k, 1);
                     xent::cross_entropy_forward_backward(of2.p, og.p, o3.p, ot.p, 1, v, v, grad_k, 1);
@@ -1198,6 +1242,7 @@ int main() {
     check_columns();
     check_layernorm();
     check_cross_entropy();
+    check_cross_entropy_special_values();
     check_embedding();
     check_gelu_bf16();  // last: the earlier checks draw the same random data as without it
     check_cross_entropy_bf16();  // after them for the same reason

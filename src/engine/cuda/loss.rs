@@ -5,6 +5,11 @@ use super::acts::logits_ld;
 use super::kernels::Arg;
 use super::{CResult, CudaEngine, STAGE_LOSSES, STAGE_TARGETS};
 
+/// Threads per block of the cross-entropy kernels (kernels/cross_entropy.cu, XENT_THREADS,
+/// their launch bound): two blocks of 512 on a multiprocessor, so that the rows read at
+/// once stay in L2 for the gradient pass.
+pub const XENT_BLOCK: u32 = 512;
+
 /// A loss enqueued by [`CudaEngine::cross_entropy`]: `rows` per-row losses on their way to
 /// the host, `count` of them counted (target not -1).
 #[derive(Clone, Copy, Debug)]
@@ -46,9 +51,10 @@ impl CudaEngine {
         );
         if a.storage.logits {
             // bf16 logits: the gradient goes over them in place.
-            self.run(
+            self.run_block(
                 self.k.cross_entropy_bf16,
                 (n as u32, 1, 1),
+                XENT_BLOCK,
                 &[
                     Arg::Ptr(a.logits.ptr),
                     loss,
@@ -65,9 +71,10 @@ impl CudaEngine {
                 Some(_) => self.bf16_grad(n * logits_ld(v))?.unwrap_or(0),
                 None => 0,
             };
-            self.run(
+            self.run_block(
                 self.k.cross_entropy_forward_backward,
                 (n as u32, 1, 1),
+                XENT_BLOCK,
                 &[
                     Arg::Ptr(a.logits.ptr),
                     Arg::Ptr(grad_bf16),

@@ -191,6 +191,7 @@ use decode::DecodeState;
 use flash::FlashMath;
 use kernels::{grid_cols4, grid_vec, launch, Arg, Kernels, BLOCK};
 use loss::PendingLoss;
+pub use loss::XENT_BLOCK;
 use optimizer::merge_runs;
 use products::{LnOut, Out, Src};
 use stack::Stack;
