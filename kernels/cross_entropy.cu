@@ -80,6 +80,19 @@ __device__ __forceinline__ float xent_ld1(const unsigned short* x, int i) {
     return bf16_to_f32(x[i]);
 }
 
+// The thread's next XENT_IN_FLIGHT groups of the row, t0, t0 + B, ... (B threads), all
+// loaded before any is used, so that they are in flight together; groups past the row are
+// left as they are (the caller stops at them).
+template <typename T>
+__device__ __forceinline__ void xent_ld_ahead(float (&xv)[XENT_IN_FLIGHT][4], const T* x, int t0,
+                                              int groups, int v, int shift) {
+#pragma unroll
+    for (int k = 0; k < XENT_IN_FLIGHT; k++) {
+        int t = t0 + k * (int)blockDim.x;
+        if (t < groups) xent_ld4(xv[k], x, group4(t, v, shift, true), v);
+    }
+}
+
 // Stores one group of gradients: fp32 logits in place (gb null) or bf16 to gb (gs: the
 // group for the bf16 row, vector only when co-aligned); bf16 logits in place.
 __device__ __forceinline__ void xent_store(float* x, unsigned short* gb, Group4 g, Group4 gs,
@@ -131,11 +144,7 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
     // loads in flight; they are then taken in order (t, t + B, t + 2B, ...).
     for (int t0 = threadIdx.x; t0 < groups; t0 += XENT_IN_FLIGHT * blockDim.x) {
         float xv[XENT_IN_FLIGHT][4];
-#pragma unroll
-        for (int k = 0; k < XENT_IN_FLIGHT; k++) {
-            int t = t0 + k * (int)blockDim.x;
-            if (t < groups) xent_ld4(xv[k], x, group4(t, v, shift, true), v);
-        }
+        xent_ld_ahead(xv, x, t0, groups, v, shift);
 #pragma unroll
         for (int k = 0; k < XENT_IN_FLIGHT; k++) {
             int t = t0 + k * (int)blockDim.x;
@@ -167,11 +176,7 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
         float scale = grad_k / s;
         for (int t0 = threadIdx.x; t0 < groups; t0 += XENT_IN_FLIGHT * blockDim.x) {
             float xv[XENT_IN_FLIGHT][4];
-#pragma unroll
-            for (int k = 0; k < XENT_IN_FLIGHT; k++) {
-                int t = t0 + k * (int)blockDim.x;
-                if (t < groups) xent_ld4(xv[k], x, group4(t, v, shift, true), v);
-            }
+            xent_ld_ahead(xv, x, t0, groups, v, shift);
 #pragma unroll
             for (int k = 0; k < XENT_IN_FLIGHT; k++) {
                 int t = t0 + k * (int)blockDim.x;
@@ -190,21 +195,17 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
 }
 
 extern "C" __global__ void __launch_bounds__(XENT_THREADS, 2)
-    cross_entropy_forward_backward(float* __restrict__ logits,
-                                                          unsigned short* __restrict__ grad_bf16,
-                                                          double* __restrict__ row_loss,
-                                                          const int* __restrict__ targets,
-                                                          int n_rows, int v, int ld,
-                                                          float grad_k, int write_grad) {
+    cross_entropy_forward_backward(float* __restrict__ logits, unsigned short* __restrict__ grad_bf16,
+                                   double* __restrict__ row_loss, const int* __restrict__ targets,
+                                   int n_rows, int v, int ld, float grad_k, int write_grad) {
     __shared__ float sh[32];
     xent_row(logits, grad_bf16, row_loss, targets, n_rows, v, ld, grad_k, write_grad, sh);
 }
 
 extern "C" __global__ void __launch_bounds__(XENT_THREADS, 2)
-    cross_entropy_bf16(unsigned short* __restrict__ logits,
-                                              double* __restrict__ row_loss,
-                                              const int* __restrict__ targets, int n_rows,
-                                              int v, int ld, float grad_k, int write_grad) {
+    cross_entropy_bf16(unsigned short* __restrict__ logits, double* __restrict__ row_loss,
+                       const int* __restrict__ targets, int n_rows, int v, int ld, float grad_k,
+                       int write_grad) {
     __shared__ float sh[32];
     xent_row(logits, (unsigned short*)nullptr, row_loss, targets, n_rows, v, ld, grad_k,
              write_grad, sh);
