@@ -25,7 +25,8 @@
 // Two passes over a row: the first finds its max and its sum of exponentials together
 // (online, as FlashAttention's softmax: each thread keeps a running max m and the sum of
 // exp(x - m), rescaled when m grows; the block then combines the threads' pairs), the
-// second writes the gradient. Each thread loads XENT_IN_FLIGHT groups before using them.
+// second writes the gradient. In the first pass each thread loads XENT_IN_FLIGHT groups
+// before using them.
 // A row of GPT-2's bf16 logits is ~100 KB; with two 512-thread blocks per multiprocessor
 // (at most 64 registers, __launch_bounds__) the rows being read at once (~26 MB on 132
 // multiprocessors) fit in L2, so the second pass reads its row from L2 and the logits
@@ -81,8 +82,8 @@ __device__ __forceinline__ float xent_ld1(const unsigned short* x, int i) {
 }
 
 // The thread's next XENT_IN_FLIGHT groups of the row, t0, t0 + B, ... (B threads), all
-// loaded before any is used, so that they are in flight together; groups past the row are
-// left as they are (the caller stops at them).
+// loaded before any is used, so that they are in flight together (the first pass); groups
+// past the row are left as they are (the caller stops at them).
 template <typename T>
 __device__ __forceinline__ void xent_ld_ahead(float (&xv)[XENT_IN_FLIGHT][4], const T* x, int t0,
                                               int groups, int v, int shift) {
@@ -174,22 +175,20 @@ __device__ void xent_row(T* __restrict__ logits, unsigned short* __restrict__ gr
     __syncthreads();  // every thread has read x[tgt] before it is overwritten
     if (write_grad) {
         float scale = grad_k / s;
-        for (int t0 = threadIdx.x; t0 < groups; t0 += XENT_IN_FLIGHT * blockDim.x) {
-            float xv[XENT_IN_FLIGHT][4];
-            xent_ld_ahead(xv, x, t0, groups, v, shift);
+        // One group at a time: batching these loads as in the first pass makes the compiler
+        // split the 16-byte stores of fp32 gradients into four (tests/kernel_emulate.rs
+        // checks the PTX); the row comes from L2 here.
+        for (int t = threadIdx.x; t < groups; t += blockDim.x) {
+            Group4 g = group4(t, v, shift, true);
+            float xv[4];
+            xent_ld4(xv, x, g, v);
 #pragma unroll
-            for (int k = 0; k < XENT_IN_FLIGHT; k++) {
-                int t = t0 + k * (int)blockDim.x;
-                if (t >= groups) break;
-                Group4 g = group4(t, v, shift, true);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float gr = expf(xv[k][e] - mx) * scale;
-                    if (g.e0 + e == tgt) gr -= grad_k;
-                    xv[k][e] = gr;
-                }
-                xent_store(x, gb, g, group4(t, v, shift, gb_vec), v, xv[k]);
+            for (int e = 0; e < 4; e++) {
+                float gr = expf(xv[e] - mx) * scale;
+                if (g.e0 + e == tgt) gr -= grad_k;
+                xv[e] = gr;
             }
+            xent_store(x, gb, g, group4(t, v, shift, gb_vec), v, xv);
         }
     }
 }
