@@ -43,51 +43,33 @@ impl CudaEngine {
             Arg::F32(grad_scale.map_or(0.0, |s| s * inv)),
             Arg::I32(grad_scale.is_some() as i32),
         );
-        let (loss, tgt) = (Arg::Ptr(a.row_loss.ptr), Arg::Ptr(a.targets.ptr));
-        let (rows, cols, ld) = (
+        // The two kernels' parameters after the logits (and the fp32 kernel's bf16 gradient).
+        let rest = [
+            Arg::Ptr(a.row_loss.ptr),
+            Arg::Ptr(a.targets.ptr),
             Arg::I32(n as i32),
             Arg::I32(v as i32),
             Arg::I32(logits_ld(v) as i32),
-        );
-        if a.storage.logits {
+            grad_k,
+            write_grad,
+        ];
+        let logits = Arg::Ptr(a.logits.ptr);
+        let (kernel, args) = if a.storage.logits {
             // bf16 logits: the gradient goes over them in place.
-            self.run_block(
-                self.k.cross_entropy_bf16,
-                (n as u32, 1, 1),
-                XENT_BLOCK,
-                &[
-                    Arg::Ptr(a.logits.ptr),
-                    loss,
-                    tgt,
-                    rows,
-                    cols,
-                    ld,
-                    grad_k,
-                    write_grad,
-                ],
-            )?;
+            let args: Vec<Arg> = std::iter::once(logits).chain(rest).collect();
+            (self.k.cross_entropy_bf16, args)
         } else {
             let grad_bf16 = match grad_scale {
                 Some(_) => self.bf16_grad(n * logits_ld(v))?.unwrap_or(0),
                 None => 0,
             };
-            self.run_block(
-                self.k.cross_entropy_forward_backward,
-                (n as u32, 1, 1),
-                XENT_BLOCK,
-                &[
-                    Arg::Ptr(a.logits.ptr),
-                    Arg::Ptr(grad_bf16),
-                    loss,
-                    tgt,
-                    rows,
-                    cols,
-                    ld,
-                    grad_k,
-                    write_grad,
-                ],
-            )?;
-        }
+            let args: Vec<Arg> = [logits, Arg::Ptr(grad_bf16)]
+                .into_iter()
+                .chain(rest)
+                .collect();
+            (self.k.cross_entropy_forward_backward, args)
+        };
+        self.run_block(kernel, (n as u32, 1, 1), XENT_BLOCK, &args)?;
         a.staged[STAGE_LOSSES].download(&a.row_loss, 8 * n, &self.stream)?;
         Ok(PendingLoss { rows: n, count })
     }
