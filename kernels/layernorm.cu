@@ -10,14 +10,18 @@
 //   only matrix products read, in bf16 alone.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
-// layernorm_backward_dx(dx, dx_bf16, dout, x, w, mean, rstd, N, C)
+// layernorm_backward_dx(dx, dx_bf16, dout, dout_bf16, x, w, mean, rstd, N, C)
 //   dx += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = w * dout.
+//   dout is read from dout (fp32) or, when dout_bf16 is not null, from dout_bf16 (bf16
+//   bits, widened exactly; dout is then unused): the bf16 mode's gradient of a LayerNorm
+//   output as the products that compute it write it, at half the bytes. Given bf16 bits,
+//   every backward kernel gives the same results as given their fp32 widening in dout.
 //   dx_bf16 (may be null): the updated dx rounded to bf16 as well (bf16_rne, the bits
 //   cast_f32_to_bf16 would give): the bf16 mode's copy of the residual-stream gradient for
 //   the two backward products of the next linear layer, with no separate cast pass.
 //   Launch: one warp per row; block 256 threads (8 rows), grid ceil(N / 8).
 //
-// layernorm_backward(dx, dx_bf16, parts, dout, x, w, mean, rstd, N, C)
+// layernorm_backward(dx, dx_bf16, parts, dout, dout_bf16, x, w, mean, rstd, N, C)
 //   layernorm_backward_dx and the weight and bias gradients' partial sums in one pass over
 //   dout and x: dx (and dx_bf16) exactly as layernorm_backward_dx writes them, and
 //   parts[p, c] = sum over the block's rows of norm * dout, parts[p, C + c] = sum of dout,
@@ -28,7 +32,7 @@
 //   channels per lane, held in registers); larger C takes the two kernels.
 //   Launch: block 256 threads, grid ceil(N / 32); parts holds ceil(N / 32) x 2C floats.
 //
-// layernorm_backward_parts(parts, dout, x, mean, rstd, N, C, rows_per_part)
+// layernorm_backward_parts(parts, dout, dout_bf16, x, mean, rstd, N, C, rows_per_part)
 //   parts[p, c] = sum over the rows of group p of norm * dout; parts[p, C + c] = sum of dout.
 //   Row group p holds rows [p * rows_per_part, min(N, (p + 1) * rows_per_part)).
 //   Launch: 2-D; block 256, grid (ceil(ceil(C / 4) / 256), P). Deterministic. The groups
@@ -168,6 +172,42 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,
                   mean, rstd, w, b, row, c, lane, vec);
 }
 
+// The gradient of a LayerNorm output as the backward kernels read it: fp32 (`f`), or bf16
+// bits (`h`) when h is not null (then f is unused).
+struct LnGrad {
+    const float* f;
+    const unsigned short* h;
+};
+
+// The gradient from element `base` on (rows of the gradient: base = row * c).
+__device__ __forceinline__ LnGrad ln_grad_at(LnGrad d, long long base) {
+    return d.h ? LnGrad{nullptr, d.h + base} : LnGrad{d.f + base, nullptr};
+}
+
+// One group of the gradient in fp32 (a bf16 value widened exactly); read-only data. H:
+// whether the gradient is bf16 (d.h not null). A compile-time choice, so that each kernel
+// runs one of two loops chosen once, rather than branch (and keep registers for both
+// paths) at every load.
+template <bool H>
+__device__ __forceinline__ void ld4_grad(float (&v)[4], LnGrad d, Group4 g, long long n) {
+    if constexpr (H) {
+        ld4_bf16(v, d.h, g, n);
+    } else {
+        ld4_ro(v, d.f, g, n);
+    }
+}
+
+// A compile-time bool as a value (to pick ld4_grad's H in a generic lambda).
+template <bool B>
+struct Bool {
+    static constexpr bool value = B;
+};
+
+// Whether the gradient allows vector loads (fp32: 16-byte aligned; bf16: 8-byte).
+__device__ __forceinline__ bool ln_grad_aligned(LnGrad d) {
+    return d.h ? vec_shift(d.h, 2) == 0 : vec_aligned(d.f);
+}
+
 // The two sums of a row's backward over one group: a1 += w * dout, a2 += w * dout * norm.
 __device__ __forceinline__ void ln_bwd_sums(float& a1, float& a2, const float (&xv)[4],
                                             const float (&dv)[4], const float (&wv)[4],
@@ -197,20 +237,19 @@ __device__ __forceinline__ void ln_bwd_update(float (&o)[4], const float (&xv)[4
 
 // Whether the backward kernels may use vector accesses on these pointers.
 __device__ __forceinline__ bool ln_bwd_vec(const float* dx, const unsigned short* dx_bf16,
-                                           const float* dout, const float* x, const float* w,
-                                           int c) {
-    return c % 4 == 0 && ln_outs_aligned(dx, dx_bf16) && vec_aligned(dout) && vec_aligned(x) &&
-           vec_aligned(w);
+                                           LnGrad dout, const float* x, const float* w, int c) {
+    return c % 4 == 0 && ln_outs_aligned(dx, dx_bf16) && ln_grad_aligned(dout) &&
+           vec_aligned(x) && vec_aligned(w);
 }
 
 // The backward of one row for the warp that owns it (every lane calls it): dx += ... (and
 // its bf16 copy when dbr is not null), the lane's groups of channels in order. With
 // KMAX > 0 (c <= 128 KMAX) the groups are unrolled and each group's norm * dout and dout
 // are added to gw[k], gb[k] (the weight and bias gradients' sums); with KMAX = 0, any c and
-// no sums. The same arithmetic either way.
-template <int KMAX>
+// no sums. The same arithmetic either way. H: whether dr is bf16 (ld4_grad).
+template <int KMAX, bool H>
 __device__ __forceinline__ void ln_backward_row(float* dxr, unsigned short* dbr,
-                                                const float* dr, const float* xr,
+                                                LnGrad dr, const float* xr,
                                                 const float* w, float m, float s, int c,
                                                 int lane, bool vec,
                                                 float (&gw)[KMAX > 0 ? KMAX : 1][4],
@@ -223,7 +262,7 @@ __device__ __forceinline__ void ln_backward_row(float* dxr, unsigned short* dbr,
             Group4 g = row_group(lane, k, c, vec);
             float xv[4], dv[4], wv[4];
             ld4_ro(xv, xr, g, c);
-            ld4_ro(dv, dr, g, c);
+            ld4_grad<H>(dv, dr, g, c);
             ld4_ro(wv, w, g, c);
             ln_bwd_sums(a1, a2, xv, dv, wv, g, c, m, s);
         }
@@ -236,7 +275,7 @@ __device__ __forceinline__ void ln_backward_row(float* dxr, unsigned short* dbr,
             Group4 g = row_group(lane, k, c, vec);
             float xv[4], dv[4], wv[4], o[4];
             ld4_ro(xv, xr, g, c);
-            ld4_ro(dv, dr, g, c);
+            ld4_grad<H>(dv, dr, g, c);
             ld4_ro(wv, w, g, c);
             ld4(o, dxr, g, c);
             ln_bwd_update(o, xv, dv, wv, m, s, a1, a2);
@@ -257,6 +296,7 @@ __device__ __forceinline__ void ln_backward_row(float* dxr, unsigned short* dbr,
 extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
                                                  unsigned short* __restrict__ dx_bf16,
                                                  const float* __restrict__ dout,
+                                                 const unsigned short* __restrict__ dout_bf16,
                                                  const float* __restrict__ x,
                                                  const float* __restrict__ w,
                                                  const float* __restrict__ mean,
@@ -266,21 +306,29 @@ extern "C" __global__ void layernorm_backward_dx(float* __restrict__ dx,
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
     long long base = (long long)row * c;
+    const LnGrad d = {dout, dout_bf16};
+    const bool vec = ln_bwd_vec(dx, dx_bf16, d, x, w, c);
     float none[1][4];
-    ln_backward_row<0>(dx + base, dx_bf16 ? dx_bf16 + base : nullptr, dout + base, x + base, w,
-                       mean[row], rstd[row], c, lane, ln_bwd_vec(dx, dx_bf16, dout, x, w, c),
-                       none, none);
+    unsigned short* dbr = dx_bf16 ? dx_bf16 + base : nullptr;
+    if (d.h) {
+        ln_backward_row<0, true>(dx + base, dbr, ln_grad_at(d, base), x + base, w, mean[row],
+                                 rstd[row], c, lane, vec, none, none);
+    } else {
+        ln_backward_row<0, false>(dx + base, dbr, ln_grad_at(d, base), x + base, w, mean[row],
+                                  rstd[row], c, lane, vec, none, none);
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
 layernorm_backward(float* __restrict__ dx, unsigned short* __restrict__ dx_bf16,
                    float* __restrict__ parts, const float* __restrict__ dout,
-                   const float* __restrict__ x, const float* __restrict__ w,
-                   const float* __restrict__ mean, const float* __restrict__ rstd, int n_rows,
-                   int c) {
+                   const unsigned short* __restrict__ dout_bf16, const float* __restrict__ x,
+                   const float* __restrict__ w, const float* __restrict__ mean,
+                   const float* __restrict__ rstd, int n_rows, int c) {
     __shared__ float acc[2 * 128 * LNB_MAX_GROUPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const bool vec = ln_bwd_vec(dx, dx_bf16, dout, x, w, c);
+    const LnGrad d = {dout, dout_bf16};
+    const bool vec = ln_bwd_vec(dx, dx_bf16, d, x, w, c);
     // This lane's sums of norm * dout (gw) and dout (gb) over its groups of channels,
     // over the block's rows this warp owns, in row order.
     float gw[LNB_MAX_GROUPS][4], gb[LNB_MAX_GROUPS][4];
@@ -289,11 +337,18 @@ layernorm_backward(float* __restrict__ dx, unsigned short* __restrict__ dx_bf16,
 #pragma unroll
         for (int e = 0; e < 4; e++) gw[k][e] = gb[k][e] = 0.0f;
     const int r1 = min(n_rows, (blockIdx.x + 1) * LNB_ROWS);
-    for (int row = blockIdx.x * LNB_ROWS + warp; row < r1; row += 8) {
-        long long base = (long long)row * c;
-        ln_backward_row<LNB_MAX_GROUPS>(dx + base, dx_bf16 ? dx_bf16 + base : nullptr,
-                                        dout + base, x + base, w, mean[row], rstd[row], c,
-                                        lane, vec, gw, gb);
+    auto rows = [&](auto h) {
+        for (int row = blockIdx.x * LNB_ROWS + warp; row < r1; row += 8) {
+            long long base = (long long)row * c;
+            ln_backward_row<LNB_MAX_GROUPS, decltype(h)::value>(
+                dx + base, dx_bf16 ? dx_bf16 + base : nullptr, ln_grad_at(d, base), x + base, w,
+                mean[row], rstd[row], c, lane, vec, gw, gb);
+        }
+    };
+    if (d.h) {
+        rows(Bool<true>{});
+    } else {
+        rows(Bool<false>{});
     }
     // The warps' sums in warp order into shared memory, then the block's partial sums out.
     for (int wp = 0; wp < 8; wp++) {
@@ -318,11 +373,13 @@ layernorm_backward(float* __restrict__ dx, unsigned short* __restrict__ dx_bf16,
 
 extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
                                                     const float* __restrict__ dout,
+                                                    const unsigned short* __restrict__ dout_bf16,
                                                     const float* __restrict__ x,
                                                     const float* __restrict__ mean,
                                                     const float* __restrict__ rstd,
                                                     int n_rows, int c, int rows_per_part) {
-    bool vec = c % 4 == 0 && vec_aligned(parts) && vec_aligned(dout) && vec_aligned(x);
+    const LnGrad dg = {dout, dout_bf16};
+    bool vec = c % 4 == 0 && vec_aligned(parts) && ln_grad_aligned(dg) && vec_aligned(x);
     Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, c, 0, vec);
     int p = blockIdx.y;
     if (g.e0 >= c) return;
@@ -332,7 +389,11 @@ extern "C" __global__ void layernorm_backward_parts(float* __restrict__ parts,
     for (int r = r0; r < r1; r++) {
         long long base = (long long)r * c;
         float d[4], xv[4];
-        ld4_ro(d, dout + base, g, c);
+        if (dg.h) {
+            ld4_grad<true>(d, ln_grad_at(dg, base), g, c);
+        } else {
+            ld4_grad<false>(d, ln_grad_at(dg, base), g, c);
+        }
         ld4_ro(xv, x + base, g, c);
         float m = mean[r], s = rstd[r];
 #pragma unroll

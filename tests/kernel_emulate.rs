@@ -175,5 +175,18 @@ fn vectorised_kernels_emit_wide_global_accesses() {
             "{k}: no 8-byte bf16 store"
         );
     }
+    // The LayerNorm backward kernels' bf16 dout (switch `bf16_dln`): one 8-byte load per four.
+    for k in [
+        "layernorm_backward",
+        "layernorm_backward_dx",
+        "layernorm_backward_parts",
+    ] {
+        let body = entry(&ptx, k).unwrap_or_else(|| panic!("no entry {k} in the PTX"));
+        assert!(
+            body.lines()
+                .any(|l| l.contains("ld.global") && l.contains(".v2.u32")),
+            "{k}: no 8-byte bf16 load in its PTX"
+        );
+    }
     eprintln!("checked the PTX of {} vectorised kernels", table.len());
 }

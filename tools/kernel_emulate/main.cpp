@@ -231,6 +231,11 @@ static float ref_widen(unsigned short b) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+static std::vector<float> widened(const std::vector<unsigned short>& h) {
+    std::vector<float> v(h.size());
+    for (size_t i = 0; i < h.size(); i++) v[i] = ref_widen(h[i]);
+    return v;
+}
 // v with specials and bf16 ties among its values: NaN, infinities, overflow, exact ties.
 static std::vector<float> with_specials(std::vector<float> v) {
     const uint32_t specials[] = {0x7fc00001u, 0xff800000u, 0x7f7fffffu, 0x3f808000u,
@@ -747,7 +752,7 @@ static void check_layernorm() {
                     Buf<float> mean(rows, 0), rstd(rows, 0);
                     dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::layernorm_backward_dx(dx.p, nullptr, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                        ln::layernorm_backward_dx(dx.p, nullptr, db.p, nullptr, xb.p, wb.p, mean.p, rstd.p, rows, c);
                     });
                     end(k, cs, s, vec);
                     std::vector<double> want(n);
@@ -781,7 +786,7 @@ static void check_layernorm() {
                     Buf<float> mean(rows, 0), rstd(rows, 0);
                     dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
                     emulate(grid_rows(rows), BLOCK, [&] {
-                        ln::layernorm_backward_dx(dx.p, dxb.p, db.p, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                        ln::layernorm_backward_dx(dx.p, dxb.p, db.p, nullptr, xb.p, wb.p, mean.p, rstd.p, rows, c);
                     });
                     end(k, cs, s, vec);
                     auto got = dx.get();
@@ -802,8 +807,8 @@ static void check_layernorm() {
                     Buf<float> parts((size_t)nb * 2 * c, off_rest(s)), mean(rows, 0), rstd(rows, 0);
                     dx.set(dx0), db.set(dout), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
                     emulate({nb, 1, 1}, BLOCK, [&] {
-                        ln::layernorm_backward(dx.p, dxb.p, parts.p, db.p, xb.p, wb.p, mean.p, rstd.p,
-                                               rows, c);
+                        ln::layernorm_backward(dx.p, dxb.p, parts.p, db.p, nullptr, xb.p, wb.p, mean.p,
+                                               rstd.p, rows, c);
                     });
                     end(k, cs, s, vec);
                     auto got = dx.get();
@@ -832,7 +837,7 @@ static void check_layernorm() {
                     Buf<float> mean(rows, 0), rstd(rows, 0);
                     db.set(dout), xb.set(x), mean.set(fw.mean), rstd.set(fw.rstd);
                     emulate_serial({grid_cols4(c), (unsigned)np, 1}, BLOCK, [&] {
-                        ln::layernorm_backward_parts(parts.p, db.p, xb.p, mean.p, rstd.p, rows, c, rpp);
+                        ln::layernorm_backward_parts(parts.p, db.p, nullptr, xb.p, mean.p, rstd.p, rows, c, rpp);
                     });
                     end(k, cs, s, vec);
                     std::vector<float> want((size_t)np * 2 * c);
@@ -849,6 +854,58 @@ static void check_layernorm() {
                         }
                     exact(k, cs, "parts", parts.get(), want);
                     guards(k, cs, parts, db, xb, mean, rstd);
+                }
+                {
+                    // dout in bf16 (the bf16 mode's gradient of a LayerNorm output as the
+                    // products write it, switch bf16_dln): each backward kernel gives the bits
+                    // it gives for the same values widened to fp32 in dout.
+                    std::vector<unsigned short> dh(n);
+                    std::vector<float> dwide(n);
+                    for (long long i = 0; i < n; i++) dh[i] = ref_bf16(dout[i]), dwide[i] = ref_widen(dh[i]);
+                    const std::string sh = shape + " bf16 dout";
+                    Buf<float> df(n, off_rest(s)), xb(n, off_rest(s)), wb(c, off_rest(s));
+                    Buf<unsigned short> dhb(n, off_rest(s));
+                    Buf<float> mean(rows, 0), rstd(rows, 0);
+                    df.set(dwide), dhb.set(dh), xb.set(x), wb.set(w), mean.set(fw.mean), rstd.set(fw.rstd);
+                    // Runs `launch(dout, dout_bf16)` with dout given one way, then the other.
+                    auto both = [&](const std::string& k, auto&& launch) {
+                        std::string cs = begin(k, sh, s);
+                        auto ref = launch(df.p, (const unsigned short*)nullptr);
+                        vec_accesses = 0;
+                        auto got = launch((const float*)nullptr, (const unsigned short*)dhb.p);
+                        end(k, cs, s, vec);
+                        for (size_t o = 0; o < got.size(); o++) exact(k, cs, "vs fp32 dout", got[o], ref[o]);
+                        guards(k, cs, df, dhb, xb, wb, mean, rstd);
+                    };
+                    both("layernorm_backward_dx", [&](const float* d, const unsigned short* dhp) {
+                        Buf<float> dx(n, off_first(s));
+                        Buf<unsigned short> dxb(n, off_rest(s));
+                        dx.set(dx0);
+                        emulate(grid_rows(rows), BLOCK, [&] {
+                            ln::layernorm_backward_dx(dx.p, dxb.p, d, dhp, xb.p, wb.p, mean.p, rstd.p, rows, c);
+                        });
+                        return std::vector<std::vector<float>>{dx.get(), widened(dxb.get())};
+                    });
+                    if (c <= 1024)
+                        both("layernorm_backward", [&](const float* d, const unsigned short* dhp) {
+                            unsigned nb = (unsigned)((rows + 31) / 32);
+                            Buf<float> dx(n, off_first(s)), parts((size_t)nb * 2 * c, off_rest(s));
+                            Buf<unsigned short> dxb(n, off_rest(s));
+                            dx.set(dx0);
+                            emulate({nb, 1, 1}, BLOCK, [&] {
+                                ln::layernorm_backward(dx.p, dxb.p, parts.p, d, dhp, xb.p, wb.p, mean.p,
+                                                       rstd.p, rows, c);
+                            });
+                            return std::vector<std::vector<float>>{dx.get(), widened(dxb.get()), parts.get()};
+                        });
+                    both("layernorm_backward_parts", [&](const float* d, const unsigned short* dhp) {
+                        int rpp = std::max(1, rows / 3), np = (rows + rpp - 1) / rpp;
+                        Buf<float> parts((size_t)np * 2 * c, off_first(s));
+                        emulate_serial({grid_cols4(c), (unsigned)np, 1}, BLOCK, [&] {
+                            ln::layernorm_backward_parts(parts.p, d, dhp, xb.p, mean.p, rstd.p, rows, c, rpp);
+                        });
+                        return std::vector<std::vector<float>>{parts.get()};
+                    });
                 }
             }
         }

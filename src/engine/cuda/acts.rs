@@ -16,14 +16,17 @@ use std::cell::OnceCell;
 /// switch `bf16_acts`; `LnOut`), the MLP's pre-activation, GELU output and
 /// pre-activation gradient (`mlp`, switch `bf16_mlp`), and the logits with their gradient
 /// in place (`logits`, switch `bf16_logits`), and the attention's q, k, v, output and
-/// output gradient (`attn`, switch `bf16_attn`, with the bf16 fused attention only). All
-/// false in fp32 mode.
+/// output gradient (`attn`, switch `bf16_attn`, with the bf16 fused attention only), and
+/// the LayerNorm outputs' gradients (`dln`, switch `bf16_dln`). All false in fp32 mode.
+/// `dln` changes traffic, not memory: the `dln` buffer keeps its fp32 size, as it also
+/// holds the fp32 attention output's gradient when `attn` is off.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bf16Storage {
     pub ln: bool,
     pub mlp: bool,
     pub logits: bool,
     pub attn: bool,
+    pub dln: bool,
 }
 
 impl Bf16Storage {
@@ -269,6 +272,23 @@ impl Acts {
             LnOut::Bf16(ptr)
         } else {
             LnOut::F32(ptr)
+        }
+    }
+    /// The gradient of a LayerNorm output (`dln`) as the input-gradient products write it:
+    /// bf16 with [`Bf16Storage::dln`], else fp32.
+    pub(super) fn dln_out(&self) -> Out {
+        if self.storage.dln {
+            Out::Bf16(self.dln.ptr)
+        } else {
+            Out::F32(self.dln.ptr)
+        }
+    }
+    /// The same gradient as the LayerNorm backward reads it.
+    pub(super) fn dln_in(&self) -> LnOut {
+        if self.storage.dln {
+            LnOut::Bf16(self.dln.ptr)
+        } else {
+            LnOut::F32(self.dln.ptr)
         }
     }
     pub(super) fn gelu(&self, l: usize) -> u64 {

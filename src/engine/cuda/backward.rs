@@ -4,7 +4,7 @@
 
 use super::acts::{logits_ld, Acts};
 use super::kernels::{grid_vec, Arg};
-use super::products::{Lin, Out, Post, Src};
+use super::products::{Lin, Post, Src};
 use super::{CResult, CudaEngine, SLOT_GRAD};
 use crate::engine::dropout::{Dropout, DropoutSeeds};
 
@@ -92,15 +92,16 @@ impl CudaEngine {
                 None => self.rounded(a.logits.ptr, n * ld)?,
             }
         };
-        self.mm(
+        self.mm_ep(
             n,
             c,
             v,
             Lin::n(dlogits, ld),
             Lin::n(Src::Param(lay.wte), c),
             0.0,
-            a.dln.ptr,
+            a.dln_out(),
             c,
+            Post::None,
         )?;
         self.mm(
             v,
@@ -132,7 +133,7 @@ impl CudaEngine {
         self.layernorm_bwd(
             a.dres.ptr,
             dres_bf16,
-            a.dln.ptr,
+            a.dln_in(),
             last,
             a.lnf_mean.ptr,
             a.lnf_rstd.ptr,
@@ -195,7 +196,7 @@ impl CudaEngine {
                 )?;
             }
             self.linear_bwd(
-                Out::F32(a.dln.ptr),
+                a.dln_out(),
                 a.mlp_src(a.dfch.ptr),
                 a.ln2(l).src(),
                 o.fc_w,
@@ -210,7 +211,7 @@ impl CudaEngine {
             self.layernorm_bwd(
                 a.dres.ptr,
                 dres_bf16,
-                a.dln.ptr,
+                a.dln_in(),
                 la.res2.ptr,
                 la.ln2_mean.ptr,
                 la.ln2_rstd.ptr,
@@ -249,7 +250,7 @@ impl CudaEngine {
                 )?;
             }
             self.linear_bwd(
-                Out::F32(a.dln.ptr),
+                a.dln_out(),
                 dqkv,
                 a.ln1(l).src(),
                 o.qkv_w,
@@ -268,7 +269,7 @@ impl CudaEngine {
             self.layernorm_bwd(
                 a.dres.ptr,
                 dres_bf16,
-                a.dln.ptr,
+                a.dln_in(),
                 x,
                 la.ln1_mean.ptr,
                 la.ln1_rstd.ptr,

@@ -104,13 +104,14 @@ impl CudaEngine {
         )
     }
 
-    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients.
+    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients. `dout`, the
+    /// output's gradient, is fp32 or bf16 ([`Bf16Storage::dln`](super::Bf16Storage::dln)).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn layernorm_bwd(
         &self,
         dx: u64,
         dx_bf16: u64,
-        dout: u64,
+        dout: LnOut,
         x: u64,
         mean: u64,
         rstd: u64,
@@ -120,10 +121,12 @@ impl CudaEngine {
         scratch: u64,
     ) -> CResult<()> {
         let c = self.cfg.n_embd;
+        let [dout, dout_bf16] = dout.args();
         let (dx_args, stats) = (
             [Arg::Ptr(dx), Arg::Ptr(dx_bf16)],
             [
-                Arg::Ptr(dout),
+                dout,
+                dout_bf16,
                 Arg::Ptr(x),
                 Arg::Ptr(self.p(w)),
                 Arg::Ptr(mean),
@@ -150,7 +153,8 @@ impl CudaEngine {
                 (grid_cols4(c), np as u32, 1),
                 &[
                     Arg::Ptr(scratch),
-                    Arg::Ptr(dout),
+                    dout,
+                    dout_bf16,
                     Arg::Ptr(x),
                     Arg::Ptr(mean),
                     Arg::Ptr(rstd),

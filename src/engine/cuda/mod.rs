@@ -42,7 +42,11 @@
 //! with a bf16 output, the bias's bf16 copy), the attention kernels read them as they are
 //! and write their output in bf16 (`flash::FlashIo::Bf16`), the projection reads it as it
 //! is, and the projection's input-gradient product writes the attention output's gradient
-//! in bf16 for the attention backward, whose `D = y . dy` then sums bf16 values. LayerNorm,
+//! in bf16 for the attention backward, whose `D = y . dy` then sums bf16 values. The input
+//! gradients of the qkv and fc products and of the LM head, the gradients of the LayerNorm
+//! outputs, are written in bf16 too (switch `bf16_dln`, [`Bf16Storage::dln`]), as torch
+//! autocast's bf16 linear layers return them, and the LayerNorm backward reads them so.
+//! LayerNorm,
 //! softmax,
 //! GELU, residuals, cross-entropy and AdamW stay fp32; attention's forward runs on the bf16
 //! tensor-core fused kernel where it applies (below), otherwise in fp32. Both precisions share one code path: the
@@ -730,6 +734,7 @@ impl CudaEngine {
             attn: bf16
                 && self.switches.bf16_attn
                 && self.fused_attention(b, t, true) == Some(FlashMath::Bf16),
+            dln: bf16 && self.switches.bf16_dln,
         }
     }
 

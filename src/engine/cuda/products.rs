@@ -28,7 +28,8 @@ pub(super) enum Src {
 /// bf16 mode with the `bf16_acts` switch on, a bf16 buffer. A LayerNorm output is read only
 /// by matrix products (the next linear layer forward, its weight gradient backward), which
 /// take bf16 operands in that mode: stored in bf16 it is written at half the bytes and never
-/// rounded by a separate cast pass.
+/// rounded by a separate cast pass. The same two forms serve the gradient of a LayerNorm
+/// output as the LayerNorm backward reads it (bf16 with the `bf16_dln` switch).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum LnOut {
     F32(u64),

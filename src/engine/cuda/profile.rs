@@ -171,6 +171,12 @@ fn present(args: &[Arg], i: usize) -> Option<f64> {
     }
 }
 
+/// Bytes per value of a LayerNorm backward's dout: 2 when its bf16 pointer (argument `i`)
+/// is given, else 4.
+fn dout_bytes(args: &[Arg], i: usize) -> Option<f64> {
+    Some(4.0 - 2.0 * present(args, i)?)
+}
+
 /// Bytes read plus written by one launch of kernel `name` with `args` (the parameter lists of
 /// `kernels/*.cu`) on `grid`: each element counted once, fp32 = 4 bytes. `None` for kernels
 /// without a formula (decoding, fused attention) or arguments that do not fit the formula.
@@ -215,24 +221,25 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let out = f * present(args, 0)? + 2.0 * present(args, 1)?;
             (f + out) * n * c + 2.0 * f * n + f * c * (1.0 + present(args, 6)?)
         }
-        // dout and x read, dx read and written (+=) and, when given, written in bf16 too;
-        // mean, rstd and weight read.
+        // dout (fp32, or bf16 when dout_bf16 is given) and x read, dx read and written (+=)
+        // and, when given, written in bf16 too; mean, rstd and weight read.
         "layernorm_backward_dx" => {
-            let (n, c) = (a(7)?, a(8)?);
-            (4.0 * f + 2.0 * present(args, 1)?) * n * c + 2.0 * f * n + f * c
+            let (n, c) = (a(8)?, a(9)?);
+            (3.0 * f + dout_bytes(args, 3)? + 2.0 * present(args, 1)?) * n * c + 2.0 * f * n + f * c
         }
         // layernorm_backward_dx's traffic, and two partial sums per column per block.
         "layernorm_backward" => {
-            let (n, c) = (a(8)?, a(9)?);
-            (4.0 * f + 2.0 * present(args, 1)?) * n * c
+            let (n, c) = (a(9)?, a(10)?);
+            (3.0 * f + dout_bytes(args, 4)? + 2.0 * present(args, 1)?) * n * c
                 + 2.0 * f * n
                 + f * c
                 + 2.0 * f * c * grid.0 as f64
         }
-        // dout, x, mean, rstd read; two partial sums per column per part written.
+        // dout (fp32 or bf16), x, mean, rstd read; two partial sums per column per part
+        // written.
         "layernorm_backward_parts" => {
-            let (n, c, rpp) = (a(5)?, a(6)?, a(7)?);
-            2.0 * f * n * c + 2.0 * f * n + 2.0 * f * c * parts(n, rpp)
+            let (n, c, rpp) = (a(6)?, a(7)?, a(8)?);
+            (f + dout_bytes(args, 2)?) * n * c + 2.0 * f * n + 2.0 * f * c * parts(n, rpp)
         }
         "gelu_forward" | "dropout_apply" => 2.0 * f * a(2)?,
         "gelu_backward_inplace" | "add_inplace" => 3.0 * f * a(2)?,
@@ -1064,6 +1071,35 @@ mod tests {
             kb("layernorm_recompute", &args),
             Some(8.0 * n * c + 8.0 * n + 8.0 * c)
         );
+        // The LayerNorm backward, bf16 copy of dx written: dout (fp32: 4 bytes; bf16: 2) and
+        // x read, dx read and written, dx_bf16 written; the one-pass kernel adds its parts.
+        for (dout, dout_bf16, dout_bytes) in [(Ptr(3), Ptr(0), 4.0), (Ptr(0), Ptr(4), 2.0)] {
+            let row = (12.0 + dout_bytes + 2.0) * n * c + 8.0 * n + 4.0 * c;
+            let mut dx = vec![
+                Ptr(1),
+                Ptr(2),
+                dout,
+                dout_bf16,
+                Ptr(5),
+                Ptr(6),
+                Ptr(7),
+                Ptr(8),
+            ];
+            dx.extend([I32(8192), I32(768)]);
+            assert_eq!(kb("layernorm_backward_dx", &dx), Some(row));
+            let mut fused = dx.clone();
+            fused.insert(2, Ptr(9));
+            assert_eq!(
+                kernel_bytes("layernorm_backward", (256, 1, 1), &fused),
+                Some(row + 8.0 * c * 256.0)
+            );
+            let mut parts = vec![Ptr(9), dout, dout_bf16, Ptr(5), Ptr(7), Ptr(8)];
+            parts.extend([I32(8192), I32(768), I32(64)]);
+            assert_eq!(
+                kb("layernorm_backward_parts", &parts),
+                Some((4.0 + dout_bytes) * n * c + 8.0 * n + 8.0 * c * 128.0)
+            );
+        }
         assert_eq!(
             kb("gelu_forward", &[Ptr(1), Ptr(2), I64(1000)]),
             Some(8000.0)

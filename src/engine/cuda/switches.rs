@@ -50,6 +50,12 @@
 //!   output's gradient in bf16 for the attention backward (otherwise fp32, rounded as the
 //!   kernels load them and by cast passes before the products). Changes two values: the qkv
 //!   bias is added in its bf16 copy, and the backward's D = y . dy sums bf16 y and dy
+//! - `bf16_dln`: in bf16 mode, the gradient of each LayerNorm output (ln1, ln2, lnf) stored
+//!   in bf16: the input-gradient products of the qkv and fc layers and of the LM head write
+//!   it in bf16, and the LayerNorm backward reads it so (half the bytes written and read
+//!   back: ~0.6 GB per GPT-2 124M step at B = 8, T = 1024). Changes a value as torch
+//!   autocast does (its linear layers' input gradients are bf16): the gradient is rounded
+//!   to bf16 before the LayerNorm backward (otherwise fp32)
 //! - `graphs`: a training micro-step (forward, loss, backward) captured once as a CUDA
 //!   graph and replayed with one launch while its shape stays the same (not while
 //!   gradients are all-reduced bucket by bucket during the backward pass: see
@@ -107,6 +113,7 @@ switches!(
     bf16_mlp,
     bf16_logits,
     bf16_attn,
+    bf16_dln,
     graphs,
 );
 
@@ -181,6 +188,7 @@ mod tests {
                 "bf16_mlp",
                 "bf16_logits",
                 "bf16_attn",
+                "bf16_dln",
                 "graphs"
             ]
         );
@@ -195,6 +203,9 @@ mod tests {
         let s = Switches::parse("bf16_attn").unwrap();
         assert!(s.flash_bf16 && s.bf16_logits && !s.bf16_attn);
         assert_eq!(s.disabled(), ["bf16_attn"]);
+        let s = Switches::parse("bf16_dln").unwrap();
+        assert!(s.bf16_acts && s.bf16_attn && !s.bf16_dln && s.graphs);
+        assert_eq!(s.disabled(), ["bf16_dln"]);
         let s = Switches::parse("flash_async").unwrap();
         assert!(s.flash_hs64 && !s.flash_async && s.bf16_attn);
         assert_eq!(s.disabled(), ["flash_async"]);
