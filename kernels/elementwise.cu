@@ -40,8 +40,11 @@
 //                                    [4t, 4t + 4): 2-D launch, block 256, grid
 //                                    (ceil(ceil(cols / 4) / 256), P). Vector path when
 //                                    cols % 4 == 0 and parts, m are aligned.
-// reduce_parts_add(dst, parts, n_parts, cols, part_stride)
-//                                    dst[c] += sum over p (in order) of parts[p*part_stride + c].
+// reduce_parts_add(dst, parts, n_parts, cols, part_stride, accumulate)
+//                                    dst[c] += sum over p (in order) of parts[p*part_stride + c];
+//                                    with accumulate 0, dst[c] = the sum, dst not read (the
+//                                    bits += gives over a zeroed dst: the sum starts at +0,
+//                                    so it is never -0).
 //                                    Thread t owns columns [4t, 4t + 4): grid
 //                                    ceil(ceil(cols / 4) / 256). Vector path when cols and
 //                                    part_stride are multiples of 4 and dst, parts aligned.
@@ -215,7 +218,7 @@ extern "C" __global__ void colsum_parts(float* __restrict__ parts, const float* 
 
 extern "C" __global__ void reduce_parts_add(float* __restrict__ dst,
                                             const float* __restrict__ parts, int n_parts,
-                                            int cols, int part_stride) {
+                                            int cols, int part_stride, int accumulate) {
     bool vec = cols % 4 == 0 && part_stride % 4 == 0 && vec_aligned(dst) && vec_aligned(parts);
     Group4 g = group4((long long)blockIdx.x * blockDim.x + threadIdx.x, cols, 0, vec);
     if (g.e0 >= cols) return;
@@ -226,9 +229,11 @@ extern "C" __global__ void reduce_parts_add(float* __restrict__ dst,
 #pragma unroll
         for (int k = 0; k < 4; k++) acc[k] += v[k];
     }
-    float d[4];
-    ld4(d, dst, g, cols);
+    if (accumulate) {
+        float d[4];
+        ld4(d, dst, g, cols);
 #pragma unroll
-    for (int k = 0; k < 4; k++) d[k] += acc[k];
-    st4(dst, g, cols, d);
+        for (int k = 0; k < 4; k++) acc[k] += d[k];
+    }
+    st4(dst, g, cols, acc);
 }

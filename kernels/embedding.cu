@@ -33,8 +33,9 @@
 //   16-byte aligned). Blocks x >= U return at once: the grid depends only on the batch
 //   shape, so a CUDA graph can replay it for any batch.
 //
-// embedding_backward_wpe(dwpe, dx, B, T, C)
-//   dwpe[t, c] += sum over b (in order) of dx[b*T + t, c]  (deterministic, no atomics)
+// embedding_backward_wpe(dwpe, dx, B, T, C, accumulate)
+//   dwpe[t, c] += sum over b (in order) of dx[b*T + t, c]  (deterministic, no atomics);
+//   with accumulate 0, dwpe[t, c] = the sum, dwpe not read (the bits += gives over zeros).
 //   Launch: over T*C elements; block 256, grid ceil(ceil((T*C + 3) / 4) / 256) (grid_vec).
 //   16-byte accesses when dwpe and dx are co-aligned and T*C % 4 == 0.
 
@@ -130,7 +131,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void embedding_backward_wpe(float* __restrict__ dwpe,
                                                   const float* __restrict__ dx,
-                                                  int b, int t, int c) {
+                                                  int b, int t, int c, int accumulate) {
     long long total = (long long)t * c;
     int s = vec_shift(dwpe, 4);
     bool vec = total % 4 == 0 && vec_shift(dx, 4) == s;
@@ -143,9 +144,11 @@ extern "C" __global__ void embedding_backward_wpe(float* __restrict__ dwpe,
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[e] += v[e];
     }
-    float o[4];
-    ld4(o, dwpe, g, total);
+    if (accumulate) {
+        float o[4];
+        ld4(o, dwpe, g, total);
 #pragma unroll
-    for (int e = 0; e < 4; e++) o[e] += acc[e];
-    st4(dwpe, g, total, o);
+        for (int e = 0; e < 4; e++) acc[e] += o[e];
+    }
+    st4(dwpe, g, total, acc);
 }

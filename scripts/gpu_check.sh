@@ -84,6 +84,9 @@
 #                      output and its gradient in fp32) -> bench_124m_bf16_attn_off.log
 #      bench-dln-off   the same with NANOGPT_CUDA_DISABLE=bf16_dln (the LayerNorm outputs'
 #                      gradients in fp32) -> bench_124m_bf16_dln_off.log
+#      bench-fresh-off the same with NANOGPT_CUDA_DISABLE=fresh_grads (zero_grad zeroes the
+#                      gradient buffer, every micro-step adds to it)
+#                      -> bench_124m_bf16_fresh_off.log
 #      bench-hs64-off  the same with NANOGPT_CUDA_DISABLE=flash_hs64 (the generic bf16
 #                      attention kernels instead of the head-size-64 ones)
 #                      -> bench_124m_bf16_hs64_off.log
@@ -308,6 +311,7 @@ bench_off bench-mlp-off 60 bench_124m_bf16_mlp_off.log bf16_mlp "${gpt2[@]}"
 bench_off bench-logits-off 60 bench_124m_bf16_logits_off.log bf16_logits "${gpt2[@]}"
 bench_off bench-attn-off 60 bench_124m_bf16_attn_off.log bf16_attn "${gpt2[@]}"
 bench_off bench-dln-off 60 bench_124m_bf16_dln_off.log bf16_dln "${gpt2[@]}"
+bench_off bench-fresh-off 60 bench_124m_bf16_fresh_off.log fresh_grads "${gpt2[@]}"
 bench_off bench-hs64-off 60 bench_124m_bf16_hs64_off.log flash_hs64 "${gpt2[@]}"
 bench_off bench-async-off 60 bench_124m_bf16_async_off.log flash_async "${gpt2[@]}"
 bench_off bench-residual-off 60 bench_124m_bf16_residual_off.log fused_residual "${gpt2[@]}"

@@ -30,6 +30,7 @@ BENCHES = [
     ("bench_124m_bf16_logits_off.log", "NANOGPT_CUDA_DISABLE=bf16_logits"),
     ("bench_124m_bf16_attn_off.log", "NANOGPT_CUDA_DISABLE=bf16_attn"),
     ("bench_124m_bf16_dln_off.log", "NANOGPT_CUDA_DISABLE=bf16_dln"),
+    ("bench_124m_bf16_fresh_off.log", "NANOGPT_CUDA_DISABLE=fresh_grads"),
     ("bench_124m_bf16_hs64_off.log", "NANOGPT_CUDA_DISABLE=flash_hs64"),
     ("bench_124m_bf16_async_off.log", "NANOGPT_CUDA_DISABLE=flash_async"),
     ("bench_124m_bf16_residual_off.log", "NANOGPT_CUDA_DISABLE=fused_residual"),

@@ -40,6 +40,7 @@ use nanogpt::engine::cuda::switches::Switches;
 use nanogpt::engine::cuda::{CudaEngine, Precision};
 use nanogpt::engine::{Batch, Engine};
 use nanogpt::model::{GptConfig, ParamLayout};
+use nanogpt::optim::AdamWConfig;
 use reference::{check_engine, rel_err, Reference, Tolerances};
 
 /// fp32 bound, max |a - b| / max |b| per tensor (see the module docs).
@@ -441,7 +442,6 @@ fn bf16_layernorm_outputs_give_the_same_bits_as_rounding_before_each_product() {
         return;
     }
     use nanogpt::engine::Recompute;
-    use nanogpt::optim::AdamWConfig;
     let cfg = GptConfig::new(2, 4, 64, 16, 96, true, 0.0).unwrap();
     let p = perturbed_params(&cfg, 11);
     // With bf16 logits (the default; the logits gradient in place) and with fp32 logits
@@ -553,6 +553,110 @@ fn attention_switch_keeps_the_bits(switch: &str, extras: &[&str]) {
         assert!(
             bits(ga) == bits(gb),
             "{switch} off, switches {extra:?}: gradients differ"
+        );
+    }
+}
+
+/// `fresh_grads`: the first micro-step after `zero_grad` writes the gradients instead of
+/// adding them to a zeroed buffer. Against the switch off, in fp32 and bf16, with dropout,
+/// a vocabulary padded past its tokens (67 -> 128 embedding rows no logit reaches) and
+/// passes shorter than the block (T = 8 of 12: position rows past T no pass writes), and
+/// the fresh engine's gradient buffer filled with NaN before its first `zero_grad` (an
+/// element a fresh pass failed to write would keep it): four optimizer steps of two
+/// micro-steps each (clipping and weight decay on) give the same losses, gradient norms
+/// and parameters bit for bit, and equal gradients after every micro-step (as values: an
+/// exact zero may keep the sign a product gave it, which no later value can tell). Both
+/// kinds of micro-step are captured as CUDA graphs once and replayed after, each in a graph
+/// of its own. Gradients read
+/// or edited on the host between `zero_grad` and the first micro-step are zeros, and
+/// edits are added to.
+#[test]
+fn fresh_gradients_give_the_bits_of_zeroed_ones() {
+    if no_gpu("fresh_gradients_give_the_bits_of_zeroed_ones") {
+        return;
+    }
+    let cfg = GptConfig::new(2, 3, 48, 12, 67, true, 0.1).unwrap();
+    assert!(cfg.padded_vocab_size > cfg.vocab_size);
+    let p = perturbed_params(&cfg, 31);
+    let (b, t) = (3, 8);
+    let (inputs, targets) = random_batch(&cfg, b, t, 32);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let hp = AdamWConfig {
+        weight_decay: 0.1,
+        grad_clip: 0.5,
+        ..Default::default()
+    };
+    let zeroed_switches = Switches::parse("fresh_grads").unwrap();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut fresh = engine(&cfg, &p, precision, Switches::default());
+        let mut zeroed = engine(&cfg, &p, precision, zeroed_switches);
+        let total = fresh.layout().total;
+        fresh.grads_mut().fill(f32::NAN);
+        assert!(
+            fresh.grad_sumsq(0..total).is_nan(),
+            "the NaN reached the GPU"
+        );
+        let mut scalars = [Vec::new(), Vec::new()];
+        for step in 0..4 {
+            for e in [&mut fresh, &mut zeroed] {
+                e.zero_grad();
+            }
+            assert!(
+                fresh.grads().iter().all(|&g| g == 0.0),
+                "{precision:?}: gradients read after zero_grad are not zeros"
+            );
+            for micro in 0..2 {
+                for (e, s) in [&mut fresh, &mut zeroed].into_iter().zip(&mut scalars) {
+                    s.push(e.forward_backward(batch, 0.5).unwrap().to_bits());
+                }
+                let (gf, gz) = (fresh.grads(), zeroed.grads());
+                let bad = gf.iter().zip(&gz).filter(|(f, z)| f != z).count();
+                assert!(
+                    bad == 0,
+                    "{precision:?}, step {step}, micro-step {micro}: {bad} gradients differ \
+                     ({} NaN)",
+                    gf.iter().filter(|g| g.is_nan()).count()
+                );
+            }
+            for (e, s) in [&mut fresh, &mut zeroed].into_iter().zip(&mut scalars) {
+                s.push(e.step(&hp, 1e-3).to_bits());
+            }
+        }
+        assert_eq!(
+            scalars[0], scalars[1],
+            "{precision:?}: losses or gradient norms differ"
+        );
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert!(
+            bits(fresh.params()) == bits(zeroed.params()),
+            "{precision:?}: parameters differ"
+        );
+        let counts = fresh.graph_counts();
+        // Steps 1 and 2 run launch by launch (the first optimizer step allocates its state,
+        // which ends any graph's validity), step 3 captures each kind, step 4 replays both.
+        assert_eq!(
+            (counts.captures, counts.replays, counts.direct),
+            (2, 4, 4),
+            "{precision:?}: each kind of micro-step is captured once and replayed after"
+        );
+        // Edited on the host after zero_grad: zeros plus the edit, which the next
+        // micro-step adds to.
+        for e in [&mut fresh, &mut zeroed] {
+            e.zero_grad();
+            let g = e.grads_mut();
+            assert!(g.iter().all(|&x| x == 0.0));
+            g[0] = 1.5;
+            e.forward_backward(batch, 0.5).unwrap();
+        }
+        let (gf, gz) = (fresh.grads(), zeroed.grads());
+        assert!(
+            gf.iter().zip(&gz).all(|(f, z)| f == z),
+            "{precision:?}: a host edit after zero_grad is not added to"
         );
     }
 }

@@ -746,6 +746,30 @@ impl<'a> Stream<'a> {
         )
     }
 
+    /// Zeroes `bytes` bytes of `buf` from byte `offset` on, in stream order; a range past
+    /// the buffer's end is an error, not a write.
+    pub fn zero_range(
+        &self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if offset.checked_add(bytes).is_none_or(|end| end > buf.bytes) {
+            return Err(CudaError::Invalid(format!(
+                "zeroing {bytes} bytes at offset {offset} exceeds a buffer of {} bytes",
+                buf.bytes
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside the buffer (checked above), on a live stream.
+        self.drv.check(
+            unsafe { (self.drv.api.cuMemsetD8Async)(buf.ptr + offset as u64, 0, bytes, self.s) },
+            "cuMemsetD8Async",
+        )
+    }
+
     /// Device-to-device copy of `bytes` on this stream.
     pub fn copy_d2d(
         &self,

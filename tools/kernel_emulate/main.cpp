@@ -557,27 +557,32 @@ static void check_columns() {
                 exact(k, c, "parts", parts.get(), want);
                 guards(k, c, parts, m);
             }
-            for (int stride_k : {1, 2}) {
-                std::string k = "reduce_parts_add";
-                std::string c = begin(k, shape + " stride " + std::to_string(stride_k) + "C", s);
-                int stride = stride_k * cols;
-                auto pv = randn((size_t)rows * stride), d0 = randn(cols);
-                Buf<float> dst(cols, off_first(s)), parts(pv.size(), off_rest(s));
-                dst.set(d0);
-                parts.set(pv);
-                emulate_serial({grid_cols4(cols), 1, 1}, BLOCK, [&] {
-                    ew::reduce_parts_add(dst.p, parts.p, rows, cols, stride);
-                });
-                end(k, c, s, vec);
-                std::vector<float> want(cols);
-                for (int j = 0; j < cols; j++) {
-                    float acc = 0.0f;
-                    for (int p = 0; p < rows; p++) acc += pv[(size_t)p * stride + j];
-                    want[j] = d0[j] + acc;
+            // accumulate 0 (a pass that writes the gradients): dst is never read (NaN there
+            // would show), and gets the bits adding to zeros gives.
+            for (int stride_k : {1, 2})
+                for (int accumulate : {1, 0}) {
+                    std::string k = "reduce_parts_add";
+                    std::string c = begin(k, shape + " stride " + std::to_string(stride_k) + "C" +
+                                                 (accumulate ? "" : " overwrite"), s);
+                    int stride = stride_k * cols;
+                    auto pv = randn((size_t)rows * stride), d0 = randn(cols);
+                    if (!accumulate) d0.assign(cols, NAN);
+                    Buf<float> dst(cols, off_first(s)), parts(pv.size(), off_rest(s));
+                    dst.set(d0);
+                    parts.set(pv);
+                    emulate_serial({grid_cols4(cols), 1, 1}, BLOCK, [&] {
+                        ew::reduce_parts_add(dst.p, parts.p, rows, cols, stride, accumulate);
+                    });
+                    end(k, c, s, vec);
+                    std::vector<float> want(cols);
+                    for (int j = 0; j < cols; j++) {
+                        float acc = 0.0f;
+                        for (int p = 0; p < rows; p++) acc += pv[(size_t)p * stride + j];
+                        want[j] = (accumulate ? d0[j] : 0.0f) + acc;
+                    }
+                    exact(k, c, "dst", dst.get(), want);
+                    guards(k, c, dst, parts);
                 }
-                exact(k, c, "dst", dst.get(), want);
-                guards(k, c, dst, parts);
-            }
         }
 }
 
@@ -1250,19 +1255,22 @@ static void check_embedding() {
                     exact(k, cs, "dwte", dw.get(), want);
                     guards(k, cs, dw, dxb, tb);
                 }
-            {
-                std::string k = "embedding_backward_wpe", cs = begin(k, shape, s);
+            // accumulate 0: dwpe never read (NaN there would show), the bits of adding to zeros.
+            for (int accumulate : {1, 0}) {
+                std::string k = "embedding_backward_wpe", cs = begin(k, shape + (accumulate ? "" : " overwrite"), s);
                 auto d0 = randn((size_t)t * c);
+                if (!accumulate) d0.assign(d0.size(), NAN);
                 long long tc = (long long)t * c;
                 Buf<float> dw(tc, off_first(s)), dxb(nc, off_rest(s));
                 dw.set(d0), dxb.set(dx);
-                emulate_serial(grid_vec(tc), BLOCK, [&] { emb::embedding_backward_wpe(dw.p, dxb.p, b, t, c); });
+                emulate_serial(grid_vec(tc), BLOCK,
+                               [&] { emb::embedding_backward_wpe(dw.p, dxb.p, b, t, c, accumulate); });
                 end(k, cs, s, s != MIXED && tc % 4 == 0 && shift_vec(tc, off_first(s)));
                 std::vector<float> want(tc);
                 for (long long i = 0; i < tc; i++) {
                     float acc = 0.0f;
                     for (int bi = 0; bi < b; bi++) acc += dx[(size_t)bi * tc + i];
-                    want[i] = d0[i] + acc;
+                    want[i] = (accumulate ? d0[i] : 0.0f) + acc;
                 }
                 exact(k, cs, "dwpe", dw.get(), want);
                 guards(k, cs, dw, dxb);

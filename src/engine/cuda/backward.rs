@@ -5,7 +5,7 @@
 use super::acts::{logits_ld, Acts};
 use super::kernels::{grid_vec, Arg};
 use super::products::{Lin, Post, Src};
-use super::{CResult, CudaEngine, SLOT_GRAD};
+use super::{CResult, CudaEngine, GradWrite, SLOT_GRAD};
 use crate::engine::dropout::{Dropout, DropoutSeeds};
 
 impl CudaEngine {
@@ -52,16 +52,18 @@ impl CudaEngine {
         })
     }
 
-    /// Backward from dlogits (already in `logits`) to all parameter gradients (accumulated).
-    /// The backward pass, enqueued on the compute stream; `ready` hears of each finished
-    /// range of the gradient buffer right after its last write is enqueued (see
-    /// [`Engine::forward_backward_notify`](crate::engine::Engine::forward_backward_notify)).
+    /// Backward from dlogits (already in `logits`) to all parameter gradients, added to
+    /// the gradient buffer or, with `write` [`GradWrite::Overwrite`], written over every
+    /// element of it. The backward pass, enqueued on the compute stream; `ready` hears of
+    /// each finished range of the gradient buffer right after its last write is enqueued
+    /// (see [`Engine::forward_backward_notify`](crate::engine::Engine::forward_backward_notify)).
     pub(super) fn backward(
         &self,
         b: usize,
         t: usize,
         drop: Option<DropoutSeeds>,
         ready: Option<&mut (dyn FnMut(crate::engine::GradReady) + Send)>,
+        write: GradWrite,
     ) -> CResult<()> {
         let mut ready = ready;
         let stream = self.stream.s as u64;
@@ -80,6 +82,18 @@ impl CudaEngine {
         let lay = &self.layout;
         let (c, n, v) = (cfg.n_embd, b * t, cfg.vocab_size);
         let ld = logits_ld(v);
+        if write == GradWrite::Overwrite {
+            // The two parts of the buffer no product or kernel below writes: the embedding
+            // rows past the vocabulary (padding, never a token or a logit) and the position
+            // rows past this pass's T. Zero, as they would be had zero_grad zeroed them.
+            let f = std::mem::size_of::<f32>();
+            let pad_rows = cfg.padded_vocab_size - v;
+            self.stream
+                .zero_range(&self.grads, f * (lay.wte + v * c), f * pad_rows * c)?;
+            let tail_rows = cfg.block_size - t;
+            self.stream
+                .zero_range(&self.grads, f * (lay.wpe + t * c), f * tail_rows * c)?;
+        }
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. The cross-entropy
         // kernel wrote dlogits over bf16 logits, or in bf16 to the gradient scratch with
         // bf16 activations (see `cross_entropy`); otherwise it is in `logits`, rounded here
@@ -109,7 +123,7 @@ impl CudaEngine {
             n,
             Lin::t(dlogits, ld),
             Lin::n(a.lnf().src(), c),
-            1.0,
+            write.beta(),
             self.g(lay.wte),
             c,
         )?;
@@ -141,6 +155,7 @@ impl CudaEngine {
             lay.lnf_b,
             n,
             a.ln_parts.ptr,
+            write,
         )?;
         // ln_f is the end of the layout; block l runs up to block l + 1 (or ln_f).
         let block_end = |l: usize| lay.blocks.get(l + 1).map_or(lay.lnf_w, |o| o.ln1_w);
@@ -183,6 +198,7 @@ impl CudaEngine {
                 c,
                 n,
                 bias_scratch,
+                write,
             )?;
             if la.ln2.is_none() {
                 self.layernorm_recompute(
@@ -206,6 +222,7 @@ impl CudaEngine {
                 4 * c,
                 n,
                 bias_scratch,
+                write,
             )?;
             dres_bf16 = self.dres_bf16(!branch_dropout(l, false), n * c)?;
             self.layernorm_bwd(
@@ -219,6 +236,7 @@ impl CudaEngine {
                 o.ln2_b,
                 n,
                 a.ln_parts.ptr,
+                write,
             )?;
             // ---- attention branch: res2 = x + dropout(attn(ln1) @ Wproj + bproj)
             let gbranch = self.branch_grad(a, drop.map(|d| d.attn_resid(l)), dres_bf16, n * c)?;
@@ -235,6 +253,7 @@ impl CudaEngine {
                 c,
                 n,
                 bias_scratch,
+                write,
             )?;
             let attn_drop = drop.map_or(Dropout::off(), |d| d.attn_probs(l));
             let dqkv = self.attention_bwd(a, la, a.dln.ptr, b, t, attn_drop)?;
@@ -260,6 +279,7 @@ impl CudaEngine {
                 3 * c,
                 n,
                 bias_scratch,
+                write,
             )?;
             // Below block 0 only the embeddings read dres: no copy.
             dres_bf16 = match l {
@@ -277,6 +297,7 @@ impl CudaEngine {
                 o.ln1_b,
                 n,
                 a.ln_parts.ptr,
+                write,
             )?;
             report(o.ln1_w..block_end(l));
         }
@@ -293,6 +314,7 @@ impl CudaEngine {
                 Arg::I32(b as i32),
                 Arg::I32(t as i32),
                 Arg::I32(c as i32),
+                write.accumulate(),
             ],
         )?;
         // wte (also written by the tied LM head) and wpe: the start of the layout.

@@ -8,7 +8,8 @@
 //! A replay reruns the same launches with the same arguments and pointers, so the engine
 //! captures only what repeats exactly:
 //! - the same `StepKey` (batch shape, loss scale, number of counted targets, activation
-//!   recomputation), since those are baked into kernel arguments;
+//!   recomputation, whether the backward pass writes or adds the gradients), since those
+//!   are baked into kernel arguments;
 //! - the same memory: the engine's buffers grow on first use, so a micro-step first runs
 //!   launch by launch, and the next one with the same key is captured only if no memory
 //!   was allocated or freed in between ([`crate::cuda::driver::Context::memory_epoch`]); a
@@ -42,19 +43,27 @@ pub(super) struct StepKey {
     /// Targets that count in the loss (not -1): the mean's divisor is a kernel argument.
     pub counted: usize,
     pub recompute: Recompute,
+    /// The backward pass writes the gradients rather than adding to them (the first
+    /// micro-step after `zero_grad`, switch `fresh_grads`).
+    pub fresh: bool,
 }
 
 /// Where the engine keeps the graphs of each kind of pass: `graphs[StepKey::slot()]`.
+/// The two kinds of training micro-step each keep theirs, so that accumulating several
+/// micro-steps per optimizer step (one that writes the gradients, then ones that add)
+/// replays both rather than recapturing one at every switch.
 pub(super) const EVAL: usize = 0;
 pub(super) const TRAIN: usize = 1;
+pub(super) const TRAIN_FRESH: usize = 2;
+pub(super) const SLOTS: usize = 3;
 
 impl StepKey {
-    /// [`TRAIN`] or [`EVAL`].
+    /// [`TRAIN`], [`TRAIN_FRESH`] or [`EVAL`].
     pub fn slot(&self) -> usize {
-        if self.train {
-            TRAIN
-        } else {
-            EVAL
+        match (self.train, self.fresh) {
+            (false, _) => EVAL,
+            (true, false) => TRAIN,
+            (true, true) => TRAIN_FRESH,
         }
     }
 }
@@ -68,6 +77,17 @@ pub struct GraphCounts {
     pub replays: u64,
     /// Micro-steps run launch by launch.
     pub direct: u64,
+}
+
+impl std::ops::Add for GraphCounts {
+    type Output = GraphCounts;
+    fn add(self, o: GraphCounts) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures + o.captures,
+            replays: self.replays + o.replays,
+            direct: self.direct + o.direct,
+        }
+    }
 }
 
 /// The engine's captured micro-step and what decides when to capture.
@@ -146,6 +166,7 @@ mod tests {
             loss_scale: 1f32.to_bits(),
             counted: b * 64,
             recompute: Recompute::Nothing,
+            fresh: false,
         }
     }
 

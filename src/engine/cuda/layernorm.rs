@@ -5,7 +5,7 @@
 use super::acts::{LN_BWD_MAX_C, LN_BWD_ROWS};
 use super::kernels::{grid_cols4, grid_rows, grid_vec, Arg};
 use super::products::LnOut;
-use super::{at, CResult, CudaEngine};
+use super::{at, CResult, CudaEngine, GradWrite};
 
 /// A LayerNorm's destination: output, mean, rstd, and the offsets of its weight and bias.
 pub(super) type LnTarget = (LnOut, u64, u64, usize, Option<usize>);
@@ -104,8 +104,9 @@ impl CudaEngine {
         )
     }
 
-    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients. `dout`, the
-    /// output's gradient, is fp32 or bf16 ([`Bf16Storage::dln`](super::Bf16Storage::dln)).
+    /// dx += LayerNorm input gradient; dW, db += weight and bias gradients (or `=`, with
+    /// `write` [`GradWrite::Overwrite`]). `dout`, the output's gradient, is fp32 or bf16
+    /// ([`Bf16Storage::dln`](super::Bf16Storage::dln)).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn layernorm_bwd(
         &self,
@@ -119,6 +120,7 @@ impl CudaEngine {
         b: Option<usize>,
         rows: usize,
         scratch: u64,
+        write: GradWrite,
     ) -> CResult<()> {
         let c = self.cfg.n_embd;
         let [dout, dout_bf16] = dout.args();
@@ -182,6 +184,7 @@ impl CudaEngine {
                     Arg::I32(np as i32),
                     Arg::I32(cols as i32),
                     Arg::I32(2 * c as i32),
+                    write.accumulate(),
                 ],
             )?;
         }

@@ -223,6 +223,32 @@ const STAGE_LOSSES: usize = 2;
 const STAGE_SEEDS: usize = 3;
 const STAGE_TOKEN_ROWS: usize = 4;
 
+/// How a backward pass puts the parameter gradients into the gradient buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum GradWrite {
+    /// Adds to what the buffer holds (a zeroed buffer, or earlier micro-steps' sums).
+    Add,
+    /// Writes over it, never reading it: the first micro-step after `zero_grad` with the
+    /// `fresh_grads` switch, which leaves the buffer unwritten. Every element of the
+    /// buffer is written exactly once by such a pass, with the bits adding to zeros gives
+    /// (up to the sign of an exact zero from a product).
+    Overwrite,
+}
+
+impl GradWrite {
+    /// The beta of a weight-gradient product (`C = A B + beta C`).
+    fn beta(self) -> f32 {
+        match self {
+            GradWrite::Add => 1.0,
+            GradWrite::Overwrite => 0.0,
+        }
+    }
+    /// The `accumulate` argument of the kernels that write gradients.
+    fn accumulate(self) -> Arg {
+        Arg::I32((self == GradWrite::Add) as i32)
+    }
+}
+
 /// The arithmetic of the linear layers and the LM head (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -268,8 +294,9 @@ pub struct CudaEngine {
     // while the context (last) is still alive.
     /// The captured training micro-step and evaluation pass ([`graphs`]); first, as they
     /// point into the rest.
-    /// By [`graphs::StepKey::slot`]: evaluation passes, training micro-steps.
-    graphs: [graphs::StepGraphs; 2],
+    /// By [`graphs::StepKey::slot`]: evaluation passes, training micro-steps that add to
+    /// the gradients, and those that write them.
+    graphs: [graphs::StepGraphs; graphs::SLOTS],
     /// Event timers around every operation, while `profile_step` runs (see [`profile`]).
     profiler: Option<profile::Profiler>,
     decode: Option<DecodeState>,
@@ -301,6 +328,10 @@ pub struct CudaEngine {
     host_grads: Vec<f32>,
     /// `host_grads` was handed out by `grads_mut` and may differ from the device copy.
     host_grads_dirty: bool,
+    /// `zero_grad` ran with `fresh_grads` and left the device gradients as they were: they
+    /// read as zeros, the next training micro-step writes them ([`GradWrite::Overwrite`]),
+    /// and anything else that reads them zeroes them first ([`CudaEngine::sync_grads`]).
+    grads_unwritten: bool,
     step: u64,
     rng: Rng,
     name: String,
@@ -466,6 +497,7 @@ impl CudaEngine {
             cfg,
             host_grads: Vec::new(),
             host_grads_dirty: false,
+            grads_unwritten: false,
             step: 0,
             rng: Rng::derive(seed, 0xD50F),
             decode: None,
@@ -487,7 +519,7 @@ impl CudaEngine {
     /// How this engine's training micro-steps ran so far: captured into a CUDA graph,
     /// replayed as one, or launch by launch ([`graphs`]).
     pub fn graph_counts(&self) -> graphs::GraphCounts {
-        self.graphs[graphs::TRAIN].counts
+        self.graphs[graphs::TRAIN].counts + self.graphs[graphs::TRAIN_FRESH].counts
     }
 
     /// The same for its evaluation passes (`Engine::loss`).
@@ -667,8 +699,17 @@ impl CudaEngine {
         (rows.div_ceil(rpp), rpp)
     }
 
-    /// `dst[c] += sum over rows of m[r, c]` (deterministic two-pass column sum).
-    fn colsum_add(&self, dst: u64, m: u64, rows: usize, cols: usize, scratch: u64) -> CResult<()> {
+    /// `dst[c] += sum over rows of m[r, c]` (deterministic two-pass column sum), or `=`
+    /// with [`GradWrite::Overwrite`].
+    fn colsum_add(
+        &self,
+        dst: u64,
+        m: u64,
+        rows: usize,
+        cols: usize,
+        scratch: u64,
+        write: GradWrite,
+    ) -> CResult<()> {
         let (np, rpp) = Self::parts(rows);
         self.run(
             self.k.colsum_parts,
@@ -690,6 +731,7 @@ impl CudaEngine {
                 Arg::I32(np as i32),
                 Arg::I32(cols as i32),
                 Arg::I32(cols as i32),
+                write.accumulate(),
             ],
         )
     }
@@ -750,9 +792,13 @@ impl CudaEngine {
         DropoutSeeds::draw(&mut self.rng, self.cfg.dropout)
     }
 
-    /// Uploads gradients edited on the host through `grads_mut`.
+    /// Makes the device gradients what the engine's callers see: zeroed if `zero_grad` left
+    /// them unwritten, or the ones edited on the host through `grads_mut`.
     fn sync_grads(&mut self) -> CResult<()> {
         self.ctx.make_current()?;
+        if std::mem::take(&mut self.grads_unwritten) {
+            self.stream.zero(&self.grads)?;
+        }
         if self.host_grads_dirty {
             self.grads.copy_from_host(&self.host_grads)?;
             self.host_grads_dirty = false;
@@ -801,10 +847,15 @@ impl CudaEngine {
         ready: Option<&mut (dyn FnMut(super::GradReady) + Send)>,
     ) -> Result<f32> {
         super::check_batch(&self.cfg, &batch, true)?;
+        // Unwritten gradients (`fresh_grads`) are written by this micro-step, not zeroed.
+        let write = match std::mem::take(&mut self.grads_unwritten) {
+            true => GradWrite::Overwrite,
+            false => GradWrite::Add,
+        };
         self.sync_grads().map_err(cuda_err)?;
         let drop = self.dropout_seeds();
         let key = self
-            .graph_key(&batch, Some(loss_scale))
+            .graph_key(&batch, Some((loss_scale, write)))
             .filter(|_| ready.is_none());
         if let Some(key) = key {
             if let Some(loss) = self.graph_step(key, &batch, drop).map_err(cuda_err)? {
@@ -816,24 +867,26 @@ impl CudaEngine {
         let pending = self
             .cross_entropy(batch.targets, Some(loss_scale))
             .map_err(cuda_err)?;
-        self.backward(batch.b, batch.t, drop, ready)
+        self.backward(batch.b, batch.t, drop, ready, write)
             .map_err(cuda_err)?;
-        self.graphs[graphs::TRAIN].ran_direct(key, self.ctx.memory_epoch());
+        let slot = key.map_or(graphs::TRAIN, |k| k.slot());
+        self.graphs[slot].ran_direct(key, self.ctx.memory_epoch());
         self.mean_loss(pending).map_err(cuda_err)
     }
 
-    /// The graph key of a training micro-step (`loss_scale` given) or an evaluation pass
-    /// over `batch`; `None` where graphs do not apply (switched off, profiling, a driver
-    /// without them).
-    fn graph_key(&self, batch: &Batch, loss_scale: Option<f32>) -> Option<graphs::StepKey> {
+    /// The graph key of a training micro-step (its loss scale and how it writes the
+    /// gradients given) or an evaluation pass over `batch`; `None` where graphs do not
+    /// apply (switched off, profiling, a driver without them).
+    fn graph_key(&self, batch: &Batch, train: Option<(f32, GradWrite)>) -> Option<graphs::StepKey> {
         (self.switches.graphs && self.profiler.is_none() && self.ctx.drv.graphs.is_some()).then(
             || graphs::StepKey {
-                train: loss_scale.is_some(),
+                train: train.is_some(),
                 b: batch.b,
                 t: batch.t,
-                loss_scale: loss_scale.unwrap_or(0.0).to_bits(),
+                loss_scale: train.map_or(0.0, |(s, _)| s).to_bits(),
                 counted: batch.targets.iter().filter(|&&t| t >= 0).count(),
                 recompute: self.recompute,
+                fresh: train.is_some_and(|(_, w)| w == GradWrite::Overwrite),
             },
         )
     }
@@ -932,7 +985,11 @@ impl CudaEngine {
                 }
                 self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)?;
                 self.cross_entropy(batch.targets, Some(loss_scale))?;
-                self.backward(batch.b, batch.t, drop, None)
+                let write = match key.fresh {
+                    true => GradWrite::Overwrite,
+                    false => GradWrite::Add,
+                };
+                self.backward(batch.b, batch.t, drop, None, write)
             })();
             self.stream.end_capture(recorded)
         });
@@ -1008,6 +1065,12 @@ impl Engine for CudaEngine {
 
     fn zero_grad(&mut self) {
         self.host_grads_dirty = false;
+        if self.switches.fresh_grads {
+            // Nothing to do on the GPU: the next micro-step writes them (or a reader zeroes
+            // them first).
+            self.grads_unwritten = true;
+            return;
+        }
         let r = self.ctx.make_current().and_then(|_| self.grads.zero());
         if let Err(e) = r {
             panic!("CUDA error while zeroing the gradients: {e}");
@@ -1035,14 +1098,22 @@ impl Engine for CudaEngine {
         if self.host_grads_dirty {
             return self.host_grads.clone();
         }
+        if self.grads_unwritten {
+            return vec![0.0; self.layout.total];
+        }
         self.download(&self.grads)
             .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}"))
     }
     fn grads_mut(&mut self) -> &mut [f32] {
         if !self.host_grads_dirty {
-            self.host_grads = self
-                .download(&self.grads)
-                .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}"));
+            // Unwritten gradients read as zeros; the edited copy is uploaded before the
+            // next micro-step, which then adds to it.
+            self.host_grads = match std::mem::take(&mut self.grads_unwritten) {
+                true => vec![0.0; self.layout.total],
+                false => self
+                    .download(&self.grads)
+                    .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}")),
+            };
             self.host_grads_dirty = true;
         }
         &mut self.host_grads
@@ -1175,10 +1246,7 @@ impl Engine for CudaEngine {
     }
 
     fn launch_report(&self) -> Option<String> {
-        let (c, e) = (
-            self.graphs[graphs::TRAIN].counts,
-            self.graphs[graphs::EVAL].counts,
-        );
+        let (c, e) = (self.graph_counts(), self.eval_graph_counts());
         let evals = match e.replays + e.direct {
             0 => String::new(),
             n => format!("; {n} evaluation passes: {} replayed", e.replays),

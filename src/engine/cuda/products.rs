@@ -6,7 +6,7 @@
 //! layers built on it (`linear_fwd`, `linear_gelu_fwd`, `linear_bwd`).
 
 use super::kernels::{grid_vec, Arg};
-use super::{at, profile, Bf16State, Buf, CResult, CudaEngine, SLOT_ACT, SLOT_GRAD};
+use super::{at, profile, Bf16State, Buf, CResult, CudaEngine, GradWrite, SLOT_ACT, SLOT_GRAD};
 use crate::cuda::cublas::Operand;
 use crate::cuda::cublaslt::{Cd, ElemType, Epilogue, EpilogueArgs, MatmulShape, Ran};
 use std::cell::RefCell;
@@ -98,8 +98,9 @@ pub(super) enum Post {
     DGelu { pre: u64 },
     /// `C = op(A) op(B) + beta C` and `db += column sums of B` (B stored k x n with row
     /// stride n, not transposed): the bias gradient next to the weight gradient
-    /// `dW += X^T dY`. `tmp` holds `PARTS * n` fp32 values.
-    BiasGrad { db: u64, tmp: u64 },
+    /// `dW += X^T dY`; `db =` with `write` [`GradWrite::Overwrite`]. `tmp` holds
+    /// `PARTS * n` fp32 values.
+    BiasGrad { db: u64, tmp: u64, write: GradWrite },
 }
 
 /// The output C of a linear-layer product ([`CudaEngine::mm_ep`]): fp32, or, in the bf16
@@ -141,7 +142,15 @@ pub(super) fn epilogue_args(post: Post, n: usize, bf16_out: bool) -> Option<Epil
             (Epilogue::GeluAux { bias: b != 0 }, b, pre)
         }
         Post::DGelu { pre } => (Epilogue::DGelu, 0, pre),
-        Post::BiasGrad { tmp, .. } => (Epilogue::BiasGradB, tmp, 0),
+        // cuBLASLt overwrites its bias-gradient output: straight into db when that is what
+        // the pass wants, else into tmp, added to db after.
+        Post::BiasGrad { db, tmp, write } => {
+            let out = match write {
+                GradWrite::Overwrite => db,
+                GradWrite::Add => tmp,
+            };
+            (Epilogue::BiasGradB, out, 0)
+        }
     };
     Some(EpilogueArgs {
         ep,
@@ -400,7 +409,12 @@ impl CudaEngine {
                 // values), the GELU input an m x n activation of C's type, row stride n.
                 let ran = unsafe { self.lt_product(bf, shape, (pa, pb), beta, cd, args)? };
                 if ran == Ran::Lt {
-                    if let Post::BiasGrad { db, tmp } = post {
+                    if let Post::BiasGrad {
+                        db,
+                        tmp,
+                        write: GradWrite::Add,
+                    } = post
+                    {
                         self.add(db, tmp, n)?;
                     }
                     return Ok(residual.is_some());
@@ -488,9 +502,9 @@ impl CudaEngine {
                 grid_vec(m * n),
                 &[Arg::Ptr(c), Arg::Ptr(out), Arg::Ptr(pre), len],
             ),
-            (Post::BiasGrad { db, tmp }, _) => {
+            (Post::BiasGrad { db, tmp, write }, _) => {
                 let wb = self.fp32_operand(b, sb, 1)?;
-                self.colsum_add(db, fp32(wb).ptr, k, n, tmp)
+                self.colsum_add(db, fp32(wb).ptr, k, n, tmp, write)
             }
             (Post::None | Post::Bias(_), Out::F32(_) | Out::F32Residual { .. }) => Ok(()),
             (Post::Gelu { .. } | Post::DGelu { .. }, Out::F32Residual { .. }) => {
@@ -600,11 +614,12 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// dW += inp^T dout; db += column sums of dout; dinp = dout W^T (overwritten), or with
+    /// dW += inp^T dout; db += column sums of dout (`=` for both with `write`
+    /// [`GradWrite::Overwrite`]); dinp = dout W^T (overwritten), or with
     /// `dgelu` a [`Post::DGelu`] (the layer's input was gelu(pre)) dinp = (dout W^T) *
     /// gelu'(pre), the gradient of the pre-activation. Fused: the bias gradient is the
     /// `BGRADA` epilogue of the dW product (written to `scratch`, then added to the
-    /// gradient) and the GELU derivative the `DGELU` epilogue of the dinp product.
+    /// gradient; or written over the gradient) and the GELU derivative the `DGELU` epilogue of the dinp product.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn linear_bwd(
         &self,
@@ -618,6 +633,7 @@ impl CudaEngine {
         oc: usize,
         rows: usize,
         scratch: u64,
+        write: GradWrite,
     ) -> CResult<()> {
         let d = match dout {
             Src::Act(p) => self.rounded(p, rows * oc)?,
@@ -626,6 +642,7 @@ impl CudaEngine {
         let bias_grad = b.map_or(Post::None, |bo| Post::BiasGrad {
             db: self.g(bo),
             tmp: scratch,
+            write,
         });
         self.mm_ep(
             ic,
@@ -633,7 +650,7 @@ impl CudaEngine {
             rows,
             Lin::t(inp, ic),
             Lin::n(d, oc),
-            1.0,
+            write.beta(),
             Out::F32(self.g(w)),
             oc,
             bias_grad,
@@ -700,17 +717,26 @@ mod tests {
             assert_eq!((d.ep, d.aux, d.aux_ld), (Epilogue::DGelu, 0x2000, 192));
         }
         // dW = X^T dY: the bias gradient sums the row-major B (dY), cuBLASLt's A, and is
-        // written to the scratch vector, never straight into the accumulating gradient.
-        let bg = epilogue_args(
-            Post::BiasGrad {
-                db: 0x3000,
-                tmp: 0x4000,
-            },
-            64,
-            false,
-        )
-        .unwrap();
-        assert_eq!((bg.ep, bg.bias, bg.aux), (Epilogue::BiasGradB, 0x4000, 0));
-        assert_eq!(bg.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_BGRADA);
+        // written to the scratch vector, never straight into the accumulating gradient,
+        // unless the pass writes the gradients rather than adding to them.
+        let bg = |write| {
+            epilogue_args(
+                Post::BiasGrad {
+                    db: 0x3000,
+                    tmp: 0x4000,
+                    write,
+                },
+                64,
+                false,
+            )
+            .unwrap()
+        };
+        let (add, over) = (bg(GradWrite::Add), bg(GradWrite::Overwrite));
+        assert_eq!(
+            (add.ep, add.bias, add.aux),
+            (Epilogue::BiasGradB, 0x4000, 0)
+        );
+        assert_eq!((over.ep, over.bias), (Epilogue::BiasGradB, 0x3000));
+        assert_eq!(add.ep.lt_value(), crate::cuda::cublaslt::EPILOGUE_BGRADA);
     }
 }

@@ -196,10 +196,10 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             let (n, c) = (a(3)?, a(4)?);
             f * (3.0 * n + 2.0) + 3.0 * f * n * c
         }
-        // dwpe += sum over b of dx.
+        // dwpe += sum over b of dx (dwpe read only when accumulating).
         "embedding_backward_wpe" => {
-            let (b, t, c) = (a(2)?, a(3)?, a(4)?);
-            f * b * t * c + 2.0 * f * t * c
+            let (b, t, c, acc) = (a(2)?, a(3)?, a(4)?, a(5)?);
+            f * b * t * c + (1.0 + acc) * f * t * c
         }
         // x read, out written (fp32 and/or bf16), mean and rstd written, weight (and bias)
         // read.
@@ -252,8 +252,8 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
             f * rows * cols + f * cols * parts(rows, rpp)
         }
         "reduce_parts_add" => {
-            let (np, cols) = (a(2)?, a(3)?);
-            f * np * cols + 2.0 * f * cols
+            let (np, cols, acc) = (a(2)?, a(3)?, a(5)?);
+            f * np * cols + (1.0 + acc) * f * cols
         }
         // Row i of a T x T block reads its i+1 causal scores and writes all T.
         "causal_softmax_forward" => {
@@ -1098,6 +1098,24 @@ mod tests {
             assert_eq!(
                 kb("layernorm_backward_parts", &parts),
                 Some((4.0 + dout_bytes) * n * c + 8.0 * n + 8.0 * c * 128.0)
+            );
+        }
+        // Gradient writers: dst read too only when they add (accumulate 1).
+        for acc in [0, 1] {
+            let more = 4.0 * acc as f64;
+            assert_eq!(
+                kb(
+                    "reduce_parts_add",
+                    &[Ptr(1), Ptr(2), I32(64), I32(768), I32(768), I32(acc)]
+                ),
+                Some(4.0 * 64.0 * 768.0 + 4.0 * 768.0 + more * 768.0)
+            );
+            assert_eq!(
+                kb(
+                    "embedding_backward_wpe",
+                    &[Ptr(1), Ptr(2), I32(8), I32(1024), I32(768), I32(acc)]
+                ),
+                Some(4.0 * 8.0 * 1024.0 * 768.0 + (4.0 + more) * 1024.0 * 768.0)
             );
         }
         assert_eq!(
