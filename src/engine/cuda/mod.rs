@@ -68,6 +68,13 @@
 //! each only normalises; otherwise, and wherever a product cannot add it (cuBLASLt
 //! declines, or `epilogues` is off), every residual add runs fused with the LayerNorm that
 //! follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
+//! `zero_grad` leaves the gradient buffer as it is and the next micro-step writes every
+//! gradient rather than adding it to zeros ([`GradWrite::Overwrite`], `fresh_grads`: the
+//! weight-gradient products with beta 0, the bias gradients straight from their epilogue,
+//! the other gradient kernels told not to read what they write), as PyTorch's first
+//! backward after `zero_grad(set_to_none=True)` does: no pass zeroing the buffer and no
+//! read of it; the micro-steps after add to it. Whatever reads the gradients first zeroes
+//! them, so callers never see the difference.
 //!
 //! Attention has two forms. The fused one ([`flash`], `kernels/flash_attention.cu`) never
 //! stores the `T x T` matrix: the forward keeps one logsumexp per (row, head, position) and
