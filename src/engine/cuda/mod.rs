@@ -63,13 +63,14 @@
 //! so it lands in scratch and is then added to the fp32 gradient, which accumulates over
 //! micro-steps). An epilogue cuBLASLt cannot run on a shape falls back to the separate
 //! kernels ([`CudaEngine::epilogue_report`]). In bf16 mode without dropout the residual
-//! adds are done by the attention and MLP projection products themselves (`D = A B + bias
-//! + C`, C the residual stream, D the new one: `fused_residual`), so the LayerNorm after
-//! each only normalises; otherwise, and wherever a product cannot add it (cuBLASLt
-//! declines, or `epilogues` is off), every residual add runs fused with the LayerNorm that
-//! follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
+//! adds are done by the attention and MLP projection products themselves
+//! (`D = A B + bias + C`, C the residual stream, D the new one: `fused_residual`), so the
+//! LayerNorm after each only normalises; otherwise, and wherever a product cannot add it
+//! (cuBLASLt declines, or `epilogues` is off), every residual add runs fused with the
+//! LayerNorm that follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
+//!
 //! `zero_grad` leaves the gradient buffer as it is and the next micro-step writes every
-//! gradient rather than adding it to zeros ([`GradWrite::Overwrite`], `fresh_grads`: the
+//! gradient rather than adding it to zeros (`GradWrite::Overwrite`, `fresh_grads`: the
 //! weight-gradient products with beta 0, the bias gradients straight from their epilogue,
 //! the other gradient kernels told not to read what they write), as PyTorch's first
 //! backward after `zero_grad(set_to_none=True)` does: no pass zeroing the buffer and no
