@@ -31,6 +31,9 @@
 //   as layernorm_backward_parts' are. Needs C <= 1024 (LNB_MAX_GROUPS groups of four
 //   channels per lane, held in registers); larger C takes the two kernels.
 //   Launch: block 256 threads, grid ceil(N / 32); parts holds ceil(N / 32) x 2C floats.
+//   Two blocks per multiprocessor: __launch_bounds__(256, 2) holds the kernel to 128
+//   registers (each of its two loops, fp32 or bf16 dout, needs ~123 alone; together,
+//   unbounded, the compiler takes 173 and one block fits).
 //
 // layernorm_backward_parts(parts, dout, dout_bf16, x, mean, rstd, N, C, rows_per_part)
 //   parts[p, c] = sum over the rows of group p of norm * dout; parts[p, C + c] = sum of dout.
