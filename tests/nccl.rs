@@ -271,8 +271,11 @@ fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
     let root = tempfile::tempdir().unwrap();
     let cwd = root.path();
     let data = prepare_data(&cwd.join("data"));
-    let run = |backend: &str| {
-        let out = cwd.join(backend);
+    // Two micro-steps per rank (the first writes the gradients, the second adds and is
+    // reduced during its backward pass), then one (written and reduced during the same
+    // backward pass: the device buffer is handed to NCCL before it is written).
+    let run = |backend: &str, accum: usize| {
+        let out = cwd.join(format!("{backend}_{accum}"));
         let mut args = vec![
             "launch".to_string(),
             "--nproc_per_node=2".into(),
@@ -286,7 +289,7 @@ fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
             &[
                 "--device=cuda",
                 &format!("--backend={backend}"),
-                "--gradient_accumulation_steps=4",
+                &format!("--gradient_accumulation_steps={accum}"),
                 "--max_iters=6",
                 "--eval_interval=3",
                 "--log_interval=1",
@@ -303,21 +306,23 @@ fn two_gpu_processes_train_the_same_with_nccl_as_with_gloo() {
         assert!(o.status.success(), "{backend}: {err}");
         (train_and_val_losses(&out), err)
     };
-    let (with_nccl, err) = run("nccl");
-    assert!(err.contains("(nccl 2."), "the NCCL group was used: {err}");
-    let (with_gloo, err) = run("gloo");
-    assert!(err.contains("(tcp ring, 2 ranks)"), "{err}");
-    assert_eq!(with_nccl.len(), with_gloo.len());
-    for (a, b) in with_nccl.iter().zip(&with_gloo) {
-        assert_eq!((&a.0, a.1), (&b.0, b.1));
-        // Same gradients summed in a different order: equal up to fp32 rounding.
-        assert!(
-            (a.2 - b.2).abs() <= 1e-4 * b.2.abs().max(1.0),
-            "{} at iter {}: nccl {} vs gloo {}",
-            a.0,
-            a.1,
-            a.2,
-            b.2
-        );
+    for accum in [4, 2] {
+        let (with_nccl, err) = run("nccl", accum);
+        assert!(err.contains("(nccl 2."), "the NCCL group was used: {err}");
+        let (with_gloo, err) = run("gloo", accum);
+        assert!(err.contains("(tcp ring, 2 ranks)"), "{err}");
+        assert_eq!(with_nccl.len(), with_gloo.len());
+        for (a, b) in with_nccl.iter().zip(&with_gloo) {
+            assert_eq!((&a.0, a.1), (&b.0, b.1));
+            // Same gradients summed in a different order: equal up to fp32 rounding.
+            assert!(
+                (a.2 - b.2).abs() <= 1e-4 * b.2.abs().max(1.0),
+                "accumulation {accum}: {} at iter {}: nccl {} vs gloo {}",
+                a.0,
+                a.1,
+                a.2,
+                b.2
+            );
+        }
     }
 }

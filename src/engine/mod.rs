@@ -222,6 +222,14 @@ pub trait Engine: Send {
     fn device_grads(&mut self) -> Option<DeviceGrads> {
         None
     }
+    /// Where the gradient buffer lives on the GPU, for collectives that read each range as
+    /// the next micro-step's backward pass reports it written
+    /// ([`Engine::forward_backward_notify`]): as [`Engine::device_grads`], except that
+    /// after `zero_grad` the buffer may be left unwritten until that micro-step writes it
+    /// (so its contents must not be read before then). `None` as for `device_grads`.
+    fn device_grads_for_backward(&mut self) -> Option<DeviceGrads> {
+        self.device_grads()
+    }
     fn optimizer_state(&self) -> OptimizerState;
     fn set_optimizer_state(&mut self, state: OptimizerState);
     /// State of the dropout generator (saved in checkpoints for exact resume).

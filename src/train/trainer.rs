@@ -716,7 +716,11 @@ impl Run {
                         let fb = |e: &mut dyn Engine, hook: &mut (dyn FnMut(GradReady) + Send)| {
                             e.forward_backward_notify(batch, scale, hook)
                         };
-                        let dev = self.engine.device_grads().filter(|_| ov.device);
+                        // Read by the collectives only as the backward pass writes it.
+                        let dev = self
+                            .engine
+                            .device_grads_for_backward()
+                            .filter(|_| ov.device);
                         let out = match dev {
                             Some(dev) => overlap::reduce_during_backward_device(
                                 &mut *self.pg,

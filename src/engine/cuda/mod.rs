@@ -800,6 +800,15 @@ impl CudaEngine {
         DropoutSeeds::draw(&mut self.rng, self.cfg.dropout)
     }
 
+    /// The gradient buffer as collectives address it.
+    fn grads_location(&self) -> super::DeviceGrads {
+        super::DeviceGrads {
+            ptr: self.grads.ptr,
+            len: self.layout.total,
+            stream: self.stream.s as u64,
+        }
+    }
+
     /// Makes the device gradients what the engine's callers see: zeroed if `zero_grad` left
     /// them unwritten, or the ones edited on the host through `grads_mut`.
     fn sync_grads(&mut self) -> CResult<()> {
@@ -1130,11 +1139,19 @@ impl Engine for CudaEngine {
         if let Err(e) = self.sync_grads() {
             panic!("CUDA error while uploading the gradients: {e}");
         }
-        Some(super::DeviceGrads {
-            ptr: self.grads.ptr,
-            len: self.layout.total,
-            stream: self.stream.s as u64,
-        })
+        Some(self.grads_location())
+    }
+    fn device_grads_for_backward(&mut self) -> Option<super::DeviceGrads> {
+        if !self.grads_unwritten {
+            return self.device_grads();
+        }
+        // Left unwritten (`fresh_grads`): the next micro-step writes them, so zeroing them
+        // here would only cost the pass that micro-step saves. (No host edits are pending:
+        // `grads_mut` clears `grads_unwritten`.)
+        if let Err(e) = self.ctx.make_current() {
+            panic!("CUDA error while making the GPU context current: {e}");
+        }
+        Some(self.grads_location())
     }
     fn optimizer_state(&self) -> OptimizerState {
         let (m, v) = self
