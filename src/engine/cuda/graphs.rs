@@ -22,7 +22,8 @@
 //!   each replay: the host fills them before each launch.
 //!
 //! A capture that fails (a driver without graphs, or a call the capture refuses) is said
-//! once on stderr and the key is never captured again: the micro-step runs launch by
+//! once on stderr per kind of pass (training, evaluation) and the key is never captured
+//! again: the micro-step runs launch by
 //! launch, with the same results. Replays give the same bits as launch-by-launch runs (the
 //! same kernels in the same order); tests/cuda_graphs.rs checks it.
 
@@ -145,12 +146,15 @@ impl StepGraphs {
         &self.current.insert((key, epoch, exec)).2
     }
 
-    /// A capture of `key` failed: returns whether this is the first failure (to be said).
-    pub fn refuse(&mut self, key: StepKey) -> bool {
-        let first = self.refused.is_empty();
+    /// A capture of `key` failed: it is never tried again.
+    pub fn refuse(&mut self, key: StepKey) {
         self.refused.push(key);
         self.last_direct = None;
-        first
+    }
+
+    /// Whether any capture here has failed (the first failure is said, the rest not).
+    pub fn refused_any(&self) -> bool {
+        !self.refused.is_empty()
     }
 }
 
@@ -182,8 +186,10 @@ mod tests {
         assert!(matches!(g.plan(key(4), 7), Plan::Capture));
         // (a capture is recorded by the engine; without one the plan stays Capture)
         assert!(matches!(g.plan(key(4), 7), Plan::Capture));
-        assert!(g.refuse(key(4)));
-        assert!(!g.refuse(key(2)));
+        assert!(!g.refused_any());
+        g.refuse(key(4));
+        assert!(g.refused_any());
+        g.refuse(key(2));
         g.ran_direct(Some(key(4)), 7);
         assert!(matches!(g.plan(key(4), 7), Plan::Direct)); // refused keys stay direct
         g.ran_direct(None, 7);

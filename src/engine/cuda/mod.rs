@@ -946,7 +946,16 @@ impl CudaEngine {
                             Err(e) => e.to_string(),
                             Ok(_) => "memory was allocated while recording".into(),
                         };
-                        if self.graphs[key.slot()].refuse(key) {
+                        // Said once per kind of pass: the two training slots are one kind.
+                        let said_before = match key.train {
+                            true => {
+                                self.graphs[graphs::TRAIN].refused_any()
+                                    || self.graphs[graphs::TRAIN_FRESH].refused_any()
+                            }
+                            false => self.graphs[graphs::EVAL].refused_any(),
+                        };
+                        self.graphs[key.slot()].refuse(key);
+                        if !said_before {
                             let what = match key.train {
                                 true => "the training step",
                                 false => "the evaluation pass",
