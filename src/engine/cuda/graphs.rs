@@ -27,6 +27,7 @@
 //! launch, with the same results. Replays give the same bits as launch-by-launch runs (the
 //! same kernels in the same order); tests/cuda_graphs.rs checks it.
 
+use super::GradWrite;
 use crate::cuda::graph::GraphExec;
 use crate::engine::Recompute;
 
@@ -44,9 +45,9 @@ pub(super) struct StepKey {
     /// Targets that count in the loss (not -1): the mean's divisor is a kernel argument.
     pub counted: usize,
     pub recompute: Recompute,
-    /// The backward pass writes the gradients rather than adding to them (the first
-    /// micro-step after `zero_grad`, switch `fresh_grads`).
-    pub fresh: bool,
+    /// How the backward pass puts the gradients in their buffer: written (the first
+    /// micro-step after `zero_grad`, switch `fresh_grads`) or added (evaluation: `Add`).
+    pub write: GradWrite,
 }
 
 /// Where the engine keeps the graphs of each kind of pass: `graphs[StepKey::slot()]`.
@@ -61,10 +62,10 @@ pub(super) const SLOTS: usize = 3;
 impl StepKey {
     /// [`TRAIN`], [`TRAIN_FRESH`] or [`EVAL`].
     pub fn slot(&self) -> usize {
-        match (self.train, self.fresh) {
+        match (self.train, self.write) {
             (false, _) => EVAL,
-            (true, false) => TRAIN,
-            (true, true) => TRAIN_FRESH,
+            (true, GradWrite::Add) => TRAIN,
+            (true, GradWrite::Overwrite) => TRAIN_FRESH,
         }
     }
 }
@@ -170,7 +171,7 @@ mod tests {
             loss_scale: 1f32.to_bits(),
             counted: b * 64,
             recompute: Recompute::Nothing,
-            fresh: false,
+            write: GradWrite::Add,
         }
     }
 

@@ -903,7 +903,7 @@ impl CudaEngine {
                 loss_scale: train.map_or(0.0, |(s, _)| s).to_bits(),
                 counted: batch.targets.iter().filter(|&&t| t >= 0).count(),
                 recompute: self.recompute,
-                fresh: train.is_some_and(|(_, w)| w == GradWrite::Overwrite),
+                write: train.map_or(GradWrite::Add, |(_, w)| w),
             },
         )
     }
@@ -1011,11 +1011,7 @@ impl CudaEngine {
                 }
                 self.forward(batch.inputs, batch.b, batch.t, drop, true, batch.t)?;
                 self.cross_entropy(batch.targets, Some(loss_scale))?;
-                let write = match key.fresh {
-                    true => GradWrite::Overwrite,
-                    false => GradWrite::Add,
-                };
-                self.backward(batch.b, batch.t, drop, None, write)
+                self.backward(batch.b, batch.t, drop, None, key.write)
             })();
             self.stream.end_capture(recorded)
         });
