@@ -49,6 +49,10 @@
 // same places. Loads move data only: the same bits as synchronous loads (tools/flash_emulate
 // runs the kernels under schedules that expose a missing wait or barrier).
 //
+// Exponentials (bf16 kernels): in base 2 on the special-function unit (see FaExp below);
+// every bf16 kernel also comes as *_expf, the same code with the accurate expf in natural
+// units, for the flash_exp2 switch (not the same bits: P differs in the last bits of fp32).
+//
 // flash_attn_bwd_dot(y, dy, dvec, B, T, C, NH)
 //   dvec[(b*NH+h)*T+t] = sum_d y[.., h*hs+d] * dy[.., h*hs+d]  (the D of the backward).
 //   One warp per row; block 256 (8 rows), grid ceil(B*NH*T / 8).
@@ -71,10 +75,10 @@
 //   dv = P^T dy,  dS = P * (dP - D),  dq = scale * dS k,  dk = scale * dS^T q.
 
 // Compiled as KERNEL_PARTS programs (see kernels/common.cuh): part 0 emits the fp32
-// kernels and the D dot products, parts 1-6 the bf16 kernels, three entry points each
+// kernels and the D dot products, parts 1-12 the bf16 kernels, three entry points each
 // (their templates take most of NVRTC's time), so a first start compiles them on separate
 // threads instead of one after another.
-#define KERNEL_PARTS 7
+#define KERNEL_PARTS 13
 
 #define FA_THREADS 256
 #define FA_MAX_HS 128
@@ -620,6 +624,28 @@ __device__ __forceinline__ float fa_exp2(float x) {
 }
 #endif
 
+// The exponentials' base, a template parameter of the bf16 kernels (EXP2): FaExp<true> is
+// the above; FaExp<false> (the _expf kernels, for the flash_exp2 switch) is the accurate
+// expf in natural units, as these kernels first computed it. A kernel scales scores by
+// `scale * unit` into the base's units, takes `exp` of them, and turns the forward's max
+// back into natural units for lse with `to_natural`: with FaExp<false> both factors are 1
+// and every product with them is exact, so the kernels compute expf(fmaf(s, scale, -m))
+// and lse = m + log(l) directly.
+template <bool EXP2>
+struct FaExp;
+template <>
+struct FaExp<true> {
+    static constexpr float unit = FA_LOG2E;
+    static constexpr float to_natural = FA_LN2;
+    static __device__ __forceinline__ float exp(float x) { return fa_exp2(x); }
+};
+template <>
+struct FaExp<false> {
+    static constexpr float unit = 1.0f;
+    static constexpr float to_natural = 1.0f;
+    static __device__ __forceinline__ float exp(float x) { return expf(x); }
+};
+
 // out (16 x hs, hs/8 n-tiles) += X B where X (16 x 16*KC) is given as the C-layout
 // accumulators x[2*KC][4] of a product (rounded to bf16 here: two adjacent n-tiles are the
 // A fragment of one 16-wide k chunk) and B[k][n] = R[k][n], R row-major (16*KC rows, ld
@@ -745,9 +771,9 @@ __device__ __forceinline__ void fa_issue_rows(float* Ls, float* Ds, const float*
 }
 
 // The forward for qkv and y of storage type S (float or bf16 bits; see fa_bf16_of), head
-// size HS (0: any multiple of 16 up to HM, C / NH; see "Head size" above) and tile loads
-// by cp.async (ASYNC; see "Tile loads" above).
-template <class S, int HS, bool ASYNC>
+// size HS (0: any multiple of 16 up to HM, C / NH; see "Head size" above), tile loads by
+// cp.async (ASYNC; see "Tile loads" above) and exponentials in base 2 (EXP2, see FaExp).
+template <class S, int HS, bool ASYNC, bool EXP2>
 __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __restrict__ y,
                                             float* __restrict__ lse, int T, int C, int NH,
                                             float scale) {
@@ -792,10 +818,11 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     for (int dt = 0; dt < HM / 8; dt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
-    // Running max (in base-2 units: scale log2 e times the largest score) and sum of rows g
-    // and g+8 of this warp's slice.
+    // Running max (in the base's units, see FaExp: scale log2 e times the largest score in
+    // base 2) and sum of rows g and g+8 of this warp's slice.
+    using E = FaExp<EXP2>;
     float m[2] = {fa_neg_inf(), fa_neg_inf()}, l[2] = {0.0f, 0.0f};
-    const float scale_log2 = scale * FA_LOG2E;
+    const float scale_log2 = scale * E::unit;
     int qrow[2];
     qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
     qrow[1] = min(q0 + wr + g + 8, T - 1);
@@ -848,14 +875,14 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                 // Finite: key 0 is in the first tile. scale > 0, so the largest scaled
                 // score is the largest score scaled.
                 float m_new = fmaxf(m[r], mx[r] * scale_log2);
-                alpha[r] = fa_exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+                alpha[r] = E::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
                 m[r] = m_new;
             }
 #pragma unroll
             for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float p = fa_exp2(fmaf(s[nt][e], scale_log2, -m[e >> 1]));  // 0 if masked
+                    float p = E::exp(fmaf(s[nt][e], scale_log2, -m[e >> 1]));  // 0 if masked
                     s[nt][e] = p;
                     sum[e >> 1] += p;
                 }
@@ -893,7 +920,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                 if (dt * 8 < hs)
                     fa_put2(yr + dt * 8 + 2 * q, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
             }
-            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] * FA_LN2 + logf(l[r]);
+            if (q == 0) lse[((long long)b * NH + h) * T + t] = m[r] * E::to_natural + logf(l[r]);
         }
     }
 #endif
@@ -1066,8 +1093,9 @@ __device__ __forceinline__ void fa_issue_query_tile(unsigned short* sm, int ld, 
 }
 
 // The dk/dv kernel for qkv and dy of storage type S (float or bf16 bits), head size HS
-// (0: any, C / NH) and tile loads by cp.async (ASYNC).
-template <class S, int HS, bool ASYNC>
+// (0: any, C / NH), tile loads by cp.async (ASYNC) and exponentials in base 2 (EXP2, see
+// FaExp).
+template <class S, int HS, bool ASYNC, bool EXP2>
 __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  const S* __restrict__ dy,
                                                  const float* __restrict__ lse,
@@ -1142,7 +1170,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                 int c = nt * 8 + 2 * q + (e & 1), qi = q0 + c;
                 float p = 0.0f, ds = 0.0f;
                 if (unmasked || (qi < T && krow[e >> 1] <= qi)) {
-                    p = fa_exp2(fmaf(st[nt][e], scale, -Ls[c]) * FA_LOG2E);
+                    p = FaExp<EXP2>::exp(fmaf(st[nt][e], scale, -Ls[c]) * FaExp<EXP2>::unit);
                     ds = p * (dpt[nt][e] - Ds[c]);
                 }
                 st[nt][e] = p;
@@ -1162,8 +1190,9 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
 }
 
 // The dq kernel for qkv and dy of storage type S (float or bf16 bits), head size HS (0:
-// any, C / NH) and tile loads by cp.async (ASYNC).
-template <class S, int HS, bool ASYNC>
+// any, C / NH), tile loads by cp.async (ASYNC) and exponentials in base 2 (EXP2, see
+// FaExp).
+template <class S, int HS, bool ASYNC, bool EXP2>
 __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                                                const S* __restrict__ dy,
                                                const float* __restrict__ lse,
@@ -1252,7 +1281,7 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                 int r = e >> 1, kj = k0 + nt * 8 + 2 * q + (e & 1);
                 float ds = 0.0f;
                 if (unmasked || (qrow[r] < T && kj <= qrow[r])) {
-                    float p = fa_exp2(fmaf(s[nt][e], scale, -lr[r]) * FA_LOG2E);
+                    float p = FaExp<EXP2>::exp(fmaf(s[nt][e], scale, -lr[r]) * FaExp<EXP2>::unit);
                     ds = p * (dp[nt][e] - dr[r]);
                 }
                 dp[nt][e] = ds;
@@ -1267,62 +1296,83 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
 
 // The bf16 kernels' entry points: each a thin wrapper of its template for storage type S
 // (float, or bf16 bits for the _io kernels), head size HS (0: any, C / NH; 64: the _hs64
-// forms, see "Head size" at the top) and tile loads by cp.async (ASYNC; the _io_sync
-// kernels load synchronously, for the flash_async switch), bounded to the block size it is
-// launched with (THREADS: a launch with more threads than its bound fails; the engine's
-// test of the compiled kernels checks them against src/engine/cuda/flash.rs).
-#define FA_FWD_ENTRY(NAME, S, HS, ASYNC)                                                       \
+// forms, see "Head size" at the top), tile loads by cp.async (ASYNC; the _io_sync
+// kernels load synchronously, for the flash_async switch) and exponentials in base 2
+// (EXP2; the _expf kernels take the accurate expf, for the flash_exp2 switch), bounded to
+// the block size it is launched with (THREADS: a launch with more threads than its bound
+// fails; the engine's test of the compiled kernels checks them against
+// src/engine/cuda/flash.rs).
+#define FA_FWD_ENTRY(NAME, S, HS, ASYNC, EXP2)                                                 \
     extern "C" __global__ void __launch_bounds__(FB_THREADS)                                   \
         NAME(const S* __restrict__ qkv, S* __restrict__ y, float* __restrict__ lse, int T,     \
              int C, int NH, float scale) {                                                     \
-        fa_fwd_bf16<S, HS, ASYNC>(qkv, y, lse, T, C, NH, scale);                               \
+        fa_fwd_bf16<S, HS, ASYNC, EXP2>(qkv, y, lse, T, C, NH, scale);                         \
     }
 // fp32 storage: dq | dk | dv to dqkv in fp32, or to dqkv_bf16 when that is not null.
-#define FA_BWD_ENTRY(NAME, KERNEL, HS, THREADS)                                                \
+#define FA_BWD_ENTRY(NAME, KERNEL, HS, EXP2, THREADS)                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                      \
         NAME(const float* __restrict__ qkv, const float* __restrict__ dy,                      \
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              float* __restrict__ dqkv, unsigned short* __restrict__ dqkv_bf16, int T, int C,   \
              int NH, float scale) {                                                            \
-        KERNEL<float, HS, true>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);         \
+        KERNEL<float, HS, true, EXP2>(qkv, dy, lse, dvec, dqkv, dqkv_bf16, T, C, NH, scale);   \
     }
 // bf16 storage: qkv and dy in bf16, dq | dk | dv written in bf16.
-#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS, ASYNC, THREADS)                                      \
+#define FA_BWD_IO_ENTRY(NAME, KERNEL, HS, ASYNC, EXP2, THREADS)                                \
     extern "C" __global__ void __launch_bounds__(THREADS)                                      \
         NAME(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dy,    \
              const float* __restrict__ lse, const float* __restrict__ dvec,                    \
              unsigned short* __restrict__ dqkv, int T, int C, int NH, float scale) {           \
-        KERNEL<unsigned short, HS, ASYNC>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, C, NH, \
-                                          scale);                                              \
+        KERNEL<unsigned short, HS, ASYNC, EXP2>(qkv, dy, lse, dvec, (float*)nullptr, dqkv, T, \
+                                                C, NH, scale);                                 \
     }
-// Three groups per head size (each one compilation part, see KERNEL_PARTS): fp32 storage,
-// bf16 storage with cp.async loads, bf16 storage with synchronous loads.
-#define FA_BF16_F32_STORAGE_ENTRY_POINTS(SUFFIX, HS)                                           \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS, true)                                 \
-    FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS, FBB_THREADS)          \
-    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS, FBB_DQ_THREADS)
-#define FA_BF16_IO_ENTRY_POINTS(SUFFIX, HS, ASYNC)                                             \
-    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, ASYNC)                    \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, ASYNC,          \
+// Three groups per head size and base (each one compilation part, see KERNEL_PARTS): fp32
+// storage, bf16 storage with cp.async loads, bf16 storage with synchronous loads.
+#define FA_BF16_F32_STORAGE_ENTRY_POINTS(SUFFIX, HS, EXP2)                                     \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16##SUFFIX, float, HS, true, EXP2)                           \
+    FA_BWD_ENTRY(flash_attn_bwd_dkdv_bf16##SUFFIX, fa_bwd_dkdv_bf16, HS, EXP2, FBB_THREADS)    \
+    FA_BWD_ENTRY(flash_attn_bwd_dq_bf16##SUFFIX, fa_bwd_dq_bf16, HS, EXP2, FBB_DQ_THREADS)
+#define FA_BF16_IO_ENTRY_POINTS(SUFFIX, HS, ASYNC, EXP2)                                       \
+    FA_FWD_ENTRY(flash_attn_fwd_bf16_io##SUFFIX, unsigned short, HS, ASYNC, EXP2)              \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dkdv_bf16_io##SUFFIX, fa_bwd_dkdv_bf16, HS, ASYNC, EXP2,    \
                     FBB_THREADS)                                                               \
-    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, ASYNC,              \
+    FA_BWD_IO_ENTRY(flash_attn_bwd_dq_bf16_io##SUFFIX, fa_bwd_dq_bf16, HS, ASYNC, EXP2,        \
                     FBB_DQ_THREADS)
 
 #if KERNEL_IN_PART(1)
-FA_BF16_F32_STORAGE_ENTRY_POINTS(, 0)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(, 0, true)
 #endif
 #if KERNEL_IN_PART(2)
-FA_BF16_IO_ENTRY_POINTS(, 0, true)
+FA_BF16_IO_ENTRY_POINTS(, 0, true, true)
 #endif
 #if KERNEL_IN_PART(3)
-FA_BF16_IO_ENTRY_POINTS(_sync, 0, false)
+FA_BF16_IO_ENTRY_POINTS(_sync, 0, false, true)
 #endif
 #if KERNEL_IN_PART(4)
-FA_BF16_F32_STORAGE_ENTRY_POINTS(_hs64, 64)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(_hs64, 64, true)
 #endif
 #if KERNEL_IN_PART(5)
-FA_BF16_IO_ENTRY_POINTS(_hs64, 64, true)
+FA_BF16_IO_ENTRY_POINTS(_hs64, 64, true, true)
 #endif
 #if KERNEL_IN_PART(6)
-FA_BF16_IO_ENTRY_POINTS(_sync_hs64, 64, false)
+FA_BF16_IO_ENTRY_POINTS(_sync_hs64, 64, false, true)
+#endif
+// The same with the accurate expf (the flash_exp2 switch off).
+#if KERNEL_IN_PART(7)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(_expf, 0, false)
+#endif
+#if KERNEL_IN_PART(8)
+FA_BF16_IO_ENTRY_POINTS(_expf, 0, true, false)
+#endif
+#if KERNEL_IN_PART(9)
+FA_BF16_IO_ENTRY_POINTS(_sync_expf, 0, false, false)
+#endif
+#if KERNEL_IN_PART(10)
+FA_BF16_F32_STORAGE_ENTRY_POINTS(_hs64_expf, 64, false)
+#endif
+#if KERNEL_IN_PART(11)
+FA_BF16_IO_ENTRY_POINTS(_hs64_expf, 64, true, false)
+#endif
+#if KERNEL_IN_PART(12)
+FA_BF16_IO_ENTRY_POINTS(_sync_hs64_expf, 64, false, false)
 #endif

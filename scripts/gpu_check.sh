@@ -70,8 +70,10 @@
 #                      -> bench_124m_bf16_accum8.log, torch_ref_124m_bf16_accum8.log
 #      tests-profile   cuda_profile: the profile and memory report of a small model
 #                                                                 -> cuda_profile.log
-#      bench-memory    gpt2 124M bf16 at B = 4, 8, 16 (T=1024): time and GPU memory per
-#                      batch size -> bench_memory_124m_bf16.log
+#      bench-memory    gpt2 124M bf16 at B = 4, 8, 16, 32, 64 (T=1024): time and GPU memory
+#                      per batch size (64 is llm.c's GPT-2 124M setting: AdamW's pass over
+#                      the parameters shared by 8x the tokens of B = 8)
+#                      -> bench_memory_124m_bf16.log
 #      bench-memory-r2 B = 16, 32, 64 with --recompute=2 -> bench_memory_124m_bf16_r2.log
 #      bench-acts-off  bench-124m-bf16 with NANOGPT_CUDA_DISABLE=bf16_acts (LayerNorm outputs
 #                      and the logits and qkv gradients in fp32 with cast passes): what bf16
@@ -93,6 +95,9 @@
 #      bench-async-off the same with NANOGPT_CUDA_DISABLE=flash_async (the bf16 attention
 #                      kernels' tiles loaded synchronously instead of by cp.async)
 #                      -> bench_124m_bf16_async_off.log
+#      bench-exp2-off  the same with NANOGPT_CUDA_DISABLE=flash_exp2 (the bf16 attention
+#                      kernels' softmax with the accurate expf instead of base-2 ex2)
+#                      -> bench_124m_bf16_exp2_off.log
 #      bench-residual-off the same with NANOGPT_CUDA_DISABLE=fused_residual (the residual
 #                      adds by the LayerNorm kernels instead of the projection products)
 #                      -> bench_124m_bf16_residual_off.log
@@ -302,8 +307,8 @@ bench bench-124m-bf16-accum8 60 bench_124m_bf16_accum8.log bfloat16 "${gpt2[@]}"
 torch_ref torch-ref-124m-accum8 120 torch_ref_124m_bf16_accum8.log \
     --gradient_accumulation_steps=8 --iters=5 --warmup=2
 gpu_test tests-profile 60 cuda_profile cuda_profile.log
-bench bench-memory 60 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
-    --batch_sizes=4,8,16
+bench bench-memory 75 bench_memory_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
+    --batch_sizes=4,8,16,32,64
 bench bench-memory-r2 60 bench_memory_124m_bf16_r2.log bfloat16 "${gpt2[@]}" --iters=2 --warmup=1 \
     --batch_sizes=16,32,64 --recompute=2
 bench_off bench-acts-off 60 bench_124m_bf16_acts_off.log bf16_acts "${gpt2[@]}"
@@ -314,6 +319,7 @@ bench_off bench-dln-off 60 bench_124m_bf16_dln_off.log bf16_dln "${gpt2[@]}"
 bench_off bench-fresh-off 60 bench_124m_bf16_fresh_off.log fresh_grads "${gpt2[@]}"
 bench_off bench-hs64-off 60 bench_124m_bf16_hs64_off.log flash_hs64 "${gpt2[@]}"
 bench_off bench-async-off 60 bench_124m_bf16_async_off.log flash_async "${gpt2[@]}"
+bench_off bench-exp2-off 60 bench_124m_bf16_exp2_off.log flash_exp2 "${gpt2[@]}"
 bench_off bench-residual-off 60 bench_124m_bf16_residual_off.log fused_residual "${gpt2[@]}"
 small=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
 bench bench-small-bf16 30 bench_small_bf16.log bfloat16 "${small[@]}"

@@ -33,6 +33,7 @@ BENCHES = [
     ("bench_124m_bf16_fresh_off.log", "NANOGPT_CUDA_DISABLE=fresh_grads"),
     ("bench_124m_bf16_hs64_off.log", "NANOGPT_CUDA_DISABLE=flash_hs64"),
     ("bench_124m_bf16_async_off.log", "NANOGPT_CUDA_DISABLE=flash_async"),
+    ("bench_124m_bf16_exp2_off.log", "NANOGPT_CUDA_DISABLE=flash_exp2"),
     ("bench_124m_bf16_residual_off.log", "NANOGPT_CUDA_DISABLE=fused_residual"),
     ("bench_124m_bf16_graphs_off.log", "NANOGPT_CUDA_DISABLE=graphs"),
     ("bench_124m.log", "GPT-2 124M, float32"),

@@ -2,7 +2,9 @@
 //! `engine::cuda::flash`) against a float64 causal attention computed here, forward
 //! (y and the per-row logsumexp) and backward (dq, dk, dv), for several shapes; and against
 //! the engine's plain attention (cuBLAS GEMMs + the masked-softmax kernels, rebuilt here
-//! from the same public pieces the engine uses). An `--ignored` test prints kernel times.
+//! from the same public pieces the engine uses); the bf16 kernels both with their base-2
+//! exponentials and with the accurate expf (`flash_exp2` off), each against float64 and
+//! against the other. An `--ignored` test prints kernel times.
 //!
 //! Tolerances (errors are max |a - b| / max |b| per tensor): the fp32 kernels sum at most
 //! T + hs products per output in fp32 (unit roundoff 6e-8), in a different order from the
@@ -32,6 +34,15 @@ use nanogpt::rng::Rng;
 
 const TOL_F32: f64 = 1e-4;
 const TOL_BF16: f64 = 2e-2;
+/// The bf16 kernels with the accurate expf (`flash_exp2` off) against their base-2 forms.
+/// The two compute each probability within a few units in the last place of fp32 of each
+/// other (ex2.approx's ~2^-22, and the change of base's one rounding); what can move an
+/// output more is such a difference flipping P's rounding to bf16 for the next product,
+/// one value in ~10^4 by 2^-8 of itself. The emulated GPU (exact exp2) measures a worst
+/// 4.7e-5 of scale over the shapes here; 2e-3 leaves 40x for the hardware's ex2 and stays
+/// below the bf16 kernels' own error against float64 (2e-3 to 7e-3), while a base mixed
+/// up between the running max and the exponentials is O(1).
+const TOL_BASES: f64 = 2e-3;
 
 /// Context, stream and kernels (fields drop in this order: kernels and stream before the
 /// context).
@@ -183,6 +194,12 @@ fn flash_attention_matches_float64_attention() {
         return;
     };
     let mut rng = Rng::new(11);
+    // The bf16 kernels' forms with the accurate expf (the `flash_exp2` switch off).
+    let mut accurate = g.kernels();
+    accurate.use_accurate_exponentials();
+    // How far apart the two bases' outputs are (worst over the shapes) and how many
+    // values differ at all (the switch must select other kernels).
+    let (mut base_gap, mut base_differ) = (0f64, 0usize);
     for (b, t, nh, hs) in SHAPES {
         let s = AttnShape {
             b,
@@ -196,13 +213,18 @@ fn flash_attention_matches_float64_attention() {
         let (y_ref, lse_ref, dqkv_ref) = reference(&s, &qkv, &dy);
         let d_qkv = g.upload(&qkv);
         let d_dy = g.upload(&dy);
-        let maths: &[FlashMath] = if hs.is_multiple_of(16) {
-            &[FlashMath::F32, FlashMath::Bf16]
+        let forms: &[(FlashMath, &Kernels, &str)] = if hs.is_multiple_of(16) {
+            &[
+                (FlashMath::F32, &g.k, "fp32"),
+                (FlashMath::Bf16, &g.k, "bf16"),
+                (FlashMath::Bf16, &accurate, "bf16 expf"),
+            ]
         } else {
-            &[FlashMath::F32]
+            &[(FlashMath::F32, &g.k, "fp32")]
         };
         let mut fp32_dqkv = Vec::new();
-        for &math in maths {
+        let mut base2 = None;
+        for &(math, k, form) in forms {
             let tol = if math == FlashMath::F32 {
                 TOL_F32
             } else {
@@ -214,7 +236,7 @@ fn flash_attention_matches_float64_attention() {
             unsafe {
                 flash::flash_forward(
                     &g.stream,
-                    &g.k,
+                    k,
                     math,
                     FlashIo::F32,
                     d_qkv.ptr,
@@ -227,14 +249,14 @@ fn flash_attention_matches_float64_attention() {
             let y = g.download(&d_y, n * s.c);
             let lse = g.download(&d_lse, s.rows());
             let (ey, el) = (rel_err(&y, &y_ref), rel_err(&lse, &lse_ref));
-            eprintln!("{s:?} {math:?} forward: y {ey:.2e}, lse {el:.2e}");
+            eprintln!("{s:?} {form} forward: y {ey:.2e}, lse {el:.2e}");
             assert!(
                 ey < tol,
-                "{s:?} {math:?}: y relative error {ey:.2e} (tolerance {tol:.0e})"
+                "{s:?} {form}: y relative error {ey:.2e} (tolerance {tol:.0e})"
             );
             assert!(
                 el < tol,
-                "{s:?} {math:?}: lse relative error {el:.2e} (tolerance {tol:.0e})"
+                "{s:?} {form}: lse relative error {el:.2e} (tolerance {tol:.0e})"
             );
             let d_dvec = g.nans(s.rows());
             let d_dqkv = g.nans(n * 3 * s.c);
@@ -242,7 +264,7 @@ fn flash_attention_matches_float64_attention() {
             unsafe {
                 flash::flash_backward(
                     &g.stream,
-                    &g.k,
+                    k,
                     math,
                     FlashIo::F32,
                     d_qkv.ptr,
@@ -266,15 +288,35 @@ fn flash_attention_matches_float64_attention() {
             for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
                 let want = third(&dqkv_ref, s.c, part);
                 let e = rel_err_floor(&third(&dqkv, s.c, part), &want, floor);
-                eprintln!("{s:?} {math:?} backward: {name} {e:.2e}");
+                eprintln!("{s:?} {form} backward: {name} {e:.2e}");
                 assert!(
                     e < tol,
-                    "{s:?} {math:?}: {name} relative error {e:.2e} (tolerance {tol:.0e})"
+                    "{s:?} {form}: {name} relative error {e:.2e} (tolerance {tol:.0e})"
                 );
             }
             if math == FlashMath::F32 {
                 fp32_dqkv = dqkv;
                 continue;
+            }
+            // The accurate expf against base 2: each within rounding of the other.
+            match &base2 {
+                None => base2 = Some((y.clone(), lse.clone(), dqkv.clone())),
+                Some((y2, lse2, dqkv2)) => {
+                    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                    for (name, got, want) in
+                        [("y", &y, y2), ("lse", &lse, lse2), ("dqkv", &dqkv, dqkv2)]
+                    {
+                        let e = rel_err(got, &wide(want));
+                        eprintln!("{s:?} expf vs base 2: {name} {e:.2e}");
+                        assert!(
+                            e < TOL_BASES,
+                            "{s:?}: expf vs base-2 {name} relative error {e:.2e} (tolerance \
+                             {TOL_BASES:.0e})"
+                        );
+                        base_gap = base_gap.max(e);
+                        base_differ += differing(got, want, f32::to_bits);
+                    }
+                }
             }
             // The bf16 backward against the fp32 one on the same inputs.
             for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
@@ -283,15 +325,20 @@ fn flash_attention_matches_float64_attention() {
                     .map(|&v| v as f64)
                     .collect();
                 let e = rel_err_floor(&third(&dqkv, s.c, part), &want, floor);
-                eprintln!("{s:?} bf16 vs fp32 backward: {name} {e:.2e}");
+                eprintln!("{s:?} {form} vs fp32 backward: {name} {e:.2e}");
                 assert!(
                     e < TOL_BF16,
-                    "{s:?}: bf16 vs fp32 backward {name} relative error {e:.2e} (tolerance \
+                    "{s:?}: {form} vs fp32 backward {name} relative error {e:.2e} (tolerance \
                      {TOL_BF16:.0e})"
                 );
             }
         }
     }
+    eprintln!("expf vs base 2: worst {base_gap:.2e}, {base_differ} values differ");
+    assert!(
+        base_differ > 0,
+        "the accurate-expf kernels gave every bit of the base-2 ones: the switch selects nothing"
+    );
 }
 
 /// The exact f32 values of bf16 bits.
@@ -813,7 +860,8 @@ fn flash_attention_timing() {
     );
 
     // bf16 storage, per form of the kernels: head size 64 or generic (switch flash_hs64),
-    // tiles by cp.async or loaded synchronously (flash_async).
+    // tiles by cp.async or loaded synchronously (flash_async), exponentials in base 2 or
+    // the accurate expf (flash_exp2).
     let work = |backward| {
         profile::flash_work(&s, true, 2, 2, backward)
             .flops
@@ -821,13 +869,17 @@ fn flash_attention_timing() {
     };
     let (fwd_flops, bwd_flops) = (work(false), work(true));
     let bf16 = (FlashMath::Bf16, FlashIo::Bf16);
-    for (label, synchronous, generic) in [
-        ("head size 64, cp.async (the default)", false, false),
-        ("head size 64, synchronous loads", true, false),
-        ("generic, cp.async", false, true),
-        ("generic, synchronous loads", true, true),
+    for (label, synchronous, generic, accurate) in [
+        ("head size 64, cp.async (the default)", false, false, false),
+        ("head size 64, cp.async, expf", false, false, true),
+        ("head size 64, synchronous loads", true, false, false),
+        ("generic, cp.async", false, true, false),
+        ("generic, synchronous loads", true, true, false),
     ] {
         let mut k = g.kernels();
+        if accurate {
+            k.use_accurate_exponentials();
+        }
         if synchronous {
             k.use_synchronous_attention_loads();
         }

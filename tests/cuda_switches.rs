@@ -513,6 +513,84 @@ fn asynchronous_tile_loads_give_the_synchronous_loads_bits() {
     attention_switch_keeps_the_bits("flash_async", &["", ",flash_hs64"]);
 }
 
+/// `flash_exp2` off: the bf16 attention kernels' softmax takes the accurate expf instead of
+/// base-2 exponentials, on a model with head size 64 in both attention storages. Unlike
+/// the switches above this changes bits: the probabilities agree within a few units in the
+/// last place of fp32, and where that flips a value's rounding to bf16 (P and dS before
+/// their products, the output in bf16 storage) the flip spreads through the bf16 network
+/// like any other bf16 rounding. Measured on the emulated GPU (B = 4, T = 128): logits
+/// 7.0e-4 - 7.5e-4 relative L2 apart, the worst gradient 4.4e-3 (a LayerNorm weight's). The
+/// bounds are the bf16 noise floor of tests/cuda_epilogues.rs (`bf16_attn` on against
+/// off): 1e-2 on logits, 3e-2 on gradients; tests/cuda_flash.rs bounds the kernels
+/// themselves much closer (2e-3 of scale). Something must differ (the switch selects other
+/// kernels; at this size hundreds of logits do), and a base mixed up between the running
+/// max and the exponentials is O(1).
+#[test]
+fn accurate_exponentials_stay_within_rounding_of_base_2() {
+    if no_gpu("accurate_exponentials_stay_within_rounding_of_base_2") {
+        return;
+    }
+    use reference::rel_l2;
+    let cfg = GptConfig::new(2, 2, 128, 128, 96, true, 0.0).unwrap();
+    let p = perturbed_params(&cfg, 23);
+    let (b, t) = (4, 128);
+    let (inputs, targets) = random_batch(&cfg, b, t, 24);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    for extra in ["", ",bf16_attn"] {
+        let on = Switches::parse(extra.trim_start_matches(',')).unwrap();
+        let off = Switches::parse(&format!("flash_exp2{extra}")).unwrap();
+        let mut base2 = engine(&cfg, &p, Precision::Bf16, on);
+        let mut accurate = engine(&cfg, &p, Precision::Bf16, off);
+        assert!(accurate.fused_attention(b, t, true) == Some(FlashMath::Bf16));
+        let (la, lb) = (
+            accurate.logits(batch).unwrap(),
+            base2.logits(batch).unwrap(),
+        );
+        let e = rel_l2(&la, &lb);
+        let differ = la.iter().zip(&lb).filter(|(x, y)| x != y).count();
+        eprintln!("flash_exp2 off{extra}: logits relative L2 {e:.2e}, {differ} differ");
+        assert!(
+            e < 1e-2,
+            "flash_exp2 off{extra}: logits relative L2 {e:.2e}"
+        );
+        assert!(
+            differ > 0,
+            "flash_exp2 off{extra}: every logit the same bits: the switch selected nothing"
+        );
+        let (l1, l2) = (
+            accurate.forward_backward(batch, 1.0).unwrap(),
+            base2.forward_backward(batch, 1.0).unwrap(),
+        );
+        assert!(
+            (l1 - l2).abs() <= 2e-3 * l2.abs(),
+            "flash_exp2 off{extra}: loss {l1} vs {l2}"
+        );
+        let (ga, gb) = (accurate.grads(), base2.grads());
+        let mut worst = (0f64, "");
+        for tensor in &accurate.layout().tensors {
+            let r = tensor.offset..tensor.offset + tensor.len;
+            let e = rel_l2(&ga[r.clone()], &gb[r]);
+            assert!(
+                e < 3e-2,
+                "flash_exp2 off{extra}: gradient of {} relative L2 {e:.2e}",
+                tensor.name
+            );
+            if e > worst.0 {
+                worst = (e, tensor.name.as_str());
+            }
+        }
+        eprintln!(
+            "flash_exp2 off{extra}: worst gradient relative L2 {:.2e} ({})",
+            worst.0, worst.1
+        );
+    }
+}
+
 /// Engines with `switch` off and on (each also with the switches in `extras` off), on a
 /// bf16 model with head size 64 and the bf16 fused attention: logits, loss and gradients
 /// bit for bit the same.

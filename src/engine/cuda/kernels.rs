@@ -374,9 +374,53 @@ kernel_table!(
     flash_attn_fwd_bf16_io_sync_hs64,
     flash_attn_bwd_dkdv_bf16_io_sync_hs64,
     flash_attn_bwd_dq_bf16_io_sync_hs64,
+    flash_attn_fwd_bf16_expf,
+    flash_attn_bwd_dkdv_bf16_expf,
+    flash_attn_bwd_dq_bf16_expf,
+    flash_attn_fwd_bf16_io_expf,
+    flash_attn_bwd_dkdv_bf16_io_expf,
+    flash_attn_bwd_dq_bf16_io_expf,
+    flash_attn_fwd_bf16_hs64_expf,
+    flash_attn_fwd_bf16_io_hs64_expf,
+    flash_attn_bwd_dkdv_bf16_hs64_expf,
+    flash_attn_bwd_dq_bf16_hs64_expf,
+    flash_attn_bwd_dkdv_bf16_io_hs64_expf,
+    flash_attn_bwd_dq_bf16_io_hs64_expf,
+    flash_attn_fwd_bf16_io_sync_expf,
+    flash_attn_bwd_dkdv_bf16_io_sync_expf,
+    flash_attn_bwd_dq_bf16_io_sync_expf,
+    flash_attn_fwd_bf16_io_sync_hs64_expf,
+    flash_attn_bwd_dkdv_bf16_io_sync_hs64_expf,
+    flash_attn_bwd_dq_bf16_io_sync_hs64_expf,
 );
 
 impl Kernels {
+    /// Points every bf16 attention entry point at its form with the accurate `expf` in
+    /// natural units instead of base-2 exponentials on the special-function unit (the
+    /// `flash_exp2` switch off): results within the last bits of fp32 of each other, not
+    /// the same bits. Before the other two, which then choose among these.
+    pub fn use_accurate_exponentials(&mut self) {
+        self.flash_attn_fwd_bf16 = self.flash_attn_fwd_bf16_expf;
+        self.flash_attn_bwd_dkdv_bf16 = self.flash_attn_bwd_dkdv_bf16_expf;
+        self.flash_attn_bwd_dq_bf16 = self.flash_attn_bwd_dq_bf16_expf;
+        self.flash_attn_fwd_bf16_io = self.flash_attn_fwd_bf16_io_expf;
+        self.flash_attn_bwd_dkdv_bf16_io = self.flash_attn_bwd_dkdv_bf16_io_expf;
+        self.flash_attn_bwd_dq_bf16_io = self.flash_attn_bwd_dq_bf16_io_expf;
+        self.flash_attn_fwd_bf16_hs64 = self.flash_attn_fwd_bf16_hs64_expf;
+        self.flash_attn_fwd_bf16_io_hs64 = self.flash_attn_fwd_bf16_io_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_hs64 = self.flash_attn_bwd_dkdv_bf16_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_hs64 = self.flash_attn_bwd_dq_bf16_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_hs64 = self.flash_attn_bwd_dkdv_bf16_io_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_io_hs64 = self.flash_attn_bwd_dq_bf16_io_hs64_expf;
+        self.flash_attn_fwd_bf16_io_sync = self.flash_attn_fwd_bf16_io_sync_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_sync = self.flash_attn_bwd_dkdv_bf16_io_sync_expf;
+        self.flash_attn_bwd_dq_bf16_io_sync = self.flash_attn_bwd_dq_bf16_io_sync_expf;
+        self.flash_attn_fwd_bf16_io_sync_hs64 = self.flash_attn_fwd_bf16_io_sync_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_sync_hs64 =
+            self.flash_attn_bwd_dkdv_bf16_io_sync_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_io_sync_hs64 = self.flash_attn_bwd_dq_bf16_io_sync_hs64_expf;
+    }
+
     /// Points the bf16-storage attention entry points at their forms that load tiles
     /// synchronously instead of by cp.async (the `flash_async` switch off): the same
     /// results. Before [`Kernels::use_generic_attention`], which then keeps them.

@@ -14,6 +14,11 @@
 //!   load their tiles by cp.async, a tile ahead of the products that read it, so loads
 //!   overlap tensor-core work (otherwise synchronous loads, global memory to registers to
 //!   shared memory; the same bits either way)
+//! - `flash_exp2`: the bf16 attention kernels' softmax exponentials in base 2 on the
+//!   special-function unit (`ex2.approx`, FlashAttention-2's: a probability is one fused
+//!   multiply-add and one instruction), for every form above (otherwise the accurate
+//!   `expf` in natural units, eight instructions more per probability: results within the
+//!   last bits of fp32 of each other, not the same bits)
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm, and the LayerNorm
@@ -113,6 +118,7 @@ switches!(
     flash_bf16,
     flash_hs64,
     flash_async,
+    flash_exp2,
     epilogues,
     fused_ln,
     fused_residual,
@@ -189,6 +195,7 @@ mod tests {
                 "flash_bf16",
                 "flash_hs64",
                 "flash_async",
+                "flash_exp2",
                 "epilogues",
                 "fused_ln",
                 "fused_residual",
@@ -218,6 +225,9 @@ mod tests {
         let s = Switches::parse("flash_async").unwrap();
         assert!(s.flash_hs64 && !s.flash_async && s.bf16_attn);
         assert_eq!(s.disabled(), ["flash_async"]);
+        let s = Switches::parse("flash_exp2").unwrap();
+        assert!(s.flash_async && !s.flash_exp2 && s.epilogues);
+        assert_eq!(s.disabled(), ["flash_exp2"]);
         let s = Switches::parse("graphs").unwrap();
         assert!(s.bf16_attn && !s.graphs);
         assert_eq!(s.disabled(), ["graphs"]);
