@@ -34,12 +34,18 @@ impl CudaEngine {
 
     /// Clip for the global pre-clip `norm`, then AdamW over `opt_shard` (the moments hold
     /// exactly that range; parameter, gradient and bf16-copy pointers are offset to it).
+    ///
+    /// Enqueued, not waited for: the host goes on to the next micro-batch (its staging, row
+    /// table and launches) while the GPU runs the update, and the next micro-step's kernels
+    /// queue up behind it on the same stream, as do collectives given the engine's stream.
+    /// Whatever reads a result on the host waits for the stream first (the loss, and
+    /// `params`, `grads`, the moments through `download`).
     pub(super) fn step_shard_inner(&mut self, hp: &AdamWConfig, lr: f32, norm: f32) -> CResult<()> {
         self.sync_grads()?;
         let shard = self.opt_shard.clone();
         self.step += 1;
         if shard.is_empty() {
-            return self.stream.synchronize();
+            return Ok(());
         }
         let clip = crate::optim::adamw::clip_coef(norm, hp.grad_clip).unwrap_or(1.0);
         let bc1 = 1.0 - (hp.beta1 as f64).powi(self.step as i32);
@@ -69,8 +75,7 @@ impl CudaEngine {
                 Arg::F32(bc2_sqrt),
                 Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(shard.start))),
             ],
-        )?;
-        self.stream.synchronize()
+        )
     }
 
     /// The device table of `shard`'s weight-decay runs for `adamw_update` (address, count),
