@@ -577,7 +577,7 @@ mod tests {
             .iter()
             .filter(|p| p.file == "flash_attention.cu")
             .collect();
-        assert_eq!(flash.len(), 7);
+        assert_eq!(flash.len(), 13);
         assert!(flash
             .iter()
             .enumerate()
