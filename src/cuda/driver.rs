@@ -545,10 +545,11 @@ impl Drop for PinnedBuffer<'_> {
 /// event recorded after each copy through the buffer keeps the host from rewriting it
 /// before an upload has read it, or reading it before a download has landed.
 ///
-/// Inside a graph capture ([`Staging::set_capturing`]) the copies are recorded without the
-/// event (an event recorded during a capture marks nothing at replay); after each launch of
-/// the graph [`Staging::launched`] records it, and [`Staging::fill`] hands the next data
-/// over to the recorded upload.
+/// Inside a graph capture ([`Staging::set_capturing`]) each copy is recorded with the event
+/// as a node of the graph right after it (a plain event record during a capture marks
+/// nothing at replay), so every launch records the event as soon as its copy is done; after
+/// each launch [`Staging::launched`] says so, and [`Staging::fill`] hands the next data over
+/// to the recorded upload.
 pub struct Staging<'a> {
     buf: PinnedBuffer<'a>,
     done: Event<'a>,
@@ -556,6 +557,9 @@ pub struct Staging<'a> {
     pending: std::cell::Cell<bool>,
     /// Copies are being recorded into a graph, not enqueued.
     capturing: std::cell::Cell<bool>,
+    /// A copy was recorded into a graph with `done` recorded after it inside the graph:
+    /// each launch records `done` itself, right after the copy.
+    done_in_graph: std::cell::Cell<bool>,
 }
 
 impl<'a> Staging<'a> {
@@ -566,21 +570,28 @@ impl<'a> Staging<'a> {
             done: Event::untimed(ctx.drv)?,
             pending: std::cell::Cell::new(false),
             capturing: std::cell::Cell::new(false),
+            done_in_graph: std::cell::Cell::new(false),
         })
     }
 
     /// Waits for the last copy through the buffer, then (`on`) records copies into a graph
-    /// capture without the completion event, or (`!on`) enqueues them as usual again.
+    /// capture, each with the completion event as a node of the graph right after it
+    /// ([`Event::record_in_capture`]), or (`!on`) enqueues them as usual again.
     pub fn set_capturing(&self, on: bool) -> Result<(), CudaError> {
         self.settle()?;
         self.capturing.set(on);
         Ok(())
     }
 
-    /// After a graph holding a copy through this buffer was launched on `stream`: records
-    /// the completion event behind it, as [`Staging::upload`] and [`Staging::download`] do.
+    /// After a graph was launched on `stream`: when a copy through this buffer was recorded
+    /// into a graph with the completion event after it, the launch records the event there,
+    /// so the host waits only for the graph's work up to that copy (the loss, not the
+    /// backward pass after it; an upload, not the rest of the step). Otherwise the event is
+    /// recorded behind the whole launch.
     pub fn launched(&self, stream: &Stream) -> Result<(), CudaError> {
-        self.done.record(stream)?;
+        if !self.done_in_graph.get() {
+            self.done.record(stream)?;
+        }
         self.pending.set(true);
         Ok(())
     }
@@ -598,9 +609,13 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
-    /// Records `done` after a copy just enqueued, unless the copy went into a capture.
+    /// Records `done` after a copy just enqueued, or, for a copy that went into a capture,
+    /// into the graph after it.
     fn enqueued(&self, stream: &Stream) -> Result<(), CudaError> {
-        if !self.capturing.get() {
+        if self.capturing.get() {
+            self.done.record_in_capture(stream)?;
+            self.done_in_graph.set(true);
+        } else {
             self.done.record(stream)?;
             self.pending.set(true);
         }

@@ -13,9 +13,9 @@
 //! ([`super::driver::Context::memory_epoch`] tells when buffers have come and gone).
 
 use super::dl::api;
-use super::driver::{CuResult, CuStream, Driver, Stream};
+use super::driver::{CuEvent, CuResult, CuStream, Driver, Event, Stream};
 use super::CudaError;
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_uint, c_void};
 
 pub type CuGraph = *mut c_void;
 pub type CuGraphExec = *mut c_void;
@@ -26,8 +26,14 @@ pub type CuGraphExec = *mut c_void;
 /// fail and invalidate the capture instead of silently running outside the graph.
 pub const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: c_int = 1;
 
+/// cuda.h `CU_EVENT_RECORD_EXTERNAL` (CUevent_record_flags): an event recorded on a
+/// capturing stream with this flag becomes a node of the graph, and every launch of the
+/// graph records the event when the work before the node has run.
+pub const CU_EVENT_RECORD_EXTERNAL: c_uint = 1;
+
 api! {
-    /// The graph entry points of `libcuda.so.1` (CUDA 11.4 and later).
+    /// The graph entry points of `libcuda.so.1` (CUDA 11.4 and later), and the event record
+    /// that a capture turns into a node of its graph.
     pub struct GraphApi {
         fn cuStreamBeginCapture_v2(s: CuStream, mode: c_int) -> CuResult;
         fn cuStreamEndCapture(s: CuStream, graph: *mut CuGraph) -> CuResult;
@@ -35,6 +41,7 @@ api! {
         fn cuGraphLaunch(exec: CuGraphExec, s: CuStream) -> CuResult;
         fn cuGraphExecDestroy(exec: CuGraphExec) -> CuResult;
         fn cuGraphDestroy(graph: CuGraph) -> CuResult;
+        fn cuEventRecordWithFlags(e: CuEvent, s: CuStream, flags: c_uint) -> CuResult;
     }
 }
 
@@ -99,6 +106,21 @@ impl<'a> Stream<'a> {
             unsafe { (api.cuGraphDestroy)(graph) };
         }
         instantiated
+    }
+}
+
+impl Event<'_> {
+    /// Records this event into the capture going on on `stream`, as a node of the graph
+    /// ([`CU_EVENT_RECORD_EXTERNAL`]): each launch of the graph then records the event when
+    /// the work captured before it has run, so the host can wait for part of a launch.
+    pub fn record_in_capture(&self, stream: &Stream) -> Result<(), CudaError> {
+        let drv = stream.driver();
+        let api = drv.graph_api()?;
+        // SAFETY: a live event and a capturing stream of the same context.
+        drv.check(
+            unsafe { (api.cuEventRecordWithFlags)(self.e, stream.s, CU_EVENT_RECORD_EXTERNAL) },
+            "cuEventRecordWithFlags",
+        )
     }
 }
 

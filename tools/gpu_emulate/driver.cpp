@@ -37,9 +37,14 @@
 //     capture refuses), and the work of the cuBLAS and cuBLASLt stand-ins given this stream
 //     (through gpu_emulate_defer, below). Their arguments are checked when recorded, with the
 //     errors of the direct call; a call refused then invalidates the capture.
-//   - cuEventRecord, cuStreamWaitEvent and cuGraphLaunch on a capturing stream are refused
-//     (900) and invalidate the capture: cross-stream dependencies and nested graphs are not
-//     emulated.
+//   - cuEventRecordWithFlags with CU_EVENT_RECORD_EXTERNAL (1) on a capturing stream is
+//     recorded as an event record node: each launch records the event when it reaches the
+//     node (the event must still exist then: a destroyed one fails the launch with 400). A
+//     launch runs to completion before it returns, so a host wait on such an event cannot
+//     show here whether it waits for this launch's record or an earlier one.
+//   - cuEventRecord (and cuEventRecordWithFlags without the flag), cuStreamWaitEvent and
+//     cuGraphLaunch on a capturing stream are refused (900) and invalidate the capture:
+//     cross-stream dependencies and nested graphs are not emulated.
 //   - Capture modes: while the calling thread has a capture in progress begun in global (0)
 //     or thread-local (1) mode, or any thread one begun in global mode, the calling thread's
 //     cuMemAlloc, cuMemFree, cuMemAllocHost, cuMemFreeHost, synchronous copies, cuMemsetD8,
@@ -223,10 +228,11 @@ struct State {
     std::vector<EmuKernel> kernels;
     int contexts[64] = {};  // one primary context per device: its address is the handle
     // Live streams, graphs and executable graphs, so that a destroyed or foreign handle is
-    // refused rather than dereferenced.
+    // refused rather than dereferenced; live events, for the event record nodes of graphs.
     std::set<Stream*> streams;
     std::set<Graph*> graphs;
     std::set<GraphExec*> execs;
+    std::set<Event*> events;
 };
 
 // The device whose context the calling thread has made current (cuCtxSetCurrent).
@@ -1019,23 +1025,42 @@ CUresult cuEventCreate(CUevent* e, unsigned flags) {
     LOCKED;
     NEED_INIT;
     if (!e || flags > 0xf) return INVALID_VALUE;
-    *e = new Event{};
+    auto* ev = new Event{};
+    state().events.insert(ev);
+    *e = ev;
     return SUCCESS;
 }
 
-CUresult cuEventRecord(CUevent e, CUstream s) {
+// cuda.h CU_EVENT_RECORD_EXTERNAL.
+constexpr unsigned EVENT_RECORD_EXTERNAL = 1;
+
+CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned flags) {
     LOCKED;
     NEED_INIT;
     Capture* cap;
-    if (CUresult r = enqueue_on(s, "cuEventRecord", &cap)) return r;
-    if (cap)
+    if (CUresult r = enqueue_on(s, "cuEventRecordWithFlags", &cap)) return r;
+    if (flags > EVENT_RECORD_EXTERNAL) return failed(cap, INVALID_VALUE);
+    if (cap && flags != EVENT_RECORD_EXTERNAL)
         return refuse(cap, STREAM_CAPTURE_UNSUPPORTED, "cuEventRecord",
-                      "event records on a capturing stream are not emulated");
-    if (!e) return INVALID_HANDLE;
+                      "event records on a capturing stream without CU_EVENT_RECORD_EXTERNAL "
+                      "(cross-stream dependencies) are not emulated");
+    if (!e) return failed(cap, INVALID_HANDLE);
     auto* ev = static_cast<Event*>(e);
-    ev->at = std::chrono::steady_clock::now();
-    ev->recorded = true;
-    return SUCCESS;
+    auto mark = [ev]() -> CUresult {
+        if (!state().events.count(ev)) {
+            std::fprintf(stderr, "emulated GPU: a graph's event record node names an event "
+                                 "that was destroyed\n");
+            return INVALID_HANDLE;
+        }
+        ev->at = std::chrono::steady_clock::now();
+        ev->recorded = true;
+        return SUCCESS;
+    };
+    return run_or_record(cap, "cuEventRecordWithFlags", mark);
+}
+
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    return cuEventRecordWithFlags(e, s, 0);
 }
 
 CUresult cuEventSynchronize(CUevent e) {
@@ -1051,8 +1076,7 @@ CUresult cuEventDestroy_v2(CUevent e) {
     LOCKED;
     NEED_INIT;
     if (!e) return INVALID_HANDLE;
-    delete static_cast<Event*>(e);
-    return SUCCESS;
+    return destroy_live(state().events, e);
 }
 
 CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {

@@ -2,7 +2,9 @@
 // the cuBLASLt and cuBLAS stand-ins: a captured sequence (an upload from pinned memory, a
 // device copy, a memset, a kernel, a cublasLtMatmul, a cublasSgemm and two downloads) runs nothing
 // while captured and computes the right products at each of two launches with new inputs;
-// and the error paths: unsafe calls and event records invalidate a capture, 901 afterwards,
+// and an event record node (CU_EVENT_RECORD_EXTERNAL) recorded by each launch after the copy
+// before it; and the error paths: unsafe calls and plain event records invalidate a capture,
+// 901 afterwards,
 // capture modes across threads, the legacy stream, wrong-thread ends, unknown handles, and
 // a launch whose recorded memory was freed (700). The cuBLAS libraries are loaded before
 // the driver, all privately (RTLD_LOCAL), so they must find it on their own.
@@ -48,6 +50,8 @@ int main(int argc, char** argv) {
     FN(cu, cuMemcpyDtoDAsync_v2, Dptr, Dptr, size_t, void*); FN(cu, cuMemsetD8Async, Dptr, unsigned char, size_t, void*); FN(cu, cuStreamCreate, void**, unsigned);
     FN(cu, cuStreamSynchronize, void*); FN(cu, cuStreamDestroy_v2, void*); FN(cu, cuEventCreate, void**, unsigned);
     FN(cu, cuEventRecord, void*, void*); FN(cu, cuModuleLoadData, void**, const void*);
+    FN(cu, cuEventRecordWithFlags, void*, void*, unsigned); FN(cu, cuEventDestroy_v2, void*);
+    FN(cu, cuEventSynchronize, void*);
     FN(cu, cuModuleGetFunction, void**, void*, const char*);
     FN(cu, cuLaunchKernel, void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**, void**);
     FN(cu, cuStreamBeginCapture_v2, void*, int); FN(cu, cuStreamEndCapture, void*, void**);
@@ -202,6 +206,37 @@ int main(int argc, char** argv) {
     EQ(cuStreamDestroy_v2(s), 900);
     EQ(cuGraphLaunch(exec, s), 900);
     EQ(cuStreamEndCapture(s, &graph), 901);
+
+    // An event recorded with CU_EVENT_RECORD_EXTERNAL during a capture is a node of the graph,
+    // recorded by each launch (a copy lands, the host waits for the event and reads it);
+    // without the flag it is refused; a launch whose event was destroyed fails with 400.
+    {
+        void* node_ev = nullptr;
+        EQ(cuEventCreate(&node_ev, 2), 0);
+        float* landing = nullptr;
+        EQ(cuMemAllocHost_v2((void**)&landing, fb), 0);
+        EQ(cuStreamBeginCapture_v2(s, 1), 0);
+        EQ(cuMemcpyDtoHAsync_v2(landing, dX, fb, s), 0);
+        EQ(cuEventRecordWithFlags(node_ev, s, 1), 0);
+        EQ(cuStreamEndCapture(s, &graph), 0);
+        void* exec3 = nullptr;
+        EQ(cuGraphInstantiateWithFlags(&exec3, graph, 0), 0);
+        EQ(cuGraphDestroy(graph), 0);
+        std::memset(landing, 0, fb);
+        EQ(cuGraphLaunch(exec3, s), 0);
+        EQ(cuEventSynchronize(node_ev), 0);
+        std::vector<float> want(fb / sizeof(float));
+        EQ(cuMemcpyDtoH_v2(want.data(), dX, fb), 0);
+        CHECK(std::memcmp(landing, want.data(), fb) == 0, "the copy before the event node landed");
+        EQ(cuStreamBeginCapture_v2(s, 1), 0);
+        EQ(cuEventRecordWithFlags(node_ev, s, 0), 900);
+        EQ(cuStreamEndCapture(s, &graph), 901);
+        EQ(cuEventRecordWithFlags(node_ev, s, 2), 1);
+        EQ(cuEventDestroy_v2(node_ev), 0);
+        EQ(cuGraphLaunch(exec3, s), 400);
+        EQ(cuEventDestroy_v2(node_ev), 400);
+        EQ(cuGraphExecDestroy(exec3), 0);
+    }
 
     // Memory freed after the capture: the launch fails with 700 and names the operation.
     EQ(cuMemAlloc_v2(&tmp, fb), 0);

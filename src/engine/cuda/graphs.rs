@@ -21,6 +21,12 @@
 //!   reach the GPU through the pinned staging buffers, whose recorded copies read them at
 //!   each replay: the host fills them before each launch.
 //!
+//! Each staging copy is captured with its completion event as a node right after it
+//! ([`crate::cuda::driver::Staging`]), so a replay tells the host when the loss has
+//! arrived, and when the inputs' copies are done, without waiting for the rest of the
+//! graph: as launch by launch, the host returns the loss while the backward pass runs, and
+//! prepares and launches the next micro-step behind it.
+//!
 //! A capture that fails (a driver without graphs, or a call the capture refuses) is said
 //! once on stderr per kind of pass (training, evaluation) and the key is never captured
 //! again: the micro-step runs launch by
