@@ -626,7 +626,7 @@ __device__ __forceinline__ float fa_exp2(float x) {
 
 // The exponentials' base, a template parameter of the bf16 kernels (EXP2): FaExp<true> is
 // the above; FaExp<false> (the _expf kernels, for the flash_exp2 switch) is the accurate
-// expf in natural units, as these kernels first computed it. A kernel scales scores by
+// expf in natural units. A kernel scales scores by
 // `scale * unit` into the base's units, takes `exp` of them, and turns the forward's max
 // back into natural units for lse with `to_natural`: with FaExp<false> both factors are 1
 // and every product with them is exact, so the kernels compute expf(fmaf(s, scale, -m))
