@@ -100,6 +100,7 @@ CONSTANTS = {
     "CU_EVENT_DISABLE_TIMING": ("driver", "CU_EVENT_DISABLE_TIMING"),
     # src/cuda/graph.rs
     "CU_STREAM_CAPTURE_MODE_THREAD_LOCAL": ("driver", "CU_STREAM_CAPTURE_MODE_THREAD_LOCAL"),
+    "CU_EVENT_RECORD_EXTERNAL": ("driver", "CU_EVENT_RECORD_EXTERNAL"),
     # src/cuda/cublas.rs
     "cublas.rs:CUBLAS_OP_N": ("cublas", "CUBLAS_OP_N"),
     "cublas.rs:CUBLAS_OP_T": ("cublas", "CUBLAS_OP_T"),
