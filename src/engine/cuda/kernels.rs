@@ -397,8 +397,9 @@ kernel_table!(
 impl Kernels {
     /// Points every bf16 attention entry point at its form with the accurate `expf` in
     /// natural units instead of base-2 exponentials on the special-function unit (the
-    /// `flash_exp2` switch off): results within the last bits of fp32 of each other, not
-    /// the same bits. Before the other two, which then choose among these.
+    /// `flash_exp2` switch off): probabilities within a few units in the last place of fp32
+    /// of the base-2 ones, not the same bits. Before the other two, which then choose among
+    /// these.
     pub fn use_accurate_exponentials(&mut self) {
         self.flash_attn_fwd_bf16 = self.flash_attn_fwd_bf16_expf;
         self.flash_attn_bwd_dkdv_bf16 = self.flash_attn_bwd_dkdv_bf16_expf;

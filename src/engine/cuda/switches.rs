@@ -17,8 +17,9 @@
 //! - `flash_exp2`: the bf16 attention kernels' softmax exponentials in base 2 on the
 //!   special-function unit (`ex2.approx`, FlashAttention-2's: a probability is one fused
 //!   multiply-add and one instruction), for every form above (otherwise the accurate
-//!   `expf` in natural units, eight instructions more per probability: results within the
-//!   last bits of fp32 of each other, not the same bits)
+//!   `expf` in natural units, eight instructions more per probability: the probabilities
+//!   within a few units in the last place of fp32 of each other, not the same bits; where
+//!   that flips a bf16 rounding the difference spreads like any bf16 rounding)
 //! - `epilogues`: bias and GELU fused into the cuBLASLt matrix products (otherwise separate
 //!   kernels)
 //! - `fused_ln`: residual add fused with the following LayerNorm, and the LayerNorm
