@@ -822,7 +822,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
     // base 2) and sum of rows g and g+8 of this warp's slice.
     using E = FaExp<EXP2>;
     float m[2] = {fa_neg_inf(), fa_neg_inf()}, l[2] = {0.0f, 0.0f};
-    const float scale_log2 = scale * E::unit;
+    const float scale_units = scale * E::unit;  // scores into the base's units
     int qrow[2];
     qrow[0] = min(q0 + wr + g, T - 1);  // rows past T take row T-1's mask (never written)
     qrow[1] = min(q0 + wr + g + 8, T - 1);
@@ -874,7 +874,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
                 // Finite: key 0 is in the first tile. scale > 0, so the largest scaled
                 // score is the largest score scaled.
-                float m_new = fmaxf(m[r], mx[r] * scale_log2);
+                float m_new = fmaxf(m[r], mx[r] * scale_units);
                 alpha[r] = E::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
                 m[r] = m_new;
             }
@@ -882,7 +882,7 @@ __device__ __forceinline__ void fa_fwd_bf16(const S* __restrict__ qkv, S* __rest
             for (int nt = 0; nt < FB_KEYS / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float p = E::exp(fmaf(s[nt][e], scale_log2, -m[e >> 1]));  // 0 if masked
+                    float p = E::exp(fmaf(s[nt][e], scale_units, -m[e >> 1]));  // 0 if masked
                     s[nt][e] = p;
                     sum[e >> 1] += p;
                 }
@@ -1105,6 +1105,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                                                  int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     constexpr int HM = HS ? HS : FA_MAX_HS;
+    using E = FaExp<EXP2>;  // the exponentials' base
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DKDV_SHORTS(HM) + 8 * FBB_QCOLS];
     const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1170,7 +1171,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_bf16(const S* __restrict__ qkv,
                 int c = nt * 8 + 2 * q + (e & 1), qi = q0 + c;
                 float p = 0.0f, ds = 0.0f;
                 if (unmasked || (qi < T && krow[e >> 1] <= qi)) {
-                    p = FaExp<EXP2>::exp(fmaf(st[nt][e], scale, -Ls[c]) * FaExp<EXP2>::unit);
+                    p = E::exp(fmaf(st[nt][e], scale, -Ls[c]) * E::unit);
                     ds = p * (dpt[nt][e] - Ds[c]);
                 }
                 st[nt][e] = p;
@@ -1202,6 +1203,7 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                                                int C, int NH, float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     constexpr int HM = HS ? HS : FA_MAX_HS;
+    using E = FaExp<EXP2>;  // the exponentials' base
     FA_STATIC_SHARED __align__(16) unsigned short sm[FBB_DQ_SHORTS(HM)];
     const int hs = HS ? HS : C / NH, ld = hs + FB_KPAD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1281,7 +1283,7 @@ __device__ __forceinline__ void fa_bwd_dq_bf16(const S* __restrict__ qkv,
                 int r = e >> 1, kj = k0 + nt * 8 + 2 * q + (e & 1);
                 float ds = 0.0f;
                 if (unmasked || (qrow[r] < T && kj <= qrow[r])) {
-                    float p = FaExp<EXP2>::exp(fmaf(s[nt][e], scale, -lr[r]) * FaExp<EXP2>::unit);
+                    float p = E::exp(fmaf(s[nt][e], scale, -lr[r]) * E::unit);
                     ds = p * (dp[nt][e] - dr[r]);
                 }
                 dp[nt][e] = ds;

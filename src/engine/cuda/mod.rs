@@ -67,7 +67,8 @@
 //! (`D = A B + bias + C`, C the residual stream, D the new one: `fused_residual`), so the
 //! LayerNorm after each only normalises; otherwise, and wherever a product cannot add it
 //! (cuBLASLt declines, or `epilogues` is off), every residual add runs fused with the
-//! LayerNorm that follows it (`fused_ln`). The LayerNorm backward is one pass over its inputs (`fused_ln`).
+//! LayerNorm that follows it (`fused_ln`). The LayerNorm backward is one pass over its
+//! inputs (`fused_ln`).
 //!
 //! `zero_grad` leaves the gradient buffer as it is and the next micro-step writes every
 //! gradient rather than adding it to zeros (`GradWrite::Overwrite`, `fresh_grads`: the
