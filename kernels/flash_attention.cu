@@ -77,8 +77,11 @@
 // Compiled as KERNEL_PARTS programs (see kernels/common.cuh): part 0 emits the fp32
 // kernels and the D dot products, parts 1-12 the bf16 kernels, three entry points each
 // (their templates take most of NVRTC's time), so a first start compiles them on separate
-// threads instead of one after another.
+// threads instead of one after another. Parts 7-12, the forms with the accurate expf, are
+// compiled only for an engine that runs them (the flash_exp2 switch off), so a default first
+// start does not wait for them.
 #define KERNEL_PARTS 13
+#define KERNEL_PARTS_ON_DEMAND 7
 
 #define FA_THREADS 256
 #define FA_MAX_HS 128

@@ -900,6 +900,7 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
     };
     let programs = kernels::Program::all();
     let mut ptx_all = String::new();
+    let mut on_demand_ptx = String::new();
     for program in &programs {
         let name = program.name();
         // Turing (sm_75: T4s, fp32 only), Ampere and Hopper: the bf16 kernels' sm_80
@@ -919,6 +920,9 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
         let ptx = String::from_utf8_lossy(&ptx.image).into_owned();
         // A part that emits nothing is a part whose group was lost (or a count too high).
         assert!(ptx.contains(".entry "), "{name} emits no kernel");
+        if program.on_demand {
+            on_demand_ptx.push_str(&ptx);
+        }
         ptx_all.push_str(&ptx);
     }
     // The attention kernels are compiled in parts (KERNEL_PARTS in the file).
@@ -941,6 +945,18 @@ fn every_engine_kernel_is_an_entry_point_of_its_sources() {
         );
     }
     assert_eq!(kernels::KERNEL_NAMES.len(), 69);
+    // The on-demand programs emit exactly the on-demand entry points (the `_expf` forms),
+    // so that an engine loading without them finds every other kernel.
+    for k in kernels::KERNEL_NAMES {
+        let on_demand = kernels::ON_DEMAND_KERNEL_NAMES.contains(k);
+        assert_eq!(
+            on_demand_ptx.contains(&format!(".entry {k}(")),
+            on_demand,
+            "kernel {k}: emitted by an on-demand program must match being on demand"
+        );
+        assert_eq!(k.ends_with("_expf"), on_demand, "kernel {k}");
+    }
+    assert_eq!(kernels::ON_DEMAND_KERNEL_NAMES.len(), 18);
     // A kernel compiled with a launch bound (`.maxntid`) must be launched with at most that
     // many threads: a larger block fails to launch on a GPU (the emulated driver does not
     // model bounds, so this is where a mismatch shows up without one).

@@ -27,7 +27,7 @@ use nanogpt::cuda::cublas::{Operand, Sgemm};
 use nanogpt::cuda::driver::{Context, CuFunction, DeviceBuffer, Stream};
 use nanogpt::cuda::nvrtc::Target;
 use nanogpt::engine::cuda::flash::{self, AttnShape, FlashIo, FlashMath};
-use nanogpt::engine::cuda::kernels::{self, grid_rows, Arg, Kernels};
+use nanogpt::engine::cuda::kernels::{self, grid_rows, Arg, Kernels, OnDemand};
 use nanogpt::engine::cuda::profile;
 use nanogpt::engine::cuda::stack;
 use nanogpt::rng::Rng;
@@ -61,7 +61,7 @@ fn gpu(test: &str) -> Option<Gpu> {
     let stream = ctx.stream().expect("stream");
     let (ma, mi) = info.compute_capability;
     let target = kernels::target_for(s, ma * 10 + mi).expect("NVRTC target");
-    let k = Kernels::load(s, &ctx, target).expect("kernels compile and load");
+    let k = Kernels::load(s, &ctx, target, OnDemand::ALL).expect("kernels compile and load");
     Some(Gpu {
         k,
         target,
@@ -74,7 +74,7 @@ impl Gpu {
     /// Another copy of the kernels (from the compile cache), to repoint entry points in.
     fn kernels(&self) -> Kernels {
         let s = stack::stack().expect("loaded above");
-        Kernels::load(s, &self.ctx, self.target).expect("kernels load")
+        Kernels::load(s, &self.ctx, self.target, OnDemand::ALL).expect("kernels load")
     }
     fn upload(&self, data: &[f32]) -> DeviceBuffer<'static> {
         self.ctx.upload(data).expect("upload")
@@ -196,7 +196,9 @@ fn flash_attention_matches_float64_attention() {
     let mut rng = Rng::new(11);
     // The bf16 kernels' forms with the accurate expf (the `flash_exp2` switch off).
     let mut accurate = g.kernels();
-    accurate.use_accurate_exponentials();
+    accurate
+        .use_accurate_exponentials()
+        .expect("loaded with OnDemand::ALL");
     // How far apart the two bases' outputs are (worst over the shapes) and how many
     // values differ at all (the switch must select other kernels).
     let (mut base_gap, mut base_differ) = (0f64, 0usize);
@@ -878,7 +880,8 @@ fn flash_attention_timing() {
     ] {
         let mut k = g.kernels();
         if accurate {
-            k.use_accurate_exponentials();
+            k.use_accurate_exponentials()
+                .expect("loaded with OnDemand::ALL");
         }
         if synchronous {
             k.use_synchronous_attention_loads();

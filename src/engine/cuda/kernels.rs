@@ -66,6 +66,28 @@ pub struct Program {
     pub source: &'static str,
     /// Which part of a file compiled in parts; `None`: the whole file.
     pub part: Option<u32>,
+    /// Compiled only when an engine asks for it (a part from the file's
+    /// `KERNEL_PARTS_ON_DEMAND` on: the attention kernels' `_expf` forms).
+    pub on_demand: bool,
+}
+
+/// The programs compiled only on demand that an engine wants besides the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OnDemand {
+    /// The bf16 attention kernels' forms with the accurate `expf` (the `flash_exp2` switch
+    /// off; see [`Kernels::use_accurate_exponentials`]).
+    pub accurate_exponentials: bool,
+}
+
+impl OnDemand {
+    /// None of them: what a default engine compiles.
+    pub const NONE: OnDemand = OnDemand {
+        accurate_exponentials: false,
+    };
+    /// All of them.
+    pub const ALL: OnDemand = OnDemand {
+        accurate_exponentials: true,
+    };
 }
 
 impl Program {
@@ -75,17 +97,29 @@ impl Program {
             .iter()
             .flat_map(|&(file, source)| {
                 let parts = parts_of(source);
+                let on_demand_from = define_of(source, "KERNEL_PARTS_ON_DEMAND");
                 let whole = Program {
                     file,
                     source,
                     part: None,
+                    on_demand: false,
                 };
                 let split = (0..parts.unwrap_or(0)).map(move |k| Program {
                     part: Some(k),
+                    on_demand: on_demand_from.is_some_and(|from| k >= from),
                     ..whole
                 });
                 parts.is_none().then_some(whole).into_iter().chain(split)
             })
+            .collect()
+    }
+
+    /// The programs an engine wanting `wanted` compiles: all but the on-demand ones it does
+    /// not want (the only on-demand programs are the `_expf` attention forms).
+    pub fn wanted(wanted: OnDemand) -> Vec<Program> {
+        Program::all()
+            .into_iter()
+            .filter(|p| !p.on_demand || wanted.accurate_exponentials)
             .collect()
     }
 
@@ -125,10 +159,19 @@ impl Program {
 
 /// The part count a source declares (`#define KERNEL_PARTS <n>`, n >= 1), if any.
 pub fn parts_of(source: &str) -> Option<u32> {
+    define_of(source, "KERNEL_PARTS").filter(|&n| n >= 1)
+}
+
+/// The number a source `#define`s `name` as (`#define <name> <n>`, a comment after it
+/// allowed), if any.
+fn define_of(source: &str, name: &str) -> Option<u32> {
     source.lines().find_map(|line| {
-        let n = line.trim().strip_prefix("#define KERNEL_PARTS")?;
-        let n = n.split("//").next()?.trim().parse::<u32>().ok()?;
-        (n >= 1).then_some(n)
+        let rest = line.trim().strip_prefix("#define ")?.trim_start();
+        let value = rest.strip_prefix(name)?;
+        if !value.starts_with(char::is_whitespace) {
+            return None;
+        }
+        value.split("//").next()?.trim().parse::<u32>().ok()
     })
 }
 
@@ -263,25 +306,43 @@ fn cached_or_compiled(
     Ok(compiled(bytes))
 }
 
-/// Declares the kernel table: every entry point, looked up by name after loading.
+/// Declares the kernel table: every entry point, looked up by name after loading; those
+/// after `accurate_exponentials:` only when their programs were wanted ([`OnDemand`]).
 macro_rules! kernel_table {
-    ($($f:ident),* $(,)?) => {
-        /// The names of every entry point the engine launches.
-        pub const KERNEL_NAMES: &[&str] = &[$(stringify!($f)),*];
+    ($($f:ident),* $(,)?; accurate_exponentials: $($o:ident),* $(,)?) => {
+        /// The names of every entry point the engine launches (the on-demand ones last).
+        pub const KERNEL_NAMES: &[&str] = &[$(stringify!($f),)* $(stringify!($o)),*];
+
+        /// The names of the entry points compiled only on demand.
+        pub const ON_DEMAND_KERNEL_NAMES: &[&str] = &[$(stringify!($o)),*];
 
         /// Every entry point of the engine's kernels, resolved in the loaded modules.
         pub struct Kernels {
             $(pub $f: CuFunction,)*
+            /// Loaded only when wanted ([`OnDemand::accurate_exponentials`]).
+            pub accurate_exponentials: Option<AccurateExponentialKernels>,
             _modules: Vec<Module<'static>>,
         }
+
+        /// The bf16 attention kernels' forms with the accurate `expf`.
+        #[derive(Clone, Copy)]
+        pub struct AccurateExponentialKernels {
+            $(pub $o: CuFunction,)*
+        }
         impl Kernels {
-            /// Compiles (or reads from the cache) every [`Program`] for `target`, one thread
-            /// per program (NVRTC compiles separate programs concurrently: a first start
-            /// takes about as long as the largest program), and loads them.
-            pub fn load(stack: &Stack, ctx: &Context<'static>, target: Target) -> Result<Kernels, CudaError> {
+            /// Compiles (or reads from the cache) every [`Program`] for `target` but the
+            /// on-demand ones not `wanted`, one thread per program (NVRTC compiles separate
+            /// programs concurrently: a first start takes about as long as the largest
+            /// program), and loads them.
+            pub fn load(
+                stack: &Stack,
+                ctx: &Context<'static>,
+                target: Target,
+                wanted: OnDemand,
+            ) -> Result<Kernels, CudaError> {
                 let started = std::time::Instant::now();
                 let images: Vec<Result<Image, CudaError>> = std::thread::scope(|scope| {
-                    let compiles: Vec<_> = Program::all()
+                    let compiles: Vec<_> = Program::wanted(wanted)
                         .into_iter()
                         .map(|p| scope.spawn(move || compiled_image(stack, &p, target)))
                         .collect();
@@ -316,7 +377,12 @@ macro_rules! kernel_table {
                     Err(CudaError::Invalid(format!("kernel {f} is in none of kernels/*.cu")))
                 };
                 $(let $f = find(stringify!($f))?;)*
-                Ok(Kernels { $($f,)* _modules: modules })
+                let accurate_exponentials = if wanted.accurate_exponentials {
+                    Some(AccurateExponentialKernels { $($o: find(stringify!($o))?,)* })
+                } else {
+                    None
+                };
+                Ok(Kernels { $($f,)* accurate_exponentials, _modules: modules })
             }
         }
     };
@@ -373,7 +439,8 @@ kernel_table!(
     flash_attn_bwd_dq_bf16_io_sync,
     flash_attn_fwd_bf16_io_sync_hs64,
     flash_attn_bwd_dkdv_bf16_io_sync_hs64,
-    flash_attn_bwd_dq_bf16_io_sync_hs64,
+    flash_attn_bwd_dq_bf16_io_sync_hs64;
+    accurate_exponentials:
     flash_attn_fwd_bf16_expf,
     flash_attn_bwd_dkdv_bf16_expf,
     flash_attn_bwd_dq_bf16_expf,
@@ -400,26 +467,33 @@ impl Kernels {
     /// `flash_exp2` switch off): probabilities within a few units in the last place of fp32
     /// of the base-2 ones, not the same bits. Before the other two, which then choose among
     /// these.
-    pub fn use_accurate_exponentials(&mut self) {
-        self.flash_attn_fwd_bf16 = self.flash_attn_fwd_bf16_expf;
-        self.flash_attn_bwd_dkdv_bf16 = self.flash_attn_bwd_dkdv_bf16_expf;
-        self.flash_attn_bwd_dq_bf16 = self.flash_attn_bwd_dq_bf16_expf;
-        self.flash_attn_fwd_bf16_io = self.flash_attn_fwd_bf16_io_expf;
-        self.flash_attn_bwd_dkdv_bf16_io = self.flash_attn_bwd_dkdv_bf16_io_expf;
-        self.flash_attn_bwd_dq_bf16_io = self.flash_attn_bwd_dq_bf16_io_expf;
-        self.flash_attn_fwd_bf16_hs64 = self.flash_attn_fwd_bf16_hs64_expf;
-        self.flash_attn_fwd_bf16_io_hs64 = self.flash_attn_fwd_bf16_io_hs64_expf;
-        self.flash_attn_bwd_dkdv_bf16_hs64 = self.flash_attn_bwd_dkdv_bf16_hs64_expf;
-        self.flash_attn_bwd_dq_bf16_hs64 = self.flash_attn_bwd_dq_bf16_hs64_expf;
-        self.flash_attn_bwd_dkdv_bf16_io_hs64 = self.flash_attn_bwd_dkdv_bf16_io_hs64_expf;
-        self.flash_attn_bwd_dq_bf16_io_hs64 = self.flash_attn_bwd_dq_bf16_io_hs64_expf;
-        self.flash_attn_fwd_bf16_io_sync = self.flash_attn_fwd_bf16_io_sync_expf;
-        self.flash_attn_bwd_dkdv_bf16_io_sync = self.flash_attn_bwd_dkdv_bf16_io_sync_expf;
-        self.flash_attn_bwd_dq_bf16_io_sync = self.flash_attn_bwd_dq_bf16_io_sync_expf;
-        self.flash_attn_fwd_bf16_io_sync_hs64 = self.flash_attn_fwd_bf16_io_sync_hs64_expf;
-        self.flash_attn_bwd_dkdv_bf16_io_sync_hs64 =
-            self.flash_attn_bwd_dkdv_bf16_io_sync_hs64_expf;
-        self.flash_attn_bwd_dq_bf16_io_sync_hs64 = self.flash_attn_bwd_dq_bf16_io_sync_hs64_expf;
+    pub fn use_accurate_exponentials(&mut self) -> Result<(), CudaError> {
+        let e = self.accurate_exponentials.ok_or_else(|| {
+            CudaError::Invalid(
+                "the accurate-expf attention kernels were not loaded (Kernels::load without \
+                 OnDemand::accurate_exponentials)"
+                    .to_string(),
+            )
+        })?;
+        self.flash_attn_fwd_bf16 = e.flash_attn_fwd_bf16_expf;
+        self.flash_attn_bwd_dkdv_bf16 = e.flash_attn_bwd_dkdv_bf16_expf;
+        self.flash_attn_bwd_dq_bf16 = e.flash_attn_bwd_dq_bf16_expf;
+        self.flash_attn_fwd_bf16_io = e.flash_attn_fwd_bf16_io_expf;
+        self.flash_attn_bwd_dkdv_bf16_io = e.flash_attn_bwd_dkdv_bf16_io_expf;
+        self.flash_attn_bwd_dq_bf16_io = e.flash_attn_bwd_dq_bf16_io_expf;
+        self.flash_attn_fwd_bf16_hs64 = e.flash_attn_fwd_bf16_hs64_expf;
+        self.flash_attn_fwd_bf16_io_hs64 = e.flash_attn_fwd_bf16_io_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_hs64 = e.flash_attn_bwd_dkdv_bf16_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_hs64 = e.flash_attn_bwd_dq_bf16_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_hs64 = e.flash_attn_bwd_dkdv_bf16_io_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_io_hs64 = e.flash_attn_bwd_dq_bf16_io_hs64_expf;
+        self.flash_attn_fwd_bf16_io_sync = e.flash_attn_fwd_bf16_io_sync_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_sync = e.flash_attn_bwd_dkdv_bf16_io_sync_expf;
+        self.flash_attn_bwd_dq_bf16_io_sync = e.flash_attn_bwd_dq_bf16_io_sync_expf;
+        self.flash_attn_fwd_bf16_io_sync_hs64 = e.flash_attn_fwd_bf16_io_sync_hs64_expf;
+        self.flash_attn_bwd_dkdv_bf16_io_sync_hs64 = e.flash_attn_bwd_dkdv_bf16_io_sync_hs64_expf;
+        self.flash_attn_bwd_dq_bf16_io_sync_hs64 = e.flash_attn_bwd_dq_bf16_io_sync_hs64_expf;
+        Ok(())
     }
 
     /// Points the bf16-storage attention entry points at their forms that load tiles
@@ -571,6 +645,18 @@ mod tests {
         assert_eq!(parts_of("#define KERNEL_PARTS 0\n"), None);
         assert_eq!(parts_of("#define KERNEL_PARTSX 2\n#define FA 4\n"), None);
         assert_eq!(parts_of("// KERNEL_IN_PART(n) ...\n"), None);
+        // Another define starting with the same name is not the count.
+        assert_eq!(
+            parts_of("#define KERNEL_PARTS_ON_DEMAND 7\n#define KERNEL_PARTS 13\n"),
+            Some(13)
+        );
+        assert_eq!(
+            define_of(
+                "#define  KERNEL_PARTS_ON_DEMAND 7 // x",
+                "KERNEL_PARTS_ON_DEMAND"
+            ),
+            Some(7)
+        );
         // The prelude only uses the count: it declares none (else every file would split).
         assert_eq!(parts_of(PRELUDE), None);
         let programs = Program::all();
@@ -584,6 +670,11 @@ mod tests {
             .enumerate()
             .all(|(k, p)| p.part == Some(k as u32)));
         assert_eq!(flash[3].options().last().unwrap(), "-DKERNEL_PART=3");
+        // Parts 7-12 (the `_expf` forms) only on demand; nothing else is.
+        assert!(flash.iter().all(|p| p.on_demand == (p.part.unwrap() >= 7)));
+        assert_eq!(programs.iter().filter(|p| p.on_demand).count(), 6);
+        assert_eq!(Program::wanted(OnDemand::NONE).len(), programs.len() - 6);
+        assert_eq!(Program::wanted(OnDemand::ALL).len(), programs.len());
         assert_eq!(flash[3].cache_stem(), "flash_attention-p3");
         let whole = programs.iter().find(|p| p.file == "layernorm.cu").unwrap();
         assert_eq!(

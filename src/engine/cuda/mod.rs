@@ -413,9 +413,12 @@ impl CudaEngine {
         let stream = ctx.stream().map_err(cuda_err)?;
         let capture_stream = ctx.stream_non_blocking().map_err(cuda_err)?;
         let target = kernels::target_for(stack, ma * 10 + mi).map_err(cuda_err)?;
-        let mut k = Kernels::load(stack, &ctx, target).map_err(cuda_err)?;
+        let wanted = kernels::OnDemand {
+            accurate_exponentials: !switches.flash_exp2,
+        };
+        let mut k = Kernels::load(stack, &ctx, target, wanted).map_err(cuda_err)?;
         if !switches.flash_exp2 {
-            k.use_accurate_exponentials();
+            k.use_accurate_exponentials().map_err(cuda_err)?;
         }
         if !switches.flash_async {
             k.use_synchronous_attention_loads();
