@@ -51,8 +51,9 @@
 #                      bf16 autocast, torch.compile, scaled_dot_product_attention, fused
 #                      AdamW, same model and batch -> torch_ref_124m_bf16.log (last line JSON)
 #      bench-profile   the same with --profile: per-operation table (Markdown) and roofline
-#                      floors from the GEMM rate and copy bandwidth doctor measured
-#                      -> bench_profile_124m_bf16.log, profile_124m_bf16.json
+#                      floors from the GEMM rate and copy bandwidth doctor measured, the
+#                      time by part of the step and the bottleneck (its line goes to
+#                      summary.txt) -> bench_profile_124m_bf16.log, profile_124m_bf16.json
 #      prose           bench-profile again on GPT-2 BPE tokens of English prose (this
 #                      repository's README.md and BENCHMARKS.md, prepared here): real text
 #                      repeats tokens far more than the uniform random tokens above, and
@@ -277,6 +278,7 @@ bench bench-124m-bf16 60 bench_124m_bf16.log bfloat16 "${gpt2[@]}"
 torch_ref torch-ref-124m 150 torch_ref_124m_bf16.log --iters=10 --warmup=3
 bench bench-profile 45 bench_profile_124m_bf16.log bfloat16 "${gpt2[@]}" --iters=3 --warmup=1 \
     --profile --profile_out="$out/profile_124m_bf16.json" ${ceilings[@]+"${ceilings[@]}"}
+grep -h "^Bottleneck:" "$out/bench_profile_124m_bf16.log" >> "$summary" 2>/dev/null
 # The same profile on real text's token frequencies (the two steps depend on each other:
 # selected together, as "prose").
 if selected prose; then

@@ -2,8 +2,11 @@
 //! tokens or a prepared dataset's first training batch, reported as the median over timed
 //! iterations after warm-up, with model FLOP/s by nanoGPT's FLOPs-per-token formula
 //! (6N + 12*L*H*Q*T); with `--profile`, one more step timed per operation and summarised
-//! against a roofline ([`ProfileTable`]); device memory in use and the engine's own
-//! accounting of it ([`memory_summary`]).
+//! against a roofline ([`ProfileTable`]) and gathered by part of the step, naming the
+//! bottleneck ([`breakdown`]); device memory in use and the engine's own accounting of it
+//! ([`memory_summary`]).
+
+pub mod breakdown;
 
 use crate::engine::cuda::profile::{MemoryReport, StepProfile};
 use crate::engine::{Batch, Engine};
@@ -293,6 +296,8 @@ pub struct ProfileTable {
     pub ceilings: Ceilings,
     /// How the products ran ([`StepProfile::products`]).
     pub products: Vec<String>,
+    /// The rows by part of the step, and the bottleneck.
+    pub breakdown: breakdown::Breakdown,
 }
 
 impl ProfileTable {
@@ -344,6 +349,7 @@ impl ProfileTable {
             }
         }
         rows.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        let breakdown = breakdown::Breakdown::new(&rows, wall);
         ProfileTable {
             device: p.device.clone(),
             calls: p.ops.len(),
@@ -355,6 +361,7 @@ impl ProfileTable {
             ceilings,
             rows,
             products: p.products.clone(),
+            breakdown,
         }
     }
 
@@ -434,6 +441,8 @@ impl ProfileTable {
                 s.push_str(&format!("- {line}\n"));
             }
         }
+        s.push('\n');
+        s.push_str(&self.breakdown.to_markdown());
         s
     }
 }
@@ -734,9 +743,12 @@ mod tests {
         );
         assert!(md.contains("Roofline floor 5.000 ms"), "{md}");
         assert!(
-            md.ends_with("- GeluAux { bias: true } on a product: fused\n"),
+            md.contains(
+                "- GeluAux { bias: true } on a product: fused\n\nWhere the step's time goes"
+            ),
             "{md}"
         );
+        assert!(md.contains("\nBottleneck: "), "{md}");
         // Every table line has the same number of cells.
         for l in &lines[..6] {
             assert_eq!(l.matches('|').count(), 8, "{l}");
