@@ -407,3 +407,75 @@ fn gpt2_activation_memory_per_level() {
     assert!((b0(logits) - 4.09).abs() < 0.01, "{:.3} GiB", b0(logits));
     assert!((b0(all) - 3.53).abs() < 0.01, "{:.3} GiB", b0(all));
 }
+
+/// A batch whose activations need more than the whole GPU fails before anything is
+/// allocated, naming what it needs, what is free and the settings that would fit; the
+/// engine then trains a batch that fits as if nothing had happened.
+#[test]
+fn a_batch_too_large_for_the_gpu_says_what_would_fit() {
+    if no_gpu("a_batch_too_large_for_the_gpu_says_what_would_fit") {
+        return;
+    }
+    // The logits dominate: one row of 64 tokens over 50304 values.
+    let cfg = GptConfig::new(1, 2, 64, 64, 50304, true, 0.0).expect("a valid model");
+    let p = perturbed_params(&cfg, 3);
+    let mut e = engine(
+        &cfg,
+        &p,
+        Precision::Bf16,
+        Switches::default(),
+        Recompute::Nothing,
+    );
+    let total = e
+        .memory_report()
+        .and_then(|m| m.device_total)
+        .expect("the driver reports the GPU's memory");
+    let t = 64;
+    let row = e.activation_bytes(1, t, Recompute::Nothing).unwrap();
+    let b = (2 * total / row) as usize + 1;
+    assert!(e.activation_bytes(b, t, Recompute::Nothing).unwrap() > total);
+    let inputs: Vec<u32> = (0..b * t).map(|i| (i % 50304) as u32).collect();
+    let targets: Vec<i32> = inputs.iter().map(|&x| ((x + 1) % 50304) as i32).collect();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let err = e
+        .forward_backward(batch, 1.0)
+        .expect_err("a batch twice the GPU's memory")
+        .to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains(&format!(
+            "out of GPU memory: a training step on a {b} x {t} micro-batch needs"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("at recompute=0"), "{err}");
+    assert!(err.contains("to fit, set batch_size="), "{err}");
+    assert!(
+        err.contains("with gradient_accumulation_steps raised"),
+        "{err}"
+    );
+    // Nothing was lost: a batch that fits trains, and its loss is the one a fresh engine
+    // gives.
+    let (inputs, targets) = data(&cfg, 2, t, 9);
+    let small = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t,
+    };
+    let loss = e.forward_backward(small, 1.0).expect("a batch that fits");
+    let mut fresh = engine(
+        &cfg,
+        &p,
+        Precision::Bf16,
+        Switches::default(),
+        Recompute::Nothing,
+    );
+    let want = fresh.forward_backward(small, 1.0).unwrap();
+    assert_eq!(loss.to_bits(), want.to_bits());
+}

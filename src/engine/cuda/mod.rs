@@ -176,6 +176,7 @@ mod attention;
 mod backward;
 mod decode;
 mod embedding;
+mod fit;
 pub mod flash;
 mod forward;
 pub mod graphs;
@@ -773,9 +774,33 @@ impl CudaEngine {
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
             self.acts = None; // free the old shape first
+            self.check_activations_fit(b, t_cap.max(t))?;
             self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc, st)?);
         }
         Ok(())
+    }
+
+    /// Fails with what to change (a higher `recompute` level, a smaller batch) when the
+    /// activations of a training step on `b` rows of `t` tokens need more than the device's
+    /// free memory, before any of them is allocated: an allocation failing halfway would
+    /// say only "out of memory". Where the driver cannot say what is free, the allocation
+    /// decides.
+    fn check_activations_fit(&self, b: usize, t: usize) -> CResult<()> {
+        let Ok((free, total)) = self.ctx.mem_info() else {
+            return Ok(());
+        };
+        let bytes_at = |b: usize, rc: Recompute| self.activation_bytes(b, t, rc).unwrap_or(0);
+        let shape = fit::StepShape {
+            device: &self.name,
+            b,
+            t,
+            recompute: self.recompute,
+            bytes_at: &bytes_at,
+        };
+        if bytes_at(b, self.recompute) <= free {
+            return Ok(());
+        }
+        Err(CudaError::Invalid(fit::does_not_fit(&shape, free, total)))
     }
 
     /// The activations stored in bf16 only: none in fp32 mode, else those the `bf16_*`

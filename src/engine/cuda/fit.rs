@@ -1,0 +1,167 @@
+//! Whether a training step's activations fit in the GPU memory that is free, checked before
+//! they are allocated, and what to change when they do not: the message names the batch,
+//! what it needs, what is free, and the settings that would fit (a higher `recompute`
+//! level, a smaller `batch_size` with more gradient accumulation), each with the figure it
+//! would need.
+
+use crate::engine::Recompute;
+
+/// A training step's activation memory, as the engine plans it.
+pub(super) struct StepShape<'a> {
+    /// The device, for the message (`cuda:0 (NVIDIA H100 ...)`).
+    pub device: &'a str,
+    pub b: usize,
+    pub t: usize,
+    pub recompute: Recompute,
+    /// Bytes of the activations for `b` rows at a recompute level.
+    pub bytes_at: &'a dyn Fn(usize, Recompute) -> u64,
+}
+
+fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// The share of the free memory a suggested setting may plan for: the rest is left for
+/// what a step allocates besides its activations (bf16 operand scratch, the libraries'
+/// workspaces, allocation rounding).
+const HEADROOM: f64 = 0.9;
+
+/// The message for activations that need more than `free` bytes (of `total`), with the
+/// settings that would fit in [`HEADROOM`] of `free`.
+pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
+    let need = (s.bytes_at)(s.b, s.recompute);
+    let room = (free as f64 * HEADROOM) as u64;
+    let mut options = Vec::new();
+    for rc in [Recompute::Gelu, Recompute::GeluLayerNorm] {
+        let bytes = (s.bytes_at)(s.b, rc);
+        if rc > s.recompute && bytes <= room {
+            options.push(format!("recompute={} ({})", rc.level(), gib(bytes)));
+            break; // the lowest level that fits recomputes least
+        }
+    }
+    // The largest batch below this one that fits at `rc` (the bytes grow with the batch).
+    let fits = |rc: Recompute| {
+        let (mut lo, mut hi) = (0, s.b); // fits(lo) or lo == 0; hi does not fit
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if (s.bytes_at)(mid, rc) <= room {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo > 0).then_some(lo)
+    };
+    if let Some(b) = fits(s.recompute) {
+        options.push(format!(
+            "batch_size={b} ({}) with gradient_accumulation_steps raised to keep the tokens \
+             per optimizer step ({} x {} now)",
+            gib((s.bytes_at)(b, s.recompute)),
+            s.b,
+            s.t
+        ));
+    }
+    // A smaller batch at recompute 2, when it keeps at least a tenth more rows than a
+    // smaller batch alone (and the whole batch does not fit at recompute 2, offered above).
+    let top = Recompute::GeluLayerNorm;
+    if s.recompute < top && (s.bytes_at)(s.b, top) > room {
+        let alone = fits(s.recompute).unwrap_or(0);
+        if let Some(b) = fits(top).filter(|&b| 10 * b >= 11 * alone) {
+            options.push(format!(
+                "batch_size={b} with recompute=2 ({})",
+                gib((s.bytes_at)(b, Recompute::GeluLayerNorm))
+            ));
+        }
+    }
+    let advice = if options.is_empty() {
+        format!(
+            "even batch_size=1 at recompute=2 needs {}: use a smaller model or block_size, or \
+             a GPU with more memory",
+            gib((s.bytes_at)(1, Recompute::GeluLayerNorm))
+        )
+    } else {
+        format!("to fit, set {}", options.join(", or "))
+    };
+    format!(
+        "out of GPU memory: a training step on a {} x {} micro-batch needs {} of activations \
+         at recompute={}, and {} has {} free of {} ({} already in use: this engine's \
+         parameters, gradients, AdamW moments and workspaces, and anything else on the GPU); \
+         {advice}",
+        s.b,
+        s.t,
+        gib(need),
+        s.recompute.level(),
+        s.device,
+        gib(free),
+        gib(total),
+        gib(total.saturating_sub(free)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// 100 MiB per row at recompute 0, 60 at 1, 40 at 2.
+    fn bytes_at(b: usize, rc: Recompute) -> u64 {
+        b as u64
+            * MIB
+            * match rc {
+                Recompute::Nothing => 100,
+                Recompute::Gelu => 60,
+                Recompute::GeluLayerNorm => 40,
+            }
+    }
+
+    fn shape(b: usize, recompute: Recompute) -> StepShape<'static> {
+        StepShape {
+            device: "cuda:0 (test GPU)",
+            b,
+            t: 1024,
+            recompute,
+            bytes_at: &bytes_at,
+        }
+    }
+
+    #[test]
+    fn names_the_need_what_is_free_and_the_settings_that_fit() {
+        // 8 rows need 800 MiB; 550 MiB free, 495 of it to plan for: recompute=1 needs
+        // 480, 4 rows 400 (5 would need 500).
+        let m = does_not_fit(&shape(8, Recompute::Nothing), 550 * MIB, 1000 * MIB);
+        assert!(m.starts_with("out of GPU memory: a training step on a 8 x 1024 micro-batch needs 800.0 MiB of activations at recompute=0, and cuda:0 (test GPU) has 550.0 MiB free of 1000.0 MiB (450.0 MiB already in use"), "{m}");
+        assert!(m.contains("to fit, set recompute=1 (480.0 MiB), or batch_size=4 (400.0 MiB) with gradient_accumulation_steps raised"), "{m}");
+        // The whole batch fits at recompute 1, so no smaller batch at recompute 2.
+        assert!(m.ends_with("(8 x 1024 now)"), "{m}");
+    }
+
+    #[test]
+    fn only_the_levels_above_the_current_one_are_offered() {
+        // At recompute 1, 8 rows need 480 MiB; 300 to plan for: recompute=2 needs 320.
+        let m = does_not_fit(&shape(8, Recompute::Gelu), 334 * MIB, 1000 * MIB);
+        assert!(!m.contains("recompute=1 ("), "{m}");
+        assert!(!m.contains("set recompute=2"), "{m}");
+        assert!(m.contains("set batch_size=5 (300.0 MiB)"), "{m}");
+        assert!(
+            m.ends_with(", or batch_size=7 with recompute=2 (280.0 MiB)"),
+            "{m}"
+        );
+        // Already at recompute 2: only a smaller batch.
+        let m = does_not_fit(&shape(8, Recompute::GeluLayerNorm), 112 * MIB, 1000 * MIB);
+        assert!(m.ends_with("to fit, set batch_size=2 (80.0 MiB) with gradient_accumulation_steps raised to keep the tokens per optimizer step (8 x 1024 now)"), "{m}");
+    }
+
+    #[test]
+    fn says_when_nothing_fits() {
+        let m = does_not_fit(&shape(4, Recompute::Nothing), 10 * MIB, 1000 * MIB);
+        assert!(
+            m.ends_with("even batch_size=1 at recompute=2 needs 40.0 MiB: use a smaller model or block_size, or a GPU with more memory"),
+            "{m}"
+        );
+    }
+}
