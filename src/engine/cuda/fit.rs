@@ -1,8 +1,8 @@
-//! Whether a training step's activations fit in the GPU memory that is free, checked before
-//! they are allocated, and what to change when they do not: the message names the batch,
-//! what it needs, what is free, and the settings that would fit (a higher `recompute`
-//! level, a smaller `batch_size` with more gradient accumulation), each with the figure it
-//! would need.
+//! Whether an engine's state and a training step's activations fit in the GPU memory that
+//! is free, checked before they are allocated, and what to change when they do not: the
+//! messages name what is needed, what is free, and for activations the settings that would
+//! fit (a higher `recompute` level, a smaller `batch_size` with more gradient
+//! accumulation), each with the figure it would need.
 
 use crate::engine::Recompute;
 
@@ -102,6 +102,28 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     )
 }
 
+/// The message for an engine whose fixed state (`bytes`: parameters, gradients, AdamW
+/// moments, the bf16 copy and workspaces of a model with `params` parameters) needs more
+/// than `free` bytes (of `total`) on `device`.
+pub(super) fn state_does_not_fit(
+    device: &str,
+    params: usize,
+    bytes: u64,
+    free: u64,
+    total: u64,
+) -> String {
+    format!(
+        "out of GPU memory: the model's {:.1}M parameters need {} on the GPU before any \
+         activation (fp32 parameters, gradients and two AdamW moments are 16 bytes per \
+         parameter, the bf16 mode's copy 2 more), and {device} has {} free of {}; use a \
+         smaller model (n_layer, n_embd) or a GPU with more memory",
+        params as f64 / 1e6,
+        gib(bytes),
+        gib(free),
+        gib(total)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +184,24 @@ mod tests {
         assert!(
             m.ends_with("even batch_size=1 at recompute=2 needs 40.0 MiB: use a smaller model or block_size, or a GPU with more memory"),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn the_state_message_names_the_need_and_what_is_free() {
+        let m = state_does_not_fit(
+            "cuda:0 (test GPU)",
+            1_500_000_000,
+            27 << 30,
+            20 << 30,
+            24 << 30,
+        );
+        assert_eq!(
+            m,
+            "out of GPU memory: the model's 1500.0M parameters need 27.00 GiB on the GPU before \
+             any activation (fp32 parameters, gradients and two AdamW moments are 16 bytes per \
+             parameter, the bf16 mode's copy 2 more), and cuda:0 (test GPU) has 20.00 GiB free \
+             of 24.00 GiB; use a smaller model (n_layer, n_embd) or a GPU with more memory"
         );
     }
 }

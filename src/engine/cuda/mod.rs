@@ -434,6 +434,26 @@ impl CudaEngine {
             ))
         })?;
         let total = layout.total;
+        let state_bytes = (16 * total
+            + 8 * NORM_PARTS
+            + match precision {
+                Precision::F32 => 0,
+                Precision::Bf16 => 2 * total + LT_WORKSPACE,
+            }) as u64;
+        if let Ok((free, device_total)) = ctx.mem_info() {
+            if state_bytes > free {
+                return Err(EngineError::Other(format!(
+                    "CUDA: {}",
+                    fit::state_does_not_fit(
+                        &format!("cuda:{device} ({})", info.name.trim()),
+                        total,
+                        state_bytes,
+                        free,
+                        device_total
+                    )
+                )));
+            }
+        }
         let oom = |what: &str, e: CudaError| {
             EngineError::Other(format!(
                 "CUDA: cannot allocate the {what} ({} MiB) on cuda:{device} ({}): {e}",
