@@ -9,7 +9,7 @@
 pub mod breakdown;
 
 use crate::engine::cuda::profile::{MemoryReport, StepProfile};
-use crate::engine::{Batch, Engine};
+use crate::engine::{memory_size, Batch, Engine};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use serde::Serialize;
@@ -449,18 +449,6 @@ impl ProfileTable {
 
 // ------------------------------------------------------------------------------ memory
 
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
-
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else {
-        format!("{:.1} MiB", b / MIB)
-    }
-}
-
 /// Device memory as the bench reports it: in use (`total - free`) now, and the part of it
 /// that was not in use before the engine was created (`baseline_used`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -498,14 +486,14 @@ impl MemorySummary {
         if let (Some(u), Some(t)) = (self.in_use_bytes, self.total_bytes) {
             s.push_str(&format!(
                 "GPU memory in use after the step: {} of {}",
-                human(u),
-                human(t)
+                memory_size(u),
+                memory_size(t)
             ));
             if let (Some(b), Some(e)) = (self.before_engine_bytes, self.engine_bytes) {
                 s.push_str(&format!(
                     "; {} before the engine was created, so {} for the engine",
-                    human(b),
-                    human(e)
+                    memory_size(b),
+                    memory_size(e)
                 ));
             }
             s.push('\n');
@@ -513,12 +501,12 @@ impl MemorySummary {
         let parts: Vec<String> = self
             .items
             .iter()
-            .map(|(what, b)| format!("{what} {}", human(*b)))
+            .map(|(what, b)| format!("{what} {}", memory_size(*b)))
             .collect();
         s.push_str(&format!(
             "engine buffers: {} (total {})",
             parts.join(", "),
-            human(self.accounted_bytes)
+            memory_size(self.accounted_bytes)
         ));
         if let Some(e) = self.engine_bytes {
             let rest = e as i64 - self.accounted_bytes as i64;
@@ -526,9 +514,9 @@ impl MemorySummary {
                 "; the other {} of the engine's share is cuBLAS/cuBLASLt workspaces, loaded \
                  kernels and allocation rounding",
                 if rest >= 0 {
-                    human(rest as u64)
+                    memory_size(rest as u64)
                 } else {
-                    format!("-{}", human(rest.unsigned_abs()))
+                    format!("-{}", memory_size(rest.unsigned_abs()))
                 }
             ));
         }

@@ -286,22 +286,25 @@ pub trait Engine: Send {
     }
 }
 
+/// `1.25 GiB` from 1 GiB up, else `12.5 MiB`: how memory figures are written.
+pub fn memory_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
 /// One log line on the activation memory of a training step on `b` x `t` tokens at the
 /// engine's `recompute` level, with the figure of level 0 beside it; `None` when the engine
 /// cannot say.
 pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<String> {
     let rc = engine.recompute();
     let bytes = engine.activation_bytes(b, t, rc)?;
-    let size = |x: u64| {
-        if x >= 1 << 30 {
-            format!("{:.2} GiB", x as f64 / (1u64 << 30) as f64)
-        } else {
-            format!("{:.1} MiB", x as f64 / (1u64 << 20) as f64)
-        }
-    };
     let mut line = format!(
         "activations: {} for a {b} x {t} micro-batch (recompute={}: {})",
-        size(bytes),
+        memory_size(bytes),
         rc.level(),
         rc.describe()
     );
@@ -309,8 +312,8 @@ pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<Str
         if let Some(all) = engine.activation_bytes(b, t, Recompute::Nothing) {
             line.push_str(&format!(
                 "; {} with recompute=0, {} saved",
-                size(all),
-                size(all.saturating_sub(bytes))
+                memory_size(all),
+                memory_size(all.saturating_sub(bytes))
             ));
         }
     }

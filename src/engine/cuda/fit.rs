@@ -4,7 +4,7 @@
 //! fit (a higher `recompute` level, a smaller `batch_size` with more gradient
 //! accumulation), each with the figure it would need.
 
-use crate::engine::Recompute;
+use crate::engine::{memory_size, Recompute};
 
 /// A training step's activation memory, as the engine plans it.
 pub(super) struct StepShape<'a> {
@@ -15,14 +15,6 @@ pub(super) struct StepShape<'a> {
     pub recompute: Recompute,
     /// Bytes of the activations for `b` rows at a recompute level.
     pub bytes_at: &'a dyn Fn(usize, Recompute) -> u64,
-}
-
-fn gib(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    }
 }
 
 /// The share of the free memory a suggested setting may plan for: the rest is left for
@@ -39,7 +31,7 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     for rc in [Recompute::Gelu, Recompute::GeluLayerNorm] {
         let bytes = (s.bytes_at)(s.b, rc);
         if rc > s.recompute && bytes <= room {
-            options.push(format!("recompute={} ({})", rc.level(), gib(bytes)));
+            options.push(format!("recompute={} ({})", rc.level(), memory_size(bytes)));
             break; // the lowest level that fits recomputes least
         }
     }
@@ -60,7 +52,7 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
         options.push(format!(
             "batch_size={b} ({}) with gradient_accumulation_steps raised to keep the tokens \
              per optimizer step ({} x {} now)",
-            gib((s.bytes_at)(b, s.recompute)),
+            memory_size((s.bytes_at)(b, s.recompute)),
             s.b,
             s.t
         ));
@@ -73,7 +65,7 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
         if let Some(b) = fits(top).filter(|&b| 10 * b >= 11 * alone) {
             options.push(format!(
                 "batch_size={b} with recompute=2 ({})",
-                gib((s.bytes_at)(b, Recompute::GeluLayerNorm))
+                memory_size((s.bytes_at)(b, Recompute::GeluLayerNorm))
             ));
         }
     }
@@ -81,7 +73,7 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
         format!(
             "even batch_size=1 at recompute=2 needs {}: use a smaller model or block_size, or \
              a GPU with more memory",
-            gib((s.bytes_at)(1, Recompute::GeluLayerNorm))
+            memory_size((s.bytes_at)(1, Recompute::GeluLayerNorm))
         )
     } else {
         format!("to fit, set {}", options.join(", or "))
@@ -93,12 +85,12 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
          {advice}",
         s.b,
         s.t,
-        gib(need),
+        memory_size(need),
         s.recompute.level(),
         s.device,
-        gib(free),
-        gib(total),
-        gib(total.saturating_sub(free)),
+        memory_size(free),
+        memory_size(total),
+        memory_size(total.saturating_sub(free)),
     )
 }
 
@@ -118,9 +110,9 @@ pub(super) fn state_does_not_fit(
          parameter, the bf16 mode's copy 2 more), and {device} has {} free of {}; use a \
          smaller model (n_layer, n_embd) or a GPU with more memory",
         params as f64 / 1e6,
-        gib(bytes),
-        gib(free),
-        gib(total)
+        memory_size(bytes),
+        memory_size(free),
+        memory_size(total)
     )
 }
 
