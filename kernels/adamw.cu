@@ -13,9 +13,11 @@
 //   the result does not depend on the GPU); the host sums the parts in order.
 //
 // adamw_update(p, g, m, v, n, runs, n_runs, decay, clip, b1, b2, eps, step_size, bc2_sqrt,
-//              p_bf16)
+//              p_bf16, store_g)
 //   The whole optimizer step over n elements of the flat buffers in one launch:
-//   with clip != 1: g *= clip, written back (clip_grad_norm_'s scaling, fused);
+//   with clip != 1: g *= clip (clip_grad_norm_'s scaling, fused), written back when
+//   store_g != 0 (with 0 the caller keeps the factor and applies it if anything reads the
+//   gradients before they are zeroed: 4 bytes per element less traffic);
 //   p *= decay where weight decay applies (decay = 1 - lr*wd), unchanged elsewhere;
 //   m += (g - m) (1 - b1); v = v b2 + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps), step_size = lr / (1 - b1^step),
@@ -76,7 +78,7 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, float* __restrict
                                         long long n, const long long* __restrict__ runs,
                                         int n_runs, float decay, float clip, float b1, float b2,
                                         float eps, float step_size, float bc2_sqrt,
-                                        unsigned short* __restrict__ p_bf16) {
+                                        unsigned short* __restrict__ p_bf16, int store_g) {
     int s = vec_shift(p, 4);
     bool vec = vec_shift(g, 4) == s && vec_shift(m, 4) == s && vec_shift(v, 4) == s &&
                (p_bf16 == nullptr || vec_shift(p_bf16, 2) == s);
@@ -104,7 +106,7 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, float* __restrict
         b[k] = bf16_rne(pn);
     }
     st4(p, q, n, pv);
-    if (clipping) st4(g, q, n, gv);
+    if (clipping && store_g) st4(g, q, n, gv);
     st4(m, q, n, mv);
     st4(v, q, n, vv);
     if (p_bf16 != nullptr) st4_bf16(p_bf16, q, n, b);

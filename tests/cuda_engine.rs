@@ -345,6 +345,80 @@ fn gradients_edited_on_the_host_are_used_by_step() {
     );
 }
 
+/// The optimizer step leaves the clipped gradients unwritten on the GPU and keeps the
+/// factor: read after the step they are the clipped ones, bit for bit the pre-step
+/// gradients times clip_grad_norm_'s factor, on the host (`grads`, `grads_mut`) and on the
+/// device (a micro-step accumulating onto them, a second step), as on the CPU engine.
+#[test]
+fn gradients_read_after_a_clipped_step_are_clipped() {
+    if no_gpu("gradients_read_after_a_clipped_step_are_clipped") {
+        return;
+    }
+    let cfg = GptConfig::new(1, 2, 16, 8, 30, true, 0.0).unwrap();
+    let (mut cpu, mut gpu, inputs, targets, b, t) = pair(&cfg, 5, Precision::F32, env_switches());
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b,
+        t,
+    };
+    let hp = ten_steps_config();
+    for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
+        e.zero_grad();
+        e.forward_backward(batch, 1.0).unwrap();
+    }
+    let before = gpu.grads();
+    let (nc, ng) = (cpu.step(&hp, 1e-3), gpu.step(&hp, 1e-3));
+    assert!(((ng - nc) / nc).abs() < TOL as f32, "norm {ng} vs {nc}");
+    let clip = nanogpt::optim::adamw::clip_coef(ng, hp.grad_clip).expect("clipping is active");
+    assert!(
+        clip < 0.9,
+        "the test needs real clipping, got a factor of {clip}"
+    );
+    let after = gpu.grads();
+    let want: Vec<f32> = before.iter().map(|g| g * clip).collect();
+    assert!(
+        after
+            .iter()
+            .zip(&want)
+            .all(|(a, w)| a.to_bits() == w.to_bits()),
+        "gradients after the step are not the pre-step ones times {clip}"
+    );
+    assert_eq!(rel_err(gpu.grads_mut(), &want), 0.0);
+    let e = rel_err(&after, &cpu.grads());
+    assert!(e < TOL, "clipped grads against the CPU engine: {e:.2e}");
+    // Accumulating onto them without zero_grad, and stepping again, on both engines: once
+    // after `grads_mut` (uploaded from the host), once with the factor pending on the GPU.
+    for round in 0..2 {
+        for e in [&mut cpu as &mut dyn Engine, &mut gpu] {
+            e.forward_backward(batch, 1.0).unwrap();
+        }
+        let e = rel_err(&gpu.grads(), &cpu.grads());
+        assert!(
+            e < TOL,
+            "round {round}: accumulated onto clipped grads: {e:.2e}"
+        );
+        let (nc, ng) = (cpu.step(&hp, 1e-3), gpu.step(&hp, 1e-3));
+        assert!(
+            ((ng - nc) / nc).abs() < TOL as f32,
+            "round {round}: norm {ng} vs {nc}"
+        );
+        let e = rel_err(&gpu.grads(), &cpu.grads());
+        assert!(
+            e < TOL,
+            "round {round}: grads after the second step: {e:.2e}"
+        );
+    }
+    check_trained_params(
+        "params after three clipped steps",
+        cpu.layout(),
+        cfg.n_embd,
+        &gpu.params(),
+        &cpu.params(),
+        (3, 1e-3, &hp),
+    );
+}
+
 #[test]
 fn decoding_matches_the_cpu_engine() {
     if no_gpu("decoding_matches_the_cpu_engine") {

@@ -440,11 +440,12 @@ static void check_gelu_reference() {
 static void check_adamw() {
     for (long long n : LENGTHS)
         for (Sit s : {ALIGNED, SHIFTED, MIXED})
-            for (int variant = 0; variant < 4; variant++) {
-                bool with_bf16 = variant & 1, clipping = variant & 2;
+            for (int variant = 0; variant < 8; variant++) {
+                bool with_bf16 = variant & 1, clipping = variant & 2, store_g = variant & 4;
                 std::string k = "adamw_update";
                 std::string c = begin(k, "n=" + std::to_string(n) + (with_bf16 ? " bf16 copy" : "") +
-                                             (clipping ? " clipped" : ""), s);
+                                             (clipping ? " clipped" : "") +
+                                             (store_g ? " g stored" : ""), s);
                 auto p0 = randn(n), g0 = randn(n, 0.1f), m0 = randn(n, 0.01f), v0 = randn(n, 1e-3f);
                 for (auto& x : v0) x = x * x;
                 // Runs: decayed from 0, then alternating at n/3 + 1 and 2n/3 + 2 (when inside).
@@ -469,14 +470,15 @@ static void check_adamw() {
                 unsigned short* pbp = with_bf16 ? pb.p : nullptr;
                 emulate_serial(grid_vec(n), BLOCK, [&] {
                     adam::adamw_update(p.p, g.p, m.p, v.p, n, rb.p, n_runs, decay, clip, b1, b2,
-                                       eps, step_size, bc2, pbp);
+                                       eps, step_size, bc2, pbp, store_g ? 1 : 0);
                 });
                 end(k, c, s, s != MIXED && shift_vec(n, off_first(s)));
                 std::vector<float> wp(n), wm(n), wv(n), wg(g0);
                 std::vector<unsigned short> wb(n);
                 for (long long i = 0; i < n; i++) {
-                    if (clipping) wg[i] = g0[i] * clip;  // clip_grad_norm_, in place
-                    float gi = wg[i];
+                    // clip_grad_norm_, in place when stored; the update uses it either way.
+                    float gi = clipping ? g0[i] * clip : g0[i];
+                    if (store_g) wg[i] = gi;
                     float pi = p0[i] * (decays(i) ? decay : 1.0f);
                     float mi = m0[i] + (gi - m0[i]) * (1.0f - b1);
                     float vi = v0[i] * b2 + (1.0f - b2) * gi * gi;

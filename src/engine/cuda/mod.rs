@@ -342,6 +342,12 @@ pub struct CudaEngine {
     /// read as zeros, the next training micro-step writes them ([`GradWrite::Overwrite`]),
     /// and anything else that reads them zeroes them first ([`CudaEngine::sync_grads`]).
     grads_unwritten: bool,
+    /// The clipping factor the last optimizer step applied to the gradients of its range
+    /// without writing them back (`adamw_update` with `store_g` 0): they read as clipped,
+    /// as after clip_grad_norm_, and anything that reads them on the device before
+    /// `zero_grad` scales them first ([`CudaEngine::sync_grads`]). Training zeroes them
+    /// next, so the pass writing them back is saved.
+    grads_clip_pending: Option<(std::ops::Range<usize>, f32)>,
     step: u64,
     rng: Rng,
     name: String,
@@ -534,6 +540,7 @@ impl CudaEngine {
             host_grads: Vec::new(),
             host_grads_dirty: false,
             grads_unwritten: false,
+            grads_clip_pending: None,
             step: 0,
             rng: Rng::derive(seed, 0xD50F),
             decode: None,
@@ -861,10 +868,19 @@ impl CudaEngine {
         }
     }
 
-    /// Makes the device gradients what the engine's callers see: zeroed if `zero_grad` left
-    /// them unwritten, or the ones edited on the host through `grads_mut`.
+    /// Makes the device gradients what the engine's callers see: clipped if the last
+    /// optimizer step left its clipping pending, zeroed if `zero_grad` left them unwritten,
+    /// or the ones edited on the host through `grads_mut`.
     fn sync_grads(&mut self) -> CResult<()> {
         self.ctx.make_current()?;
+        if self.grads_clip_pending.is_some() {
+            // Only off the training loop's path (a read of the gradients on the device, or
+            // accumulation onto them, after a step and before `zero_grad`): through the
+            // host, with the kernel's arithmetic (one fp32 product per element).
+            let g = self.clipped_grads()?;
+            self.grads.copy_from_host(&g)?;
+            self.grads_clip_pending = None;
+        }
         if std::mem::take(&mut self.grads_unwritten) {
             self.stream.zero(&self.grads)?;
         }
@@ -873,6 +889,17 @@ impl CudaEngine {
             self.host_grads_dirty = false;
         }
         Ok(())
+    }
+
+    /// The device gradients on the host, with any pending clipping applied.
+    fn clipped_grads(&self) -> CResult<Vec<f32>> {
+        let mut g = self.download(&self.grads)?;
+        if let Some((range, clip)) = &self.grads_clip_pending {
+            for x in &mut g[range.clone()] {
+                *x *= clip;
+            }
+        }
+        Ok(g)
     }
 
     fn download(&self, buf: &Buf) -> CResult<Vec<f32>> {
@@ -1139,6 +1166,7 @@ impl Engine for CudaEngine {
 
     fn zero_grad(&mut self) {
         self.host_grads_dirty = false;
+        self.grads_clip_pending = None;
         if self.switches.fresh_grads {
             // Nothing to do on the GPU: the next micro-step writes them (or a reader zeroes
             // them first).
@@ -1175,7 +1203,7 @@ impl Engine for CudaEngine {
         if self.grads_unwritten {
             return vec![0.0; self.layout.total];
         }
-        self.download(&self.grads)
+        self.clipped_grads()
             .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}"))
     }
     fn grads_mut(&mut self) -> &mut [f32] {
@@ -1185,9 +1213,11 @@ impl Engine for CudaEngine {
             self.host_grads = match std::mem::take(&mut self.grads_unwritten) {
                 true => vec![0.0; self.layout.total],
                 false => self
-                    .download(&self.grads)
+                    .clipped_grads()
                     .unwrap_or_else(|e| panic!("CUDA error while reading the gradients: {e}")),
             };
+            // Uploaded whole before the gradients are next used on the device.
+            self.grads_clip_pending = None;
             self.host_grads_dirty = true;
         }
         &mut self.host_grads

@@ -54,7 +54,10 @@ impl CudaEngine {
         let bc2_sqrt = bc2.sqrt() as f32;
         let (runs, n_runs) = self.adamw_runs(&shard)?;
         // One launch over the shard: clipping, weight decay where it applies, the update
-        // and the bf16 copy (see kernels/adamw.cu).
+        // and the bf16 copy (see kernels/adamw.cu). The clipped gradients are not written
+        // back: the factor is kept instead ([`CudaEngine::sync_grads`] applies it if they
+        // are read before the next `zero_grad`).
+        self.grads_clip_pending = (clip != 1.0).then(|| (shard.clone(), clip));
         self.run(
             self.k.adamw_update,
             grid_vec(shard.len()),
@@ -74,6 +77,7 @@ impl CudaEngine {
                 Arg::F32(step_size),
                 Arg::F32(bc2_sqrt),
                 Arg::Ptr(self.bf.as_ref().map_or(0, |bf| bf.param(shard.start))),
+                Arg::I32(0),
             ],
         )
     }

@@ -279,15 +279,17 @@ pub fn kernel_bytes(name: &str, grid: (u32, u32, u32), args: &[Arg]) -> Option<f
         }
         // Gradients read; one f64 partial per block written.
         "sumsq_parts" => f * a(2)? + 8.0 * grid.0 as f64,
-        // p, g, m, v read; p, m, v written; g written when clipping (clip != 1); the bf16
-        // copy written when there is one; the weight-decay runs (16 bytes each) read.
+        // p, g, m, v read; p, m, v written; g written when clipping (clip != 1) and asked
+        // to store it; the bf16 copy written when there is one; the weight-decay runs
+        // (16 bytes each) read.
         "adamw_update" => {
             let (n, runs) = (a(4)?, a(6)?);
             let clipping = match args.get(8)? {
-                Arg::F32(clip) => (*clip != 1.0) as u8 as f64,
+                Arg::F32(clip) => *clip != 1.0,
                 _ => return None,
             };
-            (7.0 + clipping) * f * n + 2.0 * n * present(args, 14)? + 16.0 * runs
+            let stores_g = (clipping && a(15)? != 0.0) as u8 as f64;
+            (7.0 + stores_g) * f * n + 2.0 * n * present(args, 14)? + 16.0 * runs
         }
         "cast_f32_to_bf16" | "cast_bf16_to_f32" => 6.0 * a(2)?,
         // bf16 GELU written; the saved bf16 pre-activation written when asked for; the
@@ -1226,16 +1228,18 @@ mod tests {
             kernel_bytes("sumsq_parts", (1024, 1, 1), &[Ptr(1), Ptr(2), I64(100)]),
             Some(400.0 + 8.0 * 1024.0)
         );
-        let adamw = |clip: f32, bf: u64| {
+        let adamw = |clip: f32, bf: u64, store_g: i32| {
             let mut a = vec![Ptr(1), Ptr(2), Ptr(3), Ptr(4), I64(10), Ptr(5), I32(2)];
             a.extend([F32(1.0), F32(clip)]);
             a.extend([F32(1.0); 5]);
-            a.push(Ptr(bf));
+            a.extend([Ptr(bf), I32(store_g)]);
             kb("adamw_update", &a)
         };
-        assert_eq!(adamw(1.0, 0), Some(280.0 + 32.0));
-        assert_eq!(adamw(1.0, 9), Some(300.0 + 32.0));
-        assert_eq!(adamw(0.5, 0), Some(320.0 + 32.0));
+        assert_eq!(adamw(1.0, 0, 1), Some(280.0 + 32.0));
+        assert_eq!(adamw(1.0, 9, 1), Some(300.0 + 32.0));
+        assert_eq!(adamw(0.5, 0, 1), Some(320.0 + 32.0));
+        // The clipped gradients not stored: no write of g.
+        assert_eq!(adamw(0.5, 0, 0), Some(280.0 + 32.0));
         // 10 rows in parts of 4 rows: 3 parts.
         assert_eq!(
             kb("colsum_parts", &[Ptr(1), Ptr(2), I32(10), I32(6), I32(4)]),
