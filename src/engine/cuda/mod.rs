@@ -221,6 +221,9 @@ const PARTS: usize = 64;
 const NORM_PARTS: usize = 1024;
 /// cuBLASLt workspace of the bf16 mode (NVIDIA's recommendation for Hopper).
 const LT_WORKSPACE: usize = 32 << 20;
+
+/// `CUDA_ERROR_OUT_OF_MEMORY`.
+const OUT_OF_MEMORY: i32 = 2;
 /// bf16 scratch slots: the activation operand of a product, and a gradient rounded once for
 /// the two products of a backward step.
 const SLOT_ACT: usize = 0;
@@ -801,22 +804,40 @@ impl CudaEngine {
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
             self.acts = None; // free the old shape first
-            self.check_activations_fit(b, t_cap.max(t))?;
-            self.acts = Some(Acts::new(&self.ctx, &self.cfg, b, t_cap.max(t), rc, st)?);
+            let t_cap = t_cap.max(t);
+            if let Some(advice) = self.activations_do_not_fit(b, t_cap, true) {
+                return Err(CudaError::Invalid(advice));
+            }
+            let acts = Acts::new(&self.ctx, &self.cfg, b, t_cap, rc, st).map_err(|e| {
+                // Free memory that did not allocate (fragmentation, another process): the
+                // same advice, for what is free now.
+                match (&e, self.activations_do_not_fit(b, t_cap, false)) {
+                    (
+                        CudaError::Driver {
+                            code: OUT_OF_MEMORY,
+                            ..
+                        },
+                        Some(advice),
+                    ) => CudaError::Invalid(format!("{advice} ({e})")),
+                    _ => e,
+                }
+            })?;
+            self.acts = Some(acts);
         }
         Ok(())
     }
 
-    /// Fails with what to change (a higher `recompute` level, a smaller batch) when the
-    /// activations of a training step on `b` rows of `t` tokens need more than the device's
-    /// free memory, before any of them is allocated: an allocation failing halfway would
-    /// say only "out of memory". Where the driver cannot say what is free, the allocation
-    /// decides.
-    fn check_activations_fit(&self, b: usize, t: usize) -> CResult<()> {
-        let Ok((free, total)) = self.ctx.mem_info() else {
-            return Ok(());
-        };
+    /// What to change (a higher `recompute` level, a smaller batch) when the activations of
+    /// a training step on `b` rows of `t` tokens need more than the device's free memory
+    /// (`only_if_over`; else whatever they need), checked before any of them is allocated:
+    /// an allocation failing halfway would say only "out of memory". `None` where they fit,
+    /// or where the driver cannot say what is free (the allocation decides).
+    fn activations_do_not_fit(&self, b: usize, t: usize, only_if_over: bool) -> Option<String> {
+        let (free, total) = self.ctx.mem_info().ok()?;
         let bytes_at = |b: usize, rc: Recompute| self.activation_bytes(b, t, rc).unwrap_or(0);
+        if only_if_over && bytes_at(b, self.recompute) <= free {
+            return None;
+        }
         let shape = fit::StepShape {
             device: &self.name,
             b,
@@ -824,10 +845,7 @@ impl CudaEngine {
             recompute: self.recompute,
             bytes_at: &bytes_at,
         };
-        if bytes_at(b, self.recompute) <= free {
-            return Ok(());
-        }
-        Err(CudaError::Invalid(fit::does_not_fit(&shape, free, total)))
+        Some(fit::does_not_fit(&shape, free, total))
     }
 
     /// The activations stored in bf16 only: none in fp32 mode, else those the `bf16_*`
