@@ -299,3 +299,69 @@ fn stale_temporary_checkpoints_are_removed_by_later_runs() {
     .unwrap();
     assert!(!stale.exists(), "{} is still there", stale.display());
 }
+
+/// A run that diverges (a learning rate far too high: the loss becomes NaN) stops at the
+/// first evaluation or step whose loss or gradient norm is not finite, with an error that
+/// says so, and saves nothing of that state: the checkpoint that an evaluation with
+/// `always_save_checkpoint` would have written over the last good one is the one from the
+/// last evaluation whose losses were finite.
+#[test]
+fn a_diverging_run_stops_without_saving_over_the_last_good_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, out) = finished_run(root.path());
+    let err = train(&tiny_train_args(
+        &data,
+        &out,
+        &[
+            "--init_from=resume",
+            "--max_iters=30",
+            "--learning_rate=1e9",
+            "--min_lr=1e9",
+            "--warmup_iters=0",
+            "--grad_clip=0.0",
+            "--eval_interval=1",
+        ],
+    ))
+    .expect_err("a learning rate of 1e9 diverges");
+    let msg = format!("{err:#}");
+    assert_contains_all(
+        &msg,
+        &[
+            "training diverged at iter ",
+            "is NaN",
+            "Nothing from this point on was saved",
+            "Lower learning_rate",
+            "init_from=resume",
+        ],
+    );
+    let at: u64 = msg
+        .split("diverged at iter ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no iteration in: {msg}"));
+    let saved = checkpoint::load(&out.join(LATEST_NAME), true).unwrap();
+    let it = saved.state.iter_num;
+    assert!(
+        it > 10 && it <= at,
+        "checkpoint at iter {it}, divergence at {at}"
+    );
+    assert!(saved.params.iter().all(|p| p.is_finite()));
+    // The evaluation the checkpoint was saved at had finite losses (metrics.jsonl writes
+    // a non-finite one as null).
+    let metrics = fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let eval = metrics
+        .lines()
+        .rev()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "eval" && r["iter"] == it)
+        .unwrap_or_else(|| panic!("no evaluation at iter {it} in metrics.jsonl"));
+    assert!(
+        eval["val_loss"].as_f64().is_some_and(f64::is_finite),
+        "{eval}"
+    );
+    assert!(
+        eval["train_loss"].as_f64().is_some_and(f64::is_finite),
+        "{eval}"
+    );
+}

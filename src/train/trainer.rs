@@ -651,6 +651,17 @@ impl Run {
                     metrics.log(&json!({"kind": "eval", "iter": it, "train_loss": tl, "val_loss": vl, "lr": lr}))?;
                 }
                 summary.evals.push((it, tl, vl));
+                // The same figures on every rank (reduced): all stop together.
+                for (what, loss) in [("the train loss", tl), ("the val loss", vl)] {
+                    if !loss.is_finite() {
+                        return Err(diverged(
+                            it,
+                            &format!("{what} of the evaluation"),
+                            loss,
+                            &out_dir,
+                        ));
+                    }
+                }
                 let improved = (vl as f64) < self.best_val_loss;
                 if improved {
                     self.best_val_loss = vl as f64;
@@ -769,8 +780,11 @@ impl Run {
                 }
             };
             let loss = loss_sum[0] / accum as f32;
-            if !loss.is_finite() {
-                bail!("loss became {loss} at iter {it}; lower learning_rate or check the data");
+            // The loss is reduced over the ranks and the norm is global: all stop together.
+            for (what, value) in [("the training loss", loss), ("the gradient norm", norm)] {
+                if !value.is_finite() {
+                    return Err(diverged(it, what, value, &out_dir));
+                }
             }
             self.tokens_seen += tokens_per_iter;
             summary.losses.push((it, loss));
@@ -846,4 +860,18 @@ fn say(progress: &indicatif::ProgressBar, line: String) {
     } else {
         progress.println(line);
     }
+}
+
+/// The error that stops a run whose loss or gradient norm stopped being finite at
+/// iteration `it`: before anything of that state is saved, so the checkpoints in `out_dir`
+/// are all from before it (a checkpoint written at the next evaluation would hold
+/// parameters that give NaN, over the last good one).
+fn diverged(it: u64, what: &str, value: f32, out_dir: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "training diverged at iter {it}: {what} is {value}. Nothing from this point on was \
+         saved: the checkpoints in {} are from before it. Lower learning_rate, raise \
+         warmup_iters, set grad_clip (1.0 in nanoGPT's recipes) or check the data, then \
+         resume from the last checkpoint (init_from=resume)",
+        out_dir.display()
+    )
 }
