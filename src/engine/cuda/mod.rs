@@ -221,7 +221,6 @@ const PARTS: usize = 64;
 const NORM_PARTS: usize = 1024;
 /// cuBLASLt workspace of the bf16 mode (NVIDIA's recommendation for Hopper).
 const LT_WORKSPACE: usize = 32 << 20;
-
 /// `CUDA_ERROR_OUT_OF_MEMORY`.
 const OUT_OF_MEMORY: i32 = 2;
 /// bf16 scratch slots: the activation operand of a product, and a gradient rounded once for
@@ -443,6 +442,8 @@ impl CudaEngine {
             ))
         })?;
         let total = layout.total;
+        // What is allocated below: parameters, gradients, both moments (fp32), the norm's
+        // partial sums, and in bf16 mode the parameters' bf16 copy and cuBLASLt's workspace.
         let state_bytes = (16 * total
             + 8 * NORM_PARTS
             + match precision {
