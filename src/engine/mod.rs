@@ -297,7 +297,8 @@ pub fn memory_size(bytes: u64) -> String {
 }
 
 /// One log line on the activation memory of a training step on `b` x `t` tokens at the
-/// engine's `recompute` level, with the figure of level 0 beside it; `None` when the engine
+/// engine's `recompute` level, with the figure of level 0 beside it and, on a GPU, the
+/// memory free there (the engine's own buffers already taken); `None` when the engine
 /// cannot say.
 pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<String> {
     let rc = engine.recompute();
@@ -316,6 +317,14 @@ pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<Str
                 memory_size(all.saturating_sub(bytes))
             ));
         }
+    }
+    let device = engine.memory_report();
+    if let Some((free, total)) = device.and_then(|m| m.device_free.zip(m.device_total)) {
+        line.push_str(&format!(
+            "; {} free of {} on the GPU",
+            memory_size(free),
+            memory_size(total)
+        ));
     }
     Some(line)
 }
