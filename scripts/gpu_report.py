@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """gpu_report.py: the results of one `scripts/gpu_check.sh OUTDIR` run as Markdown, ready to
-go into BENCHMARKS.md: the machine and its measured ceilings, the steps that failed or were
+go into BENCHMARKS.md: a headline (the default run's tokens/s and MFU, the PyTorch ratio,
+each profile's bottleneck), the machine and its measured ceilings, the steps that failed or were
 skipped, every benchmark's time, tokens/s and MFU with its ratio to the default bf16 run
 (what each switch is worth), the PyTorch reference's ratio, the per-kernel profiles (random
 tokens and English prose), the memory sweeps, the attention kernel times and the first-start
@@ -104,6 +105,26 @@ def doctor_ceilings(out):
             if check.get("name") in ("gemm", "copy") and check.get("value") is not None:
                 found.setdefault(check["name"], check["value"])
     return found.get("gemm"), found.get("copy")
+
+
+def section_headline(out, p):
+    """The figures the issue asks for, first: the default run, the PyTorch ratios and what
+    each profile names as the bottleneck (the details follow in their sections)."""
+    p("## Headline")
+    what = BENCHES[0][1]
+    row = bench_row(read(out, BENCHES[0][0]))
+    p(f"- {what}: " + (f"{row[1]:.0f} tokens/s, MFU {percent(row[2]) or '?'}" if row
+                       else "no result"))
+    for ref_name, ours_name, batch in TORCH:
+        ours, ref = bench_row(read(out, ours_name)), last_json(read(out, ref_name))
+        if ours and ref and ref.get("tokens_per_s"):
+            p(f"- against PyTorch + torch.compile, {batch}: "
+              f"{ours[1] / ref['tokens_per_s']:.2f}x")
+        else:
+            p(f"- against PyTorch + torch.compile, {batch}: no result")
+    for name, tokens in PROFILES:
+        line = re.search(r"^Bottleneck: .*", read(out, name) or "", re.M)
+        p(f"- profile on {tokens}: " + (line.group(0) if line else "no bottleneck line"))
 
 
 def section_machine(out, p):
@@ -241,7 +262,7 @@ def main():
             parts.append("")
         parts.append(line)
 
-    for section in (section_machine, section_steps, section_throughput, section_profiles,
+    for section in (section_headline, section_machine, section_steps, section_throughput, section_profiles,
                     section_memory, section_lines):
         try:
             section(out, p)

@@ -1,7 +1,7 @@
 //! scripts/gpu_report.py, which turns a `scripts/gpu_check.sh OUTDIR` run into Markdown for
 //! BENCHMARKS.md: it must read what `nanogpt bench` really prints (two real CPU benchmarks
 //! stand in for the GPU's), take each run's ratio to the default, the PyTorch ratio, the
-//! failed steps and the ceilings `nanogpt doctor` measured.
+//! failed steps and the ceilings `nanogpt doctor` measured, and lead with a headline.
 
 mod common;
 
@@ -76,10 +76,24 @@ fn the_report_reads_the_benchmarks_ratios_failures_and_ceilings() {
         "tests rc=0 20s log=x\nflash rc=1 3s log=y\nbench-small skipped: time budget spent\n",
     )
     .unwrap();
+    // A profile's closing line (what `nanogpt bench --profile` prints last).
+    std::fs::write(
+        out.join("bench_profile_124m_bf16.log"),
+        "Per-operation profile, ...\n\nBottleneck: fused attention, 1.500 ms (10.0% of the \
+         step) above its floor. Next: larger tiles.\n",
+    )
+    .unwrap();
     let md = report(&[out.to_str().unwrap()]);
+    assert!(md.starts_with("## Headline\n"), "{md}");
     assert_contains_all(
         &md,
         &[
+            &format!("- GPT-2 124M, bf16, B=8, T=1024 (the default): {base:.0} tokens/s, MFU "),
+            "- against PyTorch + torch.compile, B=8: 1.25x",
+            "- against PyTorch + torch.compile, B=8 x 8 accumulated: no result",
+            "- profile on uniform random tokens: Bottleneck: fused attention, 1.500 ms (10.0% of \
+             the step) above its floor. Next: larger tiles.",
+            "- profile on GPT-2 BPE of English prose (--data_dir): no bottleneck line",
             "bf16 GEMM 781 TFLOP/s, device copy 3913 GB/s",
             "- `flash rc=1 3s log=y`",
             "- `bench-small skipped: time budget spent`",
