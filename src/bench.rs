@@ -260,6 +260,15 @@ impl Ceilings {
     }
 }
 
+/// `ms` as a fraction of a step's `wall_ms` (0 for a step that took no time).
+pub fn share_of(ms: f64, wall_ms: f64) -> f64 {
+    if wall_ms > 0.0 {
+        ms / wall_ms
+    } else {
+        0.0
+    }
+}
+
 /// One line of the per-operation table: every call with the same name summed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProfileRow {
@@ -338,7 +347,7 @@ impl ProfileTable {
         let wall = p.wall_ms;
         for (r, (flops, bytes)) in rows.iter_mut().zip(work) {
             let secs = r.total_ms / 1e3;
-            r.share = if wall > 0.0 { r.total_ms / wall } else { 0.0 };
+            r.share = share_of(r.total_ms, wall);
             if secs > 0.0 {
                 // Products and the fused attention: TFLOP/s; kernels (and the attention,
                 // whose traffic matters too): GB/s.
@@ -384,13 +393,7 @@ impl ProfileTable {
                 opt(r.floor_ms, 3),
             ));
         }
-        let share = |ms: f64| {
-            if self.wall_ms > 0.0 {
-                100.0 * ms / self.wall_ms
-            } else {
-                0.0
-            }
-        };
+        let share = |ms: f64| share_of(100.0 * ms, self.wall_ms);
         s.push_str(&format!(
             "| **all operations** | {} | {:.3} | {:.1}% |  |  | {:.3} |\n",
             self.calls,

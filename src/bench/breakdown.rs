@@ -5,7 +5,7 @@
 //! most time above its floor is the step's bottleneck; the report names it and what would
 //! go after it next.
 
-use super::ProfileRow;
+use super::{share_of, ProfileRow};
 use serde::Serialize;
 
 /// A part of the training step.
@@ -210,7 +210,7 @@ impl Breakdown {
     /// Gathers `rows` (a profile table's, the whole step) into parts; `wall_ms` is the
     /// profiled step's wall time.
     pub fn new(rows: &[ProfileRow], wall_ms: f64) -> Breakdown {
-        let share = |ms: f64| if wall_ms > 0.0 { ms / wall_ms } else { 0.0 };
+        let share = |ms: f64| share_of(ms, wall_ms);
         let mut parts: Vec<PartRow> = Vec::new();
         let mut gaps = Vec::new();
         for r in rows {
@@ -285,13 +285,7 @@ impl Breakdown {
     /// The parts as a Markdown table, the time outside the operations, the largest gaps and
     /// the bottleneck.
     pub fn to_markdown(&self) -> String {
-        let pct = |ms: f64| {
-            if self.wall_ms > 0.0 {
-                100.0 * ms / self.wall_ms
-            } else {
-                0.0
-            }
-        };
+        let pct = |ms: f64| share_of(100.0 * ms, self.wall_ms);
         let mut s = String::from("Where the step's time goes, by part:\n\n");
         s.push_str("| part | calls | ms | share | floor ms | above floor ms | no floor ms |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
