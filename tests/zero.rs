@@ -2,7 +2,9 @@
 //! same losses, parameters and AdamW moments as `zero_stage=0` on as many ranks, bit for
 //! bit; runs resume across ZeRO stages (and world sizes) from the whole-state checkpoints;
 //! one rank accepts the key with a note; the startup log reports the AdamW memory per rank
-//! (and for GPT-2 124M on 8 ranks, the numbers this computes).
+//! (and for GPT-2 124M on 8 ranks, the numbers this computes). On GPUs: sharded steps equal
+//! the whole step; an engine holds only its shard's moments on the device; and a model
+//! whose whole moments do not fit one (emulated, 48 MiB) GPU trains and resumes on two.
 
 mod common;
 
@@ -186,9 +188,10 @@ fn adamw_memory_per_rank_for_gpt2_124m_on_8_ranks() {
 mod gpu {
     use crate::common::gpu::{self, no_gpu, on_two_gpus, one_rank_nccl, small_cfg, two_gpus};
     use crate::common::model::{first_diff, patterned_batch};
+    use crate::common::{nanogpt, prepare_data, stderr, tiny_train_args};
     use nanogpt::dist::{shard_ranges, ProcessGroup};
     use nanogpt::engine::cuda::{CudaEngine, Precision};
-    use nanogpt::engine::{Batch, Engine};
+    use nanogpt::engine::{Batch, Engine, OptimizerState};
     use nanogpt::optim::{adamw, AdamWConfig};
 
     const B: usize = 2;
@@ -288,6 +291,152 @@ mod gpu {
             let full = s.optimizer_state();
             assert_eq!(full.m[ranges[1].clone()], part.m[..]);
             assert!(full.m[ranges[0].clone()].iter().all(|&x| x == 0.0));
+        }
+    }
+
+    /// The device bytes the engine's memory report gives its AdamW moments.
+    fn moment_bytes(e: &CudaEngine) -> u64 {
+        let report = e
+            .memory_report()
+            .expect("the CUDA engine reports its memory");
+        report
+            .items
+            .iter()
+            .filter(|(what, _)| what.starts_with("AdamW moments"))
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+
+    /// A ZeRO-1 rank only ever holds its shard's moments on the GPU: not at construction,
+    /// not when a checkpoint's whole state is set before the shard (as a resumed run
+    /// does), and after the first step exactly 8 bytes per parameter of the shard. The
+    /// state set on the host reaches the device intact.
+    #[test]
+    fn a_sharded_engine_allocates_only_its_shards_moments() {
+        let test = "a_sharded_engine_allocates_only_its_shards_moments";
+        if no_gpu(test) {
+            return;
+        }
+        let hp = AdamWConfig::default();
+        let mut e = engine(Precision::Bf16);
+        let total = e.layout().total;
+        assert_eq!(moment_bytes(&e), 0, "moments allocated at construction");
+        let ranges = shard_ranges(total, 4);
+        let r = ranges[2].clone();
+        let m: Vec<f32> = (0..total).map(|i| (i % 7) as f32 * 1e-3).collect();
+        let v: Vec<f32> = (0..total).map(|i| (i % 5) as f32 * 1e-6).collect();
+        e.set_optimizer_state(OptimizerState {
+            m: m.clone(),
+            v: v.clone(),
+            step: 3,
+        });
+        assert_eq!(
+            moment_bytes(&e),
+            0,
+            "a whole state set before the shard went to the GPU"
+        );
+        e.set_optimizer_shard(r.clone());
+        loss(&mut e, 0);
+        assert_eq!(moment_bytes(&e), 8 * r.len() as u64, "after a pass");
+        e.step_shard(&hp, 0.0, 1.0);
+        assert_eq!(moment_bytes(&e), 8 * r.len() as u64, "after a step");
+        // With zero gradients the moments only decay, m by beta1 and v by beta2, from
+        // the values set (the kernel's m + (g - m)(1 - beta1) may round differently).
+        let st = e.optimizer_state();
+        assert_eq!(st.step, 4);
+        for (k, i) in r.clone().enumerate() {
+            let want_m = hp.beta1 * m[i];
+            assert!(
+                (st.m[k] - want_m).abs() <= 1e-6 * want_m,
+                "m[{i}] {} vs {want_m}",
+                st.m[k]
+            );
+            assert_eq!(st.v[k], hp.beta2 * v[i], "v[{i}]");
+        }
+    }
+
+    /// Where ZeRO-1 matters: a model whose whole AdamW moments do not fit on one GPU
+    /// beside its parameters and gradients trains on two with its moments sharded, and
+    /// resumes so (the checkpoint's whole state is narrowed to each rank's shard on the
+    /// host). One rank fails before training, naming the moments and `zero_stage=1`.
+    ///
+    /// Needs GPUs of 48 MiB, which only the emulated ones can be (GPU_EMULATE_MEMORY_MIB):
+    /// 3.17M parameters take 24.2 MiB with their gradients, their moments 24.2 MiB more
+    /// (48.4: too many), half of those 12.1 MiB, and a 4 x 16 micro-batch's activations
+    /// 5.1 MiB.
+    #[test]
+    fn zero_stage_1_trains_a_model_whose_whole_moments_do_not_fit_one_gpu() {
+        let test = "zero_stage_1_trains_a_model_whose_whole_moments_do_not_fit_one_gpu";
+        if !two_gpus(test) {
+            return;
+        }
+        if !engine(Precision::F32).device_name().contains("emulation") {
+            eprintln!("{test}: skipped: needs GPUs of 48 MiB, which only the emulated GPUs can be");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let cwd = root.path();
+        let data = prepare_data(&cwd.join("data"));
+        let out = cwd.join("out");
+        let args = |extra: &[&str]| -> Vec<String> {
+            let mut all = vec![
+                "--device=cuda",
+                "--n_layer=4",
+                "--n_head=4",
+                "--n_embd=256",
+                "--gradient_accumulation_steps=2",
+                "--eval_interval=2",
+                "--eval_iters=1",
+            ];
+            all.extend_from_slice(extra);
+            tiny_train_args(&data, &out, &all)
+        };
+        let small_gpus = |args: &[String]| {
+            nanogpt(cwd)
+                .env("GPU_EMULATE_MEMORY_MIB", "48")
+                .env_remove("RANK")
+                .env_remove("WORLD_SIZE")
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let mut one = vec!["train".to_string()];
+        one.extend(args(&["--max_iters=2"]));
+        let o = small_gpus(&one);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "one 48 MiB GPU should not fit: {err}");
+        assert!(
+            err.contains(
+                "out of GPU memory: the AdamW moments of all 3.2M parameters need 24.2 MiB"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("zero_stage=1 shards them over the ranks"),
+            "{err}"
+        );
+        for (max_iters, resume) in [
+            ("--max_iters=2", ""),
+            ("--max_iters=4", "--init_from=resume"),
+        ] {
+            let mut two = vec![
+                "launch".to_string(),
+                "--nproc_per_node=2".into(),
+                format!("--master_port={}", nanogpt::dist::test_port()),
+                "--".into(),
+                "train".into(),
+            ];
+            let mut extra = vec![max_iters, "--zero_stage=1", "--backend=nccl"];
+            extra.extend([resume].iter().filter(|r| !r.is_empty()));
+            two.extend(args(&extra));
+            let o = small_gpus(&two);
+            let err = stderr(&o);
+            assert!(o.status.success(), "{max_iters} {resume}: {err}");
+            assert!(err.contains("AdamW state: 12.1 MiB per rank"), "{err}");
+            assert!(
+                err.contains(&format!("saved checkpoint at iter {}", &max_iters[12..])),
+                "{err}"
+            );
         }
     }
 

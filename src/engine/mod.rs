@@ -319,12 +319,20 @@ pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<Str
         }
     }
     let device = engine.memory_report();
-    if let Some((free, total)) = device.and_then(|m| m.device_free.zip(m.device_total)) {
-        line.push_str(&format!(
-            "; {} free of {} on the GPU",
-            memory_size(free),
-            memory_size(total)
-        ));
+    if let Some(m) = device {
+        if let Some((free, total)) = m.device_free.zip(m.device_total) {
+            line.push_str(&format!(
+                "; {} free of {} on the GPU",
+                memory_size(free.saturating_sub(m.before_first_pass)),
+                memory_size(total)
+            ));
+            if m.before_first_pass > 0 {
+                line.push_str(&format!(
+                    " once the AdamW moments ({}) are allocated",
+                    memory_size(m.before_first_pass)
+                ));
+            }
+        }
     }
     Some(line)
 }

@@ -265,6 +265,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             crate::optim::adamw_memory_line(run.engine.layout().total, world, run.zero.is_some())
         );
     }
+    // After the optimizer shard is known: the free memory it gives is net of this rank's
+    // moments.
+    let (b, t) = (rank_cfg.batch_size, rank_cfg.block_size);
+    if let Some(line) = engine::activation_summary(run.engine.as_ref(), b, t) {
+        eprintln!("{line}");
+    }
     if let Some(w) = run.resumed_world.filter(|w| *w != world as u64 && master) {
         eprintln!(
             "note: the checkpoint was written by a run of world size {w}; continuing on {world}. \
@@ -368,11 +374,6 @@ impl Run {
         )?;
         eprintln!("device: {}", engine.device_name());
         engine.set_recompute(cfg.recompute_level()?);
-        if let Some(line) =
-            engine::activation_summary(engine.as_ref(), cfg.batch_size, cfg.block_size)
-        {
-            eprintln!("{line}");
-        }
         if let Some(m) = meta.as_ref().filter(|_| rank == 0) {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints
         }

@@ -4,7 +4,8 @@
 // CPU:
 //
 // - one device (GPU_EMULATE_DEVICES sets how many), compute capability 9.0 (GPU_EMULATE_CC,
-//   e.g. 80), 16 GiB of "device" memory that is host memory: a device pointer is a host
+//   e.g. 80), 16 GiB of "device" memory (GPU_EMULATE_MEMORY_MIB sets how much) that is
+//   host memory, counted per process over all devices: a device pointer is a host
 //   address. New allocations are filled with 0xff bytes (NaN as floats), as uninitialised
 //   GPU memory holds garbage, so that a read of memory nothing wrote shows up; each has
 //   guard bytes on both sides, checked after every kernel launch and copy, so that a
@@ -145,7 +146,6 @@ constexpr uintptr_t STREAM_PER_THREAD = 2;
 
 constexpr size_t GUARD = 256;  // bytes on each side of an allocation
 constexpr unsigned char GUARD_BYTE = 0xa5;
-constexpr unsigned long long TOTAL_MEMORY = 16ull << 30;
 constexpr unsigned DYNAMIC_SHARED_LIMIT = 48 << 10;
 
 struct Allocation {
@@ -225,6 +225,7 @@ struct State {
     int cc = 90;
     std::map<uintptr_t, Allocation> allocations;  // by the user's address
     unsigned long long allocated = 0;
+    unsigned long long total_memory = 16ull << 30;  // GPU_EMULATE_MEMORY_MIB
     std::vector<EmuKernel> kernels;
     int contexts[64] = {};  // one primary context per device: its address is the handle
     // Live streams, graphs and executable graphs, so that a destroyed or foreign handle is
@@ -564,6 +565,8 @@ CUresult cuInit(unsigned flags) {
     if (!s.initialised) {
         s.devices = std::clamp(env_int("GPU_EMULATE_DEVICES", 1), 0, 64);
         s.cc = env_int("GPU_EMULATE_CC", 90);
+        if (int mib = env_int("GPU_EMULATE_MEMORY_MIB", 0); mib > 0)
+            s.total_memory = (unsigned long long)mib << 20;
         s.kernels = emu_kernels_main();
         for (auto& k : emu_kernels_flash()) s.kernels.push_back(std::move(k));
         s.initialised = true;
@@ -602,7 +605,7 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
     NEED_INIT;
     if (!bytes) return INVALID_VALUE;
     if (!valid_device(d)) return INVALID_DEVICE;
-    *bytes = TOTAL_MEMORY;
+    *bytes = state().total_memory;
     return SUCCESS;
 }
 
@@ -686,7 +689,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (CUresult r = unsafe_call("cuMemAlloc")) return r;
     State& s = state();
     if (!p || bytes == 0) return INVALID_VALUE;
-    if (s.allocated + bytes > TOTAL_MEMORY) return OUT_OF_MEMORY;
+    if (s.allocated + bytes > s.total_memory) return OUT_OF_MEMORY;
     // 256-byte aligned user addresses, as cuMemAlloc's.
     size_t total = GUARD + ((bytes + 255) & ~size_t(255)) + GUARD;
     auto* base = static_cast<unsigned char*>(std::aligned_alloc(256, total));
@@ -718,8 +721,8 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     LOCKED;
     NEED_INIT;
     if (!free || !total) return INVALID_VALUE;
-    *total = TOTAL_MEMORY;
-    *free = TOTAL_MEMORY - state().allocated;
+    *total = state().total_memory;
+    *free = state().total_memory - state().allocated;
     return SUCCESS;
 }
 

@@ -94,9 +94,9 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     )
 }
 
-/// The message for an engine whose fixed state (`bytes`: parameters, gradients, AdamW
-/// moments, the bf16 copy and workspaces of a model with `params` parameters) needs more
-/// than `free` bytes (of `total`) on `device`.
+/// The message for an engine whose fixed state (`bytes`: parameters, gradients, the bf16
+/// copy and workspaces of a model with `params` parameters) needs more than `free` bytes
+/// (of `total`) on `device`.
 pub(super) fn state_does_not_fit(
     device: &str,
     params: usize,
@@ -106,13 +106,51 @@ pub(super) fn state_does_not_fit(
 ) -> String {
     format!(
         "out of GPU memory: the model's {:.1}M parameters need {} on the GPU before any \
-         activation (fp32 parameters, gradients and two AdamW moments are 16 bytes per \
+         activation or optimizer state (fp32 parameters and gradients are 8 bytes per \
          parameter, the bf16 mode's copy 2 more), and {device} has {} free of {}; use a \
          smaller model (n_layer, n_embd) or a GPU with more memory",
         params as f64 / 1e6,
         memory_size(bytes),
         memory_size(free),
         memory_size(total)
+    )
+}
+
+/// The message for AdamW moments (`bytes`, for `shard` of the model's `params`
+/// parameters) that need more than `free` bytes (of `total`) on `device`.
+pub(super) fn moments_do_not_fit(
+    device: &str,
+    shard: usize,
+    params: usize,
+    bytes: u64,
+    free: u64,
+    total: u64,
+) -> String {
+    let whole = shard == params;
+    format!(
+        "out of GPU memory: the AdamW moments of {} parameters need {} (two fp32 values \
+         each), and {device} has {} free of {} ({} already in use by the parameters, \
+         gradients and anything else); {}",
+        if whole {
+            format!("all {:.1}M", params as f64 / 1e6)
+        } else {
+            format!(
+                "this rank's {:.1}M of {:.1}M",
+                shard as f64 / 1e6,
+                params as f64 / 1e6
+            )
+        },
+        memory_size(bytes),
+        memory_size(free),
+        memory_size(total),
+        memory_size(total.saturating_sub(free)),
+        if whole {
+            "on several GPUs, zero_stage=1 shards them over the ranks (1/W each); else use a \
+             smaller model (n_layer, n_embd) or a GPU with more memory"
+        } else {
+            "more ranks make each shard smaller; else use a smaller model (n_layer, n_embd) \
+             or GPUs with more memory"
+        }
     )
 }
 
@@ -191,9 +229,42 @@ mod tests {
         assert_eq!(
             m,
             "out of GPU memory: the model's 1500.0M parameters need 27.00 GiB on the GPU before \
-             any activation (fp32 parameters, gradients and two AdamW moments are 16 bytes per \
+             any activation or optimizer state (fp32 parameters and gradients are 8 bytes per \
              parameter, the bf16 mode's copy 2 more), and cuda:0 (test GPU) has 20.00 GiB free \
              of 24.00 GiB; use a smaller model (n_layer, n_embd) or a GPU with more memory"
         );
+    }
+
+    #[test]
+    fn the_moments_message_suggests_sharding_them_or_more_ranks() {
+        let whole = moments_do_not_fit(
+            "cuda:0 (test GPU)",
+            3 << 30,
+            3 << 30,
+            24 << 30,
+            12 << 30,
+            40 << 30,
+        );
+        assert_eq!(
+            whole,
+            "out of GPU memory: the AdamW moments of all 3221.2M parameters need 24.00 GiB (two \
+             fp32 values each), and cuda:0 (test GPU) has 12.00 GiB free of 40.00 GiB (28.00 GiB \
+             already in use by the parameters, gradients and anything else); on several GPUs, \
+             zero_stage=1 shards them over the ranks (1/W each); else use a smaller model \
+             (n_layer, n_embd) or a GPU with more memory"
+        );
+        let shard = moments_do_not_fit(
+            "cuda:1 (test GPU)",
+            1 << 30,
+            3 << 30,
+            8 << 30,
+            4 << 30,
+            40 << 30,
+        );
+        assert!(
+            shard.contains("of this rank's 1073.7M of 3221.2M parameters need 8.00 GiB"),
+            "{shard}"
+        );
+        assert!(shard.ends_with("more ranks make each shard smaller; else use a smaller model (n_layer, n_embd) or GPUs with more memory"), "{shard}");
     }
 }

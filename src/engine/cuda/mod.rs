@@ -316,9 +316,9 @@ pub struct CudaEngine {
     acts: Option<Acts>,
     params: Buf,
     grads: Buf,
-    /// AdamW moments of `opt_shard` (the whole layout unless ZeRO-1 narrowed it).
-    m: Buf,
-    v: Buf,
+    /// AdamW moments of `opt_shard` (the whole layout unless ZeRO-1 narrowed it), on the
+    /// device from the first training pass or step on.
+    moments: optimizer::Moments,
     opt_shard: std::ops::Range<usize>,
     /// The weight-decay runs of the shard they were built for, as `adamw_update` reads
     /// them: (start, decays) pairs of i64 relative to the shard, and their count.
@@ -442,9 +442,10 @@ impl CudaEngine {
             ))
         })?;
         let total = layout.total;
-        // What is allocated below: parameters, gradients, both moments (fp32), the norm's
-        // partial sums, and in bf16 mode the parameters' bf16 copy and cuBLASLt's workspace.
-        let state_bytes = (16 * total
+        // What is allocated below: parameters and gradients (fp32), the norm's partial
+        // sums, and in bf16 mode the parameters' bf16 copy and cuBLASLt's workspace. (The
+        // AdamW moments wait for the optimizer shard: `optimizer::Moments`.)
+        let state_bytes = (8 * total
             + 8 * NORM_PARTS
             + match precision {
                 Precision::F32 => 0,
@@ -478,8 +479,6 @@ impl CudaEngine {
             Ok(b)
         };
         let grads = zeros("gradients")?;
-        let m = zeros("AdamW first moments")?;
-        let v = zeros("AdamW second moments")?;
         let norm_parts = ctx.alloc(8 * NORM_PARTS).map_err(cuda_err)?;
         let bf = match precision {
             Precision::F32 => None,
@@ -528,8 +527,7 @@ impl CudaEngine {
             acts: None,
             params: p,
             grads,
-            m,
-            v,
+            moments: optimizer::Moments::Host(None),
             opt_shard: 0..total,
             adamw_runs: None,
             norm_parts,
@@ -805,6 +803,8 @@ impl CudaEngine {
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
             self.acts = None; // free the old shape first
+                              // The moments first, so that the activations are planned for what is left.
+            self.moments_on_device()?;
             let t_cap = t_cap.max(t);
             if let Some(advice) = self.activations_do_not_fit(b, t_cap, true) {
                 return Err(CudaError::Invalid(advice));
@@ -1277,15 +1277,7 @@ impl Engine for CudaEngine {
             state.m.len(),
             state.v.len()
         );
-        let r = self.ctx.make_current().and_then(|_| {
-            self.stream.synchronize()?;
-            if n > 0 {
-                self.m.copy_from_host(&state.m)?;
-                self.v.copy_from_host(&state.v)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
+        if let Err(e) = self.set_moments(self.opt_shard.clone(), state.m, state.v) {
             panic!("CUDA error while uploading the AdamW state: {e}");
         }
         self.step = state.step;
@@ -1317,7 +1309,7 @@ impl Engine for CudaEngine {
             let old = self.opt_shard.clone();
             let reshard = crate::optim::adamw::reshard;
             let (m, v) = (reshard(&m, &old, &range), reshard(&v, &old, &range));
-            self.moments_from_host(range.clone(), &m, &v)
+            self.set_moments(range.clone(), m, v)
         });
         if let Err(e) = r {
             panic!("CUDA error while resizing the AdamW state to {range:?}: {e}");

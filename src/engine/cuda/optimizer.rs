@@ -4,6 +4,7 @@
 
 use super::kernels::{grid_vec, Arg};
 use super::{at, Buf, CResult, CudaEngine, NORM_PARTS};
+use crate::cuda::CudaError;
 use crate::optim::AdamWConfig;
 
 impl CudaEngine {
@@ -53,6 +54,7 @@ impl CudaEngine {
         let step_size = (lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (runs, n_runs) = self.adamw_runs(&shard)?;
+        let (m, v) = self.moments_on_device()?;
         // One launch over the shard: clipping, weight decay where it applies, the update
         // and the bf16 copy (see kernels/adamw.cu). The clipped gradients are not written
         // back: the factor is kept instead ([`CudaEngine::sync_grads`] applies it if they
@@ -64,8 +66,8 @@ impl CudaEngine {
             &[
                 Arg::Ptr(at(self.params.ptr, shard.start)),
                 Arg::Ptr(at(self.grads.ptr, shard.start)),
-                Arg::Ptr(self.m.ptr),
-                Arg::Ptr(self.v.ptr),
+                Arg::Ptr(m),
+                Arg::Ptr(v),
                 Arg::I64(shard.len() as i64),
                 Arg::Ptr(runs),
                 Arg::I32(n_runs as i32),
@@ -99,40 +101,117 @@ impl CudaEngine {
 
     /// The moments of `opt_shard` on the host.
     pub(super) fn moments_to_host(&self) -> CResult<(Vec<f32>, Vec<f32>)> {
-        self.ctx.make_current()?;
-        self.stream.synchronize()?;
         let n = self.opt_shard.len();
-        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
-        if n > 0 {
-            self.m.copy_to_host(&mut m)?;
-            self.v.copy_to_host(&mut v)?;
+        match &self.moments {
+            Moments::Host(Some((m, v))) => Ok((m.clone(), v.clone())),
+            Moments::Host(None) => Ok((vec![0f32; n], vec![0f32; n])),
+            Moments::Device { m: dm, v: dv } => {
+                self.ctx.make_current()?;
+                self.stream.synchronize()?;
+                let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+                if n > 0 {
+                    dm.copy_to_host(&mut m)?;
+                    dv.copy_to_host(&mut v)?;
+                }
+                Ok((m, v))
+            }
         }
-        Ok((m, v))
     }
 
-    /// Replaces the moment buffers with ones for `range` holding `m` and `v`.
-    pub(super) fn moments_from_host(
+    /// Makes `m` and `v` the moments of `range`: on the device if they are there already
+    /// (the old buffers freed first, so that the peak is the larger of the two), else kept
+    /// on the host until [`CudaEngine::moments_on_device`].
+    pub(super) fn set_moments(
         &mut self,
         range: std::ops::Range<usize>,
-        m: &[f32],
-        v: &[f32],
+        m: Vec<f32>,
+        v: Vec<f32>,
     ) -> CResult<()> {
-        self.ctx.make_current()?;
-        self.stream.synchronize()?;
-        // Free the old buffers first, so that the peak is the larger of the two.
-        self.m = self.ctx.alloc(0)?;
-        self.v = self.ctx.alloc(0)?;
-        let up = |data: &[f32]| -> CResult<Buf> {
-            let b = self.ctx.alloc(4 * data.len())?;
-            if !data.is_empty() {
-                b.copy_from_host(data)?;
-            }
-            Ok(b)
-        };
-        self.m = up(m)?;
-        self.v = up(v)?;
+        debug_assert!(m.len() == range.len() && v.len() == range.len());
         self.opt_shard = range;
+        let on_device = matches!(self.moments, Moments::Device { .. });
+        if on_device {
+            self.ctx.make_current()?;
+            self.stream.synchronize()?;
+        }
+        self.moments = Moments::Host(Some((m, v)));
+        if on_device {
+            self.moments_on_device()?;
+        }
         Ok(())
+    }
+
+    /// The device addresses of the moments of `opt_shard`, allocated (and filled with
+    /// what was set on the host, else zeros) on first use, after checking that they fit.
+    pub(super) fn moments_on_device(&mut self) -> CResult<(u64, u64)> {
+        if let Moments::Host(host) = &mut self.moments {
+            self.ctx.make_current()?;
+            let n = self.opt_shard.len();
+            let bytes = 8 * n as u64;
+            if let Ok((free, total)) = self.ctx.mem_info() {
+                if bytes > free {
+                    return Err(CudaError::Invalid(super::fit::moments_do_not_fit(
+                        &self.name,
+                        n,
+                        self.layout.total,
+                        bytes,
+                        free,
+                        total,
+                    )));
+                }
+            }
+            let up = |data: Option<Vec<f32>>| -> CResult<Buf> {
+                let b = self.ctx.alloc(4 * n)?;
+                match data {
+                    _ if n == 0 => {}
+                    Some(d) => b.copy_from_host(&d)?,
+                    None => b.zero()?,
+                }
+                Ok(b)
+            };
+            let (m, v) = host
+                .take()
+                .map_or((None, None), |(m, v)| (Some(m), Some(v)));
+            self.moments = Moments::Device {
+                m: up(m)?,
+                v: up(v)?,
+            };
+        }
+        match &self.moments {
+            Moments::Device { m, v } => Ok((m.ptr, v.ptr)),
+            Moments::Host(_) => unreachable!("moved to the device just above"),
+        }
+    }
+}
+
+/// AdamW's two moments over the engine's optimizer shard. They stay on the host (zeros
+/// until a state is set) until the first training pass or step needs them on the GPU. A
+/// ZeRO-1 rank learns its shard only after construction, and a resumed run sets the whole
+/// model's state before it is narrowed to the shard, so allocating at construction would
+/// need the whole model's moments on every rank; this way a rank only ever allocates its
+/// shard's, and an engine that only samples allocates none.
+pub(super) enum Moments {
+    /// Not on the device yet; `None` is zeros.
+    Host(Option<(Vec<f32>, Vec<f32>)>),
+    /// On the device, for `opt_shard`.
+    Device { m: Buf, v: Buf },
+}
+
+impl Moments {
+    /// Device bytes held.
+    pub(super) fn device_bytes(&self) -> usize {
+        match self {
+            Moments::Host(_) => 0,
+            Moments::Device { m, v } => m.bytes + v.bytes,
+        }
+    }
+
+    /// Device bytes still to be allocated for a shard of `n` parameters.
+    pub(super) fn host_bytes(&self, n: usize) -> u64 {
+        match self {
+            Moments::Host(_) => 8 * n as u64,
+            Moments::Device { .. } => 0,
+        }
     }
 }
 

@@ -347,6 +347,9 @@ pub struct MemoryReport {
     /// `cuMemGetInfo` right now, when the engine can ask the driver.
     pub device_free: Option<u64>,
     pub device_total: Option<u64>,
+    /// Bytes the engine allocates at its first pass, beyond `items`: the AdamW moments of
+    /// its optimizer shard while they wait on the host (`optimizer::Moments`).
+    pub before_first_pass: u64,
 }
 
 /// The [`MemoryReport`] items that hold activations (what a training step's shape and
@@ -739,7 +742,7 @@ impl CudaEngine {
         };
         add("parameters (fp32)", self.params.bytes);
         add("gradients (fp32)", self.grads.bytes);
-        add("AdamW moments (fp32)", self.m.bytes + self.v.bytes);
+        add("AdamW moments (fp32)", self.moments.device_bytes());
         add("gradient-norm partials", self.norm_parts.bytes);
         if let Some(bf) = &self.bf {
             add("parameters (bf16 copy)", bf.params.bytes);
@@ -826,6 +829,7 @@ impl CudaEngine {
             items,
             device_free: info.map(|i| i.0),
             device_total: info.map(|i| i.1),
+            before_first_pass: self.moments.host_bytes(self.opt_shard.len()),
         }
     }
 }
