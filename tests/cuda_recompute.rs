@@ -479,3 +479,69 @@ fn a_batch_too_large_for_the_gpu_says_what_would_fit() {
     let want = fresh.forward_backward(small, 1.0).unwrap();
     assert_eq!(loss.to_bits(), want.to_bits());
 }
+
+/// An allocation that fails although the free memory looked sufficient (another process
+/// took memory between the engine's query and its allocation) gets the same advice, for
+/// what is free after the failure, with the driver's error appended; not a bare "out of
+/// memory". Needs a GPU whose free memory misleads on purpose, which only the emulated
+/// one does (GPU_EMULATE_UNSEEN_MIB): 60 MiB with 10 of them hidden in use. A model of
+/// 3.17M parameters (fp32) takes 48.4 MiB with its gradients and moments; the 5.1 MiB of
+/// a 4 x 16 micro-batch's activations pass the check (11.6 MiB look free) and then fail
+/// to allocate (1.6 MiB are).
+#[test]
+fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
+    let test = "an_allocation_failing_despite_the_check_gives_the_same_advice";
+    if no_gpu(test) {
+        return;
+    }
+    let cfg = GptConfig::new(1, 2, 64, 16, 64, true, 0.0).expect("a valid model");
+    let probe = engine(
+        &cfg,
+        &ParamLayout::new(&cfg).init_params(&cfg, 1),
+        Precision::F32,
+        Switches::default(),
+        Recompute::Nothing,
+    );
+    if !probe.device_name().contains("emulation") {
+        eprintln!("{test}: skipped: needs a GPU that hides memory in use, which only the emulated one can");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let cwd = root.path();
+    let data = common::prepare_data(&cwd.join("data"));
+    let args = common::tiny_train_args(
+        &data,
+        &cwd.join("out"),
+        &[
+            "--device=cuda",
+            "--n_layer=4",
+            "--n_head=4",
+            "--n_embd=256",
+            "--max_iters=2",
+        ],
+    );
+    let o = common::nanogpt(cwd)
+        .env("GPU_EMULATE_MEMORY_MIB", "60")
+        .env("GPU_EMULATE_UNSEEN_MIB", "10")
+        .arg("train")
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = common::stderr(&o);
+    assert!(!o.status.success(), "the activations should not fit: {err}");
+    assert!(
+        err.contains("11.6 MiB free of 60.0 MiB on the GPU"),
+        "the startup line shows the misleading figure: {err}"
+    );
+    assert!(
+        err.contains(
+            "out of GPU memory: a training step on a 4 x 16 micro-batch needs 5.1 MiB of \
+             activations at recompute=0, and cuda:0"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("has 1.6 MiB free of 60.0 MiB"), "{err}");
+    assert!(err.contains("to fit, set batch_size="), "{err}");
+    assert!(err.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -4,8 +4,9 @@
 // CPU:
 //
 // - one device (GPU_EMULATE_DEVICES sets how many), compute capability 9.0 (GPU_EMULATE_CC,
-//   e.g. 80), 16 GiB of "device" memory (GPU_EMULATE_MEMORY_MIB sets how much) that is
-//   host memory, counted per process over all devices: a device pointer is a host
+//   e.g. 80), 16 GiB of "device" memory (GPU_EMULATE_MEMORY_MIB sets how much;
+//   GPU_EMULATE_UNSEEN_MIB hides some in use from cuMemGetInfo until an allocation fails)
+//   that is host memory, counted per process over all devices: a device pointer is a host
 //   address. New allocations are filled with 0xff bytes (NaN as floats), as uninitialised
 //   GPU memory holds garbage, so that a read of memory nothing wrote shows up; each has
 //   guard bytes on both sides, checked after every kernel launch and copy, so that a
@@ -226,6 +227,11 @@ struct State {
     std::map<uintptr_t, Allocation> allocations;  // by the user's address
     unsigned long long allocated = 0;
     unsigned long long total_memory = 16ull << 30;  // GPU_EMULATE_MEMORY_MIB
+    // GPU_EMULATE_UNSEEN_MIB: memory in use that cuMemGetInfo leaves out until an allocation
+    // fails for lack of it, as when another process allocates between the engine's query
+    // and its allocation.
+    unsigned long long unseen = 0;
+    bool unseen_shown = false;
     std::vector<EmuKernel> kernels;
     int contexts[64] = {};  // one primary context per device: its address is the handle
     // Live streams, graphs and executable graphs, so that a destroyed or foreign handle is
@@ -567,6 +573,7 @@ CUresult cuInit(unsigned flags) {
         s.cc = env_int("GPU_EMULATE_CC", 90);
         if (int mib = env_int("GPU_EMULATE_MEMORY_MIB", 0); mib > 0)
             s.total_memory = (unsigned long long)mib << 20;
+        s.unseen = (unsigned long long)std::max(env_int("GPU_EMULATE_UNSEEN_MIB", 0), 0) << 20;
         s.kernels = emu_kernels_main();
         for (auto& k : emu_kernels_flash()) s.kernels.push_back(std::move(k));
         s.initialised = true;
@@ -689,7 +696,10 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (CUresult r = unsafe_call("cuMemAlloc")) return r;
     State& s = state();
     if (!p || bytes == 0) return INVALID_VALUE;
-    if (s.allocated + bytes > s.total_memory) return OUT_OF_MEMORY;
+    if (s.allocated + s.unseen + bytes > s.total_memory) {
+        s.unseen_shown = true;
+        return OUT_OF_MEMORY;
+    }
     // 256-byte aligned user addresses, as cuMemAlloc's.
     size_t total = GUARD + ((bytes + 255) & ~size_t(255)) + GUARD;
     auto* base = static_cast<unsigned char*>(std::aligned_alloc(256, total));
@@ -721,8 +731,10 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     LOCKED;
     NEED_INIT;
     if (!free || !total) return INVALID_VALUE;
-    *total = state().total_memory;
-    *free = state().total_memory - state().allocated;
+    const State& s = state();
+    unsigned long long used = s.allocated + (s.unseen_shown ? s.unseen : 0);
+    *total = s.total_memory;
+    *free = used < s.total_memory ? s.total_memory - used : 0;
     return SUCCESS;
 }
 
