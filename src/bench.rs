@@ -767,7 +767,7 @@ mod tests {
             ],
             device_free: Some(70 << 30),
             device_total: Some(80 << 30),
-            before_first_pass: 0,
+            before_first_pass: Vec::new(),
         };
         let m = memory_summary(&report, Some(1 << 30));
         assert_eq!(m.in_use_bytes, Some(10 << 30));

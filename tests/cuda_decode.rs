@@ -200,6 +200,26 @@ fn sampler_output_is_the_same_greedy_text_on_both_engines() {
         tg, tc,
         "greedy samples (40 tokens past block_size 16) differ between the CUDA and CPU engines"
     );
+    // Sampling allocated neither gradients nor AdamW moments: they wait for a training
+    // pass (4 and 8 bytes per parameter).
+    let report = gpu
+        .memory_report()
+        .expect("the CUDA engine reports its memory");
+    let held: Vec<&str> = report.items.iter().map(|(what, _)| what.as_str()).collect();
+    assert!(
+        !held
+            .iter()
+            .any(|w| w.starts_with("gradients") || w.starts_with("AdamW")),
+        "{held:?}"
+    );
+    let total = gpu.layout().total as u64;
+    assert_eq!(
+        report.before_first_pass,
+        vec![
+            ("gradients".to_string(), 4 * total),
+            ("AdamW moments".to_string(), 8 * total)
+        ]
+    );
 }
 
 #[test]

@@ -321,15 +321,22 @@ pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<Str
     let device = engine.memory_report();
     if let Some(m) = device {
         if let Some((free, total)) = m.device_free.zip(m.device_total) {
+            let pending: u64 = m.before_first_pass.iter().map(|(_, b)| b).sum();
             line.push_str(&format!(
                 "; {} free of {} on the GPU",
-                memory_size(free.saturating_sub(m.before_first_pass)),
+                memory_size(free.saturating_sub(pending)),
                 memory_size(total)
             ));
-            if m.before_first_pass > 0 {
+            if pending > 0 {
+                let what: Vec<&str> = m
+                    .before_first_pass
+                    .iter()
+                    .map(|(w, _)| w.as_str())
+                    .collect();
                 line.push_str(&format!(
-                    " once the AdamW moments ({}) are allocated",
-                    memory_size(m.before_first_pass)
+                    " once the {} ({}) are allocated",
+                    what.join(" and "),
+                    memory_size(pending)
                 ));
             }
         }

@@ -89,10 +89,10 @@ impl CudaEngine {
             let f = std::mem::size_of::<f32>();
             let pad_rows = cfg.padded_vocab_size - v;
             self.stream
-                .zero_range(&self.grads, f * (lay.wte + v * c), f * pad_rows * c)?;
+                .zero_range(self.grad_buf(), f * (lay.wte + v * c), f * pad_rows * c)?;
             let tail_rows = cfg.block_size - t;
             self.stream
-                .zero_range(&self.grads, f * (lay.wpe + t * c), f * tail_rows * c)?;
+                .zero_range(self.grad_buf(), f * (lay.wpe + t * c), f * tail_rows * c)?;
         }
         // LM head (tied): dlnf = dlogits @ wte ; dwte += dlogits^T @ lnf. The cross-entropy
         // kernel wrote dlogits over bf16 logits, or in bf16 to the gradient scratch with

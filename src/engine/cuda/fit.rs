@@ -1,5 +1,6 @@
-//! Whether an engine's state and a training step's activations fit in the GPU memory that
-//! is free, checked before they are allocated, and what to change when they do not: the
+//! Whether an engine's state (its parameters; at the first training pass the gradients and
+//! AdamW moments) and a training step's activations fit in the GPU memory that is free,
+//! checked before they are allocated, and what to change when they do not: the
 //! messages name what is needed, what is free, and for activations the settings that would
 //! fit (a higher `recompute` level, a smaller `batch_size` with more gradient
 //! accumulation), each with the figure it would need.
@@ -94,9 +95,9 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     )
 }
 
-/// The message for an engine whose fixed state (`bytes`: parameters, gradients, the bf16
-/// copy and workspaces of a model with `params` parameters) needs more than `free` bytes
-/// (of `total`) on `device`.
+/// The message for an engine whose fixed state (`bytes`: the parameters, their bf16 copy
+/// and workspaces of a model with `params` parameters) needs more than `free` bytes (of
+/// `total`) on `device`.
 pub(super) fn state_does_not_fit(
     device: &str,
     params: usize,
@@ -106,13 +107,35 @@ pub(super) fn state_does_not_fit(
 ) -> String {
     format!(
         "out of GPU memory: the model's {:.1}M parameters need {} on the GPU before any \
-         activation or optimizer state (fp32 parameters and gradients are 8 bytes per \
-         parameter, the bf16 mode's copy 2 more), and {device} has {} free of {}; use a \
-         smaller model (n_layer, n_embd) or a GPU with more memory",
+         gradient, activation or optimizer state (fp32 parameters are 4 bytes each, the \
+         bf16 mode's copy 2 more), and {device} has {} free of {}; use a smaller model \
+         (n_layer, n_embd) or a GPU with more memory",
         params as f64 / 1e6,
         memory_size(bytes),
         memory_size(free),
         memory_size(total)
+    )
+}
+
+/// The message for the fp32 gradients (`bytes`) of a model with `params` parameters that
+/// need more than `free` bytes (of `total`) on `device` at the first training pass.
+pub(super) fn gradients_do_not_fit(
+    device: &str,
+    params: usize,
+    bytes: u64,
+    free: u64,
+    total: u64,
+) -> String {
+    format!(
+        "out of GPU memory: training the model's {:.1}M parameters needs their fp32 \
+         gradients, {}, and {device} has {} free of {} ({} already in use by the parameters \
+         and anything else); use a smaller model (n_layer, n_embd) or a GPU with more memory \
+         (sampling needs no gradients)",
+        params as f64 / 1e6,
+        memory_size(bytes),
+        memory_size(free),
+        memory_size(total),
+        memory_size(total.saturating_sub(free)),
     )
 }
 
@@ -229,9 +252,21 @@ mod tests {
         assert_eq!(
             m,
             "out of GPU memory: the model's 1500.0M parameters need 27.00 GiB on the GPU before \
-             any activation or optimizer state (fp32 parameters and gradients are 8 bytes per \
-             parameter, the bf16 mode's copy 2 more), and cuda:0 (test GPU) has 20.00 GiB free \
-             of 24.00 GiB; use a smaller model (n_layer, n_embd) or a GPU with more memory"
+             any gradient, activation or optimizer state (fp32 parameters are 4 bytes each, the \
+             bf16 mode's copy 2 more), and cuda:0 (test GPU) has 20.00 GiB free of 24.00 GiB; \
+             use a smaller model (n_layer, n_embd) or a GPU with more memory"
+        );
+    }
+
+    #[test]
+    fn the_gradients_message_names_the_need_and_what_is_free() {
+        let m = gradients_do_not_fit("cuda:0 (test GPU)", 1 << 30, 4 << 30, 3 << 30, 16 << 30);
+        assert_eq!(
+            m,
+            "out of GPU memory: training the model's 1073.7M parameters needs their fp32 \
+             gradients, 4.00 GiB, and cuda:0 (test GPU) has 3.00 GiB free of 16.00 GiB (13.00 \
+             GiB already in use by the parameters and anything else); use a smaller model \
+             (n_layer, n_embd) or a GPU with more memory (sampling needs no gradients)"
         );
     }
 

@@ -315,7 +315,10 @@ pub struct CudaEngine {
     bf: Option<Bf16State>,
     acts: Option<Acts>,
     params: Buf,
-    grads: Buf,
+    /// The fp32 gradients: allocated by the first training pass (or whatever else needs
+    /// them on the device: [`CudaEngine::sync_grads`]), so that an engine that only
+    /// samples holds none. Until then they read as zeros (`grads_unwritten`).
+    grads: Option<Buf>,
     /// AdamW moments of `opt_shard` (the whole layout unless ZeRO-1 narrowed it), on the
     /// device from the first training pass or step on.
     moments: optimizer::Moments,
@@ -340,9 +343,10 @@ pub struct CudaEngine {
     host_grads: Vec<f32>,
     /// `host_grads` was handed out by `grads_mut` and may differ from the device copy.
     host_grads_dirty: bool,
-    /// `zero_grad` ran with `fresh_grads` and left the device gradients as they were: they
-    /// read as zeros, the next training micro-step writes them ([`GradWrite::Overwrite`]),
-    /// and anything else that reads them zeroes them first ([`CudaEngine::sync_grads`]).
+    /// `zero_grad` ran with `fresh_grads` and left the device gradients as they were (or
+    /// they are not allocated yet): they read as zeros, the next training micro-step writes
+    /// them ([`GradWrite::Overwrite`]), and anything else that reads them zeroes them first
+    /// ([`CudaEngine::sync_grads`]).
     grads_unwritten: bool,
     /// The clipping factor the last optimizer step applied to the gradients of its range
     /// without writing them back (`adamw_update` with `store_g` 0): they read as clipped,
@@ -442,10 +446,10 @@ impl CudaEngine {
             ))
         })?;
         let total = layout.total;
-        // What is allocated below: parameters and gradients (fp32), the norm's partial
-        // sums, and in bf16 mode the parameters' bf16 copy and cuBLASLt's workspace. (The
-        // AdamW moments wait for the optimizer shard: `optimizer::Moments`.)
-        let state_bytes = (8 * total
+        // What is allocated below: the fp32 parameters, the norm's partial sums, and in bf16
+        // mode the parameters' bf16 copy and cuBLASLt's workspace. (The gradients and the
+        // AdamW moments wait for the first training pass: `grads`, `optimizer::Moments`.)
+        let state_bytes = (4 * total
             + 8 * NORM_PARTS
             + match precision {
                 Precision::F32 => 0,
@@ -473,12 +477,6 @@ impl CudaEngine {
             ))
         };
         let p = ctx.upload(&params).map_err(|e| oom("parameters", e))?;
-        let zeros = |what: &str| -> Result<Buf> {
-            let b = ctx.alloc(4 * total).map_err(|e| oom(what, e))?;
-            b.zero().map_err(cuda_err)?;
-            Ok(b)
-        };
-        let grads = zeros("gradients")?;
         let norm_parts = ctx.alloc(8 * NORM_PARTS).map_err(cuda_err)?;
         let bf = match precision {
             Precision::F32 => None,
@@ -526,7 +524,7 @@ impl CudaEngine {
             bf,
             acts: None,
             params: p,
-            grads,
+            grads: None,
             moments: optimizer::Moments::Host(None),
             opt_shard: 0..total,
             adamw_runs: None,
@@ -541,7 +539,7 @@ impl CudaEngine {
             cfg,
             host_grads: Vec::new(),
             host_grads_dirty: false,
-            grads_unwritten: false,
+            grads_unwritten: true,
             grads_clip_pending: None,
             step: 0,
             rng: Rng::derive(seed, 0xD50F),
@@ -651,7 +649,39 @@ impl CudaEngine {
         at(self.params.ptr, off)
     }
     fn g(&self, off: usize) -> u64 {
-        at(self.grads.ptr, off)
+        at(self.grad_buf().ptr, off)
+    }
+
+    /// The device gradients, which [`CudaEngine::sync_grads`] allocates before any use on
+    /// the device.
+    fn grad_buf(&self) -> &Buf {
+        self.grads
+            .as_ref()
+            .expect("the gradients are allocated (sync_grads) before the device uses them")
+    }
+
+    /// Allocates the gradients on first use, after checking that they fit. Their contents
+    /// are not set: until then they are `grads_unwritten` (or edited on the host), so the
+    /// caller overwrites them (a training micro-step's [`GradWrite::Overwrite`]) or
+    /// [`CudaEngine::sync_grads`] zeroes or uploads them.
+    fn grads_on_device(&mut self) -> CResult<()> {
+        if self.grads.is_none() {
+            let total = self.layout.total;
+            let bytes = 4 * total as u64;
+            if let Ok((free, device_total)) = self.ctx.mem_info() {
+                if bytes > free {
+                    return Err(CudaError::Invalid(fit::gradients_do_not_fit(
+                        &self.name,
+                        total,
+                        bytes,
+                        free,
+                        device_total,
+                    )));
+                }
+            }
+            self.grads = Some(self.ctx.alloc(4 * total)?);
+        }
+        Ok(())
     }
     fn p_opt(&self, off: Option<usize>) -> u64 {
         off.map_or(0, |o| self.p(o))
@@ -802,8 +832,10 @@ impl CudaEngine {
         if !matches!(&self.acts,
             Some(a) if a.b == b && a.t_cap >= t && a.recompute == rc && a.storage == st)
         {
-            self.acts = None; // free the old shape first
-                              // The moments first, so that the activations are planned for what is left.
+            // Free the old shape first; then the gradients and moments, so that the
+            // activations are planned for what is left.
+            self.acts = None;
+            self.grads_on_device()?;
             self.moments_on_device()?;
             let t_cap = t_cap.max(t);
             if let Some(advice) = self.activations_do_not_fit(b, t_cap, true) {
@@ -881,7 +913,7 @@ impl CudaEngine {
     /// The gradient buffer as collectives address it.
     fn grads_location(&self) -> super::DeviceGrads {
         super::DeviceGrads {
-            ptr: self.grads.ptr,
+            ptr: self.grad_buf().ptr,
             len: self.layout.total,
             stream: self.stream.s as u64,
         }
@@ -892,19 +924,20 @@ impl CudaEngine {
     /// or the ones edited on the host through `grads_mut`.
     fn sync_grads(&mut self) -> CResult<()> {
         self.ctx.make_current()?;
+        self.grads_on_device()?;
         if self.grads_clip_pending.is_some() {
             // Only off the training loop's path (a read of the gradients on the device, or
             // accumulation onto them, after a step and before `zero_grad`): through the
             // host, with the kernel's arithmetic (one fp32 product per element).
             let g = self.clipped_grads()?;
-            self.grads.copy_from_host(&g)?;
+            self.grad_buf().copy_from_host(&g)?;
             self.grads_clip_pending = None;
         }
         if std::mem::take(&mut self.grads_unwritten) {
-            self.stream.zero(&self.grads)?;
+            self.stream.zero(self.grad_buf())?;
         }
         if self.host_grads_dirty {
-            self.grads.copy_from_host(&self.host_grads)?;
+            self.grad_buf().copy_from_host(&self.host_grads)?;
             self.host_grads_dirty = false;
         }
         Ok(())
@@ -912,7 +945,7 @@ impl CudaEngine {
 
     /// The device gradients on the host, with any pending clipping applied.
     fn clipped_grads(&self) -> CResult<Vec<f32>> {
-        let mut g = self.download(&self.grads)?;
+        let mut g = self.download(self.grad_buf())?;
         if let Some((range, clip)) = &self.grads_clip_pending {
             for x in &mut g[range.clone()] {
                 *x *= clip;
@@ -1186,13 +1219,13 @@ impl Engine for CudaEngine {
     fn zero_grad(&mut self) {
         self.host_grads_dirty = false;
         self.grads_clip_pending = None;
-        if self.switches.fresh_grads {
+        let Some(grads) = self.grads.as_ref().filter(|_| !self.switches.fresh_grads) else {
             // Nothing to do on the GPU: the next micro-step writes them (or a reader zeroes
             // them first).
             self.grads_unwritten = true;
             return;
-        }
-        let r = self.ctx.make_current().and_then(|_| self.grads.zero());
+        };
+        let r = self.ctx.make_current().and_then(|_| grads.zero());
         if let Err(e) = r {
             panic!("CUDA error while zeroing the gradients: {e}");
         }
@@ -1254,7 +1287,7 @@ impl Engine for CudaEngine {
         // Left unwritten (`fresh_grads`): the next micro-step writes them, so zeroing them
         // here would only cost the pass that micro-step saves. (No host edits are pending:
         // `grads_mut` clears `grads_unwritten`.)
-        if let Err(e) = self.ctx.make_current() {
+        if let Err(e) = self.ctx.make_current().and_then(|_| self.grads_on_device()) {
             panic!("CUDA error while making the GPU context current: {e}");
         }
         Some(self.grads_location())

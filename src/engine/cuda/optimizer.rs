@@ -24,7 +24,7 @@ impl CudaEngine {
             (NORM_PARTS as u32, 1, 1),
             &[
                 Arg::Ptr(self.norm_parts.ptr),
-                Arg::Ptr(at(self.grads.ptr, range.start)),
+                Arg::Ptr(at(self.grad_buf().ptr, range.start)),
                 Arg::I64(range.len() as i64),
             ],
         )?;
@@ -65,7 +65,7 @@ impl CudaEngine {
             grid_vec(shard.len()),
             &[
                 Arg::Ptr(at(self.params.ptr, shard.start)),
-                Arg::Ptr(at(self.grads.ptr, shard.start)),
+                Arg::Ptr(at(self.grad_buf().ptr, shard.start)),
                 Arg::Ptr(m),
                 Arg::Ptr(v),
                 Arg::I64(shard.len() as i64),
@@ -207,9 +207,9 @@ impl Moments {
     }
 
     /// Device bytes still to be allocated for a shard of `n` parameters.
-    pub(super) fn host_bytes(&self, n: usize) -> u64 {
+    pub(super) fn host_bytes(&self, n: usize) -> usize {
         match self {
-            Moments::Host(_) => 8 * n as u64,
+            Moments::Host(_) => 8 * n,
             Moments::Device { .. } => 0,
         }
     }

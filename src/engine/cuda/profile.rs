@@ -347,9 +347,9 @@ pub struct MemoryReport {
     /// `cuMemGetInfo` right now, when the engine can ask the driver.
     pub device_free: Option<u64>,
     pub device_total: Option<u64>,
-    /// Bytes the engine allocates at its first pass, beyond `items`: the AdamW moments of
-    /// its optimizer shard while they wait on the host (`optimizer::Moments`).
-    pub before_first_pass: u64,
+    /// (what, bytes) the engine allocates at its first training pass, beyond `items`: the
+    /// gradients and the AdamW moments of its optimizer shard, while not allocated yet.
+    pub before_first_pass: Vec<(String, u64)>,
 }
 
 /// The [`MemoryReport`] items that hold activations (what a training step's shape and
@@ -741,7 +741,10 @@ impl CudaEngine {
             }
         };
         add("parameters (fp32)", self.params.bytes);
-        add("gradients (fp32)", self.grads.bytes);
+        add(
+            "gradients (fp32)",
+            self.grads.as_ref().map_or(0, |g| g.bytes),
+        );
         add("AdamW moments (fp32)", self.moments.device_bytes());
         add("gradient-norm partials", self.norm_parts.bytes);
         if let Some(bf) = &self.bf {
@@ -829,7 +832,20 @@ impl CudaEngine {
             items,
             device_free: info.map(|i| i.0),
             device_total: info.map(|i| i.1),
-            before_first_pass: self.moments.host_bytes(self.opt_shard.len()),
+            before_first_pass: [
+                (
+                    "gradients",
+                    self.grads.as_ref().map_or(4 * self.layout.total, |_| 0),
+                ),
+                (
+                    "AdamW moments",
+                    self.moments.host_bytes(self.opt_shard.len()),
+                ),
+            ]
+            .into_iter()
+            .filter(|&(_, bytes)| bytes > 0)
+            .map(|(what, bytes)| (what.to_string(), bytes as u64))
+            .collect(),
         }
     }
 }
