@@ -480,19 +480,14 @@ fn a_batch_too_large_for_the_gpu_says_what_would_fit() {
     assert_eq!(loss.to_bits(), want.to_bits());
 }
 
-/// An allocation that fails although the free memory looked sufficient (another process
-/// took memory between the engine's query and its allocation) gets the same advice, for
-/// what is free after the failure, with the driver's error appended; not a bare "out of
-/// memory". Needs a GPU whose free memory misleads on purpose, which only the emulated
-/// one does (GPU_EMULATE_UNSEEN_MIB): 60 MiB with 10 of them hidden in use. A model of
-/// 3.17M parameters (fp32) takes 48.4 MiB with its gradients and moments; the 5.1 MiB of
-/// a 4 x 16 micro-batch's activations pass the check (11.6 MiB look free) and then fail
-/// to allocate (1.6 MiB are).
-#[test]
-fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
-    let test = "an_allocation_failing_despite_the_check_gives_the_same_advice";
+/// The stderr of a failed `nanogpt train` of a 3.17M-parameter model (fp32; 12.1 MiB of
+/// parameters, as much again of gradients, twice that of AdamW moments, 5.1 MiB of
+/// activations for its 4 x 16 micro-batch) on an emulated GPU of `mib` MiB of which
+/// `unseen` are in use unreported (GPU_EMULATE_MEMORY_MIB, GPU_EMULATE_UNSEEN_MIB); `None`
+/// (with the reason printed) on a real GPU, whose memory cannot be set.
+fn train_failing_on_a_small_gpu(test: &str, mib: u32, unseen: u32) -> Option<String> {
     if no_gpu(test) {
-        return;
+        return None;
     }
     let cfg = GptConfig::new(1, 2, 64, 16, 64, true, 0.0).expect("a valid model");
     let probe = engine(
@@ -503,8 +498,8 @@ fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
         Recompute::Nothing,
     );
     if !probe.device_name().contains("emulation") {
-        eprintln!("{test}: skipped: needs a GPU that hides memory in use, which only the emulated one can");
-        return;
+        eprintln!("{test}: skipped: needs a GPU of {mib} MiB, which only the emulated one can be");
+        return None;
     }
     let root = tempfile::tempdir().unwrap();
     let cwd = root.path();
@@ -521,14 +516,29 @@ fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
         ],
     );
     let o = common::nanogpt(cwd)
-        .env("GPU_EMULATE_MEMORY_MIB", "60")
-        .env("GPU_EMULATE_UNSEEN_MIB", "10")
+        .env("GPU_EMULATE_MEMORY_MIB", mib.to_string())
+        .env("GPU_EMULATE_UNSEEN_MIB", unseen.to_string())
         .arg("train")
         .args(&args)
         .output()
         .unwrap();
     let err = common::stderr(&o);
-    assert!(!o.status.success(), "the activations should not fit: {err}");
+    assert!(!o.status.success(), "{mib} MiB should not be enough: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    Some(err)
+}
+
+/// An allocation that fails although the free memory looked sufficient (another process
+/// took memory between the engine's query and its allocation) gets the same advice, for
+/// what is free after the failure, with the driver's error appended; not a bare "out of
+/// memory". A GPU of 60 MiB with 10 of them hidden in use: the activations pass the check
+/// (11.6 MiB look free) and then fail to allocate (1.6 MiB are).
+#[test]
+fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
+    let test = "an_allocation_failing_despite_the_check_gives_the_same_advice";
+    let Some(err) = train_failing_on_a_small_gpu(test, 60, 10) else {
+        return;
+    };
     assert!(
         err.contains("11.6 MiB free of 60.0 MiB on the GPU"),
         "the startup line shows the misleading figure: {err}"
@@ -543,5 +553,24 @@ fn an_allocation_failing_despite_the_check_gives_the_same_advice() {
     assert!(err.contains("has 1.6 MiB free of 60.0 MiB"), "{err}");
     assert!(err.contains("to fit, set batch_size="), "{err}");
     assert!(err.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Gradients that do not fit beside the parameters stop training before it starts, with
+/// the figures (they are allocated when training starts, not with the parameters, so
+/// that sampling holds none): a GPU of 20 MiB.
+#[test]
+fn gradients_that_do_not_fit_stop_training_before_it_starts() {
+    let test = "gradients_that_do_not_fit_stop_training_before_it_starts";
+    let Some(err) = train_failing_on_a_small_gpu(test, 20, 0) else {
+        return;
+    };
+    assert!(
+        err.contains(
+            "out of GPU memory: training the model's 3.2M parameters needs their fp32 \
+             gradients, 12.1 MiB, and cuda:0"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("has 7.9 MiB free of 20.0 MiB"), "{err}");
+    assert!(!err.contains("step 0:"), "nothing should have run: {err}");
 }

@@ -216,6 +216,13 @@ pub trait Engine: Send {
     fn grads(&self) -> Vec<f32>;
     /// Gradient buffer, for all-reduce across ranks.
     fn grads_mut(&mut self) -> &mut [f32];
+    /// Allocates the gradients where the engine defers them until training needs them (the
+    /// CUDA engine, so that sampling holds none), with a clear error where they do not fit;
+    /// training calls it before anything else touches them. Engines that allocate them
+    /// with the parameters do nothing.
+    fn allocate_gradients(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// The gradient buffer on the GPU, current (host edits through `grads_mut` uploaded)
     /// and with the device's context current on this thread; `None` for engines that keep
     /// gradients on the host.

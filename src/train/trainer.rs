@@ -374,6 +374,7 @@ impl Run {
         )?;
         eprintln!("device: {}", engine.device_name());
         engine.set_recompute(cfg.recompute_level()?);
+        engine.allocate_gradients()?;
         if let Some(m) = meta.as_ref().filter(|_| rank == 0) {
             m.save(&out_dir)?; // the sampler finds the vocabulary next to the checkpoints
         }

@@ -1274,6 +1274,12 @@ impl Engine for CudaEngine {
         }
         &mut self.host_grads
     }
+    fn allocate_gradients(&mut self) -> Result<()> {
+        self.ctx
+            .make_current()
+            .and_then(|_| self.grads_on_device())
+            .map_err(cuda_err)
+    }
     fn device_grads(&mut self) -> Option<super::DeviceGrads> {
         if let Err(e) = self.sync_grads() {
             panic!("CUDA error while uploading the gradients: {e}");
@@ -1288,7 +1294,7 @@ impl Engine for CudaEngine {
         // here would only cost the pass that micro-step saves. (No host edits are pending:
         // `grads_mut` clears `grads_unwritten`.)
         if let Err(e) = self.ctx.make_current().and_then(|_| self.grads_on_device()) {
-            panic!("CUDA error while making the GPU context current: {e}");
+            panic!("CUDA error while preparing the gradients: {e}");
         }
         Some(self.grads_location())
     }

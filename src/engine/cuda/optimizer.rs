@@ -144,7 +144,7 @@ impl CudaEngine {
     /// The device addresses of the moments of `opt_shard`, allocated (and filled with
     /// what was set on the host, else zeros) on first use, after checking that they fit.
     pub(super) fn moments_on_device(&mut self) -> CResult<(u64, u64)> {
-        if let Moments::Host(host) = &mut self.moments {
+        if let Moments::Host(host) = &self.moments {
             self.ctx.make_current()?;
             let n = self.opt_shard.len();
             let bytes = 8 * n as u64;
@@ -160,22 +160,20 @@ impl CudaEngine {
                     )));
                 }
             }
-            let up = |data: Option<Vec<f32>>| -> CResult<Buf> {
-                let b = self.ctx.alloc(4 * n)?;
-                match data {
-                    _ if n == 0 => {}
-                    Some(d) => b.copy_from_host(&d)?,
-                    None => b.zero()?,
+            // The host copy stays until both are filled: a failure leaves the state as set.
+            let (dm, dv) = (self.ctx.alloc(4 * n)?, self.ctx.alloc(4 * n)?);
+            match host {
+                _ if n == 0 => {}
+                Some((m, v)) => {
+                    dm.copy_from_host(m)?;
+                    dv.copy_from_host(v)?;
                 }
-                Ok(b)
-            };
-            let (m, v) = host
-                .take()
-                .map_or((None, None), |(m, v)| (Some(m), Some(v)));
-            self.moments = Moments::Device {
-                m: up(m)?,
-                v: up(v)?,
-            };
+                None => {
+                    dm.zero()?;
+                    dv.zero()?;
+                }
+            }
+            self.moments = Moments::Device { m: dm, v: dv };
         }
         match &self.moments {
             Moments::Device { m, v } => Ok((m.ptr, v.ptr)),
