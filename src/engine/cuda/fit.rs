@@ -95,65 +95,86 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     )
 }
 
+/// A device's memory as the driver reported it, for the messages below.
+pub(super) struct Free<'a> {
+    /// The device, for the message (`cuda:0 (NVIDIA H100 ...)`).
+    pub device: &'a str,
+    pub free: u64,
+    pub total: u64,
+}
+
+impl Free<'_> {
+    /// `Err(message(self))` when `bytes` exceed the free memory in `mem_info` (the driver's
+    /// free and total), else `Ok`; also `Ok` where the driver cannot say, and the
+    /// allocation decides.
+    pub(super) fn check<E>(
+        device: &str,
+        mem_info: std::result::Result<(u64, u64), E>,
+        bytes: u64,
+        message: impl FnOnce(&Free) -> String,
+    ) -> std::result::Result<(), String> {
+        match mem_info {
+            Ok((free, total)) if bytes > free => Err(message(&Free {
+                device,
+                free,
+                total,
+            })),
+            _ => Ok(()),
+        }
+    }
+
+    /// "<device> has X free of Y".
+    fn has(&self) -> String {
+        format!(
+            "{} has {} free of {}",
+            self.device,
+            memory_size(self.free),
+            memory_size(self.total)
+        )
+    }
+
+    fn in_use(&self) -> String {
+        memory_size(self.total.saturating_sub(self.free))
+    }
+}
+
 /// The message for an engine whose fixed state (`bytes`: the parameters, their bf16 copy
-/// and workspaces of a model with `params` parameters) needs more than `free` bytes (of
-/// `total`) on `device`.
-pub(super) fn state_does_not_fit(
-    device: &str,
-    params: usize,
-    bytes: u64,
-    free: u64,
-    total: u64,
-) -> String {
+/// and workspaces of a model with `params` parameters) does not fit `mem`.
+pub(super) fn state_does_not_fit(mem: &Free, params: usize, bytes: u64) -> String {
     format!(
         "out of GPU memory: the model's {:.1}M parameters need {} on the GPU before any \
          gradient, activation or optimizer state (fp32 parameters are 4 bytes each, the \
-         bf16 mode's copy 2 more), and {device} has {} free of {}; use a smaller model \
-         (n_layer, n_embd) or a GPU with more memory",
+         bf16 mode's copy 2 more), and {}; use a smaller model (n_layer, n_embd) or a GPU \
+         with more memory",
         params as f64 / 1e6,
         memory_size(bytes),
-        memory_size(free),
-        memory_size(total)
+        mem.has()
     )
 }
 
 /// The message for the fp32 gradients (`bytes`) of a model with `params` parameters that
-/// need more than `free` bytes (of `total`) on `device` at the first training pass.
-pub(super) fn gradients_do_not_fit(
-    device: &str,
-    params: usize,
-    bytes: u64,
-    free: u64,
-    total: u64,
-) -> String {
+/// do not fit `mem` when training starts.
+pub(super) fn gradients_do_not_fit(mem: &Free, params: usize, bytes: u64) -> String {
     format!(
         "out of GPU memory: training the model's {:.1}M parameters needs their fp32 \
-         gradients, {}, and {device} has {} free of {} ({} already in use by the parameters \
-         and anything else); use a smaller model (n_layer, n_embd) or a GPU with more memory \
-         (sampling needs no gradients)",
+         gradients, {}, and {} ({} already in use by the parameters and anything else); use \
+         a smaller model (n_layer, n_embd) or a GPU with more memory (sampling needs no \
+         gradients)",
         params as f64 / 1e6,
         memory_size(bytes),
-        memory_size(free),
-        memory_size(total),
-        memory_size(total.saturating_sub(free)),
+        mem.has(),
+        mem.in_use()
     )
 }
 
 /// The message for AdamW moments (`bytes`, for `shard` of the model's `params`
-/// parameters) that need more than `free` bytes (of `total`) on `device`.
-pub(super) fn moments_do_not_fit(
-    device: &str,
-    shard: usize,
-    params: usize,
-    bytes: u64,
-    free: u64,
-    total: u64,
-) -> String {
+/// parameters) that do not fit `mem`.
+pub(super) fn moments_do_not_fit(mem: &Free, shard: usize, params: usize, bytes: u64) -> String {
     let whole = shard == params;
     format!(
         "out of GPU memory: the AdamW moments of {} parameters need {} (two fp32 values \
-         each), and {device} has {} free of {} ({} already in use by the parameters, \
-         gradients and anything else); {}",
+         each), and {} ({} already in use by the parameters, gradients and anything else); \
+         {}",
         if whole {
             format!("all {:.1}M", params as f64 / 1e6)
         } else {
@@ -164,9 +185,8 @@ pub(super) fn moments_do_not_fit(
             )
         },
         memory_size(bytes),
-        memory_size(free),
-        memory_size(total),
-        memory_size(total.saturating_sub(free)),
+        mem.has(),
+        mem.in_use(),
         if whole {
             "on several GPUs, zero_stage=1 shards them over the ranks (1/W each); else use a \
              smaller model (n_layer, n_embd) or a GPU with more memory"
@@ -242,13 +262,12 @@ mod tests {
 
     #[test]
     fn the_state_message_names_the_need_and_what_is_free() {
-        let m = state_does_not_fit(
-            "cuda:0 (test GPU)",
-            1_500_000_000,
-            27 << 30,
-            20 << 30,
-            24 << 30,
-        );
+        let mem = Free {
+            device: "cuda:0 (test GPU)",
+            free: 20 << 30,
+            total: 24 << 30,
+        };
+        let m = state_does_not_fit(&mem, 1_500_000_000, 27 << 30);
         assert_eq!(
             m,
             "out of GPU memory: the model's 1500.0M parameters need 27.00 GiB on the GPU before \
@@ -260,7 +279,12 @@ mod tests {
 
     #[test]
     fn the_gradients_message_names_the_need_and_what_is_free() {
-        let m = gradients_do_not_fit("cuda:0 (test GPU)", 1 << 30, 4 << 30, 3 << 30, 16 << 30);
+        let mem = Free {
+            device: "cuda:0 (test GPU)",
+            free: 3 << 30,
+            total: 16 << 30,
+        };
+        let m = gradients_do_not_fit(&mem, 1 << 30, 4 << 30);
         assert_eq!(
             m,
             "out of GPU memory: training the model's 1073.7M parameters needs their fp32 \
@@ -272,13 +296,16 @@ mod tests {
 
     #[test]
     fn the_moments_message_suggests_sharding_them_or_more_ranks() {
+        let mem = |device, free| Free {
+            device,
+            free,
+            total: 40 << 30,
+        };
         let whole = moments_do_not_fit(
-            "cuda:0 (test GPU)",
+            &mem("cuda:0 (test GPU)", 12 << 30),
             3 << 30,
             3 << 30,
             24 << 30,
-            12 << 30,
-            40 << 30,
         );
         assert_eq!(
             whole,
@@ -289,12 +316,10 @@ mod tests {
              (n_layer, n_embd) or a GPU with more memory"
         );
         let shard = moments_do_not_fit(
-            "cuda:1 (test GPU)",
+            &mem("cuda:1 (test GPU)", 4 << 30),
             1 << 30,
             3 << 30,
             8 << 30,
-            4 << 30,
-            40 << 30,
         );
         assert!(
             shard.contains("of this rank's 1073.7M of 3221.2M parameters need 8.00 GiB"),

@@ -455,20 +455,11 @@ impl CudaEngine {
                 Precision::F32 => 0,
                 Precision::Bf16 => 2 * total + LT_WORKSPACE,
             }) as u64;
-        if let Ok((free, device_total)) = ctx.mem_info() {
-            if state_bytes > free {
-                return Err(EngineError::Other(format!(
-                    "CUDA: {}",
-                    fit::state_does_not_fit(
-                        &format!("cuda:{device} ({})", info.name.trim()),
-                        total,
-                        state_bytes,
-                        free,
-                        device_total
-                    )
-                )));
-            }
-        }
+        let here = format!("cuda:{device} ({})", info.name.trim());
+        fit::Free::check(&here, ctx.mem_info(), state_bytes, |mem| {
+            fit::state_does_not_fit(mem, total, state_bytes)
+        })
+        .map_err(|m| EngineError::Other(format!("CUDA: {m}")))?;
         let oom = |what: &str, e: CudaError| {
             EngineError::Other(format!(
                 "CUDA: cannot allocate the {what} ({} MiB) on cuda:{device} ({}): {e}",
@@ -668,17 +659,10 @@ impl CudaEngine {
         if self.grads.is_none() {
             let total = self.layout.total;
             let bytes = 4 * total as u64;
-            if let Ok((free, device_total)) = self.ctx.mem_info() {
-                if bytes > free {
-                    return Err(CudaError::Invalid(fit::gradients_do_not_fit(
-                        &self.name,
-                        total,
-                        bytes,
-                        free,
-                        device_total,
-                    )));
-                }
-            }
+            fit::Free::check(&self.name, self.ctx.mem_info(), bytes, |mem| {
+                fit::gradients_do_not_fit(mem, total, bytes)
+            })
+            .map_err(CudaError::Invalid)?;
             self.grads = Some(self.ctx.alloc(4 * total)?);
         }
         Ok(())

@@ -148,18 +148,11 @@ impl CudaEngine {
             self.ctx.make_current()?;
             let n = self.opt_shard.len();
             let bytes = 8 * n as u64;
-            if let Ok((free, total)) = self.ctx.mem_info() {
-                if bytes > free {
-                    return Err(CudaError::Invalid(super::fit::moments_do_not_fit(
-                        &self.name,
-                        n,
-                        self.layout.total,
-                        bytes,
-                        free,
-                        total,
-                    )));
-                }
-            }
+            let params = self.layout.total;
+            super::fit::Free::check(&self.name, self.ctx.mem_info(), bytes, |mem| {
+                super::fit::moments_do_not_fit(mem, n, params, bytes)
+            })
+            .map_err(CudaError::Invalid)?;
             // The host copy stays until both are filled: a failure leaves the state as set.
             let (dm, dv) = (self.ctx.alloc(4 * n)?, self.ctx.alloc(4 * n)?);
             match host {
