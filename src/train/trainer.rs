@@ -448,28 +448,44 @@ impl Run {
         Ok((sums[0] / n, sums[1] / n))
     }
 
-    /// The AdamW state of the whole model: this engine's, or with ZeRO-1 every rank's
-    /// shard gathered (a collective: every rank must call it). Checkpoints always hold the
-    /// whole state, so they do not depend on the world size or the ZeRO stage.
-    fn full_optimizer_state(&mut self) -> Result<OptimizerState> {
-        let st = self.engine.optimizer_state();
+    /// The AdamW state of the whole model on rank 0, which writes the checkpoints (`None`
+    /// on the other ranks): this engine's, or with ZeRO-1 every rank's shard gathered (a
+    /// collective: every rank must call it). Checkpoints always hold the whole state, so
+    /// they do not depend on the world size or the ZeRO stage.
+    ///
+    /// The shards go to rank 0 one broadcast each (rooted at their rank), not an
+    /// all-gather, so no other rank ever holds more than its own shard and one other: a
+    /// whole copy per rank would need 8 bytes of host memory per parameter on each of them
+    /// (12.5 GB each for GPT-2 XL) for a state only rank 0 writes.
+    fn full_optimizer_state(&mut self) -> Result<Option<OptimizerState>> {
+        let root = self.pg.rank() == 0;
         let Some(ranges) = &self.zero else {
-            return Ok(st);
+            return Ok(root.then(|| self.engine.optimizer_state()));
         };
-        let (total, shard) = (self.engine.layout().total, self.engine.optimizer_shard());
-        let mut full = |part: &[f32]| -> Result<Vec<f32>> {
-            let mut buf = vec![0f32; total];
-            buf[shard.clone()].copy_from_slice(part);
-            self.pg
-                .all_gather(&mut buf, ranges)
-                .context("gathering the sharded AdamW state for a checkpoint")?;
-            Ok(buf)
+        let st = self.engine.optimizer_state();
+        let (rank, total) = (self.pg.rank(), self.engine.layout().total);
+        let mut gather = |part: &[f32]| -> Result<Vec<f32>> {
+            let mut whole = vec![0f32; if root { total } else { 0 }];
+            for (r, range) in ranges.iter().enumerate() {
+                let mut piece = match r == rank {
+                    true => part.to_vec(),
+                    false => vec![0f32; range.len()],
+                };
+                self.pg
+                    .broadcast_f32(&mut piece, r)
+                    .context("gathering the sharded AdamW state for a checkpoint")?;
+                if root {
+                    whole[range.clone()].copy_from_slice(&piece);
+                }
+            }
+            Ok(whole)
         };
-        Ok(OptimizerState {
-            m: full(&st.m)?,
-            v: full(&st.v)?,
+        let (m, v) = (gather(&st.m)?, gather(&st.v)?);
+        Ok(root.then_some(OptimizerState {
+            m,
+            v,
             step: st.step,
-        })
+        }))
     }
 
     fn checkpoint(&self, loader: &LoaderState, optimizer: OptimizerState) -> Checkpoint {
@@ -495,11 +511,10 @@ impl Run {
         if targets.is_empty() {
             return Ok(());
         }
-        let optimizer = self.full_optimizer_state()?;
-        if self.pg.rank() != 0 {
-            self.pg.barrier()?;
+        let Some(optimizer) = self.full_optimizer_state()? else {
+            self.pg.barrier()?; // rank 0 writes; the others wait for it
             return Ok(());
-        }
+        };
         let t0 = Instant::now();
         checkpoint::save_to_all(
             targets,
