@@ -325,28 +325,29 @@ pub fn activation_summary(engine: &dyn Engine, b: usize, t: usize) -> Option<Str
             ));
         }
     }
-    let device = engine.memory_report();
-    if let Some(m) = device {
-        if let Some((free, total)) = m.device_free.zip(m.device_total) {
-            let pending: u64 = m.before_first_pass.iter().map(|(_, b)| b).sum();
-            line.push_str(&format!(
-                "; {} free of {} on the GPU",
-                memory_size(free.saturating_sub(pending)),
-                memory_size(total)
-            ));
-            if pending > 0 {
-                let what: Vec<&str> = m
-                    .before_first_pass
-                    .iter()
-                    .map(|(w, _)| w.as_str())
-                    .collect();
-                line.push_str(&format!(
-                    " once the {} ({}) are allocated",
-                    what.join(" and "),
-                    memory_size(pending)
-                ));
-            }
-        }
+    let Some(m) = engine.memory_report() else {
+        return Some(line);
+    };
+    let Some((free, total)) = m.device_free.zip(m.device_total) else {
+        return Some(line);
+    };
+    let pending: u64 = m.before_first_pass.iter().map(|(_, b)| b).sum();
+    line.push_str(&format!(
+        "; {} free of {} on the GPU",
+        memory_size(free.saturating_sub(pending)),
+        memory_size(total)
+    ));
+    if pending > 0 {
+        let what: Vec<&str> = m
+            .before_first_pass
+            .iter()
+            .map(|(w, _)| w.as_str())
+            .collect();
+        line.push_str(&format!(
+            " once the {} ({}) are allocated",
+            what.join(" and "),
+            memory_size(pending)
+        ));
     }
     Some(line)
 }

@@ -79,19 +79,21 @@ pub(super) fn does_not_fit(s: &StepShape, free: u64, total: u64) -> String {
     } else {
         format!("to fit, set {}", options.join(", or "))
     };
+    let mem = Free {
+        device: s.device,
+        free,
+        total,
+    };
     format!(
         "out of GPU memory: a training step on a {} x {} micro-batch needs {} of activations \
-         at recompute={}, and {} has {} free of {} ({} already in use: this engine's \
-         parameters, gradients, AdamW moments and workspaces, and anything else on the GPU); \
-         {advice}",
+         at recompute={}, and {} ({} already in use: this engine's parameters, gradients, \
+         AdamW moments and workspaces, and anything else on the GPU); {advice}",
         s.b,
         s.t,
         memory_size(need),
         s.recompute.level(),
-        s.device,
-        memory_size(free),
-        memory_size(total),
-        memory_size(total.saturating_sub(free)),
+        mem.has(),
+        mem.in_use(),
     )
 }
 

@@ -198,7 +198,7 @@ impl Moments {
     }
 
     /// Device bytes still to be allocated for a shard of `n` parameters.
-    pub(super) fn host_bytes(&self, n: usize) -> usize {
+    pub(super) fn bytes_to_allocate(&self, n: usize) -> usize {
         match self {
             Moments::Host(_) => 8 * n,
             Moments::Device { .. } => 0,

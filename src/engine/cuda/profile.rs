@@ -839,7 +839,7 @@ impl CudaEngine {
                 ),
                 (
                     "AdamW moments",
-                    self.moments.host_bytes(self.opt_shard.len()),
+                    self.moments.bytes_to_allocate(self.opt_shard.len()),
                 ),
             ]
             .into_iter()
